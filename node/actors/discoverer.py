@@ -1,0 +1,103 @@
+"""Discoverer: resolves SERVICE_NAME every DISCOVERY_INTERVAL and feeds the answer to the HealthMonitor.
+
+It also makes this node known: every address it sees for the first time gets a hello, so a node that starts
+joins its peers' views within a round trip instead of at their next tick. A hello that fails is retried on
+the next round. ``kick()`` runs a round at once (used at start and by tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from node.core import membership as m
+from node.core.ids import Endpoint
+from node.runtime.clock import Clock
+from node.runtime.mailbox import Mailbox
+from node.runtime.resolver import LookupFailed, Resolver
+from node.runtime.transport import PeerTransport, PeerUnavailable
+
+
+class Discoverer:
+    def __init__(
+        self,
+        *,
+        service_name: str,
+        interval_s: float,
+        me: Endpoint,
+        resolver: Resolver,
+        transport: PeerTransport,
+        inbox: Mailbox[m.Input],
+        clock: Clock,
+        log: Any,
+    ) -> None:
+        self._service_name = service_name
+        self._interval_s = interval_s
+        self._me = me
+        self._resolver = resolver
+        self._transport = transport
+        self._inbox = inbox
+        self._clock = clock
+        self._log = log
+        self._announced: set[Endpoint] = set()
+        self._failing = 0  # consecutive failed lookups, to log the first loudly and the rest quietly
+        self._kick = asyncio.Event()
+        self.rounds = 0
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._ticker(), name="discoverer-ticker")
+            while True:
+                await self._round()
+                await self._kick.wait()
+                self._kick.clear()
+
+    async def _ticker(self) -> None:
+        while True:
+            await self._clock.sleep(self._interval_s)
+            self._kick.set()
+
+    async def _round(self) -> None:
+        self.rounds += 1
+        try:
+            hosts = await self._resolver.resolve_ipv4(self._service_name)
+        except LookupFailed as exc:
+            self._note_failure(str(exc))
+            await self._inbox.put(m.DnsFailed(str(exc)))
+            return
+        if not hosts:
+            self._note_failure("no addresses for the name")
+        elif self._failing:
+            self._log.info("dns_lookup_recovered", service=self._service_name, after_failures=self._failing)
+            self._failing = 0
+        self._log.debug("dns_lookup", service=self._service_name, addresses=hosts)
+        await self._inbox.put(m.DnsAnswered(frozenset(hosts)))
+        new = [
+            Endpoint(h, self._me.port)
+            for h in hosts
+            if h != self._me.host and Endpoint(h, self._me.port) not in self._announced
+        ]
+        if new:
+            await self._announce(new)
+
+    def _note_failure(self, reason: str) -> None:
+        self._failing += 1
+        # Loud once per outage, then debug: a laptop with no SERVICE_NAME in DNS should not spam warnings.
+        log = self._log.warning if self._failing == 1 else self._log.debug
+        log("dns_lookup_failed", service=self._service_name, reason=reason, consecutive=self._failing)
+
+    async def _announce(self, peers: list[Endpoint]) -> None:
+        async def one(peer: Endpoint) -> None:
+            try:
+                await self._transport.announce(peer, self._me)
+            except PeerUnavailable as exc:
+                self._log.debug("announce_failed", peer=str(peer), reason=str(exc))
+            else:
+                self._announced.add(peer)
+
+        async with asyncio.TaskGroup() as tg:
+            for peer in peers:
+                tg.create_task(one(peer), name=f"announce-{peer}")

@@ -1,0 +1,234 @@
+"""Node configuration: one frozen value, read from the environment and validated once at start.
+
+Every variable is parsed independently and *all* problems are collected, so an operator who got three
+variables wrong sees three lines at once instead of fixing them one restart at a time. Relations between
+fields (a probe must time out before the next one is due, a peer must be able to fail its threshold well
+before it is dropped) are checked in :meth:`Config.validate`, which names every field involved.
+
+Units live in field names (``_s`` seconds, ``_bytes`` bytes). Environment variables keep the documented
+names (``DISCOVERY_INTERVAL`` is in seconds).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# The documented example uses JWT_SECRET=secret_key. HS256 keys shorter than the hash output (32 bytes) are
+# weak (RFC 7518 §3.2); the node still starts with one so the documented commands keep working, but warns.
+MIN_STRONG_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """Raised with every problem found in the environment, one human-readable line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # --- identity and discovery -------------------------------------------------------------------------
+    # DNS name every node of the cluster answers to (Docker --network-alias, a headless Service, tasks.<svc>).
+    service_name: str = "backend-service"
+    # TCP port of the HTTP API; peers are assumed to listen on the same port (as in every documented set-up).
+    port: int = 3000
+    # Bind address of the HTTP server.
+    host: str = "0.0.0.0"
+    # IPv4 this node tells its peers and derives its ID from. None: found at start (the local address used to
+    # reach the addresses SERVICE_NAME resolves to; inside Docker, the container's address).
+    advertise_address: str | None = None
+    # DNS servers as "ip" or "ip:port". Empty: the system resolver's (Docker's 127.0.0.11 in a container).
+    dns_servers: tuple[str, ...] = ()
+    # Seconds between discovery rounds (DNS lookup + election round). The documented cluster uses 10 s.
+    discovery_interval_s: float = 10.0
+    # Seconds a single DNS lookup may take before the round counts as a failed lookup.
+    dns_timeout_s: float = 2.0
+
+    # --- failure detection --------------------------------------------------------------------------------
+    # Seconds without any sign of life after which a peer is dropped from the view (documented: 30 s).
+    node_timeout_s: float = 30.0
+    # Seconds between health probes of each peer. Far below the discovery interval so a dead leader is
+    # replaced in about a second rather than at the next 10 s round.
+    probe_interval_s: float = 0.25
+    # Seconds one probe may take. A peer that answers slower than this counts as a miss.
+    probe_timeout_s: float = 0.5
+    # Consecutive missed probes after which a peer is unhealthy (and so cannot lead). With the defaults a
+    # peer that refuses connections is unhealthy after ~0.5-0.75 s; one whose packets vanish after ~1.5 s.
+    failure_threshold: int = 3
+
+    # --- process ------------------------------------------------------------------------------------------
+    # Seconds the node gives itself to say goodbye and stop after SIGTERM (docker stop waits 10 s).
+    shutdown_grace_s: float = 1.5
+    # Directory for the node's durable state (the SQLite database).
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    log_level: str = "info"
+
+    # --- auth ---------------------------------------------------------------------------------------------
+    # HMAC secret for bearer tokens (HS256). Required; shorter than 32 bytes starts with a loud warning.
+    jwt_secret: str = field(default="", repr=False)
+
+    @property
+    def weak_secret(self) -> bool:
+        return len(self.jwt_secret.encode()) < MIN_STRONG_SECRET_BYTES
+
+    def validate(self) -> list[str]:
+        """Relations between fields; each message names every field it involves."""
+        problems: list[str] = []
+        if self.probe_timeout_s > self.probe_interval_s * self.failure_threshold:
+            problems.append(
+                "PROBE_TIMEOUT must not exceed PROBE_INTERVAL * FAILURE_THRESHOLD "
+                f"({self.probe_timeout_s} > {self.probe_interval_s} * {self.failure_threshold})"
+            )
+        detect_s = max(self.probe_interval_s, self.probe_timeout_s) * self.failure_threshold
+        if detect_s >= self.node_timeout_s:
+            problems.append(
+                "NODE_TIMEOUT must exceed the failure detection time "
+                f"max(PROBE_INTERVAL, PROBE_TIMEOUT) * FAILURE_THRESHOLD = {detect_s:g} s "
+                f"(NODE_TIMEOUT is {self.node_timeout_s:g} s)"
+            )
+        if self.probe_interval_s >= self.discovery_interval_s:
+            problems.append(
+                "PROBE_INTERVAL must be shorter than DISCOVERY_INTERVAL "
+                f"({self.probe_interval_s:g} >= {self.discovery_interval_s:g})"
+            )
+        return problems
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Build a Config from environment variables; raise ConfigError listing every bad value."""
+        env = os.environ if env is None else env
+        problems: list[str] = []
+        values: dict[str, Any] = {}
+        for name, (var, parse) in _VARIABLES.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                values[name] = parse(raw.strip())
+            except ValueError as exc:
+                problems.append(f"{var}={raw!r}: {exc}")
+        if not env.get("JWT_SECRET"):
+            problems.append(
+                "JWT_SECRET is not set: set it to the same secret on every node "
+                "(at least 32 random bytes, e.g. `openssl rand -hex 32`)"
+            )
+        else:
+            values["jwt_secret"] = env["JWT_SECRET"]
+        if problems:
+            raise ConfigError(problems)
+        config = cls(**values)
+        problems = config.validate()
+        if problems:
+            raise ConfigError(problems)
+        return config
+
+
+# --- parsers: each raises ValueError with a message that says what is expected ------------------------------
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number of seconds, e.g. 10 or 0.5") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("expected a positive, finite number of seconds")
+    return value
+
+
+def _port(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ValueError("expected a TCP port number from 1 to 65535")
+    return int(raw)
+
+
+def _positive_int(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return int(raw)
+
+
+def _ipv4(raw: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(raw))
+    except ValueError:
+        raise ValueError(
+            "expected an IPv4 address (the node ID is derived from its last two octets)"
+        ) from None
+
+
+def _bind_host(raw: str) -> str:
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise ValueError("expected an IP address to bind to, e.g. 0.0.0.0 or 127.0.0.2") from None
+
+
+def _dns_servers(raw: str) -> tuple[str, ...]:
+    servers = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+        if not sep:
+            host = item
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{item!r} is not 'ip' or 'ip:port' (IPv4)") from None
+        if sep and (not port.isdigit() or not 1 <= int(port) <= 65535):
+            raise ValueError(f"{item!r} has an invalid port")
+        servers.append(item)
+    if not servers:
+        raise ValueError("expected one or more 'ip' or 'ip:port', comma-separated")
+    return tuple(servers)
+
+
+def _service_name(raw: str) -> str:
+    labels = raw.rstrip(".").split(".")
+    if len(raw) > 253 or not all(
+        0 < len(label) <= 63 and label.replace("-", "").replace("_", "").isalnum() for label in labels
+    ):
+        raise ValueError("expected a DNS name, e.g. backend-service")
+    return raw.rstrip(".")
+
+
+def _log_level(raw: str) -> str:
+    level = raw.lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _path(raw: str) -> Path:
+    return Path(raw)
+
+
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "service_name": ("SERVICE_NAME", _service_name),
+    "port": ("PORT", _port),
+    "host": ("HOST", _bind_host),
+    "advertise_address": ("ADVERTISE_ADDRESS", _ipv4),
+    "dns_servers": ("DNS_SERVERS", _dns_servers),
+    "discovery_interval_s": ("DISCOVERY_INTERVAL", _positive_seconds),
+    "dns_timeout_s": ("DNS_TIMEOUT", _positive_seconds),
+    "node_timeout_s": ("NODE_TIMEOUT", _positive_seconds),
+    "probe_interval_s": ("PROBE_INTERVAL", _positive_seconds),
+    "probe_timeout_s": ("PROBE_TIMEOUT", _positive_seconds),
+    "failure_threshold": ("FAILURE_THRESHOLD", _positive_int),
+    "shutdown_grace_s": ("SHUTDOWN_GRACE", _positive_seconds),
+    "data_dir": ("DATA_DIR", _path),
+    "log_level": ("LOG_LEVEL", _log_level),
+}
+
+# Every field but the secret must be settable from the environment: keep the table and the dataclass in step.
+assert {f.name for f in fields(Config)} - {"jwt_secret"} == set(_VARIABLES), "config table out of step"

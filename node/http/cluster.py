@@ -1,0 +1,101 @@
+"""Cluster endpoints: /cluster/status (public, documented shape), /cluster/health, and the peer notices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from node import errors
+from node.core import membership as m
+from node.core.election import Leadership, Role
+from node.core.ids import Endpoint, InvalidAddress
+from node.http.common import json_response, read_json
+from node.runtime.mailbox import LatestCell, Mailbox
+
+
+def status_body(decision: Leadership) -> dict[str, Any]:
+    """The documented /cluster/status shape. Keys may be added, never renamed or dropped."""
+    view = decision.view
+    leader = decision.leader
+    nodes = [
+        {
+            "id": member.node_id,
+            "address": member.endpoint.url,
+            "role": (Role.LEADER if member.endpoint == leader.endpoint else Role.FOLLOWER).value,
+            "is_leader": member.endpoint == leader.endpoint,
+            "healthy": member.healthy,
+        }
+        for member in view.members
+    ]
+    return {
+        "current_node_id": view.self_id,
+        "current_role": decision.role.value,
+        "leader_id": leader.node_id,
+        "leader_address": leader.endpoint.url,
+        "total_nodes": len(nodes),
+        "nodes": nodes,
+        # Additions beyond the documented shape:
+        "healthy_nodes": sum(1 for n in nodes if n["healthy"]),
+        "epoch": decision.epoch,
+        "view_version": view.version,
+    }
+
+
+class ClusterRoutes:
+    def __init__(
+        self, *, me: Endpoint, decisions: LatestCell[Leadership], inbox: Mailbox[m.Input]
+    ) -> None:
+        self._me = me
+        self._decisions = decisions
+        self._inbox = inbox
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/cluster/status", self.status)
+        app.router.add_get("/cluster/health", self.health)
+        app.router.add_post("/cluster/hello", self.hello)
+        app.router.add_post("/cluster/leave", self.leave)
+
+    def _decision(self) -> Leadership:
+        decision = self._decisions.get()
+        if decision is None:
+            raise errors.Unavailable("node is starting; no election round has run yet")
+        return decision
+
+    async def status(self, request: web.Request) -> web.Response:
+        return json_response(status_body(self._decision()), pretty="pretty" in request.query)
+
+    async def health(self, request: web.Request) -> web.Response:
+        decision = self._decision()
+        prober = request.query.get("from")
+        if prober is not None:
+            self._submit(m.ProbedBy(_parse_endpoint(prober, "from")))
+        return json_response(
+            {"status": "ok", "node_id": self._me.node_id, "role": decision.role.value, "epoch": decision.epoch}
+        )
+
+    async def hello(self, request: web.Request) -> web.Response:
+        self._submit(m.PeerAnnounced(await _notice_endpoint(request)))
+        return json_response({"accepted": True, "node_id": self._me.node_id}, status=202)
+
+    async def leave(self, request: web.Request) -> web.Response:
+        self._submit(m.PeerDeparted(await _notice_endpoint(request)))
+        return json_response({"accepted": True, "node_id": self._me.node_id}, status=202)
+
+    def _submit(self, event: m.Input) -> None:
+        if not self._inbox.offer(event):
+            raise errors.Busy("membership queue is full; retry shortly")
+
+
+def _parse_endpoint(text: str, field: str) -> Endpoint:
+    try:
+        return Endpoint.parse(text)
+    except InvalidAddress as exc:
+        raise errors.BadRequest(f"{field}: {exc}") from None
+
+
+async def _notice_endpoint(request: web.Request) -> Endpoint:
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("address"), str):
+        raise errors.BadRequest('expected a JSON object {"address": "ip:port"}')
+    return _parse_endpoint(body["address"], "address")

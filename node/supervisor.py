@@ -1,0 +1,141 @@
+"""The supervisor: builds the actors, wires their mailboxes and cells, owns every task, orders start and stop.
+
+Start order: HealthMonitor and Elector first (so the first decision exists before anyone can ask for it),
+then the HTTP server (peers can reach us), then the Discoverer (which announces us to peers, who will
+probe us at once). Stop order is the reverse, with the goodbye in the middle:
+
+1. stop discovering and probing (so no probe of ours can race our goodbye),
+2. tell every known peer we are leaving (bounded: a dead peer must not delay the exit),
+3. stop the HTTP server,
+4. cancel what is left.
+
+All tasks belong to one ``asyncio.TaskGroup``. If any actor raises, the group cancels the rest and the
+exception propagates out of :meth:`Node.run`: the process exits non-zero and the container runtime restarts
+it, rather than leaving a node half alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from node.actors.discoverer import Discoverer
+from node.actors.elector import Elector
+from node.actors.health import HealthMonitor
+from node.config import Config
+from node.core import election
+from node.core import membership as m
+from node.core.ids import Endpoint
+from node.http.cluster import ClusterRoutes
+from node.http.server import HttpApi
+from node.runtime.clock import Clock
+from node.runtime.mailbox import LatestCell, Mailbox, Overflow
+from node.runtime.resolver import Resolver
+from node.runtime.transport import PeerTransport, PeerUnavailable
+
+# Membership inputs waiting to be applied. Producers that can wait (DNS rounds, probe results, ticks) block;
+# HTTP handlers offer and answer 503 when it is full. A few peers produce a few events per probe interval,
+# so 1024 is only reached if the HealthMonitor is stuck, and then backpressure is the right answer.
+MEMBERSHIP_INBOX_SIZE = 1024
+
+
+class Node:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        me: Endpoint,
+        clock: Clock,
+        resolver: Resolver,
+        transport: PeerTransport,
+        log: Any,
+        serve_http: bool = True,
+    ) -> None:
+        self.config = config
+        self.me = me
+        self.log = log
+        self._transport = transport
+        self.inbox: Mailbox[m.Input] = Mailbox("membership", MEMBERSHIP_INBOX_SIZE, Overflow.BLOCK)
+        self.views: LatestCell[m.View] = LatestCell()
+        self.decisions: LatestCell[election.Leadership] = LatestCell()
+        self.health = HealthMonitor(
+            me=me,
+            params=m.Params(config.failure_threshold, config.node_timeout_s),
+            probe_interval_s=config.probe_interval_s,
+            inbox=self.inbox,
+            views=self.views,
+            transport=transport,
+            clock=clock,
+            log=log,
+        )
+        self.elector = Elector(views=self.views, decisions=self.decisions, log=log)
+        self.discoverer = Discoverer(
+            service_name=config.service_name,
+            interval_s=config.discovery_interval_s,
+            me=me,
+            resolver=resolver,
+            transport=transport,
+            inbox=self.inbox,
+            clock=clock,
+            log=log,
+        )
+        self.http: HttpApi | None = None
+        if serve_http:
+            self.http = HttpApi(host=config.host, port=config.port, log=log)
+            ClusterRoutes(me=me, decisions=self.decisions, inbox=self.inbox).add_to(self.http.app)
+        self.started = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            health = tg.create_task(self.health.run(), name="health-monitor")
+            elector = tg.create_task(self.elector.run(), name="elector")
+            await self.decisions.wait_newer(0)
+            try:
+                if self.http is not None:
+                    await self.http.start()
+                discoverer = tg.create_task(self.discoverer.run(), name="discoverer")
+                self.log.info(
+                    "node_started",
+                    address=self.me.url,
+                    service=self.config.service_name,
+                    discovery_interval_s=self.config.discovery_interval_s,
+                    node_timeout_s=self.config.node_timeout_s,
+                )
+                self.started.set()
+                await stop.wait()
+                self.log.info("shutting_down", reason="signal")
+                for task in (discoverer, health):
+                    task.cancel()
+                await asyncio.wait([discoverer, health])
+                await self._say_goodbye()
+            finally:
+                if self.http is not None:
+                    await self.http.stop()
+            elector.cancel()
+        self.log.info("node_stopped")
+
+    async def _say_goodbye(self) -> None:
+        peers = [p.endpoint for p in self.health.state.peers.values() if p.health is not m.Health.UNHEALTHY]
+        if not peers:
+            return
+
+        acknowledged: list[Endpoint] = []
+
+        async def one(peer: Endpoint) -> None:
+            try:
+                await self._transport.depart(peer, self.me)
+            except PeerUnavailable:
+                return
+            acknowledged.append(peer)
+
+        # Bounded: a dead or partitioned peer must not hold up the exit (docker stop waits only 10 s, and we
+        # promise 2 s). Peers that miss the notice detect our absence by probing.
+        budget = min(0.5, self.config.shutdown_grace_s / 3)
+        try:
+            async with asyncio.timeout(budget), asyncio.TaskGroup() as tg:
+                for peer in peers:
+                    tg.create_task(one(peer), name=f"goodbye-{peer}")
+        except TimeoutError:
+            pass
+        told = len(acknowledged)
+        self.log.info("goodbye_sent", peers=len(peers), acknowledged=told)
