@@ -67,6 +67,7 @@ class Node:
             transport=transport,
             clock=clock,
             log=log,
+            rediscover=lambda: self.discoverer.kick(),
         )
         self.elector = Elector(views=self.views, decisions=self.decisions, log=log)
         self.discoverer = Discoverer(

@@ -5,6 +5,8 @@ DNS answers from the Discoverer, hello/leave notices from the HTTP API, and this
 and clock ticks. Each PROBE_INTERVAL it probes every peer that has no probe in flight; a newly discovered
 peer is probed at once. Probe tasks belong to this actor's TaskGroup and report back through the mailbox.
 
+A peer dropped for silence triggers an immediate discovery round (``rediscover``).
+
 The view is published to a latest-value cell whenever it changes and after every DNS round (a round is an
 election round even when nothing changed).
 """
@@ -12,6 +14,7 @@ election round even when nothing changed).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from node.core import membership as m
@@ -42,8 +45,10 @@ class HealthMonitor:
         transport: PeerTransport,
         clock: Clock,
         log: Any,
+        rediscover: Callable[[], None] = lambda: None,
     ) -> None:
         self._state = m.initial(me, params)
+        self._rediscover = rediscover
         self._probe_interval_s = probe_interval_s
         self._inbox = inbox
         self._views = views
@@ -82,6 +87,10 @@ class HealthMonitor:
             self._log_fact(fact)
             if isinstance(fact, m.PeerDiscovered):
                 self._probe(fact.endpoint)
+            elif isinstance(fact, m.PeerRemoved) and fact.reason == "timeout":
+                # We may have been the one cut off (a paused container, a partition): ask DNS at once rather
+                # than at the next tick, so the view heals as soon as the network does.
+                self._rediscover()
         if isinstance(event, m.Tick):
             for endpoint in self._state.peers:
                 self._probe(endpoint)

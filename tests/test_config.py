@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from node.config import Config, ConfigError
+
+SECRET = {"JWT_SECRET": "x" * 32}
+
+
+def test_defaults_match_the_documentation():
+    config = Config.from_env(SECRET)
+    assert config.service_name == "backend-service"
+    assert config.port == 3000
+    assert config.discovery_interval_s == 10
+    assert config.node_timeout_s == 30
+    assert config.host == "0.0.0.0"
+    assert config.advertise_address is None
+    assert config.dns_servers == ()
+    assert config.data_dir == Path("data")
+    assert not config.weak_secret
+
+
+def test_every_bad_value_is_reported_at_once():
+    env = {**SECRET, "PORT": "abc", "DISCOVERY_INTERVAL": "-1", "LOG_LEVEL": "loud", "DNS_SERVERS": "x:y"}
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(env)
+    problems = info.value.problems
+    assert len(problems) == 4
+    assert any(p.startswith("PORT='abc'") for p in problems)
+    assert any(p.startswith("DISCOVERY_INTERVAL='-1'") for p in problems)
+    assert any(p.startswith("LOG_LEVEL='loud'") for p in problems)
+    assert any(p.startswith("DNS_SERVERS='x:y'") for p in problems)
+
+
+def test_missing_secret_is_an_error_and_short_secret_is_weak():
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({})
+    assert "JWT_SECRET is not set" in info.value.problems[0]
+    assert Config.from_env({"JWT_SECRET": "secret_key"}).weak_secret
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"ADVERTISE_ADDRESS": "::1"}, "IPv4"),
+        ({"DNS_SERVERS": "127.0.0.11,10.0.0.1:99999"}, "invalid port"),
+        ({"PORT": "70000"}, "1 to 65535"),
+        ({"NODE_TIMEOUT": "nan"}, "finite"),
+        ({"FAILURE_THRESHOLD": "0"}, "at least 1"),
+        ({"SERVICE_NAME": "bad name!"}, "DNS name"),
+        ({"HOST": "localhost"}, "IP address"),
+    ],
+)
+def test_each_parser_says_what_it_expects(env, needle):
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**SECRET, **env})
+    assert needle in str(info.value)
+
+
+def test_relations_name_every_field_involved():
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**SECRET, "NODE_TIMEOUT": "1", "PROBE_INTERVAL": "0.5", "FAILURE_THRESHOLD": "3"})
+    assert "NODE_TIMEOUT" in str(info.value) and "FAILURE_THRESHOLD" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**SECRET, "DISCOVERY_INTERVAL": "0.2"})
+    assert "PROBE_INTERVAL must be shorter than DISCOVERY_INTERVAL" in str(info.value)
+
+
+def test_dns_servers_accept_ip_and_ip_port():
+    config = Config.from_env({**SECRET, "DNS_SERVERS": "127.0.0.11, 127.0.0.1:5353"})
+    assert config.dns_servers == ("127.0.0.11", "127.0.0.1:5353")
