@@ -9,8 +9,9 @@ Rules (the README's "How failure detection works" is the prose version):
 * **DNS only adds.** An answer adds the addresses it names that we do not know; it never removes anyone. So
   a failed, empty or partial lookup (a DNS hiccup, a resolver that lost its upstream) can never make a node
   conclude that it is alone. Peers leave the view only by saying goodbye or by staying silent.
-* **A discovered peer is pending** until its first successful probe: a stale DNS record for a dead
-  container must not be able to win an election.
+* **A discovered peer is pending** until its first successful probe, however we learnt of it (DNS, its
+  hello, its probe of us): a stale DNS record for a dead container, or a forged hello, must not be able to
+  win an election. The HealthMonitor probes a new peer at once, so this costs one round trip.
 * **Probes decide health.** ``failure_threshold`` consecutive misses make a peer unhealthy (it can no longer
   lead); any success makes it healthy again.
 * **Silence removes.** A peer with no sign of life for ``node_timeout_s`` is dropped from the view.
@@ -213,13 +214,13 @@ def step(state: Membership, event: Input, now: float) -> tuple[Membership, list[
         case DnsFailed(reason):
             return state, [LookupFailedKeptView(reason, len(state.peers))]
         case ProbeSucceeded(endpoint):
-            return _on_alive(state, endpoint, now, announced=False)
+            return _on_probe_ok(state, endpoint, now)
         case PeerAnnounced(endpoint):
-            return _on_alive(state, endpoint, now, announced=True)
+            return _on_announced(state, endpoint, now, "hello")
         case ProbedBy(endpoint):
-            if endpoint in state.peers or _tombstoned(state, endpoint, now):
-                return state, []
-            return _on_alive(state, endpoint, now, announced=True, via="probe")
+            if _tombstoned(state, endpoint, now):
+                return state, []  # a departed peer's last probe, still in flight when it said goodbye
+            return _on_announced(state, endpoint, now, "probe")
         case ProbeFailed(endpoint, reason):
             return _on_miss(state, endpoint, reason)
         case PeerDeparted(endpoint):
@@ -258,35 +259,38 @@ def _on_dns(state: Membership, hosts: frozenset[str], now: float) -> tuple[Membe
     return _with(state, peers), [PeerDiscovered(e, e.node_id, "dns") for e in new]
 
 
-def _on_alive(
-    state: Membership, endpoint: Endpoint, now: float, *, announced: bool, via: str = "hello"
-) -> tuple[Membership, list[Fact]]:
+def _on_announced(state: Membership, endpoint: Endpoint, now: float, via: str) -> tuple[Membership, list[Fact]]:
+    """A peer said it exists (hello, or it probed us). That is a claim, not proof: an unknown peer enters as
+    pending and becomes healthy only when our own probe gets an answer (the HealthMonitor probes it at once).
+    So nobody can make itself leader just by saying hello."""
     if endpoint == state.me:
         return state, []
     departed = state.departed
     if endpoint in departed:
-        if not announced:
-            # A probe that was in flight when the peer said goodbye: the goodbye wins.
-            return state, []
-        departed = {k: v for k, v in departed.items() if k != endpoint}
+        departed = MappingProxyType({k: v for k, v in departed.items() if k != endpoint})
+    if endpoint in state.peers:
+        return state, []
     peers = dict(state.peers)
-    old = peers.get(endpoint)
-    if old is None and not announced:
-        return state, []  # a late probe answer for a peer already removed
-    peers[endpoint] = Peer(endpoint, Health.HEALTHY, last_seen=now)
-    facts: list[Fact]
+    peers[endpoint] = Peer(endpoint, Health.PENDING, last_seen=now)
+    return _with(state, peers, departed), [PeerDiscovered(endpoint, endpoint.node_id, via)]
+
+
+def _on_probe_ok(state: Membership, endpoint: Endpoint, now: float) -> tuple[Membership, list[Fact]]:
+    old = state.peers.get(endpoint)
     if old is None:
-        facts = [PeerDiscovered(endpoint, endpoint.node_id, via)]
-    elif old.health is Health.PENDING:
-        facts = [PeerHealthy(endpoint, endpoint.node_id)]
-    elif old.health is Health.UNHEALTHY:
-        facts = [PeerRecovered(endpoint, endpoint.node_id)]
-    else:
-        facts = []
-    if not facts and departed is state.departed:
+        # A late answer for a peer already removed, or a probe in flight when the peer said goodbye.
+        return state, []
+    peers = dict(state.peers)
+    peers[endpoint] = Peer(endpoint, Health.HEALTHY, last_seen=now)
+    if old.health is Health.HEALTHY:
         # Only last_seen moved: keep the version so a steady cluster publishes no new views.
         return replace(state, peers=MappingProxyType(peers)), []
-    return _with(state, peers, departed), facts
+    fact: Fact = (
+        PeerHealthy(endpoint, endpoint.node_id)
+        if old.health is Health.PENDING
+        else PeerRecovered(endpoint, endpoint.node_id)
+    )
+    return _with(state, peers), [fact]
 
 
 def _on_miss(state: Membership, endpoint: Endpoint, reason: str) -> tuple[Membership, list[Fact]]:

@@ -33,7 +33,7 @@ def test_dns_adds_pending_peers_that_cannot_lead_until_probed():
 
 
 def test_threshold_misses_make_unhealthy_and_one_answer_recovers():
-    state, _, _ = run([(0, m.PeerAnnounced(A))])
+    state, _, _ = run([(0, m.PeerAnnounced(A)), (0, m.ProbeSucceeded(A))])
     state, facts, _ = run([(0.25, m.ProbeFailed(A, "refused"))] * 2, state)
     assert facts == [] and state.peers[A].health is m.Health.HEALTHY
     state, facts, _ = run([(0.25, m.ProbeFailed(A, "refused"))], state)
@@ -46,7 +46,7 @@ def test_threshold_misses_make_unhealthy_and_one_answer_recovers():
 
 
 def test_silence_for_node_timeout_removes():
-    state, _, now = run([(0, m.PeerAnnounced(A))])
+    state, _, now = run([(0, m.PeerAnnounced(A)), (0, m.ProbeSucceeded(A))])
     state, facts = m.step(state, m.Tick(), now + 29.9)
     assert facts == [] and A in state.peers
     state, facts = m.step(state, m.Tick(), now + 30.0)
@@ -55,7 +55,7 @@ def test_silence_for_node_timeout_removes():
 
 
 def test_goodbye_removes_at_once_and_dns_cannot_bring_it_back_until_hello():
-    state, _, now = run([(0, m.PeerAnnounced(A))])
+    state, _, now = run([(0, m.PeerAnnounced(A)), (0, m.ProbeSucceeded(A))])
     state, facts = m.step(state, m.PeerDeparted(A), now)
     assert facts == [m.PeerRemoved(A, A.node_id, "left")]
     state, facts = m.step(state, m.DnsAnswered(frozenset({A.host})), now + 1)
@@ -66,7 +66,9 @@ def test_goodbye_removes_at_once_and_dns_cannot_bring_it_back_until_hello():
     assert facts == [] and A not in state.peers
     state, facts = m.step(state, m.PeerAnnounced(A), now + 2)
     assert facts == [m.PeerDiscovered(A, A.node_id, "hello")]
-    assert state.peers[A].health is m.Health.HEALTHY
+    assert state.peers[A].health is m.Health.PENDING, "a hello is a claim; only our probe makes it healthy"
+    state, facts = m.step(state, m.ProbeSucceeded(A), now + 2)
+    assert facts == [m.PeerHealthy(A, A.node_id)]
 
 
 def test_tombstone_expires_after_node_timeout():
@@ -80,13 +82,20 @@ def test_tombstone_expires_after_node_timeout():
 def test_probe_from_unknown_peer_adds_it_but_known_peers_are_judged_by_our_probes():
     state, facts = m.step(m.initial(ME, PARAMS), m.ProbedBy(A), 0)
     assert facts == [m.PeerDiscovered(A, A.node_id, "probe")]
+    assert not state.view().members[-1].healthy
     state, _ = m.step(state, m.ProbeFailed(A, "x"), 1)
     state, facts = m.step(state, m.ProbedBy(A), 1)
     assert facts == [] and state.peers[A].misses == 1
 
 
+def test_forged_hello_cannot_win_an_election():
+    high = Endpoint("10.0.255.255", 3000)
+    state, _ = m.step(m.initial(ME, PARAMS), m.PeerAnnounced(high), 0)
+    assert [x.endpoint for x in state.view().healthy] == [ME]
+
+
 def test_steady_probes_do_not_bump_the_view_version():
-    state, _, now = run([(0, m.PeerAnnounced(A))])
+    state, _, now = run([(0, m.PeerAnnounced(A)), (0, m.ProbeSucceeded(A))])
     version = state.version
     for i in range(10):
         state, facts = m.step(state, m.ProbeSucceeded(A), now + i)
