@@ -79,7 +79,7 @@ async def _serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async with HttpTransport(probe_timeout_s=config.probe_timeout_s) as transport:
+    async with HttpTransport(secret=config.jwt_secret, probe_timeout_s=config.probe_timeout_s) as transport:
         node = Node(config, me=me, clock=LoopClock(), resolver=resolver, transport=transport, log=log)
         try:
             await node.run(stop)

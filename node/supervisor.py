@@ -83,7 +83,9 @@ class Node:
         self.http: HttpApi | None = None
         if serve_http:
             self.http = HttpApi(host=config.host, port=config.port, log=log)
-            ClusterRoutes(me=me, decisions=self.decisions, inbox=self.inbox).add_to(self.http.app)
+            ClusterRoutes(
+                me=me, decisions=self.decisions, inbox=self.inbox, secret=config.jwt_secret, log=log
+            ).add_to(self.http.app)
         self.started = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:

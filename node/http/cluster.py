@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
 
 from node import errors
 from node.core import membership as m
+from node.core import peerauth
 from node.core.election import Leadership, Role
 from node.core.ids import Endpoint, InvalidAddress
 from node.http.common import json_response, read_json
@@ -44,11 +46,20 @@ def status_body(decision: Leadership) -> dict[str, Any]:
 
 class ClusterRoutes:
     def __init__(
-        self, *, me: Endpoint, decisions: LatestCell[Leadership], inbox: Mailbox[m.Input]
+        self,
+        *,
+        me: Endpoint,
+        decisions: LatestCell[Leadership],
+        inbox: Mailbox[m.Input],
+        secret: str,
+        log: Any,
     ) -> None:
         self._me = me
         self._decisions = decisions
         self._inbox = inbox
+        self._key = peerauth.derive_key(secret)
+        self._log = log
+        self._rejected: set[str] = set()  # senders already logged, so a misconfigured peer logs once
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/cluster/status", self.status)
@@ -69,18 +80,42 @@ class ClusterRoutes:
         decision = self._decision()
         prober = request.query.get("from")
         if prober is not None:
-            self._submit(m.ProbedBy(_parse_endpoint(prober, "from")))
+            # A peer's probe: it names itself, and we learn of it if we did not know it (signed, see peerauth).
+            sender = _parse_endpoint(prober, "from")
+            self._authenticate(request, sender)
+            self._submit(m.ProbedBy(sender))
         return json_response(
             {"status": "ok", "node_id": self._me.node_id, "role": decision.role.value, "epoch": decision.epoch}
         )
 
     async def hello(self, request: web.Request) -> web.Response:
-        self._submit(m.PeerAnnounced(await _notice_endpoint(request)))
+        sender = await _notice_endpoint(request)
+        self._authenticate(request, sender)
+        self._submit(m.PeerAnnounced(sender))
         return json_response({"accepted": True, "node_id": self._me.node_id}, status=202)
 
     async def leave(self, request: web.Request) -> web.Response:
-        self._submit(m.PeerDeparted(await _notice_endpoint(request)))
+        sender = await _notice_endpoint(request)
+        self._authenticate(request, sender)
+        self._submit(m.PeerDeparted(sender))
         return json_response({"accepted": True, "node_id": self._me.node_id}, status=202)
+
+    def _authenticate(self, request: web.Request, sender: Endpoint) -> None:
+        header = request.headers.get(peerauth.HEADER)
+        if peerauth.verify(self._key, header, request.path, str(sender), time.time()):
+            return
+        if str(sender) not in self._rejected and len(self._rejected) < 1024:
+            self._rejected.add(str(sender))
+            self._log.warning(
+                "peer_rejected",
+                peer=str(sender),
+                path=request.path,
+                reason="missing signature" if not header else "bad or expired signature (different JWT_SECRET?)",
+            )
+        raise errors.Unauthorized(
+            f"cluster message from {sender} is not signed with this cluster's secret "
+            f"(header {peerauth.HEADER}); all nodes must share JWT_SECRET"
+        )
 
     def _submit(self, event: m.Input) -> None:
         if not self._inbox.offer(event):

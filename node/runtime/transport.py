@@ -7,12 +7,13 @@ The actors depend on the :class:`PeerTransport` protocol only; production uses :
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import time
 from typing import Protocol
 
 import aiohttp
 import orjson
 
+from node.core import peerauth
 from node.core.ids import Endpoint
 
 
@@ -35,16 +36,14 @@ class PeerTransport(Protocol):
 
 
 class HttpTransport:
-    def __init__(
-        self,
-        probe_timeout_s: float,
-        notice_timeout_s: float = 1.0,
-        headers: Callable[[], Mapping[str, str]] | None = None,
-    ) -> None:
+    def __init__(self, *, secret: str, probe_timeout_s: float, notice_timeout_s: float = 1.0) -> None:
+        self._key = peerauth.derive_key(secret)
         self._probe_timeout = aiohttp.ClientTimeout(total=probe_timeout_s)
         self._notice_timeout = aiohttp.ClientTimeout(total=notice_timeout_s)
-        self._headers = headers or (lambda: {})
         self._session: aiohttp.ClientSession | None = None
+
+    def _signed(self, path: str, me: Endpoint) -> dict[str, str]:
+        return {peerauth.HEADER: peerauth.sign(self._key, path, str(me), time.time())}
 
     async def __aenter__(self) -> HttpTransport:
         # Small pool: a handful of peers, each probed a few times a second over kept-alive connections.
@@ -66,10 +65,13 @@ class HttpTransport:
         return self._session
 
     async def probe(self, peer: Endpoint, me: Endpoint) -> None:
-        url = f"{peer.url}/cluster/health"
+        path = "/cluster/health"
         try:
             async with self.session.get(
-                url, params={"from": str(me)}, timeout=self._probe_timeout, headers=self._headers()
+                f"{peer.url}{path}",
+                params={"from": str(me)},
+                timeout=self._probe_timeout,
+                headers=self._signed(path, me),
             ) as resp:
                 if resp.status != 200:
                     raise PeerUnavailable(f"health answered HTTP {resp.status}")
@@ -88,7 +90,7 @@ class HttpTransport:
             async with self.session.post(
                 f"{peer.url}{path}",
                 data=orjson.dumps({"address": str(me), "node_id": me.node_id}),
-                headers={"Content-Type": "application/json", **self._headers()},
+                headers={"Content-Type": "application/json", **self._signed(path, me)},
                 timeout=self._notice_timeout,
             ) as resp:
                 await resp.read()
