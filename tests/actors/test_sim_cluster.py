@@ -1,5 +1,7 @@
 """Whole nodes (supervisor, actors, mailboxes) in one process with a fake clock and an in-memory network."""
 
+import asyncio
+
 import pytest
 
 from node.config import Config
@@ -166,3 +168,25 @@ async def test_custom_threshold_is_respected():
         assert sim.leaders([H1]) == {H1: 2562}
     finally:
         await sim.close()
+
+
+async def test_an_actor_that_crashes_ends_the_node(cluster):
+    class BrokenResolver:
+        async def resolve_ipv4(self, name):
+            raise RuntimeError("resolver bug")
+
+    await cluster.start(H1)
+    node = cluster.net.nodes[cluster.endpoint(H1)]
+    task = cluster._tasks[cluster.endpoint(H1)]
+    node.discoverer._resolver = BrokenResolver()
+    node.discoverer.kick()
+    await cluster.advance(0.1)
+    assert task.done()
+    with pytest.raises(ExceptionGroup) as info:
+        task.result()
+    assert info.group_contains(RuntimeError, match="resolver bug")
+    # Nothing of the node is left running: its other actors were cancelled with it.
+    cluster._tasks.pop(cluster.endpoint(H1))
+    actor_names = ("health-monitor", "elector", "discoverer", "health-ticker", "probe-")
+    leftovers = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(actor_names)]
+    assert leftovers == []
