@@ -2,7 +2,7 @@
 
 It also makes this node known: every address it sees for the first time gets a hello, so a node that starts
 joins its peers' views within a round trip instead of at their next tick. A hello that fails is retried on
-the next round. ``kick()`` runs a round at once (used at start and by tests).
+the next round; an address that leaves DNS and comes back is greeted again. ``kick()`` runs a round at once (used at start and by tests).
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ class Discoverer:
             self._failing = 0
         self._log.debug("dns_lookup", service=self._service_name, addresses=hosts)
         await self._inbox.put(m.DnsAnswered(frozenset(hosts)))
+        # Forget addresses DNS no longer lists: the set stays as small as the cluster, and a peer that comes
+        # back on the same address (a restarted container) hears from us again at once.
+        self._announced &= {Endpoint(h, self._me.port) for h in hosts}
         new = [
             Endpoint(h, self._me.port)
             for h in hosts
