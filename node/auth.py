@@ -22,9 +22,11 @@ import enum
 import hashlib
 import hmac
 import math
+import warnings
 from dataclasses import dataclass
 
 import jwt
+import jwt.warnings
 
 from node import errors
 
@@ -59,6 +61,9 @@ class Role(enum.IntEnum):
 
 _ROLE_BYTE = {Role.READ: b"r", Role.WRITE: b"w", Role.ADMIN: b"a"}
 _BYTE_ROLE = {v[0]: k for k, v in _ROLE_BYTE.items()}
+
+# A short JWT_SECRET is reported once per start (``weak_jwt_secret``), not on every token checked.
+warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
 
 
 @dataclass(frozen=True, slots=True)

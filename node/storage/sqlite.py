@@ -225,7 +225,10 @@ class Database:
 
     def _ping(self) -> None:
         assert self._ro is not None
-        self._ro.execute("SELECT 1").fetchall()
+        try:
+            self._ro.execute("SELECT 1").fetchall()
+        except apsw.Error as exc:
+            raise errors.Unavailable(f"database not ok: {_message(exc)}") from None
 
     def _authorize(
         self, action: int, one: str | None, two: str | None, db: str | None, trig: str | None
