@@ -91,10 +91,14 @@ class Node:
             log=log,
         )
         self.http: HttpApi | None = None
-        self.database: Database | None = None
         if serve_http:
             self.http = HttpApi(host=config.host, port=config.port, log=log)
             ClusterRoutes(me=me, decisions=self.decisions, inbox=self.inbox).add_to(self.http.app)
+        self.started = asyncio.Event()
+
+        # The data API: this node's own database, opened in run() before HTTP starts.
+        self.database: Database | None = None
+        if self.http is not None:
             self.database = database_from(config)
             DbRoutes(
                 database=self.database,
@@ -105,7 +109,6 @@ class Node:
                 max_statements=config.db_max_statements,
                 body_read_timeout_s=config.body_read_timeout_s,
             ).add_to(self.http.app)
-        self.started = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:

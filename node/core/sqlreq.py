@@ -29,7 +29,6 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -95,8 +94,29 @@ class WriteCommand:
     @property
     def now_text(self) -> str:
         """The timestamp as SQLite's date functions read it: ``YYYY-MM-DD HH:MM:SS.SSS`` (UTC)."""
-        moment = datetime.fromtimestamp(self.time_ns // 1_000_000 / 1000, tz=UTC)
-        return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+        return utc_text(self.time_ns)
+
+
+def utc_text(time_ns: int) -> str:
+    """Nanoseconds since the epoch as ``YYYY-MM-DD HH:MM:SS.SSS`` UTC (ms truncated), by calendar arithmetic.
+
+    Days to a civil date with the proleptic Gregorian calendar in 400-year eras (no clock, no time zone).
+    """
+    ms = time_ns // 1_000_000
+    days, ms_of_day = divmod(ms, 86_400_000)
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (month <= 2)
+    seconds, millis = divmod(ms_of_day, 1000)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{year:04d}-{month:02d}-{day:02d} {hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
 
 
 def stamp_write(request: DbRequest, *, time_ns: int, seed: int) -> WriteCommand:

@@ -154,6 +154,16 @@ def test_stamp_write_carries_one_time_and_seed():
     assert command.now_text == "2023-11-14 22:13:20.123"
 
 
+@given(st.integers(min_value=0, max_value=253_402_300_799_999_999_999))
+def test_utc_text_matches_the_calendar(time_ns):
+    from datetime import UTC, datetime, timedelta
+
+    expected = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=time_ns // 1000)
+    assert (
+        q.utc_text(time_ns) == expected.strftime("%Y-%m-%d %H:%M:%S.") + f"{expected.microsecond // 1000:03d}"
+    )
+
+
 def test_blob_encoding():
     assert q.encode_value(b"\x00\x01", blob_array=False) == "AAE="
     assert q.encode_value(b"\x00\x01", blob_array=True) == [0, 1]
