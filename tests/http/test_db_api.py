@@ -405,3 +405,48 @@ async def test_busy_queue_is_503(api):
     statuses = sorted([(await t).status for t in tasks])
     assert statuses.count(503) >= 1
     assert set(statuses) <= {200, 503}
+
+
+@pytest.mark.parametrize("level", ["none", "weak", "linearizable", "strong", "auto", "bogus", ""])
+async def test_levels_and_redirect_are_accepted_and_read_locally(api, level):
+    await execute(api, ["CREATE TABLE t (x)", "INSERT INTO t VALUES(7)"], query="?redirect")
+    result = await select(api, "SELECT x FROM t", {"level": level, "redirect": ""})
+    assert result["values"] == [[7]]
+
+
+async def test_garbage_never_crashes_the_node(api):
+    """A fixed-seed stream of random bodies, content types and flags: every answer is a JSON 2xx/4xx."""
+    import random
+
+    rng = random.Random(20261126)
+    fragments = [
+        b"[",
+        b"]",
+        b'"',
+        b",",
+        b"{",
+        b"}",
+        b":",
+        b"SELECT",
+        b" ",
+        b"?",
+        b"null",
+        b"1e999",
+        b"\\u0000",
+        b"x'",
+        b"-",
+    ]
+    await execute(api, ["CREATE TABLE t (x)"])
+    for _ in range(150):
+        if rng.random() < 0.5:
+            body = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64)))
+        else:
+            body = b"".join(rng.choice(fragments) for _ in range(rng.randrange(0, 24)))
+        path = rng.choice(["/db/execute", "/db/query", "/db/request"])
+        ctype = rng.choice(["application/json", "text/plain", "application/octet-stream"])
+        query = rng.choice(["", "?transaction", "?associative&timings", "?db_timeout=bogus", "?level=strong"])
+        resp = await api.post(path + query, data=body, headers={**WRITE, "Content-Type": ctype})
+        assert resp.status in (200, 400, 413), (path, body, resp.status)
+        payload = await resp.json()
+        assert "results" in payload if resp.status == 200 else "error" in payload
+    assert (await select(api, "SELECT 1"))["values"] == [[1]]
