@@ -61,6 +61,7 @@ DENIED_PRAGMAS = frozenset(
 # SQLite virtual-machine steps between two checks of the statement deadline.
 PROGRESS_STEPS = 1000
 _TEMP_PREFIX = ".tmp-"
+_INSERT_WORDS = re.compile(r"^\s*(INSERT|REPLACE)\b", re.IGNORECASE)
 _TX_WORDS = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK)\b", re.IGNORECASE)
 _TX_ACTIONS = (apsw.SQLITE_TRANSACTION, apsw.SQLITE_SAVEPOINT)
 
@@ -370,7 +371,10 @@ class Database:
             else:
                 changed = conn.total_changes() - changes_before
                 rowid = conn.last_insert_rowid()
-                if rowid != rowid_before and rowid != 0:
+                # The connection is shared, so SQLite's last rowid may be another request's: report it only
+                # if this statement inserted (it moved, or an INSERT changed rows and reused the same rowid).
+                inserted = rowid != rowid_before or (changed > 0 and _INSERT_WORDS.match(statement.sql))
+                if inserted and rowid != 0:
                     result["last_insert_id"] = rowid
                 if changed > 0 and conn.changes() > 0:
                     result["rows_affected"] = conn.changes()

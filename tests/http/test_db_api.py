@@ -450,3 +450,21 @@ async def test_garbage_never_crashes_the_node(api):
         payload = await resp.json()
         assert "results" in payload if resp.status == 200 else "error" in payload
     assert (await select(api, "SELECT 1"))["values"] == [[1]]
+
+
+async def test_last_insert_id_is_this_statements(api):
+    await execute(api, ["CREATE TABLE kv (id INTEGER PRIMARY KEY, v TEXT)"])
+    assert (await execute(api, ["INSERT INTO kv VALUES(5, 'a')"]))["results"] == [
+        {"last_insert_id": 5, "rows_affected": 1}
+    ]
+    assert (await execute(api, ["UPDATE kv SET v = 'b'"]))["results"] == [{"rows_affected": 1}]
+    body = await execute(api, ["REPLACE INTO kv VALUES(5, 'c')", "CREATE TABLE other (x)"])
+    assert body["results"] == [{"last_insert_id": 5, "rows_affected": 1}, {}]
+    body = await execute(
+        api, [["INSERT INTO kv(v) VALUES(?)", "d"], "INSERT INTO kv(v) VALUES(last_insert_rowid())"]
+    )
+    assert body["results"] == [
+        {"last_insert_id": 6, "rows_affected": 1},
+        {"last_insert_id": 7, "rows_affected": 1},
+    ]
+    assert (await select(api, "SELECT v FROM kv WHERE id = 7"))["values"] == [["6"]]
