@@ -36,8 +36,9 @@ def _free_port(host: str) -> int:
 
 
 class RunningNode:
-    def __init__(self, host: str, port: int, data_dir: Path, log: Path) -> None:
+    def __init__(self, host: str, port: int, data_dir: Path, log: Path, secret: str = SECRET) -> None:
         self.host, self.port, self.data_dir, self.log = host, port, data_dir, log
+        self.secret = secret
         self.process: subprocess.Popen | None = None
 
     @property
@@ -50,7 +51,7 @@ class RunningNode:
             "HOST": self.host,
             "ADVERTISE_ADDRESS": self.host,
             "PORT": str(self.port),
-            "JWT_SECRET": SECRET,
+            "JWT_SECRET": self.secret,
             "DATA_DIR": str(self.data_dir),
             "SERVICE_NAME": "nothing-here.invalid",
             "DNS_SERVERS": "127.0.0.1:9",
@@ -239,3 +240,36 @@ def test_token_cli_prints_verifiable_tokens():
     ).stdout.strip().splitlines()[-1]  # fmt: skip
     assert len(out) <= auth.COMPACT_MAX_CHARS
     assert auth.verify_compact(out, SECRET, now=time.time()).role is auth.Role.READ
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
+def test_weak_secret_starts_with_a_warning_every_time(tmp_path):
+    host = f"127.0.0.{next(_next_host)}"
+    node = RunningNode(host, _free_port(host), tmp_path / "data", tmp_path / "node.log", secret="secret_key")
+    try:
+        for _ in range(2):
+            node.start()
+            node.kill(signal.SIGTERM)
+        warnings = [line for line in node.log.read_text().splitlines() if '"weak_jwt_secret"' in line]
+        assert len(warnings) == 2
+        token = auth.mint_jwt("secret_key", auth.Role.READ, now=time.time(), ttl_s=60)
+        node.start()
+        request = urllib.request.Request(
+            f"{node.url}/db/query?q=SELECT%201", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        if node.process is not None and node.process.poll() is None:
+            node.kill(signal.SIGTERM)
+
+
+def test_cluster_endpoints_and_readyz_stay_public_data_endpoints_do_not(node):
+    for path in ("/cluster/status", "/cluster/health", "/readyz"):
+        with urllib.request.urlopen(f"{node.url}{path}", timeout=5) as resp:
+            assert resp.status == 200, path
+    for path in ("/db/query?q=SELECT%201", "/db/backup"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{node.url}{path}", timeout=5)
+        assert info.value.code == 401
+        assert "Bearer" in info.value.headers["WWW-Authenticate"]
