@@ -126,12 +126,10 @@ class Database:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         try:
             await self._call(self._open)
-        except apsw.Error as exc:
+        except (apsw.Error, OSError) as exc:
+            # An OSError so the node reports it as a start-up failure (exit 2), naming DATA_DIR.
             await self.close()
-            raise OSError(f"cannot open database {self.path}: {exc}") from exc
-        except OSError:
-            await self.close()
-            raise
+            raise OSError(f"cannot open the database {self.path} (DATA_DIR): {exc}") from exc
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None

@@ -273,3 +273,21 @@ def test_cluster_endpoints_and_readyz_stay_public_data_endpoints_do_not(node):
             urllib.request.urlopen(f"{node.url}{path}", timeout=5)
         assert info.value.code == 401
         assert "Bearer" in info.value.headers["WWW-Authenticate"]
+
+
+def test_unusable_data_dir_is_a_startup_failure(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    env = {
+        **os.environ,
+        "JWT_SECRET": SECRET,
+        "DATA_DIR": str(not_a_dir),
+        "HOST": "127.0.0.1",
+        "ADVERTISE_ADDRESS": "127.0.0.1",
+        "PORT": str(_free_port("127.0.0.1")),
+        "DNS_SERVERS": "127.0.0.1:9",
+        "SERVICE_NAME": "nothing-here.invalid",
+    }
+    done = subprocess.run([sys.executable, "-m", "node"], env=env, capture_output=True, timeout=30)
+    assert done.returncode == 2
+    assert b'"startup_failed"' in done.stdout and b"DATA_DIR" in done.stdout
