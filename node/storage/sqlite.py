@@ -345,8 +345,8 @@ class Database:
         params = statement.params
         bindings = dict(params) if isinstance(params, dict) or hasattr(params, "keys") else params
         try:
-            # Outside a transaction each statement commits by itself, and that commit (WAL fsync, see
-            # synchronous=FULL) completes before execute() returns: before the result exists at all.
+            # Outside a transaction each statement commits by itself when it finishes stepping, and that
+            # commit (WAL fsync, see synchronous=FULL) completes before its result below is built.
             cursor.execute(statement.sql, bindings)
             for row in _bounded_rows(cursor, seen, budget, flags):
                 rows.append(row)
