@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
+import time
 
-from node import __version__
+from node import __version__, auth
 from node.config import Config, ConfigError
 from node.core.ids import Endpoint, InvalidAddress
 from node.runtime import logging as nodelog
@@ -29,11 +31,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the node (the default); configured from the environment")
+    token = sub.add_parser(
+        "token", help="print a token signed with JWT_SECRET from the environment (the last line of stdout)"
+    )
+    token.add_argument("--role", choices=[r.label for r in auth.Role], required=True, help="what it may do")
+    token.add_argument("--ttl", type=_ttl, required=True, metavar="SECONDS", help="seconds until it expires")
+    token.add_argument(
+        "--basic", action="store_true", help="a compact credential for Basic-auth clients (the password)"
+    )
+    token.add_argument("--subject", default="cli", help="the sub claim of a JWT (default: cli)")
     args = parser.parse_args(argv)
     if args.command in (None, "run"):
         return run_daemon()
+    if args.command == "token":
+        return print_token(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
+
+
+def _ttl(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of seconds") from None
+    if not 0 < value <= 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError("expected a positive number of seconds, at most ten years")
+    return value
+
+
+def print_token(args: argparse.Namespace) -> int:
+    secret = os.environ.get("JWT_SECRET", "")
+    if not secret:
+        print("talentnest-node: JWT_SECRET is not set; tokens are signed with the nodes' secret", file=sys.stderr)
+        return EXIT_USAGE
+    role, now = auth.Role.parse(args.role), time.time()
+    if args.basic:
+        print(auth.mint_compact(secret, role, now=now, ttl_s=args.ttl))
+    else:
+        print(auth.mint_jwt(secret, role, now=now, ttl_s=args.ttl, subject=args.subject))
+    return EXIT_OK
 
 
 def run_daemon() -> int:

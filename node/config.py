@@ -72,6 +72,24 @@ class Config:
     data_dir: Path = field(default_factory=lambda: Path("data"))
     log_level: str = "info"
 
+    # --- data API -----------------------------------------------------------------------------------------
+    # Largest request body /db/execute, /db/query and /db/request accept; larger answers 413.
+    db_max_body_bytes: int = 4 << 20
+    # Largest body /db/load accepts (an SQLite file or an SQL dump); larger answers 413.
+    db_max_load_bytes: int = 256 << 20
+    # Most statements one request may carry; more answers 413 before anything runs.
+    db_max_statements: int = 1000
+    # Seconds one statement may run before SQLite interrupts it (a per-statement error in the results).
+    db_statement_timeout_s: float = 5.0
+    # Most rows one statement may return; past it the statement's result is an error.
+    db_max_result_rows: int = 10_000
+    # Bytes (approximately, as sent) all results of one request may hold; also the largest single value.
+    db_max_result_bytes: int = 16 << 20
+    # Database requests that may wait for the database thread; past it the node answers 503 (busy).
+    db_queue_size: int = 256
+    # Seconds a client may take to send a request body; a slower one gets 408.
+    body_read_timeout_s: float = 10.0
+
     # --- auth ---------------------------------------------------------------------------------------------
     # HMAC secret for bearer tokens (HS256). Required; shorter than 32 bytes starts with a loud warning.
     jwt_secret: str = field(default="", repr=False)
@@ -228,6 +246,14 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "shutdown_grace_s": ("SHUTDOWN_GRACE", _positive_seconds),
     "data_dir": ("DATA_DIR", _path),
     "log_level": ("LOG_LEVEL", _log_level),
+    "db_max_body_bytes": ("DB_MAX_BODY_BYTES", _positive_int),
+    "db_max_load_bytes": ("DB_MAX_LOAD_BYTES", _positive_int),
+    "db_max_statements": ("DB_MAX_STATEMENTS", _positive_int),
+    "db_statement_timeout_s": ("DB_STATEMENT_TIMEOUT", _positive_seconds),
+    "db_max_result_rows": ("DB_MAX_RESULT_ROWS", _positive_int),
+    "db_max_result_bytes": ("DB_MAX_RESULT_BYTES", _positive_int),
+    "db_queue_size": ("DB_QUEUE_SIZE", _positive_int),
+    "body_read_timeout_s": ("BODY_READ_TIMEOUT", _positive_seconds),
 }
 
 # Every field but the secret must be settable from the environment: keep the table and the dataclass in step.

@@ -27,16 +27,27 @@ from node.core import election
 from node.core import membership as m
 from node.core.ids import Endpoint
 from node.http.cluster import ClusterRoutes
+from node.http.db import DbRoutes
 from node.http.server import HttpApi
 from node.runtime.clock import Clock
 from node.runtime.mailbox import LatestCell, Mailbox, Overflow
 from node.runtime.resolver import Resolver
 from node.runtime.transport import PeerTransport, PeerUnavailable
+from node.storage.sqlite import Database, Limits
 
 # Membership inputs waiting to be applied. Producers that can wait (DNS rounds, probe results, ticks) block;
 # HTTP handlers offer and answer 503 when it is full. A few peers produce a few events per probe interval,
 # so 1024 is only reached if the HealthMonitor is stuck, and then backpressure is the right answer.
 MEMBERSHIP_INBOX_SIZE = 1024
+
+
+def database_from(config: Config) -> Database:
+    limits = Limits(
+        statement_timeout_s=config.db_statement_timeout_s,
+        max_result_rows=config.db_max_result_rows,
+        max_result_bytes=config.db_max_result_bytes,
+    )
+    return Database(config.data_dir, limits=limits, queue_size=config.db_queue_size)
 
 
 class Node:
@@ -88,12 +99,28 @@ class Node:
             ).add_to(self.http.app)
         self.started = asyncio.Event()
 
+        # The data API: this node's own database, opened in run() before HTTP starts.
+        self.database: Database | None = None
+        if self.http is not None:
+            self.database = database_from(config)
+            DbRoutes(
+                database=self.database,
+                jwt_secret=config.jwt_secret,
+                decisions=self.decisions,
+                max_body_bytes=config.db_max_body_bytes,
+                max_load_bytes=config.db_max_load_bytes,
+                max_statements=config.db_max_statements,
+                body_read_timeout_s=config.body_read_timeout_s,
+            ).add_to(self.http.app)
+
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             health = tg.create_task(self.health.run(), name="health-monitor")
             elector = tg.create_task(self.elector.run(), name="elector")
             await self.decisions.wait_newer(0)
             try:
+                if self.database is not None:
+                    await self.database.open()  # before HTTP: no request may find it closed
                 if self.http is not None:
                     await self.http.start()
                 discoverer = tg.create_task(self.discoverer.run(), name="discoverer")
@@ -114,6 +141,8 @@ class Node:
             finally:
                 if self.http is not None:
                     await self.http.stop()
+                if self.database is not None:
+                    await self.database.close()  # after HTTP: requests in flight finish first
             elector.cancel()
         self.log.info("node_stopped")
 

@@ -1,0 +1,202 @@
+"""Tokens: minting and verifying bearer JWTs and compact Basic-auth credentials, both keyed by JWT_SECRET.
+
+Verification is a function of the token, the secret and ``now`` (seconds since the epoch, passed in), so
+the tests can check expiry without waiting and nothing here reads a clock.
+
+**JWT** (``Authorization: Bearer <jwt>``): HS256 only — the algorithm list is pinned, so ``alg: none`` and
+RS256/HS256 key confusion are refused before any signature check. Required claims: ``exp`` and ``iat``
+(numbers); ``iat`` may not lie in the future and ``nbf``, if present, must have passed, each with
+:data:`LEEWAY_S` of clock skew. ``role`` is ``read``, ``write`` or ``admin``.
+
+**Compact credential** (for clients that only speak Basic auth, as the password; the user name is
+ignored): ``tn1.`` + base64url(role byte, 5-byte big-endian ``exp``, first 24 bytes of an HMAC-SHA256 over
+a domain-separation label and those 6 bytes). 44 characters: short enough for pyrqlite 2.2.3, which breaks
+Basic headers whose base64 runs past 76 characters. A full JWT is accepted as a Basic password too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import math
+import warnings
+from dataclasses import dataclass
+
+import jwt
+import jwt.warnings
+
+from node import errors
+
+ALGORITHM = "HS256"
+# Clock skew tolerated between the node that minted a token and the node that checks it.
+LEEWAY_S = 30
+COMPACT_PREFIX = "tn1."
+COMPACT_MAX_CHARS = 48
+_COMPACT_LABEL = b"talentnest compact credential v1\x00"
+_COMPACT_MAC_BYTES = 24
+_COMPACT_EXP_BYTES = 5
+
+
+class Role(enum.IntEnum):
+    """What a holder may do. Each role includes the ones below it."""
+
+    READ = 1
+    WRITE = 2
+    ADMIN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Role:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            raise ValueError(f"unknown role {text!r}; expected read, write or admin") from None
+
+
+_ROLE_BYTE = {Role.READ: b"r", Role.WRITE: b"w", Role.ADMIN: b"a"}
+_BYTE_ROLE = {v[0]: k for k, v in _ROLE_BYTE.items()}
+
+# A short JWT_SECRET is reported once per start (``weak_jwt_secret``), not on every token checked.
+warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    role: Role
+    subject: str
+    expires_at: float
+
+    def require(self, role: Role) -> None:
+        if self.role < role:
+            raise errors.Forbidden(
+                f"this token has the {self.role.label} role; this needs {role.label}", required=role.label
+            )
+
+
+def _unauthorized(why: str) -> errors.Unauthorized:
+    return errors.Unauthorized(f"authentication required: {why}")
+
+
+# --- minting -------------------------------------------------------------------------------------------------
+
+
+def mint_jwt(secret: str, role: Role, *, now: float, ttl_s: float, subject: str = "cli") -> str:
+    issued = int(now)
+    claims = {"sub": subject, "role": role.label, "iat": issued, "exp": issued + math.ceil(ttl_s)}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def mint_compact(secret: str, role: Role, *, now: float, ttl_s: float) -> str:
+    exp = int(now) + math.ceil(ttl_s)
+    if not 0 < exp < 1 << (8 * _COMPACT_EXP_BYTES):
+        raise ValueError("expiry out of range")
+    body = _ROLE_BYTE[role] + exp.to_bytes(_COMPACT_EXP_BYTES, "big")
+    token = base64.urlsafe_b64encode(body + _compact_mac(secret, body)).decode("ascii")
+    return COMPACT_PREFIX + token
+
+
+def _compact_mac(secret: str, body: bytes) -> bytes:
+    return hmac.new(secret.encode(), _COMPACT_LABEL + body, hashlib.sha256).digest()[:_COMPACT_MAC_BYTES]
+
+
+# --- verifying -----------------------------------------------------------------------------------------------
+
+
+def verify_jwt(token: str, secret: str, *, now: float) -> Principal:
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise _unauthorized("malformed token") from None
+    if header.get("alg") != ALGORITHM:
+        raise _unauthorized(f"token algorithm must be {ALGORITHM}")
+    try:
+        # Signature and algorithm only: pyjwt would read the clock for the time claims, so they are checked
+        # below against the ``now`` we were given.
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            options={
+                "verify_signature": True,
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
+    except jwt.InvalidSignatureError:
+        raise _unauthorized("bad token signature") from None
+    except jwt.PyJWTError:
+        raise _unauthorized("malformed token") from None
+    if not isinstance(claims, dict):
+        raise _unauthorized("malformed token")
+    exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf")
+    if not _is_time(exp) or not _is_time(iat) or (nbf is not None and not _is_time(nbf)):
+        raise _unauthorized("token needs numeric exp and iat claims")
+    if now >= exp + LEEWAY_S:
+        raise _unauthorized("token expired")
+    if iat > now + LEEWAY_S or (nbf is not None and nbf > now + LEEWAY_S):
+        raise _unauthorized("token not valid yet")
+    role_text = claims.get("role")
+    if not isinstance(role_text, str):
+        raise _unauthorized("token has no role claim")
+    try:
+        role = Role.parse(role_text)
+    except ValueError:
+        raise _unauthorized("token has an unknown role") from None
+    subject = claims.get("sub")
+    return Principal(role, subject if isinstance(subject, str) else "", float(exp))
+
+
+def verify_compact(token: str, secret: str, *, now: float) -> Principal:
+    if len(token) > COMPACT_MAX_CHARS or not token.startswith(COMPACT_PREFIX):
+        raise _unauthorized("malformed credential")
+    try:
+        raw = base64.urlsafe_b64decode(token[len(COMPACT_PREFIX) :].encode("ascii"))
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise _unauthorized("malformed credential") from None
+    if len(raw) != 1 + _COMPACT_EXP_BYTES + _COMPACT_MAC_BYTES:
+        raise _unauthorized("malformed credential")
+    body, mac = raw[: 1 + _COMPACT_EXP_BYTES], raw[1 + _COMPACT_EXP_BYTES :]
+    if not hmac.compare_digest(mac, _compact_mac(secret, body)):
+        raise _unauthorized("bad credential signature")
+    role = _BYTE_ROLE.get(body[0])
+    if role is None:
+        raise _unauthorized("malformed credential")
+    exp = int.from_bytes(body[1:], "big")
+    if now >= exp + LEEWAY_S:
+        raise _unauthorized("credential expired")
+    return Principal(role, "basic", float(exp))
+
+
+def authenticate(authorization: str | None, secret: str, *, now: float) -> Principal:
+    """The ``Authorization`` header to a principal, or Unauthorized (401) saying why not."""
+    if not authorization:
+        raise _unauthorized("send Authorization: Bearer <token> (mint one with `python -m node token`)")
+    scheme, _, credential = authorization.strip().partition(" ")
+    credential = credential.strip()
+    if scheme.lower() == "bearer" and credential:
+        return verify_jwt(credential, secret, now=now)
+    if scheme.lower() == "basic" and credential:
+        try:
+            decoded = base64.b64decode(credential.encode("ascii"), validate=False).decode("utf-8")
+        except (binascii.Error, ValueError, UnicodeError):
+            raise _unauthorized("malformed Basic credentials") from None
+        _user, sep, password = decoded.partition(":")
+        if not sep or not password:
+            raise _unauthorized("malformed Basic credentials")
+        if password.startswith(COMPACT_PREFIX):
+            return verify_compact(password, secret, now=now)
+        return verify_jwt(password, secret, now=now)
+    raise _unauthorized("unsupported Authorization scheme; use Bearer or Basic")
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

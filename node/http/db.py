@@ -1,0 +1,227 @@
+"""Data API endpoints, shaped like rqlite's: /db/execute, /db/query, /db/request, /db/backup, /db/load, /readyz.
+
+Every data endpoint checks the token first (before reading a body): /db/query needs ``read``, /db/execute
+and /db/request ``write``, /db/backup and /db/load ``admin``. /readyz is public, like /cluster/status.
+
+Bodies are read here, with a byte limit per route (413) and a time limit (408), not through aiohttp's
+app-wide ``client_max_size``: /db/load takes far more than the other routes.
+
+**Writes** are stamped once, here, with a timestamp and a seed (:func:`node.core.sqlreq.stamp_write`), and
+the resulting :class:`WriteCommand` is what executes. This is the seam for replication: a follower will
+forward the request to the leader (or answer 301 when the client asked for ``redirect``), and the leader
+will stamp, replicate and then execute the command. Until then every node is its own leader for data and
+every read ``level`` reads the local database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from node import auth, errors
+from node.core.election import Leadership
+from node.core.sqlreq import (
+    DbRequest,
+    Flags,
+    WriteCommand,
+    decode_text,
+    parse_flags,
+    parse_statements,
+    parse_text_statement,
+    stamp_write,
+)
+from node.http.common import json_response
+from node.runtime.mailbox import LatestCell
+from node.storage.sqlite import SQLITE_MAGIC, Database
+
+# Bytes per read when streaming a backup file to the client.
+BACKUP_CHUNK_BYTES = 1 << 20
+
+
+async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``limit`` bytes (else 413), within ``timeout_s`` (else 408)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise errors.PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit
+        )
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_any():
+                if len(body) + len(chunk) > limit:
+                    raise errors.PayloadTooLarge(
+                        f"request body exceeds the limit of {limit} bytes", limit=limit
+                    )
+                body += chunk
+    except TimeoutError:
+        raise errors.RequestTimeout(f"request body not received within {timeout_s:g} s") from None
+    return bytes(body)
+
+
+class DbRoutes:
+    def __init__(
+        self,
+        *,
+        database: Database,
+        jwt_secret: str,
+        decisions: LatestCell[Leadership],
+        max_body_bytes: int,
+        max_load_bytes: int,
+        max_statements: int,
+        body_read_timeout_s: float,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._db = database
+        self._secret = jwt_secret
+        self._decisions = decisions
+        self._max_body = max_body_bytes
+        self._max_load = max_load_bytes
+        self._max_statements = max_statements
+        self._read_timeout_s = body_read_timeout_s
+        self._wall_clock_ns = wall_clock_ns
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post("/db/execute", self.execute)
+        app.router.add_get("/db/query", self.query)
+        app.router.add_post("/db/query", self.query)
+        app.router.add_post("/db/request", self.unified)
+        app.router.add_get("/db/backup", self.backup)
+        app.router.add_post("/db/load", self.load)
+        app.router.add_get("/readyz", self.readyz)
+
+    # --- helpers -------------------------------------------------------------------------------------------
+
+    def _authorize(self, request: web.Request, role: auth.Role) -> auth.Principal:
+        principal = auth.authenticate(
+            request.headers.get("Authorization"), self._secret, now=self._wall_clock_ns() / 1e9
+        )
+        principal.require(role)
+        return principal
+
+    async def _request(self, request: web.Request, flags: Flags) -> DbRequest:
+        raw = await read_body(request, limit=self._max_body, timeout_s=self._read_timeout_s)
+        if request.content_type == "text/plain":
+            return DbRequest(parse_text_statement(decode_text(raw)), flags)
+        if not raw.strip():
+            raise errors.BadRequest("request body is empty; expected a JSON array of statements")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise errors.BadRequest(f"invalid JSON body: {exc}") from None
+        return DbRequest(parse_statements(body, max_statements=self._max_statements), flags)
+
+    def _stamp(self, request: DbRequest) -> WriteCommand:
+        # One time and one seed per write, chosen where the write is accepted (with replication: the leader).
+        return stamp_write(request, time_ns=self._wall_clock_ns(), seed=secrets.randbits(63))
+
+    def _respond(self, results: list[dict[str, Any]], flags: Flags, started: float) -> web.Response:
+        body: dict[str, Any] = {"results": results}
+        if flags.timings:
+            body["time"] = time.perf_counter() - started
+        return json_response(body, pretty=flags.pretty)
+
+    # --- handlers ------------------------------------------------------------------------------------------
+
+    async def execute(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        self._authorize(request, auth.Role.WRITE)
+        flags = parse_flags(request.query)
+        db_request = await self._request(request, flags)
+        # Replication seam: forward to the leader here (or 301 with ``redirect``) when this node is a follower.
+        results = await self._db.execute(self._stamp(db_request), flags)
+        # The results exist only after COMMIT returned, i.e. after the WAL was fsynced: answering now
+        # acknowledges only durable writes.
+        return self._respond(results, flags, started)
+
+    async def query(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        self._authorize(request, auth.Role.READ)
+        flags = parse_flags(request.query)
+        if request.method == "GET":
+            sql = request.query.get("q", "")
+            if not sql.strip():
+                raise errors.BadRequest("query parameter not set")
+            db_request = DbRequest(parse_text_statement(sql), flags)
+        else:
+            db_request = await self._request(request, flags)
+        # Every level (none, weak, linearizable, strong, auto) reads the local database until replication.
+        results = await self._db.query(db_request)
+        return self._respond(results, flags, started)
+
+    async def unified(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        self._authorize(request, auth.Role.WRITE)
+        flags = parse_flags(request.query)
+        db_request = await self._request(request, flags)
+        results = await self._db.execute(self._stamp(db_request), flags, unified=True)
+        return self._respond(results, flags, started)
+
+    async def backup(self, request: web.Request) -> web.StreamResponse:
+        self._authorize(request, auth.Role.ADMIN)
+        fmt = request.query.get("fmt", "binary")
+        if fmt != "binary":
+            raise errors.BadRequest(f"unsupported backup format {fmt!r}; only fmt=binary is supported")
+        path = await self._db.backup()
+        try:
+            size = (await asyncio.to_thread(path.stat)).st_size
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Disposition": 'attachment; filename="node.db"',
+                    "Content-Length": str(size),
+                }
+            )
+            await response.prepare(request)
+            handle = await asyncio.to_thread(open, path, "rb")
+            try:
+                while chunk := await asyncio.to_thread(handle.read, BACKUP_CHUNK_BYTES):
+                    await response.write(chunk)
+            finally:
+                await asyncio.to_thread(handle.close)
+            await response.write_eof()
+            return response
+        finally:
+            await asyncio.to_thread(path.unlink, True)
+
+    async def load(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        self._authorize(request, auth.Role.ADMIN)
+        flags = parse_flags(request.query)
+        raw = await read_body(request, limit=self._max_load, timeout_s=self._read_timeout_s)
+        if raw.startswith(SQLITE_MAGIC):
+            await self._db.load_sqlite(raw)
+            return self._respond([], flags, started)
+        if not raw.strip():
+            raise errors.BadRequest("request body is empty; expected an SQLite file or an SQL dump")
+        dump = DbRequest(parse_text_statement(decode_text(raw)), flags)
+        count = await self._db.load_dump(self._stamp(dump))
+        return self._respond([{"statements": count}], flags, started)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        lines = ["[+]node ok"]
+        ready = True
+        if "noleader" not in request.query:
+            if self._decisions.get() is None:
+                lines.append("[+]leader does not exist")
+                ready = False
+            else:
+                lines.append("[+]leader ok")
+        if self._db.is_open:
+            lines.append("[+]store ok")
+            try:
+                await self._db.ping()
+                lines.append("[+]db ok")
+            except (errors.NodeError, OSError) as exc:
+                lines.append(f"[+]db not ok: {exc}")
+                ready = False
+        else:
+            lines.append("[+]store not ready")
+            ready = False
+        return web.Response(text="\n".join(lines), status=200 if ready else 503, content_type="text/plain")

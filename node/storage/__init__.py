@@ -1,0 +1,1 @@
+"""Durable state: the node's SQLite database, driven from one dedicated thread."""
