@@ -103,7 +103,9 @@ def test_membership_and_election_events_are_logged_when_they_happen(make_cluster
         ]
 
     for ip in (low, mid):
-        wait_until(lambda ip=ip: removed(ip, top, "timeout"), 10, what=f"{ip} to remove {top} after NODE_TIMEOUT")
+        wait_until(
+            lambda ip=ip: removed(ip, top, "timeout"), 10, what=f"{ip} to remove {top} after NODE_TIMEOUT"
+        )
 
     # SIGTERM of the new leader: removed at once ("left"), and the last node leads.
     code, _ = c.nodes[mid].stop(signal.SIGTERM, timeout_s=10.0)

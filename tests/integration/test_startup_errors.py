@@ -52,7 +52,13 @@ def json_lines(stdout: str) -> list[dict]:
 
 def test_every_bad_value_is_reported_at_once_one_line_each(dns):
     result = run_node(
-        {"PORT": "abc", "DISCOVERY_INTERVAL": "-1", "LOG_LEVEL": "loud", "JWT_SECRET": SECRET, "DNS_SERVERS": dns.address}
+        {
+            "PORT": "abc",
+            "DISCOVERY_INTERVAL": "-1",
+            "LOG_LEVEL": "loud",
+            "JWT_SECRET": SECRET,
+            "DNS_SERVERS": dns.address,
+        }
     )
     print(result.stderr)
     assert result.returncode == EXIT_USAGE
@@ -90,7 +96,13 @@ def test_missing_jwt_secret_is_reported_with_the_other_problems(dns):
 
 def test_ipv6_host_without_advertise_address_is_a_clear_start_up_error(dns):
     result = run_node(
-        {"HOST": "::1", "PORT": "3000", "JWT_SECRET": SECRET, "DNS_SERVERS": dns.address, "DNS_TIMEOUT": "0.3"}
+        {
+            "HOST": "::1",
+            "PORT": "3000",
+            "JWT_SECRET": SECRET,
+            "DNS_SERVERS": dns.address,
+            "DNS_TIMEOUT": "0.3",
+        }
     )
     print(result.stderr, result.stdout)
     assert result.returncode == EXIT_USAGE

@@ -236,7 +236,9 @@ class NodeProcess:
     def tail(self, lines: int = 15) -> str:
         out = self.stdout_lines()[-lines:]
         err = self.stderr_text().strip().splitlines()[-lines:]
-        return "\n".join([f"--- {self.ip} stdout (last {len(out)}) ---", *out, f"--- {self.ip} stderr ---", *err])
+        return "\n".join(
+            [f"--- {self.ip} stdout (last {len(out)}) ---", *out, f"--- {self.ip} stderr ---", *err]
+        )
 
 
 class Cluster:
@@ -309,7 +311,9 @@ class Cluster:
     # --- DNS: answers with the running nodes, like Docker's embedded DNS -----------------------------------
 
     def running_ips(self) -> list[str]:
-        return [ip for ip, node in self.nodes.items() if node.running and node.env["SERVICE_NAME"] == self.service]
+        return [
+            ip for ip, node in self.nodes.items() if node.running and node.env["SERVICE_NAME"] == self.service
+        ]
 
     def publish_dns(self, ips: list[str] | None = None) -> None:
         self.dns.set(self.service, self.running_ips() if ips is None else ips)
@@ -406,7 +410,9 @@ class Cluster:
             if st is None:
                 parts.append(f"{ip}: no answer")
             else:
-                nodes = ", ".join(f"{n['id']}{'' if n['healthy'] else '(unhealthy)'}" for n in st.get("nodes", []))
+                nodes = ", ".join(
+                    f"{n['id']}{'' if n['healthy'] else '(unhealthy)'}" for n in st.get("nodes", [])
+                )
                 parts.append(f"{ip}: leader {st.get('leader_id')} nodes [{nodes}]")
         for node in self.nodes.values():
             if node.starts:
