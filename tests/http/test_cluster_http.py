@@ -8,6 +8,7 @@ request the node must keep serving, and no bad request may reach the membership 
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from node.core.ids import Endpoint
 from node.http.cluster import ClusterRoutes
 from node.http.server import DEFAULT_MAX_BODY_BYTES, HttpApi
 from node.runtime.mailbox import LatestCell, Mailbox, Overflow
+from tests.support.cluster import Cluster
+from tests.support.wait import wait_until
 
 ME = Endpoint("10.0.2.2", 3000)  # id 514
 LEADER = Endpoint("10.0.3.1", 3000)  # id 769, healthy: leads
@@ -323,3 +326,60 @@ async def test_no_bad_request_is_logged_as_a_failure(api):
     await api.client.delete("/cluster/status")
     await api.client.get("/nowhere")
     assert [r for r in api.log.records if r[1] == "request_failed"] == []
+
+
+# --- a real node process: requests the HTTP parser itself rejects ------------------------------------------
+
+
+@pytest.fixture
+def real_node(tmp_path):
+    with Cluster(tmp_path, size=1) as c:
+        node = c.start(c.ips[0])
+        wait_until(lambda: node.status() is not None, 15, what="the node to serve", describe=c.describe)
+        yield node
+
+
+def raw_exchange(node, payload: bytes, timeout_s: float = 2.0) -> bytes:
+    with socket.create_connection((node.ip, node.port), timeout=timeout_s) as sock:
+        sock.sendall(payload)
+        chunks = []
+        for _ in range(64):  # bounded: a response is a few hundred bytes
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+MALFORMED = [
+    b"\x00\xff\xfe garbage\r\n\r\n",
+    b"GET /cluster/status HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /cluster/hello HTTP/9.9\r\n\r\n",
+    bytes(range(256)) * 4,
+]
+
+
+@pytest.mark.integration
+def test_real_node_answers_malformed_http_with_400_and_keeps_serving(real_node):
+    for payload in MALFORMED:
+        reply = raw_exchange(real_node, payload)
+        assert reply.split(b"\r\n", 1)[0].split(b" ")[1:2] == [b"400"], (payload[:40], reply[:200])
+    assert real_node.status() is not None
+    assert real_node.running
+    assert real_node.log_problems() == []
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(
+    strict=True,
+    reason="errors raised by aiohttp's HTTP parser (before routing and middleware) are text/plain, "
+    "not the documented JSON error body",
+)
+def test_real_node_answers_malformed_http_with_a_json_error(real_node):
+    reply = raw_exchange(real_node, MALFORMED[0])
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower()
+    assert orjson.loads(body)["code"] == "bad_request"
