@@ -61,8 +61,8 @@ def restart_and_join(c: Cluster, ip: str, poll_s: float) -> tuple[float, float]:
     node = c.start(ip)
     c.wait_agreed(c.ips, timeout_s=AGREE_DEADLINE_S, interval_s=poll_s)
     agreed = time.time()
-    started = node.events("node_started", all_runs=False)
-    from_started = agreed - parse_timestamp(started[0]["timestamp"]) if started else float("nan")
+    started = node.wait_events("node_started", all_runs=False)  # the line may trail the HTTP answer
+    from_started = agreed - parse_timestamp(started[0]["timestamp"])
     return from_started, agreed - node.started_at
 
 

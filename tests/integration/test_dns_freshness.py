@@ -83,7 +83,7 @@ def test_node_sees_a_newly_added_name_within_a_couple_of_rounds(make_cluster):
     wait_until(a_sees_b, 4.0, 0.02, what=f"{a} to list {b_ip} after the DNS change", describe=c.describe)
     took = time.time() - added_at
     print(f"DISCOVERY_INTERVAL=1: the new name was in the view {took * 1000:.0f} ms after the DNS change")
-    found = [e for e in c.nodes[a].events("peer_discovered") if e.get("peer_id") == node_id(b_ip)]
+    found = c.nodes[a].wait_events("peer_discovered", lambda e: e.get("peer_id") == node_id(b_ip))
     assert [e["via"] for e in found] == ["dns"]
     assert parse_timestamp(found[0]["timestamp"]) >= added_at - 0.05
 

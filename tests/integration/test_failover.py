@@ -58,7 +58,7 @@ def test_kill_9_of_the_leader_survivors_agree_on_the_next(make_cluster):
         dead = [n for n in st["nodes"] if n["id"] == node_id(leader)]
         # Until NODE_TIMEOUT the dead leader stays listed, unhealthy and not leading.
         assert all(not n["healthy"] and not n["is_leader"] for n in dead), st
-        assert any(e.get("peer_id") == node_id(leader) for e in c.nodes[ip].events("peer_unhealthy"))
+        c.nodes[ip].wait_events("peer_unhealthy", lambda e: e.get("peer_id") == node_id(leader))
 
 
 def test_sigterm_of_the_leader_survivors_agree_at_once(make_cluster):
@@ -77,7 +77,7 @@ def test_sigterm_of_the_leader_survivors_agree_at_once(make_cluster):
 
     assert code == 0
     for ip in survivors:
-        removed = [e for e in c.nodes[ip].events("peer_removed") if e.get("peer_id") == node_id(leader)]
+        removed = c.nodes[ip].wait_events("peer_removed", lambda e: e.get("peer_id") == node_id(leader))
         assert [e["reason"] for e in removed] == ["left"]
         assert not c.nodes[ip].events("peer_unhealthy"), "a goodbye must not look like a failure"
 
@@ -103,7 +103,7 @@ def test_restarted_leader_joins_at_once_and_leads_again(make_cluster, how):
     # The wait is generous (interpreter start-up on a busy machine); the bound is checked from node_started.
     c.wait_agreed(c.ips, timeout_s=JOIN_BOUND_S + 12, interval_s=0.01)
     agreed_at = time.time()
-    started = [e for e in node.events("node_started", all_runs=False)]
+    started = node.wait_events("node_started", all_runs=False)
     assert len(started) == 1, node.tail()
     join_s = agreed_at - parse_timestamp(started[0]["timestamp"])
     print(
@@ -115,9 +115,10 @@ def test_restarted_leader_joins_at_once_and_leads_again(make_cluster, how):
     if how == "SIGTERM":
         # The survivors had dropped it (goodbye, tombstone): only its hello can have brought it back.
         for ip in survivors:
-            back = [
-                e
-                for e in c.nodes[ip].events("peer_discovered")
-                if e.get("peer_id") == node_id(leader) and parse_timestamp(e["timestamp"]) >= node.started_at
-            ]
+            back = c.nodes[ip].wait_events(
+                "peer_discovered",
+                lambda e: (
+                    e.get("peer_id") == node_id(leader) and parse_timestamp(e["timestamp"]) >= node.started_at
+                ),
+            )
             assert [e["via"] for e in back] == ["hello"], c.nodes[ip].tail()

@@ -69,10 +69,20 @@ def test_membership_and_election_events_are_logged_when_they_happen(make_cluster
     low, mid, top = c.ips
 
     # Start-up: every node discovered both peers and ended up following (or being) the highest ID.
+    # (Lines reach the log file through a writer thread: wait for them rather than read right away.)
     for ip in c.ips:
         node = c.nodes[ip]
-        found = {e["peer_id"] for e in node.events("peer_discovered")}
-        assert found == {node_id(p) for p in c.ips if p != ip}, node.tail()
+        peers = {node_id(p) for p in c.ips if p != ip}
+        wait_until(
+            lambda node=node, peers=peers: {e["peer_id"] for e in node.events("peer_discovered")} == peers,
+            3,
+            what=f"{ip} to log peer_discovered for {peers}",
+            describe=node.tail,
+        )
+        node.wait_events("leader_elected", lambda e: e["leader_id"] == node_id(top))
+        node.wait_events(
+            "role_changed", lambda e, ip=ip: e["role"] == ("leader" if ip == top else "follower")
+        )
         assert {e["via"] for e in node.events("peer_discovered")} <= {"dns", "hello", "probe"}
         elected = node.events("leader_elected")
         assert elected[0]["previous_leader_id"] is None and elected[0]["leader_id"] == node_id(ip)
@@ -87,11 +97,13 @@ def test_membership_and_election_events_are_logged_when_they_happen(make_cluster
     c.wait_agreed([low, mid], timeout_s=5, exact=False)
     for ip in (low, mid):
         node = c.nodes[ip]
-        unhealthy = [e for e in node.events("peer_unhealthy") if e["peer_id"] == node_id(top)]
+        unhealthy = node.wait_events("peer_unhealthy", lambda e: e["peer_id"] == node_id(top))
+        node.wait_events("leader_elected", lambda e: e["previous_leader_id"] == node_id(top))
         assert len(unhealthy) == 1, node.tail()
         assert unhealthy[0]["level"] == "warning" and unhealthy[0]["misses"] >= 3 and unhealthy[0]["reason"]
         elected = node.events("leader_elected")[-1]
         assert (elected["previous_leader_id"], elected["leader_id"]) == (node_id(top), node_id(mid))
+    c.nodes[mid].wait_events("role_changed", lambda e: e["epoch"] > 1 and e["role"] == "leader")
     assert c.nodes[mid].events("role_changed")[-1]["previous_role"] == "follower"
     assert c.nodes[mid].events("role_changed")[-1]["role"] == "leader"
 
@@ -113,6 +125,8 @@ def test_membership_and_election_events_are_logged_when_they_happen(make_cluster
     c.publish_dns()
     wait_until(lambda: removed(low, mid, "left"), 2, what=f"{low} to remove {mid} on its goodbye")
     c.wait_agreed([low], timeout_s=2)
+    c.nodes[low].wait_events("leader_elected", lambda e: e["previous_leader_id"] == node_id(mid))
+    c.nodes[low].wait_events("role_changed", lambda e: e["epoch"] > 1 and e["role"] == "leader")
     elected = c.nodes[low].events("leader_elected")[-1]
     assert (elected["previous_leader_id"], elected["leader_id"]) == (node_id(mid), node_id(low))
     role = c.nodes[low].events("role_changed")[-1]

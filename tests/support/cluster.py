@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,27 @@ class NodeProcess:
             if isinstance(record, dict) and (name is None or record.get("event") == name):
                 out.append(record)
         return out
+
+    def wait_events(
+        self,
+        name: str,
+        where: Callable[[dict[str, Any]], bool] = lambda e: True,
+        timeout_s: float = 3.0,
+        *,
+        all_runs: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Wait until at least one ``name`` event matching ``where`` is in the log; return all that match.
+
+        Lines reach the file through the node's writer thread, so a change already visible over HTTP may not
+        be in the log yet: read events behind a short wait, never right after the change.
+        """
+        return wait_until(
+            lambda: [e for e in self.events(name, all_runs=all_runs) if where(e)],
+            timeout_s,
+            0.02,
+            what=f"{self.ip} to log {name}",
+            describe=self.tail,
+        )
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
