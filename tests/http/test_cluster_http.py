@@ -383,3 +383,22 @@ def test_real_node_answers_malformed_http_with_a_json_error(real_node):
     head, _, body = reply.partition(b"\r\n\r\n")
     assert b"application/json" in head.lower()
     assert orjson.loads(body)["code"] == "bad_request"
+
+
+@pytest.mark.integration
+def test_real_node_answers_a_huge_body_with_413_json_and_keeps_serving(real_node):
+    body = b'{"address": "' + b"1" * (2 * DEFAULT_MAX_BODY_BYTES) + b'"}'
+    head = (
+        f"POST /cluster/hello HTTP/1.1\r\nHost: {real_node.ip}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    try:
+        reply = raw_exchange(real_node, head + body, timeout_s=5.0)
+    except (BrokenPipeError, ConnectionResetError):
+        reply = b""  # the node may close the connection before the whole body is sent
+    if reply:
+        status_line, _, rest = reply.partition(b"\r\n")
+        assert status_line.split(b" ")[1] == b"413", reply[:300]
+        assert orjson.loads(rest.partition(b"\r\n\r\n")[2])["code"] == "payload_too_large"
+    assert real_node.status() is not None
+    assert real_node.running
