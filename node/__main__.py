@@ -87,7 +87,8 @@ def run_daemon() -> int:
 
 
 async def _serve(config: Config) -> int:
-    log = nodelog.get_logger()
+    # Every log line carries node_id; until the address (and so the ID) is known, it is null.
+    log = nodelog.get_logger(node_id=None)
     resolver = AiodnsResolver(config.dns_servers, timeout_s=config.dns_timeout_s)
     try:
         if config.advertise_address:

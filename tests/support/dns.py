@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import threading
 
-from dnslib import QTYPE, RCODE, RR, A
+from dnslib import QTYPE, RCODE, RR, A, DNSError
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+ANSWER, SERVFAIL, SILENT = "answer", "servfail", "silent"
 
 
 class _Resolver(BaseResolver):
@@ -22,7 +24,12 @@ class _Resolver(BaseResolver):
         with self.owner.lock:
             self.owner.queries += 1
             hosts = self.owner.names.get(name)
-        if hosts is None:
+            mode = self.owner.mode
+        if mode == SILENT:
+            raise DNSError("test server is silent")  # dnslib sends nothing back: the client times out
+        if mode == SERVFAIL:
+            reply.header.rcode = RCODE.SERVFAIL
+        elif hosts is None:
             reply.header.rcode = RCODE.NXDOMAIN
         elif request.q.qtype in (QTYPE.A, QTYPE.ANY):
             for host in hosts:
@@ -37,6 +44,8 @@ class TestDnsServer:
         self.names: dict[str, list[str]] = {}
         self.ttl = ttl
         self.queries = 0
+        # ANSWER: answer from ``names``; SERVFAIL: answer every query with SERVFAIL; SILENT: drop every query.
+        self.mode = ANSWER
         self.lock = threading.Lock()
         self._server = DNSServer(
             _Resolver(self), port=0, address=host, logger=DNSLogger(log="-request,-reply,-truncated,-error")
@@ -53,6 +62,16 @@ class TestDnsServer:
                 self.names.pop(name, None)
             else:
                 self.names[name] = list(hosts)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in (ANSWER, SERVFAIL, SILENT):
+            raise ValueError(f"unknown mode {mode!r}")
+        with self.lock:
+            self.mode = mode
+
+    def query_count(self) -> int:
+        with self.lock:
+            return self.queries
 
     def __enter__(self) -> TestDnsServer:
         self._server.start_thread()
