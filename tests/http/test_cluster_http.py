@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from node.core import election
+from node.core import election, peerauth
 from node.core import membership as m
 from node.core.ids import Endpoint
 from node.http.cluster import ClusterRoutes
@@ -29,6 +30,7 @@ ME = Endpoint("10.0.2.2", 3000)  # id 514
 LEADER = Endpoint("10.0.3.1", 3000)  # id 769, healthy: leads
 DOWN = Endpoint("10.0.2.3", 3000)  # id 515, unhealthy: listed, cannot lead
 OTHERS = [Endpoint("10.0.1.1", 3000), Endpoint("10.0.0.200", 3000)]  # ids 257, 200
+SECRET = "s" * 32
 URL_RE = re.compile(r"^http://\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$")
 
 
@@ -47,6 +49,7 @@ def a_decision() -> election.Leadership:
     state = m.initial(ME, m.Params(failure_threshold=3, node_timeout_s=30.0))
     for endpoint in [DOWN, LEADER, *OTHERS]:  # not in ID order: the API must sort
         state, _ = m.step(state, m.PeerAnnounced(endpoint), now=1.0)
+        state, _ = m.step(state, m.ProbeSucceeded(endpoint), now=1.0)
     for _ in range(3):
         state, _ = m.step(state, m.ProbeFailed(DOWN, "refused"), now=1.5)
     decision, _ = election.step(None, state.view())
@@ -74,7 +77,7 @@ async def serve(inbox: Mailbox[m.Input], publish: bool = True) -> AsyncIterator[
     if publish:
         decisions.publish(a_decision())
     http = HttpApi(host="127.0.0.1", port=0, log=log)
-    ClusterRoutes(me=ME, decisions=decisions, inbox=inbox).add_to(http.app)
+    ClusterRoutes(me=ME, decisions=decisions, inbox=inbox, secret=SECRET, log=log).add_to(http.app)
     async with TestClient(TestServer(http.app, host="127.0.0.1")) as client:
         yield Api(client, inbox, decisions, log)
 
@@ -256,11 +259,19 @@ async def test_huge_body_is_413(api, path):
     await api.assert_still_serving()
 
 
+def signed(path: str, sender: str = "10.0.2.9:3000") -> dict[str, str]:
+    return {peerauth.HEADER: peerauth.sign(peerauth.derive_key(SECRET), path, sender, time.time())}
+
+
 async def test_valid_notices_are_accepted_and_queued(api):
-    resp = await api.client.post("/cluster/hello", json={"address": "10.0.2.9:3000", "node_id": 521})
+    resp = await api.client.post(
+        "/cluster/hello", json={"address": "10.0.2.9:3000", "node_id": 521}, headers=signed("/cluster/hello")
+    )
     assert resp.status == 202
     assert (await resp.json())["accepted"] is True
-    resp = await api.client.post("/cluster/leave", json={"address": "10.0.2.9:3000"})
+    resp = await api.client.post(
+        "/cluster/leave", json={"address": "10.0.2.9:3000"}, headers=signed("/cluster/leave")
+    )
     assert resp.status == 202
     assert [await api.inbox.get(), await api.inbox.get()] == [
         m.PeerAnnounced(Endpoint("10.0.2.9", 3000)),
@@ -270,8 +281,15 @@ async def test_valid_notices_are_accepted_and_queued(api):
 
 async def test_notice_when_the_inbox_is_full_is_503_with_retry_after():
     async for api in serve(Mailbox("membership", 1, Overflow.BLOCK)):
-        assert (await api.client.post("/cluster/hello", json={"address": "10.0.2.9:3000"})).status == 202
-        resp = await api.client.post("/cluster/hello", json={"address": "10.0.2.10:3000"})
+        resp = await api.client.post(
+            "/cluster/hello", json={"address": "10.0.2.9:3000"}, headers=signed("/cluster/hello")
+        )
+        assert resp.status == 202
+        resp = await api.client.post(
+            "/cluster/hello",
+            json={"address": "10.0.2.10:3000"},
+            headers=signed("/cluster/hello", "10.0.2.10:3000"),
+        )
         await expect_error(resp, 503, "busy")
         assert resp.headers["Retry-After"] == "1"
         assert len(api.inbox) == 1
@@ -290,7 +308,9 @@ async def test_health_answers_ok(api):
 
 
 async def test_health_with_a_valid_from_tells_membership_who_probed(api):
-    resp = await api.client.get("/cluster/health", params={"from": "10.0.2.9:3000"})
+    resp = await api.client.get(
+        "/cluster/health", params={"from": "10.0.2.9:3000"}, headers=signed("/cluster/health")
+    )
     assert resp.status == 200
     assert await api.inbox.get() == m.ProbedBy(Endpoint("10.0.2.9", 3000))
 
