@@ -1,0 +1,72 @@
+"""The image itself: what it declares, its health check, and how PID 1 stops."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.e2e.support import STOP_BOUND_S, Cluster, Docker, Timings, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def test_image_metadata(docker: Docker, image: str, timings: Timings) -> None:
+    config = json.loads(docker("image", "inspect", "-f", "{{json .Config}}", image).stdout)
+    assert config["User"] in ("10001:10001", "10001")
+    assert "/data" in config["Volumes"]
+    assert "3000/tcp" in config["ExposedPorts"]
+    assert config["Entrypoint"] == ["/opt/venv/bin/python", "-m", "node"]  # exec form: the node is PID 1
+    assert "DATA_DIR=/data" in config["Env"]
+    assert config["Healthcheck"]["Test"] == ["CMD", "/opt/venv/bin/python", "-m", "node.healthcheck"]
+    labels = config["Labels"]
+    for key in ("title", "description", "version", "licenses", "base.name"):
+        assert labels.get(f"org.opencontainers.image.{key}"), key
+    size = int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout)
+    base = labels["org.opencontainers.image.base.name"]
+    base_size = int(docker("image", "inspect", "-f", "{{.Size}}", base).stdout)
+    timings.record("image", f"size over the base ({base})", f"{(size - base_size) / 1e6:.1f} MB")
+    # The runtime stage adds the virtual environment without pip, and runs as 10001:10001.
+    shell = "id -u; id -g; ls /opt/venv/bin; command -v curl || echo no-curl"
+    out = docker("run", "--rm", "--entrypoint", "sh", image, "-c", shell).stdout.split()
+    assert out[:2] == ["10001", "10001"]
+    assert "talentnest-node" in out and "pip" not in out and "no-curl" in out
+
+
+def test_missing_secret_is_a_startup_error(docker: Docker, image: str) -> None:
+    result = docker("run", "--rm", image, check=False, timeout=60)
+    assert result.returncode == 2
+    assert "JWT_SECRET" in result.stderr
+
+
+def test_healthcheck_and_stop(docker: Docker, make_cluster: Callable[..., Cluster], timings: Timings) -> None:
+    cluster = make_cluster()
+    name = cluster.run(1)
+    cluster.wait_agree([name], timeout=30)
+    # The HEALTHCHECK runs node.healthcheck inside the container (slim images have no curl).
+    probe = docker("exec", name, "python", "-m", "node.healthcheck", check=False)
+    assert probe.returncode == 0 and json.loads(probe.stdout)["status"] == "ok"
+    wrong_port = docker("exec", "--env", "PORT=3999", name, "python", "-m", "node.healthcheck", check=False)
+    assert wrong_port.returncode == 1 and "3999" in wrong_port.stderr
+    started = time.monotonic()
+    wait_until(lambda: docker.inspect(name, "{{.State.Health.Status}}") == "healthy", 40, 0.5, what="healthy")
+    timings.record(
+        "image",
+        "docker run -> health status 'healthy' (first check after the 10 s interval)",
+        time.monotonic() - started,
+    )
+    # PID 1 handles SIGTERM: docker stop returns at once and the exit status is 0, not 137.
+    assert docker("exec", name, "cat", "/proc/1/cmdline").stdout.split("\0")[:3] == [
+        "/opt/venv/bin/python",
+        "-m",
+        "node",
+    ]
+    _, took = docker.timed("stop", name)
+    timings.record("image", "docker stop (single node)", took)
+    assert took < STOP_BOUND_S
+    assert docker.exit_code(name) == 0
+    assert docker.inspect(name, "{{.State.OOMKilled}}") == "false"
+    events = [line["event"] for line in docker.logs(name)]
+    assert events[-2:] == ["shutting_down", "node_stopped"]  # alone: nobody to say goodbye to
