@@ -145,17 +145,23 @@ def node_id(ip: str) -> int:
     return octets[2] * 256 + octets[3]
 
 
-def agreement(views: dict[str, dict[str, Any] | None], expect: int) -> str | None:
-    """None when every node answered, sees `expect` healthy nodes and names the same, highest leader."""
+def agreement(
+    views: dict[str, dict[str, Any] | None], expect: int, *, listed: int | None = None
+) -> str | None:
+    """None when every node answered, sees `expect` healthy nodes and names the same leader: the highest
+    healthy ID. `listed` is the number of entries each view must have (default `expect`); None in the
+    keyword means exactly `expect`, -1 means any (a dead peer stays listed, unhealthy, until NODE_TIMEOUT).
+    """
+    listed = expect if listed is None else listed
     for name, view in views.items():
         if view is None:
             return f"{name} does not answer"
-        if view["total_nodes"] != expect or view["healthy_nodes"] != expect:
+        if view["healthy_nodes"] != expect or (listed >= 0 and view["total_nodes"] != listed):
             return f"{name} sees {view['healthy_nodes']}/{view['total_nodes']} healthy, expected {expect}"
     leaders = {view["leader_id"] for view in views.values() if view}
-    highest = {max(n["id"] for n in view["nodes"]) for view in views.values() if view}
+    highest = {max(n["id"] for n in view["nodes"] if n["healthy"]) for view in views.values() if view}
     if len(leaders) != 1 or leaders != highest:
-        return f"leaders {sorted(leaders)}, highest IDs {sorted(highest)}"
+        return f"leaders {sorted(leaders)}, highest healthy IDs {sorted(highest)}"
     return None
 
 
@@ -226,19 +232,21 @@ class Cluster:
     def views(self, names: Iterable[str]) -> dict[str, dict[str, Any] | None]:
         return {name: self.status(name) for name in names}
 
-    def wait_agree(self, names: list[str], timeout: float = 30.0, interval: float = 0.05) -> dict[str, Any]:
+    def wait_agree(
+        self, names: list[str], timeout: float = 30.0, interval: float = 0.05, *, listed: int | None = None
+    ) -> dict[str, Any]:
         """Wait until the named nodes agree (see agreement); return their views."""
         result: dict[str, Any] = {}
 
         def agreed() -> bool:
             result.clear()
             result.update(self.views(names))
-            return agreement(result, len(names)) is None
+            return agreement(result, len(names), listed=listed) is None
 
         try:
             wait_until(agreed, timeout, interval, what=f"{len(names)} nodes to agree")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\nproblem: {agreement(result, len(names))}") from None
+            raise AssertionError(f"{exc}\nproblem: {agreement(result, len(names), listed=listed)}") from None
         return result
 
     def ip(self, name: str) -> str:
