@@ -35,12 +35,14 @@ def agreement(views: dict[str, dict | str], expect: int) -> str | None:
     for name, view in views.items():
         if isinstance(view, str):
             return f"{name}: {view}"
-        if view.get("total_nodes") != expect or view.get("healthy_nodes", expect) != expect:
+        # Unhealthy entries (a node that vanished without a goodbye) stay listed until NODE_TIMEOUT: they
+        # cannot lead, so only the healthy count must match.
+        if view.get("healthy_nodes") != expect:
             return f"{name} sees {view.get('healthy_nodes')}/{view.get('total_nodes')} healthy, expected {expect}"
     leaders = {view["leader_id"] for view in views.values()}
     if len(leaders) != 1:
         return f"leaders differ: {sorted(leaders)}"
-    highest = max(node["id"] for view in views.values() for node in view["nodes"])
+    highest = max(node["id"] for view in views.values() for node in view["nodes"] if node["healthy"])
     if leaders != {highest}:
         return f"leader {leaders.pop()} is not the highest ID {highest}"
     return None
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"\nno agreement after {elapsed:.1f} s: {problem}", file=sys.stderr)
         return 1
+    stale = max(view["total_nodes"] - view["healthy_nodes"] for view in views.values())
+    if stale:
+        print(f"\n{stale} unhealthy entries still listed: they go after NODE_TIMEOUT (default 30 s)")
     leader = next(iter(views.values()))
     leader_name = next((n for n, v in views.items() if v["current_node_id"] == leader["leader_id"]), "?")
     print(
