@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -165,6 +166,31 @@ def agreement(
     return None
 
 
+def wait_agree_ports(
+    ports: dict[str, int], timeout: float, *, listed: int | None = None, interval: float = 0.05
+) -> dict[str, Any]:
+    """Wait until the nodes published on these 127.0.0.1 ports agree (see agreement); return their views."""
+    views: dict[str, Any] = {}
+
+    def agreed() -> bool:
+        views.clear()
+        views.update({name: get_json(port) for name, port in ports.items()})
+        return agreement(views, len(ports), listed=listed) is None
+
+    try:
+        wait_until(agreed, timeout, interval, what=f"{len(ports)} nodes to agree")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nproblem: {agreement(views, len(ports), listed=listed)}") from None
+    return views
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for a fixed -p HOST:3000 mapping)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @dataclass
 class Timings:
     """Measured figures, printed in the pytest summary ("e2e timings") so CI output records them."""
@@ -236,18 +262,8 @@ class Cluster:
         self, names: list[str], timeout: float = 30.0, interval: float = 0.05, *, listed: int | None = None
     ) -> dict[str, Any]:
         """Wait until the named nodes agree (see agreement); return their views."""
-        result: dict[str, Any] = {}
-
-        def agreed() -> bool:
-            result.clear()
-            result.update(self.views(names))
-            return agreement(result, len(names), listed=listed) is None
-
-        try:
-            wait_until(agreed, timeout, interval, what=f"{len(names)} nodes to agree")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nproblem: {agreement(result, len(names), listed=listed)}") from None
-        return result
+        ports = {name: self.port(name) for name in names}
+        return wait_agree_ports(ports, timeout, listed=listed, interval=interval)
 
     def ip(self, name: str) -> str:
         return self.docker.ip(name, self.network)
