@@ -50,6 +50,6 @@ stop_and_remove() {
   ((${#present[@]})) || return 0
   say "docker stop ${present[*]}"
   "$DOCKER" stop "${present[@]}" >/dev/null
-  say "docker rm ${present[*]}"
-  "$DOCKER" rm "${present[@]}" >/dev/null
+  say "docker rm -v ${present[*]}"
+  "$DOCKER" rm -v "${present[@]}" >/dev/null  # -v: with the anonymous /data volume each node got
 }

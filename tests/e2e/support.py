@@ -273,6 +273,6 @@ class Cluster:
         listed = self.docker("ps", "-aq", "--filter", f"name=^{self.prefix}-", check=False).stdout.split()
         if listed:
             self.docker("unpause", *listed, check=False)
-            self.docker("rm", "-f", *listed, check=False)
+            self.docker("rm", "-f", "-v", *listed, check=False)  # -v: the image's anonymous /data volume
         if self.docker.exists("network", self.network):
             self.docker("network", "rm", self.network, check=False)

@@ -32,7 +32,8 @@ TEST = "documented scenario"
 
 
 def _remove_documented(docker: Docker) -> None:
-    docker("rm", "-f", *NAMES, check=False)
+    # The README's `docker rm` keeps the containers' anonymous /data volumes; the test removes them too.
+    docker("rm", "-f", "-v", *NAMES, check=False)
     if docker.exists("network", NETWORK):
         docker("network", "rm", NETWORK, check=False)
 
@@ -182,6 +183,8 @@ def test_documented_scenario(docker: Docker, image: str, timings: Timings, docum
     leaders = [ln["leader_id"] for ln in followed if ln["event"] == "leader_elected"]
     assert leaders.index(ids["backend-2"], leaders.index(ids["backend-3"])) < len(leaders) - 1
     assert new_id in leaders[leaders.index(ids["backend-2"], leaders.index(ids["backend-3"])) :]
+    volumes = [docker.inspect(name, "{{range .Mounts}}{{.Name}} {{end}}").split() for name in NAMES]
     docker("rm", *NAMES)
     docker("network", "rm", NETWORK)
+    docker("volume", "rm", *(v for names in volumes for v in names), check=False)
     assert not docker.exists("network", NETWORK)
