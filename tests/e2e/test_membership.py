@@ -52,7 +52,7 @@ def test_removed_and_recreated_node(make_cluster: Callable[..., Cluster], timing
     old_ip = cluster.ip(victim)
     # The engine hands out the lowest free address, so a container started right after the removal takes the
     # victim's old one: the re-created node then gets a new IP and ID, and the old entry is dead for good.
-    cluster.docker("rm", "-f", victim)  # SIGKILL and gone: no goodbye
+    cluster.docker("rm", "-f", "-v", victim)  # SIGKILL and gone: no goodbye
     holder = f"{cluster.prefix}-ipholder"
     cluster.docker(
         "run",
