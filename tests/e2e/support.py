@@ -106,9 +106,12 @@ def run(
     timeout: float = 120,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    input_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **env} if env else None
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd, input=input_text
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {result.returncode}\nstdout: {result.stdout[-2000:]}\n"
@@ -184,11 +187,22 @@ def wait_agree_ports(
     return views
 
 
-def free_port() -> int:
-    """A TCP port free on this host right now (for a fixed -p HOST:3000 mapping)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive TCP ports free on this host right now (for -p HOST:3000 mappings)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("0.0.0.0", 0))
+            first = sock.getsockname()[1]
+        if first + count > 65536:
+            continue
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError(f"no {count} consecutive free ports found")
 
 
 @dataclass

@@ -15,9 +15,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def settings(docker: Docker, image: str) -> Iterator[dict[str, str]]:
     prefix = unique_prefix()
-    base = free_port()
-    while base > 65000:  # room for the node ports above it
-        base = free_port()
+    base = free_port(3)
     env = {
         "DOCKER": docker.binary,
         "IMAGE": image,

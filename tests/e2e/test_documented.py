@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import threading
 import time
@@ -20,6 +21,7 @@ from tests.e2e.support import (
     get_json,
     node_id,
     parse_json_lines,
+    run,
     wait_until,
 )
 
@@ -136,6 +138,9 @@ def test_documented_scenario(docker: Docker, image: str, timings: Timings, docum
     assert elected[-1]["leader_id"] == ids["backend-3"]
     tail = docker.logs("backend-1", "--tail", "50")
     assert 0 < len(tail) <= 50 and tail[-1] == lines[-1]
+    if shutil.which("jq"):  # literally jq-parsable, as the README pipes it
+        raw = docker("logs", "backend-1").stdout
+        assert run(["jq", "-c", ".event"], input_text=raw).stdout.split() == [f'"{e}"' for e in events]
 
     # docker stop backend-3: exits 0 within 2 s; the others elect the next-highest ID well within a round.
     stop_started = time.monotonic()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.support import STOP_BOUND_S, Cluster, Docker, Timings, wait_until
+from tests.e2e.support import ROOT, STOP_BOUND_S, Cluster, Docker, Timings, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -84,3 +84,21 @@ def test_stop_right_after_start(
         assert took < STOP_BOUND_S
         assert docker.exit_code(name) == 0
     timings.record("image", "docker stop right after docker run (worst of 3)", worst)
+
+
+def test_builds_with_buildkit_too(docker: Docker, image: str, timings: Timings) -> None:
+    """The session builds with the engine's default builder (the classic one on Docker 20.10); BuildKit must
+    give the same image. Both read the Dockerfile symlink."""
+    tag = f"{image}-buildkit"
+    started = time.monotonic()
+    docker("build", "-q", "-t", tag, str(ROOT), env={"DOCKER_BUILDKIT": "1"}, timeout=900)
+    timings.record("image", "DOCKER_BUILDKIT=1 docker build", time.monotonic() - started)
+    try:
+        template = "{{json .Config.Entrypoint}} {{.Config.User}} {{json .Config.Volumes}}"
+        assert (
+            docker("image", "inspect", "-f", template, tag).stdout
+            == docker("image", "inspect", "-f", template, image).stdout
+        )
+        assert docker("run", "--rm", tag, "--version").stdout.strip()
+    finally:
+        docker("rmi", tag, check=False)
