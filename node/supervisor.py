@@ -95,7 +95,12 @@ class Node:
         if serve_http:
             self.http = HttpApi(host=config.host, port=config.port, log=log)
             ClusterRoutes(
-                me=me, decisions=self.decisions, inbox=self.inbox, secret=config.jwt_secret, log=log
+                me=me,
+                decisions=self.decisions,
+                inbox=self.inbox,
+                secret=config.jwt_secret,
+                log=log,
+                body_read_timeout_s=config.body_read_timeout_s,
             ).add_to(self.http.app)
         self.started = asyncio.Event()
 
@@ -149,6 +154,7 @@ class Node:
     async def _say_goodbye(self) -> None:
         peers = [p.endpoint for p in self.health.state.peers.values() if p.health is not m.Health.UNHEALTHY]
         if not peers:
+            self.log.info("goodbye_sent", peers=0, acknowledged=0)
             return
 
         acknowledged: list[Endpoint] = []

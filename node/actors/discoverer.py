@@ -2,7 +2,9 @@
 
 It also makes this node known: every address it sees for the first time gets a hello, so a node that starts
 joins its peers' views within a round trip instead of at their next tick. A hello that fails is retried on
-the next round; an address that leaves DNS and comes back is greeted again. ``kick()`` runs a round at once (used at start and by tests).
+the next round; an address that leaves DNS and comes back is greeted again. While DNS names nobody but
+this node, rounds come sooner (0.5 s, 1 s, 2 s, ... up to the interval): orchestrators that list a replica
+only once it runs would otherwise leave replicas started together alone until the next full round. ``kick()`` runs a round at once (used at start and by tests).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from node.runtime.clock import Clock
 from node.runtime.mailbox import Mailbox
 from node.runtime.resolver import LookupFailed, Resolver
 from node.runtime.transport import PeerTransport, PeerUnavailable
+
+# First quick retry (seconds) while DNS names no peer; doubles up to the discovery interval.
+FIRST_RETRY_S = 0.5
 
 
 class Discoverer:
@@ -48,26 +53,37 @@ class Discoverer:
         self._kick.set()
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._ticker(), name="discoverer-ticker")
-            while True:
-                await self._round()
-                await self._kick.wait()
-                self._kick.clear()
-
-    async def _ticker(self) -> None:
+        retry_s = FIRST_RETRY_S
         while True:
-            await self._clock.sleep(self._interval_s)
-            self._kick.set()
+            found_peers = await self._round()
+            if found_peers:
+                retry_s = FIRST_RETRY_S
+                await self._pause(self._interval_s)
+            else:
+                # Nobody else in DNS (yet): Swarm and Kubernetes list a task or pod only once it runs, so
+                # replicas started together first see nobody. Look again soon, backing off to the interval.
+                await self._pause(min(retry_s, self._interval_s))
+                retry_s *= 2
 
-    async def _round(self) -> None:
+    async def _pause(self, seconds: float) -> None:
+        """Until ``seconds`` have passed on the injected clock, or someone kicks."""
+        async with asyncio.TaskGroup() as tg:
+            sleeper = tg.create_task(self._clock.sleep(seconds), name="discoverer-sleep")
+            kicked = tg.create_task(self._kick.wait(), name="discoverer-kick")
+            await asyncio.wait((sleeper, kicked), return_when=asyncio.FIRST_COMPLETED)
+            sleeper.cancel()
+            kicked.cancel()
+        self._kick.clear()
+
+    async def _round(self) -> bool:
+        """One lookup; True if it named any address but ours."""
         self.rounds += 1
         try:
             hosts = await self._resolver.resolve_ipv4(self._service_name)
         except LookupFailed as exc:
             self._note_failure(str(exc))
             await self._inbox.put(m.DnsFailed(str(exc)))
-            return
+            return False
         if not hosts:
             self._note_failure("no addresses for the name")
         elif self._failing:
@@ -85,6 +101,7 @@ class Discoverer:
         ]
         if new:
             await self._announce(new)
+        return any(h != self._me.host for h in hosts)
 
     def _note_failure(self, reason: str) -> None:
         self._failing += 1

@@ -15,6 +15,9 @@ from node.core.ids import Endpoint, InvalidAddress
 from node.http.common import json_response, read_json
 from node.runtime.mailbox import LatestCell, Mailbox
 
+# A peer notice is {"address": "ip:port", "node_id": n}: a few dozen bytes.
+NOTICE_MAX_BYTES = 4096
+
 
 def status_body(decision: Leadership) -> dict[str, Any]:
     """The documented /cluster/status shape. Keys may be added, never renamed or dropped."""
@@ -53,12 +56,14 @@ class ClusterRoutes:
         inbox: Mailbox[m.Input],
         secret: str,
         log: Any,
+        body_read_timeout_s: float = 10.0,
     ) -> None:
         self._me = me
         self._decisions = decisions
         self._inbox = inbox
         self._key = peerauth.derive_key(secret)
         self._log = log
+        self._read_timeout_s = body_read_timeout_s
         self._rejected: set[str] = set()  # senders already logged, so a misconfigured peer logs once
 
     def add_to(self, app: web.Application) -> None:
@@ -89,16 +94,22 @@ class ClusterRoutes:
         )
 
     async def hello(self, request: web.Request) -> web.Response:
-        sender = await _notice_endpoint(request)
+        sender = await self._notice_endpoint(request)
         self._authenticate(request, sender)
         self._submit(m.PeerAnnounced(sender))
         return json_response({"accepted": True, "node_id": self._me.node_id}, status=202)
 
     async def leave(self, request: web.Request) -> web.Response:
-        sender = await _notice_endpoint(request)
+        sender = await self._notice_endpoint(request)
         self._authenticate(request, sender)
         self._submit(m.PeerDeparted(sender))
         return json_response({"accepted": True, "node_id": self._me.node_id}, status=202)
+
+    async def _notice_endpoint(self, request: web.Request) -> Endpoint:
+        body = await read_json(request, limit=NOTICE_MAX_BYTES, timeout_s=self._read_timeout_s)
+        if not isinstance(body, dict) or not isinstance(body.get("address"), str):
+            raise errors.BadRequest('expected a JSON object {"address": "ip:port"}')
+        return _parse_endpoint(body["address"], "address")
 
     def _authenticate(self, request: web.Request, sender: Endpoint) -> None:
         header = request.headers.get(peerauth.HEADER)
@@ -127,10 +138,3 @@ def _parse_endpoint(text: str, field: str) -> Endpoint:
         return Endpoint.parse(text)
     except InvalidAddress as exc:
         raise errors.BadRequest(f"{field}: {exc}") from None
-
-
-async def _notice_endpoint(request: web.Request) -> Endpoint:
-    body = await read_json(request)
-    if not isinstance(body, dict) or not isinstance(body.get("address"), str):
-        raise errors.BadRequest('expected a JSON object {"address": "ip:port"}')
-    return _parse_endpoint(body["address"], "address")

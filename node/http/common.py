@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -65,9 +66,30 @@ def make_error_middleware(log: Any):
     return error_middleware
 
 
-async def read_json(request: web.Request) -> Any:
-    """Read and parse a JSON body, mapping every failure to a 4xx that says what was wrong."""
-    raw = await request.read()
+async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``limit`` bytes (else 413), within ``timeout_s`` (else 408).
+
+    The time limit is what keeps a client that announces a body and then stalls from holding a handler
+    (and a connection) for ever.
+    """
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise errors.PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit)
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_any():
+                if len(body) + len(chunk) > limit:
+                    raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", limit=limit)
+                body += chunk
+    except TimeoutError:
+        raise errors.RequestTimeout(f"request body not received within {timeout_s:g} s") from None
+    return bytes(body)
+
+
+async def read_json(request: web.Request, *, limit: int, timeout_s: float) -> Any:
+    """Read (with :func:`read_body`'s limits) and parse a JSON body; every failure is a 4xx saying what."""
+    raw = await read_body(request, limit=limit, timeout_s=timeout_s)
     if not raw.strip():
         raise errors.BadRequest("request body is empty; expected JSON")
     try:

@@ -36,33 +36,12 @@ from node.core.sqlreq import (
     parse_text_statement,
     stamp_write,
 )
-from node.http.common import json_response
+from node.http.common import json_response, read_body
 from node.runtime.mailbox import LatestCell
 from node.storage.sqlite import SQLITE_MAGIC, Database
 
 # Bytes per read when streaming a backup file to the client.
 BACKUP_CHUNK_BYTES = 1 << 20
-
-
-async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> bytes:
-    """The whole body, at most ``limit`` bytes (else 413), within ``timeout_s`` (else 408)."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise errors.PayloadTooLarge(
-            f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit
-        )
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.content.iter_any():
-                if len(body) + len(chunk) > limit:
-                    raise errors.PayloadTooLarge(
-                        f"request body exceeds the limit of {limit} bytes", limit=limit
-                    )
-                body += chunk
-    except TimeoutError:
-        raise errors.RequestTimeout(f"request body not received within {timeout_s:g} s") from None
-    return bytes(body)
 
 
 class DbRoutes:

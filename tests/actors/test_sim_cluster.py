@@ -190,3 +190,24 @@ async def test_an_actor_that_crashes_ends_the_node(cluster):
     actor_names = ("health-monitor", "elector", "discoverer", "health-ticker", "probe-")
     leftovers = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(actor_names)]
     assert leftovers == []
+
+
+async def test_replicas_listed_late_by_dns_find_each_other_before_the_next_full_round(cluster):
+    # Swarm and Kubernetes list a replica only once it runs: started together, each first sees nobody.
+    await cluster.start(H1, in_dns=False)
+    await cluster.start(H2, in_dns=False)
+    await cluster.advance(0.1)
+    assert cluster.leaders([H1, H2]) == {H1: 2561, H2: 2562}
+    cluster.resolver.names["backend-service"] = [H1, H2]
+    await cluster.advance(2)  # far less than DISCOVERY_INTERVAL (10 s)
+    assert cluster.leaders([H1, H2]) == {H1: 2562, H2: 2562}
+
+
+async def test_lookups_back_off_to_the_interval_while_alone(cluster):
+    await cluster.start(H1, in_dns=False)
+    node = cluster.net.nodes[cluster.endpoint(H1)]
+    await cluster.advance(60)
+    early = node.discoverer.rounds
+    await cluster.advance(60)
+    assert early >= 6  # 0.5, 1, 2, 4, 8 s, then every 10 s
+    assert node.discoverer.rounds - early == 6, "alone, a node settles at one lookup per interval"

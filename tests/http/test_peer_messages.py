@@ -1,5 +1,6 @@
 """Peer messages over real HTTP (in-process aiohttp server): only signed ones change the view."""
 
+import asyncio
 import time
 
 import pytest
@@ -87,3 +88,27 @@ async def test_full_membership_queue_answers_503_with_retry_after(node_http):
     assert resp.status == 503
     assert resp.headers["Retry-After"] == "1"
     assert (await resp.json())["code"] == "busy"
+
+
+async def test_a_stalled_notice_body_gets_408_instead_of_holding_the_handler():
+    inbox: Mailbox[m.Input] = Mailbox("membership", 4, Overflow.BLOCK)
+    decisions: LatestCell[Leadership] = LatestCell()
+    decisions.publish(step(None, m.initial(ME, m.Params(3, 30)).view())[0])
+    api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
+    ClusterRoutes(
+        me=ME, decisions=decisions, inbox=inbox, secret=SECRET, log=nodelog.get_logger(), body_read_timeout_s=0.3
+    ).add_to(api.app)
+    async with TestServer(api.app, host="127.0.0.1") as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        try:
+            # Announce 2000 bytes (under the notice limit), send 10, then nothing.
+            writer.write(
+                b"POST /cluster/hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 2000\r\n\r\n{\"address\""
+            )
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+        finally:
+            writer.close()
+        assert status_line.split()[1] == b"408"
+        assert len(inbox) == 0
