@@ -67,7 +67,8 @@ def test_healthcheck_and_stop(docker: Docker, make_cluster: Callable[..., Cluste
     assert docker.exit_code(name) == 0
     assert docker.inspect(name, "{{.State.OOMKilled}}") == "false"
     events = [line["event"] for line in docker.logs(name)]
-    assert events[-2:] == ["shutting_down", "node_stopped"]  # alone: nobody to say goodbye to
+    assert events[-3:] == ["shutting_down", "goodbye_sent", "node_stopped"]
+    assert docker.logs(name)[-2]["peers"] == 0  # alone: nobody to say goodbye to
 
 
 def test_stop_right_after_start(
