@@ -29,6 +29,7 @@ _FACT_EVENTS: dict[type, tuple[str, str]] = {
     m.PeerUnhealthy: ("warning", "peer_unhealthy"),
     m.PeerRecovered: ("info", "peer_recovered"),
     m.PeerRemoved: ("warning", "peer_removed"),
+    m.ProbeRequested: ("debug", "probe_requested"),
     m.LookupFailedKeptView: ("debug", "view_kept"),
 }
 
@@ -85,7 +86,7 @@ class HealthMonitor:
         self._state, facts = m.step(self._state, event, self._clock.now())
         for fact in facts:
             self._log_fact(fact)
-            if isinstance(fact, m.PeerDiscovered):
+            if isinstance(fact, m.PeerDiscovered | m.ProbeRequested):
                 self._probe(fact.endpoint)
             elif isinstance(fact, m.PeerRemoved) and fact.reason == "timeout":
                 # We may have been the one cut off (a paused container, a partition): ask DNS at once rather
@@ -121,5 +122,5 @@ class HealthMonitor:
         if "endpoint" in fields:
             endpoint = fields.pop("endpoint")
             fields["peer"] = str(endpoint)
-            fields["peer_id"] = fields.pop("node_id")
+            fields["peer_id"] = fields.pop("node_id", endpoint.node_id)
         getattr(self._log, level)(event, **fields)

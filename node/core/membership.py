@@ -126,12 +126,28 @@ class PeerRemoved:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeRequested:
+    """A peer we hold as pending or unhealthy says it is up (a restarted node's hello): probe it now rather
+    than at the next probe tick, so it can rejoin (and lead) within a round trip."""
+
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
 class LookupFailedKeptView:
     reason: str
     peers_kept: int
 
 
-Fact = PeerDiscovered | PeerHealthy | PeerUnhealthy | PeerRecovered | PeerRemoved | LookupFailedKeptView
+Fact = (
+    PeerDiscovered
+    | PeerHealthy
+    | PeerUnhealthy
+    | PeerRecovered
+    | PeerRemoved
+    | ProbeRequested
+    | LookupFailedKeptView
+)
 
 # --- state -------------------------------------------------------------------------------------------------
 
@@ -190,7 +206,9 @@ class Membership:
     me: Endpoint
     params: Params
     peers: Mapping[Endpoint, Peer] = field(default_factory=lambda: MappingProxyType({}))
-    departed: Mapping[Endpoint, float] = field(default_factory=lambda: MappingProxyType({}))  # tombstones: endpoint -> when it left
+    departed: Mapping[Endpoint, float] = field(
+        default_factory=lambda: MappingProxyType({})
+    )  # tombstones: endpoint -> when it left
     version: int = 0  # bumped whenever the view (members or health) changes
 
     def view(self) -> View:
@@ -259,7 +277,9 @@ def _on_dns(state: Membership, hosts: frozenset[str], now: float) -> tuple[Membe
     return _with(state, peers), [PeerDiscovered(e, e.node_id, "dns") for e in new]
 
 
-def _on_announced(state: Membership, endpoint: Endpoint, now: float, via: str) -> tuple[Membership, list[Fact]]:
+def _on_announced(
+    state: Membership, endpoint: Endpoint, now: float, via: str
+) -> tuple[Membership, list[Fact]]:
     """A peer said it exists (hello, or it probed us). That is a claim, not proof: an unknown peer enters as
     pending and becomes healthy only when our own probe gets an answer (the HealthMonitor probes it at once).
     So nobody can make itself leader just by saying hello."""
@@ -268,8 +288,9 @@ def _on_announced(state: Membership, endpoint: Endpoint, now: float, via: str) -
     departed = state.departed
     if endpoint in departed:
         departed = MappingProxyType({k: v for k, v in departed.items() if k != endpoint})
-    if endpoint in state.peers:
-        return state, []
+    known = state.peers.get(endpoint)
+    if known is not None:
+        return state, [] if known.health is Health.HEALTHY else [ProbeRequested(endpoint)]
     peers = dict(state.peers)
     peers[endpoint] = Peer(endpoint, Health.PENDING, last_seen=now)
     return _with(state, peers, departed), [PeerDiscovered(endpoint, endpoint.node_id, via)]

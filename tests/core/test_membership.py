@@ -84,8 +84,19 @@ def test_probe_from_unknown_peer_adds_it_but_known_peers_are_judged_by_our_probe
     assert facts == [m.PeerDiscovered(A, A.node_id, "probe")]
     assert not state.view().members[-1].healthy
     state, _ = m.step(state, m.ProbeFailed(A, "x"), 1)
-    state, facts = m.step(state, m.ProbedBy(A), 1)
-    assert facts == [] and state.peers[A].misses == 1
+    after, facts = m.step(state, m.ProbedBy(A), 1)
+    assert facts == [m.ProbeRequested(A)], "a sign of life from a peer we doubt: probe it now"
+    assert after == state and state.peers[A].misses == 1
+
+
+def test_hello_from_an_unhealthy_peer_asks_for_a_probe_but_changes_nothing_else():
+    state, _, now = run([(0, m.PeerAnnounced(A)), (0, m.ProbeSucceeded(A))] + [(0.25, m.ProbeFailed(A, "x"))] * 3)
+    assert state.peers[A].health is m.Health.UNHEALTHY
+    after, facts = m.step(state, m.PeerAnnounced(A), now + 1)
+    assert facts == [m.ProbeRequested(A)]
+    assert after == state
+    healthy, _ = m.step(state, m.ProbeSucceeded(A), now)
+    assert m.step(healthy, m.PeerAnnounced(A), now + 1)[1] == []
 
 
 def test_forged_hello_cannot_win_an_election():
