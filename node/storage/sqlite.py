@@ -113,6 +113,9 @@ class Database:
         self._ro: apsw.Connection | None = None
         self._clock_db: apsw.Connection | None = None
         self._deadline = float("inf")
+        # Set (on the loop thread) when closing: the running statement is interrupted at its next progress
+        # check and queued jobs fail at once, so a stop is not held up by a slow query or a backlog.
+        self._closing = False
         self._internal = False
         self._denied: str | None = None
         self._rng = random.Random()
@@ -123,6 +126,7 @@ class Database:
 
     async def open(self) -> None:
         """Open (creating DATA_DIR and the file if needed) on the database thread. Raises OSError."""
+        self._closing = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         try:
             await self._call(self._open)
@@ -135,6 +139,7 @@ class Database:
         executor, self._executor = self._executor, None
         if executor is None:
             return
+        self._closing = True
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(executor, self._close)
@@ -153,7 +158,7 @@ class Database:
             raise errors.Busy(f"database queue is full ({self._queue_size} requests waiting); retry shortly")
         self._pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(executor, self._unless_closing, fn, *args)
         finally:
             self._pending -= 1
 
@@ -243,8 +248,13 @@ class Database:
             return apsw.SQLITE_DENY
         return apsw.SQLITE_OK
 
+    def _unless_closing(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closing:
+            raise errors.Unavailable("the node is shutting down")
+        return fn(*args)
+
     def _progress(self) -> bool:
-        return time.monotonic() > self._deadline
+        return self._closing or time.monotonic() > self._deadline
 
     # Deterministic replacements, used on the write connection only.
 
