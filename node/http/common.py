@@ -87,12 +87,16 @@ async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> by
     return bytes(body)
 
 
-async def read_json(request: web.Request, *, limit: int, timeout_s: float) -> Any:
-    """Read (with :func:`read_body`'s limits) and parse a JSON body; every failure is a 4xx saying what."""
-    raw = await read_body(request, limit=limit, timeout_s=timeout_s)
+def parse_json(raw: bytes, *, expected: str = "JSON") -> Any:
+    """Parse a JSON body; an empty or malformed one is a 400 saying what was expected and what is wrong."""
     if not raw.strip():
-        raise errors.BadRequest("request body is empty; expected JSON")
+        raise errors.BadRequest(f"request body is empty; expected {expected}")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise errors.BadRequest(f"invalid JSON body: {exc}") from None
+
+
+async def read_json(request: web.Request, *, limit: int, timeout_s: float) -> Any:
+    """Read (with :func:`read_body`'s limits) and parse a JSON body; every failure is a 4xx saying what."""
+    return parse_json(await read_body(request, limit=limit, timeout_s=timeout_s))

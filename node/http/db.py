@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from node import auth, errors
@@ -36,7 +35,7 @@ from node.core.sqlreq import (
     parse_text_statement,
     stamp_write,
 )
-from node.http.common import json_response, read_body
+from node.http.common import json_response, parse_json, read_body
 from node.runtime.mailbox import LatestCell
 from node.storage.sqlite import SQLITE_MAGIC, Database
 
@@ -88,12 +87,7 @@ class DbRoutes:
         raw = await read_body(request, limit=self._max_body, timeout_s=self._read_timeout_s)
         if request.content_type == "text/plain":
             return DbRequest(parse_text_statement(decode_text(raw)), flags)
-        if not raw.strip():
-            raise errors.BadRequest("request body is empty; expected a JSON array of statements")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise errors.BadRequest(f"invalid JSON body: {exc}") from None
+        body = parse_json(raw, expected="a JSON array of statements")
         return DbRequest(parse_statements(body, max_statements=self._max_statements), flags)
 
     def _stamp(self, request: DbRequest) -> WriteCommand:

@@ -33,14 +33,10 @@ async def detect_advertise_address(
         peers = await resolver.resolve_ipv4(service_name)
     except LookupFailed:
         peers = []
-    for peer in peers:
-        local = _route_source(peer, port)
-        if local is not None and local in peers:
-            return local, f"route to {service_name}"
-    for peer in peers:
-        local = _route_source(peer, port)
-        if local is not None:
-            return local, f"route to {service_name}"
+    sources = [local for local in (_route_source(peer, port) for peer in peers) if local is not None]
+    # Prefer a source address that DNS itself lists (we are one of the answers); else any route's source.
+    for local in sorted(sources, key=lambda a: a not in peers):
+        return local, f"route to {service_name}"
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(socket.gethostname(), None, family=socket.AF_INET)
