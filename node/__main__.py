@@ -79,7 +79,8 @@ def run_daemon() -> int:
         for problem in exc.problems:
             print(f"talentnest-node: configuration error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    nodelog.configure(config.log_level)
+    # Before anything can fail: from here on, everything printed is a JSON line with secrets redacted.
+    nodelog.configure(config.log_level, secret=config.jwt_secret)
     try:
         return asyncio.run(_serve(config))
     finally:
@@ -103,6 +104,7 @@ async def _serve(config: Config) -> int:
         print(f"talentnest-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     log = log.bind(node_id=me.node_id)
+    nodelog.set_node_id(me.node_id)
     log.info("node_starting", version=__version__, address=me.url, address_source=source, node_id=me.node_id)
     if config.weak_secret:
         log.warning(
