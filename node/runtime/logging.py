@@ -79,7 +79,9 @@ _SHAPES = (
     r"(?P<sig>\bsig=)[0-9A-Fa-f]{16,}",
 )
 # Keys whose value is secret whatever it looks like (compared lower-case).
-_SECRET_KEYS = frozenset({"authorization", "x-talentnest-peer", "proxy-authorization", "jwt_secret", "secret"})
+_SECRET_KEYS = frozenset(
+    {"authorization", "x-talentnest-peer", "proxy-authorization", "jwt_secret", "secret"}
+)
 # Shortest hex/base64 spelling of the secret that is matched (see secret_forms).
 _MIN_ENCODED_CHARS = 12
 # Standard keys the pipeline itself fills from fixed vocabularies: not data, never redacted.
@@ -95,7 +97,7 @@ def secret_forms(secret: str) -> set[str]:
     """
     if not secret:
         return set()
-    forms = {secret, repr(secret)[1:-1], _json_escaped(secret)}
+    forms = {secret, repr(secret)[1:-1], _json_escaped(secret), _utf8_safe(secret)}
     # Encodings of a short secret are short strings that would erase ordinary text (a 2-letter base64).
     encoded = _byte_forms(secret.encode("utf-8", "surrogateescape"))
     forms |= {form for form in encoded if len(form) >= _MIN_ENCODED_CHARS}
@@ -145,7 +147,7 @@ class Redactor:
         and list remain: anything else is rendered with repr first, so that text is redacted too), and
         bounded (:data:`MAX_VALUE_CHARS` per string, :data:`MAX_ITEMS` per container, :data:`MAX_DEPTH`)."""
         if isinstance(value, str):
-            return _bounded(_utf8_safe(self.text(value)))
+            return _bounded(self.text(_utf8_safe(value)))
         if value is None or isinstance(value, bool | int | float):
             return value
         if depth >= MAX_DEPTH:
@@ -166,7 +168,7 @@ class Redactor:
             return items
         if isinstance(value, enum.Enum):
             return self.value(value.value, depth + 1)
-        return _bounded(_utf8_safe(self.text(_safe_repr(value))))
+        return _bounded(self.text(_utf8_safe(_safe_repr(value))))
 
     def event(self, event_dict: dict[str, Any]) -> dict[str, Any]:
         """A whole event: every value but the fixed keys; top-level keys are names chosen by the code."""
@@ -191,7 +193,9 @@ def _is_secret_key(key: object) -> bool:
 
 
 def _utf8_safe(text: str) -> str:
-    """orjson refuses lone surrogates (aiohttp decodes undecodable header bytes to them): escape those."""
+    """orjson refuses lone surrogates (aiohttp decodes undecodable header bytes to them): escape those.
+
+    Runs before redaction, which therefore also knows the secret in this escaped spelling."""
     if text.isascii():
         return text
     try:
@@ -246,7 +250,11 @@ def _describe(exc: BaseException, max_frames: int, budget: list[int], seen: set[
         if len(members) < len(exc.exceptions):
             out["exceptions_omitted"] = len(exc.exceptions) - len(members)
         out["exceptions"] = members
-    cause = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
+    cause = (
+        exc.__cause__
+        if exc.__cause__ is not None
+        else (None if exc.__suppress_context__ else exc.__context__)
+    )
     if cause is not None and id(cause) not in seen:
         if budget[0] > 0:
             out["cause"] = _describe(cause, MAX_NESTED_FRAMES, budget, seen)
@@ -352,9 +360,10 @@ class RateLimiter:
             now = self._clock()
             slot = self._slots.get(key)
             if slot is None:
-                if len(self._slots) >= self._max_keys:
+                own_keys = self._max_keys - 1  # one slot stays free for the overflow key
+                if len(self._slots) >= own_keys:
                     self._forget_idle(now)
-                if len(self._slots) >= self._max_keys:
+                if len(self._slots) >= own_keys:
                     key = _OVERFLOW_KEY
                     slot = self._slots.get(key)
                 if slot is None:
@@ -602,16 +611,22 @@ def _render_json(_: Any, __: str, event_dict: dict[str, Any]) -> bytes:
 
 
 def configure(
-    level: str = "info", stream: IO[bytes] | None = None, *, secret: str = "", window_s: float = RATE_WINDOW_S
+    level: str = "info",
+    stream: IO[bytes] | None = None,
+    *,
+    secret: str = "",
+    window_s: float = RATE_WINDOW_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Route structlog, the standard library's logging, warnings and uncaught exceptions to JSON lines on
-    ``stream`` (default: stdout), redacting ``secret`` (JWT_SECRET) and what is derived from it."""
+    ``stream`` (default: stdout), redacting ``secret`` (JWT_SECRET) and what is derived from it.
+    ``window_s`` and ``clock`` drive the rate limiter (tests pass a fake clock)."""
     global _writer, _redactor, _limiter, _bridge
     if _writer is not None:
         _writer.close()
     _writer = _ThreadedLineWriter(stream or sys.stdout.buffer)
     _redactor = Redactor(secret)
-    _limiter = RateLimiter(window_s)
+    _limiter = RateLimiter(window_s, clock=clock)
     writer = _writer
     structlog.configure(
         processors=[
@@ -655,12 +670,13 @@ def _install_stdlib_bridge(levelno: int) -> None:
             lib.removeHandler(handler)
     logging.captureWarnings(True)
     # A handler that fails must not print to stderr (the default); the bridge swallows its own failures.
+    _saved_hooks.setdefault("raise_exceptions", logging.raiseExceptions)
     logging.raiseExceptions = False
 
 
 def _install_hooks() -> None:
     """Uncaught exceptions (main thread, other threads, ``__del__``) as JSON lines instead of stderr text."""
-    if not _saved_hooks:
+    if "excepthook" not in _saved_hooks:
         _saved_hooks.update(
             excepthook=sys.excepthook, threading=threading.excepthook, unraisable=sys.unraisablehook
         )
@@ -714,10 +730,12 @@ def reset() -> None:
         logging.getLogger().removeHandler(_bridge)
         _bridge = None
     logging.captureWarnings(False)
-    if _saved_hooks:
+    if "excepthook" in _saved_hooks:
         sys.excepthook = _saved_hooks.pop("excepthook")
         threading.excepthook = _saved_hooks.pop("threading")
         sys.unraisablehook = _saved_hooks.pop("unraisable")
+    if "raise_exceptions" in _saved_hooks:
+        logging.raiseExceptions = _saved_hooks.pop("raise_exceptions")
     _redactor = Redactor()
     _defaults["node_id"] = None
 
