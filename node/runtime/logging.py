@@ -415,15 +415,33 @@ def _client_caused() -> tuple[type[BaseException], ...]:
         asyncio.CancelledError,
     ]
     try:
-        from aiohttp import ClientConnectionResetError, http_exceptions
+        from aiohttp import ClientConnectionResetError, http_exceptions, web_protocol
 
-        classes += [ClientConnectionResetError, http_exceptions.HttpProcessingError]
+        # HttpProcessingError: a malformed request line, header or body encoding; RequestPayloadError: a body
+        # that cannot be read (its cause is the HttpProcessingError).
+        classes += [
+            ClientConnectionResetError,
+            http_exceptions.HttpProcessingError,
+            web_protocol.RequestPayloadError,
+        ]
     except ImportError:  # pragma: no cover - aiohttp is a dependency; the bridge works without it
         pass
     return tuple(classes)
 
 
 _CLIENT_CAUSED = _client_caused()
+
+
+def _client_caused_error(exc: BaseException | None) -> bool:
+    """``exc`` or one of its first explicit causes is something a client did (aiohttp wraps them). Only
+    ``__cause__``: a bug raised while handling a client's hang-up is still a bug."""
+    for _ in range(3):
+        if exc is None:
+            return False
+        if isinstance(exc, _CLIENT_CAUSED):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _level_name(levelno: int) -> str:
@@ -475,7 +493,7 @@ class StdlibBridge(logging.Handler):
     def _emit(self, record: logging.LogRecord) -> None:
         levelno = record.levelno
         exc = record.exc_info[1] if record.exc_info else None
-        client_caused = isinstance(exc, _CLIENT_CAUSED)
+        client_caused = _client_caused_error(exc)
         if client_caused:
             levelno = logging.DEBUG
         if levelno < self.min_level:

@@ -294,7 +294,8 @@ def test_random_secrets_in_random_structures_are_always_redacted(data, secret):
     value = data.draw(_embed(secret))
     out = redactor.event({"event": "e", "value": value})
     json.dumps(out)
-    for text in _strings(out):
+    # Top-level keys are names the code chose (never redacted); everything under them is data.
+    for text in [out["event"], *_strings(out["value"])]:
         # "[redacted]" itself may contain a short secret's characters: look only at what was kept.
         for kept in text.split(nodelog.REDACTED):
             assert secret not in kept
@@ -419,24 +420,42 @@ def test_repeated_request_failures_are_bounded(captured):
 
 def test_client_aborts_are_debug_without_traceback(captured_debug):
     from aiohttp import ClientConnectionResetError
-    from aiohttp.http_exceptions import BadHttpMessage
+    from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError
+    from aiohttp.web_protocol import RequestPayloadError
 
+    wrapped = RuntimeError("while reading")
+    wrapped.__cause__ = ContentEncodingError("gzip")
     server = logging.getLogger("aiohttp.server")
-    for exc in (
+    client_errors = (
         ClientConnectionResetError("Cannot write to closing transport"),
         BadHttpMessage("bad header"),
-    ):
+        RequestPayloadError("Can not decode content-encoding: gzip"),
+        wrapped,
+    )
+    for exc in client_errors:
         try:
             raise exc
-        except (ClientConnectionResetError, BadHttpMessage):
+        except (ClientConnectionResetError, BadHttpMessage, RequestPayloadError, RuntimeError):
             server.exception("Error handling request from %s", "127.0.0.1")
         captured_debug.clock.now += (
             nodelog.RATE_WINDOW_S
         )  # the same record again is held back within a window
     lines = [x for x in captured_debug.lines() if x.get("logger") == "aiohttp.server"]
-    assert [x["level"] for x in lines] == ["debug", "debug"]
+    assert [x["level"] for x in lines] == ["debug"] * len(client_errors)
     assert all("frames" not in x["exception"] for x in lines)
     assert lines[0]["event"] == "aiohttp_server_log"
+
+
+def test_a_bug_raised_while_handling_a_hang_up_stays_an_error(captured):
+    try:
+        try:
+            raise ConnectionResetError("peer hung up")
+        except ConnectionResetError:
+            raise KeyError("bug in the cleanup") from None
+    except KeyError:
+        logging.getLogger("aiohttp.server").exception("Unhandled exception")
+    (line,) = captured.lines()
+    assert line["level"] == "error" and line["exception"]["frames"]
 
 
 def test_client_aborts_are_silent_at_info(captured):
