@@ -72,18 +72,23 @@ _SHAPES = (
     # A compact credential (auth.COMPACT_PREFIX + base64url); shorter runs than a whole one are redacted too.
     r"tn1\.[A-Za-z0-9_\-=]{8,}",
     # A header value, as it appears in a header block, a dict repr or key=value text.
-    r"(?P<header>(?i:authorization|x-talentnest-peer|proxy-authorization)['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n]+",
+    r"(?P<header>(?ai:authorization|x-talentnest-peer|proxy-authorization)['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n]+",
     # A credential after its scheme name, without the header name.
-    r"(?P<scheme>\b(?i:bearer|basic)\s+)[A-Za-z0-9+/=._~\-]{8,}",
+    r"(?P<scheme>\b(?ai:bearer|basic)\s+)[A-Za-z0-9+/=._~\-]{8,}",
     # The HMAC of a peer message (peerauth: ``t=<time>,sig=<hex>``).
     r"(?P<sig>\bsig=)[0-9A-Fa-f]{16,}",
 )
+# What each shape must contain, for the cheap pre-check (Redactor._might_hold); keep in step with _SHAPES.
+_TRIGGERS = ("eyJ", "tn1.", "sig=")
+_TRIGGERS_ANY_CASE = ("authorization", "x-talentnest-peer", "bearer", "basic")
 # Keys whose value is secret whatever it looks like (compared lower-case).
 _SECRET_KEYS = frozenset(
     {"authorization", "x-talentnest-peer", "proxy-authorization", "jwt_secret", "secret"}
 )
 # Shortest hex/base64 spelling of the secret that is matched (see secret_forms).
 _MIN_ENCODED_CHARS = 12
+# Values that can hold no text (exact types: a subclass may carry anything in its repr).
+_PLAIN_TYPES = frozenset({int, float, bool, type(None)})
 # Standard keys the pipeline itself fills from fixed vocabularies: not data, never redacted.
 _FIXED_KEYS = frozenset({"timestamp", "level"})
 
@@ -134,21 +139,44 @@ class Redactor:
 
     def __init__(self, secret: str = "", extra: Iterable[str] = ()) -> None:
         # Longest first, so a form that contains another is replaced whole.
-        needles = sorted(secret_forms(secret) | {e for e in extra if e}, key=len, reverse=True)
-        self._pattern = re.compile("|".join([*(re.escape(n) for n in needles), *_SHAPES]))
+        self._needles = tuple(sorted(secret_forms(secret) | {e for e in extra if e}, key=len, reverse=True))
+        self._pattern = re.compile("|".join([*(re.escape(n) for n in self._needles), *_SHAPES]))
+        self._shortest = min(len(t) for t in (*self._needles, *_TRIGGERS, *_TRIGGERS_ANY_CASE))
 
     def text(self, text: str) -> str:
-        if self._pattern.search(text) is None:
+        if not self._might_hold(text):
             return text
         return self._pattern.sub(_replacement, text)
+
+    def _might_hold(self, text: str) -> bool:
+        """Substring tests (C speed, no regex) that every match of the full pattern passes: a line with
+        nothing to hide costs a few of them per string, not a regex search with a dozen alternatives."""
+        if len(text) < self._shortest:
+            return False
+        for needle in self._needles:
+            if needle in text:
+                return True
+        for trigger in _TRIGGERS:
+            if trigger in text:
+                return True
+        lowered = text.lower()
+        for trigger in _TRIGGERS_ANY_CASE:
+            if trigger in lowered:
+                return True
+        return False
 
     def value(self, value: Any, depth: int = 0) -> Any:
         """``value`` with every string inside redacted, made JSON-safe (only str, numbers, bool, None, dict
         and list remain: anything else is rendered with repr first, so that text is redacted too), and
         bounded (:data:`MAX_VALUE_CHARS` per string, :data:`MAX_ITEMS` per container, :data:`MAX_DEPTH`)."""
-        if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
             return _bounded(self.text(_utf8_safe(value)))
-        if value is None or isinstance(value, bool | int | float):
+        if kind in _PLAIN_TYPES:
+            return value
+        if isinstance(value, str):
+            return _bounded(self.text(_utf8_safe(str(value))))
+        if isinstance(value, bool | int | float):
             return value
         if depth >= MAX_DEPTH:
             return "[too deep]"
@@ -174,9 +202,10 @@ class Redactor:
         """A whole event: every value but the fixed keys; top-level keys are names chosen by the code."""
         out = {}
         for key, v in event_dict.items():
-            if key in _FIXED_KEYS and isinstance(v, str):
-                out[key] = v
-            elif _is_secret_key(key) and v:
+            kind = type(v)
+            if kind in _PLAIN_TYPES or (key in _FIXED_KEYS and kind is str):
+                out[key] = v  # the common case first: numbers and the pipeline's own fields
+            elif v and _is_secret_key(key):
                 out[key] = REDACTED
             else:
                 out[key] = self.value(v, 1)
