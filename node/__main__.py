@@ -73,15 +73,17 @@ def print_token(args: argparse.Namespace) -> int:
 
 
 def run_daemon() -> int:
+    # Before anything can fail, even reading the configuration: from here on everything printed is a JSON
+    # line with secrets redacted (an unexpected exception too), except the documented configuration errors.
+    nodelog.configure("info", secret=os.environ.get("JWT_SECRET", ""))
     try:
-        config = Config.from_env()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"talentnest-node: configuration error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    # Before anything can fail: from here on, everything printed is a JSON line with secrets redacted.
-    nodelog.configure(config.log_level, secret=config.jwt_secret)
-    try:
+        try:
+            config = Config.from_env()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"talentnest-node: configuration error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        nodelog.configure(config.log_level, secret=config.jwt_secret)
         return asyncio.run(_serve(config))
     finally:
         nodelog.flush()

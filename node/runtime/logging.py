@@ -733,7 +733,9 @@ def _install_hooks() -> None:
 
 
 def _excepthook(cls: type[BaseException], exc: BaseException, tb: Any) -> None:
+    # The interpreter exits next and the writer thread is a daemon: write the line out before it goes.
     structlog.get_logger().critical("uncaught_exception", exc_info=exc)
+    flush()
 
 
 def _thread_excepthook(args: Any) -> None:

@@ -13,6 +13,8 @@ import io
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from node import auth
 from node.core import peerauth
 from node.runtime import logging as nodelog
+from tests.support.cluster import REPO, clean_env
 
 SECRET = "5b1f0c0e8a7d4e21b2f9a3c6d8e0f1a2b3c4d5e6f708192a3b4c5d6e7f809102"
 KEY = peerauth.derive_key(SECRET)
@@ -223,6 +226,37 @@ def test_ordinary_text_is_untouched_and_cheap():
     ):
         # The fast path hands back the very same object: one search, no copy.
         assert redactor.text(text) is text
+
+
+_near_misses = st.sampled_from(
+    [
+        "eyJ",
+        "tn1.",
+        "sig=",
+        "Authorization",
+        "AUTHORIZATION:",
+        "x-TalentNest-Peer=",
+        "bearer ",
+        "BASIC  ",
+        "ſ",
+        "K",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    parts=st.lists(
+        _near_misses | st.text(max_size=12) | st.text(alphabet="abcdefABCDEF0123456789._-=", max_size=70),
+        max_size=8,
+    )
+)
+def test_the_cheap_pre_check_never_skips_a_match(parts):
+    """The substring pre-check may say "maybe" too often, never "no" when the full pattern would match."""
+    redactor = nodelog.Redactor(SECRET)
+    text = "".join(parts)
+    if redactor._pattern.search(text) is not None:
+        assert redactor._might_hold(text)
 
 
 def test_nested_values_and_secret_keys_are_redacted():
@@ -524,3 +558,43 @@ def test_reset_restores_the_interpreter():
     assert not any(isinstance(h, nodelog.StdlibBridge) for h in logging.getLogger().handlers)
     assert threading.excepthook is before[1]
     assert cap.stream.getvalue() == b""
+
+
+_CRASHING_PROGRAM = """
+import threading, warnings
+from node.runtime import logging as nodelog
+
+nodelog.configure("info", secret={secret!r})
+
+def worker():
+    secret = {secret!r}
+    raise ValueError("worker saw " + secret)
+
+thread = threading.Thread(target=worker)
+thread.start()
+thread.join()
+warnings.warn("about " + {secret!r})
+
+def main():
+    secret = {secret!r}
+    raise RuntimeError("main saw " + secret)
+
+main()
+"""
+
+
+def test_an_uncaught_exception_is_a_json_line_and_stderr_stays_empty(tmp_path):
+    """A separate interpreter, because the hooks matter at exit: nothing plain-text, nothing secret."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASHING_PROGRAM.format(secret=SECRET)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr == b""
+    assert SECRET.encode() not in result.stdout and KEY.hex().encode() not in result.stdout
+    events = [json.loads(line)["event"] for line in result.stdout.splitlines()]
+    assert events == ["thread_failed", "python_warning_warning", "uncaught_exception"]
