@@ -16,13 +16,16 @@ Why the pipeline looks the way it does (a hostile client could make a handler fa
 - **Redaction** (:class:`Redactor`) runs on every value of every line, nested ones included, as the last
   step before rendering: the configured secret and the keys derived from it, anything shaped like a JWT or a
   compact credential, and ``Authorization`` / ``X-TalentNest-Peer`` header values become ``[redacted]``.
-  One precompiled regular expression search per string value, so lines with nothing to hide cost little.
-- **Other libraries** (aiohttp, asyncio, warnings, uncaught exceptions in threads) log through the standard
-  library; :class:`StdlibBridge` turns their records into the same JSON lines, so stdout carries JSON only
-  and stderr stays empty, and :class:`RateLimiter` writes each kind of record at most once per
-  :data:`RATE_WINDOW_S` with a ``suppressed`` count, so a flood (``accept()`` failing on EMFILE thousands of
-  times a second) costs one line per window. Errors a client causes (a reset connection, a malformed HTTP
-  message) are logged at debug, without a traceback.
+  A few substring tests per string value decide whether the full pattern runs, so lines with nothing to
+  hide cost little.
+- **Other libraries** (aiohttp, asyncio, warnings) log through the standard library; :class:`StdlibBridge`
+  turns their records into the same JSON lines, and interpreter hooks do the same for uncaught exceptions
+  (main thread, other threads, ``__del__``), so stdout carries JSON only and stderr stays empty.
+  :class:`RateLimiter` writes each kind of record at most once per :data:`RATE_WINDOW_S` with a
+  ``suppressed`` count, so a flood (``accept()`` failing on EMFILE thousands of times a second) costs one
+  line per window; the same holds for a repeated error with the same exception from the same place (a
+  client that can trigger a bug must not be able to fill the log with it). Errors a client causes (a reset
+  connection, a malformed HTTP message or body) are logged at debug, without a traceback.
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ def _json_escaped(text: str) -> str:
 
 
 class Redactor:
-    """Replaces secrets in text by ``[redacted]``; one search per string when there is nothing to replace."""
+    """Replaces secrets in text by ``[redacted]``. A string with nothing to replace costs a few substring
+    tests (:meth:`_might_hold`); only one that may hold something is searched with the full pattern."""
 
     def __init__(self, secret: str = "", extra: Iterable[str] = ()) -> None:
         # Longest first, so a form that contains another is replaced whole.
