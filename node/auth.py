@@ -6,7 +6,11 @@ the tests can check expiry without waiting and nothing here reads a clock.
 **JWT** (``Authorization: Bearer <jwt>``): HS256 only — the algorithm list is pinned, so ``alg: none`` and
 RS256/HS256 key confusion are refused before any signature check. Required claims: ``exp`` and ``iat``
 (numbers); ``iat`` may not lie in the future and ``nbf``, if present, must have passed, each with
-:data:`LEEWAY_S` of clock skew. ``role`` is ``read``, ``write`` or ``admin``.
+:data:`LEEWAY_S` of clock skew. ``role`` is exactly ``read``, ``write`` or ``admin`` (no case folding).
+
+**Malformed input**: an ``Authorization`` header (or token) that is not ASCII or longer than
+:data:`MAX_AUTHORIZATION_CHARS` is refused before any parser sees it, and every parser failure is
+Unauthorized: whatever a client sends, verifying it gives a principal or a 401, never an exception.
 
 **Compact credential** (for clients that only speak Basic auth, as the password; the user name is
 ignored): ``tn1.`` + base64url(role byte, 5-byte big-endian ``exp``, first 24 bytes of an HMAC-SHA256 over
