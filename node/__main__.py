@@ -73,14 +73,17 @@ def print_token(args: argparse.Namespace) -> int:
 
 
 def run_daemon() -> int:
+    # Before anything can fail, even reading the configuration: from here on everything printed is a JSON
+    # line with secrets redacted (an unexpected exception too), except the documented configuration errors.
+    nodelog.configure("info", secret=os.environ.get("JWT_SECRET", ""))
     try:
-        config = Config.from_env()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"talentnest-node: configuration error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    nodelog.configure(config.log_level)
-    try:
+        try:
+            config = Config.from_env()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"talentnest-node: configuration error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        nodelog.configure(config.log_level, secret=config.jwt_secret)
         return asyncio.run(_serve(config))
     finally:
         nodelog.flush()
@@ -103,6 +106,7 @@ async def _serve(config: Config) -> int:
         print(f"talentnest-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     log = log.bind(node_id=me.node_id)
+    nodelog.set_node_id(me.node_id)
     log.info("node_starting", version=__version__, address=me.url, address_source=source, node_id=me.node_id)
     if config.weak_secret:
         log.warning(

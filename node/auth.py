@@ -6,7 +6,11 @@ the tests can check expiry without waiting and nothing here reads a clock.
 **JWT** (``Authorization: Bearer <jwt>``): HS256 only — the algorithm list is pinned, so ``alg: none`` and
 RS256/HS256 key confusion are refused before any signature check. Required claims: ``exp`` and ``iat``
 (numbers); ``iat`` may not lie in the future and ``nbf``, if present, must have passed, each with
-:data:`LEEWAY_S` of clock skew. ``role`` is ``read``, ``write`` or ``admin``.
+:data:`LEEWAY_S` of clock skew. ``role`` is exactly ``read``, ``write`` or ``admin`` (no case folding).
+
+**Malformed input**: an ``Authorization`` header (or token) that is not ASCII or longer than
+:data:`MAX_AUTHORIZATION_CHARS` is refused before any parser sees it, and every parser failure is
+Unauthorized: whatever a client sends, verifying it gives a principal or a 401, never an exception.
 
 **Compact credential** (for clients that only speak Basic auth, as the password; the user name is
 ignored): ``tn1.`` + base64url(role byte, 5-byte big-endian ``exp``, first 24 bytes of an HMAC-SHA256 over
@@ -35,6 +39,9 @@ ALGORITHM = "HS256"
 LEEWAY_S = 30
 COMPACT_PREFIX = "tn1."
 COMPACT_MAX_CHARS = 48
+# Longest Authorization header (and token) looked at. A JWT this node mints is ~200 characters; anything
+# longer is refused before parsing, so no parser ever sees a huge input.
+MAX_AUTHORIZATION_CHARS = 4096
 _COMPACT_LABEL = b"talentnest compact credential v1\x00"
 _COMPACT_MAC_BYTES = 24
 _COMPACT_EXP_BYTES = 5
@@ -52,11 +59,16 @@ class Role(enum.IntEnum):
         return self.name.lower()
 
     @classmethod
-    def parse(cls, text: str) -> Role:
-        try:
-            return cls[text.upper()]
-        except KeyError:
-            raise ValueError(f"unknown role {text!r}; expected read, write or admin") from None
+    def parse(cls, text: object) -> Role:
+        """Exactly ``read``, ``write`` or ``admin``. Case-folding is refused on purpose: ``"admın"`` (dotless
+        i) upper-cases to ``"ADMIN"``, so any folding lets look-alike labels through."""
+        role = _ROLE_BY_LABEL.get(text) if isinstance(text, str) else None
+        if role is None:
+            raise ValueError(f"unknown role {text!r}; expected read, write or admin")
+        return role
+
+
+_ROLE_BY_LABEL = {role.label: role for role in Role}
 
 
 _ROLE_BYTE = {Role.READ: b"r", Role.WRITE: b"w", Role.ADMIN: b"a"}
@@ -102,16 +114,29 @@ def mint_compact(secret: str, role: Role, *, now: float, ttl_s: float) -> str:
 
 
 def _compact_mac(secret: str, body: bytes) -> bytes:
-    return hmac.new(secret.encode(), _COMPACT_LABEL + body, hashlib.sha256).digest()[:_COMPACT_MAC_BYTES]
+    # surrogateescape: a secret read from an environment that is not valid UTF-8 still has bytes to key with.
+    key = secret.encode("utf-8", "surrogateescape")
+    return hmac.new(key, _COMPACT_LABEL + body, hashlib.sha256).digest()[:_COMPACT_MAC_BYTES]
 
 
 # --- verifying -----------------------------------------------------------------------------------------------
 
 
+def _check_text(token: object, what: str) -> str:
+    """A token must be a bounded ASCII string before any parser sees it: pyjwt and base64 raise other
+    exceptions than their documented ones on non-ASCII text (UnicodeEncodeError on the lone surrogates that
+    aiohttp makes of undecodable header bytes)."""
+    if not isinstance(token, str) or len(token) > MAX_AUTHORIZATION_CHARS or not token.isascii():
+        raise _unauthorized(f"malformed {what}")
+    return token
+
+
 def verify_jwt(token: str, secret: str, *, now: float) -> Principal:
+    """The principal a JWT names, or Unauthorized: whatever ``token`` holds, nothing else is raised."""
+    token = _check_text(token, "token")
     try:
         header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError:
+    except Exception:  # noqa: BLE001 - any failure to parse hostile input is "malformed", never a 500
         raise _unauthorized("malformed token") from None
     if header.get("alg") != ALGORITHM:
         raise _unauthorized(f"token algorithm must be {ALGORITHM}")
@@ -133,7 +158,7 @@ def verify_jwt(token: str, secret: str, *, now: float) -> Principal:
         )
     except jwt.InvalidSignatureError:
         raise _unauthorized("bad token signature") from None
-    except jwt.PyJWTError:
+    except Exception:  # noqa: BLE001 - any failure to parse hostile input is "malformed", never a 500
         raise _unauthorized("malformed token") from None
     if not isinstance(claims, dict):
         raise _unauthorized("malformed token")
@@ -156,6 +181,8 @@ def verify_jwt(token: str, secret: str, *, now: float) -> Principal:
 
 
 def verify_compact(token: str, secret: str, *, now: float) -> Principal:
+    """The principal a compact credential names, or Unauthorized: nothing else is raised."""
+    token = _check_text(token, "credential")
     if len(token) > COMPACT_MAX_CHARS or not token.startswith(COMPACT_PREFIX):
         raise _unauthorized("malformed credential")
     try:
@@ -177,9 +204,18 @@ def verify_compact(token: str, secret: str, *, now: float) -> Principal:
 
 
 def authenticate(authorization: str | None, secret: str, *, now: float) -> Principal:
-    """The ``Authorization`` header to a principal, or Unauthorized (401) saying why not."""
+    """The ``Authorization`` header to a principal, or Unauthorized (401) saying why not.
+
+    Total over its input: any text (non-ASCII, undecodable bytes, huge) gives a Principal or Unauthorized.
+    """
     if not authorization:
         raise _unauthorized("send Authorization: Bearer <token> (mint one with `python -m node token`)")
+    if not isinstance(authorization, str):
+        raise _unauthorized("malformed Authorization header")
+    if len(authorization) > MAX_AUTHORIZATION_CHARS:
+        raise _unauthorized(f"Authorization header longer than {MAX_AUTHORIZATION_CHARS} characters")
+    if not authorization.isascii():
+        raise _unauthorized("Authorization header must be ASCII")
     scheme, _, credential = authorization.strip().partition(" ")
     credential = credential.strip()
     if scheme.lower() == "bearer" and credential:
@@ -199,4 +235,10 @@ def authenticate(authorization: str | None, secret: str, *, now: float) -> Princ
 
 
 def _is_time(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number that fits a float (an integer of 400 digits does not: float() would overflow)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

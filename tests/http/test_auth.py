@@ -9,6 +9,8 @@ import json
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node import auth, errors
 
@@ -203,3 +205,172 @@ def test_bad_headers_are_401(header):
     with pytest.raises(errors.Unauthorized) as info:
         auth.authenticate(header, SECRET, now=NOW)
     assert "WWW-Authenticate" in info.value.headers()
+
+
+# --- malformed input of any kind is a 401, never anything else --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer \udcff",  # what aiohttp makes of the raw byte 0xff in a header (surrogateescape)
+        "Bearer \xff",
+        "Bearer ÿÿÿÿ.ÿÿÿÿ.ÿÿÿÿ",
+        "Bearer eyJ\u0430bc.def.ghi",  # a Cyrillic letter inside an otherwise JWT-shaped token
+        "Basic \udcff\udcfe",
+        "Basic " + base64.b64encode("user:tn1.ÿ".encode()).decode(),
+        "Basic " + base64.b64encode("user:eyJ\u2603.x.y".encode()).decode(),
+        "B\u0435arer token",  # Cyrillic e in the scheme
+        "Bearer " + "A" * 100_000,  # huge
+        "Bearer " + "eyJ" + "A" * 5000 + ".a.b",
+        "Bearer \x00\x01\x02",
+    ],
+)
+def test_malformed_headers_are_401(header):
+    with pytest.raises(errors.Unauthorized):
+        auth.authenticate(header, SECRET, now=NOW)
+
+
+def test_deeply_nested_json_in_a_token_is_401():
+    """The JSON parser raises RecursionError (not ValueError) on deep nesting: still only a 401."""
+    deep = b"[" * 3000 + b"]" * 3000
+    token = f"{b64url(deep)}.{b64url(deep)}.x"
+    with pytest.raises(errors.Unauthorized):
+        verify(token)
+    with pytest.raises(errors.Unauthorized):
+        verify(hand_made({"alg": "HS256"}, {"exp": [[[[[]]]]]}) + "")
+
+
+def test_huge_integer_time_claims_are_401_not_overflow():
+    """A correctly signed token whose exp does not fit a float must not raise OverflowError."""
+    for field in ("exp", "iat", "nbf"):
+        token = hand_made({"alg": "HS256"}, claims(**{field: 10**400}))
+        with pytest.raises(errors.Unauthorized):
+            verify(token)
+
+
+def test_verifiers_refuse_non_text():
+    for bad in (None, b"eyJ.a.b", 12, ["x"]):
+        with pytest.raises(errors.Unauthorized):
+            auth.verify_jwt(bad, SECRET, now=NOW)  # type: ignore[arg-type]
+        with pytest.raises(errors.Unauthorized):
+            auth.verify_compact(bad, SECRET, now=NOW)  # type: ignore[arg-type]
+        with pytest.raises(errors.Unauthorized):
+            auth.authenticate(bad or b"x", SECRET, now=NOW)  # type: ignore[arg-type]
+
+
+_header_text = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet=st.characters(codec="ascii"), max_size=300),
+    st.builds(
+        lambda s, t: f"{s} {t}",
+        st.sampled_from(["Bearer", "Basic", "bearer", "BASIC", "Token"]),
+        st.text(max_size=300),
+    ),
+    st.builds(lambda b: "Basic " + base64.b64encode(b).decode(), st.binary(max_size=200)),
+    st.builds(lambda b: "Bearer " + b.decode("utf-8", "surrogateescape"), st.binary(max_size=200)),
+    # Mutations of real credentials: one character replaced by anything.
+    st.builds(
+        lambda token, i, ch: "Bearer " + token[: i % len(token)] + ch + token[i % len(token) + 1 :],
+        st.sampled_from([auth.mint_jwt(SECRET, r, now=NOW, ttl_s=60) for r in auth.Role]),
+        st.integers(min_value=0),
+        st.characters(),
+    ),
+    st.builds(
+        lambda token, i, ch: basic("u", token[: i % len(token)] + ch + token[i % len(token) + 1 :]),
+        st.sampled_from([auth.mint_compact(SECRET, r, now=NOW, ttl_s=60) for r in auth.Role]),
+        st.integers(min_value=0),
+        st.characters(codec="utf-8"),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(header=_header_text, now=st.floats(allow_nan=True, allow_infinity=True))
+def test_authenticate_is_total(header, now):
+    """Any text and any clock reading: a Principal or Unauthorized, nothing else."""
+    try:
+        principal = auth.authenticate(header, SECRET, now=now)
+    except errors.Unauthorized:
+        return
+    assert isinstance(principal, auth.Principal)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payload=st.dictionaries(
+        st.text(max_size=8),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+            ),
+            max_leaves=20,
+        ),
+        max_size=6,
+    )
+)
+def test_signed_tokens_with_any_claims_are_principal_or_401(payload):
+    """The claims are only checked after the signature: a holder of the secret can sign anything."""
+    token = hand_made({"alg": "HS256", "typ": "JWT"}, payload)
+    try:
+        principal = verify(token)
+    except errors.Unauthorized:
+        return
+    assert principal.role.label == payload["role"]
+
+
+# --- roles are matched exactly ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        "ADMIN",
+        "Admin",
+        "admın",
+        "ADMİN",
+        "ＡＤＭＩＮ",
+        "ａｄｍｉｎ",
+        "admin ",
+        " admin",
+        "admin\x00",
+        "WRITE",
+        "Read",
+        "ſead",
+    ],
+)
+def test_look_alike_role_labels_are_refused(label):
+    with pytest.raises(ValueError):
+        auth.Role.parse(label)
+    token = jwt.encode(claims(role=label), SECRET, algorithm="HS256")
+    with pytest.raises(errors.Unauthorized, match="unknown role"):
+        verify(token)
+
+
+def test_exact_role_labels_are_accepted():
+    for role in auth.Role:
+        assert auth.Role.parse(role.label) is role
+        assert verify(jwt.encode(claims(role=role.label), SECRET, algorithm="HS256")).role is role
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    label=st.one_of(
+        st.text(max_size=8),
+        # Near misses: the real labels with case changes, look-alikes and padding.
+        st.builds(
+            lambda base, fold, pad: pad[0] + fold(base) + pad[1],
+            st.sampled_from(["read", "write", "admin"]),
+            st.sampled_from([str.upper, str.title, str.lower, str.casefold, lambda s: s.replace("i", "ı")]),
+            st.tuples(st.sampled_from(["", " ", "\t", "\u200b"]), st.sampled_from(["", " ", "\n", "\u00a0"])),
+        ),
+    )
+)
+def test_only_the_three_exact_labels_are_roles(label):
+    try:
+        role = auth.Role.parse(label)
+    except ValueError:
+        assert label not in ("read", "write", "admin")
+    else:
+        assert label == role.label and label in ("read", "write", "admin")
