@@ -39,12 +39,24 @@ def read_stored(path: Path) -> int:
 
 
 def next_incarnation(data_dir: Path, now_ms: int) -> int:
-    """Allocate, persist (fsynced) and return the incarnation for this process start. Raises OSError."""
+    """Allocate, persist (fsynced) and return the incarnation for this process start.
+
+    Raises OSError naming DATA_DIR (the node reports it as a start-up failure, exit 2).
+    """
+    try:
+        return _next_incarnation(data_dir, now_ms)
+    except OSError as exc:
+        raise OSError(
+            f"cannot keep the peer incarnation in {data_dir / FILE_NAME} (DATA_DIR): {exc}"
+        ) from exc
+
+
+def _next_incarnation(data_dir: Path, now_ms: int) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / FILE_NAME
     incarnation = max(read_stored(path) + 1, now_ms, 1)
     if incarnation > MAX_NUMBER:
-        raise OSError(f"{path}: incarnation counter exhausted; remove the file to restart from the clock")
+        raise OSError("incarnation counter exhausted; remove the file to restart from the clock")
     temporary = data_dir / f".{FILE_NAME}.{os.getpid()}"
     with open(temporary, "wb") as f:
         f.write(f"{incarnation}\n".encode())

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,3 +41,10 @@ def test_incarnations_strictly_increase_for_any_clock_readings(tmp_path_factory,
     seen = [inc.next_incarnation(data, now_ms) for now_ms in clock_readings]
     assert all(a < b for a, b in zip(seen, seen[1:], strict=False))
     assert all(s >= now for s, now in zip(seen, clock_readings, strict=True))
+
+
+def test_an_unusable_data_dir_is_an_os_error_naming_data_dir(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(OSError, match="DATA_DIR"):
+        inc.next_incarnation(not_a_dir, NOW_MS)
