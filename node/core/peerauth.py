@@ -39,8 +39,17 @@ Limits (accepted, stated):
   could then be replayed once each.
 * After a receiver restart, probes and hellos captured before it can be replayed once each until the
   sender's next fresh message moves the window past them: at worst a dead peer is listed as pending.
+* A sender has one sequence counter for all its receivers, so a receiver sees gaps (messages to other
+  peers), which the window skips. Reordering is tolerated up to 63 of the sender's messages; a probe
+  overtaken by more than that is refused and counts as one missed probe.
+* Answers (/cluster/health, hello) are not signed: an on-path attacker can report a wrong incarnation, and
+  the sender's leave is then refused. It could drop the leave anyway; the peer then notices by probing.
 * A replayed message is refused, but a dropped or delayed one is not detected; that is the job of probing.
-* The replication protocol reuses :class:`Signer` and :class:`ReplayGuard` with its own paths.
+* Bodies are not covered: the receiver uses only the sender address (which the MAC covers) from them.
+
+API for other protocols (replication reuses it with its own paths): the sender keeps one :class:`Signer`
+and calls ``next_header(path, receiver_incarnation)`` per message; the receiver calls :func:`verify`, then
+:func:`addressed_to`, then ``ReplayGuard.accept(sender, claims)``, and acts only if all three agree.
 
 Pure: no clock, no I/O, no randomness. Callers pass incarnations; :class:`Signer` only counts.
 """
