@@ -17,6 +17,7 @@ it, rather than leaving a node half alive.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from node.actors.discoverer import Discoverer
@@ -30,6 +31,7 @@ from node.http.cluster import ClusterRoutes
 from node.http.db import DbRoutes
 from node.http.server import HttpApi
 from node.runtime.clock import Clock
+from node.runtime.incarnation import next_incarnation
 from node.runtime.mailbox import LatestCell, Mailbox, Overflow
 from node.runtime.resolver import Resolver
 from node.runtime.transport import PeerTransport, PeerUnavailable
@@ -92,16 +94,19 @@ class Node:
             log=log,
         )
         self.http: HttpApi | None = None
+        self.cluster_routes: ClusterRoutes | None = None
+        self.incarnation = 0
         if serve_http:
             self.http = HttpApi(host=config.host, port=config.port, log=log)
-            ClusterRoutes(
+            self.cluster_routes = ClusterRoutes(
                 me=me,
                 decisions=self.decisions,
                 inbox=self.inbox,
                 secret=config.jwt_secret,
                 log=log,
                 body_read_timeout_s=config.body_read_timeout_s,
-            ).add_to(self.http.app)
+            )
+            self.cluster_routes.add_to(self.http.app)
         self.started = asyncio.Event()
 
         # The data API: this node's own database, opened in run() before HTTP starts.
@@ -118,7 +123,23 @@ class Node:
                 body_read_timeout_s=config.body_read_timeout_s,
             ).add_to(self.http.app)
 
+    async def _begin_incarnation(self) -> None:
+        """Allocate this start's peer-message incarnation before any peer message goes out or comes in.
+
+        A serving node persists it in DATA_DIR (node.runtime.incarnation); the in-process simulation has no
+        DATA_DIR and no signatures, so it uses 1.
+        """
+        if self.http is not None:
+            now_ms = time.time_ns() // 1_000_000
+            self.incarnation = await asyncio.to_thread(next_incarnation, self.config.data_dir, now_ms)
+        else:
+            self.incarnation = 1
+        self._transport.begin(self.me, self.incarnation)
+        if self.cluster_routes is not None:
+            self.cluster_routes.begin(self.incarnation)
+
     async def run(self, stop: asyncio.Event) -> None:
+        await self._begin_incarnation()
         async with asyncio.TaskGroup() as tg:
             health = tg.create_task(self.health.run(), name="health-monitor")
             elector = tg.create_task(self.elector.run(), name="elector")
@@ -135,6 +156,7 @@ class Node:
                     service=self.config.service_name,
                     discovery_interval_s=self.config.discovery_interval_s,
                     node_timeout_s=self.config.node_timeout_s,
+                    incarnation=self.incarnation,
                 )
                 self.started.set()
                 await stop.wait()

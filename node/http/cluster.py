@@ -1,8 +1,12 @@
-"""Cluster endpoints: /cluster/status (public, documented shape), /cluster/health, and the peer notices."""
+"""Cluster endpoints: /cluster/status (public, documented shape), /cluster/health, and the peer notices.
+
+Peer messages (a probe naming ``from``, hello, leave) are accepted only once each: the MAC must verify, the
+message must be addressed to this incarnation (a leave must name it; see node.core.peerauth) and its
+(incarnation, seq) must be new in the sender's anti-replay window. Anything else is 401 and changes nothing.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +61,7 @@ class ClusterRoutes:
         secret: str,
         log: Any,
         body_read_timeout_s: float = 10.0,
+        incarnation: int = 0,
     ) -> None:
         self._me = me
         self._decisions = decisions
@@ -64,7 +69,14 @@ class ClusterRoutes:
         self._key = peerauth.derive_key(secret)
         self._log = log
         self._read_timeout_s = body_read_timeout_s
-        self._rejected: set[str] = set()  # senders already logged, so a misconfigured peer logs once
+        self._incarnation = incarnation
+        self._guard = peerauth.ReplayGuard()
+        # (sender, reason) pairs already logged, so a misconfigured peer or a replay flood logs once.
+        self._rejected: set[tuple[str, str]] = set()
+
+    def begin(self, incarnation: int) -> None:
+        """This process's incarnation (known once DATA_DIR is read); until then every leave is refused."""
+        self._incarnation = incarnation
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/cluster/status", self.status)
@@ -87,23 +99,34 @@ class ClusterRoutes:
         if prober is not None:
             # A peer's probe: it names itself, and we learn of it if we did not know it (signed, see peerauth).
             sender = _parse_endpoint(prober, "from")
-            self._authenticate(request, sender)
+            self._authenticate(request, sender, state_changing=False)
             self._submit(m.ProbedBy(sender))
         return json_response(
-            {"status": "ok", "node_id": self._me.node_id, "role": decision.role.value, "epoch": decision.epoch}
+            {
+                "status": "ok",
+                "node_id": self._me.node_id,
+                "role": decision.role.value,
+                "epoch": decision.epoch,
+                # Peers sign their leave with it; a leave naming an earlier one is refused.
+                "incarnation": self._incarnation,
+            }
         )
 
     async def hello(self, request: web.Request) -> web.Response:
         sender = await self._notice_endpoint(request)
-        self._authenticate(request, sender)
+        self._authenticate(request, sender, state_changing=False)
         self._submit(m.PeerAnnounced(sender))
-        return json_response({"accepted": True, "node_id": self._me.node_id}, status=202)
+        return self._accepted()
 
     async def leave(self, request: web.Request) -> web.Response:
         sender = await self._notice_endpoint(request)
-        self._authenticate(request, sender)
+        self._authenticate(request, sender, state_changing=True)
         self._submit(m.PeerDeparted(sender))
-        return json_response({"accepted": True, "node_id": self._me.node_id}, status=202)
+        return self._accepted()
+
+    def _accepted(self) -> web.Response:
+        body = {"accepted": True, "node_id": self._me.node_id, "incarnation": self._incarnation}
+        return json_response(body, status=202)
 
     async def _notice_endpoint(self, request: web.Request) -> Endpoint:
         body = await read_json(request, limit=NOTICE_MAX_BYTES, timeout_s=self._read_timeout_s)
@@ -111,22 +134,38 @@ class ClusterRoutes:
             raise errors.BadRequest('expected a JSON object {"address": "ip:port"}')
         return _parse_endpoint(body["address"], "address")
 
-    def _authenticate(self, request: web.Request, sender: Endpoint) -> None:
-        header = request.headers.get(peerauth.HEADER)
-        if peerauth.verify(self._key, header, request.path, str(sender), time.time()):
-            return
-        if str(sender) not in self._rejected and len(self._rejected) < 1024:
-            self._rejected.add(str(sender))
-            self._log.warning(
-                "peer_rejected",
-                peer=str(sender),
-                path=request.path,
-                reason="missing signature" if not header else "bad or expired signature (different JWT_SECRET?)",
+    def _authenticate(self, request: web.Request, sender: Endpoint, *, state_changing: bool) -> None:
+        """Accept a peer message once, or raise Unauthorized. Order matters: only a message with a valid MAC
+        may touch the replay windows, and one not addressed to this incarnation does not consume its seq."""
+        headers = request.headers.getall(peerauth.HEADER, [])
+        header = headers[0] if len(headers) == 1 else None  # a repeated header is malformed, not a choice
+        claims = peerauth.verify(self._key, header, request.path, str(sender))
+        if claims is None:
+            reason = "missing signature" if not headers else "bad signature (different JWT_SECRET?)"
+            self._reject(request, sender, reason)
+            raise errors.Unauthorized(
+                f"cluster message from {sender} is not signed with this cluster's secret "
+                f"(header {peerauth.HEADER}); all nodes must share JWT_SECRET"
             )
-        raise errors.Unauthorized(
-            f"cluster message from {sender} is not signed with this cluster's secret "
-            f"(header {peerauth.HEADER}); all nodes must share JWT_SECRET"
-        )
+        if not peerauth.addressed_to(claims, self._incarnation, state_changing=state_changing):
+            self._reject(request, sender, "addressed to another incarnation of this node")
+            raise errors.Unauthorized(
+                f"cluster message from {sender} names incarnation {claims.receiver_incarnation} of this node, "
+                "which is not the current one (it restarted, or the message is a replay)"
+            )
+        verdict = self._guard.accept(str(sender), claims)
+        if not verdict.accepted:
+            self._reject(request, sender, f"replayed message ({verdict.value})")
+            raise errors.Unauthorized(
+                f"cluster message from {sender} was refused as a replay ({verdict.value}); "
+                "every peer message is accepted once"
+            )
+
+    def _reject(self, request: web.Request, sender: Endpoint, reason: str) -> None:
+        key = (str(sender), reason)
+        if key not in self._rejected and len(self._rejected) < 1024:
+            self._rejected.add(key)
+            self._log.warning("peer_rejected", peer=str(sender), path=request.path, reason=reason)
 
     def _submit(self, event: m.Input) -> None:
         if not self._inbox.offer(event):

@@ -6,7 +6,7 @@ returning a stopped container and misses a new one for minutes. A new channel pe
 millisecond and always asks the server; ``tests/integration/test_dns_freshness.py`` proves it against a
 server that answers with TTL 600.
 
-Tests: :class:`StaticResolver`, a dict the test edits.
+Tests: ``tests.support.fakes.StaticResolver``, a dict the test edits.
 """
 
 from __future__ import annotations
@@ -59,18 +59,3 @@ class AiodnsResolver:
         finally:
             await resolver.close()
         return sorted({rec.data.addr for rec in result.answer if rec.type == pycares.QUERY_TYPE_A})
-
-
-class StaticResolver:
-    """A resolver whose answers a test sets: ``names[name] = [...]`` or ``failing = True``."""
-
-    def __init__(self, names: dict[str, list[str]] | None = None) -> None:
-        self.names: dict[str, list[str]] = dict(names or {})
-        self.failing = False
-        self.lookups = 0
-
-    async def resolve_ipv4(self, name: str) -> list[str]:
-        self.lookups += 1
-        if self.failing:
-            raise LookupFailed("test resolver set to fail")
-        return list(self.names.get(name, []))

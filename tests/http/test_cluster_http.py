@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from node.core import election, peerauth
 from node.core import membership as m
@@ -31,6 +32,7 @@ LEADER = Endpoint("10.0.3.1", 3000)  # id 769, healthy: leads
 DOWN = Endpoint("10.0.2.3", 3000)  # id 515, unhealthy: listed, cannot lead
 OTHERS = [Endpoint("10.0.1.1", 3000), Endpoint("10.0.0.200", 3000)]  # ids 257, 200
 SECRET = "s" * 32
+ME_INCARNATION = 1_800_000_000_123  # this node's peer-message incarnation, reported by /cluster/health
 URL_RE = re.compile(r"^http://\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$")
 
 
@@ -77,7 +79,9 @@ async def serve(inbox: Mailbox[m.Input], publish: bool = True) -> AsyncIterator[
     if publish:
         decisions.publish(a_decision())
     http = HttpApi(host="127.0.0.1", port=0, log=log)
-    ClusterRoutes(me=ME, decisions=decisions, inbox=inbox, secret=SECRET, log=log).add_to(http.app)
+    ClusterRoutes(
+        me=ME, decisions=decisions, inbox=inbox, secret=SECRET, log=log, incarnation=ME_INCARNATION
+    ).add_to(http.app)
     async with TestClient(TestServer(http.app, host="127.0.0.1")) as client:
         yield Api(client, inbox, decisions, log)
 
@@ -241,6 +245,9 @@ async def test_json_that_is_not_an_object_is_400(api, path, body):
         {"address": "10.0.2.9:70000"},
         {"address": "::1:3000"},
         {"address": "backend-1:3000"},
+        {"address": "1.2.3.4:\u00b2"},
+        {"address": "1.2.3.4:" + "9" * 3000},
+        {"address": "1.2.3.4:\uff13\uff10\uff10\uff10"},
         {"addr": "10.0.2.9:3000"},
     ],
 )
@@ -259,8 +266,13 @@ async def test_huge_body_is_413(api, path):
     await api.assert_still_serving()
 
 
+_SIGNERS: dict[str, peerauth.Signer] = {}
+
+
 def signed(path: str, sender: str = "10.0.2.9:3000") -> dict[str, str]:
-    return {peerauth.HEADER: peerauth.sign(peerauth.derive_key(SECRET), path, sender, time.time())}
+    """A fresh signed header, as the sender's transport makes it (a leave names this node's incarnation)."""
+    signer = _SIGNERS.setdefault(sender, peerauth.Signer(peerauth.derive_key(SECRET), sender, 1))
+    return {peerauth.HEADER: signer.next_header(path, ME_INCARNATION if path == "/cluster/leave" else 0)}
 
 
 async def test_valid_notices_are_accepted_and_queued(api):
@@ -329,6 +341,10 @@ async def test_health_with_a_valid_from_tells_membership_who_probed(api):
         "[::1]:3000",
         "10.0.2.256:3000",
         "host.example:3000",
+        "1.2.3.4:\u00b2",  # a Unicode digit: was a 500 (int() of what str.isdigit() accepted)
+        "1.2.3.4:\u0663\u0660\u0660\u0660",  # Arabic-Indic 3000: was accepted as port 3000
+        "1.2.3.4:" + "9" * 5000,  # was a 500 (int() refuses 4,300+ digits)
+        "1.2.3.\u0664:3000",
     ],
 )
 async def test_health_with_an_invalid_from_is_400(api, prober):
@@ -338,6 +354,18 @@ async def test_health_with_an_invalid_from_is_400(api, prober):
     assert error["error"].startswith("from:")
     assert len(api.inbox) == 0
     await api.assert_still_serving()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prober=st.text(max_size=60))
+async def test_any_from_is_200_or_a_json_4xx_never_a_500(api, prober):
+    """The whole class: whatever text names the prober, the answer is 400/401 JSON (or 200 if it is valid
+    and signed), never a 500 and never a queued event without a signature."""
+    resp = await api.client.get("/cluster/health", params={"from": prober})
+    assert resp.status in (400, 401), (prober, resp.status)
+    assert resp.content_type == "application/json"
+    assert (await resp.json())["code"] in ("bad_request", "unauthorized")
+    assert len(api.inbox) == 0
 
 
 async def test_no_bad_request_is_logged_as_a_failure(api):

@@ -2,8 +2,8 @@ import asyncio
 
 import pytest
 
-from node.runtime.clock import FakeClock, settle
 from node.runtime.mailbox import LatestCell, Mailbox, MailboxFull, Overflow
+from tests.support.fakes import FakeClock, settle
 
 
 async def test_reject_policy_refuses_when_full():

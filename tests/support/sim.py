@@ -16,10 +16,9 @@ from node.core import membership as m
 from node.core.election import Leadership
 from node.core.ids import Endpoint
 from node.runtime import logging as nodelog
-from node.runtime.clock import FakeClock, settle
-from node.runtime.resolver import StaticResolver
 from node.runtime.transport import PeerUnavailable
 from node.supervisor import Node
+from tests.support.fakes import FakeClock, StaticResolver, settle
 
 SERVICE = "backend-service"
 PORT = 3000
@@ -42,8 +41,15 @@ class SimNetwork:
 
 
 class SimTransport:
+    """Delivers straight into the target's mailbox, so there is nothing to sign: the HTTP handlers' checks
+    (signature, replay window) are tested over real HTTP in tests/http."""
+
     def __init__(self, net: SimNetwork) -> None:
         self.net = net
+        self.incarnation = 0
+
+    def begin(self, me: Endpoint, incarnation: int) -> None:
+        self.incarnation = incarnation
 
     async def probe(self, peer: Endpoint, me: Endpoint) -> None:
         await asyncio.sleep(0)
