@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import json
 import math
 import re
@@ -371,22 +372,44 @@ def rewrite_time_keywords(sql: str) -> str:
 _ID_CHARS = "A-Za-z0-9_$\x80-\U0010ffff"
 # The tokens of SQLite's tokenizer that matter here, in its order of precedence. Everything else (blanks,
 # operators, parentheses) is skipped. Unterminated literals and comments run to the end, as in SQLite.
+_QUOTED = (
+    r"(?P<quoted>'[^']*(?:''[^']*)*'?"  # 'string' ('' inside)
+    r'|"[^"]*(?:""[^"]*)*"?'  # "identifier"
+    r"|`[^`]*(?:``[^`]*)*`?"  # `identifier`
+    r"|\[[^\]]*\]?)"  # [identifier] (no escape: ends at the first ])
+)
+_COMMENT = r"(?P<comment>--[^\n]*|/\*(?s:.*?)(?:\*/|\Z))"
+_NUMBERED = r"(?P<number>\?[0-9]*)"  # ? and ?NNN
+_END = r"(?P<end>;)"
+# For the keyword rewrite: whole words (identifiers, keywords, numbers; a '$' inside one is part of it).
 _SQL_TOKEN = re.compile(
     "|".join(
         (
-            r"(?P<quoted>'[^']*(?:''[^']*)*'?"  # 'string' ('' inside)
-            r'|"[^"]*(?:""[^"]*)*"?'  # "identifier"
-            r"|`[^`]*(?:``[^`]*)*`?"  # `identifier`
-            r"|\[[^\]]*\]?)",  # [identifier] (no escape: ends at the first ])
-            r"(?P<comment>--[^\n]*|/\*(?s:.*?)(?:\*/|\Z))",
-            # Identifiers, keywords and numbers: a '$' inside one is part of it, not a parameter.
+            _QUOTED,
+            _COMMENT,
             rf"(?P<word>[{_ID_CHARS.replace('$', '')}][{_ID_CHARS}]*)",
-            r"(?P<number>\?[0-9]*)",  # ? and ?NNN
-            rf"(?P<named>[:@$#][{_ID_CHARS}]*)",  # :name @name $name (and #name, which is refused)
-            r"(?P<end>;)",
+            _NUMBERED,
+            rf"(?P<named>[:@$#][{_ID_CHARS}]*)",
+            _END,
         )
     )
 )
+# For parameters, one match per parameter: everything before it (other text, literals, comments) is
+# consumed inside the regex engine, possessively (no backtracking), and the last match runs to the end.
+# A '$' right after a name character is inside a word ('a$b'), not a parameter. (The one case this reads
+# differently from SQLite, '?1$a', is two parameters in a row, which SQLite refuses on prepare.)
+_SKIP = (
+    r"(?>[^'\"`\[\-/?:@$#;]+"
+    r"|'[^']*(?:''[^']*)*'?"
+    r'|"[^"]*(?:""[^"]*)*"?'
+    r"|`[^`]*(?:``[^`]*)*`?"
+    r"|\[[^\]]*\]?"
+    r"|--[^\n]*"
+    r"|/\*(?s:.*?)(?:\*/|\Z)"
+    r"|[-/]"
+    rf"|(?<=[{_ID_CHARS}])\$)*+"
+)
+_PARAMETER_TOKEN = re.compile(rf"{_SKIP}(?:{_NUMBERED}|(?P<named>[:@$#][{_ID_CHARS}]*)|{_END}|\Z)")
 # SQLite's SQLITE_MAX_VARIABLE_NUMBER (the default, and what the bundled library is built with).
 MAX_PARAMETER_NUMBER = 32766
 _PARAMETER_CHARS = re.compile(r"[?:@$#]")
@@ -411,27 +434,40 @@ class Parameters:
     # Tokens SQLite would take as parameters that this API refuses to bind: Tcl forms ($a::b, $a(x)),
     # '#name' (undocumented), and ?NNN outside 1..MAX_PARAMETER_NUMBER.
     unsupported: tuple[str, ...] = ()
-
-    @property
-    def names(self) -> frozenset[str]:
-        """The keys an object of values must have: the names without their prefix (as apsw binds them)."""
-        return frozenset(token[1:] for token in self.named)
+    # The keys an object of values must have: the names without their prefix (as apsw binds them).
+    names: frozenset[str] = frozenset()
 
 
 _NO_PARAMETERS = Parameters()
+
+
+# SQL up to this length has its scan remembered: clients send the same few statements again and again.
+_CACHED_SQL_CHARS = 2048
 
 
 def sql_parameters(sql: str) -> Parameters:
     """Scan SQL as SQLite's tokenizer does for parameters outside literals, quoted identifiers, comments."""
     if not _PARAMETER_CHARS.search(sql):
         return _NO_PARAMETERS
+    return _scan_cached(sql) if len(sql) <= _CACHED_SQL_CHARS else _scan(sql)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scan_cached(sql: str) -> Parameters:
+    return _scan(sql)
+
+
+def _scan(sql: str) -> Parameters:
     count = highest = 0
     numbers: dict[str, int] = {}  # named token -> its number, within the current statement
     named: dict[str, None] = {}
     positional: list[str] = []
     unsupported: list[str] = []
-    for match in _SQL_TOKEN.finditer(sql):
-        kind, token = match.lastgroup, match.group()
+    for match in _PARAMETER_TOKEN.finditer(sql):
+        kind = match.lastgroup
+        if kind is None:
+            continue  # the text after the last parameter
+        token = match.group(kind)
         if kind == "end":
             count, highest = count + highest, 0
             numbers.clear()
@@ -444,10 +480,11 @@ def sql_parameters(sql: str) -> Parameters:
             else:
                 highest = max(highest, int(token[1:]))
         elif kind == "named":
+            start = match.start(kind)
             after = sql[match.end() : match.end() + 2]
             if after == "::" or (len(token) > 1 and after[:1] == "("):
                 # A Tcl form ($a::b, $a(x)): SQLite reads on; which name it binds is not ours to guess.
-                tcl = _TCL_PARAMETER.match(sql, match.start())
+                tcl = _TCL_PARAMETER.match(sql, start)
                 unsupported.append(tcl.group() if tcl else token)
             elif len(token) == 1:
                 continue  # a lone ':' or '@': not a parameter, SQLite reports the syntax error
@@ -457,7 +494,9 @@ def sql_parameters(sql: str) -> Parameters:
                 highest += 1
                 numbers[token] = highest
                 named[token] = None
-    return Parameters(count + highest, tuple(named), tuple(positional), tuple(unsupported))
+    return Parameters(
+        count + highest, tuple(named), tuple(positional), tuple(unsupported), frozenset(n[1:] for n in named)
+    )
 
 
 def _plural(n: int, word: str) -> str:
@@ -487,10 +526,12 @@ def check_parameters(statement: Statement, where: str) -> Statement:
                 f"{where}: named values given, but the SQL has positional parameter {found.positional[0]}; "
                 "use :name parameters, or an array of values"
             )
+        if found.names == params.keys():
+            return statement
         missing = [token for token in found.named if token[1:] not in params]
         if missing:
             raise errors.BadRequest(f"{where}: no value for parameter {', '.join(missing)}")
-        extra = sorted(set(params) - found.names)
+        extra = sorted(params.keys() - found.names)
         if extra:
             raise errors.BadRequest(
                 f"{where}: {'values' if len(extra) > 1 else 'value'} for {', '.join(map(repr, extra))} "
