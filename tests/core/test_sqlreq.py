@@ -211,9 +211,18 @@ def test_sql_parameters_are_found_as_sqlite_finds_them(sql, count, named):
 
 
 @pytest.mark.parametrize(
-    "sql", ["SELECT $a::b", "SELECT $a(x)", "SELECT :a::b(c)", "SELECT $::a", "SELECT #a", "SELECT ?0", "SELECT ?32767",
-            "SELECT ?" + "9" * 5000]
-)  # fmt: skip
+    "sql",
+    [
+        "SELECT $a::b",
+        "SELECT $a(x)",
+        "SELECT :a::b(c)",
+        "SELECT $::a",
+        "SELECT #a",
+        "SELECT ?0",
+        "SELECT ?32767",
+        "SELECT ?" + "9" * 5000,
+    ],
+)
 def test_forms_that_are_not_bound_are_refused(sql):
     assert q.sql_parameters(sql).unsupported
     with pytest.raises(errors.BadRequest, match="statement 0: unsupported parameter"):
@@ -264,7 +273,7 @@ def test_rqlite_forms_still_parse(body):
     assert parse(body)
 
 
-# --- integers beyond 64 bits, however the fast parser decoded them ---------------------------------------------
+# --- integers beyond 64 bits, however the fast parser decoded them --------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -329,7 +338,7 @@ def test_every_in_range_number_keeps_its_type_and_value(number):
     assert type(stmt.params[0]) is type(number)
 
 
-# --- the scanner agrees with SQLite itself ----------------------------------------------------------------------
+# --- the scanner agrees with SQLite itself --------------------------------------------------------------------
 
 _NAME = st.text(alphabet=st.sampled_from("abcXYZ_é☃\u00a0"), min_size=1, max_size=4).filter(
     lambda s: not s[0].isdigit()
