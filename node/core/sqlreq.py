@@ -463,6 +463,7 @@ def _scan(sql: str) -> Parameters:
     named: dict[str, None] = {}
     positional: list[str] = []
     unsupported: list[str] = []
+    illegal_at = -1  # where a name that follows an illegal lone ':' starts (a cast like '1'::int)
     for match in _PARAMETER_TOKEN.finditer(sql):
         kind = match.lastgroup
         if kind is None:
@@ -487,7 +488,11 @@ def _scan(sql: str) -> Parameters:
                 tcl = _TCL_PARAMETER.match(sql, start)
                 unsupported.append(tcl.group() if tcl else token)
             elif len(token) == 1:
-                continue  # a lone ':' or '@': not a parameter, SQLite reports the syntax error
+                # A lone ':' or '@' is no parameter: SQLite refuses the token on prepare. In '::int' (a
+                # PostgreSQL cast) the name after it is no parameter to ask values for either.
+                illegal_at = match.end() if after[:1] == ":" else -1
+            elif start == illegal_at:
+                continue
             elif token[0] == "#":
                 unsupported.append(token)
             elif token not in numbers:

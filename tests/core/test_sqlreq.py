@@ -200,6 +200,7 @@ def test_blob_encoding():
         ("SELECT a$b, x'00'", 0, ()),  # '$' inside an identifier is not a parameter
         ("SELECT é$a, \u00a0$b, $$c", 1, ("$$c",)),  # ... nor after any non-ASCII character
         ("SELECT 1 - -1 / 2 - ?", 1, ()),
+        ("SELECT '1'::int, :a", 1, (":a",)),  # a PostgreSQL cast: SQLite's own error, not a parameter
         ("SELECT :é, :a\u00a0", 2, (":é", ":a\u00a0")),  # every non-ASCII character is a name character
         ("SELECT ?١", 1, ()),  # only ASCII digits number a parameter
         ("SELECT ?12abc", 12, ()),
