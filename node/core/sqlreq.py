@@ -11,7 +11,17 @@ Shapes follow rqlite's HTTP API (see the README's "Data API"):
 * ``[["INSERT ... VALUES(:name, :age)", {"name": "fiona", "age": 20}]]`` named parameters
 
 Values: JSON integers (64-bit), floats, strings, booleans (as 1/0), null, an array of 0-255 integers (a
-BLOB) and a string that is an SQLite hex literal ``x'0a1b'`` (a BLOB, as rqlite does).
+BLOB) and a string that is an SQLite hex literal ``x'0a1b'`` (a BLOB, as rqlite does). An integer outside
+64 bits is refused (400), however it is written; JSON has no NaN or infinity.
+
+**Parameters are checked before anything runs.** Each statement's SQL is scanned for the parameters SQLite
+will find (``?``, ``?NNN``, ``:name``, ``@name``, ``$name``; outside literals, quoted identifiers and
+comments) and the values must match exactly: every named parameter has a value and every value a
+parameter; an array holds as many values as the SQL numbers (``?NNN`` counts as NNN); named values never go
+with positional parameters nor the other way round. Otherwise the whole request is a 400 naming the
+statement, and no statement of it has run: a client that retries does not repeat a write. A string holding
+several statements (``"INSERT ...; INSERT ..."``) shares its values as SQLite binds them: an object serves
+every statement, an array is consumed statement by statement.
 
 **Writes and determinism.** A write is described by a :class:`WriteCommand`: the statements plus one
 timestamp and one random seed, chosen once (by the node that accepts the write; with replication, the
@@ -26,6 +36,9 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
+import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -184,14 +197,22 @@ def parse_flags(query: Mapping[str, str]) -> Flags:
 # --- bodies --------------------------------------------------------------------------------------------------
 
 _HEX_LITERAL = re.compile(r"[xX]'((?:[0-9a-fA-F]{2})*)'")
+_TWO_63 = float(1 << 63)
 
 
-def _value(raw: Any, where: str) -> Value:
-    if raw is None or isinstance(raw, str | float):
-        if isinstance(raw, str):
-            match = _HEX_LITERAL.fullmatch(raw)
-            if match:
-                return binascii.unhexlify(match.group(1))
+class _HugeFloat(Exception):
+    """A float of 2^63 or more: maybe an integer literal the fast JSON parser could not keep exact."""
+
+
+def _value(raw: Any, where: str, huge_floats: bool) -> Value:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        match = _HEX_LITERAL.fullmatch(raw)
+        return binascii.unhexlify(match.group(1)) if match else raw
+    if isinstance(raw, float):
+        if not huge_floats and abs(raw) >= _TWO_63:
+            raise _HugeFloat
         return raw
     if isinstance(raw, bool):
         return int(raw)
@@ -206,10 +227,10 @@ def _value(raw: Any, where: str) -> Value:
     raise errors.BadRequest(f"{where}: unsupported type {type(raw).__name__}")
 
 
-def _statement(raw: Any, index: int) -> Statement:
+def _statement(raw: Any, index: int, huge_floats: bool) -> Statement:
     where = f"statement {index}"
     if isinstance(raw, str):
-        return Statement(_sql(raw, where))
+        return check_parameters(Statement(_sql(raw, where)), where)
     if not isinstance(raw, list) or not raw or not isinstance(raw[0], str):
         raise errors.BadRequest(
             f"invalid request: {where} must be an SQL string or an array [sql, values...]"
@@ -217,18 +238,23 @@ def _statement(raw: Any, index: int) -> Statement:
     sql = _sql(raw[0], where)
     rest = raw[1:]
     if not rest:
-        return Statement(sql)
+        return check_parameters(Statement(sql), where)
     if len(rest) == 1 and isinstance(rest[0], dict):
-        named = {}
+        named: dict[str, Value] = {}
         for key, value in rest[0].items():
             name = key[1:] if key[:1] in (":", "@", "$") else key
             if not name:
                 raise errors.BadRequest(f"{where}: empty parameter name")
-            named[name] = _value(value, f"{where} parameter {key!r}")
-        return Statement(sql, MappingProxyType(named))
+            if name in named:
+                raise errors.BadRequest(
+                    f"{where}: two values for parameter {name!r} (with and without prefix)"
+                )
+            named[name] = _value(value, f"{where} parameter {key!r}", huge_floats)
+        return check_parameters(Statement(sql, MappingProxyType(named)), where)
     if any(isinstance(v, dict) for v in rest):
         raise errors.BadRequest(f"{where}: named values must be the only element after the SQL")
-    return Statement(sql, tuple(_value(v, f"{where} value {i + 1}") for i, v in enumerate(rest)))
+    values = tuple(_value(v, f"{where} value {i + 1}", huge_floats) for i, v in enumerate(rest))
+    return check_parameters(Statement(sql, values), where)
 
 
 def _sql(sql: str, where: str) -> str:
@@ -239,8 +265,23 @@ def _sql(sql: str, where: str) -> str:
     return sql
 
 
-def parse_statements(body: Any, *, max_statements: int) -> tuple[Statement, ...]:
-    """A decoded JSON body to statements; 400 for the wrong shape, 413 past ``max_statements``."""
+def parse_statements(body: Any, *, max_statements: int, raw: bytes | None = None) -> tuple[Statement, ...]:
+    """A decoded JSON body to statements; 400 for the wrong shape or values, 413 past ``max_statements``.
+
+    ``raw`` is the JSON text ``body`` was decoded from. The fast decoder turns an integer literal beyond
+    64 bits into a float; when a value of 2^63 or more shows up, the text is decoded again exactly, so that
+    such an integer is refused (400) instead of stored as a REAL, whatever its size. Requests without such
+    a value pay nothing for it.
+    """
+    if raw is not None:
+        try:
+            return _statements(body, max_statements, huge_floats=False)
+        except _HugeFloat:
+            body = exact_json(raw)
+    return _statements(body, max_statements, huge_floats=True)
+
+
+def _statements(body: Any, max_statements: int, *, huge_floats: bool) -> tuple[Statement, ...]:
     if not isinstance(body, list):
         raise errors.BadRequest("invalid request: the body must be a JSON array of statements")
     if not body:
@@ -250,12 +291,35 @@ def parse_statements(body: Any, *, max_statements: int) -> tuple[Statement, ...]
             f"too many statements: {len(body)} in one request, at most {max_statements}",
             limit=max_statements,
         )
-    return tuple(_statement(raw, i) for i, raw in enumerate(body))
+    return tuple(_statement(item, i, huge_floats) for i, item in enumerate(body))
 
 
-def parse_text_statement(text: str) -> tuple[Statement, ...]:
-    """A ``text/plain`` body or a ``q=`` query parameter: one statement."""
-    return (Statement(_sql(text, "statement 0")),)
+def exact_json(raw: bytes) -> Any:
+    """JSON with integers kept exact (any size) and every number finite; each failure is a 400."""
+
+    def finite(text: str) -> float:
+        number = float(text)
+        if not math.isfinite(number):
+            raise errors.BadRequest(f"invalid JSON body: number {text[:40]} is out of range")
+        return number
+
+    def constant(text: str) -> Any:
+        raise errors.BadRequest(f"invalid JSON body: {text} is not a JSON value")
+
+    try:
+        return json.loads(raw, parse_float=finite, parse_constant=constant)
+    except (ValueError, RecursionError) as exc:  # malformed, too deeply nested, or digits past int's limit
+        raise errors.BadRequest(f"invalid JSON body: {exc}") from None
+
+
+def parse_text_statement(text: str, *, check: bool = True) -> tuple[Statement, ...]:
+    """A ``text/plain`` body or a ``q=`` query parameter: one statement, which has no values.
+
+    ``check=False`` skips the parameter scan, for SQL dumps: they can be very large, and a dump that
+    uses a parameter fails as a whole anyway (the load is one transaction).
+    """
+    statement = Statement(_sql(text, "statement 0"))
+    return (check_parameters(statement, "statement 0") if check else statement,)
 
 
 def decode_text(raw: bytes) -> str:
@@ -293,44 +357,200 @@ def rewrite_time_keywords(sql: str) -> str:
     """
     if "current_" not in sql.lower():
         return sql
-    out: list[str] = []
-    i, n = 0, len(sql)
-    while i < n:
-        ch = sql[i]
-        if ch in "'\"`":
-            end = i + 1
-            while end < n:
-                if sql[end] == ch:
-                    if end + 1 < n and sql[end + 1] == ch:  # doubled quote inside the literal
-                        end += 2
-                        continue
-                    break
-                end += 1
-            out.append(sql[i : end + 1])
-            i = end + 1
-        elif ch == "[":
-            end = sql.find("]", i + 1)
-            end = n - 1 if end < 0 else end
-            out.append(sql[i : end + 1])
-            i = end + 1
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            end = n if end < 0 else end
-            out.append(sql[i:end])
-            i = end
-        elif sql.startswith("/*", i):
-            end = sql.find("*/", i + 2)
-            end = n if end < 0 else end + 2
-            out.append(sql[i:end])
-            i = end
-        elif ch.isalnum() or ch in "_$" or ord(ch) > 127:
-            end = i + 1
-            while end < n and (sql[end].isalnum() or sql[end] in "_$" or ord(sql[end]) > 127):
-                end += 1
-            word = sql[i:end]
-            out.append(_TIME_KEYWORDS.get(word.upper(), word))
-            i = end
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
+
+    def replace(match: re.Match[str]) -> str:
+        word = match.group()
+        return _TIME_KEYWORDS.get(word.upper(), word) if match.lastgroup == "word" else word
+
+    return _SQL_TOKEN.sub(replace, sql)
+
+
+# --- parameters ----------------------------------------------------------------------------------------------
+
+# SQLite's identifier characters (its IdChar): ASCII letters and digits, '_', '$' and every non-ASCII
+# character (each byte of its UTF-8 form is >= 0x80). Digits are ASCII only: no str.isdigit() here.
+_ID_CHARS = "A-Za-z0-9_$\x80-\U0010ffff"
+# The tokens of SQLite's tokenizer that matter here, in its order of precedence. Everything else (blanks,
+# operators, parentheses) is skipped. Unterminated literals and comments run to the end, as in SQLite.
+_QUOTED = (
+    r"(?P<quoted>'[^']*(?:''[^']*)*'?"  # 'string' ('' inside)
+    r'|"[^"]*(?:""[^"]*)*"?'  # "identifier"
+    r"|`[^`]*(?:``[^`]*)*`?"  # `identifier`
+    r"|\[[^\]]*\]?)"  # [identifier] (no escape: ends at the first ])
+)
+_COMMENT = r"(?P<comment>--[^\n]*|/\*(?s:.*?)(?:\*/|\Z))"
+_NUMBERED = r"(?P<number>\?[0-9]*)"  # ? and ?NNN
+_END = r"(?P<end>;)"
+# For the keyword rewrite: whole words (identifiers, keywords, numbers; a '$' inside one is part of it).
+_SQL_TOKEN = re.compile(
+    "|".join(
+        (
+            _QUOTED,
+            _COMMENT,
+            rf"(?P<word>[{_ID_CHARS.replace('$', '')}][{_ID_CHARS}]*)",
+            _NUMBERED,
+            rf"(?P<named>[:@$#][{_ID_CHARS}]*)",
+            _END,
+        )
+    )
+)
+# For parameters, one match per parameter: everything before it (other text, literals, comments) is
+# consumed inside the regex engine, possessively (no backtracking), and the last match runs to the end.
+# A '$' right after a name character is inside a word ('a$b'), not a parameter. (The one case this reads
+# differently from SQLite, '?1$a', is two parameters in a row, which SQLite refuses on prepare.)
+_SKIP = (
+    r"(?>[^'\"`\[\-/?:@$#;]+"
+    r"|'[^']*(?:''[^']*)*'?"
+    r'|"[^"]*(?:""[^"]*)*"?'
+    r"|`[^`]*(?:``[^`]*)*`?"
+    r"|\[[^\]]*\]?"
+    r"|--[^\n]*"
+    r"|/\*(?s:.*?)(?:\*/|\Z)"
+    r"|[-/]"
+    rf"|(?<=[{_ID_CHARS}])\$)*+"
+)
+_PARAMETER_TOKEN = re.compile(rf"{_SKIP}(?:{_NUMBERED}|(?P<named>[:@$#][{_ID_CHARS}]*)|{_END}|\Z)")
+# SQLite's SQLITE_MAX_VARIABLE_NUMBER (the default, and what the bundled library is built with).
+MAX_PARAMETER_NUMBER = 32766
+_PARAMETER_CHARS = re.compile(r"[?:@$#]")
+# How far SQLite reads a Tcl-style parameter: names, '::' separators, then '(' up to a blank or ')'.
+_TCL_PARAMETER = re.compile(rf"[:@$#](?:[{_ID_CHARS}]|::)*(?:\([^ \t\n\f\r)]*\)?)?")
+
+
+@dataclass(frozen=True, slots=True)
+class Parameters:
+    """The parameters SQLite finds in one statement entry's SQL, over every statement the string holds.
+
+    ``count`` is how many values an array must hold: SQLite numbers the parameters of each statement from 1
+    (``?`` takes the next number, ``?NNN`` is number NNN, a name its first number) and binds an array
+    statement after statement, so it is each statement's highest number, summed.
+    """
+
+    count: int = 0
+    # Named parameters as written (':a', '@b', '$c'), each once, in order of appearance.
+    named: tuple[str, ...] = ()
+    # Positional parameters as written ('?', '?3').
+    positional: tuple[str, ...] = ()
+    # Tokens SQLite would take as parameters that this API refuses to bind: Tcl forms ($a::b, $a(x)),
+    # '#name' (undocumented), and ?NNN outside 1..MAX_PARAMETER_NUMBER.
+    unsupported: tuple[str, ...] = ()
+    # The keys an object of values must have: the names without their prefix (as apsw binds them).
+    names: frozenset[str] = frozenset()
+
+
+_NO_PARAMETERS = Parameters()
+
+
+# SQL up to this length has its scan remembered: clients send the same few statements again and again.
+_CACHED_SQL_CHARS = 2048
+
+
+def sql_parameters(sql: str) -> Parameters:
+    """Scan SQL as SQLite's tokenizer does for parameters outside literals, quoted identifiers, comments."""
+    if not _PARAMETER_CHARS.search(sql):
+        return _NO_PARAMETERS
+    return _scan_cached(sql) if len(sql) <= _CACHED_SQL_CHARS else _scan(sql)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scan_cached(sql: str) -> Parameters:
+    return _scan(sql)
+
+
+def _scan(sql: str) -> Parameters:
+    count = highest = 0
+    numbers: dict[str, int] = {}  # named token -> its number, within the current statement
+    named: dict[str, None] = {}
+    positional: list[str] = []
+    unsupported: list[str] = []
+    illegal_at = -1  # where a name that follows an illegal lone ':' starts (a cast like '1'::int)
+    for match in _PARAMETER_TOKEN.finditer(sql):
+        kind = match.lastgroup
+        if kind is None:
+            continue  # the text after the last parameter
+        token = match.group(kind)
+        if kind == "end":
+            count, highest = count + highest, 0
+            numbers.clear()
+        elif kind == "number":
+            positional.append(token)
+            if len(token) == 1:
+                highest += 1
+            elif len(token) > 6 or not 1 <= int(token[1:]) <= MAX_PARAMETER_NUMBER:
+                unsupported.append(token)
+            else:
+                highest = max(highest, int(token[1:]))
+        elif kind == "named":
+            start = match.start(kind)
+            after = sql[match.end() : match.end() + 2]
+            if after == "::" or (len(token) > 1 and after[:1] == "("):
+                # A Tcl form ($a::b, $a(x)): SQLite reads on; which name it binds is not ours to guess.
+                tcl = _TCL_PARAMETER.match(sql, start)
+                unsupported.append(tcl.group() if tcl else token)
+            elif len(token) == 1:
+                # A lone ':' or '@' is no parameter: SQLite refuses the token on prepare. In '::int' (a
+                # PostgreSQL cast) the name after it is no parameter to ask values for either.
+                illegal_at = match.end() if after[:1] == ":" else -1
+            elif start == illegal_at:
+                continue
+            elif token[0] == "#":
+                unsupported.append(token)
+            elif token not in numbers:
+                highest += 1
+                numbers[token] = highest
+                named[token] = None
+    return Parameters(
+        count + highest, tuple(named), tuple(positional), tuple(unsupported), frozenset(n[1:] for n in named)
+    )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def check_parameters(statement: Statement, where: str) -> Statement:
+    """The statement if its values fit its parameters exactly (see the module docstring); else a 400.
+
+    Extra named values are refused too: SQLite would ignore them, but a key that matches no parameter is
+    almost always a misspelt or stale name in the client, and the write would silently store NULLs.
+    """
+    params = statement.params
+    found = sql_parameters(statement.sql)
+    if found.unsupported:
+        raise errors.BadRequest(
+            f"{where}: unsupported parameter {found.unsupported[0]!r}; use ?, ?NNN (1 to "
+            f"{MAX_PARAMETER_NUMBER}), :name, @name or $name"
+        )
+    if params is None:
+        if found.count:
+            raise errors.BadRequest(f"{where} has {_plural(found.count, 'parameter')} but no values")
+        return statement
+    if isinstance(params, Mapping):
+        if found.positional:
+            raise errors.BadRequest(
+                f"{where}: named values given, but the SQL has positional parameter {found.positional[0]}; "
+                "use :name parameters, or an array of values"
+            )
+        if found.names == params.keys():
+            return statement
+        missing = [token for token in found.named if token[1:] not in params]
+        if missing:
+            raise errors.BadRequest(f"{where}: no value for parameter {', '.join(missing)}")
+        extra = sorted(params.keys() - found.names)
+        if extra:
+            raise errors.BadRequest(
+                f"{where}: {'values' if len(extra) > 1 else 'value'} for {', '.join(map(repr, extra))} "
+                f"{'match' if len(extra) > 1 else 'matches'} no parameter of the SQL "
+                "(almost surely a misspelt or stale key in the client)"
+            )
+        return statement
+    if found.named:
+        raise errors.BadRequest(
+            f"{where}: an array of values given, but the SQL has named parameter {found.named[0]}; "
+            "pass the values as an object"
+        )
+    if len(params) != found.count:
+        raise errors.BadRequest(
+            f"{where} has {_plural(found.count, 'parameter')} but {_plural(len(params), 'value')} were given"
+        )
+    return statement

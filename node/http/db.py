@@ -88,7 +88,8 @@ class DbRoutes:
         if request.content_type == "text/plain":
             return DbRequest(parse_text_statement(decode_text(raw)), flags)
         body = parse_json(raw, expected="a JSON array of statements")
-        return DbRequest(parse_statements(body, max_statements=self._max_statements), flags)
+        # raw too: an integer beyond 64 bits is decoded again exactly, to be refused rather than stored as REAL.
+        return DbRequest(parse_statements(body, max_statements=self._max_statements, raw=raw), flags)
 
     def _stamp(self, request: DbRequest) -> WriteCommand:
         # One time and one seed per write, chosen where the write is accepted (with replication: the leader).
@@ -173,7 +174,7 @@ class DbRoutes:
             return self._respond([], flags, started)
         if not raw.strip():
             raise errors.BadRequest("request body is empty; expected an SQLite file or an SQL dump")
-        dump = DbRequest(parse_text_statement(decode_text(raw)), flags)
+        dump = DbRequest(parse_text_statement(decode_text(raw), check=False), flags)
         count = await self._db.load_dump(self._stamp(dump))
         return self._respond([{"statements": count}], flags, started)
 

@@ -370,6 +370,8 @@ class Database:
             result = {"error": str(exc)}
         except (apsw.Error, ValueError, OverflowError, UnicodeError) as exc:
             result = {"error": _message(exc)}
+        except (KeyError, TypeError) as exc:  # apsw's binding errors the request checks missed: not a 500
+            result = {"error": f"cannot bind the values: {type(exc).__name__} {exc}"}
         finally:
             self._deadline = float("inf")
             cursor.close(force=True)

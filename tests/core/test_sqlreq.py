@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
+from types import MappingProxyType
+from typing import Any
+
+import apsw
+import apsw.ext
+import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node import errors
@@ -30,12 +38,14 @@ def test_plain_positional_and_named_statements():
 
 
 def test_value_mapping():
-    (stmt,) = parse([["x", 1, 1.5, "s", None, True, False, [0, 255], "x'0aff'", "X''"]])
+    (stmt,) = parse(
+        [["SELECT " + ", ".join("?" * 9), 1, 1.5, "s", None, True, False, [0, 255], "x'0aff'", "X''"]]
+    )
     assert stmt.params == (1, 1.5, "s", None, 1, 0, b"\x00\xff", b"\x0a\xff", b"")
 
 
 def test_named_keys_may_carry_their_prefix():
-    (stmt,) = parse([["x", {":a": 1, "$b": 2, "@c": 3}]])
+    (stmt,) = parse([["SELECT :a, $b, @c", {":a": 1, "$b": 2, "@c": 3}]])
     assert dict(stmt.params) == {"a": 1, "b": 2, "c": 3}
 
 
@@ -168,3 +178,242 @@ def test_blob_encoding():
     assert q.encode_value(b"\x00\x01", blob_array=False) == "AAE="
     assert q.encode_value(b"\x00\x01", blob_array=True) == [0, 1]
     assert q.encode_value("x", blob_array=False) == "x"
+
+
+# --- parameters are checked against the values before anything runs ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "count", "named"),
+    [
+        ("SELECT 1", 0, ()),
+        ("SELECT ?, ?", 2, ()),
+        ("SELECT ?, ?1", 1, ()),  # ?1 is the first ? again
+        ("SELECT ?5", 5, ()),  # ?NNN counts as its number
+        ("SELECT ?2, ?", 3, ()),  # ? takes the number after the highest so far
+        ("SELECT :a, @a, $a, :a", 3, (":a", "@a", "$a")),  # distinct parameters, one key 'a' for apsw
+        ("SELECT ?; SELECT ?1, ?1; ;", 2, ()),  # each statement of a string numbers from 1
+        ("SELECT :a; SELECT :b, :a", 3, (":a", ":b")),
+        ("SELECT '?', \"?\", [?], `?`, 'it''s :a' -- ?\n", 0, ()),
+        ("SELECT /* ? :a */ 1 /* unterminated ?", 0, ()),
+        ("SELECT 'unterminated ?", 0, ()),
+        ("SELECT a$b, x'00'", 0, ()),  # '$' inside an identifier is not a parameter
+        ("SELECT é$a, \u00a0$b, $$c", 1, ("$$c",)),  # ... nor after any non-ASCII character
+        ("SELECT 1 - -1 / 2 - ?", 1, ()),
+        ("SELECT '1'::int, :a", 1, (":a",)),  # a PostgreSQL cast: SQLite's own error, not a parameter
+        ("SELECT :é, :a\u00a0", 2, (":é", ":a\u00a0")),  # every non-ASCII character is a name character
+        ("SELECT ?١", 1, ()),  # only ASCII digits number a parameter
+        ("SELECT ?12abc", 12, ()),
+    ],
+)
+def test_sql_parameters_are_found_as_sqlite_finds_them(sql, count, named):
+    found = q.sql_parameters(sql)
+    assert (found.count, found.named, found.unsupported) == (count, named, ())
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT $a::b",
+        "SELECT $a(x)",
+        "SELECT :a::b(c)",
+        "SELECT $::a",
+        "SELECT #a",
+        "SELECT ?0",
+        "SELECT ?32767",
+        "SELECT ?" + "9" * 5000,
+    ],
+)
+def test_forms_that_are_not_bound_are_refused(sql):
+    assert q.sql_parameters(sql).unsupported
+    with pytest.raises(errors.BadRequest, match="statement 0: unsupported parameter"):
+        parse([[sql, 1]])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([["SELECT :zz", {"a": 1}]], "statement 0: no value for parameter :zz"),
+        ([["SELECT 1"], ["SELECT :a, :b", {"a": 1}]], "statement 1: no value for parameter :b"),
+        ([["SELECT :a", {"a": 1, "b": 2}]], "statement 0: value for 'b' matches no parameter"),
+        ([["SELECT :a", {"a": 1, ":a": 2}]], "two values for parameter 'a'"),
+        ([["SELECT ?", {"a": 1}]], "named values given, but the SQL has positional parameter ?"),
+        ([["SELECT :a", 1]], "an array of values given, but the SQL has named parameter :a"),
+        ([["SELECT ?, ?", 1]], "statement 0 has 2 parameters but 1 value were given"),
+        ([["SELECT 1", 1]], "statement 0 has 0 parameters but 1 value were given"),
+        ([["SELECT ?5", 1, 2, 3, 4]], "statement 0 has 5 parameters but 4 values were given"),
+        ([["SELECT ?; SELECT ?", 1]], "has 2 parameters but 1 value"),
+        (["SELECT ?, :a"], "statement 0 has 2 parameters but no values"),
+        ([["SELECT ?, ?"]], "statement 0 has 2 parameters but no values"),
+        ([["SELECT :a", {}]], "no value for parameter :a"),
+    ],
+)
+def test_values_that_do_not_fit_the_parameters_are_400(body, message):
+    with pytest.raises(errors.BadRequest, match=re.escape(message)):
+        parse(body)
+
+
+def test_text_statements_are_checked_unless_told_not_to():
+    with pytest.raises(errors.BadRequest, match="statement 0 has 1 parameter but no values"):
+        q.parse_text_statement("SELECT ?")
+    assert q.parse_text_statement("SELECT ?", check=False)[0].sql == "SELECT ?"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [["SELECT :a, @b, $c", {":a": 1, "@b": 2, "$c": 3}]],
+        [["SELECT :a, @b, $c", {"a": 1, "b": 2, "c": 3}]],
+        [["SELECT ?1, ?1, ?2", 1, 2]],
+        [["INSERT INTO t VALUES(?); INSERT INTO t VALUES(?)", 1, 2]],
+        [["SELECT 1", {}]],
+        ["SELECT '?', ':a'"],
+    ],
+)
+def test_rqlite_forms_still_parse(body):
+    assert parse(body)
+
+
+# --- integers beyond 64 bits, however the fast parser decoded them --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", [str(1 << 64), str(1 << 63), str(-(1 << 63) - 1), "1" + "0" * 300, "-" + "9" * 40]
+)
+def test_integers_beyond_64_bits_are_400_naming_statement_and_value(text):
+    raw = f'[["SELECT 1"], ["SELECT ?", {text}]]'.encode()
+    with pytest.raises(
+        errors.BadRequest, match=f"statement 1 value 1: integer {text} does not fit in 64 bits"
+    ):
+        parse_raw(raw)
+    named = f'[["SELECT :a", {{"a": {text}}}]]'.encode()
+    with pytest.raises(errors.BadRequest, match="statement 0 parameter 'a': integer"):
+        parse_raw(named)
+
+
+@pytest.mark.parametrize("text", ["1e19", "-1.5e300", "9.3e18", "1.0E20"])
+def test_large_float_literals_stay_floats(text):
+    (stmt,) = parse_raw(f'[["SELECT ?", {text}]]'.encode())
+    assert stmt.params == (float(text),)
+
+
+def test_64_bit_bounds_are_accepted():
+    (stmt,) = parse_raw(f'[["SELECT ?, ?", {(1 << 63) - 1}, {-(1 << 63)}]]'.encode())
+    assert stmt.params == ((1 << 63) - 1, -(1 << 63))
+
+
+@pytest.mark.parametrize("raw", [b"[1e400]", b"[NaN]", b"[-Infinity]", b"[" * 100_000 + b"]" * 100_000])
+def test_exact_json_refuses_what_json_does_not_have(raw):
+    with pytest.raises(errors.BadRequest, match="invalid JSON body"):
+        q.exact_json(raw)
+
+
+def parse_raw(raw: bytes, max_statements: int = 100):
+    return q.parse_statements(orjson.loads(raw), max_statements=max_statements, raw=raw)
+
+
+@given(
+    st.integers(q.INT64_MAX + 1)
+    | st.integers(max_value=q.INT64_MIN - 1)
+    | st.integers(1, 309).map(lambda d: 10**d),
+    st.booleans(),
+)
+def test_every_out_of_range_integer_is_400(number, named):
+    if q.INT64_MIN <= number <= q.INT64_MAX:
+        return
+    body = [["SELECT :a", {"a": number}]] if named else [["SELECT ?", number]]
+    raw = json.dumps(body).encode()
+    try:
+        decoded = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return  # beyond a double: the HTTP layer's parser refuses it already (400)
+    with pytest.raises(errors.BadRequest, match=f"integer {number} does not fit in 64 bits"):
+        q.parse_statements(decoded, max_statements=10, raw=raw)
+
+
+@given(st.integers(q.INT64_MIN, q.INT64_MAX) | st.floats(allow_nan=False, allow_infinity=False) | st.none())
+def test_every_in_range_number_keeps_its_type_and_value(number):
+    raw = json.dumps([["SELECT ?", number]]).encode()
+    (stmt,) = parse_raw(raw)
+    assert stmt.params == (number,)
+    assert type(stmt.params[0]) is type(number)
+
+
+# --- the scanner agrees with SQLite itself --------------------------------------------------------------------
+
+_NAME = st.text(alphabet=st.sampled_from("abcXYZ_é☃\u00a0"), min_size=1, max_size=4).filter(
+    lambda s: not s[0].isdigit()
+)
+_PARAM = st.one_of(
+    st.just("?"),
+    st.integers(1, 40).map(lambda n: f"?{n}"),
+    st.tuples(st.sampled_from(":@$"), _NAME).map("".join),
+)
+_NOISE = st.text(alphabet=st.sampled_from("?:@$'\"`[]-*/;x1 \n"), max_size=8)
+_EXPR = st.one_of(
+    _PARAM,
+    _PARAM.map(lambda p: f"({p})"),
+    _NOISE.map(lambda s: "'" + s.replace("'", "''") + "'"),
+    st.integers(0, 99).map(str),
+    st.just("x'00ff'"),
+    st.just("CURRENT_TIMESTAMP"),
+)
+_ALIAS = st.one_of(
+    st.just(""),
+    _NOISE.map(lambda s: ' AS "' + s.replace('"', '""') + '"'),
+    _NOISE.map(lambda s: " AS [" + s.replace("]", "") + "]"),
+    _NOISE.map(lambda s: " AS `" + s.replace("`", "``") + "`"),
+    st.just(" AS a$b"),
+)
+_GAP = st.one_of(
+    st.just(" "),
+    _NOISE.map(lambda s: "/*" + s.replace("*/", "") + "*/"),
+    _NOISE.map(lambda s: "--" + s.replace("\n", "") + "\n"),
+)
+_SELECT = st.lists(st.tuples(_EXPR, _ALIAS, _GAP).map("".join), min_size=1, max_size=5).map(
+    lambda items: "SELECT " + ", ".join(items)
+)
+_SQL = st.lists(_SELECT, min_size=1, max_size=3).flatmap(
+    lambda selects: st.sampled_from([";", "; ", ";\n;", " -- end\n;"]).map(lambda sep: sep.join(selects))
+)
+
+
+def sqlite_parameters(sql: str) -> tuple[int, set[str]]:
+    """Count and names as SQLite reports them, statement by statement (the reference)."""
+    conn = apsw.Connection(":memory:")
+    count, names = 0, set()
+    rest: str | None = sql
+    for _ in range(20):
+        if not rest or not rest.strip(" \n;") or rest.strip().startswith("--"):
+            break
+        info = apsw.ext.query_info(conn, rest)
+        count += info.bindings_count
+        names |= {n for n in info.bindings_names if n is not None and not n.isdigit()}
+        rest = info.query_remaining
+    return count, names
+
+
+@settings(max_examples=300, deadline=None)
+@given(_SQL)
+def test_parameters_found_are_those_sqlite_finds(sql):
+    found = q.sql_parameters(sql)
+    assert found.unsupported == ()
+    assert (found.count, set(found.names)) == sqlite_parameters(sql)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_SQL, st.data())
+def test_values_accepted_always_bind_in_sqlite(sql, data):
+    """Whatever passes the check binds without a binding error, every statement of the string."""
+    found = q.sql_parameters(sql)
+    if found.named:
+        keys = data.draw(st.sets(st.sampled_from(sorted(found.names) + ["zz"])))
+        params: Any = MappingProxyType({k: 1 for k in keys})
+    else:
+        params = tuple(range(data.draw(st.integers(0, found.count + 2))))
+    try:
+        q.check_parameters(q.Statement(sql, params), "statement 0")
+    except errors.BadRequest:
+        return
+    conn = apsw.Connection(":memory:")
+    conn.execute(sql, dict(params) if isinstance(params, MappingProxyType) else params).fetchall()
