@@ -37,7 +37,9 @@ READ, WRITE, ADMIN = token("read"), token("write"), token("admin")
 async def api(tmp_path):
     database = Database(
         tmp_path / "data",
-        limits=Limits(statement_timeout_s=2.0, max_result_rows=50, max_result_bytes=64 << 10),
+        limits=Limits(
+            statement_timeout_s=2.0, max_result_rows=50, max_result_bytes=64 << 10, write_step_budget=2_000_000
+        ),
         queue_size=8,
     )
     await database.open()
@@ -185,8 +187,12 @@ async def test_transaction_is_all_or_nothing(api):
         ],
         query="?transaction",
     )
-    assert len(body["results"]) == 3
+    # One result per statement, and none claims a stored change: all were rolled back.
+    assert len(body["results"]) == 4
+    assert all("error" in r for r in body["results"]), body
+    assert body["results"][0]["error"].startswith("rolled back: statement 3 failed: UNIQUE constraint failed")
     assert "UNIQUE constraint failed" in body["results"][2]["error"]
+    assert body["results"][3]["error"].startswith("not run: statement 3 failed")
     assert "values" not in await select(api, "SELECT * FROM t")
     body = await execute(api, ["INSERT INTO t VALUES(1)", "INSERT INTO t VALUES(2)"], query="?transaction")
     assert (await select(api, "SELECT count(*) FROM t"))["values"] == [[2]]
@@ -233,7 +239,7 @@ async def test_guards_on_user_sql(api):
     errors_ = [r["error"] for r in body["results"]]
     assert "ATTACH" in errors_[0]
     assert "transaction" in errors_[1] and "transaction" in errors_[3]
-    assert "disallowed pragma" in errors_[2]
+    assert "pragma journal_mode cannot be set" in errors_[2]
 
 
 async def test_statement_time_limit(api):
@@ -244,7 +250,8 @@ async def test_statement_time_limit(api):
         api,
         ["CREATE TABLE t (x)", "INSERT INTO t " + sql.replace("SELECT count(*) FROM c", "SELECT x FROM c")],
     )
-    assert body["results"][1]["error"].startswith("interrupted")
+    # Writes are bounded by VM steps, not by a clock (the same outcome on every replica).
+    assert body["results"][1]["error"].startswith("write budget exceeded: the request used more than 2000000")
     assert (await select(api, "SELECT count(*) FROM t"))["values"] == [[0]]
 
 
@@ -394,28 +401,52 @@ async def test_load_rejects_corrupt_sqlite_file(api):
 
 
 async def test_busy_queue_is_503(api):
-    """The database thread is held by a blocker; once 8 requests wait, the next is refused at once."""
+    """Every reader is held by a blocker; a client may queue half the read queue (4), the node 8 in all."""
     import threading
 
     release = threading.Event()
-    blocker = asyncio.create_task(api.database._call(release.wait, 30))
-    waiting = [
-        asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=READ)) for _ in range(7)
+    database = api.database
+    blockers = [
+        asyncio.create_task(database._read(f"blocker-{i}", lambda job, slot: release.wait(30))) for i in range(4)
     ]
+    other = {  # another credential string: another client
+        "Authorization": "Bearer " + auth.mint_jwt(SECRET, auth.Role.READ, now=time.time(), ttl_s=299)
+    }
+    waiting = []
     try:
         for _ in range(1000):  # at most ~10 s
-            if api.database._pending >= 8:
+            if database.snapshot()["reads_running"] == 4:
                 break
             await asyncio.sleep(0.01)
-        assert api.database._pending == 8
+        assert database.snapshot()["reads_running"] == 4
+        waiting = [
+            asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=READ)) for _ in range(4)
+        ]
+        for _ in range(1000):
+            if database.snapshot()["reads_waiting"] >= 4:
+                break
+            await asyncio.sleep(0.01)
+        assert database.snapshot()["reads_waiting"] == 4
         resp = await api.get("/db/query", params={"q": "SELECT 1"}, headers=READ)
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
         assert (await resp.json())["code"] == "busy"
+        assert "this client" in (await resp.json())["error"]
+        waiting += [
+            asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=other)) for _ in range(4)
+        ]
+        for _ in range(1000):
+            if database.snapshot()["reads_waiting"] >= 8:
+                break
+            await asyncio.sleep(0.01)
+        assert database.snapshot()["reads_waiting"] == 8
+        resp = await api.get("/db/query", params={"q": "SELECT 1"}, headers=WRITE)
+        assert resp.status == 503
+        assert "read queue is full" in (await resp.json())["error"]
     finally:
         release.set()
-    assert await blocker is True
-    assert [(await t).status for t in waiting] == [200] * 7
+    assert [await b for b in blockers] == [True] * 4
+    assert [(await t).status for t in waiting] == [200] * 8
 
 
 @pytest.mark.parametrize("level", ["none", "weak", "linearizable", "strong", "auto", "bogus", ""])
