@@ -217,7 +217,9 @@ class DbRoutes:
                 async for chunk in request.content.iter_any():
                     size += len(chunk)
                     if size > limit:
-                        raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", limit=limit)
+                        raise errors.PayloadTooLarge(
+                            f"request body exceeds the limit of {limit} bytes", limit=limit
+                        )
                     if len(head) < len(SQLITE_MAGIC):
                         head += chunk[: len(SQLITE_MAGIC) - len(head)]
                     blank = blank and not chunk.strip()
@@ -229,7 +231,9 @@ class DbRoutes:
                 await asyncio.to_thread(handle.write, bytes(pending))
             await asyncio.to_thread(handle.flush)
         except TimeoutError:
-            raise errors.RequestTimeout(f"request body not received within {self._read_timeout_s:g} s") from None
+            raise errors.RequestTimeout(
+                f"request body not received within {self._read_timeout_s:g} s"
+            ) from None
         except OSError as exc:
             raise _storage_error(exc) from None
         finally:

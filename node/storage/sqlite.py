@@ -75,7 +75,9 @@ DUMP_CHUNK_CHARS = 1 << 20
 _TEMP_PREFIX = ".tmp-"
 _INSERT_WORDS = re.compile(r"^\s*(INSERT|REPLACE)\b", re.IGNORECASE)
 _TX_WORDS = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK)\b", re.IGNORECASE)
-_FK_PRAGMA = re.compile(r"^\s*PRAGMA\s+(?:main\.)?foreign_keys\s*(?:=\s*|\(\s*)'?(\w+)'?\s*\)?\s*;?\s*$", re.I)
+_FK_PRAGMA = re.compile(
+    r"^\s*PRAGMA\s+(?:main\.)?foreign_keys\s*(?:=\s*|\(\s*)'?(\w+)'?\s*\)?\s*;?\s*$", re.I
+)
 _TX_ACTIONS = (apsw.SQLITE_TRANSACTION, apsw.SQLITE_SAVEPOINT)
 _TEMP_CREATE = frozenset(
     {
@@ -227,7 +229,9 @@ class _ReadScheduler:
         if not self._paused and self._free and self._held[client] < self._per_client:
             return self._grant(client)
         if self._count >= self._queue_size:
-            raise errors.Busy(f"database read queue is full ({self._queue_size} requests waiting); retry shortly")
+            raise errors.Busy(
+                f"database read queue is full ({self._queue_size} requests waiting); retry shortly"
+            )
         queue = self._waiting.setdefault(client, collections.deque())
         if len(queue) >= self._per_client_queue:
             raise errors.Busy(
@@ -532,9 +536,7 @@ class Database:
         timeout = self.limits.statement_timeout_s
         if request.flags.db_timeout_s is not None:
             timeout = min(timeout, request.flags.db_timeout_s)
-        return await self._read(
-            client, self._run_query, request.statements, request.flags, timeout_s=timeout
-        )
+        return await self._read(client, self._run_query, request.statements, request.flags, timeout_s=timeout)
 
     async def execute(
         self, command: WriteCommand, flags: Flags, *, unified: bool = False
@@ -683,7 +685,9 @@ class Database:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.limit(apsw.SQLITE_LIMIT_LENGTH, self.limits.max_result_bytes)
         conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
-        conn.authorizer = partial(self._authorize, slot)  # last: the settings above are pragmas users may not set
+        conn.authorizer = partial(
+            self._authorize, slot
+        )  # last: the settings above are pragmas users may not set
         conn.set_progress_handler(partial(self._progress, slot), PROGRESS_STEPS)
         return conn
 
@@ -820,7 +824,9 @@ class Database:
                 failure = failure or _message(exc)
             else:
                 stopped = _message(exc)
-                results.extend({"error": f"not run: {stopped}"} for _ in range(len(statements) - len(results)))
+                results.extend(
+                    {"error": f"not run: {stopped}"} for _ in range(len(statements) - len(results))
+                )
         finally:
             self._rollback_if_open(slot)  # never leave a transaction open on a shared connection
         if slot.writer:
@@ -958,7 +964,9 @@ class Database:
             _fsync_dir(self.data_dir)
         except OSError as exc:
             if is_disk_full(exc):
-                raise errors.InsufficientStorage("not enough disk space in DATA_DIR to load the file") from None
+                raise errors.InsufficientStorage(
+                    "not enough disk space in DATA_DIR to load the file"
+                ) from None
             raise
         finally:
             if self._writer is not None and self._writer.conn is None:
@@ -1007,14 +1015,18 @@ class Database:
                         f"load failed at statement {count + 1}: the disk is full; nothing was loaded"
                     ) from None
                 except apsw.Error as exc:
-                    raise errors.BadRequest(f"load failed at statement {count + 1}: {_message(exc)}") from None
+                    raise errors.BadRequest(
+                        f"load failed at statement {count + 1}: {_message(exc)}"
+                    ) from None
                 count += 1
             if begun:
                 try:
                     self._internal_sql(slot, "COMMIT")
                 except apsw.FullError:
                     self.disk_full = True
-                    raise errors.InsufficientStorage("load failed: the disk is full; nothing was loaded") from None
+                    raise errors.InsufficientStorage(
+                        "load failed: the disk is full; nothing was loaded"
+                    ) from None
             if count:
                 self.disk_full = False
             return count
@@ -1132,7 +1144,9 @@ def _rows_result(
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, apsw.FullError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+    return isinstance(exc, apsw.FullError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    )
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -54,7 +54,10 @@ async def probe(database: Database) -> dict[str, object]:
     """Every connection's state: the writer's, and each reader's (held at once, so each is probed)."""
     writer = await database._write(lambda job: _probe_slot(database._writer))
     readers = await asyncio.gather(
-        *(database._read(f"probe-{i}", lambda job, slot: _probe_slot(slot)) for i in range(len(database._readers)))
+        *(
+            database._read(f"probe-{i}", lambda job, slot: _probe_slot(slot))
+            for i in range(len(database._readers))
+        )
     )
     return {"writer": writer, "readers": sorted(map(repr, readers))}
 
@@ -93,11 +96,14 @@ async def test_a_write_client_cannot_turn_off_constraints_for_everyone(database)
     )
     assert results == [
         {"error": "pragma foreign_keys cannot be set: it changes the connection for every client"},
-        {"error": "pragma ignore_check_constraints cannot be set: it changes the connection for every client"},
+        {
+            "error": "pragma ignore_check_constraints cannot be set: it changes the connection for every client"
+        },
     ]
     # Another request afterwards: both constraints still hold.
     results = await database.execute(
-        _command("INSERT INTO child(p, n) VALUES (42, 1)", "INSERT INTO child(p, n) VALUES (NULL, -1)"), q.Flags()
+        _command("INSERT INTO child(p, n) VALUES (42, 1)", "INSERT INTO child(p, n) VALUES (NULL, -1)"),
+        q.Flags(),
     )
     assert "FOREIGN KEY constraint failed" in results[0]["error"]
     assert "CHECK constraint failed" in results[1]["error"]
@@ -107,7 +113,8 @@ async def test_max_page_count_cannot_make_later_writes_fail(database):
     results = await database.execute(_command("PRAGMA max_page_count=1"), q.Flags())
     assert "pragma max_page_count cannot be set" in results[0]["error"]
     results = await database.execute(
-        _command("INSERT INTO words SELECT hex(randomblob(1000)) FROM words, words, words, words, words"), q.Flags()
+        _command("INSERT INTO words SELECT hex(randomblob(1000)) FROM words, words, words, words, words"),
+        q.Flags(),
     )
     assert results == [{"last_insert_id": 34, "rows_affected": 32}]
 
@@ -183,11 +190,15 @@ async def test_reading_pragmas_stays_allowed(database, sql):
 
 
 async def test_file_fields_are_ordinary_writes(database):
-    assert await database.execute(_command("PRAGMA user_version=7", "PRAGMA application_id(9)"), q.Flags()) == [
+    assert await database.execute(
+        _command("PRAGMA user_version=7", "PRAGMA application_id(9)"), q.Flags()
+    ) == [
         {},
         {},
     ]
-    read = await database.query(_read("PRAGMA user_version", "PRAGMA application_id", "PRAGMA user_version=8"))
+    read = await database.query(
+        _read("PRAGMA user_version", "PRAGMA application_id", "PRAGMA user_version=8")
+    )
     assert read[:2] == [
         {"columns": ["user_version"], "types": [""], "values": [[7]]},
         {"columns": ["application_id"], "types": [""], "values": [[9]]},
@@ -197,11 +208,17 @@ async def test_file_fields_are_ordinary_writes(database):
 
 def test_the_allow_list_only_names_real_pragmas():
     known = set(SQLITE_PRAGMAS)
-    assert (pragmas.REPORTS | pragmas.SETTINGS | pragmas.FILE_FIELDS) - known <= {"count_changes",
-        "full_column_names", "short_column_names", "empty_result_callbacks"}  # deprecated, compiled out
+    assert (pragmas.REPORTS | pragmas.SETTINGS | pragmas.FILE_FIELDS) - known <= {
+        "count_changes",
+        "full_column_names",
+        "short_column_names",
+        "empty_result_callbacks",
+    }  # deprecated, compiled out
 
 
-_VALUES = st.sampled_from(["0", "1", "ON", "OFF", "-1", "100", "'x'", "DELETE", "MEMORY", "NORMAL", "2", "words"])
+_VALUES = st.sampled_from(
+    ["0", "1", "ON", "OFF", "-1", "100", "'x'", "DELETE", "MEMORY", "NORMAL", "2", "words"]
+)
 _NAMES = st.one_of(
     st.sampled_from(SQLITE_PRAGMAS),
     st.sampled_from(sorted(pragmas.SETTINGS)),
@@ -227,7 +244,9 @@ def test_no_pragma_changes_any_connection(tmp_path):
     try:
         loop.run_until_complete(database.open())
         loop.run_until_complete(
-            database.execute(_command("CREATE TABLE words (w TEXT)", "INSERT INTO words VALUES ('a')"), q.Flags())
+            database.execute(
+                _command("CREATE TABLE words (w TEXT)", "INSERT INTO words VALUES ('a')"), q.Flags()
+            )
         )
         baseline = loop.run_until_complete(probe(database))
 

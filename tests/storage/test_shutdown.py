@@ -55,7 +55,9 @@ async def test_begin_shutdown_interrupts_running_work_and_refuses_the_backlog(tm
     )
     # A backlog: 250 reads of one client (above its cap of one reader) and 40 writes.
     queued = [asyncio.create_task(database.query(_query("SELECT 1"), client="a")) for _ in range(150)]
-    queued += [asyncio.create_task(database.execute(_write("INSERT INTO t VALUES(1)"), q.Flags())) for _ in range(40)]
+    queued += [
+        asyncio.create_task(database.execute(_write("INSERT INTO t VALUES(1)"), q.Flags())) for _ in range(40)
+    ]
     await wait_for(lambda: database.snapshot()["reads_waiting"] == 150, "the reads to queue")
     assert database.snapshot()["writes_queued"] == 41  # the running one stays listed until it ends
 
