@@ -198,11 +198,11 @@ class _Slot:
 
 
 class _ReadScheduler:
-    """Hands out readers: at most ``per_client`` to one client, waiting requests served round-robin by client.
+    """Hands out readers: at most ``per_client`` to one client, waiting requests served fairly by client.
 
     Invariant: a request waits only if no reader is free or its client already holds ``per_client``; so when a
-    reader becomes free it goes to the next client in turn that is below its cap, never to the longest
-    backlog. At most ``queue_size`` requests wait in all, and one client at most half of them (at least one),
+    reader becomes free it goes to the waiting client (below its cap) that holds the fewest readers, in
+    round-robin order among equals, never to the longest backlog. At most ``queue_size`` requests wait in all, and one client at most half of them (at least one),
     so one client cannot fill the queue for the others. Overflow: 503 busy. Runs on the event loop only.
     """
 
@@ -271,18 +271,19 @@ class _ReadScheduler:
                 self._idle.set()
             return
         while self._free and self._waiting:
-            for client in list(self._waiting):
-                if self._held[client] < self._per_client:
-                    queue = self._waiting.pop(client)
-                    future = queue.popleft()
-                    self._count -= 1
-                    if queue:
-                        self._waiting[client] = queue  # to the back of the round
-                    if not future.done():  # a cancelled waiter whose task has not resumed yet: skip it
-                        future.set_result(self._grant(client))
-                    break
-            else:
+            # The waiting client holding the fewest readers goes first (ties: the one whose turn came least
+            # recently), so a client with a backlog never takes a freed reader from one that has none.
+            eligible = [c for c in self._waiting if self._held[c] < self._per_client]
+            if not eligible:
                 return  # every waiting client is at its cap
+            client = min(eligible, key=lambda c: self._held[c])
+            queue = self._waiting.pop(client)
+            future = queue.popleft()
+            self._count -= 1
+            if queue:
+                self._waiting[client] = queue  # to the back of the round
+            if not future.done():  # a cancelled waiter whose task has not resumed yet: skip it
+                future.set_result(self._grant(client))
 
     async def pause(self) -> None:
         """Stop handing out readers and wait until every reader is back (for a file swap or close)."""
