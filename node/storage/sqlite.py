@@ -140,6 +140,10 @@ class _ShuttingDown(Exception):
     pass
 
 
+class _QuarantineHeld(Exception):
+    """node.db is absent and a quarantined database is kept: starting empty must be the operator's choice."""
+
+
 class _Job:
     """One unit of work for a connection thread; the loop side and the thread meet here.
 
@@ -360,6 +364,10 @@ class Database:
         writer, readers = self._writer, self._readers
         try:
             verdict = await loop.run_in_executor(writer.executor, self._open_and_check)
+        except _QuarantineHeld as exc:
+            self.state, self.state_detail = State.CORRUPT, str(exc)
+            self._emit("error", "database_quarantined", path=str(self.path), reason=str(exc))
+            return
         except (apsw.Error, OSError) as exc:
             if not self._closing:
                 self._set_failed(f"cannot open the database: {_message(exc)}")
@@ -628,9 +636,9 @@ class Database:
         """Open the writer and check the file. Returns None if it is sound, else quick_check's verdict lines."""
         quarantine = self.data_dir / QUARANTINE_DIR
         if not self.path.exists() and quarantine.is_dir() and any(quarantine.iterdir()):
-            raise OSError(
-                f"{self.path} is absent and {quarantine} holds a quarantined database: refusing to start "
-                f"empty; remove {quarantine} to start with an empty database (or restore a backup there)"
+            raise _QuarantineHeld(
+                f"{self.path} is absent and {quarantine} holds a quarantined database: not starting empty; "
+                f"remove {quarantine} to start with an empty database (then restore a backup with /db/load)"
             )
         if self.path.exists() and self.path.stat().st_size == 0:
             self._emit("warning", "database_file_empty", path=str(self.path),
