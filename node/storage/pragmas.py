@@ -10,7 +10,8 @@ Three kinds are allowed:
 * **file fields** (``user_version``, ``application_id``) live in the database file itself, so setting them is
   an ordinary, replicated write (a query refuses it as it refuses every write).
 
-Everything else (including pragmas SQLite does not know, which it ignores silently) is refused naming the
+Everything else (``optimize``, ``wal_checkpoint``, ``incremental_vacuum``, ``shrink_memory``,
+``temp_store_directory``, and pragmas SQLite does not know, which it ignores silently) is refused naming the
 pragma. The table-valued forms (``SELECT * FROM pragma_x(...)``) never set anything: their arguments are
 the table/schema a report is about, and SQLite reports them to the authorizer as the same pragma without a
 value, or not at all.
@@ -36,7 +37,7 @@ SETTINGS = frozenset(
         "trusted_schema", "analysis_limit", "soft_heap_limit", "hard_heap_limit", "threads",
         "journal_size_limit", "schema_version", "count_changes", "full_column_names", "short_column_names",
         "empty_result_callbacks", "checkpoint_fullfsync", "fullfsync", "writable_schema", "cache_spill",
-        "case_sensitive_like",
+        "case_sensitive_like", "read_uncommitted",
     }
 )  # fmt: skip
 

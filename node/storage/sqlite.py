@@ -339,7 +339,11 @@ class Database:
 
     async def prepare(self) -> None:
         """Fast checks that must fail the start-up (exit 2): DATA_DIR exists or can be made, and is writable."""
-        await asyncio.to_thread(self._prepare)
+        try:
+            await asyncio.to_thread(self._prepare)
+        except OSError as exc:
+            # An OSError so the node reports it as a start-up failure (exit 2), naming DATA_DIR.
+            raise OSError(f"cannot open the database {self.path} (DATA_DIR): {exc}") from exc
 
     async def open(self) -> None:
         """Prepare, open and check, waiting for the check. Raises OSError if the database cannot be served."""
