@@ -6,8 +6,25 @@ import pathlib
 import node.core
 
 FORBIDDEN = {
-    "asyncio", "aiohttp", "aiodns", "pycares", "sqlite3", "structlog", "time", "random", "socket",
-    "os", "threading", "subprocess", "datetime", "secrets", "urllib", "http", "requests", "orjson", "jwt",
+    "asyncio",
+    "aiohttp",
+    "aiodns",
+    "pycares",
+    "sqlite3",
+    "structlog",
+    "time",
+    "random",
+    "socket",
+    "os",
+    "threading",
+    "subprocess",
+    "datetime",
+    "secrets",
+    "urllib",
+    "http",
+    "requests",
+    "orjson",
+    "jwt",
 }
 
 

@@ -38,7 +38,10 @@ async def api(tmp_path):
     database = Database(
         tmp_path / "data",
         limits=Limits(
-            statement_timeout_s=2.0, max_result_rows=50, max_result_bytes=64 << 10, write_step_budget=2_000_000
+            statement_timeout_s=2.0,
+            max_result_rows=50,
+            max_result_bytes=64 << 10,
+            write_step_budget=2_000_000,
         ),
         queue_size=8,
     )
@@ -407,7 +410,8 @@ async def test_busy_queue_is_503(api):
     release = threading.Event()
     database = api.database
     blockers = [
-        asyncio.create_task(database._read(f"blocker-{i}", lambda job, slot: release.wait(30))) for i in range(4)
+        asyncio.create_task(database._read(f"blocker-{i}", lambda job, slot: release.wait(30)))
+        for i in range(4)
     ]
     other = {  # another credential string: another client
         "Authorization": "Bearer " + auth.mint_jwt(SECRET, auth.Role.READ, now=time.time(), ttl_s=299)
@@ -420,7 +424,8 @@ async def test_busy_queue_is_503(api):
             await asyncio.sleep(0.01)
         assert database.snapshot()["reads_running"] == 4
         waiting = [
-            asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=READ)) for _ in range(4)
+            asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=READ))
+            for _ in range(4)
         ]
         for _ in range(1000):
             if database.snapshot()["reads_waiting"] >= 4:
@@ -433,7 +438,8 @@ async def test_busy_queue_is_503(api):
         assert (await resp.json())["code"] == "busy"
         assert "this client" in (await resp.json())["error"]
         waiting += [
-            asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=other)) for _ in range(4)
+            asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=other))
+            for _ in range(4)
         ]
         for _ in range(1000):
             if database.snapshot()["reads_waiting"] >= 8:

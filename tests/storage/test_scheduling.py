@@ -142,6 +142,7 @@ async def test_a_cancelled_queued_read_never_runs_and_a_running_one_is_interrupt
         after = asyncio.create_task(database._read("C", _blocking(release, started, "after")))
         await wait_for(lambda: database.snapshot()["reads_waiting"] == 2, "two reads to wait")
         queued.cancel()
+        await asyncio.wait([queued])
         release.set()
         assert await holder == "holder" and await after == "after"
         assert started == ["holder", "after"]
@@ -169,6 +170,7 @@ async def test_a_cancelled_queued_write_never_runs(tmp_path):
         kept = asyncio.create_task(database.execute(_command("INSERT INTO t VALUES (2)"), q.Flags()))
         await wait_for(lambda: database.snapshot()["writes_queued"] == 3, "two writes to queue")
         dropped.cancel()
+        await asyncio.wait([dropped])  # the cancellation is handled before the writer frees up
         release.set()
         await holder
         assert await kept == [{"last_insert_id": 1, "rows_affected": 1}]
