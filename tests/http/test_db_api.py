@@ -516,3 +516,51 @@ async def test_last_insert_id_is_this_statements(api):
         {"last_insert_id": 7, "rows_affected": 1},
     ]
     assert (await select(api, "SELECT v FROM kv WHERE id = 7"))["values"] == [["6"]]
+
+
+async def test_a_client_that_disconnects_stops_its_running_and_queued_reads(tmp_path):
+    """With handler_cancellation (as the node's server runs), a disconnect cancels the handler: the running
+    read is interrupted and the queued one dropped, long before the read time limit (60 s here)."""
+    database = Database(tmp_path / "data", limits=Limits(statement_timeout_s=60, readers=1), queue_size=8)
+    await database.open()
+    decisions: LatestCell = LatestCell()
+    decisions.publish(object())
+    app = web.Application(middlewares=[make_error_middleware(_Log())])
+    DbRoutes(
+        database=database,
+        jwt_secret=SECRET,
+        decisions=decisions,
+        max_body_bytes=32 << 10,
+        max_load_bytes=1 << 20,
+        max_statements=20,
+        body_read_timeout_s=0.5,
+    ).add_to(app)
+    client = TestClient(TestServer(app, handler_cancellation=True))
+    await client.start_server()
+    runaway = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT count(*) FROM r"
+    try:
+        requests = [
+            asyncio.create_task(client.get("/db/query", params={"q": runaway}, headers=READ))
+            for _ in range(2)
+        ]
+        for _ in range(1000):
+            snapshot = database.snapshot()
+            if snapshot["reads_running"] == 1 and snapshot["reads_waiting"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert database.snapshot() | {"writes_queued": 0} == {
+            "reads_running": 1, "reads_waiting": 1, "writes_queued": 0, "write_running": 0,
+        }  # fmt: skip
+        for task in requests:
+            task.cancel()  # closes the client's connections
+        await asyncio.gather(*requests, return_exceptions=True)
+        for _ in range(1000):
+            snapshot = database.snapshot()
+            if snapshot["reads_running"] == 0 and snapshot["reads_waiting"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert database.snapshot()["reads_running"] == 0 and database.snapshot()["reads_waiting"] == 0
+        assert (await select(client, "SELECT 3"))["values"] == [[3]]
+    finally:
+        await client.close()
+        await database.close()
