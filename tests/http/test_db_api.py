@@ -564,3 +564,63 @@ async def test_a_client_that_disconnects_stops_its_running_and_queued_reads(tmp_
     finally:
         await client.close()
         await database.close()
+
+
+def _temp_files(api) -> list[str]:
+    return [p.name for p in api.database.data_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+async def test_a_dumps_foreign_keys_off_holds_for_that_load_only(api):
+    dump = b"""PRAGMA foreign_keys=OFF;
+BEGIN TRANSACTION;
+CREATE TABLE parent (id INTEGER PRIMARY KEY);
+CREATE TABLE child (p INTEGER REFERENCES parent(id));
+INSERT INTO child VALUES (42);
+COMMIT;
+"""
+    resp = await api.post("/db/load", data=dump, headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    # The orphan row loaded (the dump said so), but the next request's writes are checked again.
+    body = await execute(api, ["INSERT INTO child VALUES (43)"])
+    assert "FOREIGN KEY constraint failed" in body["results"][0]["error"]
+    assert (await select(api, "PRAGMA foreign_keys"))["values"] == [[1]]
+    # Without the pragma the same orphan is refused, and nothing of that dump stays.
+    resp = await api.post(
+        "/db/load", data=b"CREATE TABLE other (x); INSERT INTO child VALUES (44);", headers=ADMIN
+    )
+    assert resp.status == 400 and "FOREIGN KEY" in (await resp.json())["error"]
+    assert "no such table" in (await select(api, "SELECT * FROM other"))["error"]
+    assert _temp_files(api) == []
+
+
+@pytest.mark.parametrize(
+    "pragma",
+    ["PRAGMA cache_size=1", "PRAGMA writable_schema=ON", "PRAGMA recursive_triggers(1)", "PRAGMA optimize"],
+)
+async def test_other_connection_pragmas_in_a_dump_are_refused_naming_them(api, pragma):
+    dump = f"CREATE TABLE d (x);\n{pragma};\nINSERT INTO d VALUES (1);\n".encode()
+    resp = await api.post("/db/load", data=dump, headers=ADMIN)
+    assert resp.status == 400
+    body = await resp.json()
+    name = pragma.split()[1].split("=")[0].split("(")[0]
+    assert f"pragma {name}" in body["error"] and body["code"] == "bad_request"
+    assert "no such table" in (await select(api, "SELECT * FROM d"))["error"]
+    assert _temp_files(api) == []
+
+
+async def test_the_upload_file_is_removed_whatever_happens(api):
+    await make_foo(api)
+    resp = await api.post("/db/load", data=b"x" * (2 << 20), headers=ADMIN)
+    assert resp.status == 413
+    resp = await api.post("/db/load", data=b"SQLite format 3\x00" + b"\x13" * 5000, headers=ADMIN)
+    assert resp.status == 400
+    resp = await api.post("/db/load", data=b"   \n ", headers=ADMIN)
+    assert resp.status == 400 and "empty" in (await resp.json())["error"]
+    resp = await api.post("/db/load", data=b"INSERT INTO foo(name) VALUES ('x');", headers=ADMIN)
+    assert resp.status == 200
+    resp = await api.get("/db/backup", headers=ADMIN)
+    backup = await resp.read()
+    resp = await api.post("/db/load", data=backup, headers=ADMIN)
+    assert resp.status == 200
+    assert _temp_files(api) == []
+    assert (await select(api, "SELECT name FROM foo"))["values"] == [["x"]]
