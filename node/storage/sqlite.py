@@ -221,7 +221,7 @@ class _ReadScheduler:
         self._held: collections.Counter[str] = collections.Counter()
         self._waiting: dict[str, collections.deque[asyncio.Future[_Slot]]] = {}
         self._count = 0
-        self._paused = False
+        self._pausers = 0
         self._idle: asyncio.Event | None = None
 
     @property
@@ -292,17 +292,27 @@ class _ReadScheduler:
                 future.set_result(self._grant(client))
 
     async def pause(self) -> None:
-        """Stop handing out readers and wait until every reader is back (for a file swap or close)."""
-        self._paused = True
-        self._idle = asyncio.Event()
+        """Stop handing out readers and wait until every reader is back (for a file swap or close).
+
+        Pauses nest (a load and a close may overlap): readers are handed out again after the last resume.
+        """
+        self._pausers += 1
+        if self._idle is None:
+            self._idle = asyncio.Event()
         if len(self._free) == len(self._all):
             self._idle.set()
         await self._idle.wait()
 
     def resume(self) -> None:
-        self._paused = False
+        self._pausers -= 1
+        if self._pausers > 0:
+            return
         self._idle = None
         self._dispatch()
+
+    @property
+    def _paused(self) -> bool:
+        return self._pausers > 0
 
     def fail_waiting(self, exc_factory: Callable[[], BaseException]) -> None:
         for queue in self._waiting.values():
@@ -327,6 +337,7 @@ class Database:
         self._readers: list[_Slot] = []
         self._scheduler: _ReadScheduler | None = None
         self._write_jobs: collections.deque[_Job] = collections.deque()
+        self._swap_lock = asyncio.Lock()
         # Set (on the loop thread) when shutting down: running statements are interrupted at their next
         # progress check and queued jobs fail at once, so a stop is not held up by a slow query or a backlog.
         self._closing = False
@@ -590,9 +601,13 @@ class Database:
         self._require_ready()
         scheduler = self._scheduler
         assert scheduler is not None and self._writer is not None
-        loop = asyncio.get_running_loop()
         # Readers must close before the swap: a last connection closing on the old file would delete the new
-        # file's -wal by name.
+        # file's -wal by name. One swap at a time: another load's readers must not reopen mid-swap.
+        async with self._swap_lock:
+            await self._swap_in(scheduler, source)
+
+    async def _swap_in(self, scheduler: _ReadScheduler, source: Path) -> None:
+        loop = asyncio.get_running_loop()
         await scheduler.pause()
         try:
             for slot in self._readers:
