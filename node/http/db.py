@@ -4,7 +4,11 @@ Every data endpoint checks the token first (before reading a body): /db/query ne
 and /db/request ``write``, /db/backup and /db/load ``admin``. /readyz is public, like /cluster/status.
 
 Bodies are read here, with a byte limit per route (413) and a time limit (408), not through aiohttp's
-app-wide ``client_max_size``: /db/load takes far more than the other routes.
+app-wide ``client_max_size``: /db/load takes far more than the other routes, and its body is streamed to a
+temporary file in DATA_DIR (never whole in memory; 507 if the disk fills), removed in every case.
+
+Reads carry a client key (a hash of the Authorization header, never the credential itself) so that one
+client cannot hold every reader of the database.
 
 **Writes** are stamped once, here, with a timestamp and a seed (:func:`node.core.sqlreq.stamp_write`), and
 the resulting :class:`WriteCommand` is what executes. This is the seam for replication: a follower will

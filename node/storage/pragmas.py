@@ -12,9 +12,14 @@ Three kinds are allowed:
 
 Everything else (``optimize``, ``wal_checkpoint``, ``incremental_vacuum``, ``shrink_memory``,
 ``temp_store_directory``, and pragmas SQLite does not know, which it ignores silently) is refused naming the
-pragma. The table-valued forms (``SELECT * FROM pragma_x(...)``) never set anything: their arguments are
-the table/schema a report is about, and SQLite reports them to the authorizer as the same pragma without a
-value, or not at all.
+pragma.
+
+How SQLite reports the forms to the authorizer (SQLITE_PRAGMA, arg1 = name, arg2 = value, db = schema),
+checked against apsw 3.54: ``PRAGMA x=1`` and ``PRAGMA x(1)`` give ``("x", "1")``; ``PRAGMA main.x=1`` the
+same with db ``"main"``; ``PRAGMA x`` gives ``("x", None)``. The table-valued forms never set anything
+(SQLite offers them only for pragmas without side effects, and their arguments are the table or schema a
+report is about): ``SELECT * FROM pragma_x`` reports ``("x", None)``, ``pragma_table_info('t')`` reports
+only an SQLITE_READ of the virtual table, and ``pragma_cache_size(5)`` reads 5 as a schema name (an error).
 """
 
 from __future__ import annotations

@@ -968,6 +968,10 @@ class Database:
                 raise errors.InsufficientStorage(
                     "not enough disk space in DATA_DIR to make the backup copy"
                 ) from None
+            if isinstance(exc, apsw.InterruptError) and self._closing:
+                raise _ShuttingDown() from None
+            if isinstance(exc, apsw.Error | OSError):
+                raise errors.Unavailable(f"the backup failed: {_message(exc)}") from None
             raise
         return target
 
@@ -1000,7 +1004,18 @@ class Database:
             raise
         finally:
             if self._writer is not None and self._writer.conn is None:
-                self._open_writer()
+                self._reopen_writer()
+
+    def _reopen_writer(self) -> None:
+        """After a swap: the new file must open, or the node stops serving (503) rather than crash requests."""
+        try:
+            self._open_writer()
+        except (apsw.Error, OSError) as exc:
+            self.state, self.state_detail = State.FAILED, f"cannot reopen the database: {_message(exc)}"
+            self._emit("error", "database_unavailable", path=str(self.path), reason=self.state_detail)
+            if is_disk_full(exc):
+                raise errors.InsufficientStorage(f"the disk is full: {self.state_detail}") from None
+            raise errors.Unavailable(self.state_detail) from None
 
     def _load_dump(self, job: _Job, source: Path, time_ns: int, seed: int) -> int:
         """A dump as one transaction. Its leading ``PRAGMA foreign_keys=OFF`` holds for this load only: it is
@@ -1008,63 +1023,75 @@ class Database:
         statement has the write step budget (deterministic); any other refused pragma is a 400 naming it."""
         slot = self._writer
         assert slot is not None and slot.conn is not None
-        conn = slot.conn
         self._rng = random.Random(seed)
         self._now_text = WriteCommand((), False, time_ns, seed).now_text
-        count = 0
-        begun = False
         try:
-            for sql in _dump_statements(source, MAX_DUMP_STATEMENT_CHARS):
-                if _TX_WORDS.match(sql):
-                    continue  # a dump's own BEGIN/COMMIT: the load is one transaction already
-                fk = _FK_PRAGMA.match(sql)
-                if fk is not None:
-                    if not begun:
-                        enabled = fk.group(1).lower() in ("1", "on", "true", "yes")
-                        self._internal_sql(slot, f"PRAGMA foreign_keys={'ON' if enabled else 'OFF'}")
-                    count += 1
-                    continue  # inside the transaction SQLite ignores it; so do we
-                if not begun:
-                    self._internal_sql(slot, "BEGIN IMMEDIATE")
-                    begun = True
-                slot.denied = None
-                job.steps, job.over_budget = 0, False
-                try:
-                    conn.execute(rewrite_time_keywords(sql)).fetchall()
-                except apsw.AuthError as exc:
-                    raise errors.BadRequest(f"load failed: {slot.denied or _message(exc)}") from None
-                except apsw.InterruptError:
-                    if self._closing:
-                        raise _ShuttingDown() from None
-                    raise errors.BadRequest(
-                        f"load failed at statement {count + 1}: {self._interrupt_reason(job)}"
-                    ) from None
-                except apsw.FullError:
-                    self.disk_full = True
-                    raise errors.InsufficientStorage(
-                        f"load failed at statement {count + 1}: the disk is full; nothing was loaded"
-                    ) from None
-                except apsw.Error as exc:
-                    raise errors.BadRequest(
-                        f"load failed at statement {count + 1}: {_message(exc)}"
-                    ) from None
-                count += 1
-            if begun:
-                try:
-                    self._internal_sql(slot, "COMMIT")
-                except apsw.FullError:
-                    self.disk_full = True
-                    raise errors.InsufficientStorage(
-                        "load failed: the disk is full; nothing was loaded"
-                    ) from None
-            if count:
-                self.disk_full = False
-            return count
+            return self._load_dump_statements(slot, job, source)
+        except apsw.Error as exc:  # outside a statement: BEGIN, COMMIT, the pragma before BEGIN
+            if is_disk_full(exc):
+                self.disk_full = True
+                raise errors.InsufficientStorage(
+                    "load failed: the disk is full; nothing was loaded"
+                ) from None
+            if isinstance(exc, apsw.InterruptError) and self._closing:
+                raise _ShuttingDown() from None
+            raise errors.Unavailable(f"load failed: {_message(exc)}; nothing was loaded") from None
         finally:
             self._rollback_if_open(slot)
-            self._internal_sql(slot, "PRAGMA foreign_keys=ON")
+            with contextlib.suppress(apsw.Error):
+                self._internal_sql(slot, "PRAGMA foreign_keys=ON")
             self._rng = random.Random()
             self._now_text = None
+
+    def _load_dump_statements(self, slot: _Slot, job: _Job, source: Path) -> int:
+        conn = slot.conn
+        assert conn is not None
+        count = 0
+        begun = False
+        for sql in _dump_statements(source, MAX_DUMP_STATEMENT_CHARS):
+            if _TX_WORDS.match(sql):
+                continue  # a dump's own BEGIN/COMMIT: the load is one transaction already
+            fk = _FK_PRAGMA.match(sql)
+            if fk is not None:
+                if not begun:
+                    enabled = fk.group(1).lower() in ("1", "on", "true", "yes")
+                    self._internal_sql(slot, f"PRAGMA foreign_keys={'ON' if enabled else 'OFF'}")
+                count += 1
+                continue  # inside the transaction SQLite ignores it; so do we
+            if not begun:
+                self._internal_sql(slot, "BEGIN IMMEDIATE")
+                begun = True
+            slot.denied = None
+            job.steps, job.over_budget = 0, False
+            try:
+                conn.execute(rewrite_time_keywords(sql)).fetchall()
+            except apsw.AuthError as exc:
+                raise errors.BadRequest(f"load failed: {slot.denied or _message(exc)}") from None
+            except apsw.InterruptError:
+                if self._closing:
+                    raise _ShuttingDown() from None
+                raise errors.BadRequest(
+                    f"load failed at statement {count + 1}: {self._interrupt_reason(job)}"
+                ) from None
+            except apsw.FullError:
+                self.disk_full = True
+                raise errors.InsufficientStorage(
+                    f"load failed at statement {count + 1}: the disk is full; nothing was loaded"
+                ) from None
+            except apsw.Error as exc:
+                raise errors.BadRequest(f"load failed at statement {count + 1}: {_message(exc)}") from None
+            count += 1
+        if begun:
+            try:
+                self._internal_sql(slot, "COMMIT")
+            except apsw.FullError:
+                self.disk_full = True
+                raise errors.InsufficientStorage(
+                    "load failed: the disk is full; nothing was loaded"
+                ) from None
+        if count:
+            self.disk_full = False
+        return count
 
 
 def _close_conn(slot: _Slot) -> None:
