@@ -6,6 +6,8 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from node import errors
 from node.core import sqlreq as q
@@ -83,3 +85,43 @@ async def test_a_closed_database_can_be_opened_again(tmp_path):
         assert (await database.query(_query("SELECT 42")))[0]["values"] == [[42]]
     finally:
         await database.close()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(
+    reads=st.integers(0, 60),
+    writes=st.integers(0, 30),
+    clients=st.integers(1, 5),
+    runaway_write=st.booleans(),
+)
+def test_shutdown_answers_every_backlog(tmp_path_factory, reads, writes, clients, runaway_write):
+    """Whatever is queued or running, begin_shutdown settles every request at once: a result or a 503."""
+
+    async def run() -> None:
+        database = Database(
+            tmp_path_factory.mktemp("shutdown"),
+            limits=Limits(statement_timeout_s=120, write_step_budget=10**12, readers=2),
+            queue_size=200,
+        )
+        await database.open()
+        await database.execute(_write("CREATE TABLE t(x)"), q.Flags())
+        tasks = [
+            asyncio.create_task(database.query(_query(ENDLESS), client=str(i % clients)))
+            for i in range(reads)
+        ]
+        if runaway_write:
+            tasks.append(asyncio.create_task(database.execute(_write(ENDLESS_WRITE), q.Flags())))
+        tasks += [
+            asyncio.create_task(database.execute(_write("INSERT INTO t VALUES(1)"), q.Flags()))
+            for _ in range(writes)
+        ]
+        await asyncio.sleep(0)  # let every request reach the database
+        database.begin_shutdown()
+        done, pending = await asyncio.wait(tasks, timeout=30) if tasks else (set(), set())
+        assert not pending
+        for task in done:
+            exc = task.exception()
+            assert exc is None or isinstance(exc, errors.Unavailable), exc
+        await asyncio.wait_for(database.close(), timeout=30)
+
+    asyncio.run(run())
