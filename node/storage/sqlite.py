@@ -499,6 +499,7 @@ class Database:
             with job.lock:
                 if not job.started:
                     job.cancelled = True
+            job.future.add_done_callback(_consume)  # nobody awaits it any more: no "never retrieved" noise
             raise
         finally:
             with contextlib.suppress(ValueError):
@@ -528,6 +529,7 @@ class Database:
                 running = job.started and not job.done
             if running:
                 slot.interrupt()
+            job.future.add_done_callback(_consume)
             raise
 
     def _run_job(self, slot: _Slot, job: _Job, fn: Callable[..., Any], *args: Any) -> None:
@@ -1092,6 +1094,11 @@ class Database:
         if count:
             self.disk_full = False
         return count
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _close_conn(slot: _Slot) -> None:
