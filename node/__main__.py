@@ -62,10 +62,7 @@ def _ttl(raw: str) -> float:
 def print_token(args: argparse.Namespace) -> int:
     secret = os.environ.get("JWT_SECRET", "")
     if not secret:
-        print(
-            "talentnest-node: JWT_SECRET is not set; tokens are signed with the nodes' secret",
-            file=sys.stderr,
-        )
+        print("talentnest-node: JWT_SECRET is not set; tokens are signed with the nodes' secret", file=sys.stderr)
         return EXIT_USAGE
     role, now = auth.Role.parse(args.role), time.time()
     if args.basic:

@@ -52,6 +52,4 @@ class Elector:
                     epoch=fact.epoch,
                 )
             case election.NodeIdConflict():
-                self._log.warning(
-                    "node_id_conflict", conflicting_id=fact.node_id, endpoints=list(fact.endpoints)
-                )
+                self._log.warning("node_id_conflict", conflicting_id=fact.node_id, endpoints=list(fact.endpoints))

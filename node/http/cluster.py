@@ -90,12 +90,7 @@ class ClusterRoutes:
             self._authenticate(request, sender)
             self._submit(m.ProbedBy(sender))
         return json_response(
-            {
-                "status": "ok",
-                "node_id": self._me.node_id,
-                "role": decision.role.value,
-                "epoch": decision.epoch,
-            }
+            {"status": "ok", "node_id": self._me.node_id, "role": decision.role.value, "epoch": decision.epoch}
         )
 
     async def hello(self, request: web.Request) -> web.Response:
@@ -126,9 +121,7 @@ class ClusterRoutes:
                 "peer_rejected",
                 peer=str(sender),
                 path=request.path,
-                reason="missing signature"
-                if not header
-                else "bad or expired signature (different JWT_SECRET?)",
+                reason="missing signature" if not header else "bad or expired signature (different JWT_SECRET?)",
             )
         raise errors.Unauthorized(
             f"cluster message from {sender} is not signed with this cluster's secret "

@@ -14,9 +14,7 @@ from node import errors
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_response(
-    body: Any, status: int = 200, headers: dict[str, str] | None = None, *, pretty: bool = False
-):
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None, *, pretty: bool = False):
     option = orjson.OPT_INDENT_2 if pretty else 0
     return web.Response(
         body=orjson.dumps(body, option=option),
@@ -76,17 +74,13 @@ async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> by
     """
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise errors.PayloadTooLarge(
-            f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit
-        )
+        raise errors.PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit)
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.content.iter_any():
                 if len(body) + len(chunk) > limit:
-                    raise errors.PayloadTooLarge(
-                        f"request body exceeds the limit of {limit} bytes", limit=limit
-                    )
+                    raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", limit=limit)
                 body += chunk
     except TimeoutError:
         raise errors.RequestTimeout(f"request body not received within {timeout_s:g} s") from None

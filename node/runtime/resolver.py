@@ -43,7 +43,9 @@ class AiodnsResolver:
 
     async def resolve_ipv4(self, name: str) -> list[str]:
         # Fresh channel per lookup: see the module docstring (c-ares' TTL cache vs Docker's TTL 600).
-        resolver = aiodns.DNSResolver(nameservers=self._nameservers or None, timeout=self._timeout_s, tries=2)
+        resolver = aiodns.DNSResolver(
+            nameservers=self._nameservers or None, timeout=self._timeout_s, tries=2
+        )
         try:
             async with asyncio.timeout(self._timeout_s * 2 + 0.5):
                 result = await resolver.query_dns(name, "A")

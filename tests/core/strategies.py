@@ -14,9 +14,7 @@ endpoints = hosts.map(lambda h: Endpoint(h, PORT))
 def inputs(pool: list[Endpoint]):
     ep = st.sampled_from(pool)
     return st.one_of(
-        st.builds(
-            lambda eps: m.DnsAnswered(frozenset(e.host for e in eps)), st.lists(ep, max_size=len(pool))
-        ),
+        st.builds(lambda eps: m.DnsAnswered(frozenset(e.host for e in eps)), st.lists(ep, max_size=len(pool))),
         st.builds(m.DnsFailed, st.sampled_from(["timeout", "refused"])),
         st.builds(m.ProbeSucceeded, ep),
         st.builds(m.ProbeFailed, ep, st.just("refused")),
@@ -32,5 +30,7 @@ def histories(draw, max_len: int = 60):
     """A node, a pool of peers, and a timed sequence of membership inputs."""
     pool = draw(st.lists(endpoints, min_size=2, max_size=6, unique=True))
     me = pool[0]
-    events = draw(st.lists(st.tuples(st.floats(0, 12, allow_nan=False), inputs(pool)), max_size=max_len))
+    events = draw(
+        st.lists(st.tuples(st.floats(0, 12, allow_nan=False), inputs(pool)), max_size=max_len)
+    )
     return me, pool, events

@@ -49,7 +49,9 @@ def test_same_view_same_leader_on_every_node(rows):
     # Every node sees the others' health the same way; each sees itself healthy. Make all healthy members
     # agree on health, then ask each healthy member who leads.
     healthy_rows = [(ep, True) for ep, h in rows if h] or [(rows[0][0], True)]
-    leaders = {election.elect(members_from(healthy_rows, i)).endpoint for i in range(len(healthy_rows))}
+    leaders = {
+        election.elect(members_from(healthy_rows, i)).endpoint for i in range(len(healthy_rows))
+    }
     assert len(leaders) == 1
 
 

@@ -90,9 +90,7 @@ def test_probe_from_unknown_peer_adds_it_but_known_peers_are_judged_by_our_probe
 
 
 def test_hello_from_an_unhealthy_peer_asks_for_a_probe_but_changes_nothing_else():
-    state, _, now = run(
-        [(0, m.PeerAnnounced(A)), (0, m.ProbeSucceeded(A))] + [(0.25, m.ProbeFailed(A, "x"))] * 3
-    )
+    state, _, now = run([(0, m.PeerAnnounced(A)), (0, m.ProbeSucceeded(A))] + [(0.25, m.ProbeFailed(A, "x"))] * 3)
     assert state.peers[A].health is m.Health.UNHEALTHY
     after, facts = m.step(state, m.PeerAnnounced(A), now + 1)
     assert facts == [m.ProbeRequested(A)]
@@ -118,9 +116,7 @@ def test_steady_probes_do_not_bump_the_view_version():
 
 
 def test_self_is_never_a_peer():
-    state, _, _ = run(
-        [(0, m.DnsAnswered(frozenset({ME.host}))), (0, m.PeerAnnounced(ME)), (0, m.ProbedBy(ME))]
-    )
+    state, _, _ = run([(0, m.DnsAnswered(frozenset({ME.host}))), (0, m.PeerAnnounced(ME)), (0, m.ProbedBy(ME))])
     assert state.peers == {}
 
 

@@ -6,25 +6,8 @@ import pathlib
 import node.core
 
 FORBIDDEN = {
-    "asyncio",
-    "aiohttp",
-    "aiodns",
-    "pycares",
-    "sqlite3",
-    "structlog",
-    "time",
-    "random",
-    "socket",
-    "os",
-    "threading",
-    "subprocess",
-    "datetime",
-    "secrets",
-    "urllib",
-    "http",
-    "requests",
-    "orjson",
-    "jwt",
+    "asyncio", "aiohttp", "aiodns", "pycares", "sqlite3", "structlog", "time", "random", "socket",
+    "os", "threading", "subprocess", "datetime", "secrets", "urllib", "http", "requests", "orjson", "jwt",
 }
 
 

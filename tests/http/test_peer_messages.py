@@ -26,9 +26,7 @@ async def node_http():
     decisions: LatestCell[Leadership] = LatestCell()
     decisions.publish(step(None, m.initial(ME, m.Params(3, 30)).view())[0])
     api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
-    ClusterRoutes(me=ME, decisions=decisions, inbox=inbox, secret=SECRET, log=nodelog.get_logger()).add_to(
-        api.app
-    )
+    ClusterRoutes(me=ME, decisions=decisions, inbox=inbox, secret=SECRET, log=nodelog.get_logger()).add_to(api.app)
     async with TestClient(TestServer(api.app)) as client:
         yield client, inbox
 
@@ -98,12 +96,7 @@ async def test_a_stalled_notice_body_gets_408_instead_of_holding_the_handler():
     decisions.publish(step(None, m.initial(ME, m.Params(3, 30)).view())[0])
     api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
     ClusterRoutes(
-        me=ME,
-        decisions=decisions,
-        inbox=inbox,
-        secret=SECRET,
-        log=nodelog.get_logger(),
-        body_read_timeout_s=0.3,
+        me=ME, decisions=decisions, inbox=inbox, secret=SECRET, log=nodelog.get_logger(), body_read_timeout_s=0.3
     ).add_to(api.app)
     async with TestServer(api.app, host="127.0.0.1") as server:
         reader, writer = await asyncio.open_connection(server.host, server.port)
@@ -111,7 +104,7 @@ async def test_a_stalled_notice_body_gets_408_instead_of_holding_the_handler():
             # Announce 2000 bytes (under the notice limit), send 10, then nothing.
             writer.write(
                 b"POST /cluster/hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b'Content-Length: 2000\r\n\r\n{"address"'
+                b"Content-Length: 2000\r\n\r\n{\"address\""
             )
             await writer.drain()
             status_line = await asyncio.wait_for(reader.readline(), timeout=10)
