@@ -103,3 +103,22 @@ class NoQuorum(NodeError):
 class Unavailable(NodeError):
     status = 503
     code = "unavailable"
+
+
+class DatabaseChecking(Unavailable):
+    """The database's integrity is being checked at start; data calls wait for it."""
+
+    code = "database_checking"
+
+
+class DatabaseCorrupt(Unavailable):
+    """The database file failed its integrity check and was quarantined; an operator must act."""
+
+    code = "database_corrupt"
+
+
+class InsufficientStorage(NodeError):
+    """The disk holding DATA_DIR is full: nothing was stored; retry after space is freed."""
+
+    status = 507
+    code = "insufficient_storage"

@@ -1,13 +1,15 @@
 """The supervisor: builds the actors, wires their mailboxes and cells, owns every task, orders start and stop.
 
 Start order: HealthMonitor and Elector first (so the first decision exists before anyone can ask for it),
-then the HTTP server (peers can reach us), then the Discoverer (which announces us to peers, who will
-probe us at once). Stop order is the reverse, with the goodbye in the middle:
+then the HTTP server (peers can reach us), then the database's open and integrity check in the background
+(it may take seconds per GB; liveness must not wait), then the Discoverer (which announces us to peers, who
+will probe us at once). Stop order is the reverse, with the goodbye in the middle:
 
+0. the database refuses its queued jobs and interrupts running ones (their handlers answer 503),
 1. stop discovering and probing (so no probe of ours can race our goodbye),
 2. tell every known peer we are leaving (bounded: a dead peer must not delay the exit),
 3. stop the HTTP server,
-4. cancel what is left.
+4. close the database, cancel what is left.
 
 All tasks belong to one ``asyncio.TaskGroup``. If any actor raises, the group cancels the rest and the
 exception propagates out of :meth:`Node.run`: the process exits non-zero and the container runtime restarts
@@ -43,13 +45,16 @@ from node.storage.sqlite import Database, Limits
 MEMBERSHIP_INBOX_SIZE = 1024
 
 
-def database_from(config: Config) -> Database:
+def database_from(config: Config, log: Any = None) -> Database:
     limits = Limits(
         statement_timeout_s=config.db_statement_timeout_s,
         max_result_rows=config.db_max_result_rows,
         max_result_bytes=config.db_max_result_bytes,
+        write_step_budget=config.db_write_step_budget,
+        readers=config.db_readers,
+        readers_per_client=config.db_readers_per_client or None,
     )
-    return Database(config.data_dir, limits=limits, queue_size=config.db_queue_size)
+    return Database(config.data_dir, limits=limits, queue_size=config.db_queue_size, log=log)
 
 
 class Node:
@@ -109,10 +114,11 @@ class Node:
             self.cluster_routes.add_to(self.http.app)
         self.started = asyncio.Event()
 
-        # The data API: this node's own database, opened in run() before HTTP starts.
+        # The data API: this node's own database. DATA_DIR is checked before HTTP starts (a bad one fails the
+        # start-up); the file is opened and integrity-checked in the background after (see run()).
         self.database: Database | None = None
         if self.http is not None:
-            self.database = database_from(config)
+            self.database = database_from(config, log)
             DbRoutes(
                 database=self.database,
                 jwt_secret=config.jwt_secret,
@@ -146,9 +152,13 @@ class Node:
             await self.decisions.wait_newer(0)
             try:
                 if self.database is not None:
-                    await self.database.open()  # before HTTP: no request may find it closed
+                    await self.database.prepare()  # DATA_DIR usable, or exit 2 before serving anything
                 if self.http is not None:
                     await self.http.start()
+                if self.database is not None:
+                    # quick_check takes ~1 s/GB warm (~13 s/GB cold): liveness (/cluster/health) must not wait
+                    # for it. Data endpoints answer 503 "database is being checked" meanwhile.
+                    tg.create_task(self.database.start(), name="database-start")
                 discoverer = tg.create_task(self.discoverer.run(), name="discoverer")
                 self.log.info(
                     "node_started",
@@ -161,6 +171,10 @@ class Node:
                 self.started.set()
                 await stop.wait()
                 self.log.info("shutting_down", reason="signal")
+                if self.database is not None:
+                    # First: queued database jobs fail and running ones are interrupted now, so their handlers
+                    # answer 503 while HTTP still serves, and no backlog delays the exit.
+                    self.database.begin_shutdown()
                 for task in (discoverer, health):
                     task.cancel()
                 await asyncio.wait([discoverer, health])

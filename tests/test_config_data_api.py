@@ -19,6 +19,23 @@ def test_defaults():
     assert config.db_max_result_bytes == 16 << 20
     assert config.db_queue_size == 256
     assert config.body_read_timeout_s == 10.0
+    assert config.db_write_step_budget == 20_000_000
+    assert config.db_readers == 4
+    assert config.db_readers_per_client == 0  # auto: half of DB_READERS
+
+
+def test_reader_settings_reach_the_database():
+    from node.supervisor import database_from
+
+    config = Config.from_env(
+        {**BASE, "DB_READERS": "6", "DB_READERS_PER_CLIENT": "5", "DB_WRITE_STEP_BUDGET": "1234"}
+    )
+    limits = database_from(config).limits
+    assert (limits.readers, limits.per_client, limits.write_step_budget) == (6, 5, 1234)
+    assert database_from(Config.from_env({**BASE, "DB_READERS": "6"})).limits.per_client == 3
+    assert database_from(Config.from_env({**BASE, "DB_READERS": "1"})).limits.per_client == 1
+    # A cap above the pool is the pool.
+    assert database_from(Config.from_env({**BASE, "DB_READERS_PER_CLIENT": "9"})).limits.per_client == 4
 
 
 def test_values_are_read():
@@ -47,10 +64,17 @@ def test_values_are_read():
 def test_bad_values_are_all_reported():
     with pytest.raises(ConfigError) as info:
         Config.from_env(
-            {**BASE, "DB_MAX_STATEMENTS": "0", "DB_STATEMENT_TIMEOUT": "-1", "DB_QUEUE_SIZE": "many"}
+            {
+                **BASE,
+                "DB_MAX_STATEMENTS": "0",
+                "DB_STATEMENT_TIMEOUT": "-1",
+                "DB_QUEUE_SIZE": "many",
+                "DB_READERS": "0",
+                "DB_READERS_PER_CLIENT": "-1",
+                "DB_WRITE_STEP_BUDGET": "1e6",
+            }
         )
-    assert len(info.value.problems) == 3
-    assert all(
-        any(var in p for p in info.value.problems)
-        for var in ("DB_MAX_STATEMENTS", "DB_STATEMENT_TIMEOUT", "DB_QUEUE_SIZE")
-    )
+    names = ("DB_MAX_STATEMENTS", "DB_STATEMENT_TIMEOUT", "DB_QUEUE_SIZE", "DB_READERS", "DB_READERS_PER_CLIENT",
+             "DB_WRITE_STEP_BUDGET")  # fmt: skip
+    assert len(info.value.problems) == len(names)
+    assert all(any(p.startswith(var + "=") for p in info.value.problems) for var in names)

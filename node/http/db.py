@@ -4,7 +4,11 @@ Every data endpoint checks the token first (before reading a body): /db/query ne
 and /db/request ``write``, /db/backup and /db/load ``admin``. /readyz is public, like /cluster/status.
 
 Bodies are read here, with a byte limit per route (413) and a time limit (408), not through aiohttp's
-app-wide ``client_max_size``: /db/load takes far more than the other routes.
+app-wide ``client_max_size``: /db/load takes far more than the other routes, and its body is streamed to a
+temporary file in DATA_DIR (never whole in memory; 507 if the disk fills), removed in every case.
+
+Reads carry a client key (a hash of the Authorization header, never the credential itself) so that one
+client cannot hold every reader of the database.
 
 **Writes** are stamped once, here, with a timestamp and a seed (:func:`node.core.sqlreq.stamp_write`), and
 the resulting :class:`WriteCommand` is what executes. This is the seam for replication: a follower will
@@ -16,9 +20,11 @@ every read ``level`` reads the local database.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -37,10 +43,17 @@ from node.core.sqlreq import (
 )
 from node.http.common import json_response, parse_json, read_body
 from node.runtime.mailbox import LatestCell
-from node.storage.sqlite import SQLITE_MAGIC, Database
+from node.storage.sqlite import SQLITE_MAGIC, Database, is_disk_full
 
 # Bytes per read when streaming a backup file to the client.
 BACKUP_CHUNK_BYTES = 1 << 20
+# Bytes of a /db/load body gathered in memory before they are written to the upload file (off the loop).
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+
+def client_key(authorization: str | None) -> str:
+    """Who a read belongs to, for the per-client reader cap: a hash of the credential, never the credential."""
+    return hashlib.sha256((authorization or "").encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 class DbRoutes:
@@ -126,7 +139,7 @@ class DbRoutes:
         else:
             db_request = await self._request(request, flags)
         # Every level (none, weak, linearizable, strong, auto) reads the local database until replication.
-        results = await self._db.query(db_request)
+        results = await self._db.query(db_request, client=client_key(request.headers.get("Authorization")))
         return self._respond(results, flags, started)
 
     async def unified(self, request: web.Request) -> web.Response:
@@ -165,18 +178,72 @@ class DbRoutes:
             await asyncio.to_thread(path.unlink, True)
 
     async def load(self, request: web.Request) -> web.Response:
+        """The body goes to a temporary file in DATA_DIR (never whole in memory); the database thread reads it:
+        an SQLite file is checked and renamed into place, a dump is split and run as one transaction."""
         started = time.perf_counter()
         self._authorize(request, auth.Role.ADMIN)
         flags = parse_flags(request.query)
-        raw = await read_body(request, limit=self._max_load, timeout_s=self._read_timeout_s)
-        if raw.startswith(SQLITE_MAGIC):
-            await self._db.load_sqlite(raw)
-            return self._respond([], flags, started)
-        if not raw.strip():
-            raise errors.BadRequest("request body is empty; expected an SQLite file or an SQL dump")
-        dump = DbRequest(parse_text_statement(decode_text(raw), check=False), flags)
-        count = await self._db.load_dump(self._stamp(dump))
-        return self._respond([{"statements": count}], flags, started)
+        path = self._db.temp_path("upload")
+        try:
+            head, blank = await self._receive_to_file(request, path)
+            if head.startswith(SQLITE_MAGIC):
+                await self._db.load_sqlite_file(path)
+                return self._respond([], flags, started)
+            if blank:
+                raise errors.BadRequest("request body is empty; expected an SQLite file or an SQL dump")
+            count = await self._db.load_dump_file(
+                path, time_ns=self._wall_clock_ns(), seed=secrets.randbits(63)
+            )
+            return self._respond([{"statements": count}], flags, started)
+        finally:
+            await asyncio.to_thread(path.unlink, True)
+
+    async def _receive_to_file(self, request: web.Request, path: Path) -> tuple[bytes, bool]:
+        """Stream the body to ``path``: 413 past the load limit, 408 past the read time, 507 if the disk fills.
+
+        Returns the first bytes (to tell an SQLite file from a dump) and whether the body is blank.
+        """
+        limit = self._max_load
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise errors.PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit
+            )
+        head = b""
+        blank = True
+        size = 0
+        pending = bytearray()
+        try:
+            handle = await asyncio.to_thread(open, path, "wb")
+        except OSError as exc:
+            raise _storage_error(exc) from None
+        try:
+            async with asyncio.timeout(self._read_timeout_s):
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        raise errors.PayloadTooLarge(
+                            f"request body exceeds the limit of {limit} bytes", limit=limit
+                        )
+                    if len(head) < len(SQLITE_MAGIC):
+                        head += chunk[: len(SQLITE_MAGIC) - len(head)]
+                    blank = blank and not chunk.strip()
+                    pending += chunk
+                    if len(pending) >= UPLOAD_CHUNK_BYTES:
+                        data, pending = bytes(pending), bytearray()
+                        await asyncio.to_thread(handle.write, data)
+            if pending:
+                await asyncio.to_thread(handle.write, bytes(pending))
+            await asyncio.to_thread(handle.flush)
+        except TimeoutError:
+            raise errors.RequestTimeout(
+                f"request body not received within {self._read_timeout_s:g} s"
+            ) from None
+        except OSError as exc:
+            raise _storage_error(exc) from None
+        finally:
+            await asyncio.to_thread(handle.close)
+        return head, blank
 
     async def readyz(self, request: web.Request) -> web.Response:
         lines = ["[+]node ok"]
@@ -193,9 +260,18 @@ class DbRoutes:
                 await self._db.ping()
                 lines.append("[+]db ok")
             except (errors.NodeError, OSError) as exc:
-                lines.append(f"[+]db not ok: {exc}")
+                lines.append(f"[-]db not ok: {exc}")
+                ready = False
+            if await self._db.disk_low():
+                lines.append("[-]disk full")
                 ready = False
         else:
-            lines.append("[+]store not ready")
+            lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")
             ready = False
         return web.Response(text="\n".join(lines), status=200 if ready else 503, content_type="text/plain")
+
+
+def _storage_error(exc: OSError) -> errors.NodeError:
+    if is_disk_full(exc):
+        return errors.InsufficientStorage("not enough disk space in DATA_DIR to receive the upload")
+    return errors.Unavailable(f"cannot store the upload in DATA_DIR: {exc.strerror or exc}")

@@ -1,36 +1,50 @@
-"""The node's SQLite database: one file in DATA_DIR, WAL mode, every call on one dedicated thread.
+"""The node's SQLite database: one file in DATA_DIR, WAL mode, every connection on a thread of its own.
 
-Threading: a single-worker executor owns both connections (opened, used and closed there), so no sqlite call
-ever runs on the event loop and no connection is shared between threads. Jobs queue in arrival order; at
-most ``queue_size`` may wait, beyond that callers get :class:`node.errors.Busy` (503) instead of an
-ever-growing backlog.
+Threads and connections (no sqlite call ever runs on the event loop; no connection is shared by threads):
 
-Connections:
+* the **writer**: one thread, one connection, runs /db/execute, /db/request, /db/load and /db/backup in
+  arrival order. At most ``queue_size`` writes wait; beyond that callers get 503 (busy). Its ``random()``,
+  ``randomblob()`` and date/time functions answer from the current :class:`WriteCommand`'s seed and
+  timestamp, and the work of one request is bounded by a budget of SQLite VM steps (``write_step_budget``),
+  not by a clock, so a command has the same outcome on every copy of the database.
+* the **readers**: ``readers`` threads, each with a ``query_only`` connection (WAL lets them read while the
+  writer writes). A read request holds one reader for its whole run, and its time limit
+  (``statement_timeout_s``, the name kept from when it bounded each statement) bounds the whole request.
+  One client (one credential) may hold at most ``readers_per_client`` readers at once; requests above that
+  wait in a bounded queue served round-robin across clients (:class:`_ReadScheduler`), so a client's backlog
+  delays another client by at most one reader becoming free.
 
-* the **write** connection runs /db/execute, /db/request, /db/load. Its ``random()``, ``randomblob()`` and
-  date/time functions are replaced by ones answering from the current :class:`WriteCommand`'s seed and
-  timestamp, so a command replays identically on every copy of the database.
-* the **query** connection runs /db/query with ``PRAGMA query_only`` and refuses, before running it, any
-  statement SQLite does not report as read-only.
+Cancellation: a request whose client went away is cancelled by the HTTP server; its job is dropped if it has
+not started, and a running read is interrupted. A running write is left to finish within its step budget: its
+outcome must not depend on a client's connection (with replication every node executes it).
 
-Durability: ``PRAGMA synchronous=FULL`` in WAL mode, so every commit is fsynced into the WAL before
-``execute`` returns, and the HTTP layer answers only after that. An acknowledged write survives a crash of
-the process and of the machine (power loss included, as far as the disk honours fsync).
+Durability: ``PRAGMA synchronous=FULL`` in WAL mode, so every commit is fsynced into the WAL before its
+results exist. No result claims what is not stored: when a transaction does not commit, every statement's
+result is an error saying it was rolled back and why (:func:`_roll_back_results`).
 
-Guards on user SQL (an authorizer): no ATTACH/DETACH (no files outside DATA_DIR), no transaction statements
-(a request may not leave a transaction open on the shared connection: use the ``transaction`` flag), and no
-pragmas that change journaling or durability. Every statement has a time limit (a progress handler
-interrupts it), a result has a row and a byte limit, and no single value may exceed the byte limit.
+Guards on user SQL (an authorizer): no ATTACH/DETACH, no transaction statements (use the ``transaction``
+flag), no TEMP objects (they would outlive the request on a shared connection), and only the pragmas
+:mod:`node.storage.pragmas` allows, so no request changes a connection for the requests after it.
+
+Start: :meth:`Database.start` opens the file and runs ``PRAGMA quick_check`` (about 1 s/GB warm) while the
+HTTP server already answers; data calls meanwhile fail with 503 ``database_checking``. A corrupt file is
+moved to ``DATA_DIR/quarantine/<timestamp>/`` and never served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
+import collections
 import concurrent.futures
+import contextlib
+import datetime as dt
+import errno
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,39 +55,69 @@ from typing import Any, TypeVar
 import apsw
 
 from node import errors
-from node.core.sqlreq import DbRequest, Flags, Statement, WriteCommand
+from node.core.sqlreq import DbRequest, Flags, Statement, WriteCommand, rewrite_time_keywords
+from node.storage import pragmas
 
 T = TypeVar("T")
 
 DB_FILE_NAME = "node.db"
+QUARANTINE_DIR = "quarantine"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 READ_ONLY_REFUSAL = "attempt to change database via query operation"
 # Date and time functions that accept 'now'; on the write connection they answer from the command's time.
 TIME_FUNCTIONS = ("date", "time", "datetime", "julianday", "unixepoch", "strftime", "timediff")
-# Pragmas user SQL may not run: they would change journaling, durability or the engine's safety settings.
-DENIED_PRAGMAS = frozenset(
-    {
-        "journal_mode", "synchronous", "wal_checkpoint", "wal_autocheckpoint", "locking_mode", "query_only",
-        "writable_schema", "mmap_size", "temp_store_directory", "data_store_directory", "journal_size_limit",
-        "trusted_schema", "cell_size_check", "schema_version", "hard_heap_limit", "soft_heap_limit", "threads",
-    }
-)  # fmt: skip
-# SQLite virtual-machine steps between two checks of the statement deadline.
+# SQLite virtual-machine steps between two calls of the progress handler (deadline, cancel, step budget).
 PROGRESS_STEPS = 1000
+# Below this many free bytes in DATA_DIR the node reports "[-]disk full" (a write may need a few pages).
+DISK_LOW_BYTES = 1 << 20
+# Bytes of a dump read at a time when splitting it into statements.
+DUMP_CHUNK_CHARS = 1 << 20
+# Longest single statement a dump may hold (a 16 MiB value as hex is 32 MiB of text).
+MAX_DUMP_STATEMENT_CHARS = 64 << 20
 _TEMP_PREFIX = ".tmp-"
 _INSERT_WORDS = re.compile(r"^\s*(INSERT|REPLACE)\b", re.IGNORECASE)
 _TX_WORDS = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK)\b", re.IGNORECASE)
+_FK_PRAGMA = re.compile(
+    r"^\s*PRAGMA\s+(?:main\.)?foreign_keys\s*(?:=\s*|\(\s*)'?(\w+)'?\s*\)?\s*;?\s*$", re.I
+)
 _TX_ACTIONS = (apsw.SQLITE_TRANSACTION, apsw.SQLITE_SAVEPOINT)
+_TEMP_CREATE = frozenset(
+    {
+        apsw.SQLITE_CREATE_TEMP_TABLE, apsw.SQLITE_CREATE_TEMP_INDEX, apsw.SQLITE_CREATE_TEMP_TRIGGER,
+        apsw.SQLITE_CREATE_TEMP_VIEW,
+    }
+)  # fmt: skip
+_CREATE = frozenset(
+    {apsw.SQLITE_CREATE_TABLE, apsw.SQLITE_CREATE_INDEX, apsw.SQLITE_CREATE_TRIGGER, apsw.SQLITE_CREATE_VIEW,
+     apsw.SQLITE_CREATE_VTABLE}
+)  # fmt: skip
+
+
+def default_readers_per_client(readers: int) -> int:
+    return max(1, readers // 2)
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    # Seconds one statement may run before it is interrupted (a request can ask for less with db_timeout).
+    # Seconds one READ request (all its statements) may run; a request can ask for less with db_timeout.
     statement_timeout_s: float = 5.0
     # Rows one statement may return.
     max_result_rows: int = 10_000
     # Bytes (approximate, as encoded) all results of one request may hold; also the largest single value.
     max_result_bytes: int = 16 << 20
+    # SQLite VM steps one WRITE request (all its statements) may use; deterministic, unlike a clock.
+    # 20 million is 1.5-4 s of work on a loaded 2-core machine (5-14 million steps/s measured).
+    write_step_budget: int = 20_000_000
+    # Read-only connections, each on its own thread.
+    readers: int = 4
+    # Readers one client may hold at once (None: half of them, at least one).
+    readers_per_client: int | None = None
+
+    @property
+    def per_client(self) -> int:
+        if self.readers_per_client is None:
+            return default_readers_per_client(self.readers)
+        return max(1, min(self.readers_per_client, self.readers))
 
 
 class _Mode:
@@ -82,91 +126,445 @@ class _Mode:
     REQUEST = "request"
 
 
-class _Budget:
-    """What is left of a request's result limits."""
-
-    __slots__ = ("bytes_left", "max_rows", "timeout_s")
-
-    def __init__(self, limits: Limits, flags: Flags) -> None:
-        self.bytes_left = limits.max_result_bytes
-        self.max_rows = limits.max_result_rows
-        timeout = limits.statement_timeout_s
-        if flags.db_timeout_s is not None:
-            timeout = min(timeout, flags.db_timeout_s)
-        self.timeout_s = timeout
+class State:
+    CLOSED = "closed"
+    CHECKING = "checking"
+    READY = "ready"
+    CORRUPT = "corrupt"
+    FAILED = "failed"
 
 
 class _ResultTooLarge(Exception):
     pass
 
 
+class _ShuttingDown(Exception):
+    pass
+
+
+class _QuarantineHeld(Exception):
+    """node.db is absent and a quarantined database is kept: starting empty must be the operator's choice."""
+
+
+class _Job:
+    """One unit of work for a connection thread; the loop side and the thread meet here.
+
+    ``started``/``cancelled`` change under ``lock`` so a job is either dropped before it starts or runs (and
+    then sees ``cancelled`` at its next progress check). ``steps`` and ``budget`` count VM steps (writes).
+    """
+
+    __slots__ = ("budget", "bytes_left", "cancelled", "deadline", "done", "future", "lock", "loop", "over_budget",
+                 "started", "steps", "timeout_s")  # fmt: skip
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, budget: int | None = None) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.lock = threading.Lock()
+        self.started = False
+        self.cancelled = False
+        self.done = False
+        self.deadline = float("inf")
+        self.timeout_s = 0.0
+        self.budget = budget
+        self.steps = 0
+        self.over_budget = False
+        self.bytes_left = 0
+
+    def settle(self, result: Any = None, exc: BaseException | None = None) -> None:
+        """Resolve the loop-side future (from any thread; a second call is ignored)."""
+
+        def apply() -> None:
+            if self.future.done():
+                return
+            if exc is not None:
+                self.future.set_exception(exc)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(apply)
+
+
+class _Slot:
+    """A connection and the one thread that owns it."""
+
+    def __init__(self, name: str, *, writer: bool) -> None:
+        self.name = name
+        self.writer = writer
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.conn: apsw.Connection | None = None
+        self.job: _Job | None = None
+        self.internal = False
+        self.denied: str | None = None
+
+    def interrupt(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            with contextlib.suppress(apsw.Error):
+                conn.interrupt()  # thread-safe by SQLite's contract
+
+
+class _ReadScheduler:
+    """Hands out readers: at most ``per_client`` to one client, waiting requests served fairly by client.
+
+    Invariant: a request waits only if no reader is free or its client already holds ``per_client``; so when a
+    reader becomes free it goes to the waiting client (below its cap) that holds the fewest readers, in
+    round-robin order among equals, never to the longest backlog. At most ``queue_size`` requests wait in all, and one client at most half of them (at least one),
+    so one client cannot fill the queue for the others. Overflow: 503 busy. Runs on the event loop only.
+    """
+
+    def __init__(self, slots: list[_Slot], *, per_client: int, queue_size: int) -> None:
+        self._free = list(slots)
+        self._all = list(slots)
+        self._per_client = per_client
+        self._queue_size = queue_size
+        self._per_client_queue = max(1, queue_size // 2)
+        self._held: collections.Counter[str] = collections.Counter()
+        self._waiting: dict[str, collections.deque[asyncio.Future[_Slot]]] = {}
+        self._count = 0
+        self._pausers = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def waiting(self) -> int:
+        return self._count
+
+    def held(self, client: str) -> int:
+        return self._held[client]
+
+    async def acquire(self, client: str) -> _Slot:
+        if not self._paused and self._free and self._held[client] < self._per_client:
+            return self._grant(client)
+        if self._count >= self._queue_size:
+            raise errors.Busy(
+                f"database read queue is full ({self._queue_size} requests waiting); retry shortly"
+            )
+        queue = self._waiting.setdefault(client, collections.deque())
+        if len(queue) >= self._per_client_queue:
+            raise errors.Busy(
+                f"this client already has {len(queue)} read requests waiting; retry when they have finished"
+            )
+        future: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        queue.append(future)
+        self._count += 1
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result(), client)  # granted just as we were cancelled: hand it on
+            raise
+        finally:
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                with contextlib.suppress(ValueError):
+                    queue.remove(future)
+                    self._count -= 1
+                if not queue and self._waiting.get(client) is queue:
+                    del self._waiting[client]
+
+    def _grant(self, client: str) -> _Slot:
+        self._held[client] += 1
+        return self._free.pop()
+
+    def release(self, slot: _Slot, client: str) -> None:
+        self._held[client] -= 1
+        if self._held[client] <= 0:
+            del self._held[client]
+        self._free.append(slot)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._paused:
+            if self._idle is not None and len(self._free) == len(self._all):
+                self._idle.set()
+            return
+        while self._free and self._waiting:
+            # The waiting client holding the fewest readers goes first (ties: the one whose turn came least
+            # recently), so a client with a backlog never takes a freed reader from one that has none.
+            eligible = [c for c in self._waiting if self._held[c] < self._per_client]
+            if not eligible:
+                return  # every waiting client is at its cap
+            client = min(eligible, key=lambda c: self._held[c])
+            queue = self._waiting.pop(client)
+            future = queue.popleft()
+            self._count -= 1
+            if queue:
+                self._waiting[client] = queue  # to the back of the round
+            if not future.done():  # a cancelled waiter whose task has not resumed yet: skip it
+                future.set_result(self._grant(client))
+
+    async def pause(self) -> None:
+        """Stop handing out readers and wait until every reader is back (for a file swap or close).
+
+        Pauses nest (a load and a close may overlap): readers are handed out again after the last resume.
+        """
+        self._pausers += 1
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        if len(self._free) == len(self._all):
+            self._idle.set()
+        await self._idle.wait()
+
+    def resume(self) -> None:
+        self._pausers -= 1
+        if self._pausers > 0:
+            return
+        self._idle = None
+        self._dispatch()
+
+    @property
+    def _paused(self) -> bool:
+        return self._pausers > 0
+
+    def fail_waiting(self, exc_factory: Callable[[], BaseException]) -> None:
+        for queue in self._waiting.values():
+            for future in queue:
+                if not future.done():
+                    future.set_exception(exc_factory())
+            queue.clear()
+        self._waiting.clear()
+        self._count = 0
+
+
 class Database:
-    def __init__(self, data_dir: Path, *, limits: Limits, queue_size: int) -> None:
+    def __init__(self, data_dir: Path, *, limits: Limits, queue_size: int, log: Any = None) -> None:
         self.data_dir = data_dir
         self.path = data_dir / DB_FILE_NAME
         self.limits = limits
         self._queue_size = queue_size
-        self._pending = 0
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        # Everything below is touched only on the database thread.
-        self._rw: apsw.Connection | None = None
-        self._ro: apsw.Connection | None = None
-        self._clock_db: apsw.Connection | None = None
-        self._deadline = float("inf")
-        # Set (on the loop thread) when closing: the running statement is interrupted at its next progress
-        # check and queued jobs fail at once, so a stop is not held up by a slow query or a backlog.
+        self._log = log
+        self.state = State.CLOSED
+        self.state_detail = ""
+        self._writer: _Slot | None = None
+        self._readers: list[_Slot] = []
+        self._scheduler: _ReadScheduler | None = None
+        self._write_jobs: collections.deque[_Job] = collections.deque()
+        self._swap_lock = asyncio.Lock()
+        # Set (on the loop thread) when shutting down: running statements are interrupted at their next
+        # progress check and queued jobs fail at once, so a stop is not held up by a slow query or a backlog.
         self._closing = False
-        self._internal = False
-        self._denied: str | None = None
+        self.disk_full = False  # the last write failed with SQLITE_FULL and none has succeeded since
+        # Touched only on the writer thread.
+        self._clock_db: apsw.Connection | None = None
         self._rng = random.Random()
         self._now_text: str | None = None
         self._temp_seq = 0
 
     # --- life cycle (event loop side) ----------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Open (creating DATA_DIR and the file if needed) on the database thread. Raises OSError."""
-        self._closing = False
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+    async def prepare(self) -> None:
+        """Fast checks that must fail the start-up (exit 2): DATA_DIR exists or can be made, and is writable."""
         try:
-            await self._call(self._open)
-        except (apsw.Error, OSError) as exc:
+            await asyncio.to_thread(self._prepare)
+        except OSError as exc:
             # An OSError so the node reports it as a start-up failure (exit 2), naming DATA_DIR.
-            await self.close()
             raise OSError(f"cannot open the database {self.path} (DATA_DIR): {exc}") from exc
 
-    async def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        self._closing = True
+    async def open(self) -> None:
+        """Prepare, open and check, waiting for the check. Raises OSError if the database cannot be served."""
+        await self.prepare()
+        await self.start()
+        if self.state != State.READY:
+            detail = self.state_detail
+            await self.close()
+            raise OSError(f"cannot open the database {self.path} (DATA_DIR): {detail}")
+
+    async def start(self) -> None:
+        """Open the file and check its integrity (``quick_check``); on success, serve. Never raises for a bad
+        file: a corrupt one is quarantined and the state says so (the node stays alive, not ready)."""
+        self._closing = False
+        self.state, self.state_detail = State.CHECKING, "database is being checked"
         loop = asyncio.get_running_loop()
+        self._writer = _Slot("sqlite-writer", writer=True)
+        self._readers = [_Slot(f"sqlite-reader-{i}", writer=False) for i in range(self.limits.readers)]
+        self._scheduler = _ReadScheduler(
+            self._readers, per_client=self.limits.per_client, queue_size=self._queue_size
+        )
+        writer, readers = self._writer, self._readers
         try:
-            await loop.run_in_executor(executor, self._close)
-        finally:
-            executor.shutdown(wait=False)
+            verdict = await loop.run_in_executor(writer.executor, self._open_and_check)
+        except _QuarantineHeld as exc:
+            self.state, self.state_detail = State.CORRUPT, str(exc)
+            self._emit("error", "database_quarantined", path=str(self.path), reason=str(exc))
+            return
+        except (apsw.Error, OSError) as exc:
+            if not self._closing:
+                self._set_failed(f"cannot open the database: {_message(exc)}")
+            return
+        if self._closing:
+            return
+        if verdict is not None:
+            await loop.run_in_executor(writer.executor, self._close_writer)
+            where = await loop.run_in_executor(writer.executor, self._quarantine)
+            self.state = State.CORRUPT
+            self.state_detail = f"the database file was corrupt and was moved to {where}"
+            self._emit(
+                "error", "database_corrupt", path=str(where), verdict=verdict[:5],
+                advice="restore a backup with /db/load, or remove the quarantine directory to start empty",
+            )  # fmt: skip
+            return
+        try:
+            await asyncio.gather(*(loop.run_in_executor(s.executor, self._open_reader, s) for s in readers))
+        except (apsw.Error, OSError) as exc:
+            if not self._closing:
+                self._set_failed(f"cannot open the database: {_message(exc)}")
+            return
+        if self._closing:
+            return
+        self.state, self.state_detail = State.READY, ""
+        self._emit("info", "database_ready", path=str(self.path))
+
+    def begin_shutdown(self) -> None:
+        """Refuse queued jobs and interrupt running ones now, so handlers in flight can still answer 503."""
+        self._closing = True
+        self._interrupt_all()
+        shutting = partial(errors.Unavailable, "the node is shutting down")
+        if self._scheduler is not None:
+            self._scheduler.fail_waiting(shutting)
+        while self._write_jobs:
+            job = self._write_jobs.popleft()
+            with job.lock:
+                job.cancelled = True
+            if not job.started and not job.future.done():
+                job.future.set_exception(shutting())
+
+    async def close(self) -> None:
+        if self._writer is None:
+            return
+        self.begin_shutdown()
+        loop = asyncio.get_running_loop()
+        writer, readers, scheduler = self._writer, self._readers, self._scheduler
+        if scheduler is not None:
+            await scheduler.pause()
+        for slot in readers:
+            await loop.run_in_executor(slot.executor, _close_conn, slot)
+        await loop.run_in_executor(writer.executor, self._close_writer)
+        for slot in (writer, *readers):
+            slot.executor.shutdown(wait=False)
+        self._writer, self._readers, self._scheduler = None, [], None
+        self.state = State.CLOSED
+
+    def snapshot(self) -> dict[str, int]:
+        """Counts for diagnostics and tests: jobs running on a connection thread, reads and writes waiting."""
+        scheduler = self._scheduler
+        return {
+            "reads_running": sum(1 for s in self._readers if s.job is not None),
+            "reads_waiting": scheduler.waiting if scheduler is not None else 0,
+            "writes_queued": len(self._write_jobs),
+            "write_running": int(self._writer is not None and self._writer.job is not None),
+        }
 
     @property
     def is_open(self) -> bool:
-        return self._executor is not None
+        return self.state == State.READY
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        executor = self._executor
-        if executor is None:
-            raise errors.Unavailable("the database is not open")
-        if self._pending >= self._queue_size:
-            raise errors.Busy(f"database queue is full ({self._queue_size} requests waiting); retry shortly")
-        self._pending += 1
+    def _require_ready(self) -> None:
+        if self._closing:
+            raise errors.Unavailable("the node is shutting down")
+        if self.state == State.READY:
+            return
+        if self.state == State.CHECKING:
+            raise errors.DatabaseChecking("database is being checked; retry shortly")
+        if self.state == State.CORRUPT:
+            raise errors.DatabaseCorrupt(self.state_detail)
+        raise errors.Unavailable(self.state_detail or "the database is not open")
+
+    def _emit(self, level: str, event: str, **fields: Any) -> None:
+        if self._log is not None:
+            getattr(self._log, level)(event, **fields)
+
+    def _set_failed(self, detail: str) -> None:
+        self.state, self.state_detail = State.FAILED, detail
+        self._emit("error", "database_unavailable", path=str(self.path), reason=detail)
+
+    def _interrupt_all(self) -> None:
+        for slot in (self._writer, *self._readers):
+            if slot is not None and slot.job is not None:
+                slot.interrupt()
+
+    # --- running jobs (event loop side) --------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        self._require_ready()
+        writer = self._writer
+        assert writer is not None
+        if len(self._write_jobs) >= self._queue_size:
+            raise errors.Busy(f"database queue is full ({self._queue_size} writes waiting); retry shortly")
+        job = _Job(asyncio.get_running_loop(), budget=self.limits.write_step_budget)
+        self._write_jobs.append(job)
+        writer.executor.submit(self._run_job, writer, job, fn, *args)
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, self._unless_closing, fn, *args)
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            # The client went away. A write that has not started is dropped; one that runs finishes (bounded
+            # by its step budget): its outcome must not depend on a client's connection.
+            with job.lock:
+                if not job.started:
+                    job.cancelled = True
+            job.future.add_done_callback(_consume)  # nobody awaits it any more: no "never retrieved" noise
+            raise
         finally:
-            self._pending -= 1
+            with contextlib.suppress(ValueError):
+                self._write_jobs.remove(job)
+
+    async def _read(self, client: str, fn: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
+        self._require_ready()
+        scheduler = self._scheduler
+        assert scheduler is not None
+        slot = await scheduler.acquire(client)
+        if self._closing:
+            scheduler.release(slot, client)
+            raise errors.Unavailable("the node is shutting down")
+        job = _Job(asyncio.get_running_loop())
+        job.timeout_s = self.limits.statement_timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+
+        def finished(_: concurrent.futures.Future) -> None:
+            loop.call_soon_threadsafe(scheduler.release, slot, client)  # only once the thread is done
+
+        slot.executor.submit(self._run_job, slot, job, fn, slot, *args).add_done_callback(finished)
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            with job.lock:
+                job.cancelled = True
+                running = job.started and not job.done
+            if running:
+                slot.interrupt()
+            job.future.add_done_callback(_consume)
+            raise
+
+    def _run_job(self, slot: _Slot, job: _Job, fn: Callable[..., Any], *args: Any) -> None:
+        """On the slot's thread: run ``fn`` unless the job was dropped, then settle the job's future."""
+        with job.lock:
+            if job.cancelled:
+                return
+            if self._closing:
+                job.settle(exc=errors.Unavailable("the node is shutting down"))
+                return
+            job.started = True
+        slot.job = job
+        if job.timeout_s:
+            job.deadline = time.monotonic() + job.timeout_s
+        try:
+            result = fn(job, *args)
+        except _ShuttingDown:
+            job.settle(exc=errors.Unavailable("the node is shutting down; the request was interrupted"))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler, which maps it
+            job.settle(exc=exc)
+        else:
+            job.settle(result)
+        finally:
+            slot.job = None
+            with job.lock:
+                job.done = True
 
     # --- public operations (event loop side) ---------------------------------------------------------------
 
-    async def query(self, request: DbRequest) -> list[dict[str, Any]]:
-        """Read-only statements on the query connection."""
-        return await self._call(self._run_request, _Mode.QUERY, request.statements, request.flags)
+    async def query(self, request: DbRequest, *, client: str = "") -> list[dict[str, Any]]:
+        """Read-only statements on a reader; ``client`` (a hash of the credential) bounds readers per client."""
+        timeout = self.limits.statement_timeout_s
+        if request.flags.db_timeout_s is not None:
+            timeout = min(timeout, request.flags.db_timeout_s)
+        return await self._read(client, self._run_query, request.statements, request.flags, timeout_s=timeout)
 
     async def execute(
         self, command: WriteCommand, flags: Flags, *, unified: bool = False
@@ -176,39 +574,141 @@ class Database:
         ``unified`` (/db/request): statements that return rows answer with rows, the others as writes.
         """
         mode = _Mode.REQUEST if unified else _Mode.EXECUTE
-        return await self._call(self._run_command, mode, command, flags)
+        return await self._write(self._run_command, mode, command, flags)
 
     async def ping(self) -> None:
-        await self._call(self._ping)
+        await self._read("\x00readyz", self._ping, timeout_s=self.limits.statement_timeout_s)
+
+    async def disk_low(self) -> bool:
+        """True if DATA_DIR has less than DISK_LOW_BYTES free, or the last write found the disk full."""
+        if self.disk_full:
+            return True
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.data_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < DISK_LOW_BYTES
 
     async def backup(self) -> Path:
         """A consistent copy of the database in a new file (SQLite's backup API); the caller deletes it."""
-        return await self._call(self._backup)
+        return await self._write(self._backup)
+
+    def temp_path(self, kind: str) -> Path:
+        """A fresh temporary file name in DATA_DIR (removed at the next start if left behind by a crash)."""
+        self._temp_seq += 1
+        return self.data_dir / f"{_TEMP_PREFIX}{kind}-{os.getpid()}-{self._temp_seq}"
+
+    async def load_sqlite_file(self, source: Path) -> None:
+        """Replace the database with the SQLite file at ``source`` (checked first; the file is consumed)."""
+        self._require_ready()
+        scheduler = self._scheduler
+        assert scheduler is not None and self._writer is not None
+        # Readers must close before the swap: a last connection closing on the old file would delete the new
+        # file's -wal by name. One swap at a time: another load's readers must not reopen mid-swap.
+        async with self._swap_lock:
+            await self._swap_in(scheduler, source)
+
+    async def _swap_in(self, scheduler: _ReadScheduler, source: Path) -> None:
+        loop = asyncio.get_running_loop()
+        await scheduler.pause()
+        try:
+            for slot in self._readers:
+                await loop.run_in_executor(slot.executor, _close_conn, slot)
+            await self._write(self._load_sqlite, source)
+        finally:
+            try:
+                if self._writer is not None and not self._closing:
+                    for slot in self._readers:
+                        await loop.run_in_executor(slot.executor, self._open_reader, slot)
+            finally:
+                scheduler.resume()
 
     async def load_sqlite(self, data: bytes) -> None:
         """Replace the database with the SQLite file ``data`` (checked first)."""
-        await self._call(self._load_sqlite, data)
+        source = self.temp_path("load")
+        await asyncio.to_thread(_write_file, source, data)
+        try:
+            await self.load_sqlite_file(source)
+        finally:
+            await asyncio.to_thread(source.unlink, True)
+
+    async def load_dump_file(self, source: Path, *, time_ns: int, seed: int) -> int:
+        """Run the SQL dump at ``source`` as one transaction (all or nothing); returns the statements run."""
+        return await self._write(self._load_dump, source, time_ns, seed)
 
     async def load_dump(self, command: WriteCommand) -> int:
-        """Run an SQL dump as one transaction (all or nothing); returns the number of statements run."""
-        return await self._call(self._load_dump, command)
+        """Run an SQL dump (the command's statements) as one transaction; returns the statements run."""
+        source = self.temp_path("dump")
+        text = "".join(s.sql.rstrip().rstrip(";") + ";\n" for s in command.statements)
+        await asyncio.to_thread(_write_file, source, text.encode("utf-8"))
+        try:
+            return await self.load_dump_file(source, time_ns=command.time_ns, seed=command.seed)
+        finally:
+            await asyncio.to_thread(source.unlink, True)
 
-    # --- database thread -----------------------------------------------------------------------------------
+    # --- connection threads --------------------------------------------------------------------------------
 
-    def _open(self, *, first: bool = True) -> None:
+    def _prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if first:
-            for stale in self.data_dir.glob(f"{_TEMP_PREFIX}*"):
-                stale.unlink(missing_ok=True)  # left by a crash during a backup or load
-        self._clock_db = apsw.Connection(":memory:")
-        self._rw = self._connect("PRAGMA journal_mode=WAL")
-        for name in TIME_FUNCTIONS:
-            self._rw.create_scalar_function(name, partial(self._fn_time, name), -1, deterministic=True)
-        self._rw.create_scalar_function("random", self._fn_random, 0)
-        self._rw.create_scalar_function("randomblob", self._fn_randomblob, 1)
-        self._ro = self._connect("PRAGMA query_only=ON")
+        if not os.access(self.data_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "DATA_DIR is not writable", str(self.data_dir))
+        for stale in self.data_dir.glob(f"{_TEMP_PREFIX}*"):
+            stale.unlink(missing_ok=True)  # left by a crash during a backup or load
 
-    def _connect(self, setup: str) -> apsw.Connection:
+    def _open_and_check(self) -> list[str] | None:
+        """Open the writer and check the file. Returns None if it is sound, else quick_check's verdict lines."""
+        quarantine = self.data_dir / QUARANTINE_DIR
+        if not self.path.exists() and quarantine.is_dir() and any(quarantine.iterdir()):
+            raise _QuarantineHeld(
+                f"{self.path} is absent and {quarantine} holds a quarantined database: not starting empty; "
+                f"remove {quarantine} to start with an empty database (then restore a backup with /db/load)"
+            )
+        if self.path.exists() and self.path.stat().st_size == 0:
+            self._emit("warning", "database_file_empty", path=str(self.path),
+                       detail="node.db is 0 bytes; starting with an empty database")  # fmt: skip
+        try:
+            self._open_writer()
+            assert self._writer is not None and self._writer.conn is not None
+            verdict = [row[0] for row in self._writer.conn.execute("PRAGMA quick_check").fetchall()]
+        except (apsw.CorruptError, apsw.NotADBError) as exc:
+            return [_message(exc)]
+        if verdict != ["ok"]:
+            return [str(v) for v in verdict]
+        return None
+
+    def _open_writer(self) -> None:
+        slot = self._writer
+        assert slot is not None
+        self._clock_db = apsw.Connection(":memory:")
+        slot.conn = self._connect(slot, "PRAGMA journal_mode=WAL")
+        for name in TIME_FUNCTIONS:
+            slot.conn.create_scalar_function(name, partial(self._fn_time, name), -1, deterministic=True)
+        slot.conn.create_scalar_function("random", self._fn_random, 0)
+        slot.conn.create_scalar_function("randomblob", self._fn_randomblob, 1)
+
+    def _open_reader(self, slot: _Slot) -> None:
+        if slot.conn is None:
+            slot.conn = self._connect(slot, "PRAGMA query_only=ON")
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            _close_conn(self._writer)
+        if self._clock_db is not None:
+            self._clock_db.close()
+            self._clock_db = None
+
+    def _quarantine(self) -> Path:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self.data_dir / QUARANTINE_DIR / stamp
+        target.mkdir(parents=True, exist_ok=True)
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(self.path) + suffix)
+            if source.exists():
+                os.replace(source, target / source.name)
+        _fsync_dir(self.data_dir)
+        return target
+
+    def _connect(self, slot: _Slot, setup: str) -> apsw.Connection:
         conn = apsw.Connection(str(self.path))
         conn.set_busy_timeout(5000)
         conn.execute(setup).fetchall()
@@ -217,44 +717,52 @@ class Database:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.limit(apsw.SQLITE_LIMIT_LENGTH, self.limits.max_result_bytes)
         conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
-        conn.authorizer = self._authorize  # last: the settings above are pragmas user SQL may not run
-        conn.set_progress_handler(self._progress, PROGRESS_STEPS)
+        conn.authorizer = partial(
+            self._authorize, slot
+        )  # last: the settings above are pragmas users may not set
+        conn.set_progress_handler(partial(self._progress, slot), PROGRESS_STEPS)
         return conn
 
-    def _close(self) -> None:
-        for conn in (self._ro, self._rw, self._clock_db):
-            if conn is not None:
-                conn.close()
-        self._ro = self._rw = self._clock_db = None
-
-    def _ping(self) -> None:
-        assert self._ro is not None
+    def _ping(self, job: _Job, slot: _Slot) -> None:
+        assert slot.conn is not None
         try:
-            self._ro.execute("SELECT 1").fetchall()
+            slot.conn.execute("SELECT 1").fetchall()
         except apsw.Error as exc:
             raise errors.Unavailable(f"database not ok: {_message(exc)}") from None
 
     def _authorize(
-        self, action: int, one: str | None, two: str | None, db: str | None, trig: str | None
+        self, slot: _Slot, action: int, one: str | None, two: str | None, db: str | None, trig: str | None
     ) -> int:
+        if slot.internal:
+            return apsw.SQLITE_OK
+        refusal: str | None = None
         if action in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH):
-            self._denied = "ATTACH and DETACH are not allowed"
-            return apsw.SQLITE_DENY
-        if action in _TX_ACTIONS and not self._internal:
-            self._denied = "transaction statements are not allowed; use the transaction flag"
-            return apsw.SQLITE_DENY
-        if action == apsw.SQLITE_PRAGMA and one is not None and one.lower() in DENIED_PRAGMAS:
-            self._denied = f"disallowed pragma: {one.lower()}"
-            return apsw.SQLITE_DENY
-        return apsw.SQLITE_OK
+            refusal = "ATTACH and DETACH are not allowed"
+        elif action in _TX_ACTIONS:
+            refusal = "transaction statements are not allowed; use the transaction flag"
+        elif action in _TEMP_CREATE or (action in _CREATE and db == "temp"):
+            refusal = f"TEMP objects are not allowed: {one} would outlive this request on a shared connection"
+        elif action == apsw.SQLITE_PRAGMA and one is not None:
+            refusal = pragmas.refusal(one, two)
+        if refusal is None:
+            return apsw.SQLITE_OK
+        slot.denied = refusal
+        return apsw.SQLITE_DENY
 
-    def _unless_closing(self, fn: Callable[..., T], *args: Any) -> T:
+    def _progress(self, slot: _Slot) -> bool:
         if self._closing:
-            raise errors.Unavailable("the node is shutting down")
-        return fn(*args)
-
-    def _progress(self) -> bool:
-        return self._closing or time.monotonic() > self._deadline
+            return True
+        job = slot.job
+        if job is None:
+            return False
+        if job.cancelled:
+            return True
+        if job.budget is not None:
+            job.steps += PROGRESS_STEPS
+            if job.steps > job.budget:
+                job.over_budget = True
+                return True
+        return time.monotonic() > job.deadline
 
     # Deterministic replacements, used on the write connection only.
 
@@ -279,101 +787,139 @@ class Database:
         placeholders = ", ".join("?" * len(args))
         return self._clock_db.execute(f"SELECT {name}({placeholders})", args).fetchall()[0][0]
 
-    def _internal_sql(self, conn: apsw.Connection, sql: str) -> None:
-        self._internal = True
+    def _internal_sql(self, slot: _Slot, sql: str) -> None:
+        assert slot.conn is not None
+        slot.internal = True
         try:
-            conn.execute(sql, can_cache=False)
+            slot.conn.execute(sql, can_cache=False)
         finally:
-            self._internal = False
+            slot.internal = False
 
-    def _rollback_if_open(self, conn: apsw.Connection) -> None:
-        if conn.in_transaction:
-            self._internal_sql(conn, "ROLLBACK")
+    def _rollback_if_open(self, slot: _Slot) -> None:
+        if slot.conn is not None and slot.conn.in_transaction:
+            self._internal_sql(slot, "ROLLBACK")
 
-    def _run_command(self, mode: str, command: WriteCommand, flags: Flags) -> list[dict[str, Any]]:
+    def _run_command(self, job: _Job, mode: str, command: WriteCommand, flags: Flags) -> list[dict[str, Any]]:
+        slot = self._writer
+        assert slot is not None
         self._rng = random.Random(command.seed)
         self._now_text = command.now_text
         try:
-            return self._run_request(mode, command.statements, flags, transaction=command.transaction)
+            return self._run_request(slot, job, mode, command.statements, flags, command.transaction)
         finally:
             self._rng = random.Random()
             self._now_text = None
 
-    def _run_request(
-        self, mode: str, statements: tuple[Statement, ...], flags: Flags, *, transaction: bool | None = None
+    def _run_query(
+        self, job: _Job, slot: _Slot, statements: tuple[Statement, ...], flags: Flags
     ) -> list[dict[str, Any]]:
-        conn = self._ro if mode == _Mode.QUERY else self._rw
-        assert conn is not None
-        transaction = flags.transaction if transaction is None else transaction
-        budget = _Budget(self.limits, flags)
+        return self._run_request(slot, job, _Mode.QUERY, statements, flags, flags.transaction)
+
+    def _run_request(
+        self, slot: _Slot, job: _Job, mode: str, statements: tuple[Statement, ...], flags: Flags,
+        transaction: bool,
+    ) -> list[dict[str, Any]]:  # fmt: skip
         results: list[dict[str, Any]] = []
+        failure: str | None = None  # why the transaction did not commit
+        stopped: str | None = None  # why the remaining statements (autocommit) do not run
+        full = False
+        job.bytes_left = self.limits.max_result_bytes
         try:
             if transaction:
-                self._internal_sql(conn, "BEGIN IMMEDIATE" if mode != _Mode.QUERY else "BEGIN")
-            for statement in statements:
-                result = self._run_statement(conn, mode, statement, flags, budget)
+                self._internal_sql(slot, "BEGIN IMMEDIATE" if mode != _Mode.QUERY else "BEGIN")
+            for number, statement in enumerate(statements, 1):
+                if stopped is not None:
+                    results.append({"error": f"not run: {stopped}"})
+                    continue
+                result, hit_full = self._run_statement(slot, job, mode, statement, flags)
+                full = full or hit_full
                 results.append(result)
-                if transaction and "error" in result:
+                if "error" not in result:
+                    continue
+                if transaction:
                     # rqlite: processing stops at the first error and the transaction is rolled back whole.
-                    self._rollback_if_open(conn)
-                    return results
-            if transaction:
-                # Durability: COMMIT returns after the WAL is fsynced (synchronous=FULL); only then does the
-                # caller get the results, and only then does the HTTP 200 go out.
-                self._internal_sql(conn, "COMMIT")
+                    failure = f"statement {number} failed: {result['error']}"
+                    break
+                if job.over_budget or time.monotonic() > job.deadline:
+                    stopped = result["error"]
+            if transaction and failure is None:
+                # Durability: COMMIT returns after the WAL is fsynced (synchronous=FULL); only then do results
+                # exist, and only then does the HTTP 200 go out.
+                try:
+                    self._internal_sql(slot, "COMMIT")
+                except apsw.Error as exc:
+                    full = full or isinstance(exc, apsw.FullError)
+                    failure = f"COMMIT failed: {_message(exc)}"
         except apsw.Error as exc:
-            self._rollback_if_open(conn)
-            results.append({"error": _message(exc)})
+            full = full or isinstance(exc, apsw.FullError)
+            if transaction:
+                failure = failure or _message(exc)
+            else:
+                stopped = _message(exc)
+                results.extend(
+                    {"error": f"not run: {stopped}"} for _ in range(len(statements) - len(results))
+                )
         finally:
-            self._rollback_if_open(conn)  # never leave a transaction open on a shared connection
+            self._rollback_if_open(slot)  # never leave a transaction open on a shared connection
+        if slot.writer:
+            if full:
+                self.disk_full = True
+            elif any("error" not in r for r in results) and failure is None:
+                self.disk_full = False
+        if transaction and failure is not None:
+            return _roll_back_results(results, len(statements), failure)
         return results
 
     def _run_statement(
-        self, conn: apsw.Connection, mode: str, statement: Statement, flags: Flags, budget: _Budget
-    ) -> dict[str, Any]:
+        self, slot: _Slot, job: _Job, mode: str, statement: Statement, flags: Flags
+    ) -> tuple[dict[str, Any], bool]:
+        """One statement's result, and whether it failed because the disk is full."""
+        conn = slot.conn
+        assert conn is not None
         started = time.perf_counter()
-        seen: dict[str, Any] = {"index": -1, "rows_at": None, "description": None, "refused": False}
+        seen: dict[str, Any] = {"index": -1, "rows_at": None, "description": None}
 
         def trace(cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
             seen["index"] += 1
             description = cursor.get_description()
             if description and seen["description"] is None:
                 seen["description"], seen["rows_at"] = description, seen["index"]
-            if mode == _Mode.QUERY and not cursor.is_readonly:
-                seen["refused"] = True
-                return False
-            self._deadline = time.monotonic() + budget.timeout_s
-            return True
+            return not (mode == _Mode.QUERY and not cursor.is_readonly)
 
         cursor = conn.cursor()
         cursor.exec_trace = trace
-        self._denied = None
+        slot.denied = None
         changes_before = conn.total_changes()
         rowid_before = conn.last_insert_rowid()
         rows: list[list[Any]] = []
         result: dict[str, Any] = {}
+        full = False
         params = statement.params
         bindings = dict(params) if isinstance(params, dict) or hasattr(params, "keys") else params
         try:
             # Outside a transaction each statement commits by itself when it finishes stepping, and that
             # commit (WAL fsync, see synchronous=FULL) completes before its result below is built.
             cursor.execute(statement.sql, bindings)
-            for row in _bounded_rows(cursor, seen, budget, flags):
+            for row in _bounded_rows(cursor, seen, self.limits.max_result_rows, job, flags):
                 rows.append(row)
         except apsw.ExecTraceAbort:
             result = {"error": READ_ONLY_REFUSAL}
         except apsw.InterruptError:
-            result = {"error": f"interrupted: the statement ran longer than {budget.timeout_s:g} s"}
+            if self._closing:
+                raise _ShuttingDown() from None
+            result = {"error": self._interrupt_reason(job)}
         except apsw.AuthError as exc:
-            result = {"error": self._denied or _message(exc)}
+            result = {"error": slot.denied or _message(exc)}
         except _ResultTooLarge as exc:
             result = {"error": str(exc)}
+        except apsw.FullError as exc:
+            full = True
+            result = {"error": _message(exc)}
         except (apsw.Error, ValueError, OverflowError, UnicodeError) as exc:
             result = {"error": _message(exc)}
         except (KeyError, TypeError) as exc:  # apsw's binding errors the request checks missed: not a 500
             result = {"error": f"cannot bind the values: {type(exc).__name__} {exc}"}
         finally:
-            self._deadline = float("inf")
             cursor.close(force=True)
         if "error" not in result:
             description = seen["description"]
@@ -394,32 +940,47 @@ class Database:
                     result["rows"] = None
         if flags.timings:
             result["time"] = time.perf_counter() - started
-        return result
+        return result, full
 
-    def _backup(self) -> Path:
-        assert self._rw is not None
-        target = self._temp_path("backup")
-        dest = apsw.Connection(str(target))
+    def _interrupt_reason(self, job: _Job) -> str:
+        if job.over_budget:
+            return (
+                f"write budget exceeded: the request used more than {job.budget} SQLite VM steps "
+                "(DB_WRITE_STEP_BUDGET)"
+            )
+        if job.cancelled:
+            return "interrupted: the client went away"
+        return f"interrupted: the request ran longer than {job.timeout_s:g} s"
+
+    def _backup(self, job: _Job) -> Path:
+        assert self._writer is not None and self._writer.conn is not None
+        target = self.temp_path("backup")
         try:
-            with dest.backup("main", self._rw, "main") as copy:
-                while not copy.done:
-                    copy.step(1024)
-            # A self-contained file: rollback journal, not WAL (there is no -wal file beside a download).
-            dest.execute("PRAGMA journal_mode=DELETE").fetchall()
-        except BaseException:
-            dest.close()
+            dest = apsw.Connection(str(target))
+            try:
+                with dest.backup("main", self._writer.conn, "main") as copy:
+                    while not copy.done:
+                        copy.step(1024)
+                # A self-contained file: rollback journal, not WAL (there is no -wal file beside a download).
+                dest.execute("PRAGMA journal_mode=DELETE").fetchall()
+            finally:
+                dest.close()
+        except BaseException as exc:
             target.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                self.disk_full = True
+                raise errors.InsufficientStorage(
+                    "not enough disk space in DATA_DIR to make the backup copy"
+                ) from None
+            if isinstance(exc, apsw.InterruptError) and self._closing:
+                raise _ShuttingDown() from None
+            if isinstance(exc, apsw.Error | OSError):
+                raise errors.Unavailable(f"the backup failed: {_message(exc)}") from None
             raise
-        dest.close()
         return target
 
-    def _load_sqlite(self, data: bytes) -> None:
-        source = self._temp_path("load")
+    def _load_sqlite(self, job: _Job, source: Path) -> None:
         try:
-            with open(source, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             check = apsw.Connection(str(source), flags=apsw.SQLITE_OPEN_READONLY)
             try:
                 verdict = check.execute("PRAGMA quick_check").fetchall()
@@ -430,91 +991,258 @@ class Database:
                 check.close()
             if verdict != [("ok",)]:
                 raise errors.BadRequest("invalid SQLite data: integrity check failed")
+            with open(source, "rb+") as f:
+                os.fsync(f.fileno())
             # Close, then swap files: the old WAL is checkpointed and removed at close, so it can never be
             # applied to the new file; a crash before the rename leaves the old database whole.
-            self._close()
+            self._close_writer()
             for sidecar in ("-wal", "-shm"):
                 Path(str(self.path) + sidecar).unlink(missing_ok=True)
             os.replace(source, self.path)
             _fsync_dir(self.data_dir)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise errors.InsufficientStorage(
+                    "not enough disk space in DATA_DIR to load the file"
+                ) from None
+            raise
         finally:
-            source.unlink(missing_ok=True)
-            if self._rw is None:
-                self._open(first=False)
+            if self._writer is not None and self._writer.conn is None:
+                self._reopen_writer()
 
-    def _load_dump(self, command: WriteCommand) -> int:
-        conn = self._rw
-        assert conn is not None
-        self._rng = random.Random(command.seed)
-        self._now_text = command.now_text
-        count = 0
+    def _reopen_writer(self) -> None:
+        """After a swap: the new file must open, or the node stops serving (503) rather than crash requests."""
         try:
-            self._internal_sql(conn, "BEGIN IMMEDIATE")
-            for statement in command.statements:
-                for sql in split_sql(statement.sql):
-                    if _TX_WORDS.match(sql):
-                        continue  # a dump's own BEGIN/COMMIT: the load is one transaction already
-                    self._denied = None
-                    self._deadline = time.monotonic() + self.limits.statement_timeout_s * 10
-                    try:
-                        conn.execute(sql).fetchall()
-                    except apsw.AuthError as exc:
-                        raise errors.BadRequest(f"load failed: {self._denied or _message(exc)}") from None
-                    except apsw.Error as exc:
-                        raise errors.BadRequest(
-                            f"load failed at statement {count + 1}: {_message(exc)}"
-                        ) from None
-                    count += 1
-            self._internal_sql(conn, "COMMIT")
-            return count
+            self._open_writer()
+        except (apsw.Error, OSError) as exc:
+            self.state, self.state_detail = State.FAILED, f"cannot reopen the database: {_message(exc)}"
+            self._emit("error", "database_unavailable", path=str(self.path), reason=self.state_detail)
+            if is_disk_full(exc):
+                raise errors.InsufficientStorage(f"the disk is full: {self.state_detail}") from None
+            raise errors.Unavailable(self.state_detail) from None
+
+    def _load_dump(self, job: _Job, source: Path, time_ns: int, seed: int) -> int:
+        """A dump as one transaction. Its leading ``PRAGMA foreign_keys=OFF`` holds for this load only: it is
+        applied before BEGIN (SQLite ignores it inside a transaction) and undone in ``finally``. Each
+        statement has the write step budget (deterministic); any other refused pragma is a 400 naming it."""
+        slot = self._writer
+        assert slot is not None and slot.conn is not None
+        self._rng = random.Random(seed)
+        self._now_text = WriteCommand((), False, time_ns, seed).now_text
+        try:
+            return self._load_dump_statements(slot, job, source)
+        except apsw.Error as exc:  # outside a statement: BEGIN, COMMIT, the pragma before BEGIN
+            if is_disk_full(exc):
+                self.disk_full = True
+                raise errors.InsufficientStorage(
+                    "load failed: the disk is full; nothing was loaded"
+                ) from None
+            if isinstance(exc, apsw.InterruptError) and self._closing:
+                raise _ShuttingDown() from None
+            raise errors.Unavailable(f"load failed: {_message(exc)}; nothing was loaded") from None
         finally:
-            self._deadline = float("inf")
-            self._rollback_if_open(conn)
+            self._rollback_if_open(slot)
+            with contextlib.suppress(apsw.Error):
+                self._internal_sql(slot, "PRAGMA foreign_keys=ON")
             self._rng = random.Random()
             self._now_text = None
 
-    def _temp_path(self, kind: str) -> Path:
-        self._temp_seq += 1
-        return self.data_dir / f"{_TEMP_PREFIX}{kind}-{os.getpid()}-{self._temp_seq}.db"
+    def _load_dump_statements(self, slot: _Slot, job: _Job, source: Path) -> int:
+        conn = slot.conn
+        assert conn is not None
+        count = 0
+        begun = False
+        for sql in _dump_statements(source, MAX_DUMP_STATEMENT_CHARS):
+            if _TX_WORDS.match(sql):
+                continue  # a dump's own BEGIN/COMMIT: the load is one transaction already
+            fk = _FK_PRAGMA.match(sql)
+            if fk is not None:
+                if not begun:
+                    enabled = fk.group(1).lower() in ("1", "on", "true", "yes")
+                    self._internal_sql(slot, f"PRAGMA foreign_keys={'ON' if enabled else 'OFF'}")
+                count += 1
+                continue  # inside the transaction SQLite ignores it; so do we
+            if not begun:
+                self._internal_sql(slot, "BEGIN IMMEDIATE")
+                begun = True
+            slot.denied = None
+            job.steps, job.over_budget = 0, False
+            try:
+                conn.execute(rewrite_time_keywords(sql)).fetchall()
+            except apsw.AuthError as exc:
+                raise errors.BadRequest(f"load failed: {slot.denied or _message(exc)}") from None
+            except apsw.InterruptError:
+                if self._closing:
+                    raise _ShuttingDown() from None
+                raise errors.BadRequest(
+                    f"load failed at statement {count + 1}: {self._interrupt_reason(job)}"
+                ) from None
+            except apsw.FullError:
+                self.disk_full = True
+                raise errors.InsufficientStorage(
+                    f"load failed at statement {count + 1}: the disk is full; nothing was loaded"
+                ) from None
+            except apsw.Error as exc:
+                raise errors.BadRequest(f"load failed at statement {count + 1}: {_message(exc)}") from None
+            count += 1
+        if begun:
+            try:
+                self._internal_sql(slot, "COMMIT")
+            except apsw.FullError:
+                self.disk_full = True
+                raise errors.InsufficientStorage(
+                    "load failed: the disk is full; nothing was loaded"
+                ) from None
+        if count:
+            self.disk_full = False
+        return count
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _close_conn(slot: _Slot) -> None:
+    if slot.conn is not None:
+        slot.conn.close()
+        slot.conn = None
+
+
+def _roll_back_results(results: list[dict[str, Any]], total: int, why: str) -> list[dict[str, Any]]:
+    """One result per statement when a transaction did not commit: none of them claims a stored change."""
+    out: list[dict[str, Any]] = []
+    for index in range(total):
+        if index < len(results) and "error" in results[index]:
+            out.append({"error": f"{results[index]['error']} (the transaction was rolled back)"})
+        elif index < len(results):
+            out.append({"error": f"rolled back: {why}"})
+        else:
+            out.append({"error": f"not run: {why}; the transaction was rolled back"})
+    return out
+
+
+def _dump_statements(source: Path, max_statement_chars: int) -> Iterator[str]:
+    """The complete statements of a dump file, read in chunks (never the whole text in memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    splitter = StatementSplitter(max_statement_chars)
+    with open(source, "rb") as f:
+        while True:
+            raw = f.read(DUMP_CHUNK_CHARS)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError:
+                raise errors.BadRequest("the dump is not UTF-8 text") from None
+            if "\x00" in text:
+                raise errors.BadRequest("the dump contains a NUL character")
+            yield from splitter.feed(text)
+            if not raw:
+                break
+    yield from splitter.finish()
+
+
+_STOPS = re.compile(r"[;'\"`\[]|--|/\*")
+_CLOSERS = {"'": "'", '"': '"', "`": "`", "[": "]", "--": "\n", "/*": "*/"}
+_TRIGGER_START = re.compile(r"\s*CREATE\s+(?:TEMP\s+|TEMPORARY\s+)?TRIGGER\b", re.IGNORECASE)
+_ENDS_WITH_END = re.compile(r"\bEND\s*;$", re.IGNORECASE)
+# A trigger candidate longer than this is tested with apsw.complete only when it ends with END;.
+_TRIGGER_PROBE_CHARS = 1 << 16
+
+
+class StatementSplitter:
+    """Split SQL text fed in pieces into complete statements, in time linear in the text.
+
+    Quotes, identifiers and comments are skipped by a small scanner (a ``;`` inside them never costs a
+    check); at a ``;`` outside them SQLite's own ``apsw.complete`` decides (it knows trigger bodies). A
+    statement longer than ``max_chars`` is a 400 rather than an ever-growing buffer.
+    """
+
+    def __init__(self, max_chars: int = 1 << 30) -> None:
+        self._text = ""
+        self._start = 0
+        self._pos = 0
+        self._close: str | None = None
+        self._max = max_chars
+
+    def feed(self, chunk: str) -> list[str]:
+        text = self._text = self._text[self._start :] + chunk
+        self._pos -= self._start
+        self._start = 0
+        out: list[str] = []
+        while True:
+            if self._close is not None:
+                end = text.find(self._close, self._pos)
+                if end < 0:
+                    self._pos = max(self._pos, len(text) - len(self._close) + 1)
+                    break
+                self._pos = end + len(self._close)
+                self._close = None
+                continue
+            match = _STOPS.search(text, self._pos)
+            if match is None:
+                # A trailing '-' or '/' may start a comment that the next piece completes.
+                self._pos = max(self._pos, len(text) - 1 if text.endswith(("-", "/")) else len(text))
+                break
+            token = match.group()
+            self._pos = match.end()
+            if token != ";":
+                self._close = _CLOSERS[token]
+                continue
+            candidate = text[self._start : self._pos]
+            if len(candidate) > self._max:
+                break  # refused below
+            if _complete(candidate):
+                if candidate.strip(" \t\r\n;"):
+                    out.append(candidate)
+                self._start = self._pos
+        if len(text) - self._start > self._max:
+            raise errors.BadRequest(f"a statement of the dump is longer than {self._max} characters")
+        return out
+
+    def finish(self) -> list[str]:
+        tail = self._text[self._start :]
+        self._text, self._start, self._pos, self._close = "", 0, 0, None
+        return [tail] if tail.strip() else []
+
+
+def _complete(candidate: str) -> bool:
+    if (
+        len(candidate) > _TRIGGER_PROBE_CHARS
+        and _TRIGGER_START.match(candidate)
+        and not _ENDS_WITH_END.search(candidate)
+    ):
+        return False
+    return apsw.complete(candidate)
 
 
 def split_sql(script: str) -> Iterator[str]:
     """Split a script into complete statements (semicolons inside literals and triggers stay put)."""
-    start = 0
-    pos = script.find(";")
-    while pos >= 0:
-        candidate = script[start : pos + 1]
-        if apsw.complete(candidate):
-            if candidate.strip(" \t\r\n;"):
-                yield candidate
-            start = pos + 1
-        pos = script.find(";", pos + 1)
-    tail = script[start:]
-    if tail.strip():
-        yield tail
+    splitter = StatementSplitter()
+    yield from splitter.feed(script)
+    yield from splitter.finish()
 
 
 def _bounded_rows(
-    cursor: apsw.Cursor, seen: dict[str, Any], budget: _Budget, flags: Flags
+    cursor: apsw.Cursor, seen: dict[str, Any], max_rows: int, job: _Job, flags: Flags
 ) -> Iterator[list[Any]]:
     count = 0
     for row in cursor:
         if seen["index"] != seen["rows_at"]:
             continue  # rows of a later statement in the same string: the first statement with columns answers
         count += 1
-        if count > budget.max_rows:
-            raise _ResultTooLarge(f"result too large: more than {budget.max_rows} rows")
+        if count > max_rows:
+            raise _ResultTooLarge(f"result too large: more than {max_rows} rows")
         out = []
         for value in row:
             if isinstance(value, bytes):
-                budget.bytes_left -= (len(value) + 2) // 3 * 4 + 2
+                job.bytes_left -= (len(value) + 2) // 3 * 4 + 2
                 value = list(value) if flags.blob_array else base64.b64encode(value).decode("ascii")
             elif isinstance(value, str):
-                budget.bytes_left -= len(value) + 2
+                job.bytes_left -= len(value) + 2
             else:
-                budget.bytes_left -= 8
+                job.bytes_left -= 8
             out.append(value)
-        if budget.bytes_left < 0:
+        if job.bytes_left < 0:
             raise _ResultTooLarge("result too large: the results of this request exceed the byte limit")
         yield out
 
@@ -533,6 +1261,19 @@ def _rows_result(
     if rows:
         result["values"] = rows
     return result
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, apsw.FullError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    )
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _message(exc: BaseException) -> str:

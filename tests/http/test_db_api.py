@@ -37,7 +37,12 @@ READ, WRITE, ADMIN = token("read"), token("write"), token("admin")
 async def api(tmp_path):
     database = Database(
         tmp_path / "data",
-        limits=Limits(statement_timeout_s=2.0, max_result_rows=50, max_result_bytes=64 << 10),
+        limits=Limits(
+            statement_timeout_s=2.0,
+            max_result_rows=50,
+            max_result_bytes=64 << 10,
+            write_step_budget=2_000_000,
+        ),
         queue_size=8,
     )
     await database.open()
@@ -185,8 +190,12 @@ async def test_transaction_is_all_or_nothing(api):
         ],
         query="?transaction",
     )
-    assert len(body["results"]) == 3
+    # One result per statement, and none claims a stored change: all were rolled back.
+    assert len(body["results"]) == 4
+    assert all("error" in r for r in body["results"]), body
+    assert body["results"][0]["error"].startswith("rolled back: statement 3 failed: UNIQUE constraint failed")
     assert "UNIQUE constraint failed" in body["results"][2]["error"]
+    assert body["results"][3]["error"].startswith("not run: statement 3 failed")
     assert "values" not in await select(api, "SELECT * FROM t")
     body = await execute(api, ["INSERT INTO t VALUES(1)", "INSERT INTO t VALUES(2)"], query="?transaction")
     assert (await select(api, "SELECT count(*) FROM t"))["values"] == [[2]]
@@ -233,7 +242,7 @@ async def test_guards_on_user_sql(api):
     errors_ = [r["error"] for r in body["results"]]
     assert "ATTACH" in errors_[0]
     assert "transaction" in errors_[1] and "transaction" in errors_[3]
-    assert "disallowed pragma" in errors_[2]
+    assert "pragma journal_mode cannot be set" in errors_[2]
 
 
 async def test_statement_time_limit(api):
@@ -244,7 +253,8 @@ async def test_statement_time_limit(api):
         api,
         ["CREATE TABLE t (x)", "INSERT INTO t " + sql.replace("SELECT count(*) FROM c", "SELECT x FROM c")],
     )
-    assert body["results"][1]["error"].startswith("interrupted")
+    # Writes are bounded by VM steps, not by a clock (the same outcome on every replica).
+    assert body["results"][1]["error"].startswith("write budget exceeded: the request used more than 2000000")
     assert (await select(api, "SELECT count(*) FROM t"))["values"] == [[0]]
 
 
@@ -394,28 +404,55 @@ async def test_load_rejects_corrupt_sqlite_file(api):
 
 
 async def test_busy_queue_is_503(api):
-    """The database thread is held by a blocker; once 8 requests wait, the next is refused at once."""
+    """Every reader is held by a blocker; a client may queue half the read queue (4), the node 8 in all."""
     import threading
 
     release = threading.Event()
-    blocker = asyncio.create_task(api.database._call(release.wait, 30))
-    waiting = [
-        asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=READ)) for _ in range(7)
+    database = api.database
+    blockers = [
+        asyncio.create_task(database._read(f"blocker-{i}", lambda job, slot: release.wait(30)))
+        for i in range(4)
     ]
+    other = {  # another credential string: another client
+        "Authorization": "Bearer " + auth.mint_jwt(SECRET, auth.Role.READ, now=time.time(), ttl_s=299)
+    }
+    waiting = []
     try:
         for _ in range(1000):  # at most ~10 s
-            if api.database._pending >= 8:
+            if database.snapshot()["reads_running"] == 4:
                 break
             await asyncio.sleep(0.01)
-        assert api.database._pending == 8
+        assert database.snapshot()["reads_running"] == 4
+        waiting = [
+            asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=READ))
+            for _ in range(4)
+        ]
+        for _ in range(1000):
+            if database.snapshot()["reads_waiting"] >= 4:
+                break
+            await asyncio.sleep(0.01)
+        assert database.snapshot()["reads_waiting"] == 4
         resp = await api.get("/db/query", params={"q": "SELECT 1"}, headers=READ)
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
         assert (await resp.json())["code"] == "busy"
+        assert "this client" in (await resp.json())["error"]
+        waiting += [
+            asyncio.create_task(api.get("/db/query", params={"q": "SELECT 1"}, headers=other))
+            for _ in range(4)
+        ]
+        for _ in range(1000):
+            if database.snapshot()["reads_waiting"] >= 8:
+                break
+            await asyncio.sleep(0.01)
+        assert database.snapshot()["reads_waiting"] == 8
+        resp = await api.get("/db/query", params={"q": "SELECT 1"}, headers=WRITE)
+        assert resp.status == 503
+        assert "read queue is full" in (await resp.json())["error"]
     finally:
         release.set()
-    assert await blocker is True
-    assert [(await t).status for t in waiting] == [200] * 7
+    assert [await b for b in blockers] == [True] * 4
+    assert [(await t).status for t in waiting] == [200] * 8
 
 
 @pytest.mark.parametrize("level", ["none", "weak", "linearizable", "strong", "auto", "bogus", ""])
@@ -479,3 +516,111 @@ async def test_last_insert_id_is_this_statements(api):
         {"last_insert_id": 7, "rows_affected": 1},
     ]
     assert (await select(api, "SELECT v FROM kv WHERE id = 7"))["values"] == [["6"]]
+
+
+async def test_a_client_that_disconnects_stops_its_running_and_queued_reads(tmp_path):
+    """With handler_cancellation (as the node's server runs), a disconnect cancels the handler: the running
+    read is interrupted and the queued one dropped, long before the read time limit (60 s here)."""
+    database = Database(tmp_path / "data", limits=Limits(statement_timeout_s=60, readers=1), queue_size=8)
+    await database.open()
+    decisions: LatestCell = LatestCell()
+    decisions.publish(object())
+    app = web.Application(middlewares=[make_error_middleware(_Log())])
+    DbRoutes(
+        database=database,
+        jwt_secret=SECRET,
+        decisions=decisions,
+        max_body_bytes=32 << 10,
+        max_load_bytes=1 << 20,
+        max_statements=20,
+        body_read_timeout_s=0.5,
+    ).add_to(app)
+    client = TestClient(TestServer(app, handler_cancellation=True))
+    await client.start_server()
+    runaway = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT count(*) FROM r"
+    try:
+        requests = [
+            asyncio.create_task(client.get("/db/query", params={"q": runaway}, headers=READ))
+            for _ in range(2)
+        ]
+        for _ in range(1000):
+            snapshot = database.snapshot()
+            if snapshot["reads_running"] == 1 and snapshot["reads_waiting"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert database.snapshot() | {"writes_queued": 0} == {
+            "reads_running": 1, "reads_waiting": 1, "writes_queued": 0, "write_running": 0,
+        }  # fmt: skip
+        for task in requests:
+            task.cancel()  # closes the client's connections
+        await asyncio.gather(*requests, return_exceptions=True)
+        for _ in range(1000):
+            snapshot = database.snapshot()
+            if snapshot["reads_running"] == 0 and snapshot["reads_waiting"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert database.snapshot()["reads_running"] == 0 and database.snapshot()["reads_waiting"] == 0
+        assert (await select(client, "SELECT 3"))["values"] == [[3]]
+    finally:
+        await client.close()
+        await database.close()
+
+
+def _temp_files(api) -> list[str]:
+    return [p.name for p in api.database.data_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+async def test_a_dumps_foreign_keys_off_holds_for_that_load_only(api):
+    dump = b"""PRAGMA foreign_keys=OFF;
+BEGIN TRANSACTION;
+CREATE TABLE parent (id INTEGER PRIMARY KEY);
+CREATE TABLE child (p INTEGER REFERENCES parent(id));
+INSERT INTO child VALUES (42);
+COMMIT;
+"""
+    resp = await api.post("/db/load", data=dump, headers=ADMIN)
+    assert resp.status == 200, await resp.text()
+    # The orphan row loaded (the dump said so), but the next request's writes are checked again.
+    body = await execute(api, ["INSERT INTO child VALUES (43)"])
+    assert "FOREIGN KEY constraint failed" in body["results"][0]["error"]
+    assert (await select(api, "PRAGMA foreign_keys"))["values"] == [[1]]
+    # Without the pragma the same orphan is refused, and nothing of that dump stays.
+    resp = await api.post(
+        "/db/load", data=b"CREATE TABLE other (x); INSERT INTO child VALUES (44);", headers=ADMIN
+    )
+    assert resp.status == 400 and "FOREIGN KEY" in (await resp.json())["error"]
+    assert "no such table" in (await select(api, "SELECT * FROM other"))["error"]
+    assert _temp_files(api) == []
+
+
+@pytest.mark.parametrize(
+    "pragma",
+    ["PRAGMA cache_size=1", "PRAGMA writable_schema=ON", "PRAGMA recursive_triggers(1)", "PRAGMA optimize"],
+)
+async def test_other_connection_pragmas_in_a_dump_are_refused_naming_them(api, pragma):
+    dump = f"CREATE TABLE d (x);\n{pragma};\nINSERT INTO d VALUES (1);\n".encode()
+    resp = await api.post("/db/load", data=dump, headers=ADMIN)
+    assert resp.status == 400
+    body = await resp.json()
+    name = pragma.split()[1].split("=")[0].split("(")[0]
+    assert f"pragma {name}" in body["error"] and body["code"] == "bad_request"
+    assert "no such table" in (await select(api, "SELECT * FROM d"))["error"]
+    assert _temp_files(api) == []
+
+
+async def test_the_upload_file_is_removed_whatever_happens(api):
+    await make_foo(api)
+    resp = await api.post("/db/load", data=b"x" * (2 << 20), headers=ADMIN)
+    assert resp.status == 413
+    resp = await api.post("/db/load", data=b"SQLite format 3\x00" + b"\x13" * 5000, headers=ADMIN)
+    assert resp.status == 400
+    resp = await api.post("/db/load", data=b"   \n ", headers=ADMIN)
+    assert resp.status == 400 and "empty" in (await resp.json())["error"]
+    resp = await api.post("/db/load", data=b"INSERT INTO foo(name) VALUES ('x');", headers=ADMIN)
+    assert resp.status == 200
+    resp = await api.get("/db/backup", headers=ADMIN)
+    backup = await resp.read()
+    resp = await api.post("/db/load", data=backup, headers=ADMIN)
+    assert resp.status == 200
+    assert _temp_files(api) == []
+    assert (await select(api, "SELECT name FROM foo"))["values"] == [["x"]]

@@ -1,4 +1,4 @@
-"""Closing the database is not held up by a slow statement or a backlog (a node promises to exit in 2 s)."""
+"""Shutting down is not held up by a slow statement or a backlog (a node promises to exit in 2 s)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from node import errors
 from node.core import sqlreq as q
@@ -13,30 +15,65 @@ from node.storage.sqlite import Database, Limits
 
 # A recursive CTE that counts to a billion: runs for minutes unless interrupted.
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) SELECT max(x) FROM c"
+ENDLESS_WRITE = (
+    "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) "
+    "SELECT max(x) FROM c"
+)
 
 
 def _query(sql: str) -> q.DbRequest:
     return q.DbRequest((q.Statement(sql),), q.Flags())
 
 
-async def test_close_interrupts_the_running_statement_and_refuses_the_queued_ones(tmp_path):
-    database = Database(tmp_path, limits=Limits(statement_timeout_s=120), queue_size=16)
-    await database.open()
-    running = asyncio.create_task(database.query(_query(ENDLESS)))
-    queued = [asyncio.create_task(database.query(_query("SELECT 1"))) for _ in range(5)]
-    deadline = time.monotonic() + 10
-    # Wait until all six are with the database thread and the endless statement is stepping (its deadline set).
-    while (database._pending < 6 or database._deadline == float("inf")) and time.monotonic() < deadline:  # noqa: ASYNC110 - state of another thread
+def _write(sql: str) -> q.WriteCommand:
+    return q.stamp_write(_query(sql), time_ns=1, seed=1)
+
+
+async def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
+    """Poll a condition set by another thread, bounded in time and count."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / 0.01) + 1):
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            break
         await asyncio.sleep(0.01)
-    assert database._pending == 6 and database._deadline != float("inf")
+    assert predicate(), f"timed out waiting for {what}"
 
-    await asyncio.wait_for(database.close(), timeout=30)
 
-    first = await running
-    assert "interrupted" in first[0]["error"]
-    for task in queued:
+async def test_begin_shutdown_interrupts_running_work_and_refuses_the_backlog(tmp_path):
+    database = Database(
+        tmp_path,
+        limits=Limits(statement_timeout_s=120, write_step_budget=10**12, readers=2, readers_per_client=1),
+        queue_size=300,
+    )
+    await database.open()
+    await database.execute(_write("CREATE TABLE t(x)"), q.Flags())
+    running = asyncio.create_task(database.query(_query(ENDLESS), client="a"))
+    writing = asyncio.create_task(database.execute(_write(ENDLESS_WRITE), q.Flags()))
+    await wait_for(
+        lambda: database.snapshot()["reads_running"] == 1 and database.snapshot()["write_running"] == 1,
+        "the endless read and write to run",
+    )
+    # A backlog: 250 reads of one client (above its cap of one reader) and 40 writes.
+    queued = [asyncio.create_task(database.query(_query("SELECT 1"), client="a")) for _ in range(150)]
+    queued += [
+        asyncio.create_task(database.execute(_write("INSERT INTO t VALUES(1)"), q.Flags())) for _ in range(40)
+    ]
+    await wait_for(lambda: database.snapshot()["reads_waiting"] == 150, "the reads to queue")
+    assert database.snapshot()["writes_queued"] == 41  # the running one stays listed until it ends
+
+    database.begin_shutdown()
+    for task in [running, writing, *queued]:
         with pytest.raises(errors.Unavailable, match="shutting down"):
-            await task
+            await asyncio.wait_for(task, timeout=30)
+    await asyncio.wait_for(database.close(), timeout=30)
+    # Nothing queued ran: the table holds no row from the 40 queued inserts.
+    await database.open()
+    try:
+        assert (await database.query(_query("SELECT count(*) FROM t")))[0]["values"] == [[0]]
+    finally:
+        await database.close()
 
 
 async def test_a_closed_database_can_be_opened_again(tmp_path):
@@ -48,3 +85,43 @@ async def test_a_closed_database_can_be_opened_again(tmp_path):
         assert (await database.query(_query("SELECT 42")))[0]["values"] == [[42]]
     finally:
         await database.close()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(
+    reads=st.integers(0, 60),
+    writes=st.integers(0, 30),
+    clients=st.integers(1, 5),
+    runaway_write=st.booleans(),
+)
+def test_shutdown_answers_every_backlog(tmp_path_factory, reads, writes, clients, runaway_write):
+    """Whatever is queued or running, begin_shutdown settles every request at once: a result or a 503."""
+
+    async def run() -> None:
+        database = Database(
+            tmp_path_factory.mktemp("shutdown"),
+            limits=Limits(statement_timeout_s=120, write_step_budget=10**12, readers=2),
+            queue_size=200,
+        )
+        await database.open()
+        await database.execute(_write("CREATE TABLE t(x)"), q.Flags())
+        tasks = [
+            asyncio.create_task(database.query(_query(ENDLESS), client=str(i % clients)))
+            for i in range(reads)
+        ]
+        if runaway_write:
+            tasks.append(asyncio.create_task(database.execute(_write(ENDLESS_WRITE), q.Flags())))
+        tasks += [
+            asyncio.create_task(database.execute(_write("INSERT INTO t VALUES(1)"), q.Flags()))
+            for _ in range(writes)
+        ]
+        await asyncio.sleep(0)  # let every request reach the database
+        database.begin_shutdown()
+        done, pending = await asyncio.wait(tasks, timeout=30) if tasks else (set(), set())
+        assert not pending
+        for task in done:
+            exc = task.exception()
+            assert exc is None or isinstance(exc, errors.Unavailable), exc
+        await asyncio.wait_for(database.close(), timeout=30)
+
+    asyncio.run(run())

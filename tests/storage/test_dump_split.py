@@ -1,0 +1,105 @@
+"""Splitting a dump into statements piece by piece gives what SQLite's own completeness test gives."""
+
+from __future__ import annotations
+
+import apsw
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from node import errors
+from node.storage import sqlite
+from node.storage.sqlite import StatementSplitter, split_sql
+
+
+def reference_split(script: str) -> list[str]:
+    """The plain definition: cut at every ';' where apsw.complete says the text so far is complete."""
+    out, start, pos = [], 0, script.find(";")
+    while pos >= 0:
+        candidate = script[start : pos + 1]
+        if apsw.complete(candidate):
+            if candidate.strip(" \t\r\n;"):
+                out.append(candidate)
+            start = pos + 1
+        pos = script.find(";", pos + 1)
+    if script[start:].strip():
+        out.append(script[start:])
+    return out
+
+
+PIECES = st.sampled_from(
+    [
+        "SELECT 1",
+        "SELECT 'a;b'",
+        "SELECT 'it''s;'",
+        'SELECT "x;y" FROM t',
+        "SELECT `q;` FROM t",
+        "SELECT [a;b] FROM t",
+        "SELECT 1 -- a comment; with a semicolon\n",
+        "/* ; block ; */ SELECT 2",
+        "SELECT 'ü;€ 日本'",
+        "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT 1; SELECT ';'; END",
+        "CREATE TRIGGER tr2 AFTER INSERT ON t BEGIN SELECT CASE WHEN 1 THEN 2 END; END",
+        "INSERT INTO t VALUES(x'00ff')",
+        "- 1",
+        "SELECT 4 /",
+        "SELECT '--' || '/*'",
+        "",
+        "'unterminated;",
+    ]
+)
+SEPARATORS = st.sampled_from([";", ";\n", " ; ", ";;", "\n", ";-- trailing\n", ";/**/"])
+
+
+@st.composite
+def scripts(draw) -> str:
+    parts = draw(st.lists(st.tuples(PIECES, SEPARATORS), min_size=1, max_size=8))
+    return "".join(p + s for p, s in parts)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(script=scripts(), cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=20))
+def test_piecewise_split_matches_the_reference(script, cuts):
+    splitter = StatementSplitter()
+    out, pos = [], 0
+    for size in cuts:
+        out += splitter.feed(script[pos : pos + size])
+        pos += size
+    out += splitter.feed(script[pos:])
+    out += splitter.finish()
+    assert out == reference_split(script)
+    assert list(split_sql(script)) == reference_split(script)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(script=scripts(), chunk=st.integers(min_value=1, max_value=7))
+def test_dump_file_reading_splits_utf8_safely(tmp_path_factory, monkeypatch_chunk, script, chunk):
+    monkeypatch_chunk(chunk)
+    path = tmp_path_factory.mktemp("dump") / "dump.sql"
+    path.write_bytes(script.encode("utf-8"))
+    assert list(sqlite._dump_statements(path, 1 << 20)) == reference_split(script)
+
+
+@pytest.fixture
+def monkeypatch_chunk():
+    original = sqlite.DUMP_CHUNK_CHARS
+
+    def set_chunk(size: int) -> None:
+        sqlite.DUMP_CHUNK_CHARS = size
+
+    yield set_chunk
+    sqlite.DUMP_CHUNK_CHARS = original
+
+
+def test_a_statement_longer_than_the_limit_is_a_400(tmp_path):
+    path = tmp_path / "dump.sql"
+    path.write_text("SELECT 1; SELECT '" + "x;" * 5000 + "';")
+    with pytest.raises(errors.BadRequest, match="longer than 1000 characters"):
+        list(sqlite._dump_statements(path, 1000))
+
+
+def test_invalid_utf8_is_a_400(tmp_path):
+    path = tmp_path / "dump.sql"
+    path.write_bytes(b"SELECT '\xff';")
+    with pytest.raises(errors.BadRequest, match="not UTF-8"):
+        list(sqlite._dump_statements(path, 1000))
