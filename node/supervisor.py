@@ -28,7 +28,7 @@ from node.core import membership as m
 from node.core.ids import Endpoint
 from node.http.cluster import ClusterRoutes
 from node.http.db import DbRoutes
-from node.http.server import HttpApi
+from node.http.server import HttpApi, HttpLimits, view_hosts
 from node.runtime.clock import Clock
 from node.runtime.mailbox import LatestCell, Mailbox, Overflow
 from node.runtime.resolver import Resolver
@@ -93,7 +93,13 @@ class Node:
         )
         self.http: HttpApi | None = None
         if serve_http:
-            self.http = HttpApi(host=config.host, port=config.port, log=log)
+            self.http = HttpApi(
+                host=config.host,
+                port=config.port,
+                log=log,
+                limits=HttpLimits.from_config(config),
+                is_peer=view_hosts(self.views),
+            )
             ClusterRoutes(
                 me=me,
                 decisions=self.decisions,
