@@ -71,7 +71,9 @@ RESPONSE_BUDGET = web.AppKey("response_budget", ResponseBudget)
 WRITE_TIMEOUT_S = web.AppKey("response_write_timeout_s", float)
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None, *, pretty: bool = False):
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None, *, pretty: bool = False
+):
     option = orjson.OPT_INDENT_2 if pretty else 0
     return web.Response(
         body=orjson.dumps(body, option=option),
@@ -85,14 +87,19 @@ def error_response(exc: errors.NodeError) -> web.Response:
     return json_response(exc.body(), status=exc.status, headers=exc.headers())
 
 
-def error_body(status: int, *, exc: BaseException | None = None, message: str | None = None) -> dict[str, str]:
+def error_body(
+    status: int, *, exc: BaseException | None = None, message: str | None = None
+) -> dict[str, str]:
     """The documented error body for a status aiohttp chose: ``code`` is the status phrase in snake case."""
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Error"
     text = message or (str(exc) if exc is not None else "") or phrase
-    return {"error": text, "code": "internal_error" if status == 500 else phrase.lower().replace(" ", "_").replace("-", "_")}
+    return {
+        "error": text,
+        "code": "internal_error" if status == 500 else phrase.lower().replace(" ", "_").replace("-", "_"),
+    }
 
 
 # Modules whose ValueErrors mean "the client sent something malformed" when raised while a handler read the
@@ -170,13 +177,17 @@ async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> by
     """
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise errors.PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit)
+        raise errors.PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit
+        )
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.content.iter_any():
                 if len(body) + len(chunk) > limit:
-                    raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit} bytes", limit=limit)
+                    raise errors.PayloadTooLarge(
+                        f"request body exceeds the limit of {limit} bytes", limit=limit
+                    )
                 body += chunk
     except TimeoutError:
         raise errors.RequestTimeout(f"request body not received within {timeout_s:g} s") from None

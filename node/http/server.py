@@ -86,7 +86,6 @@ KEEPALIVE_BACKSTOP_S = 5.0
 LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 
-
 def _raw_json_response(status: int, reason: str, body: dict[str, str], extra: str = "") -> bytes:
     """A complete HTTP/1.1 response, for the two places that answer without aiohttp (refusal, header timeout)."""
     payload = orjson.dumps(body)
@@ -98,7 +97,10 @@ def _raw_json_response(status: int, reason: str, body: dict[str, str], extra: st
 
 
 _REFUSED_RESPONSE = _raw_json_response(
-    503, "Service Unavailable", {"error": "too many connections; retry shortly", "code": "busy"}, "Retry-After: 1\r\n"
+    503,
+    "Service Unavailable",
+    {"error": "too many connections; retry shortly", "code": "busy"},
+    "Retry-After: 1\r\n",
 )
 _TIMEOUT_RESPONSE = _raw_json_response(
     408, "Request Timeout", {"error": "request headers not received in time", "code": "request_timeout"}
@@ -260,8 +262,16 @@ class ConnectionGuard:
 class GuardedRequestHandler(web.RequestHandler):
     """aiohttp's protocol plus the header timer, the write-stall timer, slot accounting and JSON errors."""
 
-    __slots__ = ("_guard", "_header_timeout_s", "_write_timeout_s", "_node_log", "_head_timer",
-                 "_stall_timer", "_head_bytes", "_counted")
+    __slots__ = (
+        "_guard",
+        "_header_timeout_s",
+        "_write_timeout_s",
+        "_node_log",
+        "_head_timer",
+        "_stall_timer",
+        "_head_bytes",
+        "_counted",
+    )
 
     def __init__(
         self,
@@ -363,6 +373,15 @@ class GuardedRequestHandler(web.RequestHandler):
         resp.force_close()
         return resp
 
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's own error reports (e.g. a body that failed to decode, met again while discarding it).
+
+        They come from what a client sent, so they must not print a traceback to stderr per request.
+        """
+        exc = kwargs.get("exc_info")
+        reason = type(exc).__name__ if isinstance(exc, BaseException) else str(args[0] if args else "")
+        self._node_log.debug("http_protocol_error", reason=reason, detail=str(exc)[:200] if exc else None)
+
     # --- timers -------------------------------------------------------------------------------------------
 
     def _arm_head_timer(self) -> None:
@@ -390,7 +409,9 @@ class GuardedRequestHandler(web.RequestHandler):
 
 
 def _kept_headers(resp: web.StreamResponse) -> dict[str, str]:
-    return {k: v for k, v in resp.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
+    return {
+        k: v for k, v in resp.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")
+    }
 
 
 @web.middleware
