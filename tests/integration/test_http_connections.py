@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import resource
 import socket
+import time
+import urllib.parse
+import urllib.request
 
 import orjson
 import pytest
 
+from node import auth
 from tests.support.cluster import http_json
 from tests.support.wait import wait_until
 
@@ -193,3 +197,63 @@ def test_more_idle_sockets_than_descriptors_leave_health_reachable_and_logs_boun
     assert len(node.stderr_text()) < 4096, node.stderr_text()[:2000]
     assert node.log_problems() == []
     assert node.running
+
+
+# --- memory: clients that ask for a large result and never read it -------------------------------------------
+
+
+def rss_mib(pid: int, key: str = "VmRSS") -> float:
+    for line in open(f"/proc/{pid}/status").read().splitlines():  # noqa: SIM115 - a tiny procfs read
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"{key} missing")
+
+
+def db_call(node, token: str, body: list) -> dict:
+    req = urllib.request.Request(
+        f"{node.url}/db/execute",
+        data=orjson.dumps(body),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return orjson.loads(resp.read())
+
+
+def test_eight_silent_readers_of_a_15_mb_result_stay_far_below_the_pod_memory_limit(make_cluster):
+    """The probe's case: 8 clients, 10,000 x 1,500 characters each, never reading: 288 MiB before (OOM at
+    the manifest's 256Mi). Memory does not depend on timing here: the response budget bounds it."""
+    cluster, node = start_one(make_cluster, {})
+    token = auth.mint_jwt(cluster.jwt_secret, auth.Role.WRITE, now=time.time(), ttl_s=600)
+    db_call(node, token, ["CREATE TABLE big (id INTEGER PRIMARY KEY, v TEXT)"])
+    fill = (
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 10000) "
+        "INSERT INTO big(id, v) SELECT n, substr(n || replace(hex(zeroblob(750)), '0', 'x'), 1, 1500) FROM c"
+    )
+    assert db_call(node, token, [fill])["results"][0]["rows_affected"] == 10000
+    baseline = rss_mib(node.proc.pid)
+    query = urllib.parse.quote("SELECT * FROM big")
+    raw = f"GET /db/query?q={query} HTTP/1.1\r\nHost: {node.ip}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    socks = []
+    for _ in range(8):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind((cluster.spare_ip(10), 0))
+        sock.connect((node.ip, node.port))
+        sock.sendall(raw)
+        socks.append(sock)
+    statuses: list[bytes] = []
+    with close_all(socks):
+        for sock in socks:  # every client got its answer's first bytes: 200 (streaming, stalled) or 503 busy
+            sock.settimeout(30)
+            statuses.append(sock.recv(12)[9:12])
+        assert set(statuses) <= {b"200", b"503"} and b"200" in statuses, statuses
+        peak = rss_mib(node.proc.pid, "VmHWM")
+        assert peak < 220, f"peak RSS {peak:.0f} MiB (baseline {baseline:.0f} MiB), statuses {statuses}"
+    # After they leave, the memory goes back (the buffers are freed and handed back to the system).
+    wait_until(
+        lambda: rss_mib(node.proc.pid) < baseline + 40,
+        30,
+        0.5,
+        what="RSS to return near its baseline",
+        describe=lambda: f"RSS {rss_mib(node.proc.pid):.0f} MiB, baseline {baseline:.0f} MiB",
+    )
