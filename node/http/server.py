@@ -318,8 +318,10 @@ class GuardedRequestHandler(web.RequestHandler):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._stall_timer is None:
-            self._stall_timer = asyncio.get_running_loop().call_later(self._write_timeout_s, self._stalled)
+        if self._stall_timer is None and self.transport is not None:
+            self._stall_timer = asyncio.get_running_loop().call_later(
+                self._write_timeout_s, self._stalled, self.transport
+            )
 
     def resume_writing(self) -> None:
         if self._stall_timer is not None:
@@ -400,12 +402,17 @@ class GuardedRequestHandler(web.RequestHandler):
             with contextlib.suppress(OSError, RuntimeError):
                 transport.write(_TIMEOUT_RESPONSE)
         self.force_close()
+        # close() waits until the buffer is sent; a client that reads nothing (say, the tail of its last
+        # response) would hold the descriptor and its slot for ever. Give it the write timeout, then abort.
+        if self._stall_timer is None:
+            self._stall_timer = asyncio.get_running_loop().call_later(self._write_timeout_s, transport.abort)
 
-    def _stalled(self) -> None:
+    def _stalled(self, transport: asyncio.Transport) -> None:
+        # The transport, not self.transport: aiohttp forgets it when it starts closing, but a close waits
+        # for the buffer to drain, which is exactly what a client that reads nothing never lets happen.
         self._stall_timer = None
-        if self.transport is not None:
-            self._guard.slow_readers.hit(timeout_s=self._write_timeout_s)
-            self.transport.abort()
+        self._guard.slow_readers.hit(timeout_s=self._write_timeout_s)
+        transport.abort()
 
 
 def _kept_headers(resp: web.StreamResponse) -> dict[str, str]:

@@ -69,7 +69,7 @@ class Served:
     def port(self) -> int:
         return self.api.port
 
-    async def exchange(self, raw: bytes, *, read_timeout_s: float = 5.0) -> bytes:
+    async def exchange(self, raw: bytes, *, read_timeout_s: float = 5.0, max_bytes: int = 1 << 20) -> bytes:
         """Send ``raw``, read until the node closes (or the timeout); the reply's bytes."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         try:
@@ -79,7 +79,7 @@ class Served:
             async with asyncio.timeout(read_timeout_s):
                 while chunk := await reader.read(65536):
                     data += chunk
-                    if len(data) > 1 << 20:
+                    if len(data) > max_bytes:
                         break
             return bytes(data)
         except (TimeoutError, ConnectionResetError):
@@ -555,3 +555,15 @@ async def test_a_client_that_disconnects_cancels_its_handler(node_http):
 async def test_an_unknown_path_is_a_json_404(node_http):
     status, body = json_reply(await node_http.exchange(request("/nowhere")))
     assert status == 404 and body["code"] == "not_found"
+
+
+@pytest.mark.parametrize("path", ["/big", "/big-send"])
+async def test_a_reading_client_gets_the_whole_streamed_body_intact(node_http, path):
+    size = 2 << 20
+    status, headers, body = parse_reply(
+        await node_http.exchange(request(f"{path}?size={size}"), read_timeout_s=20, max_bytes=4 << 20)
+    )
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert int(headers["content-length"]) == len(body)
+    assert len(orjson.loads(body)["rows"]) == size // 1000
+    assert node_http.api.budget.in_use_bytes == 0 and node_http.api.budget.peak_bytes >= len(body)
