@@ -83,7 +83,7 @@ EVENT_LOG_INTERVAL_S = 10.0
 # aiohttp's own keep-alive close, a backstop behind the header timer (which closes idle connections first).
 KEEPALIVE_BACKSTOP_S = 5.0
 
-LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
 def _raw_json_response(status: int, reason: str, body: dict[str, str], extra: str = "") -> bytes:
@@ -242,6 +242,10 @@ class ConnectionGuard:
         self.slow_readers = EventCounter("slow_readers_dropped", log)
 
     def privileged(self, ip: str) -> bool:
+        if ip.startswith("::ffff:"):  # an IPv4 client of a dual-stack socket (HOST=::)
+            with contextlib.suppress(ValueError):
+                mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+                ip = str(mapped) if mapped is not None else ip
         if ip in LOOPBACK:
             return True
         try:

@@ -8,6 +8,7 @@ large responses stay within the response budget.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import socket
 import zlib
@@ -567,3 +568,70 @@ async def test_a_reading_client_gets_the_whole_streamed_body_intact(node_http, p
     assert int(headers["content-length"]) == len(body)
     assert len(orjson.loads(body)["rows"]) == size // 1000
     assert node_http.api.budget.in_use_bytes == 0 and node_http.api.budget.peak_bytes >= len(body)
+
+
+def test_ipv4_clients_of_a_dual_stack_socket_are_recognised_as_loopback_or_peers():
+    guard = ConnectionGuard(connection_limits(None, 1), lambda ip: ip == "10.0.0.7", RecordingLog())
+    guard.active = 1
+    assert guard.admit("::ffff:127.0.0.1") and guard.admit("::ffff:10.0.0.7")
+    assert not guard.admit("::ffff:10.0.0.8") and not guard.admit("::ffff:zz")
+
+
+async def test_expect_100_continue_still_works(node_http):
+    reader, writer = await asyncio.open_connection("127.0.0.1", node_http.port)
+    try:
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+            writer.write(b"abc")
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        writer.close()
+
+
+async def test_accept_failures_are_counted_and_logged_once_per_interval_not_per_attempt(monkeypatch):
+    monkeypatch.setattr(http_server, "ACCEPT_RETRY_S", 0.001)
+    loop = asyncio.get_running_loop()
+    failures = 50
+    calls = 0
+    blocked = asyncio.Event()
+
+    async def exhausted(sock):
+        nonlocal calls
+        calls += 1
+        if calls <= failures:
+            raise OSError(errno.EMFILE, "Too many open files")
+        blocked.set()
+        await asyncio.Event().wait()  # then no more clients
+
+    monkeypatch.setattr(loop, "sock_accept", exhausted)
+    served = await start_api(HttpLimits())
+    try:
+        async with asyncio.timeout(10):
+            await blocked.wait()
+        assert served.api.guard.accept_failed.total == failures
+        assert len(served.log.events("accept_failed")) == 1  # the rest are counted into the next line
+    finally:
+        await served.api.stop()
+    lines = served.log.events("accept_failed")
+    assert len(lines) == 2 and sum(line["count"] for line in lines) == failures
+
+
+def test_the_connection_settings_are_read_from_the_environment_and_validated():
+    from node.config import Config, ConfigError
+
+    env = {
+        "JWT_SECRET": "x" * 32,
+        "HEADER_READ_TIMEOUT": "2.5",
+        "MAX_CLIENT_CONNECTIONS": "100",
+        "RESPONSE_WRITE_TIMEOUT": "7",
+        "MAX_BUFFERED_RESPONSE_BYTES": "1048576",
+    }
+    config = Config.from_env(env)
+    limits = HttpLimits.from_config(config)
+    assert limits == HttpLimits(2.5, 100, 7.0, 1 << 20)
+    assert Config.from_env({"JWT_SECRET": "x" * 32}).max_client_connections is None
+    with pytest.raises(ConfigError) as bad:
+        Config.from_env({**env, "HEADER_READ_TIMEOUT": "0", "MAX_CLIENT_CONNECTIONS": "-1"})
+    assert len(bad.value.problems) == 2
