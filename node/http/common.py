@@ -104,27 +104,38 @@ def error_body(
 
 # Modules whose ValueErrors mean "the client sent something malformed" when raised while a handler read the
 # request through them (a Host that is not host:port, a bad query string, a malformed cookie or date).
-_REQUEST_PARSERS = ("aiohttp", "yarl", "multidict", "http.cookies", "email", "urllib.parse")
+_REQUEST_PARSERS = (
+    "aiohttp",
+    "yarl",
+    "multidict",
+    "http.cookies",
+    "email",
+    "urllib.parse",
+    "json",
+    "encodings",
+)
 
 
 def is_client_input_error(exc: BaseException) -> bool:
     """True for the errors a client can trigger by what it sends, wherever a handler happened to read it.
 
     Payload errors (a body that does not decompress, a broken chunked encoding) and aiohttp's parser errors
-    always are. A ValueError (UnicodeDecodeError included) is, when it was raised inside one of the request
-    parsing libraries (:data:`_REQUEST_PARSERS`): that is an accessor such as ``request.url`` or
-    ``request.cookies`` rejecting a header. A ValueError raised in the node's own code stays a bug.
+    always are. A ValueError (UnicodeDecodeError, JSONDecodeError included) or a LookupError (an unknown
+    charset) is, when it was raised inside one of the request parsing libraries (:data:`_REQUEST_PARSERS`):
+    that is an accessor such as ``request.url``, ``request.cookies`` or ``request.text()`` rejecting what
+    the client sent. The same errors raised in the node's own code stay bugs (500, ``request_failed``).
     """
     if isinstance(exc, (RequestPayloadError, http_exceptions.HttpProcessingError, zlib.error)):
         return True
-    if not isinstance(exc, ValueError):
+    unknown_charset = type(exc) is LookupError  # what codecs raise; KeyError and IndexError stay bugs
+    if not (isinstance(exc, ValueError) or unknown_charset):
         return False
     tb = exc.__traceback__
     module = ""
     while tb is not None:
         module = tb.tb_frame.f_globals.get("__name__", "")
         tb = tb.tb_next
-    return module.startswith(_REQUEST_PARSERS)
+    return any(module == name or module.startswith(name + ".") for name in _REQUEST_PARSERS)
 
 
 def make_error_middleware(log: Any):
