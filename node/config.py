@@ -101,6 +101,22 @@ class Config:
     # Seconds a client may take to send a request body; a slower one gets 408.
     body_read_timeout_s: float = 10.0
 
+    # --- HTTP connections ---------------------------------------------------------------------------------
+    # Seconds a client may take to send complete request headers, counted from the moment the connection
+    # opens and, on a kept-alive connection, from the end of the previous response. Past it the connection
+    # is closed (with a 408 JSON if part of a request had arrived). So it also bounds idle keep-alive.
+    header_read_timeout_s: float = 10.0
+    # Client connections served at once. None: derived from the process's open-file limit (RLIMIT_NOFILE
+    # soft limit minus a reserve for the database, logs and peers, at most 4096). Loopback and peers get a
+    # further slice on top that other clients cannot take. A connection over the cap is closed at once.
+    max_client_connections: int | None = None
+    # Seconds a response may make no progress (the client reads nothing) before the connection is dropped
+    # and its buffers freed.
+    response_write_timeout_s: float = 30.0
+    # Bytes of large serialized responses the node holds at once (all clients together); a response that
+    # does not fit answers 503 busy with Retry-After.
+    max_buffered_response_bytes: int = 64 << 20
+
     # --- auth ---------------------------------------------------------------------------------------------
     # HMAC secret for bearer tokens (HS256). Required; shorter than 32 bytes starts with a loud warning.
     jwt_secret: str = field(default="", repr=False)
@@ -274,6 +290,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "db_readers": ("DB_READERS", _positive_int),
     "db_readers_per_client": ("DB_READERS_PER_CLIENT", _non_negative_int),
     "body_read_timeout_s": ("BODY_READ_TIMEOUT", _positive_seconds),
+    "header_read_timeout_s": ("HEADER_READ_TIMEOUT", _positive_seconds),
+    "max_client_connections": ("MAX_CLIENT_CONNECTIONS", _positive_int),
+    "response_write_timeout_s": ("RESPONSE_WRITE_TIMEOUT", _positive_seconds),
+    "max_buffered_response_bytes": ("MAX_BUFFERED_RESPONSE_BYTES", _positive_int),
 }
 
 # Every field but the secret must be settable from the environment: keep the table and the dataclass in step.

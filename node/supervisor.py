@@ -31,7 +31,7 @@ from node.core import membership as m
 from node.core.ids import Endpoint
 from node.http.cluster import ClusterRoutes
 from node.http.db import DbRoutes
-from node.http.server import HttpApi
+from node.http.server import HttpApi, HttpLimits, view_hosts
 from node.runtime.clock import Clock
 from node.runtime.incarnation import next_incarnation
 from node.runtime.mailbox import LatestCell, Mailbox, Overflow
@@ -102,7 +102,13 @@ class Node:
         self.cluster_routes: ClusterRoutes | None = None
         self.incarnation = 0
         if serve_http:
-            self.http = HttpApi(host=config.host, port=config.port, log=log)
+            self.http = HttpApi(
+                host=config.host,
+                port=config.port,
+                log=log,
+                limits=HttpLimits.from_config(config),
+                is_peer=view_hosts(self.views),
+            )
             self.cluster_routes = ClusterRoutes(
                 me=me,
                 decisions=self.decisions,
