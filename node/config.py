@@ -166,6 +166,10 @@ class Config:
                 "JWT_SECRET is not set: set it to the same secret on every node "
                 "(at least 32 random bytes, e.g. `openssl rand -hex 32`)"
             )
+        elif not _encodes_as_utf8(env["JWT_SECRET"]):
+            # Bytes that are not UTF-8 reach os.environ as lone surrogates; every key derivation would fail.
+            # The message never repeats the value: it is the secret.
+            problems.append("JWT_SECRET is not valid UTF-8 text: use printable characters, e.g. `openssl rand -hex 32`")
         else:
             values["jwt_secret"] = env["JWT_SECRET"]
         if problems:
@@ -175,6 +179,14 @@ class Config:
         if problems:
             raise ConfigError(problems)
         return config
+
+
+def _encodes_as_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- parsers: each raises ValueError with a message that says what is expected ------------------------------

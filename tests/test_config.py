@@ -69,3 +69,12 @@ def test_relations_name_every_field_involved():
 def test_dns_servers_accept_ip_and_ip_port():
     config = Config.from_env({**SECRET, "DNS_SERVERS": "127.0.0.11, 127.0.0.1:5353"})
     assert config.dns_servers == ("127.0.0.11", "127.0.0.1:5353")
+
+
+def test_a_secret_that_is_not_utf8_is_a_configuration_error_that_does_not_repeat_it():
+    # os.environ holds undecodable bytes as lone surrogates (surrogateescape).
+    raw = b"\xff\xfe-not-utf8-secret-value".decode("utf-8", "surrogateescape")
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"JWT_SECRET": raw})
+    assert any("JWT_SECRET is not valid UTF-8" in p for p in info.value.problems)
+    assert not any("not-utf8-secret-value" in p for p in info.value.problems)
