@@ -45,6 +45,8 @@ from node.http.common import json_response, parse_json, read_body
 from node.runtime.mailbox import LatestCell
 from node.storage.sqlite import SQLITE_MAGIC, Database, is_disk_full
 
+# Request bodies up to this size are parsed on the event loop (microseconds); larger ones in a thread.
+INLINE_PARSE_BYTES = 64 << 10
 # Bytes per read when streaming a backup file to the client.
 BACKUP_CHUNK_BYTES = 1 << 20
 # Bytes of a /db/load body gathered in memory before they are written to the upload file (off the loop).
@@ -98,7 +100,15 @@ class DbRoutes:
 
     async def _request(self, request: web.Request, flags: Flags) -> DbRequest:
         raw = await read_body(request, limit=self._max_body, timeout_s=self._read_timeout_s)
-        if request.content_type == "text/plain":
+        text = request.content_type == "text/plain"
+        if len(raw) <= INLINE_PARSE_BYTES:
+            return self._parse(raw, flags, text=text)
+        # Decoding and checking a body of megabytes takes tens of milliseconds of CPU: off the event loop, so
+        # probes and other requests are served meanwhile.
+        return await asyncio.to_thread(self._parse, raw, flags, text=text)
+
+    def _parse(self, raw: bytes, flags: Flags, *, text: bool) -> DbRequest:
+        if text:
             return DbRequest(parse_text_statement(decode_text(raw)), flags)
         body = parse_json(raw, expected="a JSON array of statements")
         # raw too: an integer beyond 64 bits is decoded again exactly, to be refused rather than stored as REAL.
@@ -166,12 +176,12 @@ class DbRoutes:
                 }
             )
             await response.prepare(request)
-            handle = await asyncio.to_thread(open, path, "rb")
-            try:
-                while chunk := await asyncio.to_thread(handle.read, BACKUP_CHUNK_BYTES):
-                    await response.write(chunk)
-            finally:
-                await asyncio.to_thread(handle.close)
+            # Each chunk is read by offset in one thread call that opens and closes the file, so a client that
+            # goes away (the handler is cancelled) can never leave an open handle behind.
+            offset = 0
+            while chunk := await asyncio.to_thread(_read_chunk, path, offset, BACKUP_CHUNK_BYTES):
+                await response.write(chunk)
+                offset += len(chunk)
             await response.write_eof()
             return response
         finally:
@@ -275,3 +285,9 @@ def _storage_error(exc: OSError) -> errors.NodeError:
     if is_disk_full(exc):
         return errors.InsufficientStorage("not enough disk space in DATA_DIR to receive the upload")
     return errors.Unavailable(f"cannot store the upload in DATA_DIR: {exc.strerror or exc}")
+
+
+def _read_chunk(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)

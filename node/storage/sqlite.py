@@ -591,7 +591,17 @@ class Database:
 
     async def backup(self) -> Path:
         """A consistent copy of the database in a new file (SQLite's backup API); the caller deletes it."""
-        return await self._write(self._backup)
+        target = self.temp_path("backup")
+        try:
+            await self._write(self._backup, target)
+        except asyncio.CancelledError:
+            # The client went away while the copy may still be running on the writer thread: remove the file
+            # after it, in the same first-in-first-out executor, so no copy is left behind in DATA_DIR.
+            writer = self._writer
+            if writer is not None:
+                writer.executor.submit(target.unlink, True)
+            raise
+        return target
 
     def temp_path(self, kind: str) -> Path:
         """A fresh temporary file name in DATA_DIR (removed at the next start if left behind by a crash)."""
@@ -952,9 +962,8 @@ class Database:
             return "interrupted: the client went away"
         return f"interrupted: the request ran longer than {job.timeout_s:g} s"
 
-    def _backup(self, job: _Job) -> Path:
+    def _backup(self, job: _Job, target: Path) -> None:
         assert self._writer is not None and self._writer.conn is not None
-        target = self.temp_path("backup")
         try:
             dest = apsw.Connection(str(target))
             try:
@@ -977,7 +986,6 @@ class Database:
             if isinstance(exc, apsw.Error | OSError):
                 raise errors.Unavailable(f"the backup failed: {_message(exc)}") from None
             raise
-        return target
 
     def _load_sqlite(self, job: _Job, source: Path) -> None:
         try:
