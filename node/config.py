@@ -203,19 +203,19 @@ def _positive_seconds(raw: str) -> float:
 
 
 def _port(raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
         raise ValueError("expected a TCP port number from 1 to 65535")
     return int(raw)
 
 
 def _positive_int(raw: str) -> int:
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise ValueError("expected a whole number of at least 1")
     return int(raw)
 
 
 def _non_negative_int(raw: str) -> int:
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise ValueError("expected a whole number of at least 0")
     return int(raw)
 

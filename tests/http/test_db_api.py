@@ -7,21 +7,12 @@ import base64
 import time
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from node import auth
-from node.http.common import make_error_middleware
-from node.http.db import DbRoutes
-from node.runtime.mailbox import LatestCell
 from node.storage.sqlite import Database, Limits
+from tests.support.dbapi import start_db_api
 
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
-
-
-class _Log:
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 def token(role: str) -> dict[str, str]:
@@ -46,21 +37,9 @@ async def api(tmp_path):
         queue_size=8,
     )
     await database.open()
-    decisions: LatestCell = LatestCell()
-    decisions.publish(object())
-    app = web.Application(middlewares=[make_error_middleware(_Log())])
-    DbRoutes(
-        database=database,
-        jwt_secret=SECRET,
-        decisions=decisions,
-        max_body_bytes=32 << 10,
-        max_load_bytes=1 << 20,
-        max_statements=20,
-        body_read_timeout_s=0.5,
-    ).add_to(app)
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    client.database = database
+    client = await start_db_api(
+        database, secret=SECRET
+    )
     try:
         yield client
     finally:
@@ -523,20 +502,9 @@ async def test_a_client_that_disconnects_stops_its_running_and_queued_reads(tmp_
     read is interrupted and the queued one dropped, long before the read time limit (60 s here)."""
     database = Database(tmp_path / "data", limits=Limits(statement_timeout_s=60, readers=1), queue_size=8)
     await database.open()
-    decisions: LatestCell = LatestCell()
-    decisions.publish(object())
-    app = web.Application(middlewares=[make_error_middleware(_Log())])
-    DbRoutes(
-        database=database,
-        jwt_secret=SECRET,
-        decisions=decisions,
-        max_body_bytes=32 << 10,
-        max_load_bytes=1 << 20,
-        max_statements=20,
-        body_read_timeout_s=0.5,
-    ).add_to(app)
-    client = TestClient(TestServer(app, handler_cancellation=True))
-    await client.start_server()
+    client = await start_db_api(
+        database, secret=SECRET, handler_cancellation=True
+    )
     runaway = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT count(*) FROM r"
     try:
         requests = [

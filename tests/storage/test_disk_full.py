@@ -11,23 +11,14 @@ import subprocess
 import time
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from node import auth
-from node.http.common import make_error_middleware
-from node.http.db import DbRoutes
-from node.runtime.mailbox import LatestCell
 from node.storage.sqlite import Database, Limits
+from tests.support.dbapi import start_db_api
 
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
 ADMIN = {"Authorization": "Bearer " + auth.mint_jwt(SECRET, auth.Role.ADMIN, now=time.time(), ttl_s=600)}
 BALLAST_BYTES = 1200 << 10
-
-
-class _Log:
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 @pytest.fixture
@@ -52,21 +43,14 @@ def small_disk(tmp_path):
 async def api(small_disk):
     database = Database(small_disk / "data", limits=Limits(), queue_size=8)
     await database.open()
-    decisions: LatestCell = LatestCell()
-    decisions.publish(object())
-    app = web.Application(middlewares=[make_error_middleware(_Log())])
-    DbRoutes(
-        database=database,
-        jwt_secret=SECRET,
-        decisions=decisions,
+    client = await start_db_api(
+        database,
+        secret=SECRET,
         max_body_bytes=4 << 20,
         max_load_bytes=8 << 20,
         max_statements=100,
         body_read_timeout_s=5,
-    ).add_to(app)
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    client.database = database
+    )
     client.disk = small_disk
     try:
         yield client
