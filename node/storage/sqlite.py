@@ -976,16 +976,22 @@ class Database:
                 dest.close()
         except BaseException as exc:
             target.unlink(missing_ok=True)
-            if is_disk_full(exc):
-                self.disk_full = True
-                raise errors.InsufficientStorage(
-                    "not enough disk space in DATA_DIR to make the backup copy"
-                ) from None
-            if isinstance(exc, apsw.InterruptError) and self._closing:
-                raise _ShuttingDown() from None
             if isinstance(exc, apsw.Error | OSError):
-                raise errors.Unavailable(f"the backup failed: {_message(exc)}") from None
+                raise self._job_failure(
+                    exc,
+                    full="not enough disk space in DATA_DIR to make the backup copy",
+                    other=f"the backup failed: {_message(exc)}",
+                ) from None
             raise
+
+    def _job_failure(self, exc: apsw.Error | OSError, *, full: str, other: str) -> Exception:
+        """What a whole-database job (backup, load) that failed outside any statement answers."""
+        if is_disk_full(exc):
+            self.disk_full = True
+            return errors.InsufficientStorage(full)
+        if isinstance(exc, apsw.InterruptError) and self._closing:
+            return _ShuttingDown()
+        return errors.Unavailable(other)
 
     def _load_sqlite(self, job: _Job, source: Path) -> None:
         try:
@@ -1040,14 +1046,11 @@ class Database:
         try:
             return self._load_dump_statements(slot, job, source)
         except apsw.Error as exc:  # outside a statement: BEGIN, COMMIT, the pragma before BEGIN
-            if is_disk_full(exc):
-                self.disk_full = True
-                raise errors.InsufficientStorage(
-                    "load failed: the disk is full; nothing was loaded"
-                ) from None
-            if isinstance(exc, apsw.InterruptError) and self._closing:
-                raise _ShuttingDown() from None
-            raise errors.Unavailable(f"load failed: {_message(exc)}; nothing was loaded") from None
+            raise self._job_failure(
+                exc,
+                full="load failed: the disk is full; nothing was loaded",
+                other=f"load failed: {_message(exc)}; nothing was loaded",
+            ) from None
         finally:
             self._rollback_if_open(slot)
             with contextlib.suppress(apsw.Error):
