@@ -91,7 +91,7 @@ def test_hostile_requests_leave_no_secret_in_the_output(make_cluster):
     upper_admin = jwt.encode(
         {"sub": "x", "role": "ADMIN", "iat": int(now), "exp": int(now) + 600}, secret, algorithm="HS256"
     )
-    peer_sig = peerauth.sign(key, "/cluster/hello", "127.0.0.9:4001", now)
+    peer_sig = peerauth.Signer(key, "127.0.0.9:4001", incarnation=int(now * 1000)).next_header("/cluster/hello")
     sent_tokens = [*jwts.values(), *compacts.values(), upper_admin, peer_sig.split("sig=")[1]]
 
     def basic(password: str) -> bytes:
@@ -119,6 +119,7 @@ def test_hostile_requests_leave_no_secret_in_the_output(make_cluster):
         [b"X-TalentNest-Peer: t=1,sig=" + b"0" * 64 + b",t=2,t=" + b"9" * 400],
         # A superscript two passes str.isdigit() but not int(): a failure inside code that holds the key.
         [b"X-TalentNest-Peer: t=\xc2\xb2,sig=" + peer_sig.split("sig=")[1].encode()],
+        [b"X-TalentNest-Peer: " + peer_sig.replace("seq=1", "seq=\u00b2").encode()],
         [b"Content-Encoding: gzip", b"Authorization: Bearer " + jwts[auth.Role.ADMIN].encode()],
         [b"Content-Encoding: deflate", basic(compacts[auth.Role.ADMIN])],
         [b"Content-Encoding: br", b"Authorization: Bearer " + jwts[auth.Role.WRITE].encode()],
