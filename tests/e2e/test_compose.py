@@ -11,7 +11,7 @@ import pytest
 from tests.e2e.support import (
     ROOT,
     ROUND_S,
-    STOP_BOUND_S,
+    STOP_WITHIN,
     Docker,
     Timings,
     free_port,
@@ -67,10 +67,9 @@ def test_compose_cluster(project: Compose, docker: Docker, timings: Timings) -> 
     others = {service: port for service, port in project.ports.items() if service != leader}
 
     started = time.monotonic()
-    project("stop", leader)
+    project("stop", *STOP_WITHIN, leader)
     timings.record(test, f"docker-compose stop {leader} (leader)", time.monotonic() - started)
-    assert time.monotonic() - started < STOP_BOUND_S + 1.0  # compose's own overhead on top of docker stop
-    assert docker.exit_code(containers[leader]) == 0
+    assert docker.exit_code(containers[leader]) == 0  # not 137: it exited by itself within 2 s
     views = wait_agree_ports(others, timeout=ROUND_S)
     timings.record(test, "-> the other two agree on the next-highest", time.monotonic() - started)
     assert {view["leader_id"] for view in views.values()} == {max(ids[s] for s in others)}

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.support import ROOT, STOP_BOUND_S, Cluster, Docker, Timings, wait_until
+from tests.e2e.support import ROOT, STOP_WITHIN, Cluster, Docker, Timings, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -61,10 +61,9 @@ def test_healthcheck_and_stop(docker: Docker, make_cluster: Callable[..., Cluste
     )
     # PID 1 handles SIGTERM: docker stop returns at once and the exit status is 0, not 137.
     assert docker("exec", name, "cat", "/proc/1/cmdline").stdout.split("\0")[:2] == ENTRYPOINT
-    _, took = docker.timed("stop", name)
+    _, took = docker.timed("stop", *STOP_WITHIN, name)
     timings.record("image", "docker stop (single node)", took)
-    assert took < STOP_BOUND_S
-    assert docker.exit_code(name) == 0
+    assert docker.exit_code(name) == 0  # not 137: it exited by itself within 2 s
     assert docker.inspect(name, "{{.State.OOMKilled}}") == "false"
     events = [line["event"] for line in docker.logs(name)]
     assert events[-3:] == ["shutting_down", "goodbye_sent", "node_stopped"]
@@ -80,10 +79,9 @@ def test_stop_right_after_start(
     worst = 0.0
     for n in (1, 2, 3):
         name = cluster.run(n)
-        _, took = docker.timed("stop", name)
+        _, took = docker.timed("stop", *STOP_WITHIN, name)
         worst = max(worst, took)
-        assert took < STOP_BOUND_S
-        assert docker.exit_code(name) == 0
+        assert docker.exit_code(name) == 0  # not 137: it exited by itself within 2 s
     timings.record("image", "docker stop right after docker run (worst of 3)", worst)
 
 

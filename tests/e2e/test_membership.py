@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.support import ROUND_S, STOP_BOUND_S, Cluster, Timings, node_id
+from tests.e2e.support import ROUND_S, STOP_WITHIN, Cluster, Timings, node_id
 
 pytestmark = pytest.mark.e2e
 
@@ -31,10 +31,9 @@ def test_scale_3_to_5_to_3(make_cluster: Callable[..., Cluster], timings: Timing
 
     # docker stop of any node takes < 2 s: stop the two newest one by one (the leader first).
     for name in sorted(names[3:], key=ids.__getitem__, reverse=True):
-        _, took = cluster.docker.timed("stop", name)
+        _, took = cluster.docker.timed("stop", *STOP_WITHIN, name)
         timings.record(test, f"docker stop node {ids[name]}", took)
-        assert took < STOP_BOUND_S
-        assert cluster.docker.exit_code(name) == 0
+        assert cluster.docker.exit_code(name) == 0  # not 137: it exited by itself within 2 s
     started = time.monotonic()
     views = cluster.wait_agree(names[:3], timeout=ROUND_S)
     timings.record(
