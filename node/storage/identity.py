@@ -37,11 +37,15 @@ def load_or_create_identity(data_dir: Path) -> str:
     except FileNotFoundError:
         identity = str(uuid.uuid4())
         data_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, encode_framed(IDENTITY_MAGIC, IDENTITY_VERSION, orjson.dumps({"node_id": identity})))
+        write_atomic(
+            path, encode_framed(IDENTITY_MAGIC, IDENTITY_VERSION, orjson.dumps({"node_id": identity}))
+        )
         return identity
     try:
         _, body = decode_framed(data, IDENTITY_MAGIC, _READABLE_VERSIONS)
         identity = orjson.loads(body)["node_id"]
         return str(uuid.UUID(identity))
     except (FramedFileError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise IdentityError(f"{path} is unreadable ({exc}); move it away only if this node's log goes too") from exc
+        raise IdentityError(
+            f"{path} is unreadable ({exc}); move it away only if this node's log goes too"
+        ) from exc
