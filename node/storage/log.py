@@ -462,6 +462,11 @@ class DurableLog:
         return self._segments[0].first_index
 
     @property
+    def failure(self) -> str | None:
+        """Why the log refuses every call until reopened (None while usable)."""
+        return self._failed
+
+    @property
     def synced_index(self) -> int:
         """Highest index that is durable (a crash cannot lose it)."""
         return self._synced_index
@@ -879,9 +884,19 @@ def _open_sealed(path: Path, previous: _Segment | None) -> _Segment:
         raise
 
 
-def _looks_unwritten(prefix: bytes) -> bool:
-    """A header prefix a crash during segment creation can leave: nothing, zeros or the start of the magic."""
-    return prefix == SEGMENT_MAGIC[: len(prefix)] or prefix.count(0) == len(prefix)
+def _header_torn(data: bytes) -> bool:
+    """True if ``data`` is what a crash while creating a segment can leave: a header that is missing, shorter
+    than it declares, or zero-filled. (The header is fsynced before any entry goes in, so such a file holds no
+    entry.) A full-length header with a bad checksum is damage, not a torn write."""
+    magic = data[:8]
+    if magic.count(0) == len(magic) and data.count(0) == len(data):
+        return True
+    if magic != SEGMENT_MAGIC[: len(magic)]:
+        return False
+    if len(data) < _SEG_HEAD.size:
+        return True
+    declared = _SEG_HEAD.size + data[_SEG_HEAD.size - 1] + _CRC.size
+    return len(data) < declared or data.count(0, 8) == len(data) - 8
 
 
 def _open_last(path: Path, previous: _Segment | None) -> _Segment | None:
@@ -889,7 +904,7 @@ def _open_last(path: Path, previous: _Segment | None) -> _Segment | None:
     (a segment created but never used: the caller removes it)."""
     data = path.read_bytes()
     parsed = _parse_header(data)
-    if isinstance(parsed, str) and len(data) < _MAX_HEADER_BYTES and _looks_unwritten(data[:8]):
+    if isinstance(parsed, str) and len(data) < _MAX_HEADER_BYTES and _header_torn(data):
         # Created but not yet fsynced when the node stopped: no entry can be in it (entries follow the fsync).
         return None
     header = _check_header(path, parsed, previous)
