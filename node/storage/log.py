@@ -11,9 +11,9 @@ On-disk format (version 1; every integer little-endian)
 ``DATA_DIR/log/<first index, 20 digits>.seg``, one file per segment, in index order. Each file starts with a
 header, then records back to back:
 
-* header: ``magic "TNLOG\\r\\n\\x1a"`` (8) | ``format version`` u16 | ``header length`` u16 | ``first index``
-  u64 | ``epoch of entry first_index-1`` u64 | ``SQLite version length`` u8 | ``SQLite version`` (ASCII) |
-  ``CRC32C of the header bytes before it`` u32. The SQLite version is the one entries in this segment were
+* header, 64 bytes in version 1: ``magic "TNLOG\\r\\n\\x1a"`` (8) | ``format version`` u16 | ``header
+  length`` u16 (64) | ``first index`` u64 | ``epoch of entry first_index-1`` u64 | ``SQLite version length``
+  u8 | ``SQLite version`` (ASCII, zero-padded to 31) | ``CRC32C of the 60 header bytes before it`` u32. The SQLite version is the one entries in this segment were
   written under: deterministic replay needs the same SQLite everywhere, so the caller compares
   :meth:`DurableLog.sqlite_version_at` with its own and refuses to apply entries written under another.
   A node that starts with another SQLite opens a new segment for what it writes (one version per segment).
@@ -50,9 +50,11 @@ Ordering rules the caller (the Replicator) must follow -- the order is the proto
 
 Recovery at open
 ----------------
-Sealed segments are walked by their framing (lengths, contiguous indices, non-decreasing epochs) without
-reading payloads; their checksums are verified on every :meth:`DurableLog.read`. The last segment is read
-whole and every checksum verified. At the first bad record there:
+Every segment is read once, sequentially, one at a time, and every checksum, index and epoch verified (about
+as fast as the disk reads: the same order as SQLite's quick_check at start; memory is one segment). The
+epochs kept in memory (for :meth:`DurableLog.epoch_at`) therefore come only from verified records, and
+:meth:`DurableLog.read` verifies checksums again on every read. A bad record in a sealed segment is damage.
+At the first bad record in the last segment:
 
 * **torn tail** (silently cut, then truncated on disk): the file ends inside that record's framing (a
   partial final write), or everything from it to the end of the file is zero bytes (blocks allocated but
@@ -116,7 +118,12 @@ _LEN = struct.Struct("<I")
 _INDEX = struct.Struct("<Q")
 RECORD_OVERHEAD_BYTES = _REC_PREFIX.size + _REC_BODY_HEAD.size  # 26
 _MIN_BODY = _REC_BODY_HEAD.size
-_MAX_HEADER_BYTES = _SEG_HEAD.size + 255 + _CRC.size
+# Version 1 headers have one fixed size, so a header cut short by a crash is recognisable by its length alone
+# (a damaged length field cannot make a full header look torn).
+SEGMENT_HEADER_BYTES = 64
+MAX_SQLITE_VERSION_BYTES = SEGMENT_HEADER_BYTES - _SEG_HEAD.size - _CRC.size  # 31
+# Headers of any version declare their length; a reader refuses anything outside this range.
+_MAX_HEADER_BYTES = 4096
 # Recovery probes for a valid record hidden after a bad one; past this many candidates it calls it damage.
 _PROBE_CANDIDATES = 10_000
 
@@ -216,17 +223,12 @@ def segment_name(first_index: int) -> str:
 
 def encode_segment_header(first_index: int, prev_epoch: int, sqlite_version: str) -> bytes:
     version = sqlite_version.encode("ascii")
-    if len(version) > 255:
-        raise ValueError("SQLite version string longer than 255 bytes")
+    if len(version) > MAX_SQLITE_VERSION_BYTES:
+        raise ValueError(f"SQLite version string longer than {MAX_SQLITE_VERSION_BYTES} bytes")
     head = _SEG_HEAD.pack(
-        SEGMENT_MAGIC,
-        FORMAT_VERSION,
-        _SEG_HEAD.size + len(version) + _CRC.size,
-        first_index,
-        prev_epoch,
-        len(version),
+        SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER_BYTES, first_index, prev_epoch, len(version)
     )
-    head += version
+    head += version.ljust(MAX_SQLITE_VERSION_BYTES, b"\0")
     return head + _CRC.pack(crc32c(head))
 
 
@@ -263,8 +265,8 @@ def _parse_header(data: bytes) -> _Header | str:
     magic, version, length, first_index, prev_epoch, vlen = _SEG_HEAD.unpack_from(data)
     if magic != SEGMENT_MAGIC:
         return f"not a log segment (magic {magic!r})"
-    if length != _SEG_HEAD.size + vlen + _CRC.size:
-        return f"header length {length} does not match its SQLite version length {vlen}"
+    if not _SEG_HEAD.size + vlen + _CRC.size <= length <= _MAX_HEADER_BYTES:
+        return f"header length {length} is impossible (SQLite version length {vlen})"
     if len(data) < length:
         return "shorter than its header"
     (checksum,) = _CRC.unpack_from(data, length - _CRC.size)
@@ -392,7 +394,7 @@ class DurableLog:
         """
         if not 0 < max_payload_bytes <= FORMAT_MAX_PAYLOAD_BYTES:
             raise ValueError(f"max_payload_bytes must be in (0, {FORMAT_MAX_PAYLOAD_BYTES}]")
-        if segment_bytes < _MAX_HEADER_BYTES or reserve_bytes < 0 or first_index < 1:
+        if segment_bytes < 64 or reserve_bytes < 0 or first_index < 1:
             raise ValueError("segment_bytes too small, reserve_bytes negative or first_index below 1")
         version = default_sqlite_version() if sqlite_version is None else sqlite_version
         directory.mkdir(parents=True, exist_ok=True)
@@ -408,8 +410,10 @@ class DurableLog:
                 segments.append(_create_segment(directory, first_index, 0, version))
             else:
                 for path in names[:-1]:
-                    segments.append(_open_sealed(path, segments[-1] if segments else None))
-                last = _open_last(names[-1], segments[-1] if segments else None)
+                    sealed = _open_segment(path, segments[-1] if segments else None, last=False)
+                    assert sealed is not None
+                    segments.append(sealed)
+                last = _open_segment(names[-1], segments[-1] if segments else None, last=True)
                 if last is None:  # a segment torn while being created, never used: remove it
                     names[-1].unlink()
                     fsync_dir(directory)
@@ -418,7 +422,7 @@ class DurableLog:
                     else:
                         tail = segments.pop()
                         os.close(tail.fd)
-                        reopened = _open_last(tail.path, segments[-1] if segments else None)
+                        reopened = _open_segment(tail.path, segments[-1] if segments else None, last=True)
                         if reopened is None:
                             raise LogCorrupt(tail.path, 0, "segment header torn, yet a later segment exists")
                         segments.append(reopened)
@@ -818,6 +822,10 @@ def _create_segment(directory: Path, first_index: int, prev_epoch: int, sqlite_v
     )
 
 
+def _last_epoch_of(seg: _Segment) -> int:
+    return seg.open_runs[-1][1] if seg.open_runs else seg.prev_epoch
+
+
 def _check_header(path: Path, header: _Header | str, previous: _Segment | None) -> _Header:
     if isinstance(header, str):
         raise LogCorrupt(path, 0, header)
@@ -831,81 +839,30 @@ def _check_header(path: Path, header: _Header | str, previous: _Segment | None) 
         raise LogCorrupt(
             path, 0, f"starts at {header.first_index}, after a segment ending at {previous.last_index}"
         )
+    if previous is not None and header.prev_epoch != _last_epoch_of(previous):
+        raise LogCorrupt(path, 0, f"epoch before it {header.prev_epoch} is not the previous segment's last")
     return header
 
 
-def _open_sealed(path: Path, previous: _Segment | None) -> _Segment:
-    """A segment that has a successor: complete by construction, so any framing problem is damage."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        header = _check_header(path, _parse_header(os.pread(fd, _MAX_HEADER_BYTES, 0)), previous)
-        offsets = array("Q")
-        runs: list[tuple[int, int]] = []
-        off = header.length
-        index = header.first_index
-        epoch = previous_epoch = header.prev_epoch
-        # Framing walk; each round advances by at least one record, bounded by the file size.
-        with open(fd, "rb", buffering=1 << 20, closefd=False) as f:
-            f.seek(off)
-            while off < size:
-                head = f.read(RECORD_OVERHEAD_BYTES)
-                if len(head) < RECORD_OVERHEAD_BYTES:
-                    raise LogCorrupt(path, off, "sealed segment ends inside a record")
-                _, length = _REC_PREFIX.unpack_from(head)
-                epoch, got_index, _ = _REC_BODY_HEAD.unpack_from(head, _REC_PREFIX.size)
-                if length < _MIN_BODY or off + _REC_PREFIX.size + length > size:
-                    raise LogCorrupt(path, off, f"impossible body length {length}")
-                if got_index != index or epoch < previous_epoch:
-                    raise LogCorrupt(path, off, f"index {got_index} epoch {epoch} where {index} was expected")
-                offsets.append(off)
-                if not runs or runs[-1][1] != epoch:
-                    runs.append((index, epoch))
-                off += _REC_PREFIX.size + length
-                f.seek(off)
-                index += 1
-                previous_epoch = epoch
-        if header.prev_epoch > (epoch if offsets else header.prev_epoch):
-            raise LogCorrupt(path, 0, "epoch before the segment exceeds its entries' epochs")
-        return _Segment(
-            path,
-            fd,
-            header.version,
-            header.sqlite_version,
-            header.first_index,
-            header.prev_epoch,
-            header.length,
-            offsets,
-            off,
-            runs,
-        )
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _header_torn(data: bytes) -> bool:
-    """True if ``data`` is what a crash while creating a segment can leave: a header that is missing, shorter
-    than it declares, or zero-filled. (The header is fsynced before any entry goes in, so such a file holds no
-    entry.) A full-length header with a bad checksum is damage, not a torn write."""
-    magic = data[:8]
-    if magic.count(0) == len(magic) and data.count(0) == len(data):
+    """True if ``data`` is what a crash while creating a segment can leave: all zeros, or a prefix of a
+    header shorter than the fixed header size. (The header is fsynced before any entry goes in, so such a
+    file holds no entry.) A full-length header with a bad checksum is damage, not a torn write."""
+    if data.count(0) == len(data):
         return True
-    if magic != SEGMENT_MAGIC[: len(magic)]:
-        return False
-    if len(data) < _SEG_HEAD.size:
-        return True
-    declared = _SEG_HEAD.size + data[_SEG_HEAD.size - 1] + _CRC.size
-    return len(data) < declared or data.count(0, 8) == len(data) - 8
+    return len(data) < SEGMENT_HEADER_BYTES and data[:8] == SEGMENT_MAGIC[: len(data[:8])]
 
 
-def _open_last(path: Path, previous: _Segment | None) -> _Segment | None:
-    """The last segment, every checksum verified and a torn tail cut; None if its header itself is torn
-    (a segment created but never used: the caller removes it)."""
+def _open_segment(path: Path, previous: _Segment | None, *, last: bool) -> _Segment | None:
+    """Open a segment with every checksum verified (read whole: at most ``segment_bytes`` plus one record).
+
+    A sealed segment (one with a successor) was fsynced before its successor existed, so any bad record in
+    it is damage. In the last segment a torn tail is cut (see the module doc); None means its header itself
+    is torn (created, never used): the caller removes the file.
+    """
     data = path.read_bytes()
     parsed = _parse_header(data)
-    if isinstance(parsed, str) and len(data) < _MAX_HEADER_BYTES and _header_torn(data):
-        # Created but not yet fsynced when the node stopped: no entry can be in it (entries follow the fsync).
+    if last and isinstance(parsed, str) and _header_torn(data):
         return None
     header = _check_header(path, parsed, previous)
     offsets = array("Q")
@@ -917,7 +874,7 @@ def _open_last(path: Path, previous: _Segment | None) -> _Segment | None:
     while off < len(data):
         got = _record_at(data, off, index, epoch)
         if isinstance(got, str):
-            reason = _classify_bad_tail(data, off, index, epoch)
+            reason = _classify_bad_tail(data, off, index, epoch) if last else got
             if reason is not None:
                 raise LogCorrupt(path, off, reason)
             break
