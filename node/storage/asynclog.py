@@ -100,7 +100,8 @@ class AsyncLog:
         try:
             self._log = await loop.run_in_executor(self._executor, self._open)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, True)  # the thread is idle: joins at once
             raise
         self._worker = asyncio.create_task(self._run(), name="durable-log")
 
@@ -108,16 +109,26 @@ class AsyncLog:
         """Refuse new requests, finish the queued ones, close the log and its thread."""
         self._closing = True
         self._wake.set()
-        if self._worker is not None:
-            try:
-                await self._worker
-            finally:
-                self._worker = None
-        if self._executor is not None:
-            if self._log is not None:
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._log.close)
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        worker, self._worker = self._worker, None
+        try:
+            if worker is not None:
+                try:
+                    await worker
+                except asyncio.CancelledError:
+                    if not worker.cancelled():
+                        raise  # close() itself was cancelled
+                    # The worker was cancelled by its owner; its waiters were failed. Nothing else to report.
+        finally:
+            executor, self._executor = self._executor, None
+            if executor is not None:
+                if self._log is not None:
+                    await asyncio.get_running_loop().run_in_executor(executor, self._log.close)
+                await asyncio.to_thread(executor.shutdown, True)
+
+    @property
+    def closed(self) -> bool:
+        """True once close() began or the worker stopped: every new request fails with LogClosed."""
+        return self._closing
 
     # ---------------------------------------------------------------- requests
 
