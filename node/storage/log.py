@@ -428,6 +428,7 @@ class DurableLog:
                         segments.append(reopened)
                 else:
                     segments.append(last)
+            fsync_dir(directory)  # a segment created just before a crash is durable before it is relied on
         except BaseException:
             for seg in segments:
                 os.close(seg.fd)
@@ -888,6 +889,9 @@ def _open_segment(path: Path, previous: _Segment | None, *, last: bool) -> _Segm
     try:
         if off < len(data):
             os.ftruncate(fd, off)  # cut the torn tail so new entries never follow garbage
+        if last:
+            # What a killed process appended without syncing may still sit only in the page cache: make it
+            # durable now, since from here on everything recovered counts as synced (and may be acked).
             os.fdatasync(fd)
     except BaseException:
         os.close(fd)

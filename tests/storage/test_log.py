@@ -315,3 +315,23 @@ def test_identity_is_created_once_and_kept(tmp_path):
     with pytest.raises(IdentityError):
         load_or_create_identity(tmp_path / "data")
     assert path.exists()  # never replaced by a new identity behind the operator's back
+
+
+def test_open_makes_what_it_recovered_durable(log_dir, monkeypatch):
+    """Entries a killed process appended but never synced may sit only in the page cache: once reopened they
+    count as synced (and may be acked), so open must fsync them first."""
+    log = DurableLog.open(log_dir)
+    log.append(entries(1, 3))
+    log.close()  # never synced
+    synced_paths = []
+    real = os.fdatasync
+
+    def recording(fd: int) -> None:
+        synced_paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(logmod.os, "fdatasync", recording)
+    log = DurableLog.open(log_dir)
+    assert log.synced_index == 3
+    assert any(p.endswith(".seg") for p in synced_paths)
+    log.close()
