@@ -30,8 +30,10 @@ import collections
 import concurrent.futures
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+from node.storage.hardstate import HardState, save_hard_state
 from node.storage.log import RECORD_OVERHEAD_BYTES, DurableLog, LogEntry, LogError
 
 T = TypeVar("T")
@@ -161,6 +163,11 @@ class AsyncLog:
 
     async def free_bytes(self) -> int:
         return await self.run(DurableLog.free_bytes)
+
+    async def save_hard_state(self, directory: Path, state: HardState) -> None:
+        """Persist the hard state on the log thread, in order with the appends queued before it; returns once
+        durable. Await it before sending any message of a new epoch or any promise (rule 1 in node.storage.log)."""
+        await self.run(lambda _log: save_hard_state(directory, state))
 
     @property
     def pending(self) -> int:

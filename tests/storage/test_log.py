@@ -11,9 +11,19 @@ import struct
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.storage import log as logmod
-from node.storage.hardstate import HardState, HardStateError, load_hard_state, save_hard_state
+from node.storage.durable import FramedFileError
+from node.storage.hardstate import (
+    HardState,
+    HardStateError,
+    decode_hard_state,
+    encode_hard_state,
+    load_hard_state,
+    save_hard_state,
+)
 from node.storage.identity import IDENTITY_FILE_NAME, IdentityError, load_or_create_identity
 from node.storage.log import DurableLog, LogCompacted, LogEntry, LogVersionError
 
@@ -335,3 +345,29 @@ def test_open_makes_what_it_recovered_durable(log_dir, monkeypatch):
     assert log.synced_index == 3
     assert any(p.endswith(".seg") for p in synced_paths)
     log.close()
+
+
+_ids = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    node_id=_ids,
+    epoch=st.integers(0, 2**63 - 1),
+    extra=st.integers(0, 2**20),
+    promised_to=st.none() | _ids,
+    commit_index=st.integers(0, 2**63 - 1),
+    voters=st.lists(_ids, max_size=8),
+    flip=st.integers(0, 10_000),
+    bit=st.integers(0, 7),
+)
+def test_any_hard_state_round_trips_and_any_flipped_bit_is_refused(
+    node_id, epoch, extra, promised_to, commit_index, voters, flip, bit
+):
+    state = HardState(node_id, epoch, min(epoch + extra, 2**63 - 1), promised_to, commit_index, tuple(voters))
+    data = encode_hard_state(state)
+    assert decode_hard_state(data) == state
+    damaged = bytearray(data)
+    damaged[flip % len(data)] ^= 1 << bit
+    with pytest.raises((FramedFileError, ValueError, KeyError, TypeError)):
+        decode_hard_state(bytes(damaged))

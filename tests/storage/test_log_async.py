@@ -15,6 +15,7 @@ import pytest
 
 from node.storage import log as logmod
 from node.storage.asynclog import AsyncLog, LogBusy, LogClosed
+from node.storage.hardstate import HardState, load_hard_state
 from node.storage.log import DurableLog, LogDiskFull, LogEntry
 
 _REAL_FDATASYNC = os.fdatasync
@@ -145,7 +146,7 @@ async def test_failed_sync_fails_the_whole_batch_and_leaves_nothing(opener, monk
         assert [e.index for e in await log.read(1, 1 << 20)] == [1, 2, 3, 4]
 
 
-async def test_requests_run_in_arrival_order(opener):
+async def test_requests_run_in_arrival_order(opener, tmp_path):
     async with AsyncLog(opener) as log:
         order = []
         tasks = [
@@ -160,6 +161,8 @@ async def test_requests_run_in_arrival_order(opener):
         assert order == [(2, 2)]
         assert await log.free_bytes() > 0
         assert await log.compact(0) == 1
+        await log.save_hard_state(tmp_path, HardState("me", 2, 2))
+        assert load_hard_state(tmp_path, "me").epoch == 2
 
 
 async def test_cancelled_waiter_does_not_withdraw_its_append(opener, monkeypatch):
