@@ -192,7 +192,7 @@ class LogCompacted(LogError):
 @dataclass(slots=True)
 class _Segment:
     path: Path
-    fd: int
+    fd: int | None  # open (read-write) only for the last segment; sealed ones are opened per read
     format_version: int
     sqlite_version: str
     first_index: int
@@ -210,6 +210,16 @@ class _Segment:
     @property
     def last_index(self) -> int:
         return self.first_index + len(self.offsets) - 1
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    def writable_fd(self) -> int:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDWR)
+        return self.fd
 
     def offset_of(self, index: int) -> int:
         """Offset of entry ``index``, or ``end`` for the index just after the last."""
@@ -421,7 +431,7 @@ class DurableLog:
                         segments.append(_create_segment(directory, log_first, 0, version))
                     else:
                         tail = segments.pop()
-                        os.close(tail.fd)
+                        tail.close()
                         reopened = _open_segment(tail.path, segments[-1] if segments else None, last=True)
                         if reopened is None:
                             raise LogCorrupt(tail.path, 0, "segment header torn, yet a later segment exists")
@@ -431,7 +441,7 @@ class DurableLog:
             fsync_dir(directory)  # a segment created just before a crash is durable before it is relied on
         except BaseException:
             for seg in segments:
-                os.close(seg.fd)
+                seg.close()
             raise
         log = cls(
             directory,
@@ -542,7 +552,7 @@ class DurableLog:
                     break
                 n = 1  # always at least one entry, however large
             stop = seg.offsets[lo + n] if lo + n < seg.count else seg.end
-            data = os.pread(seg.fd, stop - start, start)
+            data = _pread(seg, stop - start, start)
             off = 0
             for _ in range(n):
                 got = _record_at(data, off, index, 0)
@@ -601,7 +611,7 @@ class DurableLog:
             return self._synced_index
         seg = self._segments[-1]
         try:
-            os.fdatasync(seg.fd)
+            os.fdatasync(seg.writable_fd())
         except OSError as exc:
             self._undo_unsynced(exc)
         self._synced_index = self._last_index
@@ -630,7 +640,7 @@ class DurableLog:
         # Oldest first: a crash leaves a contiguous suffix of the log.
         while len(self._segments) > 1 and self._segments[0].last_index <= upto_index:
             seg = self._segments.pop(0)
-            os.close(seg.fd)
+            seg.close()
             seg.path.unlink()
             dropped = True
         if dropped:
@@ -647,7 +657,7 @@ class DurableLog:
     def close(self) -> None:
         for seg in self._segments:
             try:
-                os.close(seg.fd)
+                seg.close()
             except OSError:
                 pass
         self._segments = []
@@ -698,10 +708,10 @@ class DurableLog:
             self._roll()
             seg = self._segments[-1]
         try:
-            write_all(seg.fd, data, seg.end)
+            write_all(seg.writable_fd(), data, seg.end)
         except OSError as exc:
             try:
-                os.ftruncate(seg.fd, seg.end)
+                os.ftruncate(seg.writable_fd(), seg.end)
             except OSError as undo:
                 self._failed = f"could not undo a failed append: {undo}"
                 raise LogFailed(self._failed) from exc
@@ -725,7 +735,7 @@ class DurableLog:
         if seg.count == 0:
             # An empty segment written under another SQLite version: replace it in place.
             fresh_first, prev_epoch = seg.first_index, seg.prev_epoch
-            os.close(seg.fd)
+            seg.close()
             seg.path.unlink()
             self._segments.pop()
         else:
@@ -738,6 +748,8 @@ class DurableLog:
                 self._failed = f"could not re-create the last segment: {exc}"
                 raise LogFailed(self._failed) from exc
             raise _write_error(exc, "new segment") from exc
+        if seg.count:
+            seg.close()  # sealed: read through a short-lived descriptor from now on
         self._segments.append(fresh)
         self._firsts = [s.first_index for s in self._segments]
         self._synced_end = fresh.end
@@ -745,8 +757,8 @@ class DurableLog:
     def _undo_unsynced(self, exc: OSError) -> None:
         seg = self._segments[-1]
         try:
-            os.ftruncate(seg.fd, self._synced_end)
-            os.fdatasync(seg.fd)
+            os.ftruncate(seg.writable_fd(), self._synced_end)
+            os.fdatasync(seg.writable_fd())
         except OSError as undo:
             self._failed = f"could not cut the unsynced suffix after a failed fsync: {undo}"
             raise LogFailed(self._failed) from exc
@@ -766,29 +778,34 @@ class DurableLog:
 
     def _cut_after(self, index: int) -> None:
         removed = False
-        # Newest first: a crash part-way leaves a contiguous prefix (a longer log, truncated again on retry).
-        while len(self._segments) > 1 and self._segments[-1].first_index > index + 1:
+        # Whole segments after ``index``, newest first: a crash part-way leaves a contiguous prefix (a longer
+        # log, truncated again on retry). The first segment stays even if emptied: it holds the first index.
+        while len(self._segments) > 1 and self._segments[-1].first_index > index:
             seg = self._segments.pop()
-            os.close(seg.fd)
+            seg.close()
             seg.path.unlink()
             removed = True
         seg = self._segments[-1]
-        if seg.first_index == index + 1 and len(self._segments) > 1:
-            self._segments.pop()
-            os.close(seg.fd)
-            seg.path.unlink()
-            removed = True
-            seg = self._segments[-1]
         if removed:
             fsync_dir(self.directory)
         self._firsts = [s.first_index for s in self._segments]
         cut = seg.offset_of(index + 1)
-        os.ftruncate(seg.fd, cut)
-        os.fdatasync(seg.fd)
+        os.ftruncate(seg.writable_fd(), cut)
+        os.fdatasync(seg.writable_fd())
         self._forget_after(index)
         # fdatasync flushed the whole file and earlier segments are sealed: everything left is durable.
         self._synced_index = index
         self._synced_end = seg.end
+
+
+def _pread(seg: _Segment, size: int, offset: int) -> bytes:
+    if seg.fd is not None:
+        return os.pread(seg.fd, size, offset)
+    fd = os.open(seg.path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
 
 
 def _write_error(exc: OSError, what: str) -> LogError:
@@ -885,7 +902,7 @@ def _open_segment(path: Path, previous: _Segment | None, *, last: bool) -> _Segm
         off += got.size_bytes
         index += 1
         epoch = got.epoch
-    fd = os.open(path, os.O_RDWR)
+    fd: int | None = os.open(path, os.O_RDWR)
     try:
         if off < len(data):
             os.ftruncate(fd, off)  # cut the torn tail so new entries never follow garbage
@@ -893,8 +910,12 @@ def _open_segment(path: Path, previous: _Segment | None, *, last: bool) -> _Segm
             # What a killed process appended without syncing may still sit only in the page cache: make it
             # durable now, since from here on everything recovered counts as synced (and may be acked).
             os.fdatasync(fd)
+        else:
+            os.close(fd)  # sealed: opened per read, so a long log does not hold a descriptor per segment
+            fd = None
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         raise
     return _Segment(
         path,

@@ -371,3 +371,34 @@ def test_any_hard_state_round_trips_and_any_flipped_bit_is_refused(
     damaged[flip % len(data)] ^= 1 << bit
     with pytest.raises((FramedFileError, ValueError, KeyError, TypeError)):
         decode_hard_state(bytes(damaged))
+
+
+def open_segment_descriptors() -> int:
+    return sum(1 for fd in os.listdir("/proc/self/fd") if _readlink(fd).endswith(".seg"))
+
+
+def _readlink(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def test_only_the_last_segment_holds_a_descriptor(log_dir):
+    """A log that grows until snapshots exist must not run into the descriptor limit: one per segment would."""
+    before = open_segment_descriptors()
+    log = DurableLog.open(log_dir, segment_bytes=100)
+    for start in range(1, 120, 3):
+        log.append(entries(start, 3))
+    assert len(log.segments()) >= 30
+    assert open_segment_descriptors() - before == 1
+    assert [e.index for e in log.read(1, 1 << 20)] == list(range(1, 121))
+    log.truncate_after(50)  # a sealed segment becomes the last one and is written again
+    log.append(entries(51, 2))
+    log.sync()
+    assert open_segment_descriptors() - before == 1
+    log.close()
+    log = DurableLog.open(log_dir, segment_bytes=100)
+    assert open_segment_descriptors() - before == 1 and log.last()[1] == 52
+    log.close()
+    assert open_segment_descriptors() == before
