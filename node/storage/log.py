@@ -637,14 +637,19 @@ class DurableLog:
         new first index. Call only once a snapshot covering ``upto_index`` is durable."""
         self._check_usable()
         dropped = False
-        # Oldest first: a crash leaves a contiguous suffix of the log.
-        while len(self._segments) > 1 and self._segments[0].last_index <= upto_index:
-            seg = self._segments.pop(0)
-            seg.close()
-            seg.path.unlink()
-            dropped = True
+        try:
+            # Oldest first: a crash leaves a contiguous suffix of the log.
+            while len(self._segments) > 1 and self._segments[0].last_index <= upto_index:
+                seg = self._segments.pop(0)
+                seg.close()
+                seg.path.unlink()
+                dropped = True
+            if dropped:
+                fsync_dir(self.directory)
+        except OSError as exc:
+            self._failed = f"compaction failed: {exc}"
+            raise LogFailed(self._failed) from exc
         if dropped:
-            fsync_dir(self.directory)
             first = self.first_index
             if first > self._last_index:
                 self._runs = []
@@ -685,7 +690,7 @@ class DurableLog:
 
     def _validate(self, entries: Sequence[LogEntry], last_index: int, last_epoch: int) -> None:
         for e in entries:
-            if e.index != last_index + 1:
+            if not isinstance(e.index, int) or e.index != last_index + 1:
                 raise ValueError(f"entry index {e.index} does not follow {last_index}")
             if not isinstance(e.epoch, int) or not last_epoch <= e.epoch <= MAX_U63:
                 raise ValueError(f"entry {e.index} epoch {e.epoch} is below {last_epoch} or out of range")
