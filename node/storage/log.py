@@ -893,20 +893,31 @@ def _open_segment(path: Path, previous: _Segment | None, *, last: bool) -> _Segm
     off = header.length
     index = header.first_index
     epoch = header.prev_epoch
-    # Each round accepts one record or stops, bounded by the file size.
-    while off < len(data):
+    size = len(data)
+    unpack_prefix, unpack_body = _REC_PREFIX.unpack_from, _REC_BODY_HEAD.unpack_from
+    max_body = _MIN_BODY + FORMAT_MAX_PAYLOAD_BYTES
+    # Each round accepts one record or stops, bounded by the file size. The checks are _record_at's, inlined
+    # without building entries: opening reads every record of the log once.
+    while off < size:
+        if size - off >= RECORD_OVERHEAD_BYTES:
+            checksum, length = unpack_prefix(data, off)
+            end = off + _REC_PREFIX.size + length
+            if _MIN_BODY <= length <= max_body and end <= size and crc32c(data[off + 4 : end]) == checksum:
+                rec_epoch, rec_index, _ = unpack_body(data, off + _REC_PREFIX.size)
+                if rec_index == index and rec_epoch >= epoch:
+                    offsets.append(off)
+                    if rec_epoch != epoch or not runs:
+                        runs.append((index, rec_epoch))
+                    off = end
+                    index += 1
+                    epoch = rec_epoch
+                    continue
         got = _record_at(data, off, index, epoch)
-        if isinstance(got, str):
-            reason = _classify_bad_tail(data, off, index, epoch) if last else got
-            if reason is not None:
-                raise LogCorrupt(path, off, reason)
-            break
-        offsets.append(off)
-        if not runs or runs[-1][1] != got.epoch:
-            runs.append((index, got.epoch))
-        off += got.size_bytes
-        index += 1
-        epoch = got.epoch
+        reason = got if isinstance(got, str) else "record rejected"
+        reason = _classify_bad_tail(data, off, index, epoch) if last else reason
+        if reason is not None:
+            raise LogCorrupt(path, off, reason)
+        break
     fd: int | None = os.open(path, os.O_RDWR)
     try:
         if off < len(data):
