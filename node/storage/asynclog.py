@@ -21,6 +21,24 @@ Cancellation: an accepted request is always executed, in order; cancelling its w
 
 Ownership: :meth:`AsyncLog.start` creates the worker task, :meth:`AsyncLog.close` drains the queue, stops it
 and closes the log; use ``async with`` (or start/close from the supervisor's TaskGroup-owned actor).
+
+How the Replicator uses it (the order is the protocol; see the rules in :mod:`node.storage.log`):
+
+* At start: ``load_or_create_identity(DATA_DIR)``, ``load_hard_state(DATA_DIR, identity)``, then
+  ``AsyncLog(lambda: DurableLog.open(DATA_DIR / "log", reserve_bytes=...))``; :class:`LogCorrupt` means
+  quarantine ``DATA_DIR/log`` and resync from the leader (the identity and hard state stay: they are outside
+  it); :class:`LogVersionError` means refuse to start. Compare ``sqlite_version_at(i)`` with the running
+  SQLite before applying entry ``i``.
+* Before sending any message of a new epoch, or a promise: ``await save_hard_state(...)``.
+* Leader: number the client commands (indices from ``last``), send them to followers from memory, and
+  ``await append_and_sync(entries)`` concurrently; count its own copy toward the majority only when that
+  returned. Concurrent client writes queued together share one write and one fsync.
+* Follower: ``await truncate_after(prev_index)`` if the leader's entries diverge (never below commit), then
+  ``await append_and_sync(entries)``, then ack the returned index.
+* Catch-up: ``await read(next_index, max_bytes)``; :class:`LogCompacted` means send the snapshot.
+* After any :class:`LogError` from an append: entries queued behind it were numbered after entries that are
+  no longer in the log and fail with ``ValueError`` (does not follow). The in-memory log is then ahead of
+  the disk: reset it from :attr:`last` (a leader steps down: it cannot commit what it cannot persist).
 """
 
 from __future__ import annotations
