@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from node import errors
 from node.core import sqlreq as q
 from node.storage.sqlite import DB_FILE_NAME, Database, Limits, State
+from tests.support.dbapi import query
 
 
 def _make(path, rows: int = 3000) -> None:
@@ -71,7 +72,7 @@ def test_damage_anywhere_is_never_served(tmp_path_factory, where, length, seed):
             assert list((data_dir / "quarantine").glob(f"*/{DB_FILE_NAME}"))
             assert [e for level, e, _ in log.events if level == "error"] == ["database_corrupt"]
             try:
-                await database.query(q.DbRequest((q.Statement("SELECT 1"),), q.Flags()))
+                await query(database, q.DbRequest((q.Statement("SELECT 1"),), q.Flags()))
             except errors.DatabaseCorrupt as exc:
                 assert exc.status == 503
             else:
