@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,11 +86,18 @@ _FORMAT = 1
 
 
 def _value_out(value: Value) -> Any:
-    return {"b": base64.b64encode(value).decode("ascii")} if isinstance(value, bytes) else value
+    # Tagged so that what JSON cannot hold comes back exact: bytes, and SQLite's infinities (1e999).
+    if isinstance(value, bytes):
+        return {"b": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"f": repr(value)}
+    return value
 
 
 def _value_in(value: Any) -> Value:
-    return base64.b64decode(value["b"]) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        return base64.b64decode(value["b"]) if "b" in value else float(value["f"])
+    return value
 
 
 def encode_results(results: list[StatementResult] | tuple[StatementResult, ...]) -> bytes:
@@ -100,7 +108,7 @@ def encode_results(results: list[StatementResult] | tuple[StatementResult, ...])
             [
                 r.status.value, r.error,
                 None if r.columns is None else list(r.columns), list(r.decltypes),
-                [[_value_out(v) for v in row] for row in r.rows] if r.has_blobs else r.rows,
+                [[_value_out(v) for v in row] for row in r.rows],
                 r.has_blobs, r.rows_affected, r.last_insert_id, r.time_s,
             ]
         )  # fmt: skip
@@ -117,7 +125,7 @@ def decode_results(data: bytes) -> list[StatementResult]:
             StatementResult(
                 Status(status), error,
                 None if columns is None else tuple(columns), tuple(decltypes),
-                tuple(tuple(_value_in(v) for v in row) if has_blobs else tuple(row) for row in rows),
+                tuple(tuple(_value_in(v) for v in row) for row in rows),
                 has_blobs, affected, last_id, time_s,
             )
         )  # fmt: skip
