@@ -80,7 +80,7 @@ def rolled_back(results: list[StatementResult], total: int, why: str) -> list[St
     return out
 
 
-# --- keeping results in the database (request IDs) -----------------------------------------------------------
+# --- keeping results in the database (request IDs) ---------------------------------------------------------
 
 _FORMAT = 1
 

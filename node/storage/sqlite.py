@@ -765,7 +765,8 @@ class Database:
         elif action == apsw.SQLITE_PRAGMA and one is not None:
             refusal = pragmas.refusal(one, two)
         elif action != apsw.SQLITE_FUNCTION and (_internal_name(one) or _internal_name(two)):
-            refusal = f"names starting with {statemachine.INTERNAL_PREFIX} are reserved for the node's own tables"
+            prefix = statemachine.INTERNAL_PREFIX
+            refusal = f"names starting with {prefix} are reserved for the node's own tables"
         if refusal is None:
             return apsw.SQLITE_OK
         slot.denied = refusal
@@ -838,8 +839,11 @@ class Database:
             done = statemachine.apply(self._ops(job), [g.entry for g in group if g.entry is not None])
         except BaseException as exc:
             if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
-                exc = self._job_failure(exc, full="the disk is full; nothing was written",
-                                        other=f"the write failed: {_message(exc)}; nothing was written")  # fmt: skip
+                exc = self._job_failure(
+                    exc,
+                    full="the disk is full; nothing was written",
+                    other=f"the write failed: {_message(exc)}; nothing was written",
+                )
             for other in group[1:]:
                 _finish(other, exc=_settled_error(exc))
             raise exc from None
@@ -1227,7 +1231,8 @@ def _finish(job: _Job, *, result: Any = None, exc: BaseException | None = None) 
 
 
 def _internal_name(name: str | None) -> bool:
-    return name is not None and name[: len(statemachine.INTERNAL_PREFIX)].lower() == statemachine.INTERNAL_PREFIX
+    prefix = statemachine.INTERNAL_PREFIX
+    return name is not None and name[: len(prefix)].lower() == prefix
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

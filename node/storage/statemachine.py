@@ -274,7 +274,8 @@ def _command(
     if len(data) > MAX_KEPT_RESULT_BYTES:
         data = r.encode_results([_without_rows(x) for x in results])
     ops.internal(
-        f"INSERT INTO {REQUESTS_TABLE}(client, request_id, idx, seq, digest, results) VALUES(?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO {REQUESTS_TABLE}(client, request_id, idx, seq, digest, results) "
+        "VALUES(?, ?, ?, ?, ?, ?)",
         (*key, index, seq + 1, want, data),
     )
     return Applied(tuple(results), index), 1

@@ -130,7 +130,7 @@ def test_any_request_id_is_accepted_or_a_json_400(tmp_path_factory, value):
     asyncio.run(run())
 
 
-# --- the event loop while large SQL is stamped ---------------------------------------------------------------
+# --- the event loop while large SQL is stamped -------------------------------------------------------------
 
 
 def _big_statement(mib: int = 4) -> str:

@@ -110,7 +110,7 @@ async def test_an_empty_database_stays_empty_until_the_first_write(tmp_path):
 
 
 async def test_a_runaway_command_does_not_undo_another_clients_command_in_the_same_group(tmp_path):
-    """Regression: the step budget interrupts a statement, and SQLite then rolls back the WHOLE transaction."""
+    """Regression: the step budget interrupts a statement, and SQLite then rolls back the whole transaction."""
     database = await _fresh(tmp_path)
     try:
         outcomes = await database.apply(
@@ -230,7 +230,7 @@ async def test_shutdown_during_a_write_records_nothing(tmp_path):
         await database.close()
 
 
-# --- request IDs ---------------------------------------------------------------------------------------------
+# --- request IDs -------------------------------------------------------------------------------------------
 
 
 async def test_a_retry_with_the_same_request_id_is_applied_once(tmp_path):

@@ -7,7 +7,6 @@ import weakref
 from typing import Any
 
 import orjson
-
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
