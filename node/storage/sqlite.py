@@ -1138,6 +1138,9 @@ class Database:
             if not begun:
                 self._internal_sql(slot, "BEGIN IMMEDIATE")
                 begun = True
+                # The node's tables exist before the dump's statements run, so a dump's statements about
+                # them are refused by the authorizer (and skipped) rather than failing as unknown tables.
+                statemachine.ensure_schema(self._ops(job))
             slot.denied, slot.denied_internal = None, False
             job.steps, job.over_budget = 0, False
             try:
