@@ -692,6 +692,12 @@ class Database:
             verdict = [row[0] for row in self._writer.conn.execute("PRAGMA quick_check").fetchall()]
         except (apsw.CorruptError, apsw.NotADBError) as exc:
             return [_message(exc)]
+        except apsw.SQLError as exc:
+            # A damaged header (its format version bytes) reads as "unsupported file format": the file cannot
+            # be served, and quarantining it keeps it for inspection, as for any other damage.
+            if "unsupported file format" in str(exc):
+                return [_message(exc)]
+            raise
         if verdict != ["ok"]:
             return [str(v) for v in verdict]
         return None
