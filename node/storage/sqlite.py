@@ -13,7 +13,7 @@ Threads and connections (no sqlite call ever runs on the event loop; no connecti
   writer writes). A read request holds one reader for its whole run, and its time limit
   (``statement_timeout_s``, the name kept from when it bounded each statement) bounds the whole request.
   One client (one credential) may hold at most ``readers_per_client`` readers at once; requests above that
-  wait in a bounded queue served round-robin across clients (:class:`_ReadScheduler`), so a client's backlog
+  wait in a bounded queue served round-robin across clients (:class:`ReadScheduler`), so a client's backlog
   delays another client by at most one reader becoming free.
 
 Results are raw values (:mod:`node.storage.results`): rendering them as rqlite's JSON is the HTTP layer's.
@@ -40,7 +40,6 @@ moved to ``DATA_DIR/quarantine/<timestamp>/`` and never served.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import collections
 import concurrent.futures
 import contextlib
@@ -51,7 +50,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -63,6 +62,8 @@ from node import errors
 from node.core.sqlreq import DbRequest, Statement, WriteCommand, rewrite_time_keywords
 from node.storage import pragmas, statemachine
 from node.storage import results as res
+from node.storage.dump import dump_statements
+from node.storage.readers import ReadScheduler
 from node.storage.results import StatementResult
 from node.storage.statemachine import Applied, Command, Entry, Mode
 
@@ -78,8 +79,6 @@ TIME_FUNCTIONS = ("date", "time", "datetime", "julianday", "unixepoch", "strftim
 PROGRESS_STEPS = 1000
 # Below this many free bytes in DATA_DIR the node reports "[-]disk full" (a write may need a few pages).
 DISK_LOW_BYTES = 1 << 20
-# Bytes of a dump read at a time when splitting it into statements.
-DUMP_CHUNK_CHARS = 1 << 20
 # Longest single statement a dump may hold (a 16 MiB value as hex is 32 MiB of text).
 MAX_DUMP_STATEMENT_CHARS = 64 << 20
 # Commands one group apply takes at most (they share one transaction and one fsync).
@@ -212,127 +211,6 @@ class _Slot:
                 conn.interrupt()  # thread-safe by SQLite's contract
 
 
-class _ReadScheduler:
-    """Hands out readers: at most ``per_client`` to one client, waiting requests served fairly by client.
-
-    Invariant: a request waits only if no reader is free or its client already holds ``per_client``; so when a
-    reader becomes free it goes to the waiting client (below its cap) that holds the fewest readers, in
-    round-robin order among equals, never to the longest backlog. At most ``queue_size`` requests wait in all, and one client at most half of them (at least one),
-    so one client cannot fill the queue for the others. Overflow: 503 busy. Runs on the event loop only.
-    """
-
-    def __init__(self, slots: list[_Slot], *, per_client: int, queue_size: int) -> None:
-        self._free = list(slots)
-        self._all = list(slots)
-        self._per_client = per_client
-        self._queue_size = queue_size
-        self._per_client_queue = max(1, queue_size // 2)
-        self._held: collections.Counter[str] = collections.Counter()
-        self._waiting: dict[str, collections.deque[asyncio.Future[_Slot]]] = {}
-        self._count = 0
-        self._pausers = 0
-        self._idle: asyncio.Event | None = None
-
-    @property
-    def waiting(self) -> int:
-        return self._count
-
-    def held(self, client: str) -> int:
-        return self._held[client]
-
-    async def acquire(self, client: str) -> _Slot:
-        if not self._paused and self._free and self._held[client] < self._per_client:
-            return self._grant(client)
-        if self._count >= self._queue_size:
-            raise errors.Busy(
-                f"database read queue is full ({self._queue_size} requests waiting); retry shortly"
-            )
-        queue = self._waiting.setdefault(client, collections.deque())
-        if len(queue) >= self._per_client_queue:
-            raise errors.Busy(
-                f"this client already has {len(queue)} read requests waiting; retry when they have finished"
-            )
-        future: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
-        queue.append(future)
-        self._count += 1
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(future.result(), client)  # granted just as we were cancelled: hand it on
-            raise
-        finally:
-            if not future.done() or future.cancelled() or future.exception() is not None:
-                with contextlib.suppress(ValueError):
-                    queue.remove(future)
-                    self._count -= 1
-                if not queue and self._waiting.get(client) is queue:
-                    del self._waiting[client]
-
-    def _grant(self, client: str) -> _Slot:
-        self._held[client] += 1
-        return self._free.pop()
-
-    def release(self, slot: _Slot, client: str) -> None:
-        self._held[client] -= 1
-        if self._held[client] <= 0:
-            del self._held[client]
-        self._free.append(slot)
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        if self._paused:
-            if self._idle is not None and len(self._free) == len(self._all):
-                self._idle.set()
-            return
-        while self._free and self._waiting:
-            # The waiting client holding the fewest readers goes first (ties: the one whose turn came least
-            # recently), so a client with a backlog never takes a freed reader from one that has none.
-            eligible = [c for c in self._waiting if self._held[c] < self._per_client]
-            if not eligible:
-                return  # every waiting client is at its cap
-            client = min(eligible, key=lambda c: self._held[c])
-            queue = self._waiting.pop(client)
-            future = queue.popleft()
-            self._count -= 1
-            if queue:
-                self._waiting[client] = queue  # to the back of the round
-            if not future.done():  # a cancelled waiter whose task has not resumed yet: skip it
-                future.set_result(self._grant(client))
-
-    async def pause(self) -> None:
-        """Stop handing out readers and wait until every reader is back (for a file swap or close).
-
-        Pauses nest (a load and a close may overlap): readers are handed out again after the last resume.
-        """
-        self._pausers += 1
-        if self._idle is None:
-            self._idle = asyncio.Event()
-        if len(self._free) == len(self._all):
-            self._idle.set()
-        await self._idle.wait()
-
-    def resume(self) -> None:
-        self._pausers -= 1
-        if self._pausers > 0:
-            return
-        self._idle = None
-        self._dispatch()
-
-    @property
-    def _paused(self) -> bool:
-        return self._pausers > 0
-
-    def fail_waiting(self, exc_factory: Callable[[], BaseException]) -> None:
-        for queue in self._waiting.values():
-            for future in queue:
-                if not future.done():
-                    future.set_exception(exc_factory())
-            queue.clear()
-        self._waiting.clear()
-        self._count = 0
-
-
 class Database:
     def __init__(self, data_dir: Path, *, limits: Limits, queue_size: int, log: Any = None) -> None:
         self.data_dir = data_dir
@@ -344,7 +222,7 @@ class Database:
         self.state_detail = ""
         self._writer: _Slot | None = None
         self._readers: list[_Slot] = []
-        self._scheduler: _ReadScheduler | None = None
+        self._scheduler: ReadScheduler | None = None
         # Every write job in arrival order. The loop adds and removes; the writer thread looks for jobs to
         # apply in the same group, so it is guarded by a lock.
         self._write_jobs: collections.deque[_Job] = collections.deque()
@@ -387,7 +265,7 @@ class Database:
         loop = asyncio.get_running_loop()
         self._writer = _Slot("sqlite-writer", writer=True)
         self._readers = [_Slot(f"sqlite-reader-{i}", writer=False) for i in range(self.limits.readers)]
-        self._scheduler = _ReadScheduler(
+        self._scheduler = ReadScheduler(
             self._readers, per_client=self.limits.per_client, queue_size=self._queue_size
         )
         writer, readers = self._writer, self._readers
@@ -637,7 +515,7 @@ class Database:
         async with self._swap_lock:
             await self._swap_in(scheduler, source, index)
 
-    async def _swap_in(self, scheduler: _ReadScheduler, source: Path, index: int) -> None:
+    async def _swap_in(self, scheduler: ReadScheduler, source: Path, index: int) -> None:
         loop = asyncio.get_running_loop()
         await scheduler.pause()
         try:
@@ -1131,7 +1009,7 @@ class Database:
         assert conn is not None
         count = 0
         begun = False
-        for sql in _dump_statements(source, MAX_DUMP_STATEMENT_CHARS):
+        for sql in dump_statements(source, MAX_DUMP_STATEMENT_CHARS):
             if _TX_WORDS.match(sql):
                 continue  # a dump's own BEGIN/COMMIT: the load is one transaction already
             fk = _FK_PRAGMA.match(sql)
@@ -1253,106 +1131,6 @@ def _close_conn(slot: _Slot) -> None:
     if slot.conn is not None:
         slot.conn.close()
         slot.conn = None
-
-
-def _dump_statements(source: Path, max_statement_chars: int) -> Iterator[str]:
-    """The complete statements of a dump file, read in chunks (never the whole text in memory)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    splitter = StatementSplitter(max_statement_chars)
-    with open(source, "rb") as f:
-        while True:
-            raw = f.read(DUMP_CHUNK_CHARS)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError:
-                raise errors.BadRequest("the dump is not UTF-8 text") from None
-            if "\x00" in text:
-                raise errors.BadRequest("the dump contains a NUL character")
-            yield from splitter.feed(text)
-            if not raw:
-                break
-    yield from splitter.finish()
-
-
-_STOPS = re.compile(r"[;'\"`\[]|--|/\*")
-_CLOSERS = {"'": "'", '"': '"', "`": "`", "[": "]", "--": "\n", "/*": "*/"}
-_TRIGGER_START = re.compile(r"\s*CREATE\s+(?:TEMP\s+|TEMPORARY\s+)?TRIGGER\b", re.IGNORECASE)
-_ENDS_WITH_END = re.compile(r"\bEND\s*;$", re.IGNORECASE)
-# A trigger candidate longer than this is tested with apsw.complete only when it ends with END;.
-_TRIGGER_PROBE_CHARS = 1 << 16
-
-
-class StatementSplitter:
-    """Split SQL text fed in pieces into complete statements, in time linear in the text.
-
-    Quotes, identifiers and comments are skipped by a small scanner (a ``;`` inside them never costs a
-    check); at a ``;`` outside them SQLite's own ``apsw.complete`` decides (it knows trigger bodies). A
-    statement longer than ``max_chars`` is a 400 rather than an ever-growing buffer.
-    """
-
-    def __init__(self, max_chars: int = 1 << 30) -> None:
-        self._text = ""
-        self._start = 0
-        self._pos = 0
-        self._close: str | None = None
-        self._max = max_chars
-
-    def feed(self, chunk: str) -> list[str]:
-        text = self._text = self._text[self._start :] + chunk
-        self._pos -= self._start
-        self._start = 0
-        out: list[str] = []
-        while True:
-            if self._close is not None:
-                end = text.find(self._close, self._pos)
-                if end < 0:
-                    self._pos = max(self._pos, len(text) - len(self._close) + 1)
-                    break
-                self._pos = end + len(self._close)
-                self._close = None
-                continue
-            match = _STOPS.search(text, self._pos)
-            if match is None:
-                # A trailing '-' or '/' may start a comment that the next piece completes.
-                self._pos = max(self._pos, len(text) - 1 if text.endswith(("-", "/")) else len(text))
-                break
-            token = match.group()
-            self._pos = match.end()
-            if token != ";":
-                self._close = _CLOSERS[token]
-                continue
-            candidate = text[self._start : self._pos]
-            if len(candidate) > self._max:
-                break  # refused below
-            if _complete(candidate):
-                if candidate.strip(" \t\r\n;"):
-                    out.append(candidate)
-                self._start = self._pos
-        if len(text) - self._start > self._max:
-            raise errors.BadRequest(f"a statement of the dump is longer than {self._max} characters")
-        return out
-
-    def finish(self) -> list[str]:
-        tail = self._text[self._start :]
-        self._text, self._start, self._pos, self._close = "", 0, 0, None
-        return [tail] if tail.strip() else []
-
-
-def _complete(candidate: str) -> bool:
-    if (
-        len(candidate) > _TRIGGER_PROBE_CHARS
-        and _TRIGGER_START.match(candidate)
-        and not _ENDS_WITH_END.search(candidate)
-    ):
-        return False
-    return apsw.complete(candidate)
-
-
-def split_sql(script: str) -> Iterator[str]:
-    """Split a script into complete statements (semicolons inside literals and triggers stay put)."""
-    splitter = StatementSplitter()
-    yield from splitter.feed(script)
-    yield from splitter.finish()
 
 
 class _RowCounter:

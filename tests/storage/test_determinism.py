@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from node.core import sqlreq as q
-from node.storage.sqlite import Database, Limits, split_sql
+from node.storage.dump import split_sql
+from node.storage.sqlite import Database, Limits
 from tests.support.dbapi import execute, query
 
 NONDETERMINISTIC = [
