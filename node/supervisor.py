@@ -37,6 +37,7 @@ from node.runtime.incarnation import next_incarnation
 from node.runtime.mailbox import LatestCell, Mailbox, Overflow
 from node.runtime.resolver import Resolver
 from node.runtime.transport import PeerTransport, PeerUnavailable
+from node.service import LocalDataService
 from node.storage.sqlite import Database, Limits
 
 # Membership inputs waiting to be applied. Producers that can wait (DNS rounds, probe results, ticks) block;
@@ -123,10 +124,13 @@ class Node:
         # The data API: this node's own database. DATA_DIR is checked before HTTP starts (a bad one fails the
         # start-up); the file is opened and integrity-checked in the background after (see run()).
         self.database: Database | None = None
+        self.data_service: LocalDataService | None = None
         if self.http is not None:
             self.database = database_from(config, log)
+            # Writes and reads go through the data service (the seam replication will fill in).
+            self.data_service = LocalDataService(self.database)
             DbRoutes(
-                database=self.database,
+                service=self.data_service,
                 jwt_secret=config.jwt_secret,
                 decisions=self.decisions,
                 max_body_bytes=config.db_max_body_bytes,

@@ -10,18 +10,20 @@ temporary file in DATA_DIR (never whole in memory; 507 if the disk fills), remov
 Reads carry a client key (a hash of the Authorization header, never the credential itself) so that one
 client cannot hold every reader of the database.
 
-**Writes** are stamped once, here, with a timestamp and a seed (:func:`node.core.sqlreq.stamp_write`), and
-the resulting :class:`WriteCommand` is what executes. This is the seam for replication: a follower will
-forward the request to the leader (or answer 301 when the client asked for ``redirect``), and the leader
-will stamp, replicate and then execute the command. Until then every node is its own leader for data and
-every read ``level`` reads the local database.
+Handlers authenticate, parse, call the data service (:mod:`node.service`) and render its raw results as
+rqlite's JSON (:mod:`node.http.render`). The service stamps writes (off the event loop), gives them a log
+index and applies them; with replication it will also forward to the leader or answer 301.
+
+Headers: a client may send ``X-Request-Id`` (1-128 printable ASCII characters) with a write; a retry of
+the write with the same ID and the same credential is applied at most once and answers the first
+application's results. Every successful write answers ``X-TalentNest-Index``: the log index that committed
+it (for a deduplicated retry, the index that applied it the first time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,16 +36,18 @@ from node.core.election import Leadership
 from node.core.sqlreq import (
     DbRequest,
     Flags,
-    WriteCommand,
     decode_text,
     parse_flags,
     parse_statements,
     parse_text_statement,
-    stamp_write,
 )
 from node.http.common import json_response, parse_json, read_body
+from node.http.render import INLINE_RENDER_CELLS, cells, render_results
 from node.runtime.mailbox import LatestCell
+from node.service import LocalDataService, WriteOutcome, WriteRequest
+from node.storage.results import StatementResult
 from node.storage.sqlite import SQLITE_MAGIC, Database, is_disk_full
+from node.storage.statemachine import MAX_REQUEST_ID_CHARS, valid_request_id
 
 # Request bodies up to this size are parsed on the event loop (microseconds); larger ones in a thread.
 INLINE_PARSE_BYTES = 64 << 10
@@ -51,6 +55,8 @@ INLINE_PARSE_BYTES = 64 << 10
 BACKUP_CHUNK_BYTES = 1 << 20
 # Bytes of a /db/load body gathered in memory before they are written to the upload file (off the loop).
 UPLOAD_CHUNK_BYTES = 1 << 20
+REQUEST_ID_HEADER = "X-Request-Id"
+INDEX_HEADER = "X-TalentNest-Index"
 
 
 def client_key(authorization: str | None) -> str:
@@ -62,7 +68,7 @@ class DbRoutes:
     def __init__(
         self,
         *,
-        database: Database,
+        service: LocalDataService,
         jwt_secret: str,
         decisions: LatestCell[Leadership],
         max_body_bytes: int,
@@ -71,7 +77,8 @@ class DbRoutes:
         body_read_timeout_s: float,
         wall_clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
-        self._db = database
+        self._service = service
+        self._db: Database = service.database  # backups, upload files and readiness stay local
         self._secret = jwt_secret
         self._decisions = decisions
         self._max_body = max_body_bytes
@@ -114,28 +121,49 @@ class DbRoutes:
         # raw too: an integer beyond 64 bits is decoded again exactly, to be refused rather than stored as REAL.
         return DbRequest(parse_statements(body, max_statements=self._max_statements, raw=raw), flags)
 
-    def _stamp(self, request: DbRequest) -> WriteCommand:
-        # One time and one seed per write, chosen where the write is accepted (with replication: the leader).
-        return stamp_write(request, time_ns=self._wall_clock_ns(), seed=secrets.randbits(63))
-
-    def _respond(self, results: list[dict[str, Any]], flags: Flags, started: float) -> web.Response:
+    def _respond(
+        self,
+        results: list[dict[str, Any]],
+        flags: Flags,
+        started: float,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
         body: dict[str, Any] = {"results": results}
         if flags.timings:
             body["time"] = time.perf_counter() - started
-        return json_response(body, pretty=flags.pretty)
+        return json_response(body, headers=headers, pretty=flags.pretty)
+
+    async def _render(
+        self,
+        results: tuple[StatementResult, ...] | list[StatementResult],
+        flags: Flags,
+        *,
+        unified: bool = False,
+    ) -> list[dict[str, Any]]:
+        if cells(results) <= INLINE_RENDER_CELLS:
+            return render_results(results, flags, unified=unified)
+        return await asyncio.to_thread(render_results, results, flags, unified=unified)
+
+    async def _write(self, request: web.Request, *, unified: bool) -> web.Response:
+        started = time.perf_counter()
+        self._authorize(request, auth.Role.WRITE)
+        flags = parse_flags(request.query)
+        request_id = _request_id(request)
+        db_request = await self._request(request, flags)
+        write = WriteRequest(db_request.statements, flags.transaction, unified, request_id)
+        # Replication seam: the service forwards to the leader (or answers 301) when this node is a follower.
+        outcome: WriteOutcome = await self._service.submit(
+            write, client_key(request.headers.get("Authorization"))
+        )
+        # The results exist only after COMMIT returned, i.e. after the WAL was fsynced: answering now
+        # acknowledges only durable writes.
+        results = await self._render(outcome.results, flags, unified=unified)
+        return self._respond(results, flags, started, {INDEX_HEADER: str(outcome.index)})
 
     # --- handlers ------------------------------------------------------------------------------------------
 
     async def execute(self, request: web.Request) -> web.Response:
-        started = time.perf_counter()
-        self._authorize(request, auth.Role.WRITE)
-        flags = parse_flags(request.query)
-        db_request = await self._request(request, flags)
-        # Replication seam: forward to the leader here (or 301 with ``redirect``) when this node is a follower.
-        results = await self._db.execute(self._stamp(db_request), flags)
-        # The results exist only after COMMIT returned, i.e. after the WAL was fsynced: answering now
-        # acknowledges only durable writes.
-        return self._respond(results, flags, started)
+        return await self._write(request, unified=False)
 
     async def query(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -148,17 +176,13 @@ class DbRoutes:
             db_request = DbRequest(parse_text_statement(sql), flags)
         else:
             db_request = await self._request(request, flags)
-        # Every level (none, weak, linearizable, strong, auto) reads the local database until replication.
-        results = await self._db.query(db_request, client=client_key(request.headers.get("Authorization")))
-        return self._respond(results, flags, started)
+        raw = await self._service.read(
+            db_request, flags.level, client_key(request.headers.get("Authorization"))
+        )
+        return self._respond(await self._render(raw, flags), flags, started)
 
     async def unified(self, request: web.Request) -> web.Response:
-        started = time.perf_counter()
-        self._authorize(request, auth.Role.WRITE)
-        flags = parse_flags(request.query)
-        db_request = await self._request(request, flags)
-        results = await self._db.execute(self._stamp(db_request), flags, unified=True)
-        return self._respond(results, flags, started)
+        return await self._write(request, unified=True)
 
     async def backup(self, request: web.Request) -> web.StreamResponse:
         self._authorize(request, auth.Role.ADMIN)
@@ -197,14 +221,15 @@ class DbRoutes:
         try:
             head, blank = await self._receive_to_file(request, path)
             if head.startswith(SQLITE_MAGIC):
-                await self._db.load_sqlite_file(path)
-                return self._respond([], flags, started)
+                loaded = await self._service.load_sqlite_file(path)
+                return self._respond([], flags, started, {INDEX_HEADER: str(loaded.index)})
             if blank:
                 raise errors.BadRequest("request body is empty; expected an SQLite file or an SQL dump")
-            count = await self._db.load_dump_file(
-                path, time_ns=self._wall_clock_ns(), seed=secrets.randbits(63)
+            # The dump is split and its time keywords rewritten on the database's writer thread.
+            loaded = await self._service.load_dump_file(path)
+            return self._respond(
+                [{"statements": loaded.statements}], flags, started, {INDEX_HEADER: str(loaded.index)}
             )
-            return self._respond([{"statements": count}], flags, started)
         finally:
             await asyncio.to_thread(path.unlink, True)
 
@@ -279,6 +304,17 @@ class DbRoutes:
             lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")
             ready = False
         return web.Response(text="\n".join(lines), status=200 if ready else 503, content_type="text/plain")
+
+
+def _request_id(request: web.Request) -> str | None:
+    value = request.headers.get(REQUEST_ID_HEADER)
+    if value is None:
+        return None
+    if not valid_request_id(value):
+        raise errors.BadRequest(
+            f"{REQUEST_ID_HEADER} must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces"
+        )
+    return value
 
 
 def _storage_error(exc: OSError) -> errors.NodeError:

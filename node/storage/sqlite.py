@@ -2,29 +2,35 @@
 
 Threads and connections (no sqlite call ever runs on the event loop; no connection is shared by threads):
 
-* the **writer**: one thread, one connection, runs /db/execute, /db/request, /db/load and /db/backup in
-  arrival order. At most ``queue_size`` writes wait; beyond that callers get 503 (busy). Its ``random()``,
-  ``randomblob()`` and date/time functions answer from the current :class:`WriteCommand`'s seed and
-  timestamp, and the work of one request is bounded by a budget of SQLite VM steps (``write_step_budget``),
-  not by a clock, so a command has the same outcome on every copy of the database.
+* the **writer**: one thread, one connection, applies log entries (:meth:`Database.apply`, the state
+  machine of :mod:`node.storage.statemachine`), /db/load and /db/backup in arrival order. Entries queued
+  back to back are applied in one transaction (group apply: one fsync for all of them). At most
+  ``queue_size`` writes wait; beyond that callers get 503 (busy). Its ``random()``, ``randomblob()`` and
+  date/time functions answer from the current :class:`WriteCommand`'s seed and timestamp, and the work of
+  one command is bounded by a budget of SQLite VM steps (``write_step_budget``), not by a clock, so a
+  command has the same outcome on every copy of the database.
 * the **readers**: ``readers`` threads, each with a ``query_only`` connection (WAL lets them read while the
   writer writes). A read request holds one reader for its whole run, and its time limit
   (``statement_timeout_s``, the name kept from when it bounded each statement) bounds the whole request.
   One client (one credential) may hold at most ``readers_per_client`` readers at once; requests above that
-  wait in a bounded queue served round-robin across clients (:class:`_ReadScheduler`), so a client's backlog
+  wait in a bounded queue served round-robin across clients (:class:`ReadScheduler`), so a client's backlog
   delays another client by at most one reader becoming free.
+
+Results are raw values (:mod:`node.storage.results`): rendering them as rqlite's JSON is the HTTP layer's.
 
 Cancellation: a request whose client went away is cancelled by the HTTP server; its job is dropped if it has
 not started, and a running read is interrupted. A running write is left to finish within its step budget: its
 outcome must not depend on a client's connection (with replication every node executes it).
 
-Durability: ``PRAGMA synchronous=FULL`` in WAL mode, so every commit is fsynced into the WAL before its
-results exist. No result claims what is not stored: when a transaction does not commit, every statement's
-result is an error saying it was rolled back and why (:func:`_roll_back_results`).
+Durability: WAL mode with the synchronous level :data:`node.storage.statemachine.SYNCHRONOUS` (FULL), so
+every commit is fsynced into the WAL before its results exist. No result claims what is not stored: when a
+transaction does not commit, every statement's result is an error saying it was rolled back and why
+(:func:`node.storage.results.rolled_back`).
 
 Guards on user SQL (an authorizer): no ATTACH/DETACH, no transaction statements (use the ``transaction``
-flag), no TEMP objects (they would outlive the request on a shared connection), and only the pragmas
-:mod:`node.storage.pragmas` allows, so no request changes a connection for the requests after it.
+flag), no TEMP objects (they would outlive the request on a shared connection), only the pragmas
+:mod:`node.storage.pragmas` allows, so no request changes a connection for the requests after it, and no
+access to the node's own tables (``_talentnest_*``: the applied index and request IDs).
 
 Start: :meth:`Database.start` opens the file and runs ``PRAGMA quick_check`` (about 1 s/GB warm) while the
 HTTP server already answers; data calls meanwhile fail with 503 ``database_checking``. A corrupt file is
@@ -34,8 +40,6 @@ moved to ``DATA_DIR/quarantine/<timestamp>/`` and never served.
 from __future__ import annotations
 
 import asyncio
-import base64
-import codecs
 import collections
 import concurrent.futures
 import contextlib
@@ -46,7 +50,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -55,8 +59,13 @@ from typing import Any, TypeVar
 import apsw
 
 from node import errors
-from node.core.sqlreq import DbRequest, Flags, Statement, WriteCommand, rewrite_time_keywords
-from node.storage import pragmas
+from node.core.sqlreq import DbRequest, Statement, WriteCommand, rewrite_time_keywords
+from node.storage import pragmas, statemachine
+from node.storage import results as res
+from node.storage.dump import dump_statements
+from node.storage.readers import ReadScheduler
+from node.storage.results import StatementResult
+from node.storage.statemachine import Applied, Command, Entry, Mode
 
 T = TypeVar("T")
 
@@ -70,10 +79,10 @@ TIME_FUNCTIONS = ("date", "time", "datetime", "julianday", "unixepoch", "strftim
 PROGRESS_STEPS = 1000
 # Below this many free bytes in DATA_DIR the node reports "[-]disk full" (a write may need a few pages).
 DISK_LOW_BYTES = 1 << 20
-# Bytes of a dump read at a time when splitting it into statements.
-DUMP_CHUNK_CHARS = 1 << 20
 # Longest single statement a dump may hold (a 16 MiB value as hex is 32 MiB of text).
 MAX_DUMP_STATEMENT_CHARS = 64 << 20
+# Commands one group apply takes at most (they share one transaction and one fsync).
+MAX_GROUP_COMMANDS = 1000
 _TEMP_PREFIX = ".tmp-"
 _INSERT_WORDS = re.compile(r"^\s*(INSERT|REPLACE)\b", re.IGNORECASE)
 _TX_WORDS = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK)\b", re.IGNORECASE)
@@ -120,12 +129,6 @@ class Limits:
         return max(1, min(self.readers_per_client, self.readers))
 
 
-class _Mode:
-    EXECUTE = "execute"
-    QUERY = "query"
-    REQUEST = "request"
-
-
 class State:
     CLOSED = "closed"
     CHECKING = "checking"
@@ -153,11 +156,14 @@ class _Job:
     then sees ``cancelled`` at its next progress check). ``steps`` and ``budget`` count VM steps (writes).
     """
 
-    __slots__ = ("budget", "bytes_left", "cancelled", "deadline", "done", "future", "lock", "loop", "over_budget",
-                 "started", "steps", "timeout_s")  # fmt: skip
+    __slots__ = ("budget", "bytes_left", "cancelled", "deadline", "done", "entry", "future", "lock", "loop",
+                 "over_budget", "started", "steps", "timeout_s")  # fmt: skip
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, budget: int | None = None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, *, budget: int | None = None, entry: Entry | None = None
+    ) -> None:
         self.loop = loop
+        self.entry = entry  # a log entry to apply: jobs with one may be applied together (group apply)
         self.future: asyncio.Future[Any] = loop.create_future()
         self.lock = threading.Lock()
         self.started = False
@@ -195,133 +201,14 @@ class _Slot:
         self.job: _Job | None = None
         self.internal = False
         self.denied: str | None = None
+        self.denied_internal = False  # the last refusal was about the node's own tables
+        self.full = False  # a statement failed because the disk is full (writer)
 
     def interrupt(self) -> None:
         conn = self.conn
         if conn is not None:
             with contextlib.suppress(apsw.Error):
                 conn.interrupt()  # thread-safe by SQLite's contract
-
-
-class _ReadScheduler:
-    """Hands out readers: at most ``per_client`` to one client, waiting requests served fairly by client.
-
-    Invariant: a request waits only if no reader is free or its client already holds ``per_client``; so when a
-    reader becomes free it goes to the waiting client (below its cap) that holds the fewest readers, in
-    round-robin order among equals, never to the longest backlog. At most ``queue_size`` requests wait in all, and one client at most half of them (at least one),
-    so one client cannot fill the queue for the others. Overflow: 503 busy. Runs on the event loop only.
-    """
-
-    def __init__(self, slots: list[_Slot], *, per_client: int, queue_size: int) -> None:
-        self._free = list(slots)
-        self._all = list(slots)
-        self._per_client = per_client
-        self._queue_size = queue_size
-        self._per_client_queue = max(1, queue_size // 2)
-        self._held: collections.Counter[str] = collections.Counter()
-        self._waiting: dict[str, collections.deque[asyncio.Future[_Slot]]] = {}
-        self._count = 0
-        self._pausers = 0
-        self._idle: asyncio.Event | None = None
-
-    @property
-    def waiting(self) -> int:
-        return self._count
-
-    def held(self, client: str) -> int:
-        return self._held[client]
-
-    async def acquire(self, client: str) -> _Slot:
-        if not self._paused and self._free and self._held[client] < self._per_client:
-            return self._grant(client)
-        if self._count >= self._queue_size:
-            raise errors.Busy(
-                f"database read queue is full ({self._queue_size} requests waiting); retry shortly"
-            )
-        queue = self._waiting.setdefault(client, collections.deque())
-        if len(queue) >= self._per_client_queue:
-            raise errors.Busy(
-                f"this client already has {len(queue)} read requests waiting; retry when they have finished"
-            )
-        future: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
-        queue.append(future)
-        self._count += 1
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(future.result(), client)  # granted just as we were cancelled: hand it on
-            raise
-        finally:
-            if not future.done() or future.cancelled() or future.exception() is not None:
-                with contextlib.suppress(ValueError):
-                    queue.remove(future)
-                    self._count -= 1
-                if not queue and self._waiting.get(client) is queue:
-                    del self._waiting[client]
-
-    def _grant(self, client: str) -> _Slot:
-        self._held[client] += 1
-        return self._free.pop()
-
-    def release(self, slot: _Slot, client: str) -> None:
-        self._held[client] -= 1
-        if self._held[client] <= 0:
-            del self._held[client]
-        self._free.append(slot)
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        if self._paused:
-            if self._idle is not None and len(self._free) == len(self._all):
-                self._idle.set()
-            return
-        while self._free and self._waiting:
-            # The waiting client holding the fewest readers goes first (ties: the one whose turn came least
-            # recently), so a client with a backlog never takes a freed reader from one that has none.
-            eligible = [c for c in self._waiting if self._held[c] < self._per_client]
-            if not eligible:
-                return  # every waiting client is at its cap
-            client = min(eligible, key=lambda c: self._held[c])
-            queue = self._waiting.pop(client)
-            future = queue.popleft()
-            self._count -= 1
-            if queue:
-                self._waiting[client] = queue  # to the back of the round
-            if not future.done():  # a cancelled waiter whose task has not resumed yet: skip it
-                future.set_result(self._grant(client))
-
-    async def pause(self) -> None:
-        """Stop handing out readers and wait until every reader is back (for a file swap or close).
-
-        Pauses nest (a load and a close may overlap): readers are handed out again after the last resume.
-        """
-        self._pausers += 1
-        if self._idle is None:
-            self._idle = asyncio.Event()
-        if len(self._free) == len(self._all):
-            self._idle.set()
-        await self._idle.wait()
-
-    def resume(self) -> None:
-        self._pausers -= 1
-        if self._pausers > 0:
-            return
-        self._idle = None
-        self._dispatch()
-
-    @property
-    def _paused(self) -> bool:
-        return self._pausers > 0
-
-    def fail_waiting(self, exc_factory: Callable[[], BaseException]) -> None:
-        for queue in self._waiting.values():
-            for future in queue:
-                if not future.done():
-                    future.set_exception(exc_factory())
-            queue.clear()
-        self._waiting.clear()
-        self._count = 0
 
 
 class Database:
@@ -335,8 +222,11 @@ class Database:
         self.state_detail = ""
         self._writer: _Slot | None = None
         self._readers: list[_Slot] = []
-        self._scheduler: _ReadScheduler | None = None
+        self._scheduler: ReadScheduler | None = None
+        # Every write job in arrival order. The loop adds and removes; the writer thread looks for jobs to
+        # apply in the same group, so it is guarded by a lock.
         self._write_jobs: collections.deque[_Job] = collections.deque()
+        self._jobs_lock = threading.Lock()
         self._swap_lock = asyncio.Lock()
         # Set (on the loop thread) when shutting down: running statements are interrupted at their next
         # progress check and queued jobs fail at once, so a stop is not held up by a slow query or a backlog.
@@ -375,7 +265,7 @@ class Database:
         loop = asyncio.get_running_loop()
         self._writer = _Slot("sqlite-writer", writer=True)
         self._readers = [_Slot(f"sqlite-reader-{i}", writer=False) for i in range(self.limits.readers)]
-        self._scheduler = _ReadScheduler(
+        self._scheduler = ReadScheduler(
             self._readers, per_client=self.limits.per_client, queue_size=self._queue_size
         )
         writer, readers = self._writer, self._readers
@@ -419,8 +309,10 @@ class Database:
         shutting = partial(errors.Unavailable, "the node is shutting down")
         if self._scheduler is not None:
             self._scheduler.fail_waiting(shutting)
-        while self._write_jobs:
-            job = self._write_jobs.popleft()
+        with self._jobs_lock:
+            jobs = list(self._write_jobs)
+            self._write_jobs.clear()
+        for job in jobs:
             with job.lock:
                 job.cancelled = True
             if not job.started and not job.future.done():
@@ -482,14 +374,15 @@ class Database:
 
     # --- running jobs (event loop side) --------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _write(self, fn: Callable[..., T], *args: Any, entry: Entry | None = None) -> T:
         self._require_ready()
         writer = self._writer
         assert writer is not None
         if len(self._write_jobs) >= self._queue_size:
             raise errors.Busy(f"database queue is full ({self._queue_size} writes waiting); retry shortly")
-        job = _Job(asyncio.get_running_loop(), budget=self.limits.write_step_budget)
-        self._write_jobs.append(job)
+        job = _Job(asyncio.get_running_loop(), budget=self.limits.write_step_budget, entry=entry)
+        with self._jobs_lock:
+            self._write_jobs.append(job)
         writer.executor.submit(self._run_job, writer, job, fn, *args)
         try:
             return await asyncio.shield(job.future)
@@ -502,7 +395,7 @@ class Database:
             job.future.add_done_callback(_consume)  # nobody awaits it any more: no "never retrieved" noise
             raise
         finally:
-            with contextlib.suppress(ValueError):
+            with self._jobs_lock, contextlib.suppress(ValueError):
                 self._write_jobs.remove(job)
 
     async def _read(self, client: str, fn: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
@@ -535,8 +428,8 @@ class Database:
     def _run_job(self, slot: _Slot, job: _Job, fn: Callable[..., Any], *args: Any) -> None:
         """On the slot's thread: run ``fn`` unless the job was dropped, then settle the job's future."""
         with job.lock:
-            if job.cancelled:
-                return
+            if job.cancelled or job.started:
+                return  # dropped, or already run as part of another job's group
             if self._closing:
                 job.settle(exc=errors.Unavailable("the node is shutting down"))
                 return
@@ -546,10 +439,8 @@ class Database:
             job.deadline = time.monotonic() + job.timeout_s
         try:
             result = fn(job, *args)
-        except _ShuttingDown:
-            job.settle(exc=errors.Unavailable("the node is shutting down; the request was interrupted"))
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler, which maps it
-            job.settle(exc=exc)
+            job.settle(exc=_settled_error(exc))
         else:
             job.settle(result)
         finally:
@@ -559,22 +450,28 @@ class Database:
 
     # --- public operations (event loop side) ---------------------------------------------------------------
 
-    async def query(self, request: DbRequest, *, client: str = "") -> list[dict[str, Any]]:
-        """Read-only statements on a reader; ``client`` (a hash of the credential) bounds readers per client."""
+    async def query(self, request: DbRequest, *, client: str = "") -> list[StatementResult]:
+        """Read-only statements on a reader, raw results; ``client`` (a hash of the credential) bounds
+        readers per client."""
         timeout = self.limits.statement_timeout_s
         if request.flags.db_timeout_s is not None:
             timeout = min(timeout, request.flags.db_timeout_s)
-        return await self._read(client, self._run_query, request.statements, request.flags, timeout_s=timeout)
+        return await self._read(
+            client, self._run_query, request.statements, request.flags.transaction, timeout_s=timeout
+        )
 
-    async def execute(
-        self, command: WriteCommand, flags: Flags, *, unified: bool = False
-    ) -> list[dict[str, Any]]:
-        """A write command on the write connection. Returns once it is committed and fsynced.
+    async def apply(self, index: int, commands: Sequence[Command]) -> list[Applied] | None:
+        """Apply the log entry ``index`` (its write commands); one outcome per command, or None if the entry
+        was applied before (``index <= applied_index()``). Returns once the entry is committed (fsynced).
 
-        ``unified`` (/db/request): statements that return rows answer with rows, the others as writes.
+        Entries waiting together are applied in one transaction (see :mod:`node.storage.statemachine`);
+        the caller hands them in log order.
         """
-        mode = _Mode.REQUEST if unified else _Mode.EXECUTE
-        return await self._write(self._run_command, mode, command, flags)
+        return await self._write(self._apply_group, entry=Entry(index, tuple(commands)))
+
+    async def applied_index(self) -> int:
+        """The index of the last entry applied (0 for none), as stored with the data."""
+        return await self._write(lambda job: statemachine.applied_index(self._ops(job)))
 
     async def ping(self) -> None:
         await self._read("\x00readyz", self._ping, timeout_s=self.limits.statement_timeout_s)
@@ -608,7 +505,7 @@ class Database:
         self._temp_seq += 1
         return self.data_dir / f"{_TEMP_PREFIX}{kind}-{os.getpid()}-{self._temp_seq}"
 
-    async def load_sqlite_file(self, source: Path) -> None:
+    async def load_sqlite_file(self, source: Path, *, index: int) -> None:
         """Replace the database with the SQLite file at ``source`` (checked first; the file is consumed)."""
         self._require_ready()
         scheduler = self._scheduler
@@ -616,15 +513,15 @@ class Database:
         # Readers must close before the swap: a last connection closing on the old file would delete the new
         # file's -wal by name. One swap at a time: another load's readers must not reopen mid-swap.
         async with self._swap_lock:
-            await self._swap_in(scheduler, source)
+            await self._swap_in(scheduler, source, index)
 
-    async def _swap_in(self, scheduler: _ReadScheduler, source: Path) -> None:
+    async def _swap_in(self, scheduler: ReadScheduler, source: Path, index: int) -> None:
         loop = asyncio.get_running_loop()
         await scheduler.pause()
         try:
             for slot in self._readers:
                 await loop.run_in_executor(slot.executor, _close_conn, slot)
-            await self._write(self._load_sqlite, source)
+            await self._write(self._load_sqlite, source, index)
         finally:
             try:
                 if self._writer is not None and not self._closing:
@@ -633,28 +530,19 @@ class Database:
             finally:
                 scheduler.resume()
 
-    async def load_sqlite(self, data: bytes) -> None:
+    async def load_sqlite(self, data: bytes, *, index: int) -> None:
         """Replace the database with the SQLite file ``data`` (checked first)."""
         source = self.temp_path("load")
         await asyncio.to_thread(_write_file, source, data)
         try:
-            await self.load_sqlite_file(source)
+            await self.load_sqlite_file(source, index=index)
         finally:
             await asyncio.to_thread(source.unlink, True)
 
-    async def load_dump_file(self, source: Path, *, time_ns: int, seed: int) -> int:
-        """Run the SQL dump at ``source`` as one transaction (all or nothing); returns the statements run."""
-        return await self._write(self._load_dump, source, time_ns, seed)
-
-    async def load_dump(self, command: WriteCommand) -> int:
-        """Run an SQL dump (the command's statements) as one transaction; returns the statements run."""
-        source = self.temp_path("dump")
-        text = "".join(s.sql.rstrip().rstrip(";") + ";\n" for s in command.statements)
-        await asyncio.to_thread(_write_file, source, text.encode("utf-8"))
-        try:
-            return await self.load_dump_file(source, time_ns=command.time_ns, seed=command.seed)
-        finally:
-            await asyncio.to_thread(source.unlink, True)
+    async def load_dump_file(self, source: Path, *, time_ns: int, seed: int, index: int) -> int:
+        """Run the SQL dump at ``source`` as one transaction (all or nothing) recording ``index`` as applied;
+        returns the statements run. The dump is read, split and stamped on the writer thread."""
+        return await self._write(self._load_dump, source, time_ns, seed, index)
 
     # --- connection threads --------------------------------------------------------------------------------
 
@@ -682,6 +570,12 @@ class Database:
             verdict = [row[0] for row in self._writer.conn.execute("PRAGMA quick_check").fetchall()]
         except (apsw.CorruptError, apsw.NotADBError) as exc:
             return [_message(exc)]
+        except apsw.SQLError as exc:
+            # A damaged header (its format version bytes) reads as "unsupported file format": the file cannot
+            # be served, and quarantining it keeps it for inspection, as for any other damage.
+            if "unsupported file format" in str(exc):
+                return [_message(exc)]
+            raise
         if verdict != ["ok"]:
             return [str(v) for v in verdict]
         return None
@@ -722,8 +616,8 @@ class Database:
         conn = apsw.Connection(str(self.path))
         conn.set_busy_timeout(5000)
         conn.execute(setup).fetchall()
-        # FULL: fsync the WAL at every commit (see the module docstring: what is acknowledged is on disk).
-        conn.execute("PRAGMA synchronous=FULL")
+        # The one switch (node.storage.statemachine.SYNCHRONOUS): FULL fsyncs the WAL at every commit.
+        conn.execute(f"PRAGMA synchronous={statemachine.SYNCHRONOUS}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.limit(apsw.SQLITE_LIMIT_LENGTH, self.limits.max_result_bytes)
         conn.limit(apsw.SQLITE_LIMIT_ATTACHED, 0)
@@ -754,17 +648,23 @@ class Database:
             refusal = f"TEMP objects are not allowed: {one} would outlive this request on a shared connection"
         elif action == apsw.SQLITE_PRAGMA and one is not None:
             refusal = pragmas.refusal(one, two)
+        elif action != apsw.SQLITE_FUNCTION and (_internal_name(one) or _internal_name(two)):
+            prefix = statemachine.INTERNAL_PREFIX
+            refusal = f"names starting with {prefix} are reserved for the node's own tables"
         if refusal is None:
             return apsw.SQLITE_OK
         slot.denied = refusal
+        slot.denied_internal = action not in (apsw.SQLITE_PRAGMA, *_TX_ACTIONS) and (
+            _internal_name(one) or _internal_name(two)
+        )
         return apsw.SQLITE_DENY
 
     def _progress(self, slot: _Slot) -> bool:
         if self._closing:
             return True
         job = slot.job
-        if job is None:
-            return False
+        if job is None or slot.internal:
+            return False  # the node's own statements (savepoints, the applied index) use no client's budget
         if job.cancelled:
             return True
         if job.budget is not None:
@@ -809,81 +709,108 @@ class Database:
         if slot.conn is not None and slot.conn.in_transaction:
             self._internal_sql(slot, "ROLLBACK")
 
-    def _run_command(self, job: _Job, mode: str, command: WriteCommand, flags: Flags) -> list[dict[str, Any]]:
+    def _ops(self, job: _Job) -> _WriterOps:
+        assert self._writer is not None and self._writer.conn is not None
+        return _WriterOps(self, self._writer, job)
+
+    def _apply_group(self, job: _Job) -> list[Applied] | None:
+        """On the writer thread: apply this job's entry and the entries queued right behind it, together."""
+        group = [job, *self._take_followers(job)]
         slot = self._writer
-        assert slot is not None
-        self._rng = random.Random(command.seed)
-        self._now_text = command.now_text
+        assert slot is not None and job.entry is not None
+        slot.full = False
         try:
-            return self._run_request(slot, job, mode, command.statements, flags, command.transaction)
+            done = statemachine.apply(self._ops(job), [g.entry for g in group if g.entry is not None])
+        except BaseException as exc:
+            if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
+                exc = self._job_failure(
+                    exc,
+                    full="the disk is full; nothing was written",
+                    other=f"the write failed: {_message(exc)}; nothing was written",
+                )
+            for other in group[1:]:
+                _finish(other, exc=_settled_error(exc))
+            raise exc from None
         finally:
             self._rng = random.Random()
             self._now_text = None
+        full = slot.full or (done.commit_error is not None and is_disk_full(done.commit_error))
+        if full:
+            self.disk_full = True
+        elif done.committed and any(
+            x.ok for entry in done.outcomes if entry for a in entry for x in a.results
+        ):
+            self.disk_full = False
+        for other, outcome in zip(group[1:], done.outcomes[1:], strict=True):
+            _finish(other, result=None if outcome is None else list(outcome))
+        first = done.outcomes[0]
+        return None if first is None else list(first)
+
+    def _take_followers(self, job: _Job) -> list[_Job]:
+        """The entry jobs queued right after ``job`` (up to a barrier: any other write job), now started."""
+        taken: list[_Job] = []
+        commands = len(job.entry.commands) if job.entry is not None else 0
+        with self._jobs_lock:
+            behind = False
+            for other in self._write_jobs:
+                if other is job:
+                    behind = True
+                    continue
+                if not behind:
+                    continue
+                if other.entry is None or commands + len(other.entry.commands) > MAX_GROUP_COMMANDS:
+                    break
+                with other.lock:
+                    if other.cancelled or other.started:
+                        continue
+                    other.started = True
+                taken.append(other)
+                commands += len(other.entry.commands)
+        return taken
 
     def _run_query(
-        self, job: _Job, slot: _Slot, statements: tuple[Statement, ...], flags: Flags
-    ) -> list[dict[str, Any]]:
-        return self._run_request(slot, job, _Mode.QUERY, statements, flags, flags.transaction)
-
-    def _run_request(
-        self, slot: _Slot, job: _Job, mode: str, statements: tuple[Statement, ...], flags: Flags,
-        transaction: bool,
-    ) -> list[dict[str, Any]]:  # fmt: skip
-        results: list[dict[str, Any]] = []
+        self, job: _Job, slot: _Slot, statements: tuple[Statement, ...], transaction: bool
+    ) -> list[StatementResult]:
+        """A read request on a reader: every statement's raw result (rows), bounded by the request's time."""
+        results: list[StatementResult] = []
         failure: str | None = None  # why the transaction did not commit
         stopped: str | None = None  # why the remaining statements (autocommit) do not run
-        full = False
         job.bytes_left = self.limits.max_result_bytes
         try:
             if transaction:
-                self._internal_sql(slot, "BEGIN IMMEDIATE" if mode != _Mode.QUERY else "BEGIN")
+                self._internal_sql(slot, "BEGIN")
             for number, statement in enumerate(statements, 1):
                 if stopped is not None:
-                    results.append({"error": f"not run: {stopped}"})
+                    results.append(res.not_run(stopped))
                     continue
-                result, hit_full = self._run_statement(slot, job, mode, statement, flags)
-                full = full or hit_full
+                result = self._run_statement(slot, job, Mode.QUERY, statement)
                 results.append(result)
-                if "error" not in result:
+                if result.error is None:
                     continue
                 if transaction:
-                    # rqlite: processing stops at the first error and the transaction is rolled back whole.
-                    failure = f"statement {number} failed: {result['error']}"
+                    failure = f"statement {number} failed: {result.error}"
                     break
-                if job.over_budget or time.monotonic() > job.deadline:
-                    stopped = result["error"]
+                if time.monotonic() > job.deadline:
+                    stopped = result.error
             if transaction and failure is None:
-                # Durability: COMMIT returns after the WAL is fsynced (synchronous=FULL); only then do results
-                # exist, and only then does the HTTP 200 go out.
                 try:
                     self._internal_sql(slot, "COMMIT")
                 except apsw.Error as exc:
-                    full = full or isinstance(exc, apsw.FullError)
                     failure = f"COMMIT failed: {_message(exc)}"
         except apsw.Error as exc:
-            full = full or isinstance(exc, apsw.FullError)
             if transaction:
                 failure = failure or _message(exc)
             else:
                 stopped = _message(exc)
-                results.extend(
-                    {"error": f"not run: {stopped}"} for _ in range(len(statements) - len(results))
-                )
+                results.extend(res.not_run(stopped) for _ in range(len(statements) - len(results)))
         finally:
             self._rollback_if_open(slot)  # never leave a transaction open on a shared connection
-        if slot.writer:
-            if full:
-                self.disk_full = True
-            elif any("error" not in r for r in results) and failure is None:
-                self.disk_full = False
         if transaction and failure is not None:
-            return _roll_back_results(results, len(statements), failure)
+            return res.rolled_back(results, len(statements), failure)
         return results
 
-    def _run_statement(
-        self, slot: _Slot, job: _Job, mode: str, statement: Statement, flags: Flags
-    ) -> tuple[dict[str, Any], bool]:
-        """One statement's result, and whether it failed because the disk is full."""
+    def _run_statement(self, slot: _Slot, job: _Job, mode: str, statement: Statement) -> StatementResult:
+        """One statement's raw result. On the writer a full disk is noted (``slot.full``)."""
         conn = slot.conn
         assert conn is not None
         started = time.perf_counter()
@@ -894,63 +821,63 @@ class Database:
             description = cursor.get_description()
             if description and seen["description"] is None:
                 seen["description"], seen["rows_at"] = description, seen["index"]
-            return not (mode == _Mode.QUERY and not cursor.is_readonly)
+            return not (mode == Mode.QUERY and not cursor.is_readonly)
 
         cursor = conn.cursor()
         cursor.exec_trace = trace
         slot.denied = None
         changes_before = conn.total_changes()
         rowid_before = conn.last_insert_rowid()
-        rows: list[list[Any]] = []
-        result: dict[str, Any] = {}
-        full = False
+        counter = _RowCounter(seen, self.limits.max_result_rows, job, keep=mode != Mode.EXECUTE)
+        error: str | None = None
         params = statement.params
         bindings = dict(params) if isinstance(params, dict) or hasattr(params, "keys") else params
         try:
-            # Outside a transaction each statement commits by itself when it finishes stepping, and that
-            # commit (WAL fsync, see synchronous=FULL) completes before its result below is built.
             cursor.execute(statement.sql, bindings)
-            for row in _bounded_rows(cursor, seen, self.limits.max_result_rows, job, flags):
-                rows.append(row)
+            counter.consume(cursor)
         except apsw.ExecTraceAbort:
-            result = {"error": READ_ONLY_REFUSAL}
+            error = READ_ONLY_REFUSAL
         except apsw.InterruptError:
             if self._closing:
                 raise _ShuttingDown() from None
-            result = {"error": self._interrupt_reason(job)}
+            error = self._interrupt_reason(job)
         except apsw.AuthError as exc:
-            result = {"error": slot.denied or _message(exc)}
+            error = slot.denied or _message(exc)
         except _ResultTooLarge as exc:
-            result = {"error": str(exc)}
+            error = str(exc)
         except apsw.FullError as exc:
-            full = True
-            result = {"error": _message(exc)}
+            slot.full = True
+            error = _message(exc)
         except (apsw.Error, ValueError, OverflowError, UnicodeError) as exc:
-            result = {"error": _message(exc)}
+            error = _message(exc)
         except (KeyError, TypeError) as exc:  # apsw's binding errors the request checks missed: not a 500
-            result = {"error": f"cannot bind the values: {type(exc).__name__} {exc}"}
+            error = f"cannot bind the values: {type(exc).__name__} {exc}"
         finally:
             cursor.close(force=True)
-        if "error" not in result:
-            description = seen["description"]
-            as_rows = mode == _Mode.QUERY or (mode == _Mode.REQUEST and description is not None)
-            if as_rows:
-                result = _rows_result(description or (), rows, flags)
-            else:
-                changed = conn.total_changes() - changes_before
-                rowid = conn.last_insert_rowid()
-                # The connection is shared, so SQLite's last rowid may be another request's: report it only
-                # if this statement inserted (it moved, or an INSERT changed rows and reused the same rowid).
-                inserted = rowid != rowid_before or (changed > 0 and _INSERT_WORDS.match(statement.sql))
-                if inserted and rowid != 0:
-                    result["last_insert_id"] = rowid
-                if changed > 0 and conn.changes() > 0:
-                    result["rows_affected"] = conn.changes()
-                if mode == _Mode.REQUEST and flags.associative:
-                    result["rows"] = None
-        if flags.timings:
-            result["time"] = time.perf_counter() - started
-        return result, full
+        elapsed = time.perf_counter() - started
+        if error is not None:
+            return res.failed(error, time_s=elapsed)
+        description = seen["description"]
+        as_rows = mode == Mode.QUERY or (mode == Mode.REQUEST and description is not None)
+        if as_rows:
+            description = description or ()
+            return StatementResult(
+                columns=tuple(name for name, _ in description),
+                decltypes=tuple(decltype for _, decltype in description),
+                rows=tuple(counter.rows),
+                has_blobs=counter.has_blobs,
+                time_s=elapsed,
+            )
+        changed = conn.total_changes() - changes_before
+        rowid = conn.last_insert_rowid()
+        # The connection is shared, so SQLite's last rowid may be another request's: report it only if this
+        # statement inserted (it moved, or an INSERT changed rows and reused the same rowid).
+        inserted = rowid != rowid_before or (changed > 0 and _INSERT_WORDS.match(statement.sql))
+        return StatementResult(
+            last_insert_id=rowid if inserted and rowid != 0 else None,
+            rows_affected=conn.changes() if changed > 0 and conn.changes() > 0 else None,
+            time_s=elapsed,
+        )
 
     def _interrupt_reason(self, job: _Job) -> str:
         if job.over_budget:
@@ -993,7 +920,7 @@ class Database:
             return _ShuttingDown()
         return errors.Unavailable(other)
 
-    def _load_sqlite(self, job: _Job, source: Path) -> None:
+    def _load_sqlite(self, job: _Job, source: Path, index: int) -> None:
         try:
             check = apsw.Connection(str(source), flags=apsw.SQLITE_OPEN_READONLY)
             try:
@@ -1023,6 +950,25 @@ class Database:
         finally:
             if self._writer is not None and self._writer.conn is None:
                 self._reopen_writer()
+        self._stamp_loaded(job, index)
+
+    def _stamp_loaded(self, job: _Job, index: int) -> None:
+        """A loaded file brings its own tables: record ``index`` as applied in it and forget request IDs that
+        another database recorded (they name other writes)."""
+        ops = self._ops(job)
+        try:
+            ops.internal("BEGIN IMMEDIATE")
+            statemachine.ensure_schema(ops)
+            ops.internal(f"DELETE FROM {statemachine.REQUESTS_TABLE}")
+            statemachine.set_applied(ops, index)
+            ops.internal("COMMIT")
+        except apsw.Error as exc:
+            raise self._job_failure(
+                exc, full="the file was loaded, but the disk is full", other=f"load failed: {_message(exc)}"
+            ) from None
+        finally:
+            if ops.in_transaction():
+                ops.internal("ROLLBACK")
 
     def _reopen_writer(self) -> None:
         """After a swap: the new file must open, or the node stops serving (503) rather than crash requests."""
@@ -1035,7 +981,7 @@ class Database:
                 raise errors.InsufficientStorage(f"the disk is full: {self.state_detail}") from None
             raise errors.Unavailable(self.state_detail) from None
 
-    def _load_dump(self, job: _Job, source: Path, time_ns: int, seed: int) -> int:
+    def _load_dump(self, job: _Job, source: Path, time_ns: int, seed: int, index: int) -> int:
         """A dump as one transaction. Its leading ``PRAGMA foreign_keys=OFF`` holds for this load only: it is
         applied before BEGIN (SQLite ignores it inside a transaction) and undone in ``finally``. Each
         statement has the write step budget (deterministic); any other refused pragma is a 400 naming it."""
@@ -1044,7 +990,7 @@ class Database:
         self._rng = random.Random(seed)
         self._now_text = WriteCommand((), False, time_ns, seed).now_text
         try:
-            return self._load_dump_statements(slot, job, source)
+            return self._load_dump_statements(slot, job, source, index)
         except apsw.Error as exc:  # outside a statement: BEGIN, COMMIT, the pragma before BEGIN
             raise self._job_failure(
                 exc,
@@ -1058,12 +1004,12 @@ class Database:
             self._rng = random.Random()
             self._now_text = None
 
-    def _load_dump_statements(self, slot: _Slot, job: _Job, source: Path) -> int:
+    def _load_dump_statements(self, slot: _Slot, job: _Job, source: Path, index: int) -> int:
         conn = slot.conn
         assert conn is not None
         count = 0
         begun = False
-        for sql in _dump_statements(source, MAX_DUMP_STATEMENT_CHARS):
+        for sql in dump_statements(source, MAX_DUMP_STATEMENT_CHARS):
             if _TX_WORDS.match(sql):
                 continue  # a dump's own BEGIN/COMMIT: the load is one transaction already
             fk = _FK_PRAGMA.match(sql)
@@ -1076,11 +1022,16 @@ class Database:
             if not begun:
                 self._internal_sql(slot, "BEGIN IMMEDIATE")
                 begun = True
-            slot.denied = None
+                # The node's tables exist before the dump's statements run, so a dump's statements about
+                # them are refused by the authorizer (and skipped) rather than failing as unknown tables.
+                statemachine.ensure_schema(self._ops(job))
+            slot.denied, slot.denied_internal = None, False
             job.steps, job.over_budget = 0, False
             try:
                 conn.execute(rewrite_time_keywords(sql)).fetchall()
             except apsw.AuthError as exc:
+                if slot.denied_internal:
+                    continue  # a dump of a backup holds the node's own tables: this node keeps its own
                 raise errors.BadRequest(f"load failed: {slot.denied or _message(exc)}") from None
             except apsw.InterruptError:
                 if self._closing:
@@ -1096,17 +1047,79 @@ class Database:
             except apsw.Error as exc:
                 raise errors.BadRequest(f"load failed at statement {count + 1}: {_message(exc)}") from None
             count += 1
-        if begun:
-            try:
-                self._internal_sql(slot, "COMMIT")
-            except apsw.FullError:
-                self.disk_full = True
-                raise errors.InsufficientStorage(
-                    "load failed: the disk is full; nothing was loaded"
-                ) from None
+        if not begun:
+            self._internal_sql(slot, "BEGIN IMMEDIATE")
+        # The load is one entry: its index is recorded in its own transaction, like any write's.
+        ops = self._ops(job)
+        statemachine.ensure_schema(ops)
+        statemachine.set_applied(ops, index)
+        try:
+            self._internal_sql(slot, "COMMIT")
+        except apsw.FullError:
+            self.disk_full = True
+            raise errors.InsufficientStorage("load failed: the disk is full; nothing was loaded") from None
         if count:
             self.disk_full = False
         return count
+
+
+class _WriterOps:
+    """The write connection as :mod:`node.storage.statemachine` uses it (writer thread only)."""
+
+    __slots__ = ("db", "job", "slot")
+
+    def __init__(self, db: Database, slot: _Slot, job: _Job) -> None:
+        self.db, self.slot, self.job = db, slot, job
+
+    def internal(self, sql: str, params: tuple = ()) -> list[tuple]:
+        conn = self.slot.conn
+        assert conn is not None
+        self.slot.internal = True
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            self.slot.internal = False
+
+    def message(self, exc: BaseException) -> str:
+        return _message(exc)
+
+    def in_transaction(self) -> bool:
+        return self.slot.conn is not None and self.slot.conn.in_transaction
+
+    def deferred_fk_pending(self) -> bool:
+        assert self.slot.conn is not None
+        return self.slot.conn.status(apsw.SQLITE_DBSTATUS_DEFERRED_FKS)[0] > 0
+
+    def start_command(self, write: WriteCommand) -> None:
+        # One budget, one byte limit, one seed and one time per command: its outcome is its own.
+        self.db._rng = random.Random(write.seed)
+        self.db._now_text = write.now_text
+        self.job.steps, self.job.over_budget = 0, False
+        self.job.bytes_left = self.db.limits.max_result_bytes
+
+    def over_budget(self) -> bool:
+        return self.job.over_budget
+
+    def run(self, mode: str, statement: Statement) -> StatementResult:
+        return self.db._run_statement(self.slot, self.job, mode, statement)
+
+
+def _settled_error(exc: BaseException) -> BaseException:
+    """What a job's awaiting handler receives for ``exc`` raised on a connection thread."""
+    if isinstance(exc, _ShuttingDown) or (isinstance(exc, apsw.InterruptError)):
+        return errors.Unavailable("the node is shutting down; the request was interrupted")
+    return exc
+
+
+def _finish(job: _Job, *, result: Any = None, exc: BaseException | None = None) -> None:
+    job.settle(result, exc)
+    with job.lock:
+        job.done = True
+
+
+def _internal_name(name: str | None) -> bool:
+    prefix = statemachine.INTERNAL_PREFIX
+    return name is not None and name[: len(prefix)].lower() == prefix
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -1120,158 +1133,41 @@ def _close_conn(slot: _Slot) -> None:
         slot.conn = None
 
 
-def _roll_back_results(results: list[dict[str, Any]], total: int, why: str) -> list[dict[str, Any]]:
-    """One result per statement when a transaction did not commit: none of them claims a stored change."""
-    out: list[dict[str, Any]] = []
-    for index in range(total):
-        if index < len(results) and "error" in results[index]:
-            out.append({"error": f"{results[index]['error']} (the transaction was rolled back)"})
-        elif index < len(results):
-            out.append({"error": f"rolled back: {why}"})
-        else:
-            out.append({"error": f"not run: {why}; the transaction was rolled back"})
-    return out
+class _RowCounter:
+    """Reads a cursor's rows within the row and byte limits (bytes counted as rqlite's JSON would hold them:
+    base64 for BLOBs), keeping the rows of the first statement that has columns."""
 
+    __slots__ = ("has_blobs", "job", "keep", "max_rows", "rows", "seen")
 
-def _dump_statements(source: Path, max_statement_chars: int) -> Iterator[str]:
-    """The complete statements of a dump file, read in chunks (never the whole text in memory)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    splitter = StatementSplitter(max_statement_chars)
-    with open(source, "rb") as f:
-        while True:
-            raw = f.read(DUMP_CHUNK_CHARS)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError:
-                raise errors.BadRequest("the dump is not UTF-8 text") from None
-            if "\x00" in text:
-                raise errors.BadRequest("the dump contains a NUL character")
-            yield from splitter.feed(text)
-            if not raw:
-                break
-    yield from splitter.finish()
+    def __init__(self, seen: dict[str, Any], max_rows: int, job: _Job, *, keep: bool) -> None:
+        self.seen = seen
+        self.max_rows = max_rows
+        self.job = job
+        self.keep = keep
+        self.rows: list[tuple[Any, ...]] = []
+        self.has_blobs = False
 
-
-_STOPS = re.compile(r"[;'\"`\[]|--|/\*")
-_CLOSERS = {"'": "'", '"': '"', "`": "`", "[": "]", "--": "\n", "/*": "*/"}
-_TRIGGER_START = re.compile(r"\s*CREATE\s+(?:TEMP\s+|TEMPORARY\s+)?TRIGGER\b", re.IGNORECASE)
-_ENDS_WITH_END = re.compile(r"\bEND\s*;$", re.IGNORECASE)
-# A trigger candidate longer than this is tested with apsw.complete only when it ends with END;.
-_TRIGGER_PROBE_CHARS = 1 << 16
-
-
-class StatementSplitter:
-    """Split SQL text fed in pieces into complete statements, in time linear in the text.
-
-    Quotes, identifiers and comments are skipped by a small scanner (a ``;`` inside them never costs a
-    check); at a ``;`` outside them SQLite's own ``apsw.complete`` decides (it knows trigger bodies). A
-    statement longer than ``max_chars`` is a 400 rather than an ever-growing buffer.
-    """
-
-    def __init__(self, max_chars: int = 1 << 30) -> None:
-        self._text = ""
-        self._start = 0
-        self._pos = 0
-        self._close: str | None = None
-        self._max = max_chars
-
-    def feed(self, chunk: str) -> list[str]:
-        text = self._text = self._text[self._start :] + chunk
-        self._pos -= self._start
-        self._start = 0
-        out: list[str] = []
-        while True:
-            if self._close is not None:
-                end = text.find(self._close, self._pos)
-                if end < 0:
-                    self._pos = max(self._pos, len(text) - len(self._close) + 1)
-                    break
-                self._pos = end + len(self._close)
-                self._close = None
-                continue
-            match = _STOPS.search(text, self._pos)
-            if match is None:
-                # A trailing '-' or '/' may start a comment that the next piece completes.
-                self._pos = max(self._pos, len(text) - 1 if text.endswith(("-", "/")) else len(text))
-                break
-            token = match.group()
-            self._pos = match.end()
-            if token != ";":
-                self._close = _CLOSERS[token]
-                continue
-            candidate = text[self._start : self._pos]
-            if len(candidate) > self._max:
-                break  # refused below
-            if _complete(candidate):
-                if candidate.strip(" \t\r\n;"):
-                    out.append(candidate)
-                self._start = self._pos
-        if len(text) - self._start > self._max:
-            raise errors.BadRequest(f"a statement of the dump is longer than {self._max} characters")
-        return out
-
-    def finish(self) -> list[str]:
-        tail = self._text[self._start :]
-        self._text, self._start, self._pos, self._close = "", 0, 0, None
-        return [tail] if tail.strip() else []
-
-
-def _complete(candidate: str) -> bool:
-    if (
-        len(candidate) > _TRIGGER_PROBE_CHARS
-        and _TRIGGER_START.match(candidate)
-        and not _ENDS_WITH_END.search(candidate)
-    ):
-        return False
-    return apsw.complete(candidate)
-
-
-def split_sql(script: str) -> Iterator[str]:
-    """Split a script into complete statements (semicolons inside literals and triggers stay put)."""
-    splitter = StatementSplitter()
-    yield from splitter.feed(script)
-    yield from splitter.finish()
-
-
-def _bounded_rows(
-    cursor: apsw.Cursor, seen: dict[str, Any], max_rows: int, job: _Job, flags: Flags
-) -> Iterator[list[Any]]:
-    count = 0
-    for row in cursor:
-        if seen["index"] != seen["rows_at"]:
-            continue  # rows of a later statement in the same string: the first statement with columns answers
-        count += 1
-        if count > max_rows:
-            raise _ResultTooLarge(f"result too large: more than {max_rows} rows")
-        out = []
-        for value in row:
-            if isinstance(value, bytes):
-                job.bytes_left -= (len(value) + 2) // 3 * 4 + 2
-                value = list(value) if flags.blob_array else base64.b64encode(value).decode("ascii")
-            elif isinstance(value, str):
-                job.bytes_left -= len(value) + 2
-            else:
-                job.bytes_left -= 8
-            out.append(value)
-        if job.bytes_left < 0:
-            raise _ResultTooLarge("result too large: the results of this request exceed the byte limit")
-        yield out
-
-
-def _rows_result(
-    description: tuple[tuple[str, str | None], ...], rows: list[list[Any]], flags: Flags
-) -> dict:
-    columns = [name for name, _ in description]
-    types = [(decltype or "").lower() for _, decltype in description]
-    if flags.associative:
-        return {
-            "types": dict(zip(columns, types, strict=True)),
-            "rows": [dict(zip(columns, r, strict=True)) for r in rows],
-        }
-    result: dict[str, Any] = {"columns": columns, "types": types}
-    if rows:
-        result["values"] = rows
-    return result
+    def consume(self, cursor: apsw.Cursor) -> None:
+        seen, job = self.seen, self.job
+        count = 0
+        for row in cursor:
+            if seen["index"] != seen["rows_at"]:
+                continue  # rows of a later statement in the same string: the first with columns answers
+            count += 1
+            if count > self.max_rows:
+                raise _ResultTooLarge(f"result too large: more than {self.max_rows} rows")
+            for value in row:
+                if isinstance(value, bytes):
+                    job.bytes_left -= (len(value) + 2) // 3 * 4 + 2
+                    self.has_blobs = True
+                elif isinstance(value, str):
+                    job.bytes_left -= len(value) + 2
+                else:
+                    job.bytes_left -= 8
+            if job.bytes_left < 0:
+                raise _ResultTooLarge("result too large: the results of this request exceed the byte limit")
+            if self.keep:
+                self.rows.append(row)
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -36,6 +36,7 @@ from node import auth
 from node.core import sqlreq
 from node.storage.sqlite import Database, Limits
 from tests.support.cluster import Cluster, NodeProcess
+from tests.support.dbapi import execute
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -698,7 +699,7 @@ async def test_binding_errors_that_get_past_the_checks_are_the_statements_error(
             time_ns=0,
             seed=1,
         )
-        results = await asyncio.wait_for(database.execute(command, sqlreq.Flags()), 10)
+        results = await asyncio.wait_for(execute(database, command, sqlreq.Flags()), 10)
     finally:
         await database.close()
     assert [("error" in r) for r in results] == [True, True, True], results

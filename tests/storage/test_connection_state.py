@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from node.core import sqlreq as q
 from node.storage import pragmas
 from node.storage.sqlite import Database, Limits
+from tests.support.dbapi import execute, query
 
 PROBED_SETTINGS = (
     "foreign_keys", "ignore_check_constraints", "max_page_count", "cache_size", "recursive_triggers",
@@ -75,7 +76,7 @@ def _read(*sqls: str) -> q.DbRequest:
 async def database(tmp_path):
     db = Database(tmp_path / "data", limits=Limits(readers=2, readers_per_client=2), queue_size=16)
     await db.open()
-    await db.execute(
+    await execute(db,
         _command(
             "CREATE TABLE parent (id INTEGER PRIMARY KEY)",
             "CREATE TABLE child (id INTEGER PRIMARY KEY, p INTEGER REFERENCES parent(id), n INT CHECK (n > 0))",
@@ -91,7 +92,7 @@ async def database(tmp_path):
 
 
 async def test_a_write_client_cannot_turn_off_constraints_for_everyone(database):
-    results = await database.execute(
+    results = await execute(database,
         _command("PRAGMA foreign_keys=OFF", "PRAGMA ignore_check_constraints=ON"), q.Flags()
     )
     assert results == [
@@ -101,7 +102,7 @@ async def test_a_write_client_cannot_turn_off_constraints_for_everyone(database)
         },
     ]
     # Another request afterwards: both constraints still hold.
-    results = await database.execute(
+    results = await execute(database,
         _command("INSERT INTO child(p, n) VALUES (42, 1)", "INSERT INTO child(p, n) VALUES (NULL, -1)"),
         q.Flags(),
     )
@@ -110,9 +111,9 @@ async def test_a_write_client_cannot_turn_off_constraints_for_everyone(database)
 
 
 async def test_max_page_count_cannot_make_later_writes_fail(database):
-    results = await database.execute(_command("PRAGMA max_page_count=1"), q.Flags())
+    results = await execute(database, _command("PRAGMA max_page_count=1"), q.Flags())
     assert "pragma max_page_count cannot be set" in results[0]["error"]
-    results = await database.execute(
+    results = await execute(database,
         _command("INSERT INTO words SELECT hex(randomblob(1000)) FROM words, words, words, words, words"),
         q.Flags(),
     )
@@ -122,9 +123,9 @@ async def test_max_page_count_cannot_make_later_writes_fail(database):
 async def test_a_read_client_cannot_change_like_for_other_readers(database):
     for value in ("ON", "OFF", "1", "true"):
         for form in (f"PRAGMA case_sensitive_like={value}", f"PRAGMA case_sensitive_like({value})"):
-            results = await database.query(_read(form), client="a")
+            results = await query(database, _read(form), client="a")
             assert results[0]["error"].startswith("pragma case_sensitive_like cannot be set"), form
-    results = await database.query(_read("SELECT count(*) FROM words WHERE w LIKE 'apple'"), client="b")
+    results = await query(database, _read("SELECT count(*) FROM words WHERE w LIKE 'apple'"), client="b")
     assert results[0]["values"] == [[2]]
 
 
@@ -152,8 +153,8 @@ async def test_a_read_client_cannot_change_like_for_other_readers(database):
 )
 async def test_connection_changes_are_refused_on_both_connections(database, sql):
     before = await probe(database)
-    written = await database.execute(_command(sql), q.Flags())
-    read = await database.query(_read(sql), client="a")
+    written = await execute(database, _command(sql), q.Flags())
+    read = await query(database, _read(sql), client="a")
     assert "error" in written[0] and "error" in read[0], (written, read)
     if sql.startswith("PRAGMA"):
         name = sql.split()[1].split("=")[0].split("(")[0].removeprefix("main.")
@@ -183,20 +184,20 @@ async def test_connection_changes_are_refused_on_both_connections(database, sql)
     ],
 )
 async def test_reading_pragmas_stays_allowed(database, sql):
-    read = await database.query(_read(sql), client="a")
+    read = await query(database, _read(sql), client="a")
     assert "error" not in read[0], read
-    written = await database.execute(_command(sql), q.Flags())
+    written = await execute(database, _command(sql), q.Flags())
     assert "error" not in written[0], written
 
 
 async def test_file_fields_are_ordinary_writes(database):
-    assert await database.execute(
+    assert await execute(database,
         _command("PRAGMA user_version=7", "PRAGMA application_id(9)"), q.Flags()
     ) == [
         {},
         {},
     ]
-    read = await database.query(
+    read = await query(database,
         _read("PRAGMA user_version", "PRAGMA application_id", "PRAGMA user_version=8")
     )
     assert read[:2] == [
@@ -244,7 +245,7 @@ def test_no_pragma_changes_any_connection(tmp_path):
     try:
         loop.run_until_complete(database.open())
         loop.run_until_complete(
-            database.execute(
+            execute(database,
                 _command("CREATE TABLE words (w TEXT)", "INSERT INTO words VALUES ('a')"), q.Flags()
             )
         )
@@ -255,9 +256,9 @@ def test_no_pragma_changes_any_connection(tmp_path):
         def one(form, name, value, via_write):
             sql = form.format(name=name, value=value)
             if via_write:
-                loop.run_until_complete(database.execute(_command(sql), q.Flags()))
+                loop.run_until_complete(execute(database, _command(sql), q.Flags()))
             else:
-                loop.run_until_complete(database.query(_read(sql), client="fuzz"))
+                loop.run_until_complete(query(database, _read(sql), client="fuzz"))
             after = loop.run_until_complete(probe(database))
             # user_version/application_id are file content, not connection state: allowed to change.
             assert after == baseline, sql
@@ -276,7 +277,7 @@ def test_every_sqlite_pragma_with_every_value_leaves_every_connection_as_it_was(
     values = ["0", "1", "ON", "OFF", "-1", "100", "'x'", "DELETE", "MEMORY", "NORMAL", "2", "EXCLUSIVE"]
     try:
         loop.run_until_complete(database.open())
-        loop.run_until_complete(database.execute(_command("CREATE TABLE words (w TEXT)"), q.Flags()))
+        loop.run_until_complete(execute(database, _command("CREATE TABLE words (w TEXT)"), q.Flags()))
         baseline = loop.run_until_complete(probe(database))
         sqls = [
             form.format(name=name, value=value)
@@ -287,8 +288,8 @@ def test_every_sqlite_pragma_with_every_value_leaves_every_connection_as_it_was(
         ]
         for start in range(0, len(sqls), 200):  # the node's own cap on statements per request is higher
             batch = sqls[start : start + 200]
-            written = loop.run_until_complete(database.execute(_command(*batch), q.Flags()))
-            read = loop.run_until_complete(database.query(_read(*batch), client="sweep"))
+            written = loop.run_until_complete(execute(database, _command(*batch), q.Flags()))
+            read = loop.run_until_complete(query(database, _read(*batch), client="sweep"))
             allowed = [
                 s for s, r in zip(batch * 2, written + read, strict=True)
                 if "error" not in r and s.split()[1].split("=")[0].split("(")[0].removeprefix("main.")

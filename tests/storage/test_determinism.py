@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from node.core import sqlreq as q
-from node.storage.sqlite import Database, Limits, split_sql
+from node.storage.dump import split_sql
+from node.storage.sqlite import Database, Limits
+from tests.support.dbapi import execute, query
 
 NONDETERMINISTIC = [
     "CREATE TABLE t (id INTEGER PRIMARY KEY, r, b, ts DEFAULT CURRENT_TIMESTAMP, d DEFAULT (date('now')), tm)",
@@ -21,9 +23,9 @@ async def _run_on_fresh_database(tmp_path, name, command) -> list:
     database = Database(tmp_path / name, limits=Limits(), queue_size=4)
     await database.open()
     try:
-        results = await database.execute(command, q.Flags())
+        results = await execute(database, command, q.Flags())
         assert all("error" not in r for r in results), results
-        rows = await database.query(q.DbRequest((q.Statement("SELECT * FROM t ORDER BY id"),), q.Flags()))
+        rows = await query(database, q.DbRequest((q.Statement("SELECT * FROM t ORDER BY id"),), q.Flags()))
         return rows[0]["values"]
     finally:
         await database.close()
@@ -59,7 +61,7 @@ async def test_reads_still_see_the_real_clock(tmp_path):
     database = Database(tmp_path / "r", limits=Limits(), queue_size=4)
     await database.open()
     try:
-        results = await database.query(
+        results = await query(database,
             q.DbRequest((q.Statement("SELECT date('now') > '2024-01-01'"),), q.Flags())
         )
         assert results[0]["values"] == [[1]]

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node import errors
-from node.storage import sqlite
-from node.storage.sqlite import StatementSplitter, split_sql
+from node.storage import dump
+from node.storage.dump import StatementSplitter, split_sql
 
 
 def reference_split(script: str) -> list[str]:
@@ -77,29 +77,29 @@ def test_dump_file_reading_splits_utf8_safely(tmp_path_factory, monkeypatch_chun
     monkeypatch_chunk(chunk)
     path = tmp_path_factory.mktemp("dump") / "dump.sql"
     path.write_bytes(script.encode("utf-8"))
-    assert list(sqlite._dump_statements(path, 1 << 20)) == reference_split(script)
+    assert list(dump.dump_statements(path, 1 << 20)) == reference_split(script)
 
 
 @pytest.fixture
 def monkeypatch_chunk():
-    original = sqlite.DUMP_CHUNK_CHARS
+    original = dump.DUMP_CHUNK_CHARS
 
     def set_chunk(size: int) -> None:
-        sqlite.DUMP_CHUNK_CHARS = size
+        dump.DUMP_CHUNK_CHARS = size
 
     yield set_chunk
-    sqlite.DUMP_CHUNK_CHARS = original
+    dump.DUMP_CHUNK_CHARS = original
 
 
 def test_a_statement_longer_than_the_limit_is_a_400(tmp_path):
     path = tmp_path / "dump.sql"
     path.write_text("SELECT 1; SELECT '" + "x;" * 5000 + "';")
     with pytest.raises(errors.BadRequest, match="longer than 1000 characters"):
-        list(sqlite._dump_statements(path, 1000))
+        list(dump.dump_statements(path, 1000))
 
 
 def test_invalid_utf8_is_a_400(tmp_path):
     path = tmp_path / "dump.sql"
     path.write_bytes(b"SELECT '\xff';")
     with pytest.raises(errors.BadRequest, match="not UTF-8"):
-        list(sqlite._dump_statements(path, 1000))
+        list(dump.dump_statements(path, 1000))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from node.core import sqlreq as q
 from node.storage.sqlite import Database, Limits
+from tests.support.dbapi import execute, query
 
 SCHEMA = (
     "CREATE TABLE parent (id INTEGER PRIMARY KEY)",
@@ -26,7 +27,7 @@ async def _fresh(path) -> Database:
     database = Database(path, limits=Limits(write_step_budget=500_000), queue_size=8)
     await database.open()
     assert all(
-        "error" not in r for r in await database.execute(_command(SCHEMA, transaction=False), q.Flags())
+        "error" not in r for r in await execute(database, _command(SCHEMA, transaction=False), q.Flags())
     )
     return database
 
@@ -35,14 +36,14 @@ async def _rows(database: Database) -> int:
     request = q.DbRequest(
         (q.Statement("SELECT (SELECT count(*) FROM t) + (SELECT count(*) FROM child)"),), q.Flags()
     )
-    return (await database.query(request))[0]["values"][0][0]
+    return (await query(database, request))[0]["values"][0][0]
 
 
 async def test_a_failed_commit_reports_every_statement_as_rolled_back(tmp_path):
     database = await _fresh(tmp_path)
     try:
         # The deferred foreign key is checked at COMMIT, which therefore fails after both inserts succeeded.
-        results = await database.execute(
+        results = await execute(database,
             _command(["INSERT INTO t VALUES (1)", "INSERT INTO child VALUES (99)"], transaction=True),
             q.Flags(),
         )
@@ -77,7 +78,7 @@ def test_results_match_statements_and_what_is_stored(tmp_path_factory, sqls, tra
     async def run() -> None:
         database = await _fresh(tmp_path_factory.mktemp("honest"))
         try:
-            results = await database.execute(_command(sqls, transaction=transaction), q.Flags())
+            results = await execute(database, _command(sqls, transaction=transaction), q.Flags())
             stored = await _rows(database)
         finally:
             await database.close()

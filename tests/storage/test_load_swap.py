@@ -8,6 +8,7 @@ import apsw
 
 from node.core import sqlreq as q
 from node.storage.sqlite import Database, Limits
+from tests.support.dbapi import query
 
 
 def _make(path, marker: str, rows: int) -> None:
@@ -35,12 +36,12 @@ async def test_concurrent_loads_and_reads(tmp_path):
         async def load(i: int) -> None:
             copy = database.temp_path("test")
             await asyncio.to_thread(copy.write_bytes, sources[i].read_bytes())
-            await database.load_sqlite_file(copy)
+            await database.load_sqlite_file(copy, index=100 + i)
 
         async def reader(n: int) -> list:
             out = []
             for _ in range(10):
-                result = await database.query(
+                result = await query(database,
                     _read("SELECT marker, count(*) FROM m GROUP BY marker"), client=str(n)
                 )
                 out.append(result[0])
@@ -54,8 +55,8 @@ async def test_concurrent_loads_and_reads(tmp_path):
                     len(result["values"]) == 1
                     and result["values"][0][1] == 1000 + int(result["values"][0][0][5:])
                 ), result
-        final = await database.query(_read("PRAGMA integrity_check"))
+        final = await query(database, _read("PRAGMA integrity_check"))
         assert final[0]["values"] == [["ok"]]
-        assert (await database.query(_read("SELECT count(DISTINCT marker) FROM m")))[0]["values"] == [[1]]
+        assert (await query(database, _read("SELECT count(DISTINCT marker) FROM m")))[0]["values"] == [[1]]
     finally:
         await database.close()

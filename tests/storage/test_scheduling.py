@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from node.core import sqlreq as q
 from node.storage.sqlite import Database, Limits
+from tests.support.dbapi import execute, query
 
 RUNAWAY = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT count(*) FROM r"
 
@@ -56,11 +57,11 @@ async def test_a_runaway_read_request_does_not_delay_another_clients_select_1(tm
     database = await open_database(tmp_path, statement_timeout_s=120, readers=4)
     try:
         # Client A: one request of twelve runaway statements, and more of them queued behind its cap.
-        runaway = [asyncio.create_task(database.query(_read(*[RUNAWAY] * 12), client="A")) for _ in range(6)]
+        runaway = [asyncio.create_task(query(database, _read(*[RUNAWAY] * 12), client="A")) for _ in range(6)]
         await wait_for(lambda: database.snapshot()["reads_running"] == 2, "A to hold its two readers")
         await wait_for(lambda: database.snapshot()["reads_waiting"] == 4, "A's backlog to queue")
         # Client B is served by a free reader while all of A's work is still running or waiting.
-        result = await asyncio.wait_for(database.query(_read("SELECT 1"), client="B"), timeout=60)
+        result = await asyncio.wait_for(query(database, _read("SELECT 1"), client="B"), timeout=60)
         assert result == [{"columns": ["1"], "types": [""], "values": [[1]]}]
         assert not any(task.done() for task in runaway)
         for task in runaway:
@@ -74,7 +75,7 @@ async def test_a_runaway_read_request_does_not_delay_another_clients_select_1(tm
 async def test_the_time_limit_bounds_the_whole_read_request(tmp_path):
     database = await open_database(tmp_path, statement_timeout_s=0.3)
     try:
-        results = await database.query(_read(*[RUNAWAY] * 12), client="A")
+        results = await query(database, _read(*[RUNAWAY] * 12), client="A")
         assert len(results) == 12
         assert results[0]["error"] == "interrupted: the request ran longer than 0.3 s"
         # Statements after the limit do not start (one limit per request, not one per statement).
@@ -148,11 +149,11 @@ async def test_a_cancelled_queued_read_never_runs_and_a_running_one_is_interrupt
         assert started == ["holder", "after"]
         assert queued.cancelled()
 
-        running = asyncio.create_task(database.query(_read(RUNAWAY), client="A"))
+        running = asyncio.create_task(query(database, _read(RUNAWAY), client="A"))
         await wait_for(lambda: database.snapshot()["reads_running"] == 1, "the runaway read to run")
         running.cancel()
         await wait_for(lambda: database.snapshot()["reads_running"] == 0, "the cancelled read to stop")
-        assert (await database.query(_read("SELECT 2"), client="A"))[0]["values"] == [[2]]
+        assert (await query(database, _read("SELECT 2"), client="A"))[0]["values"] == [[2]]
     finally:
         release.set()
         await database.close()
@@ -163,18 +164,18 @@ async def test_a_cancelled_queued_write_never_runs(tmp_path):
     release = threading.Event()
     started: list[str] = []
     try:
-        await database.execute(_command("CREATE TABLE t (x)"), q.Flags())
+        await execute(database, _command("CREATE TABLE t (x)"), q.Flags())
         holder = asyncio.create_task(database._write(lambda job: _blocking(release, started, "w")(job, None)))
         await wait_for(lambda: started == ["w"], "the writer to be held")
-        dropped = asyncio.create_task(database.execute(_command("INSERT INTO t VALUES (1)"), q.Flags()))
-        kept = asyncio.create_task(database.execute(_command("INSERT INTO t VALUES (2)"), q.Flags()))
+        dropped = asyncio.create_task(execute(database, _command("INSERT INTO t VALUES (1)"), q.Flags()))
+        kept = asyncio.create_task(execute(database, _command("INSERT INTO t VALUES (2)"), q.Flags()))
         await wait_for(lambda: database.snapshot()["writes_queued"] == 3, "two writes to queue")
         dropped.cancel()
         await asyncio.wait([dropped])  # the cancellation is handled before the writer frees up
         release.set()
         await holder
         assert await kept == [{"last_insert_id": 1, "rows_affected": 1}]
-        assert (await database.query(_read("SELECT x FROM t")))[0]["values"] == [[2]]
+        assert (await query(database, _read("SELECT x FROM t")))[0]["values"] == [[2]]
     finally:
         release.set()
         await database.close()
@@ -189,9 +190,9 @@ LOOP_INSERT = (
 async def _outcome(path, budget: int, command: q.WriteCommand) -> tuple[list, list]:
     database = await open_database(path, write_step_budget=budget)
     try:
-        await database.execute(_command("CREATE TABLE t (x)"), q.Flags())
-        results = await database.execute(command, q.Flags())
-        rows = await database.query(_read("SELECT count(*), sum(x) FROM t"))
+        await execute(database, _command("CREATE TABLE t (x)"), q.Flags())
+        results = await execute(database, command, q.Flags())
+        rows = await query(database, _read("SELECT count(*), sum(x) FROM t"))
         return results, rows
     finally:
         await database.close()

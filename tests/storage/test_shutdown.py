@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from node import errors
 from node.core import sqlreq as q
 from node.storage.sqlite import Database, Limits
+from tests.support.dbapi import execute, query
 
 # A recursive CTE that counts to a billion: runs for minutes unless interrupted.
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) SELECT max(x) FROM c"
@@ -48,17 +49,17 @@ async def test_begin_shutdown_interrupts_running_work_and_refuses_the_backlog(tm
         queue_size=300,
     )
     await database.open()
-    await database.execute(_write("CREATE TABLE t(x)"), q.Flags())
-    running = asyncio.create_task(database.query(_query(ENDLESS), client="a"))
-    writing = asyncio.create_task(database.execute(_write(ENDLESS_WRITE), q.Flags()))
+    await execute(database, _write("CREATE TABLE t(x)"), q.Flags())
+    running = asyncio.create_task(query(database, _query(ENDLESS), client="a"))
+    writing = asyncio.create_task(execute(database, _write(ENDLESS_WRITE), q.Flags()))
     await wait_for(
         lambda: database.snapshot()["reads_running"] == 1 and database.snapshot()["write_running"] == 1,
         "the endless read and write to run",
     )
     # A backlog: 250 reads of one client (above its cap of one reader) and 40 writes.
-    queued = [asyncio.create_task(database.query(_query("SELECT 1"), client="a")) for _ in range(150)]
+    queued = [asyncio.create_task(query(database, _query("SELECT 1"), client="a")) for _ in range(150)]
     queued += [
-        asyncio.create_task(database.execute(_write("INSERT INTO t VALUES(1)"), q.Flags())) for _ in range(40)
+        asyncio.create_task(execute(database, _write("INSERT INTO t VALUES(1)"), q.Flags())) for _ in range(40)
     ]
     await wait_for(lambda: database.snapshot()["reads_waiting"] == 150, "the reads to queue")
     assert database.snapshot()["writes_queued"] == 41  # the running one stays listed until it ends
@@ -71,7 +72,7 @@ async def test_begin_shutdown_interrupts_running_work_and_refuses_the_backlog(tm
     # Nothing queued ran: the table holds no row from the 40 queued inserts.
     await database.open()
     try:
-        assert (await database.query(_query("SELECT count(*) FROM t")))[0]["values"] == [[0]]
+        assert (await query(database, _query("SELECT count(*) FROM t")))[0]["values"] == [[0]]
     finally:
         await database.close()
 
@@ -82,7 +83,7 @@ async def test_a_closed_database_can_be_opened_again(tmp_path):
     await database.close()
     await database.open()
     try:
-        assert (await database.query(_query("SELECT 42")))[0]["values"] == [[42]]
+        assert (await query(database, _query("SELECT 42")))[0]["values"] == [[42]]
     finally:
         await database.close()
 
@@ -104,15 +105,15 @@ def test_shutdown_answers_every_backlog(tmp_path_factory, reads, writes, clients
             queue_size=200,
         )
         await database.open()
-        await database.execute(_write("CREATE TABLE t(x)"), q.Flags())
+        await execute(database, _write("CREATE TABLE t(x)"), q.Flags())
         tasks = [
-            asyncio.create_task(database.query(_query(ENDLESS), client=str(i % clients)))
+            asyncio.create_task(query(database, _query(ENDLESS), client=str(i % clients)))
             for i in range(reads)
         ]
         if runaway_write:
-            tasks.append(asyncio.create_task(database.execute(_write(ENDLESS_WRITE), q.Flags())))
+            tasks.append(asyncio.create_task(execute(database, _write(ENDLESS_WRITE), q.Flags())))
         tasks += [
-            asyncio.create_task(database.execute(_write("INSERT INTO t VALUES(1)"), q.Flags()))
+            asyncio.create_task(execute(database, _write("INSERT INTO t VALUES(1)"), q.Flags()))
             for _ in range(writes)
         ]
         await asyncio.sleep(0)  # let every request reach the database

@@ -10,6 +10,7 @@ import pytest
 from node import errors
 from node.core import sqlreq as q
 from node.storage.sqlite import Database, Limits, State
+from tests.support.dbapi import query
 
 
 async def test_data_calls_wait_for_the_check(tmp_path, monkeypatch):
@@ -30,13 +31,13 @@ async def test_data_calls_wait_for_the_check(tmp_path, monkeypatch):
                 break
             await asyncio.sleep(0.01)
         with pytest.raises(errors.DatabaseChecking) as info:
-            await database.query(q.DbRequest((q.Statement("SELECT 1"),), q.Flags()))
+            await query(database, q.DbRequest((q.Statement("SELECT 1"),), q.Flags()))
         assert info.value.status == 503 and info.value.body()["code"] == "database_checking"
         assert not database.is_open
         gate.set()
         await asyncio.wait_for(starting, 30)
         assert database.is_open
-        assert (await database.query(q.DbRequest((q.Statement("SELECT 1"),), q.Flags())))[0]["values"] == [
+        assert (await query(database, q.DbRequest((q.Statement("SELECT 1"),), q.Flags())))[0]["values"] == [
             [1]
         ]
     finally:

@@ -1,0 +1,118 @@
+"""SQL dumps split into statements: streamed from a file in chunks, in time linear in the text.
+
+Pure text work (no database): the writer thread runs it while loading a dump, never the event loop.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+
+from node import errors
+
+# Bytes of a dump read at a time when splitting it into statements.
+DUMP_CHUNK_CHARS = 1 << 20
+
+
+def dump_statements(source: Path, max_statement_chars: int) -> Iterator[str]:
+    """The complete statements of a dump file, read in chunks (never the whole text in memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    splitter = StatementSplitter(max_statement_chars)
+    with open(source, "rb") as f:
+        while True:
+            raw = f.read(DUMP_CHUNK_CHARS)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError:
+                raise errors.BadRequest("the dump is not UTF-8 text") from None
+            if "\x00" in text:
+                raise errors.BadRequest("the dump contains a NUL character")
+            yield from splitter.feed(text)
+            if not raw:
+                break
+    yield from splitter.finish()
+
+
+_STOPS = re.compile(r"[;'\"`\[]|--|/\*")
+_CLOSERS = {"'": "'", '"': '"', "`": "`", "[": "]", "--": "\n", "/*": "*/"}
+_TRIGGER_START = re.compile(r"\s*CREATE\s+(?:TEMP\s+|TEMPORARY\s+)?TRIGGER\b", re.IGNORECASE)
+_ENDS_WITH_END = re.compile(r"\bEND\s*;$", re.IGNORECASE)
+# A trigger candidate longer than this is tested with apsw.complete only when it ends with END;.
+_TRIGGER_PROBE_CHARS = 1 << 16
+
+
+class StatementSplitter:
+    """Split SQL text fed in pieces into complete statements, in time linear in the text.
+
+    Quotes, identifiers and comments are skipped by a small scanner (a ``;`` inside them never costs a
+    check); at a ``;`` outside them SQLite's own ``apsw.complete`` decides (it knows trigger bodies). A
+    statement longer than ``max_chars`` is a 400 rather than an ever-growing buffer.
+    """
+
+    def __init__(self, max_chars: int = 1 << 30) -> None:
+        self._text = ""
+        self._start = 0
+        self._pos = 0
+        self._close: str | None = None
+        self._max = max_chars
+
+    def feed(self, chunk: str) -> list[str]:
+        text = self._text = self._text[self._start :] + chunk
+        self._pos -= self._start
+        self._start = 0
+        out: list[str] = []
+        while True:
+            if self._close is not None:
+                end = text.find(self._close, self._pos)
+                if end < 0:
+                    self._pos = max(self._pos, len(text) - len(self._close) + 1)
+                    break
+                self._pos = end + len(self._close)
+                self._close = None
+                continue
+            match = _STOPS.search(text, self._pos)
+            if match is None:
+                # A trailing '-' or '/' may start a comment that the next piece completes.
+                self._pos = max(self._pos, len(text) - 1 if text.endswith(("-", "/")) else len(text))
+                break
+            token = match.group()
+            self._pos = match.end()
+            if token != ";":
+                self._close = _CLOSERS[token]
+                continue
+            candidate = text[self._start : self._pos]
+            if len(candidate) > self._max:
+                break  # refused below
+            if _complete(candidate):
+                if candidate.strip(" \t\r\n;"):
+                    out.append(candidate)
+                self._start = self._pos
+        if len(text) - self._start > self._max:
+            raise errors.BadRequest(f"a statement of the dump is longer than {self._max} characters")
+        return out
+
+    def finish(self) -> list[str]:
+        tail = self._text[self._start :]
+        self._text, self._start, self._pos, self._close = "", 0, 0, None
+        return [tail] if tail.strip() else []
+
+
+def _complete(candidate: str) -> bool:
+    if (
+        len(candidate) > _TRIGGER_PROBE_CHARS
+        and _TRIGGER_START.match(candidate)
+        and not _ENDS_WITH_END.search(candidate)
+    ):
+        return False
+    return apsw.complete(candidate)
+
+
+def split_sql(script: str) -> Iterator[str]:
+    """Split a script into complete statements (semicolons inside literals and triggers stay put)."""
+    splitter = StatementSplitter()
+    yield from splitter.feed(script)
+    yield from splitter.finish()

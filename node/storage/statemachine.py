@@ -1,0 +1,350 @@
+"""The state machine: apply log entries of write commands to SQLite, each entry exactly once.
+
+``apply`` takes entries ``(index, commands)`` in log order and runs them in ONE SQLite transaction (group
+apply: many clients' commands share one commit, hence one fsync), and records the highest applied index in
+the same transaction (table ``_talentnest_state``). So after a crash either the entry's effects and its
+index are both stored or neither is, and an entry whose index is at or below the recorded one is skipped
+(its result is ``None``): applying twice is impossible, whatever replays it.
+
+Inside the transaction every command has a savepoint, and so does every statement of a command without the
+``transaction`` flag, so one client's failing statement never undoes another client's work:
+
+* a command with ``transaction``: its statements run until the first error; on an error (or when a deferred
+  foreign key is still violated at its end, which a COMMIT would have refused) the command's savepoint is
+  rolled back and each of its statements answers "rolled back"/"not run", as rqlite does for a transaction;
+* a command without: each statement is on its own, as if it committed by itself; a deferred foreign key
+  left violated by the statement fails it ("FOREIGN KEY constraint failed", what its own COMMIT would say).
+
+Some errors make SQLite roll back the whole transaction, not just a statement: an interrupt (the write step
+budget, counted by the progress handler), ``INSERT OR ROLLBACK``/``RAISE(ROLLBACK)``, a full disk or an I/O
+error. Then the whole group is run again from the start with that statement's outcome fixed in advance
+(it is not executed again): the commands before it are deterministic (same seed, same time, same data), so
+they give the same results, and the statement's own outcome is the one it had. At most one retry per
+statement of the group, so the loop is bounded. Only a shutdown interrupts a write by the clock: the whole
+group then fails (503) and its index is NOT recorded.
+
+Results are raw (:mod:`node.storage.results`); the HTTP layer renders them.
+
+**Request IDs (at-most-once).** A command may carry the client (a hash of its credential) and a request ID.
+The first command with that pair is applied and its results are stored in ``_talentnest_requests`` in the
+same transaction; a later command with the same pair (a retry after an unknown outcome, or a concurrent
+duplicate) is not applied again and answers the stored results, with the index that applied it. A command
+whose statements differ from the stored one answers an error per statement instead. What is kept is
+bounded by count, not by time (replicas must agree without clocks): the last ``REQUEST_ID_WINDOW`` IDs in
+apply order. Results larger than ``MAX_KEPT_RESULT_BYTES`` are kept without their rows.
+
+**Durability: the synchronous switch.** ``SYNCHRONOUS`` is the one place that decides how SQLite syncs.
+Today the database is the durable record of a write, so it is ``FULL``: each group's COMMIT fsyncs the WAL
+before any result exists. When the replicated log lands (``node/storage/log.py``), the log becomes the
+durable record (one fsync per batch there, before the entry counts as committed) and applying may use
+``NORMAL``: a crash can then lose the last applied transactions of the WAL, but never their index without
+their effects (both are in the same transaction), so the node re-applies them from the log on restart.
+
+Internal tables (``_talentnest_*``) are created by the first write, so an empty database stays empty. User
+SQL cannot read or change them (the authorizer refuses it); a dump that contains them has those
+statements skipped on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from node.core.sqlreq import Statement, WriteCommand
+from node.storage import results as r
+
+# How SQLite syncs each commit. FULL while the database is the durable record (see the module docstring).
+SYNCHRONOUS = "FULL"
+# Request IDs remembered, in apply order (older ones are forgotten: a retry later than that applies again).
+REQUEST_ID_WINDOW = 10_000
+# Encoded results kept per request ID; beyond it rows are dropped (the statement answers an explanation).
+MAX_KEPT_RESULT_BYTES = 64 << 10
+# Longest request ID accepted.
+MAX_REQUEST_ID_CHARS = 128
+
+INTERNAL_PREFIX = "_talentnest_"
+STATE_TABLE = INTERNAL_PREFIX + "state"
+REQUESTS_TABLE = INTERNAL_PREFIX + "requests"
+APPLIED_KEY = "applied_index"
+SCHEMA = (
+    f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    f"CREATE TABLE IF NOT EXISTS {REQUESTS_TABLE} (client TEXT NOT NULL, request_id TEXT NOT NULL, "
+    "idx INTEGER NOT NULL, seq INTEGER NOT NULL, digest BLOB NOT NULL, results BLOB NOT NULL, "
+    "PRIMARY KEY (client, request_id)) WITHOUT ROWID",
+    f"CREATE INDEX IF NOT EXISTS {REQUESTS_TABLE}_seq ON {REQUESTS_TABLE}(seq)",
+)  # WITHOUT ROWID: writing them never moves last_insert_rowid, which clients see.
+
+
+class Mode:
+    EXECUTE = "execute"  # /db/execute: every statement answers as a write
+    REQUEST = "request"  # /db/request: row-returning statements answer with rows
+    QUERY = "query"  # /db/query: read-only, rows
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One client's write as a log entry carries it: the stamped statements and who asked, under which ID."""
+
+    write: WriteCommand
+    unified: bool = False  # /db/request rather than /db/execute
+    client: str = ""
+    request_id: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return Mode.REQUEST if self.unified else Mode.EXECUTE
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    index: int
+    commands: tuple[Command, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A command's outcome: its results and the index that applied it (an earlier one for a duplicate)."""
+
+    results: tuple[r.StatementResult, ...]
+    index: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    """A statement's outcome fixed after it made SQLite drop the whole transaction (see the docstring)."""
+
+    result: r.StatementResult
+    stops: bool  # the rest of its command does not run (the step budget was exceeded)
+
+
+class Ops(Protocol):
+    """What applying needs from the write connection (implemented by the database's writer thread)."""
+
+    def internal(self, sql: str, params: tuple = ()) -> list[tuple]: ...
+    def message(self, exc: BaseException) -> str: ...
+    def in_transaction(self) -> bool: ...
+    def deferred_fk_pending(self) -> bool: ...
+    def start_command(self, write: WriteCommand) -> None: ...
+    def over_budget(self) -> bool: ...
+    def run(self, mode: str, statement: Statement) -> r.StatementResult: ...
+
+
+def digest(command: Command) -> bytes:
+    """What a request ID stands for: the same ID with other statements is another request (refused)."""
+    h = hashlib.sha256()
+    h.update(b"t" if command.write.transaction else b"f")
+    h.update(b"u" if command.unified else b"e")
+    for statement in command.write.statements:
+        h.update(statement.sql.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+        h.update(repr(statement.params if not hasattr(statement.params, "items") else sorted(
+            statement.params.items())).encode("utf-8", "surrogatepass"))  # fmt: skip
+        h.update(b"\x01")
+    return h.digest()
+
+
+def applied_index(ops: Ops) -> int:
+    tables = ops.internal("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (STATE_TABLE,))
+    if not tables:
+        return 0
+    rows = ops.internal(f"SELECT value FROM {STATE_TABLE} WHERE key = ?", (APPLIED_KEY,))
+    return int(rows[0][0]) if rows else 0
+
+
+def ensure_schema(ops: Ops) -> None:
+    for sql in SCHEMA:
+        ops.internal(sql)
+
+
+def set_applied(ops: Ops, index: int) -> None:
+    ops.internal(f"INSERT OR REPLACE INTO {STATE_TABLE}(key, value) VALUES(?, ?)", (APPLIED_KEY, index))
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """What one apply did: per entry its commands' outcomes (None: already applied before, skipped)."""
+
+    outcomes: tuple[tuple[Applied, ...] | None, ...]
+    committed: bool  # False: the COMMIT failed, nothing was applied, every result says so
+    commit_error: Exception | None = None
+
+
+def apply(ops: Ops, entries: Sequence[Entry]) -> Group:
+    """Apply ``entries`` (in log order) in one transaction.
+
+    Entries at or below the applied index are skipped here, inside the transaction, so the check and the
+    write cannot be separated. When the COMMIT itself fails nothing was applied and every statement's
+    result says it was rolled back; an exception from ``ops`` (shutdown) propagates, nothing applied.
+    """
+    fixed: dict[tuple[int, int, int], Fixed] = {}
+    bound = 2 + sum(len(c.write.statements) for e in entries for c in e.commands)
+    for _ in range(bound):
+        try:
+            return _attempt(ops, entries, fixed)
+        except _Lost as lost:
+            if lost.where in fixed:  # cannot happen: a fixed statement does not run again
+                break
+            fixed[lost.where] = lost.fixed
+    raise RuntimeError("the transaction was rolled back more times than it has statements")
+
+
+class _Lost(Exception):
+    """A statement's error rolled back the whole transaction; the group runs again with it fixed."""
+
+    def __init__(self, where: tuple[int, int, int], fixed: Fixed) -> None:
+        super().__init__()
+        self.where = where
+        self.fixed = fixed
+
+
+def _attempt(
+    ops: Ops, entries: Sequence[Entry], fixed: dict[tuple[int, int, int], Fixed]
+) -> list[list[Applied] | None]:
+    ops.internal("BEGIN IMMEDIATE")
+    try:
+        ensure_schema(ops)
+        applied = applied_index(ops)
+        out: list[list[Applied] | None] = []
+        seq = ops.internal(f"SELECT max(seq) FROM {REQUESTS_TABLE}")[0][0] or 0
+        for e, entry in enumerate(entries):
+            if entry.index <= applied:
+                out.append(None)
+                continue
+            outcomes = []
+            for c, command in enumerate(entry.commands):
+                applied_one, recorded = _command(ops, command, entry.index, seq, (e, c), fixed)
+                seq += recorded
+                outcomes.append(applied_one)
+            applied = entry.index
+            out.append(outcomes)
+        if seq > REQUEST_ID_WINDOW:
+            ops.internal(f"DELETE FROM {REQUESTS_TABLE} WHERE seq <= ?", (seq - REQUEST_ID_WINDOW,))
+        set_applied(ops, applied)
+        try:
+            ops.internal("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - a failed COMMIT is every command's answer
+            why = f"COMMIT failed: {ops.message(exc)}"
+            failed_outcomes = tuple(
+                None if entry_out is None else tuple(
+                    a if a.duplicate else Applied(
+                        tuple(r.rolled_back(list(a.results), len(a.results), why)), a.index
+                    )
+                    for a in entry_out
+                )
+                for entry_out in out
+            )  # fmt: skip
+            return Group(failed_outcomes, False, exc)
+        return Group(tuple(None if o is None else tuple(o) for o in out), True)
+    finally:
+        if ops.in_transaction():
+            ops.internal("ROLLBACK")
+
+
+def _command(
+    ops: Ops, command: Command, index: int, seq: int, where: tuple[int, int], fixed: dict
+) -> tuple[Applied, int]:
+    """One command under its savepoint. Returns its outcome and how many request IDs it recorded (0/1)."""
+    key = (command.client, command.request_id)
+    want = digest(command) if command.request_id is not None else b""
+    if command.request_id is not None:
+        rows = ops.internal(
+            f"SELECT idx, digest, results FROM {REQUESTS_TABLE} WHERE client = ? AND request_id = ?", key
+        )
+        if rows:
+            idx, stored_digest, data = rows[0]
+            if bytes(stored_digest) != want:
+                why = f"request id {command.request_id!r} was already used for a different request"
+                return Applied(tuple(r.failed(why) for _ in command.write.statements), idx, True), 0
+            return Applied(tuple(r.decode_results(bytes(data))), idx, True), 0
+    ops.internal("SAVEPOINT tn_command")
+    ops.start_command(command.write)
+    statements = command.write.statements
+    if command.write.transaction:
+        results = _transaction(ops, command, where, fixed)
+    else:
+        results = _autocommit(ops, command, where, fixed)
+    ops.internal("RELEASE tn_command")
+    if command.request_id is None:
+        return Applied(tuple(results), index), 0
+    assert len(results) == len(statements)
+    data = r.encode_results(results)
+    if len(data) > MAX_KEPT_RESULT_BYTES:
+        data = r.encode_results([_without_rows(x) for x in results])
+    ops.internal(
+        f"INSERT INTO {REQUESTS_TABLE}(client, request_id, idx, seq, digest, results) "
+        "VALUES(?, ?, ?, ?, ?, ?)",
+        (*key, index, seq + 1, want, data),
+    )
+    return Applied(tuple(results), index), 1
+
+
+def _without_rows(result: r.StatementResult) -> r.StatementResult:
+    if result.columns is None or not result.rows:
+        return result
+    return r.StatementResult(
+        r.Status.DONE,
+        f"the write was applied once; its rows were larger than {MAX_KEPT_RESULT_BYTES} bytes and are not "
+        "kept for retries",
+    )
+
+
+def _run(
+    ops: Ops, mode: str, statement: Statement, where: tuple[int, int, int], fixed: dict
+) -> tuple[r.StatementResult, bool]:
+    """A statement's result and whether it stops its command (budget); raises _Lost if it lost the group."""
+    known = fixed.get(where)
+    if known is not None:
+        return known.result, known.stops
+    result = ops.run(mode, statement)
+    stops = result.error is not None and ops.over_budget()
+    if result.error is not None and not ops.in_transaction():
+        raise _Lost(where, Fixed(result, stops))
+    return result, stops
+
+
+def _transaction(ops: Ops, command: Command, where: tuple[int, int], fixed: dict) -> list[r.StatementResult]:
+    results: list[r.StatementResult] = []
+    failure: str | None = None
+    statements = command.write.statements
+    for number, statement in enumerate(statements, 1):
+        result, _ = _run(ops, command.mode, statement, (*where, number), fixed)
+        results.append(result)
+        if result.error is not None:
+            # rqlite: processing stops at the first error and the transaction is rolled back whole.
+            failure = f"statement {number} failed: {result.error}"
+            break
+    if failure is None and ops.deferred_fk_pending():
+        failure = "COMMIT failed: FOREIGN KEY constraint failed"
+    if failure is None:
+        return results
+    ops.internal("ROLLBACK TO tn_command")
+    return r.rolled_back(results, len(statements), failure)
+
+
+def _autocommit(ops: Ops, command: Command, where: tuple[int, int], fixed: dict) -> list[r.StatementResult]:
+    results: list[r.StatementResult] = []
+    stopped: str | None = None
+    for number, statement in enumerate(command.write.statements, 1):
+        if stopped is not None:
+            results.append(r.not_run(stopped))
+            continue
+        ops.internal("SAVEPOINT tn_statement")
+        result, stops = _run(ops, command.mode, statement, (*where, number), fixed)
+        if result.error is None and ops.deferred_fk_pending():
+            # What this statement's own COMMIT would have answered; its changes are undone below.
+            result = r.failed("FOREIGN KEY constraint failed", time_s=result.time_s)
+        if result.error is not None:
+            ops.internal("ROLLBACK TO tn_statement")
+        ops.internal("RELEASE tn_statement")
+        results.append(result)
+        if stops:
+            stopped = result.error
+    return results
+
+
+def valid_request_id(text: str) -> bool:
+    """1 to MAX_REQUEST_ID_CHARS printable ASCII characters (no spaces): safe to store, log and compare."""
+    return 0 < len(text) <= MAX_REQUEST_ID_CHARS and all("!" <= ch <= "~" for ch in text)
