@@ -51,5 +51,16 @@ stop_and_remove() {
   say "docker stop ${present[*]}"
   "$DOCKER" stop "${present[@]}" >/dev/null
   say "docker rm -v ${present[*]}"
-  "$DOCKER" rm -v "${present[@]}" >/dev/null  # -v: with the anonymous /data volume each node got
+  "$DOCKER" rm -v "${present[@]}" >/dev/null  # -v: anonymous volumes only; a node's named data volume stays
+}
+
+# Remove the named data volumes of the given containers (${name}-data) that exist. Their data is gone.
+remove_data_volumes() {
+  local volumes=() name
+  for name in "$@"; do
+    "$DOCKER" volume inspect "$name-data" >/dev/null 2>&1 && volumes+=("$name-data")
+  done
+  ((${#volumes[@]})) || return 0
+  say "docker volume rm ${volumes[*]}"
+  "$DOCKER" volume rm "${volumes[@]}" >/dev/null
 }
