@@ -166,6 +166,7 @@ class RepSim:
         node = self.nodes[name]
         node.state = None
         node.view = None
+        self.update_views()  # failure detection is instant here; its real delay is the membership layer's
 
     def restart(self, name: str) -> None:
         node = self.nodes[name]

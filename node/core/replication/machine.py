@@ -134,6 +134,7 @@ class State:
     handover_retry_s: float = NEVER  # after an abandoned handover, none before this time
     takeover_sent_s: float = NEVER
     writable: bool = False
+    departing: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # identity -> until
 
     @property
     def config(self) -> Config:
@@ -235,6 +236,7 @@ class _Step:
         for name in State.__dataclass_fields__:
             setattr(self, name, getattr(st, name))
         self.progress = dict(st.progress)
+        self.departing = dict(st.departing)
         self.log = list(st.log)
         self.dirty: int | None = None  # lowest log index changed in this step
         self.out_messages: list[Send] = []
@@ -328,8 +330,12 @@ class _Step:
     def node_id(self, who: str) -> int:
         return self.view.get(who, -1)
 
+    def healthy(self, who: str) -> bool:
+        """In the view and not shutting down (a leaving leader told us so in its TakeOver)."""
+        return who in self.view and who not in self.departing
+
     def highest_healthy_voter(self) -> str | None:
-        voters = [v for v in self.config.voters if v in self.view or v == self.me]
+        voters = [v for v in self.config.voters if self.healthy(v) or v == self.me]
         return max(voters, key=lambda v: (self.node_id(v), v)) if voters else None
 
     def reachable_voters(self) -> int:
@@ -421,6 +427,8 @@ class _Step:
         elif isinstance(m, FetchReply):
             self.on_fetch_reply(sender, m)
         elif isinstance(m, TakeOver):
+            if m.leaving:
+                self.departing[sender] = self.now + 10 * self.o.lease_s
             if sender == self.leader and self.role == FOLLOWER and self.me in self.config.voters:
                 if not self.stopping and self.campaign is None:
                     self.fact("takeover_requested", epoch=m.epoch, by=sender)
@@ -729,6 +737,9 @@ class _Step:
         self.heartbeat_sent_s = self.now
 
     def maintain(self) -> None:
+        for who, until_s in list(self.departing.items()):
+            if until_s <= self.now or who not in self.view:
+                del self.departing[who]
         if self.role == LEADER:
             self.maintain_leader()
         else:
@@ -802,7 +813,7 @@ class _Step:
         cfg = self.config
         answering = [
             v for v in cfg.voters
-            if v != self.me and v in self.view and v in self.progress
+            if v != self.me and self.healthy(v) and v in self.progress
             and now - self.progress[v].last_ack_s <= o.lease_s
         ]
         target = None
@@ -825,7 +836,7 @@ class _Step:
             return
         p = self.progress[self.handover_to]
         if p.match == self.last_index and now - self.takeover_sent_s >= o.heartbeat_s:
-            self.send(self.handover_to, TakeOver(self.hard.epoch))
+            self.send(self.handover_to, TakeOver(self.hard.epoch, leaving=self.stopping))
             self.takeover_sent_s = now
 
     def maintain_membership(self) -> None:
@@ -903,6 +914,7 @@ class _Step:
         values = {name: getattr(self, name) for name in State.__dataclass_fields__}
         values["log"] = tuple(self.log)
         values["progress"] = MappingProxyType(self.progress)
+        values["departing"] = MappingProxyType(self.departing)
         new = State(**values)
         ready = Ready(
             hard_state=self.hard if self.hard != st.hard else None,

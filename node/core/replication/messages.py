@@ -180,9 +180,11 @@ class FetchReply:
 
 @dataclass(frozen=True, slots=True)
 class TakeOver:
-    """Planned handover: the leader of ``epoch`` has brought the receiver up to date; take over at once."""
+    """Planned handover: the leader of ``epoch`` has brought the receiver up to date; take over at once.
+    ``leaving``: the sender is shutting down, so the successor must not hand the lead back to it."""
 
     epoch: int
+    leaving: bool = False
 
 
 Message = (
