@@ -130,6 +130,7 @@ class RepSim:
         duplicate: float = 0.0,
         delay_s: tuple[float, float] = (0.001, 0.004),
         tick_s: float = 0.005,
+        view_lag_s: float = 0.0,
     ) -> None:
         self.rng = random.Random(seed)
         self.options = options or machine.Options()
@@ -142,10 +143,15 @@ class RepSim:
         self.steps = 0
         self.delivered = 0
         self.auto_view = True
+        # 0: views follow links and crashes at once. Else each node refreshes its view every ~view_lag_s
+        # (random phase), like failure detection does: a partitioned leader keeps accepting for a while.
+        self.view_lag_s = view_lag_s
+        self.next_view_s: dict[str, float] = {}
         self.inv = Invariants()
         self.nodes: dict[str, SimNode] = {}
         self.ids: dict[str, int] = {}
         self.accepted: dict[str, SubmitAccepted] = {}
+        self.repairs: list[tuple[float, str, str, str]] = []  # (due, "restart" | "crash" | "heal", a, b)
         names = [f"node-{i}" for i in range(1, voters + 1)]
         for i, name in enumerate(names, start=1):
             state, ready = machine.bootstrap(name, frozenset(names), self.options)
@@ -237,10 +243,15 @@ class RepSim:
             node.view = dict(healthy)
             self.input(name, ViewChanged(dict(healthy)))
 
-    def update_views(self) -> None:
-        if self.auto_view:
-            for name in list(self.nodes):
-                self._give_view(name, self.computed_view(name))
+    def update_views(self, periodic: bool = False) -> None:
+        if not self.auto_view or (self.view_lag_s and not periodic):
+            return
+        for name in list(self.nodes):
+            if self.view_lag_s:
+                if self.now < self.next_view_s.get(name, 0.0):
+                    continue
+                self.next_view_s[name] = self.now + self.rng.uniform(0.5, 1.5) * self.view_lag_s
+            self._give_view(name, self.computed_view(name))
 
     def change_id(self, name: str, node_id: int) -> None:
         """The node came back on another address: same identity, new numeric ID."""
@@ -310,7 +321,7 @@ class RepSim:
     def tick(self) -> None:
         self.now = round(self.now + self.tick_s, 9)
         self.deliver_due()
-        self.update_views()
+        self.update_views(periodic=True)
         for name in list(self.nodes):
             self.input(name, Tick())
 
@@ -386,37 +397,53 @@ class RepSim:
 
     # ---- random fault schedules
 
-    def random_fault(self, p_fault: float = 0.02) -> None:
-        """One step of a random schedule: maybe a fault or repair, maybe client traffic, then a tick."""
+    def random_fault(self, p_fault: float = 0.02, max_fault_s: float = 2.0) -> None:
+        """One tick of a random schedule. With probability ``p_fault`` a fault starts (crash, two-way or
+        one-way cut, isolation, an ID change, a stop); each fault is repaired after a random 0.1 s to
+        ``max_fault_s`` (restart, heal that link), so faults overlap and sometimes a majority is down.
+        A fifth of the ticks carry a batch of writes to a random live node, some a linearizable read."""
         rng = self.rng
         names = sorted(self.nodes)
-        if rng.random() < p_fault:
-            action = rng.choice(["crash", "restart", "cut", "cut1", "heal", "isolate", "id", "stop"])
-            a, b = rng.sample(names, 2)
-            if action == "crash" and self.nodes[a].alive:
+        for due in [r for r in self.repairs if r[0] <= self.now]:
+            self.repairs.remove(due)
+            _, kind, a, b = due
+            if kind == "restart" and not self.nodes[a].alive:
+                self.restart(a)
+            elif kind == "crash" and self.nodes[a].alive:
                 self.crash(a)
-            elif action == "restart":
-                for n in names:
-                    if not self.nodes[n].alive:
-                        self.restart(n)
-                        break
+            elif kind == "heal":
+                self.cuts.discard((a, b))
+                self.update_views()
+        if rng.random() < p_fault:
+            action = rng.choice(["crash", "crash", "cut", "cut1", "cut1", "isolate", "id", "stop"])
+            a, b = rng.sample(names, 2)
+            until = self.now + rng.uniform(0.1, max_fault_s)
+            if action in ("crash", "stop") and self.nodes[a].alive:
+                if action == "stop":  # a stopping node exits a little later, as the real one does
+                    self.stop(a)
+                    self.repairs.append((self.now + 0.3, "crash", a, a))
+                    until += 0.3
+                else:
+                    self.crash(a)
+                self.repairs.append((until, "restart", a, a))
             elif action == "cut":
                 self.cut(a, b, both=True)
+                self.repairs += [(until, "heal", a, b), (until, "heal", b, a)]
             elif action == "cut1":
                 self.cut(a, b)
-            elif action == "heal":
-                self.heal()
+                self.repairs.append((until, "heal", a, b))
             elif action == "isolate":
                 self.isolate(a)
+                self.repairs += [(until, "heal", a, o) for o in names if o != a]
+                self.repairs += [(until, "heal", o, a) for o in names if o != a]
             elif action == "id":
                 self.change_id(a, rng.randint(1, 2 * len(names)))
-            elif action == "stop" and self.nodes[a].alive:
-                self.stop(a)
         if rng.random() < 0.2:
             alive = self.alive()
             if alive:
                 target = rng.choice(alive)
-                batch = tuple((f"w{self.counter}-{k}", f"v{self.counter}-{k}".encode()) for k in range(rng.randint(1, 3)))
+                count = rng.randint(1, 3)
+                batch = tuple((f"w{self.counter}-{k}", f"v{self.counter}-{k}".encode()) for k in range(count))
                 self.counter += 1
                 self.input(target, Submit(batch))
         if rng.random() < 0.05:
@@ -428,6 +455,8 @@ class RepSim:
 
     def repair(self) -> None:
         """End of a schedule: every node up, every link healed, no stopping flags (restart stopped nodes)."""
+        self.repairs.clear()
+        self.view_lag_s = 0.0
         self.heal()
         for name, node in self.nodes.items():
             if node.alive and node.state.stopping:
