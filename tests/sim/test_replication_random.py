@@ -78,8 +78,10 @@ def test_simulation_speed_is_reported(capsys):
         sim.random_fault(p_fault=0.01)
     elapsed = time.perf_counter() - started
     with capsys.disabled():
-        print(f"\nrepsim: {sim.steps} core steps, {sim.delivered} messages in {elapsed:.2f} s "
-              f"= {sim.steps / elapsed:.0f} steps/s")
+        print(
+            f"\nrepsim: {sim.steps} core steps, {sim.delivered} messages in {elapsed:.2f} s "
+            f"= {sim.steps / elapsed:.0f} steps/s"
+        )
     assert sim.steps > 2000
 
 
@@ -199,6 +201,19 @@ def test_check_applied_must_equal_committed_prefix_fails():
     with pytest.raises(InvariantViolated, match="applied index 2 at position 1"):
         inv.check_applied("b", [cmd(1, 2)], 0)
     inv.check_applied("b", [cmd(1, 1), cmd(1, 2)], 0)
+
+
+def test_check_send_before_persist_fails():
+    from node.core.replication.messages import Append, AppendAck, HardState, LogId, Promise, Send
+
+    inv = Invariants()
+    with pytest.raises(InvariantViolated, match="Promise of epoch 2, durable 1"):
+        inv.check_sends("a", HardState(epoch=1), [], [Send("b", Promise(2, LogId(0, 0)))])
+    with pytest.raises(InvariantViolated, match="Append of epoch 1, durable 0"):
+        inv.check_sends("a", None, [], [Send("b", Append(1, LogId(0, 0), (), 0, 0))])
+    with pytest.raises(InvariantViolated, match="acknowledged 2 with 1 entries"):
+        inv.check_sends("a", HardState(epoch=1), [cmd(1, 1)], [Send("b", AppendAck(1, 2, 0))])
+    inv.check_sends("a", HardState(epoch=2), [cmd(1, 1)], [Send("b", AppendAck(2, 1, 0))])
 
 
 # --- the simulation catches a broken rule -----------------------------------------------------------------

@@ -15,9 +15,7 @@ from tests.support.repsim import RepSim
 
 
 def committed_everywhere(sim: RepSim, payloads: list[bytes]) -> bool:
-    return all(
-        all(p in sim.applied_commands(n) for p in payloads) for n in sim.alive()
-    )
+    return all(all(p in sim.applied_commands(n) for p in payloads) for n in sim.alive())
 
 
 def converged(sim: RepSim) -> bool:

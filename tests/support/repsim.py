@@ -22,16 +22,19 @@ from dataclasses import dataclass, field
 
 from node.core.replication import machine
 from node.core.replication.messages import (
+    AppendAck,
     Entry,
     HardState,
     Kind,
     LogId,
     LogRead,
+    Prepare,
     Read,
     ReadConfirmed,
     ReadRejected,
     Ready,
     Receive,
+    Refuse,
     Reply,
     Stop,
     Submit,
@@ -104,6 +107,20 @@ class Invariants:
     def check_truncate(self, node: str, truncate_from: int) -> None:
         if truncate_from <= self.checked_commit.get(node, 0):
             raise InvariantViolated(f"{node} truncates from {truncate_from}, below its commit")
+
+    def check_sends(self, node: str, hard: HardState | None, log: list[Entry], messages) -> None:
+        """Persist before send: no message of an epoch leaves before that epoch is durable (a Prepare asks
+        for an epoch and a Refuse answers one, so they are exempt), and an AppendAck never claims entries
+        that are not on disk."""
+        durable_epoch = hard.epoch if hard is not None else 0
+        for send in messages:
+            m = send.message
+            if not isinstance(m, Prepare | Refuse) and m.epoch > durable_epoch:
+                raise InvariantViolated(
+                    f"{node} sent {type(m).__name__} of epoch {m.epoch}, durable {durable_epoch}"
+                )
+            if isinstance(m, AppendAck) and m.match > len(log):
+                raise InvariantViolated(f"{node} acknowledged {m.match} with {len(log)} entries on disk")
 
     def check_writable(self, node: str, log: list[Entry]) -> None:
         for i, entry in self.committed.items():
@@ -181,7 +198,9 @@ class RepSim:
         applied = len(d.applied)
         assert d.log[:applied] == d.applied, "the state machine ran ahead of the log"
         base = LogId(d.applied[-1].epoch, applied) if applied else LogId(0, 0)
-        node.state = machine.restore(name, d.hard or HardState(), base, tuple(d.log[applied:]), applied, self.options)
+        node.state = machine.restore(
+            name, d.hard or HardState(), base, tuple(d.log[applied:]), applied, self.options
+        )
         self.inv.forget_commit(name, applied)
         node.view = None
         self.update_views()
@@ -288,6 +307,7 @@ class RepSim:
         leader_epoch = state.hard.epoch if state.role == machine.LEADER else None
         self.inv.record_commit(name, d.log, state.commit, leader_epoch)
         # 3: send.
+        self.inv.check_sends(name, d.hard, d.log, ready.messages)
         for send in ready.messages:
             self._send(name, send.to, send.message)
         # 5: apply (after the log is durable), checked against the committed entries.

@@ -130,7 +130,7 @@ class State:
     epoch_start: int = 0  # index of this leader's EpochStart entry
     reads: tuple[PendingRead, ...] = ()
     handover_to: str | None = None
-    handover_since_s: float = NEVER
+    handover_since_s: float = NEVER  # when writes stopped for the handover (NEVER: still catching it up)
     handover_retry_s: float = NEVER  # after an abandoned handover, none before this time
     takeover_sent_s: float = NEVER
     writable: bool = False
@@ -164,7 +164,12 @@ def joiner(me: str, options: Options | None = None) -> State:
 
 
 def restore(
-    me: str, hard: HardState, base: LogId, entries: tuple[Entry, ...], applied: int, options: Options | None = None
+    me: str,
+    hard: HardState,
+    base: LogId,
+    entries: tuple[Entry, ...],
+    applied: int,
+    options: Options | None = None,
 ) -> State:
     """Restart from durable state: the hard state, the log above ``base`` (base.index <= applied, the state
     machine's durably applied index) and the applied index. Entries at or below ``applied`` are committed;
@@ -179,7 +184,14 @@ def restore(
     configs += [(e.index, Config.decode(e.payload)) for e in entries if e.kind is Kind.CONFIG]
     hard = replace(hard, configs=tuple(configs))
     return State(
-        me, options or Options(), hard, base, tuple(entries), commit=applied, applied=applied, verified=applied
+        me,
+        options or Options(),
+        hard,
+        base,
+        tuple(entries),
+        commit=applied,
+        applied=applied,
+        verified=applied,
     )
 
 
@@ -274,7 +286,9 @@ class _Step:
         out: list[Entry] = []
         size = 0
         for e in self.log[first - self.base.index - 1 :]:
-            if out and (len(out) >= self.o.max_batch_entries or size + len(e.payload) > self.o.max_batch_bytes):
+            if out and (
+                len(out) >= self.o.max_batch_entries or size + len(e.payload) > self.o.max_batch_bytes
+            ):
                 break
             out.append(e)
             size += len(e.payload)
@@ -297,7 +311,9 @@ class _Step:
         self.log.append(entry)
         self.dirty = entry.index if self.dirty is None else min(self.dirty, entry.index)
         if entry.kind is Kind.CONFIG:
-            self.hard = replace(self.hard, configs=(*self.hard.configs, (entry.index, Config.decode(entry.payload))))
+            self.hard = replace(
+                self.hard, configs=(*self.hard.configs, (entry.index, Config.decode(entry.payload)))
+            )
 
     def merge(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
         """Make our log agree with ``entries`` (contiguous, from a log of the current epoch's leader):
@@ -366,12 +382,15 @@ class _Step:
             for r in self.reads:
                 self.out_replies.append(ReadRejected(r.read_id, "not-leader", f"leadership lost: {reason}"))
         elif self.role == CANDIDATE:
-            self.fact("campaign_abandoned", epoch=self.campaign.epoch if self.campaign else None, reason=reason)
+            self.fact(
+                "campaign_abandoned", epoch=self.campaign.epoch if self.campaign else None, reason=reason
+            )
         self.role = FOLLOWER
         self.campaign = None
         self.progress = {}
         self.reads = ()
         self.handover_to = None
+        self.handover_since_s = NEVER
         self.verified = self.commit
 
     def adopt(self, epoch: int, leader: str | None) -> None:
@@ -503,7 +522,10 @@ class _Step:
         elif isinstance(m, AppendReject):
             if m.rejected > p.match:  # a reject about what is already matched is an old, reordered one
                 p = replace(
-                    p, next=max(p.match + 1, min(m.rejected, m.hint + 1)), inflight=0, probing=True,
+                    p,
+                    next=max(p.match + 1, min(m.rejected, m.hint + 1)),
+                    inflight=0,
+                    probing=True,
                     last_progress_s=self.now,
                 )
         self.progress[sender] = p
@@ -626,6 +648,7 @@ class _Step:
         self.campaign = None
         self.reads = ()
         self.handover_to = None
+        self.handover_since_s = NEVER
         self.handover_retry_s = NEVER
         self.progress = {}
         start = self.last_index + 1
@@ -681,7 +704,7 @@ class _Step:
         reason = self.no_quorum_reason()
         if reason:
             return "no-quorum", reason
-        if self.handover_to is not None or self.stopping:
+        if self.draining or self.stopping:
             return "not-writable", "leadership handover in progress"
         if self.commit < self.epoch_start:
             return "not-writable", "view change in progress"
@@ -699,7 +722,10 @@ class _Step:
         # ReadIndex: the commit index now covers every write acknowledged before the read arrived; a
         # heartbeat round sent after it proves we still lead when a majority answers.
         self.seq += 1
-        self.reads = (*self.reads, *(PendingRead(rid, self.commit, self.seq, self.now) for rid in inp.read_ids))
+        self.reads = (
+            *self.reads,
+            *(PendingRead(rid, self.commit, self.seq, self.now) for rid in inp.read_ids),
+        )
         self.send_heartbeats(new_round=False)
 
     def log_read(self, inp: LogRead) -> None:
@@ -746,8 +772,11 @@ class _Step:
             self.maintain_other()
         self.apply_committed()
         writable = (
-            self.role == LEADER and self.commit >= self.epoch_start and self.handover_to is None
-            and not self.stopping and self.no_quorum_reason() is None
+            self.role == LEADER
+            and self.commit >= self.epoch_start
+            and not self.draining
+            and not self.stopping
+            and self.no_quorum_reason() is None
         )
         if writable != self.writable:
             self.writable = writable
@@ -785,6 +814,10 @@ class _Step:
         if self.writable_now() and self.handover_to is None:
             self.maintain_membership()
 
+    @property
+    def draining(self) -> bool:
+        return self.handover_to is not None and self.handover_since_s != NEVER
+
     def writable_now(self) -> bool:
         return self.commit >= self.epoch_start and not self.stopping and self.no_quorum_reason() is None
 
@@ -794,7 +827,8 @@ class _Step:
         cfg, keep = self.config, []
         for r in self.reads:
             votes = sum(
-                1 for v in cfg.voters
+                1
+                for v in cfg.voters
                 if v == self.me or (v in self.progress and self.progress[v].acked_seq >= r.seq)
             )
             if votes >= quorum(cfg) and self.commit >= self.epoch_start:
@@ -808,12 +842,17 @@ class _Step:
 
     def maintain_handover(self) -> None:
         """Planned handover: a higher-ID voter that is healthy and answering (or any, when stopping) gets
-        the lead. Writes stop first (write_rejection), then it is brought up to date, then TakeOver."""
+        the lead. While it is more than one batch behind, writes go on and it is caught up like any
+        follower; then writes stop (``draining``), it receives the rest, and gets TakeOver. A handover that
+        does not finish within handover_timeout_s of the stop is abandoned (writes resume)."""
         now, o = self.now, self.o
         cfg = self.config
         answering = [
-            v for v in cfg.voters
-            if v != self.me and self.healthy(v) and v in self.progress
+            v
+            for v in cfg.voters
+            if v != self.me
+            and self.healthy(v)
+            and v in self.progress
             and now - self.progress[v].last_ack_s <= o.lease_s
         ]
         target = None
@@ -825,16 +864,21 @@ class _Step:
             if target is not None:
                 self.fact("handover_started", epoch=self.hard.epoch, to=target)
             self.handover_to = target
-            self.handover_since_s = now
+            self.handover_since_s = NEVER
             self.takeover_sent_s = NEVER
         if self.handover_to is None:
             return
+        p = self.progress[self.handover_to]
+        if not self.draining:
+            if p.match < self.last_index - o.max_batch_entries and not self.stopping:
+                return
+            self.handover_since_s = now
         if now - self.handover_since_s > o.handover_timeout_s:
             self.fact("handover_abandoned", epoch=self.hard.epoch, to=self.handover_to)
             self.handover_to = None
+            self.handover_since_s = NEVER
             self.handover_retry_s = now + 4 * o.handover_timeout_s
             return
-        p = self.progress[self.handover_to]
         if p.match == self.last_index and now - self.takeover_sent_s >= o.heartbeat_s:
             self.send(self.handover_to, TakeOver(self.hard.epoch, leaving=self.stopping))
             self.takeover_sent_s = now
@@ -861,7 +905,12 @@ class _Step:
         if change is None:
             for v in sorted(cfg.learners):
                 p = self.progress.get(v)
-                if p is not None and v in self.view and p.match >= self.commit and now - p.last_ack_s <= o.lease_s:
+                if (
+                    p is not None
+                    and v in self.view
+                    and p.match >= self.commit
+                    and now - p.last_ack_s <= o.lease_s
+                ):
                     change, why = Config(cfg.voters | {v}, cfg.learners - {v}), f"learner {v} caught up"
                     break
         if change is None:
@@ -877,8 +926,12 @@ class _Step:
         for peer in set(self.progress) - change.members:
             del self.progress[peer]
         self.fact(
-            "config_proposed", epoch=self.hard.epoch, index=entry.index, reason=why,
-            voters=sorted(change.voters), learners=sorted(change.learners),
+            "config_proposed",
+            epoch=self.hard.epoch,
+            index=entry.index,
+            reason=why,
+            voters=sorted(change.voters),
+            learners=sorted(change.learners),
         )
         for peer in sorted(self.progress):
             self.replicate(peer)

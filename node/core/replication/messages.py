@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 class Kind(enum.Enum):
     COMMAND = "command"  # opaque client payload (a stamped WriteCommand), applied by the state machine
-    EPOCH_START = "epoch-start"  # empty; the first entry of every leader's epoch (its commit commits the past)
+    EPOCH_START = (
+        "epoch-start"  # empty; the first entry of every leader's epoch (its commit commits the past)
+    )
     CONFIG = "config"  # a new Config, encoded with Config.encode(); effective from the moment it is in a log
 
 
@@ -188,8 +190,18 @@ class TakeOver:
 
 
 Message = (
-    Prepare | Promise | Refuse | Append | AppendAck | AppendReject | Heartbeat | HeartbeatAck | Stale | Fetch
-    | FetchReply | TakeOver
+    Prepare
+    | Promise
+    | Refuse
+    | Append
+    | AppendAck
+    | AppendReject
+    | Heartbeat
+    | HeartbeatAck
+    | Stale
+    | Fetch
+    | FetchReply
+    | TakeOver
 )
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -338,6 +350,12 @@ class Ready:
     @property
     def empty(self) -> bool:
         return not (
-            self.hard_state or self.truncate_from or self.append or self.messages or self.read_log
-            or self.apply or self.replies or self.facts
+            self.hard_state
+            or self.truncate_from
+            or self.append
+            or self.messages
+            or self.read_log
+            or self.apply
+            or self.replies
+            or self.facts
         )
