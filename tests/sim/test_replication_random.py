@@ -231,7 +231,7 @@ def test_a_leader_that_ignores_the_most_advanced_promiser_is_caught(monkeypatch)
     assert sim.run_until(lambda: all(sim.write_committed(r) for r in acked), 2)
     sim.crash("node-2")
     sim.restart("node-3")
-    with pytest.raises(InvariantViolated):
+    with pytest.raises(InvariantViolated, match="committed entry 3 changed"):
         sim.run(3)
 
 
@@ -241,7 +241,7 @@ def test_commit_without_a_majority_is_caught(monkeypatch):
     monkeypatch.setattr(machine, "quorum", lambda config: 1)
     sim = RepSim(3, seed=21)
     sim.leader()
-    with pytest.raises(InvariantViolated):
+    with pytest.raises(InvariantViolated, match="two leaders committed in epoch"):
         sim.isolate("node-3")
         for i in range(50):
             for name in sim.alive():

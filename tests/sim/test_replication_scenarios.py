@@ -269,6 +269,27 @@ def test_every_node_back_on_new_addresses_reforms_with_every_committed_write():
     assert sim.run_until(lambda: committed_everywhere(sim, [f"m{i}".encode() for i in range(5)]), 2)
 
 
+def test_status_reports_lag_per_member_and_the_cluster_epoch():
+    sim = RepSim(3, seed=18)
+    sim.leader()
+    sim.crash("node-1")
+    for i in range(5):
+        sim.submit("node-3", f"s{i}".encode())
+    sim.run(0.2)
+    st = machine.status(sim.state("node-3"))
+    assert (st.role, st.writable, st.leader) == ("leader", True, "node-3")
+    assert st.lag["node-2"] == 0 and st.lag["node-1"] == 5
+    assert st.commit_index == st.applied_index == st.last_index
+    follower = machine.status(sim.state("node-2"))
+    assert (follower.role, follower.writable, follower.epoch, follower.leader) == (
+        "follower",
+        False,
+        st.epoch,
+        "node-3",
+    )
+    assert follower.lag == {}
+
+
 def test_group_commit_one_submit_many_commands_one_append():
     sim = RepSim(3, seed=17)
     sim.leader()

@@ -61,9 +61,11 @@ from node.core.replication.machine import (
     LEADER,
     Options,
     State,
+    Status,
     bootstrap,
     joiner,
     restore,
+    status,
     step,
 )
 from node.core.replication.messages import (
@@ -111,6 +113,7 @@ __all__ = [
     "Receive",
     "Send",
     "State",
+    "Status",
     "Stop",
     "Submit",
     "SubmitAccepted",
@@ -120,5 +123,6 @@ __all__ = [
     "bootstrap",
     "joiner",
     "restore",
+    "status",
     "step",
 ]

@@ -195,6 +195,39 @@ def restore(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What /cluster/status reports from the replication core."""
+
+    role: str
+    epoch: int
+    leader: str | None  # the leader of ``epoch`` this node follows (itself when leading)
+    writable: bool
+    commit_index: int
+    applied_index: int
+    last_index: int
+    voters: frozenset[str]
+    learners: frozenset[str]
+    lag: Mapping[str, int]  # leader only: entries each member is behind this node's log
+
+
+def status(state: State) -> Status:
+    last = state.last.index
+    lag = {peer: max(0, last - p.match) for peer, p in state.progress.items()} if state.role == LEADER else {}
+    return Status(
+        state.role,
+        state.hard.epoch,
+        state.leader,
+        state.writable,
+        state.commit,
+        state.applied,
+        last,
+        state.config.voters,
+        state.config.learners,
+        MappingProxyType(lag),
+    )
+
+
 # --- quorum arithmetic (module-level so a test can break it on purpose and see the invariants fail) -------
 
 
