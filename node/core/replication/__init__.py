@@ -53,6 +53,21 @@ Protocol rules (what the README's design section quotes):
   time. Only ``keep_applied`` applied entries (plus all unapplied ones) stay in memory; older ones are read
   back from the durable log by the shell (``ReadLog`` action -> ``LogRead`` input), so memory does not grow
   with the log. Unapplied entries are bounded on the leader by ``max_uncommitted`` (Submit -> busy).
+
+Wiring (what the shell, the Replicator actor, does; ``tests/support/repsim.py`` is a working example):
+
+* Start: a first cluster member calls ``bootstrap(identity, voters)``, a later node ``joiner(identity)``; a
+  restart calls ``restore(identity, hard_state, base, entries_above_base, applied_index)`` with what the
+  durable log and the state machine hold (base = the applied entry's LogId).
+* Feed one input at a time, each with the loop clock's ``now``: ``Tick`` every few milliseconds (at least
+  as often as ``heartbeat_s``), ``ViewChanged`` whenever the membership view changes, ``Receive`` for every
+  authenticated peer message, ``Submit``/``Read`` batched from clients, ``LogRead`` answering ``ReadLog``,
+  ``Stop`` on SIGTERM. Never step again before the previous Ready's persistence (1-2) has completed;
+  sends, applies and replies may be handed to other tasks in order.
+* Clients: keep each SubmitAccepted (request, epoch, index); answer it when ``index`` is applied, with the
+  state machine's result if the applied entry has that epoch, else as discarded (leader change). Serve a
+  ReadConfirmed once applied >= its index. Rejections map to errors: not-leader -> forward to ``leader``
+  (or 301), no-quorum and not-writable -> 503 with the reason, busy -> 503.
 """
 
 from node.core.replication.machine import (
