@@ -3,7 +3,10 @@
 Every node is only its pure ``State`` plus what its Readys asked to persist (``Durable``: hard state, log,
 and the state machine's applied entries, which are durable with their index as SQLite will keep them). A
 crash throws the State away; a restart rebuilds it with ``restore`` from Durable alone. The shell here
-follows the Ready order exactly: persist, then send, then serve ReadLog, then apply, then replies.
+follows the Ready order exactly: persist, then send, then apply, then replies; a ReadLog is answered last,
+as a new input.
+
+A torn crash (``tear``) loses power between the hard-state write and the log write of one Ready.
 
 The network delivers each message after a random delay (so it reorders), may drop or duplicate it, and
 honours directed cuts (``cut(a, b)`` stops a -> b only; ``cut(a, b, both=True)``, ``isolate``). Views are
@@ -169,6 +172,8 @@ class RepSim:
         self.ids: dict[str, int] = {}
         self.accepted: dict[str, SubmitAccepted] = {}
         self.repairs: list[tuple[float, str, str, str]] = []  # (due, "restart" | "crash" | "heal", a, b)
+        self.tear: set[str] = set()  # nodes whose next Ready with hard state and log writes is torn
+        self.torn = 0
         names = [f"node-{i}" for i in range(1, voters + 1)]
         for i, name in enumerate(names, start=1):
             state, ready = machine.bootstrap(name, frozenset(names), self.options)
@@ -295,6 +300,13 @@ class RepSim:
         # 1-2: persist hard state, then the log (truncate, append).
         if ready.hard_state is not None:
             d.hard = ready.hard_state
+            if name in self.tear and (ready.append or ready.truncate_from):
+                # Power lost between the two writes: the hard state is on disk, the log write is not.
+                self.tear.discard(name)
+                self.torn += 1
+                self.crash(name)
+                self.repairs.append((self.now + self.rng.uniform(0.1, 1.0), "restart", name, name))
+                return
         if ready.truncate_from is not None:
             self.inv.check_truncate(name, ready.truncate_from)
             del d.log[ready.truncate_from - 1 :]
@@ -435,7 +447,7 @@ class RepSim:
                 self.cuts.discard((a, b))
                 self.update_views()
         if rng.random() < p_fault:
-            action = rng.choice(["crash", "crash", "cut", "cut1", "cut1", "isolate", "id", "stop"])
+            action = rng.choice(["crash", "crash", "tear", "cut", "cut1", "cut1", "isolate", "id", "stop"])
             a, b = rng.sample(names, 2)
             until = self.now + rng.uniform(0.1, max_fault_s)
             if action in ("crash", "stop") and self.nodes[a].alive:
@@ -446,6 +458,8 @@ class RepSim:
                 else:
                     self.crash(a)
                 self.repairs.append((until, "restart", a, a))
+            elif action == "tear" and self.nodes[a].alive:
+                self.tear.add(a)
             elif action == "cut":
                 self.cut(a, b, both=True)
                 self.repairs += [(until, "heal", a, b), (until, "heal", b, a)]
@@ -476,6 +490,7 @@ class RepSim:
     def repair(self) -> None:
         """End of a schedule: every node up, every link healed, no stopping flags (restart stopped nodes)."""
         self.repairs.clear()
+        self.tear.clear()
         self.view_lag_s = 0.0
         self.heal()
         for name, node in self.nodes.items():

@@ -331,10 +331,11 @@ class Ready:
        epoch is durable, an AppendAck claims entries are durable, and a leader's Append of a new epoch must
        not exist without that epoch on its own disk.
     3. ``messages``: send (best effort; loss, delay and duplication are tolerated).
-    4. ``read_log``: read those ranges from the durable log and step each back as a LogRead input.
-    5. ``apply``: committed entries, in index order, to the state machine (after 2: an entry may be appended
+    4. ``apply``: committed entries, in index order, to the state machine (after 2: an entry may be appended
        and committed in the same Ready on a single voter).
-    6. ``replies``: answers to Submit and Read inputs (a ReadConfirmed is served once ``apply`` reached it).
+    5. ``replies``: answers to Submit and Read inputs (a ReadConfirmed is served once ``apply`` reached it).
+    6. ``read_log``: read those ranges from the durable log and step each back as a LogRead input (a new
+       input, so after this Ready is done).
     ``facts`` are for logging only.
     """
 
@@ -342,9 +343,9 @@ class Ready:
     truncate_from: int | None = None
     append: tuple[Entry, ...] = ()
     messages: tuple[Send, ...] = ()
-    read_log: tuple[ReadLog, ...] = ()
     apply: tuple[Entry, ...] = ()
     replies: tuple[Reply, ...] = ()
+    read_log: tuple[ReadLog, ...] = ()
     facts: tuple[Fact, ...] = field(default=())
 
     @property
