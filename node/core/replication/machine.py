@@ -282,7 +282,7 @@ class _Step:
             setattr(self, name, getattr(st, name))
         self.progress = dict(st.progress)
         self.departing = dict(st.departing)
-        self.log = list(st.log)
+        self.log: tuple[Entry, ...] | list[Entry] = st.log  # copied on first write (it can hold thousands)
         self.dirty: int | None = None  # lowest log index changed in this step
         self.out_messages: list[Send] = []
         self.out_read_log: list[ReadLog] = []
@@ -291,6 +291,11 @@ class _Step:
         self.out_facts: list[Fact] = []
 
     # ---- log helpers
+
+    def writable_log(self) -> list[Entry]:
+        if not isinstance(self.log, list):
+            self.log = list(self.log)
+        return self.log
 
     @property
     def last_index(self) -> int:
@@ -318,7 +323,9 @@ class _Step:
         """In-memory entries first.. limited by the batch bounds (at least one entry)."""
         out: list[Entry] = []
         size = 0
-        for e in self.log[first - self.base.index - 1 :]:
+        log = self.log
+        for i in range(first - self.base.index - 1, len(log)):
+            e = log[i]
             if out and (
                 len(out) >= self.o.max_batch_entries or size + len(e.payload) > self.o.max_batch_bytes
             ):
@@ -331,7 +338,7 @@ class _Step:
         # The central safety guard: a committed entry is never removed.
         if index <= self.commit:
             raise AssertionError(f"refusing to truncate committed entry {index} (commit {self.commit})")
-        del self.log[index - self.base.index - 1 :]
+        del self.writable_log()[index - self.base.index - 1 :]
         self.dirty = index if self.dirty is None else min(self.dirty, index)
         configs = tuple(c for c in self.hard.configs if c[0] < index)
         if configs != self.hard.configs:
@@ -341,7 +348,7 @@ class _Step:
     def append(self, entry: Entry) -> None:
         if entry.index != self.last_index + 1:
             raise AssertionError(f"append of {entry.index} after {self.last_index}")
-        self.log.append(entry)
+        self.writable_log().append(entry)
         self.dirty = entry.index if self.dirty is None else min(self.dirty, entry.index)
         if entry.kind is Kind.CONFIG:
             self.hard = replace(
@@ -988,7 +995,7 @@ class _Step:
         if new_base > self.base.index:
             cut = new_base - self.base.index
             self.base = self.log[cut - 1].id
-            del self.log[:cut]
+            del self.writable_log()[:cut]
 
     def finish(self) -> tuple[State, Ready]:
         st = self.st
@@ -998,7 +1005,7 @@ class _Step:
             append = tuple(self.log[self.dirty - self.base.index - 1 :])
         self.trim()
         values = {name: getattr(self, name) for name in State.__dataclass_fields__}
-        values["log"] = tuple(self.log)
+        values["log"] = tuple(self.log) if isinstance(self.log, list) else self.log
         values["progress"] = MappingProxyType(self.progress)
         values["departing"] = MappingProxyType(self.departing)
         new = State(**values)
