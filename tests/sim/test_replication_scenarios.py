@@ -4,6 +4,8 @@ Every Ready of every node is checked against the safety invariants as the scenar
 are about what a user would see: who leads, what is committed, what a client is told.
 """
 
+import pytest
+
 from node.core.replication import machine
 from node.core.replication.messages import (
     ReadConfirmed,
@@ -107,6 +109,25 @@ def test_a_one_way_partition_does_not_make_epochs_flap():
     sim.heal()
     assert sim.run_until(lambda: converged(sim), 2)
     assert {sim.state(n).hard.epoch for n in sim.nodes} == {epoch}
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [(a, b) for a in ("node-1", "node-2", "node-3") for b in ("node-1", "node-2", "node-3") if a != b],
+)
+def test_no_single_one_way_cut_moves_the_epoch_or_stops_writes(src, dst):
+    sim = RepSim(3, seed=19)
+    sim.leader()
+    epoch = sim.state("node-3").hard.epoch
+    sim.cut(src, dst)
+    replies = []
+    for i in range(12):
+        replies.append(sim.submit("node-3", f"o{i}".encode()))
+        sim.run(0.25)
+    assert all(isinstance(r, SubmitAccepted) for r in replies)
+    assert sim.run_until(lambda: all(sim.write_committed(r) for r in replies), 1)
+    assert {sim.state(n).hard.epoch for n in sim.nodes} == {epoch}
+    assert sim.writable() == ["node-3"]
 
 
 def test_minority_leader_steps_down_and_its_uncommitted_entries_are_discarded():

@@ -265,6 +265,8 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
     elif isinstance(inp, Stop):
         s.stopping = True
         s.fact("replication_stopping")
+        if s.role == CANDIDATE:
+            s.step_down("stopping")
     else:  # pragma: no cover - the union is closed
         raise TypeError(f"unknown input {inp!r}")
     s.maintain()
