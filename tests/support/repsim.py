@@ -67,6 +67,7 @@ class SimNode:
     replies: list[Reply] = field(default_factory=list)
     facts: list[tuple[float, str, dict]] = field(default_factory=list)
     view: dict[str, int] | None = None  # last view given
+    pending: list[Ready] = field(default_factory=list)  # group commit: Readys not yet carried out
 
     @property
     def alive(self) -> bool:
@@ -151,6 +152,7 @@ class RepSim:
         delay_s: tuple[float, float] = (0.001, 0.004),
         tick_s: float = 0.005,
         view_lag_s: float = 0.0,
+        group_commit: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.options = options or machine.Options()
@@ -166,6 +168,9 @@ class RepSim:
         # 0: views follow links and crashes at once. Else each node refreshes its view every ~view_lag_s
         # (random phase), like failure detection does: a partitioned leader keeps accepting for a while.
         self.view_lag_s = view_lag_s
+        # False: each Ready is carried out as its step returns. True: a node's Readys of one tick are
+        # carried out together at its end (one "fsync" for all their writes, then their sends).
+        self.group_commit = group_commit
         self.next_view_s: dict[str, float] = {}
         self.inv = Invariants()
         self.nodes: dict[str, SimNode] = {}
@@ -194,6 +199,7 @@ class RepSim:
         node = self.nodes[name]
         node.state = None
         node.view = None
+        node.pending = []  # never written: lost with the process
         self.update_views()  # failure detection is instant here; its real delay is the membership layer's
 
     def restart(self, name: str) -> None:
@@ -294,52 +300,70 @@ class RepSim:
         return ready
 
     def _process(self, name: str, ready: Ready) -> None:
+        if self.group_commit:
+            self.nodes[name].pending.append(ready)
+        else:
+            self._carry_out(name, [ready])
+
+    def flush(self) -> None:
+        """Group commit: carry out every node's Readys buffered since the last flush, writes first."""
+        for _ in range(100):
+            busy = [n for n, node in self.nodes.items() if node.pending]
+            if not busy:
+                return
+            for name in busy:
+                readys, self.nodes[name].pending = self.nodes[name].pending, []
+                self._carry_out(name, readys)
+        raise AssertionError("ReadLog answers kept producing Readys")  # pragma: no cover
+
+    def _carry_out(self, name: str, readys: list[Ready]) -> None:
+        """Ready order for one Ready or a group: all writes (1-2), then for each in turn sends, applies,
+        replies (3-5), then ReadLog answers as new inputs (6)."""
         node = self.nodes[name]
         d = node.durable
         before_applied = len(d.applied)
-        # 1-2: persist hard state, then the log (truncate, append).
-        if ready.hard_state is not None:
-            d.hard = ready.hard_state
-            if name in self.tear and (ready.append or ready.truncate_from):
-                # Power lost between the two writes: the hard state is on disk, the log write is not.
-                self.tear.discard(name)
-                self.torn += 1
-                self.crash(name)
-                self.repairs.append((self.now + self.rng.uniform(0.1, 1.0), "restart", name, name))
-                return
-        if ready.truncate_from is not None:
-            self.inv.check_truncate(name, ready.truncate_from)
-            del d.log[ready.truncate_from - 1 :]
-        for entry in ready.append:
-            if entry.index != len(d.log) + 1:
-                raise InvariantViolated(f"{name} appends {entry.index} after {len(d.log)}")
-            d.log.append(entry)
+        for ready in readys:
+            if ready.hard_state is not None:
+                d.hard = ready.hard_state
+                if name in self.tear and (ready.append or ready.truncate_from):
+                    # Power lost between the two writes: the hard state is on disk, the log write is not.
+                    self.tear.discard(name)
+                    self.torn += 1
+                    self.crash(name)
+                    self.repairs.append((self.now + self.rng.uniform(0.1, 1.0), "restart", name, name))
+                    return
+            if ready.truncate_from is not None:
+                self.inv.check_truncate(name, ready.truncate_from)
+                del d.log[ready.truncate_from - 1 :]
+            for entry in ready.append:
+                if entry.index != len(d.log) + 1:
+                    raise InvariantViolated(f"{name} appends {entry.index} after {len(d.log)}")
+                d.log.append(entry)
         state = node.state
         assert state is not None
         leader_epoch = state.hard.epoch if state.role == machine.LEADER else None
         self.inv.record_commit(name, d.log, state.commit, leader_epoch)
-        # 3: send.
-        self.inv.check_sends(name, d.hard, d.log, ready.messages)
-        for send in ready.messages:
-            self._send(name, send.to, send.message)
-        # 5: apply (after the log is durable), checked against the committed entries.
-        for entry in ready.apply:
-            if entry.index != len(d.applied) + 1:
-                raise InvariantViolated(f"{name} applies {entry.index} after {len(d.applied)}")
-            d.applied.append(entry)
+        for ready in readys:
+            self.inv.check_sends(name, d.hard, d.log, ready.messages)
+            for send in ready.messages:
+                self._send(name, send.to, send.message)
+            for entry in ready.apply:
+                if entry.index != len(d.applied) + 1:
+                    raise InvariantViolated(f"{name} applies {entry.index} after {len(d.applied)}")
+                d.applied.append(entry)
+            for reply in ready.replies:
+                node.replies.append(reply)
+                if isinstance(reply, SubmitAccepted):
+                    self.accepted[reply.request_id] = reply
+            for fact in ready.facts:
+                node.facts.append((self.now, fact.event, dict(fact.fields)))
         self.inv.check_applied(name, d.applied, before_applied)
-        if state.writable and any(f.event == "writable_changed" for f in ready.facts):
+        if state.writable and any(f.event == "writable_changed" for r in readys for f in r.facts):
             self.inv.check_writable(name, d.log)
-        for reply in ready.replies:
-            node.replies.append(reply)
-            if isinstance(reply, SubmitAccepted):
-                self.accepted[reply.request_id] = reply
-        for fact in ready.facts:
-            node.facts.append((self.now, fact.event, dict(fact.fields)))
-        # 4: ReadLog, answered from the durable log (after the rest: its answer is a new input).
-        for request in ready.read_log:
-            entries = tuple(d.log[request.first - 1 : request.last])
-            self.input(name, LogRead(request, entries))
+        for ready in readys:
+            for request in ready.read_log:
+                entries = tuple(d.log[request.first - 1 : request.last])
+                self.input(name, LogRead(request, entries))
 
     def deliver_due(self) -> None:
         while self.queue and self.queue[0][0] <= self.now:
@@ -356,6 +380,7 @@ class RepSim:
         self.update_views(periodic=True)
         for name in list(self.nodes):
             self.input(name, Tick())
+        self.flush()
 
     def run(self, seconds: float) -> None:
         for _ in range(round(seconds / self.tick_s)):

@@ -62,8 +62,8 @@ Wiring (what the shell, the Replicator actor, does; ``tests/support/repsim.py`` 
 * Feed one input at a time, each with the loop clock's ``now``: ``Tick`` every few milliseconds (at least
   as often as ``heartbeat_s``), ``ViewChanged`` whenever the membership view changes, ``Receive`` for every
   authenticated peer message, ``Submit``/``Read`` batched from clients, ``LogRead`` answering ``ReadLog``,
-  ``Stop`` on SIGTERM. Never step again before the previous Ready's persistence (1-2) has completed;
-  sends, applies and replies may be handed to other tasks in order.
+  ``Stop`` on SIGTERM. Carry out each Ready in its order (see ``messages.Ready``); several Readys may be
+  combined into one fsync if all their writes complete before any of their sends, applies and replies.
 * Clients: keep each SubmitAccepted (request, epoch, index); answer it when ``index`` is applied, with the
   state machine's result if the applied entry has that epoch, else as discarded (leader change). Serve a
   ReadConfirmed once applied >= its index. Rejections map to errors: not-leader -> forward to ``leader``

@@ -337,6 +337,10 @@ class Ready:
     6. ``read_log``: read those ranges from the durable log and step each back as a LogRead input (a new
        input, so after this Ready is done).
     ``facts`` are for logging only.
+
+    Group commit: the shell may step several inputs and carry out their Readys together (their writes in
+    one fsync), provided every write of those Readys completes before any of their messages, applies or
+    replies, and the Readys keep their order. That is what lets a follower fsync once for many Appends.
     """
 
     hard_state: HardState | None = None
