@@ -111,6 +111,17 @@ def test_a_one_way_partition_does_not_make_epochs_flap():
     assert {sim.state(n).hard.epoch for n in sim.nodes} == {epoch}
 
 
+def test_without_the_lease_rule_a_one_way_cut_does_move_the_epoch():
+    """The check above can fail: with a lease shorter than the heartbeat interval, voters no longer count
+    as having heard the leader, grant node-2's campaign, and the epoch moves."""
+    sim = RepSim(3, seed=6, options=machine.Options(lease_s=0.01))
+    sim.leader()
+    epoch = sim.state("node-3").hard.epoch
+    sim.cut("node-3", "node-2")
+    sim.run(3)
+    assert max(sim.state(n).hard.epoch for n in sim.nodes) > epoch
+
+
 @pytest.mark.parametrize(
     "src,dst",
     [(a, b) for a in ("node-1", "node-2", "node-3") for b in ("node-1", "node-2", "node-3") if a != b],
