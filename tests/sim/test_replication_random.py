@@ -43,6 +43,8 @@ def settle_and_check_liveness(sim: RepSim) -> None:
     assert len(logs) == 1, "applied histories differ"
     applied = {(e.epoch, e.index) for e in next(iter(logs))}
     assert all((r.epoch, r.index) in applied for r in acknowledged)
+    foreign = [f for n in sim.nodes.values() for _, f, _ in n.facts if f == "foreign_history"]
+    assert foreign == []  # one cluster: the foreign-history guard must never fire
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -230,9 +232,9 @@ def test_check_send_before_persist_fails():
 # --- the simulation catches a broken rule -----------------------------------------------------------------
 
 
-def test_a_leader_that_ignores_the_most_advanced_promiser_is_caught(monkeypatch):
-    """Break the view change (the new leader keeps its own log): the stale highest-ID node then becomes
-    writable without the writes node-1 and node-2 committed, and the invariant check says so."""
+def stale_leader_after_broken_view_change(monkeypatch) -> RepSim:
+    """Break the view change (the new leader keeps its own log), then make the stale highest-ID node lead
+    with node-1, which holds three writes that node-3 never saw."""
     monkeypatch.setattr(machine, "pick_donor", lambda me, mine, promises: (me, mine))
     sim = RepSim(3, seed=4)
     sim.leader()
@@ -240,10 +242,29 @@ def test_a_leader_that_ignores_the_most_advanced_promiser_is_caught(monkeypatch)
     sim.leader(timeout_s=3)
     acked = [sim.submit("node-2", f"c{i}".encode()) for i in range(3)]
     assert sim.run_until(lambda: all(sim.write_committed(r) for r in acked), 2)
+    sim.run(0.2)  # node-1 learns the commit index
     sim.crash("node-2")
     sim.restart("node-3")
+    return sim
+
+
+def test_a_leader_that_ignores_the_most_advanced_promiser_is_caught(monkeypatch):
+    """With the followers' foreign-history guard also removed, node-3 overwrites committed entries: the
+    invariant check says so."""
+    monkeypatch.setattr(machine._Step, "committed_conflict", lambda self, entries: None)
+    sim = stale_leader_after_broken_view_change(monkeypatch)
     with pytest.raises(InvariantViolated, match="committed entry 3 changed"):
         sim.run(3)
+
+
+def test_the_foreign_history_guard_alone_stops_that_rollback(monkeypatch):
+    """Defence in depth: with only the view change broken, node-1 refuses entries that contradict what it
+    knows is committed, so the cluster stalls instead of losing writes."""
+    sim = stale_leader_after_broken_view_change(monkeypatch)
+    sim.run(3)
+    assert "foreign_history" in {f for _, f, _ in sim.nodes["node-1"].facts}
+    assert sim.applied_commands("node-1") == [b"c0", b"c1", b"c2"]
+    assert sim.writable() == []
 
 
 def test_commit_without_a_majority_is_caught(monkeypatch):

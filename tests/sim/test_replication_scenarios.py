@@ -335,3 +335,19 @@ def test_group_commit_one_submit_many_commands_one_append():
     per_peer = len(appends) // 2
     assert 1 < per_peer <= machine.Options().max_inflight
     assert sim.run_until(lambda: converged(sim), 2)
+
+
+def test_a_node_from_another_cluster_never_takes_that_clusters_history():
+    """Two clusters bootstrapped separately both have a committed entry 1 (their own voters). A node of one
+    receiving the other's leader's entries refuses them whole: its log and commit do not move."""
+    from node.core.replication.messages import Append, LogId, Receive
+
+    sim = RepSim(3, seed=20)
+    sim.leader()
+    other, _ = machine.bootstrap("node-1", frozenset({"node-1", "stranger"}))
+    leader = sim.state("node-3")
+    append = Append(leader.hard.epoch + 5, LogId(0, 0), leader.log, leader.commit, 1)
+    new, ready = machine.step(other, Receive("node-3", append), 1.0)
+    assert new.log == other.log and new.commit == other.commit
+    assert ready.messages == () and ready.append == ()
+    assert [f.event for f in ready.facts] == ["epoch_adopted", "foreign_history"]

@@ -357,9 +357,22 @@ class _Step:
                 self.hard, configs=(*self.hard.configs, (entry.index, Config.decode(entry.payload)))
             )
 
+    def committed_conflict(self, entries: tuple[Entry, ...] | list[Entry]) -> int | None:
+        """The first index at or below our commit where ``entries`` differ from our (in-memory) log. A real
+        leader's committed entries equal ours, so this means another cluster's history (two separately
+        bootstrapped clusters) or a damaged log: such a message must change nothing."""
+        for e in entries:
+            if e.index > self.commit:
+                break
+            offset = e.index - self.base.index - 1
+            if 0 <= offset < len(self.log) and self.log[offset] != e:
+                return e.index
+        return None
+
     def merge(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
         """Make our log agree with ``entries`` (contiguous, from a log of the current epoch's leader):
-        skip what we have, truncate at the first divergence (never at or below commit), append the rest."""
+        skip what we have, truncate at the first divergence (never at or below commit), append the rest.
+        The caller has checked ``committed_conflict`` first."""
         for i, e in enumerate(entries):
             if e.index <= self.commit:
                 continue
@@ -524,6 +537,13 @@ class _Step:
 
     def on_append(self, sender: str, m: Append) -> None:
         prev = m.prev
+        conflict = self.committed_conflict(m.entries)
+        if conflict is None and prev.index <= self.commit:
+            known = self.epoch_at(prev.index)
+            conflict = prev.index if known is not None and known != prev.epoch else None
+        if conflict is not None:
+            self.fact("foreign_history", leader=sender, epoch=m.epoch, index=conflict)
+            return  # no ack, no reject: nothing the sender could send would make this log its own
         if prev.index > self.last_index:
             self.send(sender, AppendReject(m.epoch, prev.index, self.last_index, m.seq))
             return
@@ -669,6 +689,11 @@ class _Step:
     def on_fetch_reply(self, sender: str, m: FetchReply) -> None:
         c = self.campaign
         if c is None or c.phase != "fetch" or c.donor != sender or m.start != c.fetched_to + 1:
+            return
+        conflict = self.committed_conflict(m.entries)
+        if conflict is not None:
+            self.fact("foreign_history", leader=sender, epoch=m.epoch, index=conflict)
+            self.step_down(f"donor {sender} holds another history")
             return
         self.merge(m.entries)
         fetched_to = c.fetched_to + len(m.entries)
