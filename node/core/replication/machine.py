@@ -1,0 +1,1049 @@
+"""The replication state machine: ``step(state, input, now) -> (state, Ready)``. Rules: see the package
+docstring (``node/core/replication/__init__.py``); this module's comments say where each rule is enforced.
+
+A step copies the frozen State into a ``_Step`` working object, applies one input, runs the timers
+(``_maintain``: heartbeats, resends, campaigns, leases, membership, handover), hands committed entries to
+the shell and freezes the result. The output order in ``Ready`` is the protocol: see ``messages.Ready``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from node.core.replication.messages import (
+    Append,
+    AppendAck,
+    AppendReject,
+    Config,
+    Entry,
+    Fact,
+    Fetch,
+    FetchReply,
+    HardState,
+    Heartbeat,
+    HeartbeatAck,
+    Input,
+    Kind,
+    LogId,
+    LogRead,
+    Message,
+    Prepare,
+    Promise,
+    Read,
+    ReadConfirmed,
+    ReadLog,
+    ReadRejected,
+    Ready,
+    Receive,
+    Refuse,
+    Reply,
+    Send,
+    Stale,
+    Stop,
+    Submit,
+    SubmitAccepted,
+    SubmitRejected,
+    TakeOver,
+    Tick,
+    ViewChanged,
+)
+
+FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
+NEVER = float("-inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Timers and bounds. The lease is the failure-detection time of the replication layer: a leader
+    without majority contact for ``lease_s`` stops being writable, and a voter that heard its leader within
+    ``lease_s`` refuses other candidates. Defaults suit a LAN; the shell may pass its own."""
+
+    heartbeat_s: float = 0.05  # leader -> every member; also carries the commit index to followers
+    lease_s: float = 0.5  # > several heartbeats, so one lost heartbeat never costs the lease
+    election_timeout_s: float = 0.5  # a campaign with no progress for this long is abandoned and retried
+    resend_s: float = 0.15  # unacknowledged appends / fetches / prepares are sent again after this
+    reap_timeout_s: float = 60.0  # a voter silent this long is removed through the log (>> node timeout)
+    handover_timeout_s: float = 1.0  # a handover not done by then is abandoned; the leader writes again
+    max_batch_entries: int = 64  # entries per Append / FetchReply
+    max_batch_bytes: int = 1 << 20  # payload bytes per Append / FetchReply (at least one entry is sent)
+    max_inflight: int = 8  # pipelined Appends per follower not yet acknowledged
+    max_uncommitted: int = 4096  # leader's appended-but-uncommitted entries; beyond: Submit -> busy
+    keep_applied: int = 256  # applied entries kept in memory for cheap catch-up; older ones via ReadLog
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The leader's view of one member's log."""
+
+    next: int  # next index to send
+    match: int = 0  # highest index known to be durable there and equal to ours
+    inflight: int = 0  # Appends with entries sent and not yet acknowledged
+    last_ack_s: float = NEVER  # any answer in this epoch (lease, reaping, handover readiness)
+    last_progress_s: float = NEVER  # last time match moved or a batch was sent from a clean state
+    acked_seq: int = 0  # highest heartbeat round it answered (linearizable reads)
+    probing: bool = False  # after a reject: one Append at a time until an ack says where logs match
+    reading: bool = False  # a ReadLog for it is outstanding
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    epoch: int
+    started_s: float  # moved forward on progress; a campaign stalled for election_timeout_s is dropped
+    handover: bool
+    promises: tuple[tuple[str, LogId], ...] = ()
+    phase: str = "prepare"  # "prepare" | "fetch"
+    donor: str | None = None
+    fetched_to: int = 0
+    sent_s: float = NEVER
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRead:
+    read_id: str
+    index: int
+    seq: int
+    at_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    me: str
+    options: Options
+    hard: HardState
+    base: LogId  # the entry just below the in-memory window (its payload is only on disk)
+    log: tuple[Entry, ...]  # entries base.index+1 .. last
+    commit: int
+    applied: int  # handed to the shell in some Ready
+    role: str = FOLLOWER
+    leader: str | None = None  # leader of hard.epoch that this node heard from
+    leader_contact_s: float = NEVER
+    view: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    highest_seen: int = 0  # highest epoch heard of (volatile): where the next campaign aims
+    stopping: bool = False
+    verified: int = 0  # follower: highest index known equal to the current leader's log
+    campaign: Campaign | None = None
+    progress: Mapping[str, Progress] = field(default_factory=lambda: MappingProxyType({}))
+    seq: int = 0
+    heartbeat_sent_s: float = NEVER
+    epoch_start: int = 0  # index of this leader's EpochStart entry
+    reads: tuple[PendingRead, ...] = ()
+    handover_to: str | None = None
+    handover_since_s: float = NEVER  # when writes stopped for the handover (NEVER: still catching it up)
+    handover_retry_s: float = NEVER  # after an abandoned handover, none before this time
+    takeover_sent_s: float = NEVER
+    writable: bool = False
+    departing: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # identity -> until
+
+    @property
+    def config(self) -> Config:
+        return self.hard.config
+
+    @property
+    def last(self) -> LogId:
+        return self.log[-1].id if self.log else self.base
+
+
+# --- construction -------------------------------------------------------------------------------------------
+
+
+def bootstrap(me: str, voters: frozenset[str], options: Options | None = None) -> tuple[State, Ready]:
+    """A brand-new cluster's first members: every one of them starts with the same committed entry 1 (the
+    initial Config), so their logs agree from the start. The shell persists the Ready like any other."""
+    config = Config(frozenset(voters))
+    first = Entry(0, 1, Kind.CONFIG, config.encode())
+    hard = HardState(0, None, ((1, config),))
+    state = State(me, options or Options(), hard, LogId(0, 0), (first,), commit=1, applied=1, verified=1)
+    return state, Ready(hard_state=hard, append=(first,), apply=(first,))
+
+
+def joiner(me: str, options: Options | None = None) -> State:
+    """A node with an empty log that waits to be added (as a learner) by a leader."""
+    return State(me, options or Options(), HardState(), LogId(0, 0), (), commit=0, applied=0)
+
+
+def restore(
+    me: str,
+    hard: HardState,
+    base: LogId,
+    entries: tuple[Entry, ...],
+    applied: int,
+    options: Options | None = None,
+) -> State:
+    """Restart from durable state: the hard state, the log above ``base`` (base.index <= applied, the state
+    machine's durably applied index) and the applied index. Entries at or below ``applied`` are committed;
+    the rest wait for a leader. The Config history above ``base`` is re-derived from the log, so a crash
+    between the hard-state write and the log write cannot leave them disagreeing."""
+    if base.index > applied:
+        raise ValueError("base must not be above the applied index")
+    if entries and entries[0].index != base.index + 1:
+        raise ValueError("entries must start right after base")
+    below = [c for c in hard.configs if c[0] <= base.index]
+    configs = list(below[-1:] or hard.configs[:1])
+    configs += [(e.index, Config.decode(e.payload)) for e in entries if e.kind is Kind.CONFIG]
+    hard = replace(hard, configs=tuple(configs))
+    return State(
+        me,
+        options or Options(),
+        hard,
+        base,
+        tuple(entries),
+        commit=applied,
+        applied=applied,
+        verified=applied,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What /cluster/status reports from the replication core."""
+
+    role: str
+    epoch: int
+    leader: str | None  # the leader of ``epoch`` this node follows (itself when leading)
+    writable: bool
+    commit_index: int
+    applied_index: int
+    last_index: int
+    voters: frozenset[str]
+    learners: frozenset[str]
+    lag: Mapping[str, int]  # leader only: entries each member is behind this node's log
+
+
+def status(state: State) -> Status:
+    last = state.last.index
+    lag = {peer: max(0, last - p.match) for peer, p in state.progress.items()} if state.role == LEADER else {}
+    return Status(
+        state.role,
+        state.hard.epoch,
+        state.leader,
+        state.writable,
+        state.commit,
+        state.applied,
+        last,
+        state.config.voters,
+        state.config.learners,
+        MappingProxyType(lag),
+    )
+
+
+# --- quorum arithmetic (module-level so a test can break it on purpose and see the invariants fail) -------
+
+
+def quorum(config: Config) -> int:
+    return config.quorum
+
+
+def pick_donor(me: str, mine: LogId, promises: tuple[tuple[str, LogId], ...]) -> tuple[str, LogId]:
+    """The most advanced log among the promisers (self included, preferred on ties): by the up-to-date
+    order it holds every committed entry (any committed entry is on a majority, which meets this one)."""
+    best = (me, mine)
+    for peer, last in promises:
+        if last > best[1]:
+            best = (peer, last)
+    return best
+
+
+# --- the step -----------------------------------------------------------------------------------------------
+
+
+def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
+    s = _Step(state, now)
+    if isinstance(inp, Receive):
+        s.receive(inp.sender, inp.message)
+    elif isinstance(inp, Tick):
+        pass
+    elif isinstance(inp, ViewChanged):
+        s.view = MappingProxyType(dict(inp.healthy))
+    elif isinstance(inp, Submit):
+        s.submit(inp)
+    elif isinstance(inp, Read):
+        s.read(inp)
+    elif isinstance(inp, LogRead):
+        s.log_read(inp)
+    elif isinstance(inp, Stop):
+        s.stopping = True
+        s.fact("replication_stopping")
+        if s.role == CANDIDATE:
+            s.step_down("stopping")
+    else:  # pragma: no cover - the union is closed
+        raise TypeError(f"unknown input {inp!r}")
+    s.maintain()
+    return s.finish()
+
+
+class _Step:
+    """Mutable working copy of one State for the duration of one step."""
+
+    def __init__(self, st: State, now: float) -> None:
+        self.st = st
+        self.now = now
+        self.o = st.options
+        for name in State.__dataclass_fields__:
+            setattr(self, name, getattr(st, name))
+        self.progress = dict(st.progress)
+        self.departing = dict(st.departing)
+        self.log: tuple[Entry, ...] | list[Entry] = st.log  # copied on first write (it can hold thousands)
+        self.dirty: int | None = None  # lowest log index changed in this step
+        self.out_messages: list[Send] = []
+        self.out_read_log: list[ReadLog] = []
+        self.out_apply: list[Entry] = []
+        self.out_replies: list[Reply] = []
+        self.out_facts: list[Fact] = []
+
+    # ---- log helpers
+
+    def writable_log(self) -> list[Entry]:
+        if not isinstance(self.log, list):
+            self.log = list(self.log)
+        return self.log
+
+    @property
+    def last_index(self) -> int:
+        return self.log[-1].index if self.log else self.base.index
+
+    @property
+    def last_id(self) -> LogId:
+        return self.log[-1].id if self.log else self.base
+
+    @property
+    def config(self) -> Config:
+        return self.hard.config
+
+    def epoch_at(self, index: int) -> int | None:
+        if index == 0:
+            return 0
+        if index == self.base.index:
+            return self.base.epoch
+        offset = index - self.base.index - 1
+        if 0 <= offset < len(self.log):
+            return self.log[offset].epoch
+        return None
+
+    def entries_from(self, first: int) -> list[Entry]:
+        """In-memory entries first.. limited by the batch bounds (at least one entry)."""
+        out: list[Entry] = []
+        size = 0
+        log = self.log
+        for i in range(first - self.base.index - 1, len(log)):
+            e = log[i]
+            if out and (
+                len(out) >= self.o.max_batch_entries or size + len(e.payload) > self.o.max_batch_bytes
+            ):
+                break
+            out.append(e)
+            size += len(e.payload)
+        return out
+
+    def truncate(self, index: int) -> None:
+        # The central safety guard: a committed entry is never removed.
+        if index <= self.commit:
+            raise AssertionError(f"refusing to truncate committed entry {index} (commit {self.commit})")
+        del self.writable_log()[index - self.base.index - 1 :]
+        self.dirty = index if self.dirty is None else min(self.dirty, index)
+        configs = tuple(c for c in self.hard.configs if c[0] < index)
+        if configs != self.hard.configs:
+            self.hard = replace(self.hard, configs=configs)
+        self.fact("log_truncated", from_index=index)
+
+    def append(self, entry: Entry) -> None:
+        if entry.index != self.last_index + 1:
+            raise AssertionError(f"append of {entry.index} after {self.last_index}")
+        self.writable_log().append(entry)
+        self.dirty = entry.index if self.dirty is None else min(self.dirty, entry.index)
+        if entry.kind is Kind.CONFIG:
+            self.hard = replace(
+                self.hard, configs=(*self.hard.configs, (entry.index, Config.decode(entry.payload)))
+            )
+
+    def committed_conflict(self, entries: tuple[Entry, ...] | list[Entry]) -> int | None:
+        """The first index at or below our commit where ``entries`` differ from our (in-memory) log. A real
+        leader's committed entries equal ours, so this means another cluster's history (two separately
+        bootstrapped clusters) or a damaged log: such a message must change nothing."""
+        for e in entries:
+            if e.index > self.commit:
+                break
+            offset = e.index - self.base.index - 1
+            if 0 <= offset < len(self.log) and self.log[offset] != e:
+                return e.index
+        return None
+
+    def merge(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
+        """Make our log agree with ``entries`` (contiguous, from a log of the current epoch's leader):
+        skip what we have, truncate at the first divergence (never at or below commit), append the rest.
+        The caller has checked ``committed_conflict`` first."""
+        for i, e in enumerate(entries):
+            if e.index <= self.commit:
+                continue
+            if e.index <= self.last_index:
+                if self.epoch_at(e.index) == e.epoch:
+                    continue
+                self.truncate(e.index)
+            for rest in entries[i:]:
+                self.append(rest)
+            return
+
+    # ---- output helpers
+
+    def send(self, to: str, message: Message) -> None:
+        self.out_messages.append(Send(to, message))
+
+    def fact(self, event: str, **fields: object) -> None:
+        self.out_facts.append(Fact(event, tuple(fields.items())))
+
+    def set_epoch(self, epoch: int, promised_to: str | None) -> None:
+        self.hard = replace(self.hard, epoch=epoch, promised_to=promised_to)
+        self.highest_seen = max(self.highest_seen, epoch)
+
+    # ---- views and quorum
+
+    def node_id(self, who: str) -> int:
+        return self.view.get(who, -1)
+
+    def healthy(self, who: str) -> bool:
+        """In the view and not shutting down (a leaving leader told us so in its TakeOver)."""
+        return who in self.view and who not in self.departing
+
+    def highest_healthy_voter(self) -> str | None:
+        voters = [v for v in self.config.voters if self.healthy(v) or v == self.me]
+        return max(voters, key=lambda v: (self.node_id(v), v)) if voters else None
+
+    def reachable_voters(self) -> int:
+        """Voters this node can count on now: itself, plus (as leader) voters healthy in the view that
+        answered within the lease, or (otherwise) voters healthy in the view."""
+        count = 0
+        for v in self.config.voters:
+            if v == self.me:
+                count += 1
+            elif v in self.view:
+                if self.role != LEADER:
+                    count += 1
+                else:
+                    p = self.progress.get(v)
+                    count += p is not None and self.now - p.last_ack_s <= self.o.lease_s
+        return count
+
+    def no_quorum_reason(self) -> str | None:
+        n, q = len(self.config.voters), quorum(self.config)
+        reachable = self.reachable_voters()
+        return None if reachable >= q else f"no quorum: {reachable} of {n} voters reachable"
+
+    # ---- role changes
+
+    def step_down(self, reason: str) -> None:
+        if self.role == LEADER:
+            self.fact("leader_stepped_down", epoch=self.hard.epoch, reason=reason)
+            for r in self.reads:
+                self.out_replies.append(ReadRejected(r.read_id, "not-leader", f"leadership lost: {reason}"))
+        elif self.role == CANDIDATE:
+            self.fact(
+                "campaign_abandoned", epoch=self.campaign.epoch if self.campaign else None, reason=reason
+            )
+        self.role = FOLLOWER
+        self.campaign = None
+        self.progress = {}
+        self.reads = ()
+        self.handover_to = None
+        self.handover_since_s = NEVER
+        self.verified = self.commit
+
+    def adopt(self, epoch: int, leader: str | None) -> None:
+        """A higher epoch exists (its leader wrote to us, or a peer told us): join it. The epoch is durable
+        before anything we send in reply (Ready order), so we never promise it to someone else later."""
+        self.step_down(f"epoch {epoch} seen")
+        if epoch > self.hard.epoch:
+            self.set_epoch(epoch, None)
+        self.leader = leader
+        self.fact("epoch_adopted", epoch=epoch, leader=leader)
+
+    # ---- inputs
+
+    def receive(self, sender: str, m: Message) -> None:
+        epoch = self.hard.epoch
+        if isinstance(m, Prepare):
+            self.on_prepare(sender, m)
+            return
+        self.highest_seen = max(self.highest_seen, m.epoch)
+        if m.epoch < epoch:
+            # Lower epochs change nothing; requests are told the current epoch so old leaders step down.
+            if isinstance(m, Append | Heartbeat | Fetch | TakeOver):
+                self.send(sender, Stale(epoch))
+            return
+        if isinstance(m, Append | Heartbeat):
+            if m.epoch > epoch or self.role != FOLLOWER:
+                if m.epoch == epoch and self.role == LEADER:  # pragma: no cover - two leaders in one epoch
+                    raise AssertionError(f"two leaders in epoch {epoch}: {self.me} and {sender}")
+                self.adopt(m.epoch, sender)
+            if self.leader != sender:
+                self.leader = sender
+                self.verified = self.commit
+                self.fact("following", epoch=m.epoch, leader=sender)
+            self.leader_contact_s = self.now
+            if isinstance(m, Append):
+                self.on_append(sender, m)
+            else:
+                self.commit_to(min(m.commit, self.verified))
+                self.send(sender, HeartbeatAck(m.epoch, m.seq))
+        elif isinstance(m, Stale):
+            if m.epoch > epoch:
+                self.adopt(m.epoch, None)
+        elif isinstance(m, Promise):
+            self.on_promise(sender, m)  # for a campaign epoch, which is above ours until it is taken
+        elif isinstance(m, Refuse):
+            self.highest_seen = max(self.highest_seen, m.promised)
+        elif m.epoch > epoch:
+            return  # answers to requests we never sent in that epoch
+        elif isinstance(m, AppendAck | AppendReject | HeartbeatAck):
+            self.on_ack(sender, m)
+        elif isinstance(m, Fetch):
+            self.on_fetch(sender, m)
+        elif isinstance(m, FetchReply):
+            self.on_fetch_reply(sender, m)
+        elif isinstance(m, TakeOver):
+            if m.leaving:
+                self.departing[sender] = self.now + 10 * self.o.lease_s
+            if sender == self.leader and self.role == FOLLOWER and self.me in self.config.voters:
+                if not self.stopping and self.campaign is None:
+                    self.fact("takeover_requested", epoch=m.epoch, by=sender)
+                    self.start_campaign(handover=True)
+
+    def on_prepare(self, sender: str, m: Prepare) -> None:
+        epoch, h = self.hard.epoch, self.hard
+        if m.epoch < epoch or (m.epoch == epoch and h.promised_to != sender):
+            self.send(sender, Refuse(m.epoch, epoch, "stale"))
+            return
+        if sender not in self.config.voters:
+            self.send(sender, Refuse(m.epoch, epoch, "not-a-voter"))
+            return
+        if m.epoch > epoch and not m.handover:
+            # The lease rule: while a current leader is heard from (or we lead with majority contact), no
+            # other candidate gets a promise. So a node that merely cannot hear the leader (one-way cut)
+            # cannot move the epoch.
+            if self.role == LEADER and self.reachable_voters() >= quorum(self.config):
+                self.send(sender, Refuse(m.epoch, epoch, "lease"))
+                return
+            if self.role != LEADER and self.leader not in (None, sender):
+                if self.now - self.leader_contact_s < self.o.lease_s:
+                    self.send(sender, Refuse(m.epoch, epoch, "lease"))
+                    return
+        if m.epoch > epoch:
+            if self.role != FOLLOWER:
+                self.step_down(f"promised epoch {m.epoch} to {sender}")
+            self.set_epoch(m.epoch, sender)
+            self.leader = None
+            self.fact("epoch_promised", epoch=m.epoch, candidate=sender, handover=m.handover)
+        self.send(sender, Promise(m.epoch, self.last_id))
+
+    def on_append(self, sender: str, m: Append) -> None:
+        prev = m.prev
+        conflict = self.committed_conflict(m.entries)
+        if conflict is None and prev.index <= self.commit:
+            known = self.epoch_at(prev.index)
+            conflict = prev.index if known is not None and known != prev.epoch else None
+        if conflict is not None:
+            self.fact("foreign_history", leader=sender, epoch=m.epoch, index=conflict)
+            return  # no ack, no reject: nothing the sender could send would make this log its own
+        if prev.index > self.last_index:
+            self.send(sender, AppendReject(m.epoch, prev.index, self.last_index, m.seq))
+            return
+        if prev.index > self.commit and self.epoch_at(prev.index) != prev.epoch:
+            # Back off to the last index whose epoch is not above the leader's: everything of a newer
+            # epoch than prev can only be a divergent suffix.
+            hint = prev.index - 1
+            while hint > self.commit and (self.epoch_at(hint) or 0) > prev.epoch:
+                hint -= 1
+            self.send(sender, AppendReject(m.epoch, prev.index, hint, m.seq))
+            return
+        self.merge(m.entries)
+        matched = prev.index + len(m.entries)
+        self.verified = max(self.verified, matched)
+        self.commit_to(min(m.commit, self.verified))
+        self.send(sender, AppendAck(m.epoch, matched, m.seq))
+
+    def commit_to(self, index: int) -> None:
+        index = min(index, self.last_index)
+        if index > self.commit:
+            self.commit = index
+
+    def on_ack(self, sender: str, m: AppendAck | AppendReject | HeartbeatAck) -> None:
+        if self.role != LEADER or sender not in self.progress:
+            return
+        p = self.progress[sender]
+        p = replace(p, last_ack_s=self.now, acked_seq=max(p.acked_seq, m.seq))
+        if isinstance(m, AppendAck):
+            moved = m.match > p.match
+            p = replace(
+                p,
+                match=max(p.match, m.match),
+                next=max(p.next, m.match + 1),
+                inflight=max(0, p.inflight - 1),
+                probing=False,
+                last_progress_s=self.now if moved else p.last_progress_s,
+            )
+        elif isinstance(m, AppendReject):
+            if m.rejected > p.match:  # a reject about what is already matched is an old, reordered one
+                p = replace(
+                    p,
+                    next=max(p.match + 1, min(m.rejected, m.hint + 1)),
+                    inflight=0,
+                    probing=True,
+                    last_progress_s=self.now,
+                )
+        self.progress[sender] = p
+        if isinstance(m, AppendAck):
+            self.advance_commit()
+        if not isinstance(m, HeartbeatAck):
+            self.replicate(sender)
+
+    def advance_commit(self) -> None:
+        """Commit rule: the highest index durable on a majority of voters, and only an entry of our own
+        epoch (an older entry commits through it: Raft §5.4.2; our EpochStart entry is what makes it
+        happen at once). The leader's own entries are durable: the shell persisted every earlier Ready
+        before this input, and this Ready's appends are persisted before its commits are applied."""
+        cfg = self.config
+        matches = sorted(
+            (self.last_index if v == self.me else self.progress[v].match if v in self.progress else 0)
+            for v in cfg.voters
+        )
+        if not matches:
+            return
+        q = quorum(cfg)
+        if q > len(matches):
+            return
+        n = matches[len(matches) - q]
+        if n > self.commit and self.epoch_at(n) == self.hard.epoch:
+            self.commit = n
+
+    def replicate(self, peer: str) -> None:
+        """Pipeline Appends to ``peer`` up to the in-flight window (one at a time while probing); entries
+        older than the in-memory window are read from disk first (ReadLog)."""
+        p = self.progress.get(peer)
+        if p is None or p.reading:
+            return
+        while p.next <= self.last_index and p.inflight < self.o.max_inflight:
+            if p.next - 1 < self.base.index:
+                first = max(1, p.next - 1)
+                last = min(self.base.index, first + self.o.max_batch_entries)
+                self.out_read_log.append(ReadLog(peer, "append", self.hard.epoch, first, last))
+                p = replace(p, reading=True)
+                break
+            prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
+            batch = self.entries_from(p.next)
+            self.send(peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
+            if p.inflight == 0:
+                p = replace(p, last_progress_s=self.now)
+            p = replace(p, next=p.next + len(batch), inflight=p.inflight + 1)
+            if p.probing:
+                break
+        self.progress[peer] = p
+
+    def on_promise(self, sender: str, m: Promise) -> None:
+        c = self.campaign
+        if self.role != CANDIDATE or c is None or c.epoch != m.epoch or c.phase != "prepare":
+            return
+        if sender not in self.config.voters:
+            return
+        promises = tuple(x for x in c.promises if x[0] != sender) + ((sender, m.last),)
+        self.campaign = replace(c, promises=promises)
+        self.check_promises()
+
+    def check_promises(self) -> None:
+        c = self.campaign
+        assert c is not None
+        h = self.hard
+        # Our own promise counts only if we have not promised this epoch to someone else meanwhile.
+        self_ok = h.epoch < c.epoch or (h.epoch == c.epoch and h.promised_to == self.me)
+        if not self_ok:
+            self.step_down(f"epoch {c.epoch} promised elsewhere")
+            return
+        if 1 + len(c.promises) < quorum(self.config):
+            return
+        # Epoch taken: persisted (Ready.hard_state) before any message of this epoch goes out.
+        self.set_epoch(c.epoch, self.me)
+        donor, donor_last = pick_donor(self.me, self.last_id, c.promises)
+        self.fact("epoch_taken", epoch=c.epoch, promises=len(c.promises) + 1, donor=donor)
+        if donor == self.me:
+            self.become_leader()
+            return
+        # View change: take every entry we lack from the most advanced promiser before serving.
+        self.campaign = replace(c, phase="fetch", donor=donor, fetched_to=self.commit, started_s=self.now)
+        self.send_fetch()
+
+    def send_fetch(self) -> None:
+        c = self.campaign
+        assert c is not None and c.donor is not None
+        self.send(c.donor, Fetch(c.epoch, c.fetched_to + 1))
+        self.campaign = replace(c, sent_s=self.now)
+
+    def on_fetch(self, sender: str, m: Fetch) -> None:
+        if self.hard.epoch != m.epoch or self.hard.promised_to != sender:
+            return
+        if m.start <= self.base.index:
+            last = min(self.base.index, m.start + self.o.max_batch_entries - 1)
+            self.out_read_log.append(ReadLog(sender, "fetch", m.epoch, m.start, last))
+            return
+        batch = self.entries_from(m.start) if m.start <= self.last_index else []
+        self.send(sender, FetchReply(m.epoch, m.start, tuple(batch), self.last_id))
+
+    def on_fetch_reply(self, sender: str, m: FetchReply) -> None:
+        c = self.campaign
+        if c is None or c.phase != "fetch" or c.donor != sender or m.start != c.fetched_to + 1:
+            return
+        conflict = self.committed_conflict(m.entries)
+        if conflict is not None:
+            self.fact("foreign_history", leader=sender, epoch=m.epoch, index=conflict)
+            self.step_down(f"donor {sender} holds another history")
+            return
+        self.merge(m.entries)
+        fetched_to = c.fetched_to + len(m.entries)
+        self.campaign = c = replace(c, fetched_to=fetched_to, started_s=self.now)
+        if fetched_to >= m.last.index:
+            if self.last_index > m.last.index:
+                self.truncate(m.last.index + 1)  # our longer suffix lost against a more advanced log
+            if self.last_id != m.last:  # pragma: no cover - would mean the donor's log changed
+                raise AssertionError(f"view change ended at {self.last_id}, donor at {m.last}")
+            self.become_leader()
+        else:
+            self.send_fetch()
+
+    def become_leader(self) -> None:
+        epoch = self.hard.epoch
+        self.role = LEADER
+        self.leader = self.me
+        self.leader_contact_s = self.now
+        self.campaign = None
+        self.reads = ()
+        self.handover_to = None
+        self.handover_since_s = NEVER
+        self.handover_retry_s = NEVER
+        self.progress = {}
+        start = self.last_index + 1
+        for peer in self.config.members - {self.me}:
+            self.progress[peer] = Progress(next=start, last_ack_s=self.now, last_progress_s=self.now)
+        self.epoch_start = start
+        self.append(Entry(epoch, start, Kind.EPOCH_START))
+        self.fact("became_leader", epoch=epoch, epoch_start=start)
+        for peer in sorted(self.progress):
+            self.replicate(peer)
+        self.advance_commit()
+
+    def start_campaign(self, handover: bool) -> None:
+        epoch = max(self.hard.epoch, self.highest_seen) + 1
+        self.role = CANDIDATE
+        self.campaign = Campaign(epoch, self.now, handover)
+        self.fact("campaign_started", epoch=epoch, handover=handover)
+        self.send_prepares()
+        self.check_promises()
+
+    def send_prepares(self) -> None:
+        c = self.campaign
+        assert c is not None
+        have = {p for p, _ in c.promises}
+        for v in sorted(self.config.voters - {self.me} - have):
+            self.send(v, Prepare(c.epoch, self.last_id, c.handover))
+        self.campaign = replace(c, sent_s=self.now)
+
+    def submit(self, inp: Submit) -> None:
+        rejection = self.write_rejection()
+        if rejection is not None:
+            code, reason = rejection
+            leader = self.leader if self.role != LEADER else None
+            self.out_replies.extend(SubmitRejected(rid, code, reason, leader) for rid, _ in inp.commands)
+            return
+        epoch = self.hard.epoch
+        for rid, payload in inp.commands:
+            index = self.last_index + 1
+            self.append(Entry(epoch, index, Kind.COMMAND, payload))
+            self.out_replies.append(SubmitAccepted(rid, epoch, index))
+        for peer in sorted(self.progress):
+            self.replicate(peer)
+        self.advance_commit()
+
+    def write_rejection(self) -> tuple[str, str] | None:
+        if self.role != LEADER:
+            if self.highest_healthy_voter() == self.me:
+                reason = self.no_quorum_reason()
+                if reason:
+                    return "no-quorum", reason
+                return "not-leader", "no leader yet: election in progress"
+            return "not-leader", f"not the leader (leader: {self.leader})"
+        reason = self.no_quorum_reason()
+        if reason:
+            return "no-quorum", reason
+        if self.draining or self.stopping:
+            return "not-writable", "leadership handover in progress"
+        if self.commit < self.epoch_start:
+            return "not-writable", "view change in progress"
+        if self.last_index - self.commit >= self.o.max_uncommitted:
+            return "busy", f"{self.last_index - self.commit} entries await commit"
+        return None
+
+    def read(self, inp: Read) -> None:
+        rejection = self.write_rejection()
+        if rejection is not None and rejection[0] != "busy":
+            code, reason = rejection
+            leader = self.leader if self.role != LEADER else None
+            self.out_replies.extend(ReadRejected(rid, code, reason, leader) for rid in inp.read_ids)
+            return
+        # ReadIndex: the commit index now covers every write acknowledged before the read arrived; a
+        # heartbeat round sent after it proves we still lead when a majority answers.
+        self.seq += 1
+        self.reads = (
+            *self.reads,
+            *(PendingRead(rid, self.commit, self.seq, self.now) for rid in inp.read_ids),
+        )
+        self.send_heartbeats(new_round=False)
+
+    def log_read(self, inp: LogRead) -> None:
+        req = inp.request
+        if req.epoch != self.hard.epoch:
+            return
+        if req.purpose == "fetch":
+            if self.hard.promised_to == req.peer:
+                self.send(req.peer, FetchReply(req.epoch, req.first, inp.entries, self.last_id))
+            return
+        p = self.progress.get(req.peer)
+        if self.role != LEADER or p is None or not p.reading:
+            return
+        p = replace(p, reading=False)
+        expected_first = max(1, p.next - 1)
+        entries = inp.entries
+        if req.first == expected_first and entries and entries[0].index == req.first:
+            if p.next == 1:
+                prev, batch = LogId(0, 0), entries
+            else:
+                prev, batch = entries[0].id, entries[1:]
+            if batch:
+                self.send(req.peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
+                p = replace(p, next=p.next + len(batch), inflight=p.inflight + 1)
+        self.progress[req.peer] = p
+        self.replicate(req.peer)
+
+    # ---- timers
+
+    def send_heartbeats(self, new_round: bool = True) -> None:
+        if new_round:
+            self.seq += 1
+        for peer in sorted(self.progress):
+            self.send(peer, Heartbeat(self.hard.epoch, self.commit, self.seq))
+        self.heartbeat_sent_s = self.now
+
+    def maintain(self) -> None:
+        for who, until_s in list(self.departing.items()):
+            if until_s <= self.now or who not in self.view:
+                del self.departing[who]
+        if self.role == LEADER:
+            self.maintain_leader()
+        else:
+            self.maintain_other()
+        self.apply_committed()
+        writable = (
+            self.role == LEADER
+            and self.commit >= self.epoch_start
+            and not self.draining
+            and not self.stopping
+            and self.no_quorum_reason() is None
+        )
+        if writable != self.writable:
+            self.writable = writable
+            self.fact("writable_changed", writable=writable, epoch=self.hard.epoch)
+
+    def maintain_other(self) -> None:
+        c = self.campaign
+        if c is not None:
+            if self.now - c.started_s >= self.o.election_timeout_s:
+                self.step_down("campaign timed out")
+            elif self.now - c.sent_s >= self.o.resend_s:
+                if c.phase == "prepare":
+                    self.send_prepares()
+                else:
+                    self.send_fetch()
+            return
+        if self.stopping or self.me not in self.config.voters or self.highest_healthy_voter() != self.me:
+            return
+        if self.leader not in (None, self.me) and self.now - self.leader_contact_s < self.o.lease_s:
+            return  # a leader is alive: it hands over to us (planned handover) instead of being deposed
+        self.start_campaign(handover=False)
+
+    def maintain_leader(self) -> None:
+        now, o = self.now, self.o
+        if now - self.heartbeat_sent_s >= o.heartbeat_s:
+            self.send_heartbeats()
+            for peer in sorted(self.progress):
+                p = self.progress[peer]
+                if p.next > p.match + 1 and not p.reading and now - p.last_progress_s >= o.resend_s:
+                    # Lost appends (or acks): go back to what is known to match and send again.
+                    self.progress[peer] = replace(p, next=p.match + 1, inflight=0, last_progress_s=now)
+                self.replicate(peer)
+        self.confirm_reads()
+        self.maintain_handover()
+        if self.writable_now() and self.handover_to is None:
+            self.maintain_membership()
+
+    @property
+    def draining(self) -> bool:
+        return self.handover_to is not None and self.handover_since_s != NEVER
+
+    def writable_now(self) -> bool:
+        return self.commit >= self.epoch_start and not self.stopping and self.no_quorum_reason() is None
+
+    def confirm_reads(self) -> None:
+        if not self.reads:
+            return
+        cfg, keep = self.config, []
+        for r in self.reads:
+            votes = sum(
+                1
+                for v in cfg.voters
+                if v == self.me or (v in self.progress and self.progress[v].acked_seq >= r.seq)
+            )
+            if votes >= quorum(cfg) and self.commit >= self.epoch_start:
+                self.out_replies.append(ReadConfirmed(r.read_id, r.index))
+            elif self.now - r.at_s > self.o.lease_s:
+                reason = self.no_quorum_reason() or "no majority confirmed the read within the lease"
+                self.out_replies.append(ReadRejected(r.read_id, "no-quorum", reason))
+            else:
+                keep.append(r)
+        self.reads = tuple(keep)
+
+    def maintain_handover(self) -> None:
+        """Planned handover: a higher-ID voter that is healthy and answering (or any, when stopping) gets
+        the lead. While it is more than one batch behind, writes go on and it is caught up like any
+        follower; then writes stop (``draining``), it receives the rest, and gets TakeOver. A handover that
+        does not finish within handover_timeout_s of the stop is abandoned (writes resume)."""
+        now, o = self.now, self.o
+        cfg = self.config
+        answering = [
+            v
+            for v in cfg.voters
+            if v != self.me
+            and self.healthy(v)
+            and v in self.progress
+            and now - self.progress[v].last_ack_s <= o.lease_s
+        ]
+        target = None
+        if answering and now >= self.handover_retry_s:
+            best = max(answering, key=lambda v: (self.node_id(v), v))
+            if self.stopping or (self.node_id(best), best) > (self.node_id(self.me), self.me):
+                target = best
+        if target != self.handover_to:
+            if target is not None:
+                self.fact("handover_started", epoch=self.hard.epoch, to=target)
+            self.handover_to = target
+            self.handover_since_s = NEVER
+            self.takeover_sent_s = NEVER
+        if self.handover_to is None:
+            return
+        p = self.progress[self.handover_to]
+        if not self.draining:
+            if p.match < self.last_index - o.max_batch_entries and not self.stopping:
+                return
+            self.handover_since_s = now
+        if now - self.handover_since_s > o.handover_timeout_s:
+            self.fact("handover_abandoned", epoch=self.hard.epoch, to=self.handover_to)
+            self.handover_to = None
+            self.handover_since_s = NEVER
+            self.handover_retry_s = now + 4 * o.handover_timeout_s
+            return
+        if p.match == self.last_index and now - self.takeover_sent_s >= o.heartbeat_s:
+            self.send(self.handover_to, TakeOver(self.hard.epoch, leaving=self.stopping))
+            self.takeover_sent_s = now
+
+    def maintain_membership(self) -> None:
+        """One change at a time, through the log, only once the previous change is committed:
+        reap silent voters, then silent learners, promote a caught-up learner, add a new healthy node."""
+        cfg = self.config
+        if self.hard.configs[-1][0] > self.commit:
+            return
+        now, o = self.now, self.o
+        change: Config | None = None
+        for v in sorted(cfg.voters - {self.me}):
+            p = self.progress.get(v)
+            if p is not None and now - p.last_ack_s > o.reap_timeout_s:
+                change, why = Config(cfg.voters - {v}, cfg.learners), f"voter {v} silent"
+                break
+        if change is None:
+            for v in sorted(cfg.learners):
+                p = self.progress.get(v)
+                if p is not None and now - p.last_ack_s > o.reap_timeout_s:
+                    change, why = Config(cfg.voters, cfg.learners - {v}), f"learner {v} silent"
+                    break
+        if change is None:
+            for v in sorted(cfg.learners):
+                p = self.progress.get(v)
+                if (
+                    p is not None
+                    and v in self.view
+                    and p.match >= self.commit
+                    and now - p.last_ack_s <= o.lease_s
+                ):
+                    change, why = Config(cfg.voters | {v}, cfg.learners - {v}), f"learner {v} caught up"
+                    break
+        if change is None:
+            for v in sorted(set(self.view) - cfg.members - {self.me}):
+                change, why = Config(cfg.voters, cfg.learners | {v}), f"new node {v}"
+                break
+        if change is None:
+            return
+        entry = Entry(self.hard.epoch, self.last_index + 1, Kind.CONFIG, change.encode())
+        self.append(entry)
+        for peer in change.members - {self.me} - set(self.progress):
+            self.progress[peer] = Progress(next=self.last_index, last_ack_s=now, last_progress_s=now)
+        for peer in set(self.progress) - change.members:
+            del self.progress[peer]
+        self.fact(
+            "config_proposed",
+            epoch=self.hard.epoch,
+            index=entry.index,
+            reason=why,
+            voters=sorted(change.voters),
+            learners=sorted(change.learners),
+        )
+        for peer in sorted(self.progress):
+            self.replicate(peer)
+        self.advance_commit()
+
+    def apply_committed(self) -> None:
+        if self.commit > self.applied:
+            first = self.applied + 1
+            self.out_apply.extend(self.log[first - self.base.index - 1 : self.commit - self.base.index])
+            self.applied = self.commit
+            # Config history below the commit index: only the latest committed one is still needed.
+            configs = self.hard.configs
+            committed = [c for c in configs if c[0] <= self.commit]
+            pruned = (*committed[-1:], *(c for c in configs if c[0] > self.commit))
+            if pruned != configs:
+                self.hard = replace(self.hard, configs=pruned)
+
+    def trim(self) -> None:
+        """Memory bound: keep at most keep_applied applied entries; older ones are read back via ReadLog."""
+        new_base = self.applied - self.o.keep_applied
+        if new_base > self.base.index:
+            cut = new_base - self.base.index
+            self.base = self.log[cut - 1].id
+            del self.writable_log()[:cut]
+
+    def finish(self) -> tuple[State, Ready]:
+        st = self.st
+        truncate_from = append = None
+        if self.dirty is not None:
+            truncate_from = self.dirty if self.dirty <= st.last.index else None
+            append = tuple(self.log[self.dirty - self.base.index - 1 :])
+        self.trim()
+        values = {name: getattr(self, name) for name in State.__dataclass_fields__}
+        values["log"] = tuple(self.log) if isinstance(self.log, list) else self.log
+        values["progress"] = MappingProxyType(self.progress)
+        values["departing"] = MappingProxyType(self.departing)
+        new = State(**values)
+        ready = Ready(
+            hard_state=self.hard if self.hard != st.hard else None,
+            truncate_from=truncate_from,
+            append=append or (),
+            messages=tuple(self.out_messages),
+            read_log=tuple(self.out_read_log),
+            apply=tuple(self.out_apply),
+            replies=tuple(self.out_replies),
+            facts=tuple(self.out_facts),
+        )
+        return new, ready

@@ -1,0 +1,366 @@
+"""Values of the replication core: log entries, cluster configuration, peer messages, inputs and Ready.
+
+Everything is a frozen, slotted dataclass so a state or a message can be kept, compared and replayed without
+copying. Messages carry no sender: the shell's authenticated transport names the sender in ``Receive``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# --- the log ------------------------------------------------------------------------------------------------
+
+
+class Kind(enum.Enum):
+    COMMAND = "command"  # opaque client payload (a stamped WriteCommand), applied by the state machine
+    EPOCH_START = (
+        "epoch-start"  # empty; the first entry of every leader's epoch (its commit commits the past)
+    )
+    CONFIG = "config"  # a new Config, encoded with Config.encode(); effective from the moment it is in a log
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class LogId:
+    """(epoch, index) of an entry. The dataclass order is the up-to-date order: higher epoch first, then
+    longer log. LogId(0, 0) is the empty log."""
+
+    epoch: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    epoch: int
+    index: int
+    kind: Kind
+    payload: bytes = b""
+
+    @property
+    def id(self) -> LogId:
+        return LogId(self.epoch, self.index)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Who votes and who only receives entries, by persistent node identity (never by IP-derived ID)."""
+
+    voters: frozenset[str] = frozenset()
+    learners: frozenset[str] = frozenset()
+
+    @property
+    def quorum(self) -> int:
+        return len(self.voters) // 2 + 1
+
+    @property
+    def members(self) -> frozenset[str]:
+        return self.voters | self.learners
+
+    def encode(self) -> bytes:
+        """Deterministic bytes (sorted, versioned) so every replica stores the same entry."""
+        body = {"v": 1, "voters": sorted(self.voters), "learners": sorted(self.learners)}
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> Config:
+        body = json.loads(data)
+        if body.get("v") != 1:
+            raise ValueError(f"unknown config version {body.get('v')!r}")
+        return Config(frozenset(body["voters"]), frozenset(body["learners"]))
+
+
+@dataclass(frozen=True, slots=True)
+class HardState:
+    """What must survive a crash besides the log: the epoch this node is in, to whom it promised that epoch
+    (None when it adopted the epoch from a leader without promising), and the configuration history that
+    may still be needed: the last committed Config and every Config entry above the commit index, as
+    (index, config) in log order. ``restore`` re-derives the part above the applied index from the log."""
+
+    epoch: int = 0
+    promised_to: str | None = None
+    configs: tuple[tuple[int, Config], ...] = ((0, Config()),)
+
+    @property
+    def config(self) -> Config:
+        return self.configs[-1][1]
+
+
+# --- peer messages (one union) ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    """A candidate asks for a promise of ``epoch``; ``last`` is its own last LogId (for logs only)."""
+
+    epoch: int
+    last: LogId
+    handover: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    """The voter promised ``epoch`` (durably, before this was sent) and reports how far its log goes."""
+
+    epoch: int
+    last: LogId
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    epoch: int
+    promised: int  # the voter's own epoch, so a candidate can aim higher next time
+    reason: str  # "stale" | "lease" | "not-a-voter"
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    epoch: int
+    prev: LogId
+    entries: tuple[Entry, ...]
+    commit: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendAck:
+    """Sent only after the entries are durable: ``match`` is the last index known equal to the leader's."""
+
+    epoch: int
+    match: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendReject:
+    """``prev`` did not match; ``hint`` is an index at or below which the follower's log may match."""
+
+    epoch: int
+    rejected: int
+    hint: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Leadership proof and commit index; ``seq`` numbers the round for linearizable reads."""
+
+    epoch: int
+    commit: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAck:
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """Answer to a message from a lower epoch: the receiver is in ``epoch``."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """View change: the new leader asks its most advanced promiser for entries from ``start`` on."""
+
+    epoch: int
+    start: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchReply:
+    epoch: int
+    start: int
+    entries: tuple[Entry, ...]
+    last: LogId  # the donor's last entry: the fetch is complete when the new leader's log ends there
+
+
+@dataclass(frozen=True, slots=True)
+class TakeOver:
+    """Planned handover: the leader of ``epoch`` has brought the receiver up to date; take over at once.
+    ``leaving``: the sender is shutting down, so the successor must not hand the lead back to it."""
+
+    epoch: int
+    leaving: bool = False
+
+
+Message = (
+    Prepare
+    | Promise
+    | Refuse
+    | Append
+    | AppendAck
+    | AppendReject
+    | Heartbeat
+    | HeartbeatAck
+    | Stale
+    | Fetch
+    | FetchReply
+    | TakeOver
+)
+
+# --- inputs -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed (``now`` comes with every step); run timers: heartbeats, leases, campaigns, reaping."""
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChanged:
+    """The membership layer's newest view: persistent identity -> current numeric ID of every *healthy*
+    node, this one included. IDs follow addresses and may change; identities do not."""
+
+    healthy: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    sender: str  # authenticated by the transport
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """Client writes, batched by the shell: one Ready appends them all (one append, one fsync)."""
+
+    commands: tuple[tuple[str, bytes], ...]  # (request id, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """Linearizable reads: confirmed after a majority answers a heartbeat round sent after they arrived."""
+
+    read_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LogRead:
+    """The shell's answer to a ReadLog action: entries first..last from the durable log (inclusive)."""
+
+    request: ReadLog
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The node is shutting down: a leader hands over to the highest healthy voter; nobody campaigns."""
+
+
+Input = Tick | ViewChanged | Receive | Submit | Read | LogRead | Stop
+
+# --- outputs ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    to: str
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLog:
+    """Read entries first..last (inclusive) from the durable log and feed them back as LogRead. Asked when a
+    peer needs entries older than the in-memory window (catch-up, or a Fetch during a view change)."""
+
+    peer: str
+    purpose: str  # "append" | "fetch"
+    epoch: int
+    first: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitAccepted:
+    """Appended as (epoch, index). The client's answer comes when index is applied: if the applied entry
+    at ``index`` has this ``epoch`` the write took effect, otherwise it was discarded (leader change)."""
+
+    request_id: str
+    epoch: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRejected:
+    request_id: str
+    code: str  # "not-leader" | "no-quorum" | "not-writable" | "busy"
+    reason: str  # e.g. "no quorum: 1 of 3 voters reachable"
+    leader: str | None = None  # identity of the leader this node follows, for forwarding
+
+
+@dataclass(frozen=True, slots=True)
+class ReadConfirmed:
+    """Serve the read once this node has applied ``index``."""
+
+    read_id: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRejected:
+    read_id: str
+    code: str
+    reason: str
+    leader: str | None = None
+
+
+Reply = SubmitAccepted | SubmitRejected | ReadConfirmed | ReadRejected
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """Something worth one log line: ``event`` is a constant name, ``fields`` its keys."""
+
+    event: str
+    fields: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """What the shell must do after a step, IN THIS ORDER:
+
+    1. ``hard_state``: write and fsync it (epoch, promise, configs) when not None.
+    2. ``truncate_from`` / ``append``: delete log entries with index >= truncate_from, then append ``append``
+       and fsync. Both 1 and 2 complete BEFORE any message of 3 is sent: a Promise is a promise only once the
+       epoch is durable, an AppendAck claims entries are durable, and a leader's Append of a new epoch must
+       not exist without that epoch on its own disk.
+    3. ``messages``: send (best effort; loss, delay and duplication are tolerated).
+    4. ``apply``: committed entries, in index order, to the state machine (after 2: an entry may be appended
+       and committed in the same Ready on a single voter).
+    5. ``replies``: answers to Submit and Read inputs (a ReadConfirmed is served once ``apply`` reached it).
+    6. ``read_log``: read those ranges from the durable log and step each back as a LogRead input (a new
+       input, so after this Ready is done).
+    ``facts`` are for logging only.
+
+    Group commit: the shell may step several inputs and carry out their Readys together (their writes in
+    one fsync), provided every write of those Readys completes before any of their messages, applies or
+    replies, and the Readys keep their order. That is what lets a follower fsync once for many Appends.
+    """
+
+    hard_state: HardState | None = None
+    truncate_from: int | None = None
+    append: tuple[Entry, ...] = ()
+    messages: tuple[Send, ...] = ()
+    apply: tuple[Entry, ...] = ()
+    replies: tuple[Reply, ...] = ()
+    read_log: tuple[ReadLog, ...] = ()
+    facts: tuple[Fact, ...] = field(default=())
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.hard_state
+            or self.truncate_from
+            or self.append
+            or self.messages
+            or self.read_log
+            or self.apply
+            or self.replies
+            or self.facts
+        )

@@ -1,0 +1,230 @@
+"""Step-level rules of the replication core, one input at a time (no simulation)."""
+
+import pathlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import node.core.replication as replication
+from node.core.replication import machine
+from node.core.replication.messages import (
+    Append,
+    AppendAck,
+    AppendReject,
+    Config,
+    Entry,
+    HardState,
+    Heartbeat,
+    Kind,
+    LogId,
+    LogRead,
+    Prepare,
+    Promise,
+    Receive,
+    Refuse,
+    Stale,
+    Submit,
+    SubmitAccepted,
+    Tick,
+    ViewChanged,
+)
+from tests.core.test_purity import violations
+
+VOTERS = frozenset({"a", "b", "c"})
+VIEW = ViewChanged({"a": 1, "b": 2, "c": 3})
+
+
+def test_replication_core_imports_no_io_clock_or_randomness():
+    """tests/core/test_purity.py covers node/core/*.py; the subpackage is held to the same rule."""
+    package = pathlib.Path(replication.__file__).parent
+    files = sorted(package.glob("*.py"))
+    assert len(files) >= 3
+    found = [v for path in files for v in violations(path, package="node.core.replication")]
+    assert found == []
+
+
+def test_the_subpackage_purity_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from ...runtime import clock\nimport time\nfrom node.storage import log\n")
+    found = violations(bad, package="node.core.replication")
+    assert any("node.runtime" in v for v in found)
+    assert any(v.endswith("imports time") for v in found)
+    assert any("node.storage" in v for v in found)
+
+
+def follower(me="a", epoch=1, entries=(), commit=1):
+    state, _ = machine.bootstrap(me, VOTERS)
+    log = state.log + tuple(entries)
+    state = machine.State(
+        me,
+        state.options,
+        HardState(epoch, None, state.hard.configs),
+        LogId(0, 0),
+        log,
+        commit=commit,
+        applied=commit,
+        verified=commit,
+    )
+    state, _ = machine.step(state, VIEW, 0.0)
+    return state
+
+
+def cmd(epoch, index, payload=b"x"):
+    return Entry(epoch, index, Kind.COMMAND, payload)
+
+
+def test_messages_from_a_lower_epoch_change_nothing_and_are_told_the_epoch():
+    state = follower(epoch=3)
+    new, ready = machine.step(state, Receive("c", Append(2, LogId(0, 1), (cmd(2, 2),), 2, 1)), 1.0)
+    assert new.last.index == 1 and new.commit == 1 and ready.append == ()
+    assert [s.message for s in ready.messages] == [Stale(3)]
+
+
+def test_a_higher_epoch_append_is_persisted_before_the_ack():
+    state = follower(epoch=1)
+    new, ready = machine.step(state, Receive("c", Append(2, LogId(0, 1), (cmd(2, 2),), 1, 7)), 1.0)
+    assert ready.hard_state == HardState(2, None, state.hard.configs)
+    assert ready.append == (cmd(2, 2),)
+    assert [s.message for s in ready.messages] == [AppendAck(2, 2, 7)]
+    assert new.leader == "c"
+
+
+def test_a_divergent_uncommitted_suffix_is_truncated_but_a_committed_entry_never():
+    state = follower(epoch=2, entries=(cmd(1, 2, b"old"), cmd(1, 3, b"old")), commit=2)
+    # The leader of epoch 2 says entry 2 is its (1, 2) and sends its own 3 and 4.
+    new, ready = machine.step(state, Receive("c", Append(2, LogId(1, 2), (cmd(2, 3), cmd(2, 4)), 3, 1)), 1.0)
+    assert ready.truncate_from == 3 and ready.append == (cmd(2, 3), cmd(2, 4))
+    assert new.commit == 3
+    # An entry at or below the commit index is skipped, never compared for truncation.
+    msg = Append(2, LogId(0, 1), (cmd(9, 2, b"other"), cmd(2, 3)), 3, 2)
+    again, ready = machine.step(new, Receive("c", msg), 1.1)
+    assert ready.truncate_from is None and again.log == new.log
+
+
+def test_truncating_a_committed_entry_raises():
+    state = follower(epoch=2, entries=(cmd(1, 2),), commit=2)
+    s = machine._Step(state, 0.0)
+    with pytest.raises(AssertionError, match="refusing to truncate committed entry 2"):
+        s.truncate(2)
+
+
+def test_a_mismatch_is_rejected_with_a_hint_below_the_divergent_epoch():
+    state = follower(epoch=3, entries=(cmd(1, 2), cmd(2, 3), cmd(2, 4)), commit=1)
+    _, ready = machine.step(state, Receive("c", Append(3, LogId(1, 4), (), 1, 5)), 1.0)
+    assert [s.message for s in ready.messages] == [AppendReject(3, 4, 2, 5)]
+    _, ready = machine.step(state, Receive("c", Append(3, LogId(3, 9), (), 1, 6)), 1.0)
+    assert [s.message for s in ready.messages] == [AppendReject(3, 9, 4, 6)]
+
+
+def test_commit_learnt_from_a_heartbeat_is_capped_by_what_was_verified():
+    state = follower(epoch=2, entries=(cmd(1, 2), cmd(1, 3)), commit=1)
+    new, _ = machine.step(state, Receive("c", Heartbeat(2, 3, 1)), 1.0)
+    assert new.commit == 1  # entries 2-3 may be from an old leader: not verified against this one
+    new, _ = machine.step(new, Receive("c", Append(2, LogId(1, 2), (), 3, 2)), 1.1)
+    assert new.commit == 2
+
+
+def test_a_voter_that_hears_its_leader_refuses_other_candidates_until_the_lease_ends():
+    state = follower(epoch=2)
+    state, _ = machine.step(state, Receive("c", Heartbeat(2, 1, 1)), 10.0)
+    _, ready = machine.step(state, Receive("b", Prepare(3, LogId(0, 1))), 10.1)
+    assert [s.message for s in ready.messages] == [Refuse(3, 2, "lease")] and ready.hard_state is None
+    new, ready = machine.step(state, Receive("b", Prepare(3, LogId(0, 1))), 10.0 + state.options.lease_s)
+    assert ready.hard_state == HardState(3, "b", state.hard.configs)  # durable before the Promise goes out
+    assert [s.message for s in ready.messages] == [Promise(3, LogId(0, 1))]
+    # The same candidate asking again gets the same answer; another one for the same epoch does not.
+    _, ready = machine.step(new, Receive("b", Prepare(3, LogId(0, 1))), 11.0)
+    assert [s.message for s in ready.messages] == [Promise(3, LogId(0, 1))]
+    _, ready = machine.step(new, Receive("c", Prepare(3, LogId(0, 1))), 11.0)
+    assert [s.message for s in ready.messages] == [Refuse(3, 3, "stale")]
+
+
+def test_a_handover_prepare_is_granted_within_the_lease_and_non_voters_are_refused():
+    state = follower(epoch=2)
+    state, _ = machine.step(state, Receive("c", Heartbeat(2, 1, 1)), 10.0)
+    _, ready = machine.step(state, Receive("b", Prepare(3, LogId(0, 1), handover=True)), 10.1)
+    assert [s.message for s in ready.messages] == [Promise(3, LogId(0, 1))]
+    _, ready = machine.step(state, Receive("x", Prepare(3, LogId(0, 1))), 20.0)
+    assert [s.message for s in ready.messages] == [Refuse(3, 2, "not-a-voter")]
+
+
+def test_a_single_voter_appends_commits_applies_and_answers_in_one_ready():
+    state, _ = machine.bootstrap("a", frozenset({"a"}))
+    state, ready = machine.step(state, ViewChanged({"a": 1}), 0.0)
+    assert state.writable and ready.hard_state.epoch == 1
+    state, ready = machine.step(state, Submit((("r1", b"p1"), ("r2", b"p2"))), 0.1)
+    assert [e.payload for e in ready.append] == [b"p1", b"p2"]  # one append for the batch
+    assert ready.apply == ready.append
+    assert ready.replies == (SubmitAccepted("r1", 1, 3), SubmitAccepted("r2", 1, 4))
+
+
+def test_the_candidate_is_the_highest_id_healthy_voter_and_asks_every_other_voter():
+    state, _ = machine.bootstrap("b", VOTERS)
+    _, ready = machine.step(state, ViewChanged({"a": 1, "b": 2}), 0.0)  # c is not healthy
+    assert sorted(s.to for s in ready.messages) == ["a", "c"]
+    assert all(isinstance(s.message, Prepare) and s.message.epoch == 1 for s in ready.messages)
+    assert ready.hard_state is None  # its own promise is taken only with the majority
+    _, ready = machine.step(state, VIEW, 0.0)
+    assert ready.messages == ()
+
+
+def test_epoch_taken_with_a_majority_then_the_view_change_fetches_from_the_most_advanced():
+    state, _ = machine.bootstrap("c", VOTERS)
+    state, _ = machine.step(state, VIEW, 0.0)
+    state, ready = machine.step(state, Receive("a", Promise(1, LogId(5, 9))), 0.01)
+    assert ready.hard_state.epoch == 1 and ready.hard_state.promised_to == "c"
+    assert [(s.to, type(s.message).__name__) for s in ready.messages] == [("a", "Fetch")]
+    assert not state.writable and state.role == machine.CANDIDATE
+
+
+def test_memory_window_sends_old_entries_through_read_log():
+    options = machine.Options(keep_applied=2, max_batch_entries=4)
+    state, _ = machine.bootstrap("a", frozenset({"a"}), options)
+    state, _ = machine.step(state, ViewChanged({"a": 1}), 0.0)
+    for i in range(10):
+        state, _ = machine.step(state, Submit(((f"r{i}", b"x"),)), 0.0)
+    assert state.base.index == state.applied - 2 and len(state.log) == 2
+    # A learner appears; the leader proposes it, then it needs the entries below the window.
+    state, ready = machine.step(state, ViewChanged({"a": 1, "z": 2}), 0.1)
+    assert state.config.learners == {"z"}
+    state, ready = machine.step(state, Receive("z", AppendReject(1, state.last.index - 1, 0, 0)), 0.2)
+    (request,) = ready.read_log
+    assert (request.peer, request.purpose, request.first) == ("z", "append", 1)
+    entries = tuple(cmd(0, i) for i in range(request.first, request.last + 1))
+    _, ready = machine.step(state, LogRead(request, entries), 0.2)
+    (send,) = [s for s in ready.messages if isinstance(s.message, Append)]
+    assert send.message.prev == LogId(0, 0) and send.message.entries == entries
+
+
+def test_restore_rederives_the_config_history_from_the_log():
+    old = Config(frozenset({"a", "b", "c"}))
+    new = Config(frozenset({"a", "b"}))
+    hard = HardState(4, "a", ((1, old),))  # crashed before the hard state recorded the change
+    entries = (cmd(4, 3), Entry(4, 4, Kind.CONFIG, new.encode()))
+    state = machine.restore("a", hard, LogId(2, 2), entries, applied=2)
+    assert state.config == new and state.commit == 2 and state.last == LogId(4, 4)
+    with pytest.raises(ValueError):
+        machine.restore("a", hard, LogId(2, 3), entries, applied=2)
+
+
+identities = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+
+
+@given(st.frozensets(identities, max_size=6), st.frozensets(identities, max_size=6))
+def test_config_encoding_is_deterministic_and_round_trips(voters, learners):
+    config = Config(voters, learners - voters)
+    assert Config.decode(config.encode()) == config
+    assert Config(frozenset(sorted(voters)), learners - voters).encode() == config.encode()
+
+
+@given(st.lists(st.sampled_from([Tick(), VIEW, Submit((("r", b"x"),))]), max_size=30), st.floats(0, 5))
+def test_any_sequence_of_local_inputs_on_a_lone_follower_keeps_it_quiet_or_campaigning(inputs, dt):
+    """A follower that is not the highest voter never sends anything but answers; whatever it is fed."""
+    state = follower("a")
+    now = 0.0
+    for inp in inputs:
+        now += dt
+        state, ready = machine.step(state, inp, now)
+        assert ready.append == () and ready.hard_state is None
+        assert ready.messages == ()

@@ -1,0 +1,531 @@
+"""Deterministic simulation of the replication core: N nodes, a fake clock, a lossy network, crashes.
+
+Every node is only its pure ``State`` plus what its Readys asked to persist (``Durable``: hard state, log,
+and the state machine's applied entries, which are durable with their index as SQLite will keep them). A
+crash throws the State away; a restart rebuilds it with ``restore`` from Durable alone. The shell here
+follows the Ready order exactly: persist, then send, then apply, then replies; a ReadLog is answered last,
+as a new input.
+
+A torn crash (``tear``) loses power between the hard-state write and the log write of one Ready.
+
+The network delivers each message after a random delay (so it reorders), may drop or duplicate it, and
+honours directed cuts (``cut(a, b)`` stops a -> b only; ``cut(a, b, both=True)``, ``isolate``). Views are
+computed from the links unless a test sets them: a node sees a peer healthy when both directions work and
+the peer runs (a probe is a round trip). All randomness comes from one ``random.Random(seed)``.
+
+``Invariants`` checks the safety properties after every Ready; each check is a small method so a test can
+show that it fails on a violating history.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+
+from node.core.replication import machine
+from node.core.replication.messages import (
+    AppendAck,
+    Entry,
+    HardState,
+    Kind,
+    LogId,
+    LogRead,
+    Prepare,
+    Read,
+    ReadConfirmed,
+    ReadRejected,
+    Ready,
+    Receive,
+    Refuse,
+    Reply,
+    Stop,
+    Submit,
+    SubmitAccepted,
+    SubmitRejected,
+    Tick,
+    ViewChanged,
+)
+
+
+class InvariantViolated(AssertionError):
+    pass
+
+
+@dataclass
+class Durable:
+    hard: HardState | None = None
+    log: list[Entry] = field(default_factory=list)  # entry i at log[i - 1]
+    applied: list[Entry] = field(default_factory=list)  # the state machine's history, durable
+
+
+@dataclass
+class SimNode:
+    identity: str
+    durable: Durable
+    state: machine.State | None
+    replies: list[Reply] = field(default_factory=list)
+    facts: list[tuple[float, str, dict]] = field(default_factory=list)
+    view: dict[str, int] | None = None  # last view given
+    pending: list[Ready] = field(default_factory=list)  # group commit: Readys not yet carried out
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not None
+
+
+class Invariants:
+    """Safety, checked against what nodes persisted and reported:
+
+    * at most one leader commits per epoch;
+    * a committed entry is never lost or changed (the first node to commit an index fixes its entry);
+    * every log agrees with the committed entries up to its own commit index;
+    * a node whose log lacks a committed entry never becomes writable;
+    * the applied sequence of every node equals the committed prefix.
+    """
+
+    def __init__(self) -> None:
+        self.committed: dict[int, Entry] = {}
+        self.leaders_committing: dict[int, set[str]] = {}
+        self.checked_commit: dict[str, int] = {}
+
+    def record_commit(self, node: str, log: list[Entry], commit: int, leader_epoch: int | None) -> None:
+        start = self.checked_commit.get(node, 0)
+        if commit > start and leader_epoch is not None:
+            who = self.leaders_committing.setdefault(leader_epoch, set())
+            who.add(node)
+            if len(who) > 1:
+                raise InvariantViolated(f"two leaders committed in epoch {leader_epoch}: {sorted(who)}")
+        for i in range(start + 1, commit + 1):
+            if i > len(log):
+                raise InvariantViolated(f"{node} commits {i} beyond its log ({len(log)})")
+            known = self.committed.setdefault(i, log[i - 1])
+            if known != log[i - 1]:
+                raise InvariantViolated(f"committed entry {i} changed on {node}: {known} vs {log[i - 1]}")
+        self.checked_commit[node] = max(start, commit)
+
+    def forget_commit(self, node: str, commit: int) -> None:
+        """After a restart the node's commit index starts again at its applied index."""
+        self.checked_commit[node] = min(self.checked_commit.get(node, 0), commit)
+
+    def check_truncate(self, node: str, truncate_from: int) -> None:
+        if truncate_from <= self.checked_commit.get(node, 0):
+            raise InvariantViolated(f"{node} truncates from {truncate_from}, below its commit")
+
+    def check_sends(self, node: str, hard: HardState | None, log: list[Entry], messages) -> None:
+        """Persist before send: no message of an epoch leaves before that epoch is durable (a Prepare asks
+        for an epoch and a Refuse answers one, so they are exempt), and an AppendAck never claims entries
+        that are not on disk."""
+        durable_epoch = hard.epoch if hard is not None else 0
+        for send in messages:
+            m = send.message
+            if not isinstance(m, Prepare | Refuse) and m.epoch > durable_epoch:
+                raise InvariantViolated(
+                    f"{node} sent {type(m).__name__} of epoch {m.epoch}, durable {durable_epoch}"
+                )
+            if isinstance(m, AppendAck) and m.match > len(log):
+                raise InvariantViolated(f"{node} acknowledged {m.match} with {len(log)} entries on disk")
+
+    def check_writable(self, node: str, log: list[Entry]) -> None:
+        for i, entry in self.committed.items():
+            if i > len(log) or log[i - 1] != entry:
+                raise InvariantViolated(f"{node} became writable without committed entry {i}")
+
+    def check_applied(self, node: str, applied: list[Entry], first_new: int) -> None:
+        for pos in range(first_new, len(applied)):
+            entry = applied[pos]
+            if entry.index != pos + 1:
+                raise InvariantViolated(f"{node} applied index {entry.index} at position {pos + 1}")
+            if self.committed.get(entry.index) != entry:
+                raise InvariantViolated(f"{node} applied {entry} which is not the committed entry")
+
+
+class RepSim:
+    def __init__(
+        self,
+        voters: int = 3,
+        joiners: int = 0,
+        seed: int = 0,
+        options: machine.Options | None = None,
+        drop: float = 0.0,
+        duplicate: float = 0.0,
+        delay_s: tuple[float, float] = (0.001, 0.004),
+        tick_s: float = 0.005,
+        view_lag_s: float = 0.0,
+        group_commit: bool = False,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.options = options or machine.Options()
+        self.now = 0.0
+        self.tick_s = tick_s
+        self.drop, self.duplicate, self.delay_s = drop, duplicate, delay_s
+        self.cuts: set[tuple[str, str]] = set()
+        self.queue: list[tuple[float, int, str, str, object]] = []
+        self.counter = 0
+        self.steps = 0
+        self.delivered = 0
+        self.auto_view = True
+        # 0: views follow links and crashes at once. Else each node refreshes its view every ~view_lag_s
+        # (random phase), like failure detection does: a partitioned leader keeps accepting for a while.
+        self.view_lag_s = view_lag_s
+        # False: each Ready is carried out as its step returns. True: a node's Readys of one tick are
+        # carried out together at its end (one "fsync" for all their writes, then their sends).
+        self.group_commit = group_commit
+        self.next_view_s: dict[str, float] = {}
+        self.inv = Invariants()
+        self.nodes: dict[str, SimNode] = {}
+        self.ids: dict[str, int] = {}
+        self.accepted: dict[str, SubmitAccepted] = {}
+        self.repairs: list[tuple[float, str, str, str]] = []  # (due, "restart" | "crash" | "heal", a, b)
+        self.tear: set[str] = set()  # nodes whose next Ready with hard state and log writes is torn
+        self.torn = 0
+        names = [f"node-{i}" for i in range(1, voters + 1)]
+        for i, name in enumerate(names, start=1):
+            state, ready = machine.bootstrap(name, frozenset(names), self.options)
+            self.nodes[name] = SimNode(name, Durable(), state)
+            self.ids[name] = i
+            self._process(name, ready)
+        for j in range(voters + 1, voters + joiners + 1):
+            self.add_joiner(f"node-{j}", j)
+        self.update_views()
+
+    # ---- nodes
+
+    def add_joiner(self, name: str, node_id: int) -> None:
+        self.nodes[name] = SimNode(name, Durable(), machine.joiner(name, self.options))
+        self.ids[name] = node_id
+
+    def crash(self, name: str) -> None:
+        node = self.nodes[name]
+        node.state = None
+        node.view = None
+        node.pending = []  # never written: lost with the process
+        self.update_views()  # failure detection is instant here; its real delay is the membership layer's
+
+    def restart(self, name: str) -> None:
+        node = self.nodes[name]
+        assert node.state is None
+        d = node.durable
+        applied = len(d.applied)
+        assert d.log[:applied] == d.applied, "the state machine ran ahead of the log"
+        base = LogId(d.applied[-1].epoch, applied) if applied else LogId(0, 0)
+        node.state = machine.restore(
+            name, d.hard or HardState(), base, tuple(d.log[applied:]), applied, self.options
+        )
+        self.inv.forget_commit(name, applied)
+        node.view = None
+        self.update_views()
+
+    def alive(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if node.alive]
+
+    def state(self, name: str) -> machine.State:
+        state = self.nodes[name].state
+        assert state is not None, f"{name} is down"
+        return state
+
+    # ---- network
+
+    def cut(self, a: str, b: str, both: bool = False) -> None:
+        self.cuts.add((a, b))
+        if both:
+            self.cuts.add((b, a))
+        self.update_views()
+
+    def isolate(self, name: str) -> None:
+        for other in self.nodes:
+            if other != name:
+                self.cut(name, other, both=True)
+
+    def heal(self) -> None:
+        self.cuts.clear()
+        self.update_views()
+
+    def link_up(self, a: str, b: str) -> bool:
+        return (a, b) not in self.cuts
+
+    def _send(self, src: str, dst: str, message: object) -> None:
+        if self.rng.random() < self.drop:
+            return
+        copies = 2 if self.rng.random() < self.duplicate else 1
+        for _ in range(copies):
+            at = self.now + self.rng.uniform(*self.delay_s)
+            self.counter += 1
+            heapq.heappush(self.queue, (at, self.counter, src, dst, message))
+
+    # ---- views
+
+    def computed_view(self, name: str) -> dict[str, int]:
+        return {
+            other: self.ids[other]
+            for other, node in self.nodes.items()
+            if node.alive and (other == name or (self.link_up(name, other) and self.link_up(other, name)))
+        }
+
+    def set_view(self, name: str, healthy: dict[str, int]) -> None:
+        """Fix a node's view (turns automatic views off for every node)."""
+        self.auto_view = False
+        self._give_view(name, healthy)
+
+    def _give_view(self, name: str, healthy: dict[str, int]) -> None:
+        node = self.nodes[name]
+        if node.alive and node.view != healthy:
+            node.view = dict(healthy)
+            self.input(name, ViewChanged(dict(healthy)))
+
+    def update_views(self, periodic: bool = False) -> None:
+        if not self.auto_view or (self.view_lag_s and not periodic):
+            return
+        for name in list(self.nodes):
+            if self.view_lag_s:
+                if self.now < self.next_view_s.get(name, 0.0):
+                    continue
+                self.next_view_s[name] = self.now + self.rng.uniform(0.5, 1.5) * self.view_lag_s
+            self._give_view(name, self.computed_view(name))
+
+    def change_id(self, name: str, node_id: int) -> None:
+        """The node came back on another address: same identity, new numeric ID."""
+        self.ids[name] = node_id
+        self.update_views()
+
+    # ---- stepping
+
+    def input(self, name: str, inp: object) -> Ready | None:
+        node = self.nodes[name]
+        if node.state is None:
+            return None
+        node.state, ready = machine.step(node.state, inp, self.now)
+        self.steps += 1
+        self._process(name, ready)
+        return ready
+
+    def _process(self, name: str, ready: Ready) -> None:
+        if self.group_commit:
+            self.nodes[name].pending.append(ready)
+        else:
+            self._carry_out(name, [ready])
+
+    def flush(self) -> None:
+        """Group commit: carry out every node's Readys buffered since the last flush, writes first."""
+        for _ in range(100):
+            busy = [n for n, node in self.nodes.items() if node.pending]
+            if not busy:
+                return
+            for name in busy:
+                readys, self.nodes[name].pending = self.nodes[name].pending, []
+                self._carry_out(name, readys)
+        raise AssertionError("ReadLog answers kept producing Readys")  # pragma: no cover
+
+    def _carry_out(self, name: str, readys: list[Ready]) -> None:
+        """Ready order for one Ready or a group: all writes (1-2), then for each in turn sends, applies,
+        replies (3-5), then ReadLog answers as new inputs (6)."""
+        node = self.nodes[name]
+        d = node.durable
+        before_applied = len(d.applied)
+        for ready in readys:
+            if ready.hard_state is not None:
+                d.hard = ready.hard_state
+                if name in self.tear and (ready.append or ready.truncate_from):
+                    # Power lost between the two writes: the hard state is on disk, the log write is not.
+                    self.tear.discard(name)
+                    self.torn += 1
+                    self.crash(name)
+                    self.repairs.append((self.now + self.rng.uniform(0.1, 1.0), "restart", name, name))
+                    return
+            if ready.truncate_from is not None:
+                self.inv.check_truncate(name, ready.truncate_from)
+                del d.log[ready.truncate_from - 1 :]
+            for entry in ready.append:
+                if entry.index != len(d.log) + 1:
+                    raise InvariantViolated(f"{name} appends {entry.index} after {len(d.log)}")
+                d.log.append(entry)
+        state = node.state
+        assert state is not None
+        leader_epoch = state.hard.epoch if state.role == machine.LEADER else None
+        self.inv.record_commit(name, d.log, state.commit, leader_epoch)
+        for ready in readys:
+            self.inv.check_sends(name, d.hard, d.log, ready.messages)
+            for send in ready.messages:
+                self._send(name, send.to, send.message)
+            for entry in ready.apply:
+                if entry.index != len(d.applied) + 1:
+                    raise InvariantViolated(f"{name} applies {entry.index} after {len(d.applied)}")
+                d.applied.append(entry)
+            for reply in ready.replies:
+                node.replies.append(reply)
+                if isinstance(reply, SubmitAccepted):
+                    self.accepted[reply.request_id] = reply
+            for fact in ready.facts:
+                node.facts.append((self.now, fact.event, dict(fact.fields)))
+        self.inv.check_applied(name, d.applied, before_applied)
+        if state.writable and any(f.event == "writable_changed" for r in readys for f in r.facts):
+            self.inv.check_writable(name, d.log)
+        for ready in readys:
+            for request in ready.read_log:
+                entries = tuple(d.log[request.first - 1 : request.last])
+                self.input(name, LogRead(request, entries))
+
+    def deliver_due(self) -> None:
+        while self.queue and self.queue[0][0] <= self.now:
+            _, _, src, dst, message = heapq.heappop(self.queue)
+            node = self.nodes.get(dst)
+            if node is None or not node.alive or not self.link_up(src, dst):
+                continue
+            self.delivered += 1
+            self.input(dst, Receive(src, message))
+
+    def tick(self) -> None:
+        self.now = round(self.now + self.tick_s, 9)
+        self.deliver_due()
+        self.update_views(periodic=True)
+        for name in list(self.nodes):
+            self.input(name, Tick())
+        self.flush()
+
+    def run(self, seconds: float) -> None:
+        for _ in range(round(seconds / self.tick_s)):
+            self.tick()
+
+    def run_until(self, predicate, timeout_s: float = 10.0) -> bool:
+        for _ in range(round(timeout_s / self.tick_s)):
+            if predicate():
+                return True
+            self.tick()
+        return predicate()
+
+    # ---- observations and client actions
+
+    def writable(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if node.alive and node.state.writable]
+
+    def leader(self, timeout_s: float = 5.0) -> str:
+        assert self.run_until(lambda: len(self.writable()) == 1, timeout_s), self.describe()
+        return self.writable()[0]
+
+    def submit(self, name: str, payload: bytes, request_id: str | None = None) -> Reply:
+        rid = request_id or f"r{self.counter}-{self.rng.random()}"
+        self.counter += 1
+        ready = self.input(name, Submit(((rid, payload),)))
+        assert ready is not None, f"{name} is down"
+        return next(r for r in ready.replies if getattr(r, "request_id", None) == rid)
+
+    def read(self, name: str, read_id: str) -> Ready | None:
+        return self.input(name, Read((read_id,)))
+
+    def stop(self, name: str) -> None:
+        self.input(name, Stop())
+
+    def read_result(self, name: str, read_id: str) -> ReadConfirmed | ReadRejected | None:
+        for reply in self.nodes[name].replies:
+            if isinstance(reply, ReadConfirmed | ReadRejected) and reply.read_id == read_id:
+                return reply
+        return None
+
+    def write_committed(self, reply: Reply) -> bool:
+        """An accepted write took effect when the committed entry at its index has its epoch."""
+        if not isinstance(reply, SubmitAccepted):
+            return False
+        entry = self.inv.committed.get(reply.index)
+        return entry is not None and entry.epoch == reply.epoch
+
+    def applied_commands(self, name: str) -> list[bytes]:
+        return [e.payload for e in self.nodes[name].durable.applied if e.kind is Kind.COMMAND]
+
+    def epochs_taken(self) -> list[tuple[float, str, int]]:
+        return [
+            (at, name, fields["epoch"])
+            for name, node in self.nodes.items()
+            for at, event, fields in node.facts
+            if event == "became_leader"
+        ]
+
+    def describe(self) -> str:
+        rows = []
+        for name, node in self.nodes.items():
+            s = node.state
+            if s is None:
+                rows.append(f"{name}: down log={len(node.durable.log)}")
+            else:
+                rows.append(
+                    f"{name}: {s.role} epoch={s.hard.epoch} writable={s.writable} last={s.last.index} "
+                    f"commit={s.commit} voters={sorted(s.config.voters)} learners={sorted(s.config.learners)}"
+                )
+        return f"t={self.now:.3f} " + "; ".join(rows)
+
+    # ---- random fault schedules
+
+    def random_fault(self, p_fault: float = 0.02, max_fault_s: float = 2.0) -> None:
+        """One tick of a random schedule. With probability ``p_fault`` a fault starts (crash, two-way or
+        one-way cut, isolation, an ID change, a stop); each fault is repaired after a random 0.1 s to
+        ``max_fault_s`` (restart, heal that link), so faults overlap and sometimes a majority is down.
+        A fifth of the ticks carry a batch of writes to a random live node, some a linearizable read."""
+        rng = self.rng
+        names = sorted(self.nodes)
+        for due in [r for r in self.repairs if r[0] <= self.now]:
+            self.repairs.remove(due)
+            _, kind, a, b = due
+            if kind == "restart" and not self.nodes[a].alive:
+                self.restart(a)
+            elif kind == "crash" and self.nodes[a].alive:
+                self.crash(a)
+            elif kind == "heal":
+                self.cuts.discard((a, b))
+                self.update_views()
+        if rng.random() < p_fault:
+            action = rng.choice(["crash", "crash", "tear", "cut", "cut1", "cut1", "isolate", "id", "stop"])
+            a, b = rng.sample(names, 2)
+            until = self.now + rng.uniform(0.1, max_fault_s)
+            if action in ("crash", "stop") and self.nodes[a].alive:
+                if action == "stop":  # a stopping node exits a little later, as the real one does
+                    self.stop(a)
+                    self.repairs.append((self.now + 0.3, "crash", a, a))
+                    until += 0.3
+                else:
+                    self.crash(a)
+                self.repairs.append((until, "restart", a, a))
+            elif action == "tear" and self.nodes[a].alive:
+                self.tear.add(a)
+            elif action == "cut":
+                self.cut(a, b, both=True)
+                self.repairs += [(until, "heal", a, b), (until, "heal", b, a)]
+            elif action == "cut1":
+                self.cut(a, b)
+                self.repairs.append((until, "heal", a, b))
+            elif action == "isolate":
+                self.isolate(a)
+                self.repairs += [(until, "heal", a, o) for o in names if o != a]
+                self.repairs += [(until, "heal", o, a) for o in names if o != a]
+            elif action == "id":
+                self.change_id(a, rng.randint(1, 2 * len(names)))
+        if rng.random() < 0.2:
+            alive = self.alive()
+            if alive:
+                target = rng.choice(alive)
+                count = rng.randint(1, 3)
+                batch = tuple((f"w{self.counter}-{k}", f"v{self.counter}-{k}".encode()) for k in range(count))
+                self.counter += 1
+                self.input(target, Submit(batch))
+        if rng.random() < 0.05:
+            alive = self.alive()
+            if alive:
+                self.counter += 1
+                self.input(rng.choice(alive), Read((f"q{self.counter}",)))
+        self.tick()
+
+    def repair(self) -> None:
+        """End of a schedule: every node up, every link healed, no stopping flags (restart stopped nodes)."""
+        self.repairs.clear()
+        self.tear.clear()
+        self.view_lag_s = 0.0
+        self.heal()
+        for name, node in self.nodes.items():
+            if node.alive and node.state.stopping:
+                self.crash(name)
+        for name in sorted(self.nodes):
+            if not self.nodes[name].alive:
+                self.restart(name)
+        self.drop = self.duplicate = 0.0
+
+
+def rejected_codes(replies: list[Reply]) -> list[str]:
+    return [r.code for r in replies if isinstance(r, SubmitRejected)]
