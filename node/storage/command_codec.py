@@ -174,7 +174,7 @@ def _value_in(raw: Any) -> Any:
     if isinstance(raw, dict):
         if len(raw) != 1:
             raise CommandFormatError("a tagged value has exactly one tag")
-        (tag, data), = raw.items()
+        ((tag, data),) = raw.items()
         if tag == "b":
             return base64.b64decode(data, validate=True)
         if tag == "x":

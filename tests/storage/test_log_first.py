@@ -147,7 +147,9 @@ async def test_a_write_whose_client_went_away_is_still_applied_in_order(tmp_path
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(st.text(max_size=8), min_size=1, max_size=25), data=st.data())
-def test_replay_after_sqlite_lost_its_last_transactions_restores_everything_once(tmp_path_factory, values, data):
+def test_replay_after_sqlite_lost_its_last_transactions_restores_everything_once(
+    tmp_path_factory, values, data
+):
     """Whatever SQLite loses after the log's fsync (here: back to any earlier copy), the restart replays it:
     every acknowledged write exactly once, the request IDs included."""
     data_dir = tmp_path_factory.mktemp("replay")
