@@ -285,8 +285,7 @@ class LogBackedDataService:
             if applier is not None:
                 applier.cancel()
                 await asyncio.gather(applier, return_exceptions=True)
-            self._fail_pending(errors.Unavailable("the node is shutting down; the write is durable and will be "
-                                                  "applied at the next start"))  # fmt: skip
+            self._fail_pending(_unknown_at_shutdown)
             log, self.log = self.log, None
             if log is not None:
                 await log.close()
@@ -461,7 +460,14 @@ class LogBackedDataService:
     # --- the apply pipeline ----------------------------------------------------------------------------------
 
     async def _apply_loop(self) -> None:
-        """Apply durable entries in log order, in groups, forever (until cancelled by close())."""
+        """Apply durable entries in log order, in groups, until the node stops; then answer every waiter
+        left (at once: HTTP is still serving, and the 2 s stop must not wait for them)."""
+        try:
+            await self._apply_until_stopped()
+        finally:
+            self._fail_pending(_unknown_at_shutdown)
+
+    async def _apply_until_stopped(self) -> None:
         delay = APPLY_RETRY_FIRST_S
         while True:
             log = self.log
@@ -542,10 +548,10 @@ class LogBackedDataService:
             await self.database.apply_entries(group)
         self._applied = chunk[-1].index
 
-    def _fail_pending(self, exc: BaseException) -> None:
+    def _fail_pending(self, make: Callable[[], BaseException]) -> None:
         pending, self._pending = self._pending, {}
         for p in pending.values():
-            _settle(p.future, exc=exc)
+            _settle(p.future, exc=make())
 
     # --- reads and loads -------------------------------------------------------------------------------------
 
@@ -571,6 +577,13 @@ class LogBackedDataService:
         pending = await self._append(codec.KIND_LOAD_MARKER, codec.encode_load_marker("sqlite"), load=run)
         await _outcome(pending)
         return LoadOutcome(0, 0, pending.index)
+
+
+def _unknown_at_shutdown() -> errors.NodeError:
+    return errors.Unavailable(
+        "the node is shutting down before this write was applied; it may be applied at the next start (it "
+        "was appended to the log): retry with the same X-Request-Id to apply it at most once"
+    )
 
 
 def _stamp_and_encode(request: WriteRequest, client: str, time_ns: int, seed: int) -> tuple[Command, bytes]:
