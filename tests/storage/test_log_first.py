@@ -23,7 +23,7 @@ from node.core.sqlreq import Statement
 from node.service import LocalDataService, LogBackedDataService, WriteRequest
 from node.storage import command_codec as codec
 from node.storage.log import LOG_DIR_NAME, DurableLog, LogEntry
-from node.storage.sqlite import Database, Limits, State
+from node.storage.sqlite import ApplyFailed, Database, Limits, State
 from node.storage.statemachine import SYNCHRONOUS
 from tests.support.dbapi import QuietLog
 
@@ -114,11 +114,23 @@ async def test_concurrent_writes_share_log_batches_and_apply_in_log_order(tmp_pa
     service = await _service(tmp_path)
     try:
         await service.submit(CREATE, "c")
+        applies: list[list[int]] = []
+        apply_entries = service.database.apply_entries
+
+        async def counting(entries, **kw):
+            applies.append([e.index for e in entries])
+            return await apply_entries(entries, **kw)
+
+        service.database.apply_entries = counting  # type: ignore[method-assign]
+        assert service.log is not None
+        before = dict(service.log.stats)
         outcomes = await asyncio.gather(*(service.submit(_insert(f"v{i}"), "c") for i in range(64)))
         assert sorted(o.index for o in outcomes) == list(range(2, 66))
-        assert service.log is not None
-        stats = service.log.stats
-        assert stats["batches"] < stats["requests"]  # some appends shared one fsync
+        batches = service.log.stats["batches"] - before["batches"]
+        assert batches < 64  # some appends shared one write and one fsync
+        # One group per apply, consecutive entries in log order, no more applies than log batches.
+        assert [i for group in applies for i in group] == list(range(2, 66))
+        assert len(applies) <= batches
     finally:
         await service.close()
     by_index = sorted(outcomes, key=lambda o: o.index)
@@ -369,3 +381,36 @@ async def test_a_database_ahead_of_its_log_is_refused(tmp_path):
         assert "do not belong together" in service.database.state_detail
     finally:
         await service.close()
+
+
+async def test_a_local_apply_failure_is_retried_never_answered(tmp_path):
+    """SQLite failing to COMMIT (disk full, I/O error) is not the write's answer: the entry is durable, so
+    the pipeline pauses (new writes 503), retries, and the waiting client gets the real result."""
+    service = await _service(tmp_path)
+    try:
+        await service.submit(CREATE, "c")
+        failures = 3
+        apply_entries = service.database.apply_entries
+
+        async def flaky(entries, **kw):
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise ApplyFailed("applying the log failed: COMMIT failed: database or disk is full")
+            return await apply_entries(entries, **kw)
+
+        service.database.apply_entries = flaky  # type: ignore[method-assign]
+        waiting = asyncio.create_task(service.submit(_insert("kept"), "c"))
+        for _ in range(2000):  # until the pipeline reports the stall
+            if service.stalled is not None:
+                break
+            await asyncio.sleep(0.001)
+        assert service.stalled is not None and "COMMIT failed" in service.stalled
+        with pytest.raises(errors.Unavailable, match="writes are paused"):
+            await service.submit(_insert("refused"), "c")
+        outcome = await asyncio.wait_for(waiting, 10)
+        assert outcome.results[0].ok and outcome.index == 2
+        assert service.stalled is None and failures == 0
+    finally:
+        await service.close()
+    assert _rows(tmp_path) == ["kept"]
