@@ -54,7 +54,8 @@ class Node:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, *, ready: bool = True) -> None:
+        """Start the process; wait until /readyz answers 200 (``ready``) or only until it answers at all."""
         env = clean_env({
             "HOST": self.host, "ADVERTISE_ADDRESS": self.host, "PORT": str(self.port), "JWT_SECRET": SECRET,
             "DATA_DIR": str(self.data_dir), "SERVICE_NAME": "nothing-here.invalid", "DNS_SERVERS": "127.0.0.1:9",
@@ -62,12 +63,13 @@ class Node:
         })  # fmt: skip
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "node"], env=env, stdout=out, stderr=out)
-        wait_until(self.ready_or_dead, 30, what="/readyz", describe=self.tail)
+        want = (200,) if ready else (200, 503)
+        wait_until(lambda: self.up_or_dead(want), 30, what="/readyz", describe=self.tail)
         assert self.process.poll() is None, self.tail()
 
-    def ready_or_dead(self) -> bool:
+    def up_or_dead(self, statuses: tuple[int, ...]) -> bool:
         assert self.process is not None
-        return self.process.poll() is not None or self.call("GET", "/readyz?noleader")[0] == 200
+        return self.process.poll() is not None or self.call("GET", "/readyz?noleader")[0] in statuses
 
     def kill9(self) -> None:
         assert self.process is not None
@@ -291,3 +293,33 @@ def test_sigterm_under_write_load_answers_every_client_and_loses_no_acknowledged
     present = {k for (k,) in node.query("SELECT k FROM t")}
     lost = [k for k, status in answers.items() if status == 200 and k not in present]
     assert not lost, lost[:5]
+
+
+def test_a_damaged_log_is_quarantined_loudly_and_the_node_is_not_ready(make_node):
+    node = make_node()
+    node.start()
+    assert node.execute(["CREATE TABLE t (x)"])[0] == 200
+    for i in range(5):
+        assert node.execute([["INSERT INTO t VALUES(?)", i]])[0] == 200
+    node.stop()
+    (segment,) = sorted((node.data_dir / "log").iterdir())
+    data = bytearray(segment.read_bytes())
+    data[64 + 30] ^= 0xFF  # inside the first record, valid records after it: damage, not a torn tail
+    segment.write_bytes(bytes(data))
+
+    node.start(ready=False)
+    event = wait_until(
+        lambda: next((json.loads(x) for x in node.log.read_text().splitlines() if '"log_corrupt"' in x), None),
+        10, what="log_corrupt", describe=node.tail,
+    )  # fmt: skip
+    assert event["level"] == "error" and "restart" in event["advice"]
+    assert Path(event["path"]).parent.parent == node.data_dir / "quarantine"
+    status, body = node.call("GET", "/readyz")[:2]
+    assert status == 503 and b"damaged" in body
+    status, body, _ = node.execute([["INSERT INTO t VALUES(?)", 99]])
+    assert status == 503 and json.loads(body)["code"] == "database_corrupt"
+    node.stop()
+    node.start()  # the operator's restart: a new log after the database's applied index
+    assert node.query("SELECT count(*) FROM t") == [[5]]
+    status, _, headers = node.execute([["INSERT INTO t VALUES(?)", 5]])
+    assert status == 200 and headers["X-TalentNest-Index"] == "7"
