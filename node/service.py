@@ -313,30 +313,47 @@ class LogBackedDataService:
         try:
             await log.start()
         except LogCorrupt as exc:
-            where = await asyncio.to_thread(self._quarantine_log)
-            self._emit(
-                "error", "log_corrupt", path=str(where), reason=str(exc),
-                advice="the log was moved aside; restart the node to start a new log after the database's "
-                "applied index (writes not yet applied to SQLite that were only in the damaged log are "
-                "lost: check them in the quarantined copy, or restore a backup with /db/load)",
-            )  # fmt: skip
-            raise StartRefused(
-                f"the log was damaged ({exc.reason}) and was moved to {where}; restart the node to start a "
-                "new log after the database's applied index", corrupt=True,
-            ) from None  # fmt: skip
+            raise await self._quarantined(exc) from None
         except LogVersionError as exc:
             raise StartRefused(f"the log was written by another release: {exc}") from None
+        except (LogError, OSError) as exc:
+            raise StartRefused(f"cannot open the log {self.log_dir}: {exc}") from None
         self.log = log
+        try:
+            await self._replay_after(log, applied)
+        except LogCorrupt as exc:  # a record that verified at open fails its checksum when read again
+            self.log = None
+            await log.close()
+            raise await self._quarantined(exc) from None
+        except LogError as exc:
+            raise StartRefused(f"cannot read the log {self.log_dir}: {exc}") from None
+
+    async def _quarantined(self, exc: LogCorrupt) -> StartRefused:
+        where = await asyncio.to_thread(self._quarantine_log)
+        self._emit(
+            "error", "log_corrupt", path=str(where), reason=str(exc),
+            advice="the log was moved aside; restart the node to start a new log after the database's "
+            "applied index (writes not yet applied to SQLite that were only in the damaged log are "
+            "lost: check them in the quarantined copy, or restore a backup with /db/load)",
+        )  # fmt: skip
+        return StartRefused(
+            f"the log was damaged ({exc.reason}) and was moved to {where}; restart the node to start a "
+            "new log after the database's applied index", corrupt=True,
+        )  # fmt: skip
+
+    async def _replay_after(self, log: AsyncLog, applied: int) -> None:
         first, last = log.first_index, log.last[1]
         if first > applied + 1:
             raise StartRefused(
                 f"the database has applied up to index {applied} but the log starts at {first}: entries "
-                f"{applied + 1}..{first - 1} are missing; restore a newer backup with /db/load"
+                f"{applied + 1}..{first - 1} are missing (an older copy of the database?); put back the "
+                f"database that belongs to this log, or move {self.log_dir} aside to serve the database as it is"
             )
         if last < applied:
             raise StartRefused(
                 f"the database has applied up to index {applied} but the log ends at {last}: they do not "
-                f"belong together (was {self.log_dir} or the database replaced?)"
+                f"belong together (was {self.log_dir} or the database replaced?); move {self.log_dir} aside "
+                "to serve the database as it is (a new log then starts after its applied index)"
             )
         if last > applied:
             await self._check_versions(log, applied + 1, last)

@@ -414,3 +414,13 @@ async def test_a_local_apply_failure_is_retried_never_answered(tmp_path):
     finally:
         await service.close()
     assert _rows(tmp_path) == ["kept"]
+
+
+async def test_a_database_older_than_the_logs_first_entry_is_refused(tmp_path):
+    DurableLog.open(tmp_path / LOG_DIR_NAME, first_index=10).close()  # entries 1..9 are not in this log
+    service = await _service(tmp_path)
+    try:
+        assert service.database.state == State.FAILED
+        assert "entries 1..9 are missing" in service.database.state_detail
+    finally:
+        await service.close()
