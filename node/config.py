@@ -100,6 +100,10 @@ class Config:
     db_queue_size: int = 256
     # Seconds a client may take to send a request body; a slower one gets 408.
     body_read_timeout_s: float = 10.0
+    # Free bytes the log keeps in reserve on DATA_DIR's filesystem: a write that would leave less is refused
+    # with 507 before anything of it is stored, so the disk never fills mid-entry and the node can still
+    # start, replay and answer. 64 MiB also covers SQLite applying what the log accepted.
+    log_reserve_bytes: int = 64 << 20
 
     # --- HTTP connections ---------------------------------------------------------------------------------
     # Seconds a client may take to send complete request headers, counted from the moment the connection
@@ -302,6 +306,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "db_readers": ("DB_READERS", _positive_int),
     "db_readers_per_client": ("DB_READERS_PER_CLIENT", _non_negative_int),
     "body_read_timeout_s": ("BODY_READ_TIMEOUT", _positive_seconds),
+    "log_reserve_bytes": ("LOG_RESERVE_BYTES", _non_negative_int),
     "header_read_timeout_s": ("HEADER_READ_TIMEOUT", _positive_seconds),
     "max_client_connections": ("MAX_CLIENT_CONNECTIONS", _positive_int),
     "response_write_timeout_s": ("RESPONSE_WRITE_TIMEOUT", _positive_seconds),

@@ -9,7 +9,7 @@ will probe us at once). Stop order is the reverse, with the goodbye in the middl
 1. stop discovering and probing (so no probe of ours can race our goodbye),
 2. tell every known peer we are leaving (bounded: a dead peer must not delay the exit),
 3. stop the HTTP server,
-4. close the database, cancel what is left.
+4. close the database, then the log (every applied entry is already durable in it), cancel what is left.
 
 All tasks belong to one ``asyncio.TaskGroup``. If any actor raises, the group cancels the rest and the
 exception propagates out of :meth:`Node.run`: the process exits non-zero and the container runtime restarts
@@ -37,7 +37,7 @@ from node.runtime.incarnation import next_incarnation
 from node.runtime.mailbox import LatestCell, Mailbox, Overflow
 from node.runtime.resolver import Resolver
 from node.runtime.transport import PeerTransport, PeerUnavailable
-from node.service import LocalDataService
+from node.service import LogBackedDataService
 from node.storage.sqlite import Database, Limits
 
 # Membership inputs waiting to be applied. Producers that can wait (DNS rounds, probe results, ticks) block;
@@ -124,11 +124,14 @@ class Node:
         # The data API: this node's own database. DATA_DIR is checked before HTTP starts (a bad one fails the
         # start-up); the file is opened and integrity-checked in the background after (see run()).
         self.database: Database | None = None
-        self.data_service: LocalDataService | None = None
+        self.data_service: LogBackedDataService | None = None
         if self.http is not None:
             self.database = database_from(config, log)
-            # Writes and reads go through the data service (the seam replication will fill in).
-            self.data_service = LocalDataService(self.database)
+            # Writes and reads go through the data service (the seam replication will fill in): every write
+            # is appended to DATA_DIR/log and fsynced there before it is applied and acknowledged.
+            self.data_service = LogBackedDataService(
+                self.database, log_reserve_bytes=config.log_reserve_bytes, emit=log
+            )
             DbRoutes(
                 service=self.data_service,
                 jwt_secret=config.jwt_secret,
@@ -165,10 +168,11 @@ class Node:
                     await self.database.prepare()  # DATA_DIR usable, or exit 2 before serving anything
                 if self.http is not None:
                     await self.http.start()
-                if self.database is not None:
-                    # quick_check takes ~1 s/GB warm (~13 s/GB cold): liveness (/cluster/health) must not wait
-                    # for it. Data endpoints answer 503 "database is being checked" meanwhile.
-                    tg.create_task(self.database.start(), name="database-start")
+                if self.data_service is not None:
+                    # quick_check takes ~1 s/GB warm (~13 s/GB cold), and the log's replay runs after it:
+                    # liveness (/cluster/health) must not wait for them. Data endpoints answer 503 "database
+                    # is being checked" meanwhile.
+                    tg.create_task(self.data_service.start(), name="database-start")
                 discoverer = tg.create_task(self.discoverer.run(), name="discoverer")
                 self.log.info(
                     "node_started",
@@ -181,10 +185,11 @@ class Node:
                 self.started.set()
                 await stop.wait()
                 self.log.info("shutting_down", reason="signal")
-                if self.database is not None:
-                    # First: queued database jobs fail and running ones are interrupted now, so their handlers
-                    # answer 503 while HTTP still serves, and no backlog delays the exit.
-                    self.database.begin_shutdown()
+                if self.data_service is not None:
+                    # First: new writes are refused, queued database jobs fail and running ones are
+                    # interrupted now, so their handlers answer 503 while HTTP still serves, and no backlog
+                    # delays the exit.
+                    self.data_service.begin_shutdown()
                 for task in (discoverer, health):
                     task.cancel()
                 await asyncio.wait([discoverer, health])
@@ -192,8 +197,9 @@ class Node:
             finally:
                 if self.http is not None:
                     await self.http.stop()
-                if self.database is not None:
-                    await self.database.close()  # after HTTP: requests in flight finish first
+                if self.data_service is not None:
+                    # After HTTP (requests in flight finish first); the database closes before the log.
+                    await self.data_service.close()
             elector.cancel()
         self.log.info("node_stopped")
 

@@ -44,7 +44,7 @@ from node.core.sqlreq import (
 from node.http.common import json_response, parse_json, read_body
 from node.http.render import INLINE_RENDER_CELLS, cells, render_results
 from node.runtime.mailbox import LatestCell
-from node.service import LocalDataService, WriteOutcome, WriteRequest
+from node.service import LocalDataService, LogBackedDataService, WriteOutcome, WriteRequest
 from node.storage.results import StatementResult
 from node.storage.sqlite import SQLITE_MAGIC, Database, is_disk_full
 from node.storage.statemachine import MAX_REQUEST_ID_CHARS, valid_request_id
@@ -68,7 +68,7 @@ class DbRoutes:
     def __init__(
         self,
         *,
-        service: LocalDataService,
+        service: LocalDataService | LogBackedDataService,
         jwt_secret: str,
         decisions: LatestCell[Leadership],
         max_body_bytes: int,
@@ -155,7 +155,7 @@ class DbRoutes:
         outcome: WriteOutcome = await self._service.submit(
             write, client_key(request.headers.get("Authorization"))
         )
-        # The results exist only after COMMIT returned, i.e. after the WAL was fsynced: answering now
+        # The results exist only after the write's log entry was fsynced and then applied: answering now
         # acknowledges only durable writes.
         results = await self._render(outcome.results, flags, unified=unified)
         return self._respond(results, flags, started, {INDEX_HEADER: str(outcome.index)})
@@ -299,6 +299,10 @@ class DbRoutes:
                 ready = False
             if await self._db.disk_low():
                 lines.append("[-]disk full")
+                ready = False
+            stalled = getattr(self._service, "stalled", None)
+            if stalled is not None:
+                lines.append(f"[-]log apply stalled: {stalled}")
                 ready = False
         else:
             lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")

@@ -22,8 +22,11 @@ Cancellation: a request whose client went away is cancelled by the HTTP server; 
 not started, and a running read is interrupted. A running write is left to finish within its step budget: its
 outcome must not depend on a client's connection (with replication every node executes it).
 
-Durability: WAL mode with the synchronous level :data:`node.storage.statemachine.SYNCHRONOUS` (FULL), so
-every commit is fsynced into the WAL before its results exist. No result claims what is not stored: when a
+Durability: WAL mode with the synchronous level :data:`node.storage.statemachine.SYNCHRONOUS` (NORMAL):
+the log is the durable record, fsynced before an entry is applied, and the start-up replay re-applies what a
+crash took from the WAL (the module docstring of :mod:`node.storage.statemachine` says why that is safe).
+Loads are the exception: the log holds only their marker, so their COMMIT (and the stamped file of a file
+load) is synced FULL before it is acknowledged. No result claims what is not stored: when a
 transaction does not commit, every statement's result is an error saying it was rolled back and why
 (:func:`node.storage.results.rolled_back`).
 
@@ -50,7 +53,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -139,6 +142,19 @@ class State:
 
 class _ResultTooLarge(Exception):
     pass
+
+
+class StartRefused(Exception):
+    """The database must not be served (the reason is the state's detail); ``corrupt``: data was damaged."""
+
+    def __init__(self, reason: str, *, corrupt: bool = False) -> None:
+        super().__init__(reason)
+        self.corrupt = corrupt
+
+
+class ApplyFailed(Exception):
+    """Applying log entries did not commit (disk full, I/O error): nothing of them was applied. The entries
+    are durable in the log, so this is never a client's answer: the caller retries (see node.service)."""
 
 
 class _ShuttingDown(Exception):
@@ -257,9 +273,14 @@ class Database:
             await self.close()
             raise OSError(f"cannot open the database {self.path} (DATA_DIR): {detail}")
 
-    async def start(self) -> None:
+    async def start(self, replay: Callable[[], Awaitable[None]] | None = None) -> None:
         """Open the file and check its integrity (``quick_check``); on success, serve. Never raises for a bad
-        file: a corrupt one is quarantined and the state says so (the node stays alive, not ready)."""
+        file: a corrupt one is quarantined and the state says so (the node stays alive, not ready).
+
+        ``replay`` runs after the check and before the database serves (the state stays ``checking``): the
+        data service re-applies the log's entries past the applied index there, with
+        :meth:`apply_entries` (``starting=True``). It raises :class:`StartRefused` to keep the node not
+        ready with a reason (a log written under another SQLite, a corrupt log)."""
         self._closing = False
         self.state, self.state_detail = State.CHECKING, "database is being checked"
         loop = asyncio.get_running_loop()
@@ -299,6 +320,21 @@ class Database:
             return
         if self._closing:
             return
+        if replay is not None:
+            self.state_detail = "replaying the log into the database"
+            try:
+                await replay()
+            except StartRefused as exc:
+                self.state = State.CORRUPT if exc.corrupt else State.FAILED
+                self.state_detail = str(exc)
+                self._emit("error", "database_not_served", path=str(self.path), reason=str(exc))
+                return
+            except (errors.NodeError, apsw.Error, OSError) as exc:
+                if not self._closing:
+                    self._set_failed(f"cannot replay the log: {_message(exc)}")
+                return
+            if self._closing:
+                return
         self.state, self.state_detail = State.READY, ""
         self._emit("info", "database_ready", path=str(self.path))
 
@@ -374,8 +410,13 @@ class Database:
 
     # --- running jobs (event loop side) --------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[..., T], *args: Any, entry: Entry | None = None) -> T:
-        self._require_ready()
+    async def _write(
+        self, fn: Callable[..., T], *args: Any, entry: Entry | None = None, starting: bool = False
+    ) -> T:
+        if not starting:
+            self._require_ready()
+        elif self._closing or self._writer is None:
+            raise errors.Unavailable("the node is shutting down")
         writer = self._writer
         assert writer is not None
         if len(self._write_jobs) >= self._queue_size:
@@ -469,9 +510,19 @@ class Database:
         """
         return await self._write(self._apply_group, entry=Entry(index, tuple(commands)))
 
-    async def applied_index(self) -> int:
+    async def apply_entries(
+        self, entries: Sequence[Entry], *, starting: bool = False
+    ) -> list[tuple[Applied, ...] | None]:
+        """Apply log entries (in log order) in ONE transaction, as one job; per entry its commands' outcomes
+        (None: applied before). Raises :class:`ApplyFailed` if the transaction did not commit: unlike
+        :meth:`apply`, a local failure is never turned into per-statement results, because the entries are
+        already durable in the log and will be applied (see node.service). ``starting``: during the replay
+        at start, before the database serves."""
+        return await self._write(self._apply_entries, tuple(entries), starting=starting)
+
+    async def applied_index(self, *, starting: bool = False) -> int:
         """The index of the last entry applied (0 for none), as stored with the data."""
-        return await self._write(lambda job: statemachine.applied_index(self._ops(job)))
+        return await self._write(lambda job: statemachine.applied_index(self._ops(job)), starting=starting)
 
     async def ping(self) -> None:
         await self._read("\x00readyz", self._ping, timeout_s=self.limits.statement_timeout_s)
@@ -616,7 +667,7 @@ class Database:
         conn = apsw.Connection(str(self.path))
         conn.set_busy_timeout(5000)
         conn.execute(setup).fetchall()
-        # The one switch (node.storage.statemachine.SYNCHRONOUS): FULL fsyncs the WAL at every commit.
+        # The one switch (node.storage.statemachine.SYNCHRONOUS): NORMAL, the log is the durable record.
         conn.execute(f"PRAGMA synchronous={statemachine.SYNCHRONOUS}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.limit(apsw.SQLITE_LIMIT_LENGTH, self.limits.max_result_bytes)
@@ -745,6 +796,30 @@ class Database:
             _finish(other, result=None if outcome is None else list(outcome))
         first = done.outcomes[0]
         return None if first is None else list(first)
+
+    def _apply_entries(self, job: _Job, entries: tuple[Entry, ...]) -> list[tuple[Applied, ...] | None]:
+        """On the writer thread: the entries in one transaction; raises ApplyFailed unless it committed."""
+        slot = self._writer
+        assert slot is not None
+        slot.full = False
+        try:
+            done = statemachine.apply(self._ops(job), entries)
+        except apsw.Error as exc:
+            if isinstance(exc, apsw.InterruptError) and self._closing:
+                raise _ShuttingDown() from None
+            self.disk_full = self.disk_full or is_disk_full(exc)
+            raise ApplyFailed(f"applying the log failed: {_message(exc)}") from None
+        finally:
+            self._rng = random.Random()
+            self._now_text = None
+        if not done.committed:
+            self.disk_full = self.disk_full or slot.full or is_disk_full(done.commit_error)
+            raise ApplyFailed(f"applying the log failed: COMMIT failed: {_message(done.commit_error)}")
+        if slot.full:
+            self.disk_full = True
+        elif any(x.ok for entry in done.outcomes if entry for a in entry for x in a.results):
+            self.disk_full = False
+        return list(done.outcomes)
 
     def _take_followers(self, job: _Job) -> list[_Job]:
         """The entry jobs queued right after ``job`` (up to a barrier: any other write job), now started."""
@@ -932,6 +1007,10 @@ class Database:
                 check.close()
             if verdict != [("ok",)]:
                 raise errors.BadRequest("invalid SQLite data: integrity check failed")
+            # The file is stamped with ``index`` BEFORE it is renamed into place, so the swap carries its
+            # applied index atomically: a crash can never leave the loaded file with another database's
+            # applied index (which would make the log's replay skip entries) or request IDs.
+            _stamp_file(source, index)
             with open(source, "rb+") as f:
                 os.fsync(f.fileno())
             # Close, then swap files: the old WAL is checkpointed and removed at close, so it can never be
@@ -990,6 +1069,9 @@ class Database:
         self._rng = random.Random(seed)
         self._now_text = WriteCommand((), False, time_ns, seed).now_text
         try:
+            # A load is not in the log (only its marker is), so the log cannot replay it: its COMMIT must be
+            # durable by itself before it is acknowledged (FULL fsyncs the WAL), whatever SYNCHRONOUS says.
+            self._internal_sql(slot, "PRAGMA synchronous=FULL")
             return self._load_dump_statements(slot, job, source, index)
         except apsw.Error as exc:  # outside a statement: BEGIN, COMMIT, the pragma before BEGIN
             raise self._job_failure(
@@ -1001,6 +1083,8 @@ class Database:
             self._rollback_if_open(slot)
             with contextlib.suppress(apsw.Error):
                 self._internal_sql(slot, "PRAGMA foreign_keys=ON")
+            with contextlib.suppress(apsw.Error):
+                self._internal_sql(slot, f"PRAGMA synchronous={statemachine.SYNCHRONOUS}")
             self._rng = random.Random()
             self._now_text = None
 
@@ -1174,6 +1258,33 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, apsw.FullError) or (
         isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
     )
+
+
+def _stamp_file(path: Path, index: int) -> None:
+    """Record ``index`` as applied in the SQLite file at ``path`` and forget its request IDs (they name
+    another database's writes). A private connection (no authorizer); its COMMIT is fully synced."""
+    conn = apsw.Connection(str(path))
+    try:
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in statemachine.SCHEMA:
+                conn.execute(sql)
+            conn.execute(f"DELETE FROM {statemachine.REQUESTS_TABLE}")
+            conn.execute(
+                f"INSERT OR REPLACE INTO {statemachine.STATE_TABLE}(key, value) VALUES(?, ?)",
+                (statemachine.APPLIED_KEY, index),
+            )
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+    except apsw.Error as exc:
+        if is_disk_full(exc):
+            raise errors.InsufficientStorage("not enough disk space in DATA_DIR to load the file") from None
+        raise errors.BadRequest(f"invalid SQLite data: {_message(exc)}") from None
+    finally:
+        conn.close()
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -33,12 +33,17 @@ whose statements differ from the stored one answers an error per statement inste
 bounded by count, not by time (replicas must agree without clocks): the last ``REQUEST_ID_WINDOW`` IDs in
 apply order. Results larger than ``MAX_KEPT_RESULT_BYTES`` are kept without their rows.
 
-**Durability: the synchronous switch.** ``SYNCHRONOUS`` is the one place that decides how SQLite syncs.
-Today the database is the durable record of a write, so it is ``FULL``: each group's COMMIT fsyncs the WAL
-before any result exists. When the replicated log lands (``node/storage/log.py``), the log becomes the
-durable record (one fsync per batch there, before the entry counts as committed) and applying may use
-``NORMAL``: a crash can then lose the last applied transactions of the WAL, but never their index without
-their effects (both are in the same transaction), so the node re-applies them from the log on restart.
+**Durability: the synchronous switch.** ``SYNCHRONOUS`` is the one place that decides how SQLite syncs
+applied entries. The log (:mod:`node.storage.log`) is the durable record of every write: an entry is
+appended and fsynced there before it is applied, and no client is answered before that fsync returned
+(:mod:`node.service`). So applying uses ``NORMAL``: a COMMIT in WAL mode does not fsync (the WAL is synced
+at checkpoints), and a power loss or kernel crash may lose the last applied transactions. That is safe
+because the applied index is stored in the same transaction as the entry's effects: SQLite keeps both or
+neither, never one without the other; at the next start the node re-applies every log entry past the stored
+applied index (the replay in :mod:`node.service`), and entries at or below it are skipped, so nothing is
+lost and nothing is applied twice. (A killed process loses nothing at all: the OS page cache survives it.)
+The exceptions are loads (/db/load), which the log records only as a marker it cannot replay: their COMMIT
+is synced with ``FULL`` whatever this switch says (see :mod:`node.storage.sqlite`).
 
 Internal tables (``_talentnest_*``) are created by the first write, so an empty database stays empty. User
 SQL cannot read or change them (the authorizer refuses it); a dump that contains them has those
@@ -55,8 +60,8 @@ from typing import Protocol
 from node.core.sqlreq import Statement, WriteCommand
 from node.storage import results as r
 
-# How SQLite syncs each commit. FULL while the database is the durable record (see the module docstring).
-SYNCHRONOUS = "FULL"
+# How SQLite syncs each applied entry's commit. NORMAL: the log is the durable record (see the docstring).
+SYNCHRONOUS = "NORMAL"
 # Request IDs remembered, in apply order (older ones are forgotten: a retry later than that applies again).
 REQUEST_ID_WINDOW = 10_000
 # Encoded results kept per request ID; beyond it rows are dropped (the statement answers an explanation).
