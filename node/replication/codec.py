@@ -13,13 +13,14 @@ every field's type and range: a malformed batch is a 400, never an exception ins
 
 Command payload (the bytes a COMMAND entry carries), version 1: ``{"v": 1, "stmts": [[sql, params]],
 "tx": bool, "t": time_ns, "seed": n, "u": unified, "c": client, "rid": request id}``; parameter values keep
-their types (bytes as ``{"b64": ...}``), so every replica executes exactly the stamped command.
+their types (bytes as ``{"b64": ...}``, infinities and NaN as ``{"f": "inf"}``), so every replica executes exactly the stamped command.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -177,14 +178,24 @@ def decode_batch(data: bytes) -> tuple[str, str, list[msg.Message]]:
 # --- command payloads ---------------------------------------------------------------------------------------
 
 
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
 def _param(v: Any) -> Any:
-    return {"b64": _b64(v)} if isinstance(v, bytes) else v
+    if isinstance(v, bytes):
+        return {"b64": _b64(v)}
+    if isinstance(v, float) and not math.isfinite(v):
+        # JSON has no infinity: orjson would write null, and a replica would bind NULL instead.
+        return {"f": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
+    return v
 
 
 def _unparam(v: Any) -> Any:
     if isinstance(v, dict):
+        if set(v) == {"f"} and v["f"] in _NON_FINITE:
+            return _NON_FINITE[v["f"]]
         if set(v) != {"b64"}:
-            raise CodecError("a parameter object must be {'b64': ...}")
+            raise CodecError("a parameter object must be {'b64': ...} or {'f': 'inf' | '-inf' | 'nan'}")
         return _unb64(v["b64"])
     if v is None or isinstance(v, bool | int | float | str):
         return v
