@@ -209,3 +209,20 @@ def test_two_of_three_down_writes_get_503_no_quorum_fast_and_resume(make_cluster
     wait_until(
         lambda: 7 in (local_values(c, middle, tok) or set()), 10, what="the write on the restarted node"
     )
+
+
+def test_sigterm_of_the_leader_hands_over_and_exits_in_time(make_cluster):
+    c: Cluster = make_cluster(env=ENV)
+    form(c)
+    tok = token(c)
+    lowest, middle, highest = c.ips
+    wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
+    assert call(f"{base(c, lowest)}/db/execute", [["CREATE TABLE t (v INTEGER)"]], tok)[0] == 200
+    code, took_s = c.nodes[highest].stop()
+    c.publish_dns()
+    assert code == 0
+    assert took_s < 2.0  # the documented shutdown bound, handover included
+    wait_until(lambda: writable_node(c, [lowest, middle]) == middle, 10, what="the next-highest to lead")
+    status, headers, body = call(f"{base(c, lowest)}/db/execute", [["INSERT INTO t VALUES (5)"]], tok)
+    assert status == 200, body
+    assert headers["X-TalentNest-Node"] == str(c.nodes[middle].node_id)
