@@ -614,8 +614,10 @@ class Replicator:
         """Accepted writes waiting while this node cannot commit (not writable, not leading): answer now
         rather than hang; they may still commit later, so the answer says the outcome is unknown."""
         s = self.state
-        if not self._by_index or s is None or (s.role == machine.LEADER and s.writable):
+        if not self._by_index or s is None:
             return
+        if s.role == machine.LEADER and (s.writable or s.stopping or s.commit < s.epoch_start):
+            return  # still able to commit them (a handover keeps replicating until the successor has all)
         reason = "leadership lost" if s.role != machine.LEADER else "this leader lost its quorum"
         for index, (_, waiter) in list(self._by_index.items()):
             if index > self.applied_index and not waiter.future.done():
