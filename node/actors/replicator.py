@@ -30,7 +30,8 @@ Bounded queues and their overflow policies:
 * committed entries waiting for the applier: ``MAX_APPLY_BACKLOG``; beyond it the loop waits (backpressure).
 
 Formation (an empty node; see ``_form``): wait ``FORMATION_WINDOW`` while learning the identities of the
-healthy members of the view. If one of them already belongs to a cluster, join (as a ``joiner``: that
+healthy members of the view, then (at most one more window) until every member of the view is healthy and
+known by identity. If one of them already belongs to a cluster, join (as a ``joiner``: that
 cluster's leader adds it as a learner, then promotes it to voter once it has caught up). Otherwise the node
 with the highest ID among the healthy members bootstraps a cluster of one voter, itself; the others join
 it the same way. While a joiner is still empty and no healthy member belongs to a cluster, it re-checks
@@ -223,8 +224,11 @@ class Replicator:
 
     @property
     def is_member(self) -> bool:
+        """Belongs to a cluster: has a configuration or a log (even before its state is restored)."""
         s = self.state
-        return s is not None and (bool(s.config.voters) or s.last.index > 0)
+        if s is not None:
+            return bool(s.config.voters) or s.last.index > 0
+        return self._asynclog is not None and self._asynclog.last[1] > 0
 
     def status(self) -> machine.Status | None:
         return machine.status(self.state) if self.state is not None else None
@@ -408,6 +412,15 @@ class Replicator:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, 0.1)):
                     await stop.wait()
+        # Then, bounded by one more window: wait until every peer in the view is healthy and has told us who
+        # it is and whether it belongs to a cluster (a peer DNS just listed is still being probed).
+        extra_deadline = asyncio.get_running_loop().time() + self.formation_window_s
+        while not stop.is_set() and not self._view_settled():
+            if asyncio.get_running_loop().time() >= extra_deadline:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await stop.wait()
         assert self.identity is not None
         if self._should_bootstrap():
             await self._bootstrap()
@@ -419,6 +432,13 @@ class Replicator:
     def _healthy_peers(self) -> list[m.Member]:
         view = self.views.get()
         return [] if view is None else [p for p in view.healthy if not p.is_self]
+
+    def _view_settled(self) -> bool:
+        view = self.views.get()
+        if view is None:
+            return False
+        peers = [p for p in view.members if not p.is_self]
+        return all(p.healthy and p.endpoint in self.identities for p in peers)
 
     def _should_bootstrap(self) -> bool:
         peers = self._healthy_peers()

@@ -226,3 +226,28 @@ def test_sigterm_of_the_leader_hands_over_and_exits_in_time(make_cluster):
     status, headers, body = call(f"{base(c, lowest)}/db/execute", [["INSERT INTO t VALUES (5)"]], tok)
     assert status == 200, body
     assert headers["X-TalentNest-Node"] == str(c.nodes[middle].node_id)
+
+
+def test_a_single_node_is_a_cluster_of_one_and_keeps_its_writes_across_a_restart(make_cluster):
+    c: Cluster = make_cluster(size=1, env={**ENV, "FORMATION_WINDOW": "0"})
+    c.start_all()
+    tok = token(c)
+    (ip,) = c.ips
+
+    def create() -> bool:
+        return (
+            call(f"{base(c, ip)}/db/execute", [["CREATE TABLE IF NOT EXISTS t (v INTEGER)"]], tok)[0] == 200
+        )
+
+    wait_until(create, 10, what="the lone node to accept writes")
+    assert call(f"{base(c, ip)}/db/execute", [["INSERT INTO t VALUES (3)"]], tok)[0] == 200
+    c.kill9(ip)
+    c.start(ip)
+    wait_until(lambda: local_values(c, ip, tok) == {3}, 15, what="the row after the restart")
+    wait_until(
+        lambda: call(f"{base(c, ip)}/db/execute", [["INSERT INTO t VALUES (4)"]], tok)[0] == 200,
+        15,
+        what="writes after the restart",
+    )
+    assert local_values(c, ip, tok) == {3, 4}
+    assert c.nodes[ip].events("replication_restored")
