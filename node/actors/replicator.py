@@ -88,8 +88,9 @@ _STATE_VERSION = 1
 # node.storage.hardstate's record has no room for; it gets its own framed, versioned, atomically replaced file.
 
 
-def encode_core_hard_state(hard: msg.HardState) -> bytes:
+def encode_core_hard_state(hard: msg.HardState, identity: str) -> bytes:
     body = {
+        "identity": identity,
         "epoch": hard.epoch,
         "promised_to": hard.promised_to,
         "configs": [[i, c.encode().decode()] for i, c in hard.configs],
@@ -97,28 +98,34 @@ def encode_core_hard_state(hard: msg.HardState) -> bytes:
     return encode_framed(_STATE_MAGIC, _STATE_VERSION, orjson.dumps(body))
 
 
-def decode_core_hard_state(data: bytes) -> msg.HardState:
+def decode_core_hard_state(data: bytes) -> tuple[str, msg.HardState]:
+    """(identity of the node that wrote it, hard state)."""
     _, raw = decode_framed(data, _STATE_MAGIC, frozenset({_STATE_VERSION}))
     body = orjson.loads(raw)
     configs = tuple((int(i), msg.Config.decode(c.encode())) for i, c in body["configs"])
-    return msg.HardState(int(body["epoch"]), body["promised_to"], configs)
+    return str(body["identity"]), msg.HardState(int(body["epoch"]), body["promised_to"], configs)
 
 
-def save_core_hard_state(directory: Path, hard: msg.HardState) -> None:
+def save_core_hard_state(directory: Path, hard: msg.HardState, identity: str) -> None:
     """Blocking: durable when it returns (temp file, fsync, rename, fsync the directory)."""
-    write_atomic(directory / REPLICATION_STATE_FILE, encode_core_hard_state(hard))
+    write_atomic(directory / REPLICATION_STATE_FILE, encode_core_hard_state(hard, identity))
 
 
-def load_core_hard_state(directory: Path) -> msg.HardState | None:
-    """Blocking. None if never saved; a damaged file raises (never read as 'no promise made')."""
+def load_core_hard_state(directory: Path, identity: str) -> msg.HardState | None:
+    """Blocking. None if never saved; a damaged file, or one another node wrote (a copied DATA_DIR file),
+    raises: never read as 'no promise made'."""
+    path = directory / REPLICATION_STATE_FILE
     try:
-        data = (directory / REPLICATION_STATE_FILE).read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        return decode_core_hard_state(data)
+        owner, hard = decode_core_hard_state(data)
     except (FramedFileError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise RuntimeError(f"{directory / REPLICATION_STATE_FILE} is unreadable: {exc}") from exc
+        raise RuntimeError(f"{path} is unreadable: {exc}") from exc
+    if owner != identity:
+        raise RuntimeError(f"{path} belongs to node {owner}, not to this node ({identity})")
+    return hard
 
 
 def to_log_entry(entry: msg.Entry) -> LogEntry:
@@ -368,7 +375,7 @@ class Replicator:
 
     async def _start_state(self, stop: asyncio.Event) -> None:
         assert self._asynclog is not None and self.identity is not None
-        hard = await asyncio.to_thread(load_core_hard_state, self.data_dir)
+        hard = await asyncio.to_thread(load_core_hard_state, self.data_dir, self.identity)
         applied = await self.database.applied_index()
         last_epoch, last_index = self._asynclog.last
         if hard is None and last_index == 0:
@@ -552,14 +559,15 @@ class Replicator:
     async def _carry_out(self, readys: list[msg.Ready]) -> None:
         """Writes of every Ready (in order, durable) before any send, apply or reply of any of them."""
         assert self._asynclog is not None and self.transport is not None
-        alog = self._asynclog
+        alog, identity = self._asynclog, self.identity
+        assert identity is not None
         writes: list[asyncio.Task] = []
         for ready in readys:
             if ready.hard_state is not None:
                 hard = ready.hard_state
                 writes.append(
                     asyncio.ensure_future(
-                        alog.run(lambda _log, h=hard: save_core_hard_state(self.data_dir, h))
+                        alog.run(lambda _log, h=hard: save_core_hard_state(self.data_dir, h, identity))
                     )
                 )
             if ready.truncate_from is not None:

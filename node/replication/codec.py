@@ -244,9 +244,15 @@ def decode_command(data: bytes) -> Command:
             elif params is not None:
                 raise CodecError("params must be a list, an object or null")
             statements.append(Statement(sql, params))
-        write = WriteCommand(tuple(statements), bool(body["tx"]), int(body["t"]), int(body["seed"]))
-        rid = body["rid"]
-        return Command(write, unified=bool(body["u"]), client=str(body["c"]), request_id=rid)
+        tx, time_ns, seed, unified, client, rid = (body[k] for k in ("tx", "t", "seed", "u", "c", "rid"))
+        if not isinstance(tx, bool) or not isinstance(unified, bool):
+            raise CodecError("tx and u must be booleans")
+        if type(time_ns) is not int or type(seed) is not int:
+            raise CodecError("t and seed must be integers")
+        if not isinstance(client, str) or not (rid is None or isinstance(rid, str)):
+            raise CodecError("c must be text and rid text or null")
+        write = WriteCommand(tuple(statements), tx, time_ns, seed)
+        return Command(write, unified=unified, client=client, request_id=rid)
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, CodecError):
             raise

@@ -10,7 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.actors.replicator import decode_core_hard_state, encode_core_hard_state
+from node.actors.replicator import (
+    decode_core_hard_state,
+    encode_core_hard_state,
+    load_core_hard_state,
+    save_core_hard_state,
+)
 from node.core.replication import messages as msg
 from node.core.sqlreq import Statement, WriteCommand
 from node.replication import codec
@@ -125,4 +130,12 @@ def test_core_hard_state_round_trips_with_learners():
         "peer",
         ((3, msg.Config(frozenset({"a"}), frozenset({"b"}))), (9, msg.Config(frozenset({"a", "b"})))),
     )
-    assert decode_core_hard_state(encode_core_hard_state(hard)) == hard
+    assert decode_core_hard_state(encode_core_hard_state(hard, "me")) == ("me", hard)
+
+
+def test_a_hard_state_written_by_another_node_is_refused(tmp_path):
+    save_core_hard_state(tmp_path, msg.HardState(3, None), "other-node")
+    with pytest.raises(RuntimeError, match="belongs to node other-node"):
+        load_core_hard_state(tmp_path, "me")
+    assert load_core_hard_state(tmp_path, "other-node") == msg.HardState(3, None)
+    assert load_core_hard_state(tmp_path / "missing", "me") is None
