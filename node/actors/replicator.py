@@ -429,6 +429,8 @@ class Replicator:
                 async with asyncio.timeout(0.1):
                     await stop.wait()
         assert self.identity is not None
+        if stop.is_set():
+            return  # stopping during formation: decide nothing (the next start forms again)
         if self._should_bootstrap():
             await self._bootstrap()
         else:
