@@ -251,3 +251,49 @@ def test_a_single_node_is_a_cluster_of_one_and_keeps_its_writes_across_a_restart
     )
     assert local_values(c, ip, tok) == {3, 4}
     assert c.nodes[ip].events("replication_restored")
+
+
+def test_a_write_caught_by_the_loss_of_quorum_answers_and_its_retry_applies_once(make_cluster):
+    c: Cluster = make_cluster(env=ENV)
+    form(c)
+    tok = token(c)
+    lowest, middle, highest = c.ips
+    wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
+    assert call(f"{base(c, highest)}/db/execute", [["CREATE TABLE t (v INTEGER)"]], tok)[0] == 200
+    c.kill9(lowest)
+    c.kill9(middle)
+    url = f"{base(c, highest)}/db/execute"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps([["INSERT INTO t VALUES (9)"]]).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {tok}",
+            "X-Request-Id": "once-9",
+        },
+    )
+    started = time.monotonic()
+    try:
+        with _OPENER.open(request, timeout=15) as resp:
+            status, body = resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, json.loads(exc.read())
+    took_s = time.monotonic() - started
+    # Accepted before the leader noticed (outcome unknown) or refused after (no quorum): either way an
+    # answer, not a hang (liveness bound, not a speed assertion).
+    assert status == 503 and body["code"] in ("no_quorum", "outcome_unknown"), body
+    assert took_s < 5.0
+    c.start(middle)
+
+    def retried() -> bool:
+        try:
+            with _OPENER.open(request, timeout=15) as resp:
+                return resp.status == 200
+        except urllib.error.HTTPError:
+            return False
+
+    wait_until(retried, 30, interval_s=0.2, what="the retry to succeed with two of three")
+    status, _, body = call(
+        f"{base(c, highest)}/db/query?level=linearizable&q=SELECT+count(*)+FROM+t", token=tok
+    )
+    assert status == 200 and body["results"][0]["values"] == [[1]], body
