@@ -222,7 +222,7 @@ class Replicator:
         self._apply_room = asyncio.Event()
         self._apply_room.set()
         self.applied_index = 0
-        self.stats = {"dropped_inbox": 0, "apply_failures": 0}
+        self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
 
     # --- what other components ask ---------------------------------------------------------------------
 
@@ -587,6 +587,8 @@ class Replicator:
                 endpoint = self.endpoint_of(send.to)
                 if endpoint is not None:
                     self.transport.send(endpoint, send.message)
+                else:
+                    self.stats["unroutable"] += 1  # no address known for that identity yet: the core resends
             if ready.apply:
                 await self._enqueue_apply(ready.apply)
             for reply in ready.replies:

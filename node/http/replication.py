@@ -3,7 +3,9 @@
 ``POST /cluster/replication`` takes a batch of replication messages (``node.replication.codec``). It is
 accepted once: the signature (``X-TalentNest-Peer``) must verify over the path, the sender address named in
 the batch AND the body's SHA-256, and its (incarnation, seq) must be new in this endpoint's own replay
-window; anything else is 401 and changes nothing. Malformed batches are 400. The answer names this node's
+window; anything else is 401 and changes nothing. Malformed batches are 400. (After this node restarts its
+windows are empty, so a batch captured earlier is accepted once more: it carries only old-epoch or already
+applied messages, which the core ignores or answers as stale; duplicates are part of its fault model.) The answer names this node's
 persistent identity and whether it belongs to a cluster, which is how peers map addresses to identities.
 
 Forwarding (``ForwardingMiddleware``): a data request that needs the leader (every write; reads at every
