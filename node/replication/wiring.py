@@ -64,6 +64,12 @@ class Replication:
             "writable": status.writable,
             "leader_identity": status.leader if status.role != machine.LEADER else self.replicator.identity,
             "identity": self.replicator.identity,
+            # Counters for operators: messages dropped by a full inbox or peer queue, failed peer batches,
+            # sends to identities with no known address, apply attempts that failed and are being retried.
+            "replication_stats": {
+                **self.replicator.stats,
+                **(self.replicator.transport.stats if self.replicator.transport is not None else {}),
+            },
         }
         per_node = {}
         for member in view.members:
