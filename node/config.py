@@ -125,6 +125,14 @@ class Config:
     # HMAC secret for bearer tokens (HS256). Required; shorter than 32 bytes starts with a loud warning.
     jwt_secret: str = field(default="", repr=False)
 
+    # --- replication (node/replication) -----------------------------------------------------------------
+    # "off": every node serves its own database (the documented default for now). "on": one replicated
+    # database for the whole cluster (majority commit, epochs; see node/core/replication).
+    replication: str = "off"
+    # Seconds an empty node with REPLICATION=on looks for peers before it forms a cluster or joins one. 0
+    # for a node known to be alone. Longer than DNS needs to list every replica started together.
+    formation_window_s: float = 5.0
+
     @property
     def weak_secret(self) -> bool:
         return len(self.jwt_secret.encode()) < MIN_STRONG_SECRET_BYTES
@@ -311,7 +319,27 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_client_connections": ("MAX_CLIENT_CONNECTIONS", _positive_int),
     "response_write_timeout_s": ("RESPONSE_WRITE_TIMEOUT", _positive_seconds),
     "max_buffered_response_bytes": ("MAX_BUFFERED_RESPONSE_BYTES", _positive_int),
+    # replication
+    "replication": ("REPLICATION", lambda raw: _replication(raw)),
+    "formation_window_s": ("FORMATION_WINDOW", lambda raw: _non_negative_seconds(raw)),
 }
 
 # Every field but the secret must be settable from the environment: keep the table and the dataclass in step.
 assert {f.name for f in fields(Config)} - {"jwt_secret"} == set(_VARIABLES), "config table out of step"
+
+
+# --- replication parsers ------------------------------------------------------------------------------------
+
+
+def _replication(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("off", "on"):
+        raise ValueError(f"must be 'off' or 'on', not {raw!r}")
+    return value
+
+
+def _non_negative_seconds(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a number of seconds >= 0, not {raw!r}")
+    return value

@@ -142,6 +142,18 @@ class Node:
                 body_read_timeout_s=config.body_read_timeout_s,
             ).add_to(self.http.app)
 
+        # --- REPLICATION=on (node/replication/wiring.py): the replicated data service replaces the local one
+        # behind the same DbRoutes, plus the peer endpoint, forwarding and the status fields.
+        self.replication = None
+        if config.replication == "on" and self.http is not None and self.data_service is not None:
+            from node.replication.wiring import Replication
+
+            self.replication = Replication(self)
+            for name in ("submit", "read", "load_dump_file", "load_sqlite_file"):
+                setattr(self.data_service, name, getattr(self.replication.service, name))
+            if self.cluster_routes is not None:
+                self.cluster_routes.replication_status = self.replication.status_fields
+
     async def _begin_incarnation(self) -> None:
         """Allocate this start's peer-message incarnation before any peer message goes out or comes in.
 
@@ -174,6 +186,8 @@ class Node:
                     # is being checked" meanwhile.
                     tg.create_task(self.data_service.start(), name="database-start")
                 discoverer = tg.create_task(self.discoverer.run(), name="discoverer")
+                if self.replication is not None:  # REPLICATION=on
+                    tg.create_task(self.replication.run(stop), name="replicator")
                 self.log.info(
                     "node_started",
                     address=self.me.url,

@@ -7,6 +7,7 @@ message must be addressed to this incarnation (a leave must name it; see node.co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -51,6 +52,15 @@ def status_body(decision: Leadership) -> dict[str, Any]:
     }
 
 
+def add_replication_fields(body: dict[str, Any], fields: dict[str, Any]) -> None:
+    """REPLICATION=on: ``commit_index``, ``applied_index``, ``writable``, per node ``voter`` and ``lag``, and
+    ``epoch`` becomes the cluster's persisted epoch. Every documented key stays."""
+    per_node = fields.pop("_per_node", {})
+    body.update(fields)
+    for node in body["nodes"]:
+        node.update(per_node.get(node["address"], {"voter": False, "lag": None}))
+
+
 class ClusterRoutes:
     def __init__(
         self,
@@ -73,6 +83,8 @@ class ClusterRoutes:
         self._guard = peerauth.ReplayGuard()
         # (sender, reason) pairs already logged, so a misconfigured peer or a replay flood logs once.
         self._rejected: set[tuple[str, str]] = set()
+        # REPLICATION=on: a callable giving the replication fields for a view (node.replication.wiring).
+        self.replication_status: Callable[[m.View], dict[str, Any]] | None = None
 
     def begin(self, incarnation: int) -> None:
         """This process's incarnation (known once DATA_DIR is read); until then every leave is refused."""
@@ -91,7 +103,11 @@ class ClusterRoutes:
         return decision
 
     async def status(self, request: web.Request) -> web.Response:
-        return json_response(status_body(self._decision()), pretty="pretty" in request.query)
+        decision = self._decision()
+        body = status_body(decision)
+        if self.replication_status is not None:
+            add_replication_fields(body, self.replication_status(decision.view))
+        return json_response(body, pretty="pretty" in request.query)
 
     async def health(self, request: web.Request) -> web.Response:
         decision = self._decision()

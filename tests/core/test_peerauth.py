@@ -191,3 +191,37 @@ def test_window_matches_a_reference_model(messages):
         assert verdict.accepted is expected, (inc, seq, verdict)
         assert window.incarnation == newest and window.highest == highest
         assert 0 <= window.seen < 2**peerauth.WINDOW_BITS
+
+
+# --- signatures over a body (replication batches) ---------------------------------------------------------
+
+BODY_KEY = peerauth.derive_key("body-secret-body-secret-body-secret!!")
+
+
+def test_a_signature_over_a_body_verifies_only_with_that_body():
+    # Regression: peer signatures did not cover the body, so a captured replication batch could carry
+    # other log entries under a valid signature.
+    signer = Signer(BODY_KEY, "10.0.0.2:3000", 5)
+    header = signer.next_header("/cluster/replication", 0, b'{"msgs":[1]}')
+    assert peerauth.verify(BODY_KEY, header, "/cluster/replication", "10.0.0.2:3000", b'{"msgs":[1]}')
+    assert peerauth.verify(BODY_KEY, header, "/cluster/replication", "10.0.0.2:3000", b'{"msgs":[2]}') is None
+    # A body signature is not a body-less one, nor the other way round.
+    assert peerauth.verify(BODY_KEY, header, "/cluster/replication", "10.0.0.2:3000") is None
+    plain = signer.next_header("/cluster/replication", 0)
+    assert peerauth.verify(BODY_KEY, plain, "/cluster/replication", "10.0.0.2:3000", b"") is None
+
+
+def test_callers_without_a_body_sign_as_before():
+    claims = Claims(7, 3, 0)
+    assert peerauth.sign(BODY_KEY, "/cluster/hello", "a", claims) == peerauth.sign(
+        BODY_KEY, "/cluster/hello", "a", claims, None
+    )
+
+
+@given(st.binary(max_size=512), st.binary(max_size=512), st.integers(1, 2**40), st.integers(1, 2**40))
+def test_no_other_body_verifies_under_a_body_signature(body, other, incarnation, seq):
+    header = peerauth.sign(BODY_KEY, "/cluster/replication", "s", Claims(incarnation, seq, 0), body)
+    claims = peerauth.verify(BODY_KEY, header, "/cluster/replication", "s", body)
+    assert claims == Claims(incarnation, seq, 0)
+    if other != body:
+        assert peerauth.verify(BODY_KEY, header, "/cluster/replication", "s", other) is None

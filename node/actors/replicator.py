@@ -1,0 +1,742 @@
+"""The Replicator: the shell around the pure replication core (``node.core.replication``).
+
+It owns the core's State and is the only code that steps it. Inputs, fed one at a time with the loop clock:
+``Tick`` every ``TICK_S``, ``ViewChanged`` when the membership view (or what we know of identities) changes,
+``Receive`` for every authenticated peer message, ``Submit`` and ``Read`` batched from clients, ``LogRead``
+answering the core's ``ReadLog``, ``Stop`` at shutdown.
+
+Each loop round steps every input that is waiting and carries out their Readys together (group commit, as
+``messages.Ready`` allows): first every write, in order, on the durable log's thread (hard state saved
+atomically and fsynced, truncate, append + fsync: consecutive appends share one fsync), and only when all
+of them are durable: sends, applies, replies, then ``read_log`` (answered as new inputs in the next round).
+A write that fails (disk full, I/O error) raises: the node exits non-zero and restarts from what is durable
+(``restore``), which is always consistent, rather than go on with a log the disk does not hold.
+
+Apply: committed entries go, in order, to the applier task, which gives each run of them to
+``Database.apply(last index, all their commands)``: one SQLite transaction whose applied index moves to the
+last entry, so a run is applied all or nothing (a later entry can never be recorded while an earlier one
+failed). A failed apply is retried (the replica reports the entries as not applied meanwhile): a local
+failure is never a result.
+
+Clients: ``submit`` answers when the entry is applied (the real results), as discarded when the entry
+applied at its index has another epoch (a leader change overwrote it), at once with the core's reason when
+rejected, and as "outcome unknown" when this node loses its quorum or its leadership while the entry
+waits (it may still commit: a retry with the same X-Request-Id is applied at most once).
+
+Bounded queues and their overflow policies:
+
+* peer messages in: ``MAX_INBOX`` messages, the oldest dropped (the core resends what matters);
+* client submits and reads waiting for the next round: ``MAX_PENDING_CLIENTS``, beyond it 503 busy;
+* committed entries waiting for the applier: ``MAX_APPLY_BACKLOG``; beyond it the loop waits (backpressure).
+
+Formation (an empty node; see ``_form``): wait ``FORMATION_WINDOW`` while learning the identities of the
+healthy members of the view, then (at most one more window) until every member of the view is healthy and
+known by identity. If one of them already belongs to a cluster, join (as a ``joiner``: that
+cluster's leader adds it as a learner, then promotes it to voter once it has caught up). Otherwise the node
+with the highest ID among the healthy members bootstraps a cluster of one voter, itself; the others join
+it the same way. While a joiner is still empty and no healthy member belongs to a cluster, it re-checks
+the rule every second (the highest may have died during formation). Only one node can bootstrap as long
+as the nodes that start together see each other within the window; two groups that cannot see each other
+during the window form two clusters (a limit: merging clusters without data is future work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from node import errors
+from node.core import membership as m
+from node.core.ids import Endpoint
+from node.core.replication import machine
+from node.core.replication import messages as msg
+from node.replication import codec
+from node.replication.transport import ReplicationTransport
+from node.runtime.mailbox import LatestCell
+from node.storage.asynclog import AsyncLog
+from node.storage.durable import FramedFileError, decode_framed, encode_framed, write_atomic
+from node.storage.identity import load_or_create_identity
+from node.storage.log import DurableLog, LogEntry
+from node.storage.sqlite import Database
+from node.storage.statemachine import Applied
+
+TICK_S = 0.01
+MAX_INBOX = 8192
+MAX_PENDING_CLIENTS = 4096
+MAX_APPLY_BACKLOG = 8192
+MAX_APPLY_RUN = 512  # entries per Database.apply call
+MAX_APPLY_RUN_BYTES = 8 << 20
+LOG_READ_BYTES = 4 << 20
+APPLY_RETRY_S = 0.5
+REFORM_CHECK_S = 1.0
+INLINE_DECODE_BYTES = 64 << 10
+
+REPLICATION_STATE_FILE = "replication-state"
+_STATE_MAGIC = b"TNREPST\x00"
+_STATE_VERSION = 1
+
+
+# --- the core's hard state on disk ---------------------------------------------------------------------------
+# The core's HardState holds the configuration history (voters AND learners, with their log indices), which
+# node.storage.hardstate's record has no room for; it gets its own framed, versioned, atomically replaced file.
+
+
+def encode_core_hard_state(hard: msg.HardState, identity: str) -> bytes:
+    body = {
+        "identity": identity,
+        "epoch": hard.epoch,
+        "promised_to": hard.promised_to,
+        "configs": [[i, c.encode().decode()] for i, c in hard.configs],
+    }
+    return encode_framed(_STATE_MAGIC, _STATE_VERSION, orjson.dumps(body))
+
+
+def decode_core_hard_state(data: bytes) -> tuple[str, msg.HardState]:
+    """(identity of the node that wrote it, hard state)."""
+    _, raw = decode_framed(data, _STATE_MAGIC, frozenset({_STATE_VERSION}))
+    body = orjson.loads(raw)
+    configs = tuple((int(i), msg.Config.decode(c.encode())) for i, c in body["configs"])
+    return str(body["identity"]), msg.HardState(int(body["epoch"]), body["promised_to"], configs)
+
+
+def save_core_hard_state(directory: Path, hard: msg.HardState, identity: str) -> None:
+    """Blocking: durable when it returns (temp file, fsync, rename, fsync the directory)."""
+    write_atomic(directory / REPLICATION_STATE_FILE, encode_core_hard_state(hard, identity))
+
+
+def load_core_hard_state(directory: Path, identity: str) -> msg.HardState | None:
+    """Blocking. None if never saved; a damaged file, or one another node wrote (a copied DATA_DIR file),
+    raises: never read as 'no promise made'."""
+    path = directory / REPLICATION_STATE_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        owner, hard = decode_core_hard_state(data)
+    except (FramedFileError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise RuntimeError(f"{path} is unreadable: {exc}") from exc
+    if owner != identity:
+        raise RuntimeError(f"{path} belongs to node {owner}, not to this node ({identity})")
+    return hard
+
+
+def to_log_entry(entry: msg.Entry) -> LogEntry:
+    return LogEntry(entry.epoch, entry.index, codec.KIND_CODES[entry.kind], entry.payload)
+
+
+def from_log_entry(entry: LogEntry) -> msg.Entry:
+    return msg.Entry(entry.epoch, entry.index, codec.KINDS_BY_CODE[entry.kind], entry.payload)
+
+
+# --- client-facing errors -----------------------------------------------------------------------------------
+
+
+class NotWritable(errors.NodeError):
+    status = 503
+    code = "not_writable"
+
+
+class Discarded(errors.NodeError):
+    status = 503
+    code = "discarded"
+
+
+class OutcomeUnknown(errors.NodeError):
+    status = 503
+    code = "outcome_unknown"
+
+
+def rejection_error(code: str, reason: str, leader_url: str | None) -> errors.NodeError:
+    if code == "no-quorum":
+        return errors.NoQuorum(reason)
+    if code == "not-writable":
+        return NotWritable(reason)
+    if code == "busy":
+        return errors.Busy(reason)
+    return errors.NotLeader(reason, leader_url)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: asyncio.Future
+    epoch: int = 0
+    index: int = 0
+
+
+class Replicator:
+    def __init__(
+        self,
+        *,
+        me: Endpoint,
+        data_dir: Path,
+        database: Database,
+        views: LatestCell[m.View],
+        secret: str,
+        formation_window_s: float,
+        log: Any,
+        options: machine.Options | None = None,
+        peer_timeout_s: float = 2.0,
+    ) -> None:
+        self.me = me
+        self.data_dir = data_dir
+        self.database = database
+        self.views = views
+        self.formation_window_s = formation_window_s
+        self.options = options or machine.Options()
+        self.log = log
+        self._secret = secret
+        self._peer_timeout_s = peer_timeout_s
+        self.identity: str | None = None
+        self.state: machine.State | None = None
+        self.transport: ReplicationTransport | None = None
+        self._asynclog: AsyncLog | None = None
+        self.incarnation = 0
+        self.ready = asyncio.Event()  # set once the core state exists (restored, bootstrapped or joining)
+        # Peer identities: address <-> identity, and whether that peer said it belongs to a cluster.
+        self.identities: dict[Endpoint, str] = {}
+        self.members: dict[Endpoint, bool] = {}
+        self._view_dirty = True
+        self._last_view: dict[str, int] | None = None
+        # Inputs waiting for the next round.
+        self._inbox: collections.deque[msg.Receive] = collections.deque()
+        self._submits: list[tuple[str, bytes]] = []
+        self._reads: list[str] = []
+        self._log_reads: list[msg.LogRead] = []
+        self._stop_requested = False
+        self._wake = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._waiters: dict[str, _Waiter] = {}  # request id -> waiter (submitted, not yet accepted)
+        self._by_index: dict[int, tuple[str, _Waiter]] = {}  # accepted, waiting for apply
+        self._read_waiters: dict[str, asyncio.Future] = {}
+        self._confirmed: list[tuple[int, asyncio.Future]] = []  # (index, future): serve once applied
+        self._apply_queue: collections.deque[msg.Entry] = collections.deque()
+        self._apply_wake = asyncio.Event()
+        self._apply_room = asyncio.Event()
+        self._apply_room.set()
+        self.applied_index = 0
+        self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
+
+    # --- what other components ask ---------------------------------------------------------------------
+
+    def begin(self, incarnation: int) -> None:
+        self.incarnation = incarnation
+
+    @property
+    def is_member(self) -> bool:
+        """Belongs to a cluster: has a configuration or a log (even before its state is restored)."""
+        s = self.state
+        if s is not None:
+            return bool(s.config.voters) or s.last.index > 0
+        return self._asynclog is not None and self._asynclog.last[1] > 0
+
+    def status(self) -> machine.Status | None:
+        return machine.status(self.state) if self.state is not None else None
+
+    def endpoint_of(self, identity: str | None) -> Endpoint | None:
+        if identity is None:
+            return None
+        for endpoint, who in self.identities.items():
+            if who == identity:
+                return endpoint
+        return None
+
+    def leader_endpoint(self) -> Endpoint | None:
+        """The healthy leader this node follows, if it is another node (None when it leads or knows none)."""
+        s = self.state
+        if s is None or s.role == machine.LEADER or s.leader is None or s.leader == self.identity:
+            return None
+        if s.leader not in s.view:
+            return None
+        return self.endpoint_of(s.leader)
+
+    def is_leader(self) -> bool:
+        return self.state is not None and self.state.role == machine.LEADER
+
+    def receive(self, sender: str, address: Endpoint, messages: list[msg.Message]) -> None:
+        """From the HTTP endpoint, after the batch was authenticated. Never blocks; overflow drops oldest."""
+        self.learn(address, sender, None)
+        for message in messages:
+            if len(self._inbox) >= MAX_INBOX:
+                self._inbox.popleft()
+                self.stats["dropped_inbox"] += 1
+            self._inbox.append(msg.Receive(sender, message))
+        self._wake.set()
+
+    def learn(self, endpoint: Endpoint, identity: str, member: bool | None) -> None:
+        if endpoint == self.me:
+            return
+        if self.identities.get(endpoint) != identity:
+            # An address now answered by another identity (a re-created container): drop the old mapping.
+            for other, who in list(self.identities.items()):
+                if who == identity and other != endpoint:
+                    del self.identities[other]
+            self.identities[endpoint] = identity
+            self._view_dirty = True
+            self._wake.set()
+        if member is not None:
+            self.members[endpoint] = member
+
+    async def submit(self, payload: bytes, timeout_s: float) -> tuple[int, int, Applied | None]:
+        """Append a command as leader and wait for its apply: (epoch, index, outcome)."""
+        if len(self._submits) + len(self._reads) >= MAX_PENDING_CLIENTS:
+            raise errors.Busy("replication queue is full; retry shortly")
+        if self.state is None:
+            raise errors.Unavailable("replication is starting (forming or joining a cluster)")
+        rid = f"w{next(self._ids)}"
+        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        self._waiters[rid] = waiter
+        self._submits.append((rid, payload))
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await waiter.future
+        except TimeoutError:
+            raise OutcomeUnknown(
+                f"the write was not committed within {timeout_s:g} s; it may still be applied: retry with the "
+                "same X-Request-Id"
+            ) from None
+        finally:
+            self._waiters.pop(rid, None)
+            if waiter.index and self._by_index.get(waiter.index, (None,))[0] == rid:
+                del self._by_index[waiter.index]
+
+    async def confirm_read(self, timeout_s: float) -> int:
+        """Linearizable read: the index this node has applied once a majority confirmed it still leads."""
+        if len(self._submits) + len(self._reads) >= MAX_PENDING_CLIENTS:
+            raise errors.Busy("replication queue is full; retry shortly")
+        if self.state is None:
+            raise errors.Unavailable("replication is starting (forming or joining a cluster)")
+        rid = f"r{next(self._ids)}"
+        future = asyncio.get_running_loop().create_future()
+        self._read_waiters[rid] = future
+        self._reads.append(rid)
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"the read was not confirmed by a majority within {timeout_s:g} s"
+            ) from None
+        finally:
+            self._read_waiters.pop(rid, None)
+
+    # --- life cycle -------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.identity = await asyncio.to_thread(load_or_create_identity, self.data_dir)
+        self.log.info("replication_starting", identity=self.identity)
+        self.transport = ReplicationTransport(
+            secret=self._secret,
+            me=self.me,
+            identity=self.identity,
+            timeout_s=self._peer_timeout_s,
+            learn=self.learn,
+            log=self.log,
+        )
+        self.transport.begin(self.incarnation)
+        log_dir = self.data_dir / "log"
+        self._asynclog = AsyncLog(lambda: DurableLog.open(log_dir))
+        await self._asynclog.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                transport = tg.create_task(self.transport.run(), name="replication-transport")
+                watcher = tg.create_task(self._watch_views(), name="replication-views")
+                await self._wait_database(stop)
+                if not stop.is_set():
+                    await self._start_state(stop)
+                applier = tg.create_task(self._applier(), name="replication-applier")
+                if self.state is not None:
+                    await self._loop(stop)
+                for task in (transport, watcher, applier):
+                    task.cancel()
+        finally:
+            self._fail_all(errors.Unavailable("the node is shutting down"))
+            await self._asynclog.close()
+
+    async def _wait_database(self, stop: asyncio.Event) -> None:
+        """The state machine must be open to know its applied index. Bounded by the process's life."""
+        logged = False
+        while not stop.is_set() and not self.database.is_open:
+            if self.database.state in ("corrupt", "failed") and not logged:
+                logged = True
+                self.log.error("replication_waits_for_database", state=self.database.state)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await stop.wait()
+
+    async def _start_state(self, stop: asyncio.Event) -> None:
+        assert self._asynclog is not None and self.identity is not None
+        hard = await asyncio.to_thread(load_core_hard_state, self.data_dir, self.identity)
+        applied = await self.database.applied_index()
+        last_epoch, last_index = self._asynclog.last
+        if hard is None and last_index == 0:
+            if applied:
+                # Data written without replication: refuse to pretend it is a replicated history.
+                raise RuntimeError(
+                    f"DATA_DIR holds a database written without replication (applied index {applied}); "
+                    "start with REPLICATION=off, or load a backup into an empty replicated cluster"
+                )
+            await self._form(stop)
+            return
+        if applied > last_index:
+            raise RuntimeError(f"the database applied index {applied} is beyond the log's last {last_index}")
+        base_epoch = await self._asynclog.epoch_at(applied) if applied else 0
+        entries: list[msg.Entry] = []
+        index = applied + 1
+        while index <= last_index:
+            chunk = await self._asynclog.read(index, LOG_READ_BYTES)
+            if not chunk:
+                break
+            entries.extend(from_log_entry(e) for e in chunk)
+            index = chunk[-1].index + 1
+        self.state = machine.restore(
+            self.identity, hard or msg.HardState(), msg.LogId(base_epoch, applied), tuple(entries), applied,
+            self.options,
+        )  # fmt: skip
+        self.applied_index = applied
+        self.log.info(
+            "replication_restored", epoch=self.state.hard.epoch, applied_index=applied, last_index=last_index,
+            voters=len(self.state.config.voters),
+        )  # fmt: skip
+        self.ready.set()
+
+    async def _form(self, stop: asyncio.Event) -> None:
+        """See the module docstring (Formation)."""
+        deadline = asyncio.get_running_loop().time() + self.formation_window_s
+        while not stop.is_set():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 0.1)):
+                    await stop.wait()
+        # Then, bounded by one more window: wait until every peer in the view is healthy and has told us who
+        # it is and whether it belongs to a cluster (a peer DNS just listed is still being probed).
+        extra_deadline = asyncio.get_running_loop().time() + self.formation_window_s
+        while not stop.is_set() and not self._view_settled():
+            if asyncio.get_running_loop().time() >= extra_deadline:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await stop.wait()
+        assert self.identity is not None
+        if stop.is_set():
+            return  # stopping during formation: decide nothing (the next start forms again)
+        if self._should_bootstrap():
+            await self._bootstrap()
+        else:
+            self.state = machine.joiner(self.identity, self.options)
+            self.log.info("replication_joining", reason="waiting to be added by the cluster's leader")
+        self.ready.set()
+
+    def _healthy_peers(self) -> list[m.Member]:
+        view = self.views.get()
+        return [] if view is None else [p for p in view.healthy if not p.is_self]
+
+    def _view_settled(self) -> bool:
+        view = self.views.get()
+        if view is None:
+            return False
+        peers = [p for p in view.members if not p.is_self]
+        return all(p.healthy and p.endpoint in self.identities for p in peers)
+
+    def _should_bootstrap(self) -> bool:
+        peers = self._healthy_peers()
+        if any(self.members.get(p.endpoint) for p in peers):
+            return False
+        return all(p.node_id < self.me.node_id for p in peers)
+
+    async def _bootstrap(self) -> None:
+        assert self.identity is not None
+        self.state, ready = machine.bootstrap(self.identity, frozenset({self.identity}), self.options)
+        self.log.info("replication_bootstrapped", voters=1, identity=self.identity)
+        await self._carry_out([ready])
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        next_reform = loop.time() + REFORM_CHECK_S
+        stop_sent_at: float | None = None
+        while True:
+            now = loop.time()
+            if stop.is_set() and stop_sent_at is None:
+                stop_sent_at = now
+                self._stop_requested = True
+            if stop_sent_at is not None and (
+                now - stop_sent_at > self._handover_budget_s() or not self._leading()
+            ):
+                return
+            if not self._has_inputs():
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_tick - now)):
+                        await self._wake.wait()
+                now = loop.time()
+            inputs: list[msg.Input] = []
+            if self._log_reads:
+                inputs.extend(self._log_reads)
+                self._log_reads = []
+            if self._view_dirty:
+                self._view_dirty = False
+                healthy = self._healthy_identities()
+                if healthy != self._last_view:
+                    self._last_view = healthy
+                    inputs.append(msg.ViewChanged(healthy))
+            if self._stop_requested:
+                self._stop_requested = False
+                inputs.append(msg.Stop())
+            for _ in range(min(len(self._inbox), 1024)):
+                inputs.append(self._inbox.popleft())
+            if self._submits:
+                inputs.append(msg.Submit(tuple(self._submits)))
+                self._submits = []
+            if self._reads:
+                inputs.append(msg.Read(tuple(self._reads)))
+                self._reads = []
+            if now >= next_tick:
+                inputs.append(msg.Tick())
+                next_tick = now + TICK_S
+            readys = []
+            assert self.state is not None
+            for inp in inputs:
+                self.state, ready = machine.step(self.state, inp, loop.time())
+                if not ready.empty:
+                    readys.append(ready)
+            if readys:
+                await self._carry_out(readys)
+            self._settle_lost_quorum()
+            if now >= next_reform:
+                next_reform = now + REFORM_CHECK_S
+                if not self.is_member and self._should_bootstrap():
+                    await self._bootstrap()
+
+    def _handover_budget_s(self) -> float:
+        return 0.5
+
+    def _leading(self) -> bool:
+        return self.state is not None and self.state.role == machine.LEADER
+
+    def _has_inputs(self) -> bool:
+        return bool(
+            self._inbox or self._submits or self._reads or self._log_reads or self._view_dirty
+            or self._stop_requested
+        )  # fmt: skip
+
+    def _healthy_identities(self) -> dict[str, int]:
+        assert self.identity is not None
+        healthy = {self.identity: self.me.node_id}
+        for peer in self._healthy_peers():
+            identity = self.identities.get(peer.endpoint)
+            if identity is not None:
+                healthy[identity] = peer.node_id
+        return healthy
+
+    async def _watch_views(self) -> None:
+        """Mark the view dirty when membership changes; ping healthy peers whose identity we do not know."""
+        seen = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    seen, _ = await self.views.wait_newer(seen)
+            self._view_dirty = True
+            self._wake.set()
+            if self.transport is not None:
+                for peer in self._healthy_peers():
+                    if peer.endpoint not in self.identities or not self.members.get(peer.endpoint):
+                        self.transport.ping(peer.endpoint)
+
+    # --- carrying out Readys ----------------------------------------------------------------------------
+
+    async def _carry_out(self, readys: list[msg.Ready]) -> None:
+        """Writes of every Ready (in order, durable) before any send, apply or reply of any of them."""
+        assert self._asynclog is not None and self.transport is not None
+        alog, identity = self._asynclog, self.identity
+        assert identity is not None
+        writes: list[asyncio.Task] = []
+        for ready in readys:
+            if ready.hard_state is not None:
+                hard = ready.hard_state
+                writes.append(
+                    asyncio.ensure_future(
+                        alog.run(lambda _log, h=hard: save_core_hard_state(self.data_dir, h, identity))
+                    )
+                )
+            if ready.truncate_from is not None:
+                writes.append(asyncio.ensure_future(alog.truncate_after(ready.truncate_from - 1)))
+            if ready.append:
+                writes.append(
+                    asyncio.ensure_future(alog.append_and_sync([to_log_entry(e) for e in ready.append]))
+                )
+        if writes:
+            # Tasks start in creation order, so the log thread sees the writes in Ready order; consecutive
+            # appends share one fsync. Any failure propagates: the node restarts from what is durable.
+            await asyncio.gather(*writes)
+        for ready in readys:
+            for send in ready.messages:
+                endpoint = self.endpoint_of(send.to)
+                if endpoint is not None:
+                    self.transport.send(endpoint, send.message)
+                else:
+                    self.stats["unroutable"] += 1  # no address known for that identity yet: the core resends
+            if ready.apply:
+                await self._enqueue_apply(ready.apply)
+            for reply in ready.replies:
+                self._reply(reply)
+            for fact in ready.facts:
+                self.log.info("replication_" + fact.event, **dict(fact.fields))
+        for ready in readys:
+            for request in ready.read_log:
+                entries = await self._read_range(request.first, request.last)
+                self._log_reads.append(msg.LogRead(request, entries))
+        if self._log_reads:
+            self._wake.set()
+
+    async def _read_range(self, first: int, last: int) -> tuple[msg.Entry, ...]:
+        assert self._asynclog is not None
+        out: list[msg.Entry] = []
+        index = first
+        while index <= last:
+            chunk = await self._asynclog.read(index, LOG_READ_BYTES)
+            chunk = [e for e in chunk if e.index <= last]
+            if not chunk:
+                break
+            out.extend(from_log_entry(e) for e in chunk)
+            index = chunk[-1].index + 1
+        return tuple(out)
+
+    def _reply(self, reply: msg.Reply) -> None:
+        if isinstance(reply, msg.SubmitAccepted):
+            waiter = self._waiters.get(reply.request_id)
+            if waiter is not None and not waiter.future.done():
+                waiter.epoch, waiter.index = reply.epoch, reply.index
+                self._by_index[reply.index] = (reply.request_id, waiter)
+        elif isinstance(reply, msg.SubmitRejected):
+            waiter = self._waiters.get(reply.request_id)
+            if waiter is not None and not waiter.future.done():
+                url = self._url(reply.leader)
+                waiter.future.set_exception(rejection_error(reply.code, reply.reason, url))
+        elif isinstance(reply, msg.ReadConfirmed):
+            future = self._read_waiters.get(reply.read_id)
+            if future is not None and not future.done():
+                if self.applied_index >= reply.index:
+                    future.set_result(self.applied_index)
+                else:
+                    self._confirmed.append((reply.index, future))
+        elif isinstance(reply, msg.ReadRejected):
+            future = self._read_waiters.get(reply.read_id)
+            if future is not None and not future.done():
+                future.set_exception(rejection_error(reply.code, reply.reason, self._url(reply.leader)))
+
+    def _url(self, identity: str | None) -> str | None:
+        endpoint = self.endpoint_of(identity)
+        return endpoint.url if endpoint is not None else None
+
+    def _settle_lost_quorum(self) -> None:
+        """Accepted writes waiting while this node cannot commit (not writable, not leading): answer now
+        rather than hang; they may still commit later, so the answer says the outcome is unknown."""
+        s = self.state
+        if not self._by_index or s is None:
+            return
+        if s.role == machine.LEADER and (s.writable or s.stopping or s.commit < s.epoch_start):
+            return  # still able to commit them (a handover keeps replicating until the successor has all)
+        reason = "leadership lost" if s.role != machine.LEADER else "this leader lost its quorum"
+        for index, (_, waiter) in list(self._by_index.items()):
+            if index > self.applied_index and not waiter.future.done():
+                waiter.future.set_exception(
+                    OutcomeUnknown(
+                        f"{reason} before the write committed; it may still be applied: retry with the same "
+                        "X-Request-Id"
+                    )
+                )
+            del self._by_index[index]
+
+    def _fail_all(self, error: errors.NodeError) -> None:
+        futures = [w.future for w in self._waiters.values()] + list(self._read_waiters.values())
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+    # --- apply ------------------------------------------------------------------------------------------
+
+    async def _enqueue_apply(self, entries: tuple[msg.Entry, ...]) -> None:
+        while len(self._apply_queue) >= MAX_APPLY_BACKLOG:
+            self._apply_room.clear()
+            await self._apply_room.wait()
+        self._apply_queue.extend(entries)
+        self._apply_wake.set()
+
+    async def _applier(self) -> None:
+        while True:
+            if not self._apply_queue:
+                self._apply_wake.clear()
+                await self._apply_wake.wait()
+                continue
+            run: list[msg.Entry] = []
+            size = 0
+            while self._apply_queue and len(run) < MAX_APPLY_RUN and size < MAX_APPLY_RUN_BYTES:
+                entry = self._apply_queue.popleft()
+                run.append(entry)
+                size += len(entry.payload)
+            self._apply_room.set()
+            try:
+                await self._apply_run(run, size)
+            except (errors.NodeError, OSError, codec.CodecError) as exc:
+                # A local failure is never a result: keep the run, report, retry.
+                self.stats["apply_failures"] += 1
+                self.log.error(
+                    "replication_apply_failed", first=run[0].index, last=run[-1].index, reason=str(exc)
+                )
+                self._apply_queue.extendleft(reversed(run))
+                await asyncio.sleep(APPLY_RETRY_S)
+
+    async def _apply_run(self, run: list[msg.Entry], size: int) -> None:
+        commands_of: list[tuple[msg.Entry, int]] = []  # (entry, number of commands)
+
+        def decode() -> list:
+            return [codec.decode_command(e.payload) if e.kind is msg.Kind.COMMAND else None for e in run]
+
+        decoded = decode() if size <= INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
+        commands = [c for c in decoded if c is not None]
+        for entry, command in zip(run, decoded, strict=True):
+            commands_of.append((entry, 0 if command is None else 1))
+        last = run[-1].index
+        outcomes = await self.database.apply(last, commands)
+        self.applied_index = max(self.applied_index, last)
+        position = 0
+        for entry, count in commands_of:
+            outcome = None
+            if count:
+                outcome = outcomes[position] if outcomes is not None else None
+                position += 1
+            self._answer_applied(entry, outcome)
+        if self._confirmed:
+            ready = [(i, f) for i, f in self._confirmed if i <= self.applied_index]
+            self._confirmed = [(i, f) for i, f in self._confirmed if i > self.applied_index]
+            for _, future in ready:
+                if not future.done():
+                    future.set_result(self.applied_index)
+
+    def _answer_applied(self, entry: msg.Entry, outcome: Applied | None) -> None:
+        held = self._by_index.pop(entry.index, None)
+        if held is None:
+            return
+        _, waiter = held
+        if waiter.future.done():
+            return
+        if entry.epoch != waiter.epoch or entry.kind is not msg.Kind.COMMAND:
+            waiter.future.set_exception(Discarded("the write was discarded by a leader change; retry it"))
+        elif outcome is None:
+            waiter.future.set_exception(OutcomeUnknown("the entry was applied before this node restarted"))
+        else:
+            waiter.future.set_result((entry.epoch, entry.index, outcome))

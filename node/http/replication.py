@@ -1,0 +1,182 @@
+"""HTTP side of replication: the peer endpoint ``POST /cluster/replication`` and the forwarding middleware.
+
+``POST /cluster/replication`` takes a batch of replication messages (``node.replication.codec``). It is
+accepted once: the signature (``X-TalentNest-Peer``) must verify over the path, the sender address named in
+the batch AND the body's SHA-256, and its (incarnation, seq) must be new in this endpoint's own replay
+window; anything else is 401 and changes nothing. Malformed batches are 400. (After this node restarts its
+windows are empty, so a batch captured earlier is accepted once more: it carries only old-epoch or already
+applied messages, which the core ignores or answers as stale; duplicates are part of its fault model.) The answer names this node's
+persistent identity and whether it belongs to a cluster, which is how peers map addresses to identities.
+
+Forwarding (``ForwardingMiddleware``): a data request that needs the leader (every write; reads at every
+level but ``none``) reaching a follower that knows a healthy leader is sent on, server-side, to that
+leader with the client's Authorization, X-Request-Id, content type, query string and body, and the
+leader's answer is returned as is, with ``X-TalentNest-Node`` naming the node that executed it. With
+``redirect`` in the query the follower answers 301 with ``Location`` on the leader instead (rqlite's
+behaviour). A forwarded request carries ``X-TalentNest-Forwarded`` and is never forwarded again (two nodes
+that disagree about the leader answer 503 rather than bounce it). With no healthy leader known the request
+runs locally and the core's answer stands (503 no_quorum / not_leader with its reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from node import auth, errors
+from node.core import peerauth
+from node.core.ids import Endpoint, InvalidAddress
+from node.core.sqlreq import Level, parse_flags
+from node.http.common import json_response, read_body
+from node.replication import codec
+from node.replication.service import ANSWERED_EPOCH
+from node.replication.transport import PATH
+
+# A batch holds up to 256 messages; an Append carries up to 1 MiB of entries (the core's max_batch_bytes).
+MAX_BATCH_BYTES = 64 << 20
+INLINE_DECODE_BYTES = 64 << 10
+NODE_HEADER = "X-TalentNest-Node"
+EPOCH_HEADER = "X-TalentNest-Epoch"
+FORWARDED_HEADER = "X-TalentNest-Forwarded"
+_FORWARDED_REQUEST_HEADERS = ("Authorization", "X-Request-Id", "Content-Type")
+_RETURNED_HEADERS = ("Content-Type", "X-TalentNest-Index", EPOCH_HEADER, NODE_HEADER, "Retry-After")
+_LEADER_PATHS = {"/db/execute": auth.Role.WRITE, "/db/request": auth.Role.WRITE, "/db/query": auth.Role.READ}
+
+
+class ReplicationRoutes:
+    def __init__(self, *, replicator: Any, secret: str, log: Any, body_read_timeout_s: float) -> None:
+        self._replicator = replicator
+        self._key = peerauth.derive_key(secret)
+        self._guard = peerauth.ReplayGuard()
+        self._log = log
+        self._read_timeout_s = body_read_timeout_s
+        self._rejected: set[tuple[str, str]] = set()
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post(PATH, self.batch)
+
+    async def batch(self, request: web.Request) -> web.Response:
+        raw = await read_body(request, limit=MAX_BATCH_BYTES, timeout_s=self._read_timeout_s)
+        try:
+            if len(raw) <= INLINE_DECODE_BYTES:
+                identity, address, messages = codec.decode_batch(raw)
+            else:
+                identity, address, messages = await asyncio.to_thread(codec.decode_batch, raw)
+            sender = Endpoint.parse(address)
+        except (codec.CodecError, InvalidAddress) as exc:
+            raise errors.BadRequest(f"malformed replication batch: {exc}") from None
+        headers = request.headers.getall(peerauth.HEADER, [])
+        header = headers[0] if len(headers) == 1 else None
+        claims = peerauth.verify(self._key, header, PATH, str(sender), raw)
+        if claims is None:
+            self._reject(sender, "bad signature")
+            raise errors.Unauthorized(
+                f"replication batch from {sender} is not signed over its body with this cluster's secret"
+            )
+        verdict = self._guard.accept(str(sender), claims)
+        if not verdict.accepted:
+            self._reject(sender, f"replayed ({verdict.value})")
+            raise errors.Unauthorized(
+                f"replication batch from {sender} refused as a replay ({verdict.value})"
+            )
+        ready = self._replicator.identity is not None
+        if ready:
+            self._replicator.receive(identity, sender, messages)
+        return json_response(
+            {
+                "identity": self._replicator.identity,
+                "member": self._replicator.is_member,
+                "accepted": len(messages) if ready else 0,
+            }
+        )
+
+    def _reject(self, sender: Endpoint, reason: str) -> None:
+        key = (str(sender), reason)
+        if key not in self._rejected and len(self._rejected) < 1024:
+            self._rejected.add(key)
+            self._log.warning("peer_rejected", peer=str(sender), path=PATH, reason=reason)
+
+
+class ForwardingMiddleware:
+    def __init__(
+        self,
+        *,
+        replicator: Any,
+        me: Endpoint,
+        jwt_secret: str,
+        max_body_bytes: int,
+        body_read_timeout_s: float,
+        forward_timeout_s: float = 15.0,
+    ) -> None:
+        self._replicator = replicator
+        self._me = me
+        self._secret = jwt_secret
+        self._max_body = max_body_bytes
+        self._read_timeout_s = body_read_timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=forward_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def middleware(self) -> Any:
+        """The aiohttp middleware (a plain decorated function: aiohttp takes nothing else as new-style)."""
+
+        @web.middleware
+        async def forwarding(request: web.Request, handler: Any) -> web.StreamResponse:
+            return await self.handle(request, handler)
+
+        return forwarding
+
+    async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        role = _LEADER_PATHS.get(request.path)
+        if role is None or request.method not in ("GET", "POST"):
+            return await handler(request)
+        flags = parse_flags(request.query)
+        needs_leader = request.path != "/db/query" or flags.level is not Level.NONE
+        leader = self._replicator.leader_endpoint() if needs_leader else None
+        if leader is None or FORWARDED_HEADER in request.headers:
+            response = await handler(request)
+            response.headers[NODE_HEADER] = str(self._me.node_id)
+            epoch = ANSWERED_EPOCH.get()
+            if epoch is not None:
+                response.headers[EPOCH_HEADER] = str(epoch)
+            return response
+        # Authenticate here too: a follower must not relay requests for anyone who can reach it.
+        auth.authenticate(request.headers.get("Authorization"), self._secret, now=time.time()).require(role)
+        if flags.redirect:
+            location = f"{leader.url}{request.path_qs}"
+            return json_response(
+                {"leader": leader.url},
+                status=301,
+                headers={"Location": location, NODE_HEADER: str(leader.node_id)},
+            )
+        return await self._forward(request, leader)
+
+    async def _forward(self, request: web.Request, leader: Endpoint) -> web.Response:
+        body = await read_body(request, limit=self._max_body, timeout_s=self._read_timeout_s)
+        headers = {h: request.headers[h] for h in _FORWARDED_REQUEST_HEADERS if h in request.headers}
+        headers[FORWARDED_HEADER] = str(self._me)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, use_dns_cache=False)
+            )
+        try:
+            async with self._session.request(
+                request.method, f"{leader.url}{request.path_qs}", data=body, headers=headers,
+                timeout=self._timeout, allow_redirects=False,
+            ) as resp:  # fmt: skip
+                content = await resp.read()
+                out = {h: resp.headers[h] for h in _RETURNED_HEADERS if h in resp.headers}
+                out.setdefault(NODE_HEADER, str(leader.node_id))
+                return web.Response(status=resp.status, body=content, headers=out)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise errors.Unavailable(
+                f"the leader {leader} could not be reached to forward the request: {str(exc)[:200]}"
+            ) from None

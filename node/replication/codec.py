@@ -1,0 +1,259 @@
+"""Versioned encodings for replication: peer message batches and the payload of a COMMAND log entry.
+
+Why one explicit codec: peers of different releases meet on the wire and old entries stay on disk, so every
+encoding carries a version and a reader refuses versions it does not know (``CodecError``) instead of
+guessing. stdlib + orjson only; bytes travel as base64 in JSON.
+
+Batch (``POST /cluster/replication`` body), version 1::
+
+    {"v": 1, "from": <identity>, "addr": "ip:port", "msgs": [[<type tag>, {field: value, ...}], ...]}
+
+LogId values are ``[epoch, index]``, entries ``[epoch, index, kind, payload base64]``. Decoding validates
+every field's type and range: a malformed batch is a 400, never an exception inside the core.
+
+Command payload (the bytes a COMMAND entry carries), version 1: ``{"v": 1, "stmts": [[sql, params]],
+"tx": bool, "t": time_ns, "seed": n, "u": unified, "c": client, "rid": request id}``; parameter values keep
+their types (bytes as ``{"b64": ...}``, infinities and NaN as ``{"f": "inf"}``), so every replica executes exactly the stamped command.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from node.core.replication import messages as msg
+from node.core.sqlreq import Statement, WriteCommand
+from node.storage.statemachine import Command
+
+BATCH_VERSION = 1
+COMMAND_VERSION = 1
+MAX_MESSAGES_PER_BATCH = 4096
+MAX_NUMBER = (1 << 63) - 1
+MAX_IDENTITY_CHARS = 64
+
+
+class CodecError(ValueError):
+    """Bytes that are not a valid encoding of a known version: refused, never guessed."""
+
+
+# --- message batches ----------------------------------------------------------------------------------------
+
+_TYPES: dict[str, type] = {
+    "prepare": msg.Prepare,
+    "promise": msg.Promise,
+    "refuse": msg.Refuse,
+    "append": msg.Append,
+    "append_ack": msg.AppendAck,
+    "append_reject": msg.AppendReject,
+    "heartbeat": msg.Heartbeat,
+    "heartbeat_ack": msg.HeartbeatAck,
+    "stale": msg.Stale,
+    "fetch": msg.Fetch,
+    "fetch_reply": msg.FetchReply,
+    "take_over": msg.TakeOver,
+}
+_TAGS = {cls: tag for tag, cls in _TYPES.items()}
+_KINDS = {k.value: k for k in msg.Kind}
+# The durable log stores a kind as a number; these numbers are part of the log format (never reuse one).
+KIND_CODES = {msg.Kind.COMMAND: 1, msg.Kind.EPOCH_START: 2, msg.Kind.CONFIG: 3}
+KINDS_BY_CODE = {code: kind for kind, code in KIND_CODES.items()}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise CodecError("expected base64 text")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CodecError(f"bad base64: {exc}") from None
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, msg.LogId):
+        return [v.epoch, v.index]
+    if isinstance(v, msg.Entry):
+        return [v.epoch, v.index, v.kind.value, _b64(v.payload)]
+    if isinstance(v, tuple):
+        return [_value(x) for x in v]
+    return v
+
+
+def encode_message(m: msg.Message) -> list[Any]:
+    tag = _TAGS[type(m)]
+    return [tag, {name: _value(getattr(m, name)) for name in type(m).__dataclass_fields__}]
+
+
+def encode_batch(sender: str, address: str, messages: list[msg.Message] | tuple[msg.Message, ...]) -> bytes:
+    return orjson.dumps(
+        {"v": BATCH_VERSION, "from": sender, "addr": address, "msgs": [encode_message(m) for m in messages]}
+    )
+
+
+def _int(v: Any, name: str) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_NUMBER:
+        raise CodecError(f"{name} must be an integer in 0..2**63-1")
+    return v
+
+
+def _logid(v: Any, name: str) -> msg.LogId:
+    if not isinstance(v, list) or len(v) != 2:
+        raise CodecError(f"{name} must be [epoch, index]")
+    return msg.LogId(_int(v[0], name), _int(v[1], name))
+
+
+def _entry(v: Any) -> msg.Entry:
+    if not isinstance(v, list) or len(v) != 4 or v[2] not in _KINDS:
+        raise CodecError("an entry must be [epoch, index, kind, payload]")
+    return msg.Entry(_int(v[0], "epoch"), _int(v[1], "index"), _KINDS[v[2]], _unb64(v[3]))
+
+
+def _entries(v: Any) -> tuple[msg.Entry, ...]:
+    if not isinstance(v, list):
+        raise CodecError("entries must be a list")
+    return tuple(_entry(e) for e in v)
+
+
+def _str(v: Any, name: str) -> str:
+    if not isinstance(v, str) or len(v) > 256:
+        raise CodecError(f"{name} must be a short string")
+    return v
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise CodecError(f"{name} must be a boolean")
+    return v
+
+
+_FIELD_PARSERS = {
+    "epoch": _int, "index": _int, "commit": _int, "seq": _int, "match": _int, "rejected": _int, "hint": _int,
+    "promised": _int, "start": _int,
+    "last": _logid, "prev": _logid,
+    "entries": lambda v, _n: _entries(v),
+    "reason": _str,
+    "handover": _bool, "leaving": _bool,
+}  # fmt: skip
+
+
+def decode_message(item: Any) -> msg.Message:
+    if not isinstance(item, list) or len(item) != 2 or item[0] not in _TYPES or not isinstance(item[1], dict):
+        raise CodecError("a message must be [known type, {fields}]")
+    cls = _TYPES[item[0]]
+    body: dict[str, Any] = item[1]
+    names = cls.__dataclass_fields__
+    if set(body) != set(names):
+        raise CodecError(f"{item[0]} needs exactly the fields {sorted(names)}")
+    return cls(**{name: _FIELD_PARSERS[name](body[name], name) for name in names})
+
+
+def decode_batch(data: bytes) -> tuple[str, str, list[msg.Message]]:
+    """(sender identity, sender address, messages) of a batch; CodecError for anything else."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise CodecError("a batch is a JSON object")
+    if body.get("v") != BATCH_VERSION:
+        raise CodecError(f"unknown batch version {body.get('v')!r}")
+    sender, address, items = body.get("from"), body.get("addr"), body.get("msgs")
+    if not isinstance(sender, str) or not 0 < len(sender) <= MAX_IDENTITY_CHARS:
+        raise CodecError("from must be the sender's identity")
+    if not isinstance(address, str) or len(address) > 64:
+        raise CodecError("addr must be the sender's address")
+    if not isinstance(items, list) or len(items) > MAX_MESSAGES_PER_BATCH:
+        raise CodecError(f"msgs must be a list of at most {MAX_MESSAGES_PER_BATCH} messages")
+    return sender, address, [decode_message(i) for i in items]
+
+
+# --- command payloads ---------------------------------------------------------------------------------------
+
+
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _param(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return {"b64": _b64(v)}
+    if isinstance(v, float) and not math.isfinite(v):
+        # JSON has no infinity: orjson would write null, and a replica would bind NULL instead.
+        return {"f": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
+    return v
+
+
+def _unparam(v: Any) -> Any:
+    if isinstance(v, dict):
+        if set(v) == {"f"} and v["f"] in _NON_FINITE:
+            return _NON_FINITE[v["f"]]
+        if set(v) != {"b64"}:
+            raise CodecError("a parameter object must be {'b64': ...} or {'f': 'inf' | '-inf' | 'nan'}")
+        return _unb64(v["b64"])
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    raise CodecError("a parameter must be null, a number, text or {'b64': ...}")
+
+
+def encode_command(command: Command) -> bytes:
+    stmts = []
+    for s in command.write.statements:
+        params: Any = None
+        if isinstance(s.params, Mapping):
+            params = {k: _param(v) for k, v in s.params.items()}
+        elif s.params is not None:
+            params = [_param(v) for v in s.params]
+        stmts.append([s.sql, params])
+    return orjson.dumps(
+        {
+            "v": COMMAND_VERSION,
+            "stmts": stmts,
+            "tx": command.write.transaction,
+            "t": command.write.time_ns,
+            "seed": command.write.seed,
+            "u": command.unified,
+            "c": command.client,
+            "rid": command.request_id,
+        }
+    )
+
+
+def decode_command(data: bytes) -> Command:
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict) or body.get("v") != COMMAND_VERSION:
+        raise CodecError("unknown command version")
+    try:
+        statements = []
+        for sql, params in body["stmts"]:
+            if not isinstance(sql, str):
+                raise CodecError("sql must be text")
+            if isinstance(params, dict):
+                params = {str(k): _unparam(v) for k, v in params.items()}
+            elif isinstance(params, list):
+                params = tuple(_unparam(v) for v in params)
+            elif params is not None:
+                raise CodecError("params must be a list, an object or null")
+            statements.append(Statement(sql, params))
+        tx, time_ns, seed, unified, client, rid = (body[k] for k in ("tx", "t", "seed", "u", "c", "rid"))
+        if not isinstance(tx, bool) or not isinstance(unified, bool):
+            raise CodecError("tx and u must be booleans")
+        if type(time_ns) is not int or type(seed) is not int:
+            raise CodecError("t and seed must be integers")
+        if not isinstance(client, str) or not (rid is None or isinstance(rid, str)):
+            raise CodecError("c must be text and rid text or null")
+        write = WriteCommand(tuple(statements), tx, time_ns, seed)
+        return Command(write, unified=unified, client=client, request_id=rid)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, CodecError):
+            raise
+        raise CodecError(f"malformed command: {exc!r}") from None
