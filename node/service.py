@@ -230,8 +230,12 @@ class LogBackedDataService:
         wall_clock_ns: Callable[[], int] = time.time_ns,
         seeds: Callable[[], int] = lambda: secrets.randbits(63),
         sqlite_version: str | None = None,
+        own_log: bool = True,
     ) -> None:
         self.database = database
+        # False with REPLICATION=on: the Replicator owns DATA_DIR/log and carries every write; this service
+        # then only opens and checks the database (two writers on one log would corrupt it).
+        self._own_log = own_log
         self.data_dir = database.data_dir
         self.log_dir = self.data_dir / LOG_DIR_NAME
         self._reserve_bytes = log_reserve_bytes
@@ -257,6 +261,9 @@ class LogBackedDataService:
     async def start(self) -> None:
         """Open and check the database, open the log and replay it; then serve. Never raises for bad data:
         the database's state says why the node is not ready."""
+        if not self._own_log:
+            await self.database.start()
+            return
         await self.database.start(replay=self._open_and_replay)
         if self._closing:
             # close() may have run while this was starting: the log opened since must not outlive it.

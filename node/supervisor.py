@@ -130,7 +130,10 @@ class Node:
             # Writes and reads go through the data service (the seam replication will fill in): every write
             # is appended to DATA_DIR/log and fsynced there before it is applied and acknowledged.
             self.data_service = LogBackedDataService(
-                self.database, log_reserve_bytes=config.log_reserve_bytes, emit=log
+                self.database,
+                log_reserve_bytes=config.log_reserve_bytes,
+                emit=log,
+                own_log=config.replication != "on",
             )
             DbRoutes(
                 service=self.data_service,
