@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from node import auth
-from tests.e2e.support import Cluster, Timings, node_id, wait_until
+from tests.e2e.support import ROOT, Cluster, Timings, node_id, run, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -270,6 +271,12 @@ def test_three_containers_form_one_cluster_and_every_node_sees_every_write(
         assert headers["X-TalentNest-Node"] == str(ids[names[-1]])  # executed by the leader
     wait_identical(cluster, names, tok, {0, 1, 2}, 15)
     assert rows(cluster, names[0], tok) == [0, 1, 2]
+    # The operator's view: deploy/status.py agrees (one writable node, one epoch) and shows the columns.
+    nodes = [f"{name}={cluster.port(name)}" for name in names]
+    shown = run([sys.executable, str(ROOT / "deploy" / "status.py"), "--wait", "10", *nodes], timeout=30)
+    header = shown.stdout.splitlines()[0].split()
+    assert header[8:13] == ["WRITABLE", "COMMIT", "APPLIED", "VOTER", "LAG"], shown.stdout
+    assert "3 nodes agree" in shown.stdout
 
 
 def test_docker_kill_of_the_leader_under_writes_loses_no_acknowledged_write(
@@ -324,14 +331,26 @@ def test_two_of_three_stopped_reads_work_writes_503_then_resume(rcluster, timing
     timings.record(test, "write without quorum -> 503 answer", took_s)
     assert status == 503 and isinstance(body, dict) and body.get("code") == "no_quorum", (status, body)
     assert took_s < 5.0  # liveness: answered, not hung
+    before = cluster.ip(middle)
     cluster.restart(middle)
     started = time.monotonic()
-    wait_until(
-        lambda: write(cluster, lowest, tok, ["INSERT OR IGNORE INTO t VALUES (3)"]) == 200,
-        30,
-        0.2,
-        what="writes to resume with two of three",
-    )
+    timings.record(test, "restarted node's address", f"{before} -> {cluster.ip(middle)}", "")
+    trace: list[str] = []  # what the survivor said while writes were refused: printed, and shown on failure
+
+    def resumed() -> bool:
+        status = write(cluster, lowest, tok, ["INSERT OR IGNORE INTO t VALUES (3)"])
+        view = cluster.status(lowest) or {}
+        seen = [(n["address"], n["healthy"], n.get("voter")) for n in view.get("nodes", [])]
+        trace.append(
+            f"{time.monotonic() - started:.2f}s {status} writable={view.get('writable')} "
+            f"epoch={view.get('epoch')} commit={view.get('commit_index')} view={seen}"
+        )
+        return status == 200
+
+    try:
+        wait_until(resumed, 40, 0.5, what="writes to resume with two of three")
+    finally:
+        print("\n".join(trace[-80:]))
     timings.record(test, "docker start of one node -> writes resume", time.monotonic() - started)
     wait_identical(cluster, [lowest, middle], tok, {1, 3}, 15)
 
@@ -354,8 +373,6 @@ class Partition:
         self.rules = [r for ip in self.ips for r in (("INPUT", "-s", ip), ("OUTPUT", "-d", ip))]
 
     def _iptables(self, action: str) -> None:
-        from tests.e2e.support import run
-
         for chain, flag, ip in self.rules:
             run(
                 ["nsenter", "-t", self.pid, "-n", "iptables", action, chain, flag, ip, "-j", "DROP"],
