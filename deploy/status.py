@@ -5,7 +5,9 @@
 
 Standard library only (Python >= 3.8), so it runs with the host's python3 or inside the node image.
 The cluster agrees when every node answers, sees ``--expect`` nodes, all of them healthy, and names the
-same leader: the highest ID. Exit status: 0 agreed, 1 not within ``--wait`` seconds (the last view is
+same leader: the highest ID. With REPLICATION=on (the status carries ``commit_index``) it also needs exactly
+one writable node and the same (cluster) epoch on every node, and the table adds each node's writable flag,
+commit and applied index, and its voter flag and lag as the writable node sees them. Exit status: 0 agreed, 1 not within ``--wait`` seconds (the last view is
 printed either way), 2 bad arguments.
 """
 
@@ -39,6 +41,10 @@ def agreement(views: dict[str, dict | str], expect: int) -> str | None:
         # cannot lead, so only the healthy count must match.
         if view.get("healthy_nodes") != expect:
             return f"{name} sees {view.get('healthy_nodes')}/{view.get('total_nodes')} healthy, expected {expect}"
+    if replicated(views):
+        problem = replication_agreement(views)
+        if problem is not None:
+            return problem
     leaders = {view["leader_id"] for view in views.values()}
     if len(leaders) != 1:
         return f"leaders differ: {sorted(leaders)}"
@@ -48,26 +54,81 @@ def agreement(views: dict[str, dict | str], expect: int) -> str | None:
     return None
 
 
+def replicated(views: dict[str, dict | str]) -> bool:
+    """True when any node reports the REPLICATION=on fields (older nodes and REPLICATION=off do not)."""
+    return any(isinstance(view, dict) and "commit_index" in view for view in views.values())
+
+
+def replication_agreement(views: dict[str, dict | str]) -> str | None:
+    """With replication, agreement also means exactly one writable node and one cluster epoch everywhere:
+    two writable nodes (or epochs that differ) is what a split brain or an unfinished election looks like."""
+    answered = {name: view for name, view in views.items() if isinstance(view, dict)}
+    missing = sorted(name for name, view in answered.items() if "commit_index" not in view)
+    if missing:
+        return f"{', '.join(missing)} report no replication fields (REPLICATION differs between nodes?)"
+    writable = sorted(name for name, view in answered.items() if view.get("writable") is True)
+    if len(writable) != 1:
+        return f"{len(writable)} writable nodes ({', '.join(writable) or 'none'}), expected exactly 1"
+    epochs = {name: view.get("epoch") for name, view in answered.items()}
+    if len(set(epochs.values())) != 1:
+        return "epochs differ: " + ", ".join(f"{name}={epoch}" for name, epoch in epochs.items())
+    return None
+
+
+def peer_facts(views: dict[str, dict | str]) -> dict[int, dict]:
+    """Per node ID, its voter flag and lag: as the writable node sees them (only a leader knows every lag),
+    else as each node sees itself."""
+    facts: dict[int, dict] = {}
+    for view in views.values():
+        if isinstance(view, dict):
+            for node in view.get("nodes", []):
+                if node.get("id") == view.get("current_node_id"):
+                    facts.setdefault(node["id"], node)
+    for view in views.values():
+        if isinstance(view, dict) and view.get("writable") is True:
+            facts.update({node["id"]: node for node in view.get("nodes", []) if "id" in node})
+    return facts
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def table(views: dict[str, dict | str], ports: dict[str, int]) -> str:
-    rows = [("NODE", "PORT", "ID", "ROLE", "LEADER", "NODES", "HEALTHY", "EPOCH", "ADDRESS")]
+    extra = replicated(views)
+    head = ("NODE", "PORT", "ID", "ROLE", "LEADER", "NODES", "HEALTHY", "EPOCH")
+    head += ("WRITABLE", "COMMIT", "APPLIED", "VOTER", "LAG") if extra else ()
+    rows = [(*head, "ADDRESS")]
+    facts = peer_facts(views) if extra else {}
     for name, view in views.items():
         if isinstance(view, str):
-            rows.append((name, str(ports[name]), "-", view, "", "", "", "", ""))
+            rows.append((name, str(ports[name]), "-", view, *([""] * (len(head) - 4)), ""))
             continue
         me = next((n for n in view["nodes"] if n["id"] == view["current_node_id"]), {})
-        rows.append(
-            (
-                name,
-                str(ports[name]),
-                str(view["current_node_id"]),
-                view["current_role"],
-                str(view["leader_id"]),
-                str(view["total_nodes"]),
-                str(view.get("healthy_nodes", "?")),
-                str(view.get("epoch", "?")),
-                me.get("address", ""),
-            )
+        row = (
+            name,
+            str(ports[name]),
+            str(view["current_node_id"]),
+            view["current_role"],
+            str(view["leader_id"]),
+            str(view["total_nodes"]),
+            str(view.get("healthy_nodes", "?")),
+            str(view.get("epoch", "?")),
         )
+        if extra:
+            fact = facts.get(view["current_node_id"], {})
+            row += (
+                _cell(view.get("writable")),
+                _cell(view.get("commit_index")),
+                _cell(view.get("applied_index")),
+                _cell(fact.get("voter")),
+                _cell(fact.get("lag")),
+            )
+        rows.append((*row, me.get("address", "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 

@@ -44,7 +44,15 @@ EPOCH_HEADER = "X-TalentNest-Epoch"
 FORWARDED_HEADER = "X-TalentNest-Forwarded"
 _FORWARDED_REQUEST_HEADERS = ("Authorization", "X-Request-Id", "Content-Type")
 _RETURNED_HEADERS = ("Content-Type", "X-TalentNest-Index", EPOCH_HEADER, NODE_HEADER, "Retry-After")
+LEADER_WATCH_S = 0.05  # how often a forwarded request checks that its leader is still followed
 _LEADER_PATHS = {"/db/execute": auth.Role.WRITE, "/db/request": auth.Role.WRITE, "/db/query": auth.Role.READ}
+
+
+class ForwardOutcomeUnknown(errors.NodeError):
+    """The leader a request was forwarded to was lost before it answered (same code as the Replicator's)."""
+
+    status = 503
+    code = "outcome_unknown"
 
 
 class ReplicationRoutes:
@@ -167,6 +175,30 @@ class ForwardingMiddleware:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, use_dns_cache=False)
             )
+        exchange = asyncio.ensure_future(self._exchange(request, leader, body, headers))
+        try:
+            # A leader that dies mid-request (SIGKILL, a cut cable) sends no RST: without this watch the
+            # client would wait the whole forward timeout. Once this node's view no longer names that leader
+            # the answer is "outcome unknown" (the write may have committed), at failure-detection speed.
+            for _ in range(int(self._timeout.total / LEADER_WATCH_S) + 2):  # bounded by the forward timeout
+                done, _ = await asyncio.wait({exchange}, timeout=LEADER_WATCH_S)
+                if done:
+                    return exchange.result()
+                if self._replicator.leader_endpoint() != leader:
+                    raise ForwardOutcomeUnknown(
+                        f"the leader {leader} was lost while it handled the forwarded request; it may or may "
+                        "not have been applied (retry with the same X-Request-Id)"
+                    )
+            raise errors.Unavailable(f"the leader {leader} did not answer the forwarded request in time")
+        finally:
+            if not exchange.done():
+                exchange.cancel()
+            await asyncio.gather(exchange, return_exceptions=True)
+
+    async def _exchange(
+        self, request: web.Request, leader: Endpoint, body: bytes, headers: dict[str, str]
+    ) -> web.Response:
+        assert self._session is not None
         try:
             async with self._session.request(
                 request.method, f"{leader.url}{request.path_qs}", data=body, headers=headers,

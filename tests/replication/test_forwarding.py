@@ -1,0 +1,122 @@
+"""The forwarding middleware when the leader it forwarded to is lost mid-request.
+
+Found on containers: a write forwarded by a follower to a leader that was then SIGKILLed (no RST) waited the
+whole forward timeout (15 s). Now, once the follower's view no longer names that leader, the client gets
+503 ``outcome_unknown`` at failure-detection speed; a leader that answers keeps answering through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from node import auth
+from node.core.ids import Endpoint
+from node.http.replication import ForwardingMiddleware
+from node.http.server import HttpApi
+from node.runtime import logging as nodelog
+
+SECRET = "f" * 32
+
+
+class FakeReplicator:
+    def __init__(self, leader: Endpoint | None) -> None:
+        self.leader = leader
+
+    def leader_endpoint(self) -> Endpoint | None:
+        return self.leader
+
+
+def token() -> str:
+    return auth.mint_jwt(SECRET, auth.Role.ADMIN, now=time.time(), ttl_s=600)
+
+
+async def run_case(answer_after_s: float | None, lose_after_s: float | None) -> tuple[int, dict, float]:
+    """A leader that answers after answer_after_s (None: never) and a follower whose view drops that leader
+    lose_after_s after the leader received the request (None: never). Returns the client's status, body and time to the answer."""
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def leader_execute(request: web.Request) -> web.Response:
+        arrived.set()
+        if answer_after_s is None:
+            await release.wait()
+        else:
+            await asyncio.sleep(answer_after_s)
+        return web.json_response({"results": [{"rows_affected": 1}]})
+
+    leader_app = web.Application()
+    leader_app.router.add_post("/db/execute", leader_execute)
+    leader_server = TestServer(leader_app, host="127.0.0.1")
+    await leader_server.start_server()
+    leader = Endpoint("127.0.0.1", leader_server.port)
+    replicator = FakeReplicator(leader)
+    forwarding = ForwardingMiddleware(
+        replicator=replicator,
+        me=Endpoint("127.0.0.2", 3000),
+        jwt_secret=SECRET,
+        max_body_bytes=1 << 20,
+        body_read_timeout_s=5,
+        forward_timeout_s=5,
+    )
+    api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
+    api.app.middlewares.append(forwarding.middleware())
+
+    async def lose() -> None:
+        if lose_after_s is not None:
+            await asyncio.wait_for(arrived.wait(), 5)  # the loss is timed from the leader's receipt
+            await asyncio.sleep(lose_after_s)
+            replicator.leader = None
+
+    try:
+        async with TestClient(TestServer(api.app)) as client, asyncio.TaskGroup() as tasks:
+            tasks.create_task(lose())
+            started = time.monotonic()
+            resp = await client.post(
+                "/db/execute",
+                json=[["INSERT INTO t VALUES (1)"]],
+                headers={"Authorization": f"Bearer {token()}"},
+            )
+            body = await resp.json()
+            return resp.status, body, time.monotonic() - started
+    finally:
+        release.set()
+        await forwarding.close()
+        await leader_server.close()
+
+
+async def test_a_leader_lost_mid_request_answers_503_outcome_unknown_not_after_the_forward_timeout():
+    status, body, took_s = await run_case(answer_after_s=None, lose_after_s=0.2)
+    assert status == 503 and body["code"] == "outcome_unknown", body
+    assert "X-Request-Id" in body["error"]
+    assert took_s < 4.0  # liveness: well before the 5 s forward timeout (not a speed assertion)
+
+
+async def test_a_leader_that_answers_is_passed_through():
+    status, body, _ = await run_case(answer_after_s=0.1, lose_after_s=None)
+    assert status == 200 and body == {"results": [{"rows_affected": 1}]}
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    answer_after_s=st.one_of(st.none(), st.floats(0.0, 0.4)),
+    lose_after_s=st.one_of(st.none(), st.floats(0.0, 0.4)),
+)
+def test_a_forwarded_request_always_ends_with_the_leaders_answer_or_a_503(answer_after_s, lose_after_s):
+    """Whatever the order of the leader's answer and its loss: the client gets the leader's 200 (answered
+    before the loss was seen) or 503 (outcome_unknown), never a hang past the forward timeout."""
+    if answer_after_s is None and lose_after_s is None:
+        lose_after_s = 0.1  # a leader that never answers and is never lost is the forward timeout's case
+    status, body, took_s = asyncio.run(run_case(answer_after_s, lose_after_s))
+    assert took_s < 4.0
+    if lose_after_s is None or (answer_after_s is not None and answer_after_s + 0.2 < lose_after_s):
+        assert status == 200, body
+    elif answer_after_s is None or lose_after_s + 0.2 < answer_after_s:
+        assert status == 503 and body["code"] == "outcome_unknown", body
+    else:
+        assert status == 200 or (status == 503 and body["code"] == "outcome_unknown"), body
