@@ -13,11 +13,14 @@ from node.storage.sqlite import Database, Limits
 from tests.support.dbapi import start_db_api
 
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
+# Tokens below are minted when the module is imported, i.e. when pytest collects the whole suite, which can
+# run for longer than any short lifetime: they live a day.
+DAY_S = 86_400
 
 
 def token(role: str) -> dict[str, str]:
     return {
-        "Authorization": "Bearer " + auth.mint_jwt(SECRET, auth.Role.parse(role), now=time.time(), ttl_s=300)
+        "Authorization": "Bearer " + auth.mint_jwt(SECRET, auth.Role.parse(role), now=time.time(), ttl_s=DAY_S)
     }
 
 

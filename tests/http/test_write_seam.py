@@ -17,10 +17,13 @@ from node.storage.sqlite import Database, Limits
 from tests.support.dbapi import start_db_api
 
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
+# Tokens below are minted when the module is imported, i.e. when pytest collects the whole suite, which can
+# run for longer than any short lifetime: they live a day.
+DAY_S = 86_400
 
 
 def token(role: auth.Role, now: float | None = None) -> dict[str, str]:
-    minted = auth.mint_jwt(SECRET, role, now=now or time.time(), ttl_s=600)
+    minted = auth.mint_jwt(SECRET, role, now=now or time.time(), ttl_s=DAY_S)
     return {"Authorization": "Bearer " + minted}
 
 
