@@ -1,0 +1,170 @@
+"""The pure formation and merge rules (node.core.replication.formation).
+
+Besides examples, two simulations over the rules alone, with generated inputs:
+
+* formation: N empty nodes that see each other when their windows end form exactly one cluster, whatever
+  their IDs and the order in which they decide;
+* merge: any set of clusters without data, seeing each other, ends as one cluster led by the highest ID;
+  a cluster with data never moves, and two with data end in a conflict on both sides.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.core.replication import formation as f
+from node.core.replication.formation import Action, Me, Peer
+
+
+def member_peer(node_id: int, leader: str, leader_id: int, data: bool = False) -> Peer:
+    return Peer(node_id, True, f"id{node_id}", True, leader, leader_id, data)
+
+
+def test_an_empty_node_waits_within_the_window_then_the_highest_bootstraps():
+    peers = [Peer(2, identity="b", member=False), Peer(3, identity="c", member=False)]
+    assert f.decide_empty(5, peers, window_over=False).action is Action.WAIT
+    assert f.decide_empty(5, peers, window_over=True).action is Action.BOOTSTRAP
+    assert f.decide_empty(1, peers, window_over=True).action is Action.JOIN
+
+
+def test_an_empty_node_joins_a_cluster_it_sees_even_if_it_has_the_highest_id():
+    peers = [Peer(2, identity="b", member=True, leader="b", leader_id=2)]
+    assert f.decide_empty(9, peers, window_over=False).action is Action.JOIN
+
+
+def test_unhealthy_peers_neither_block_bootstrap_nor_count_as_a_cluster():
+    peers = [Peer(9, healthy=False, identity="z", member=True)]
+    assert f.decide_empty(5, peers, window_over=True).action is Action.BOOTSTRAP
+    assert not f.settled(peers)
+
+
+def test_a_peer_of_this_cluster_is_not_foreign_even_before_this_node_has_its_config_entry():
+    me = Me(1, "a", True, leader="c", leader_id=3, config=frozenset({"a", "c"}))
+    newly_added = member_peer(2, "c", 3)  # same leader: the same cluster
+    assert not f.is_foreign(me, newly_added)
+    assert f.is_foreign(me, member_peer(7, "x", 7))
+    assert not f.is_foreign(me, Peer(7, identity="x", member=False))  # a joiner is anyone's to add
+
+
+def test_data_meets_data_is_a_conflict_and_nobody_moves():
+    me = Me(9, "a", True, data=True, leader="a", leader_id=9, config=frozenset({"a"}))
+    d = f.decide_member(me, [member_peer(3, "x", 3, data=True)])
+    assert d.action is Action.CONFLICT and d.other_leader == "x"
+
+
+def test_the_cluster_without_data_dissolves_into_the_one_with_data_whatever_the_ids():
+    me = Me(9, "a", True, data=False, leader="a", leader_id=9, config=frozenset({"a"}))
+    assert f.decide_member(me, [member_peer(3, "x", 3, data=True)]).action is Action.DISSOLVE
+    me_data = Me(3, "x", True, data=True, leader="x", leader_id=3, config=frozenset({"x"}))
+    assert f.decide_member(me_data, [member_peer(9, "a", 9)]).action is Action.STAY
+
+
+def test_without_data_the_lower_leader_dissolves():
+    low = Me(3, "x", True, leader="x", leader_id=3, config=frozenset({"x"}))
+    high = Me(9, "a", True, leader="a", leader_id=9, config=frozenset({"a"}))
+    assert f.decide_member(low, [member_peer(9, "a", 9)]).action is Action.DISSOLVE
+    assert f.decide_member(high, [member_peer(3, "x", 3)]).action is Action.STAY
+
+
+def test_a_leaderless_member_ranks_by_its_own_id():
+    orphan = Me(2, "o", True, leader=None, config=frozenset({"o", "x"}))
+    assert f.decide_member(orphan, [member_peer(9, "a", 9)]).action is Action.DISSOLVE
+    assert f.decide_member(orphan, [member_peer(1, "a", 1)]).action is Action.STAY
+
+
+# --- simulations over the rules -----------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ids=st.lists(st.integers(1, 254), min_size=1, max_size=7, unique=True),
+    order=st.randoms(use_true_random=False),
+)
+def test_empty_nodes_that_see_each_other_form_exactly_one_cluster_in_any_order(ids, order):
+    """Nodes decide one at a time in a random order (later deciders see earlier decisions)."""
+    leader_of: dict[int, int | None] = {i: None for i in ids}  # node -> leader it joined (or itself)
+    pending = list(ids)
+    order.shuffle(pending)
+    for _round in range(len(ids) + 1):  # each round every undecided node re-decides (bounded)
+        for node in list(pending):
+            peers = [
+                Peer(
+                    o, True, f"id{o}", leader_of[o] is not None,
+                    None if leader_of[o] is None else f"id{leader_of[o]}", leader_of[o] or 0,
+                )
+                for o in ids
+                if o != node
+            ]  # fmt: skip
+            d = f.decide_empty(node, peers, window_over=True)
+            if d.action is Action.BOOTSTRAP:
+                leader_of[node] = node
+                pending.remove(node)
+            elif d.action is Action.JOIN and any(p.member for p in peers):
+                leader_of[node] = next(p.leader_id for p in peers if p.member)
+                pending.remove(node)
+        if not pending:
+            break
+    assert not pending
+    assert len({v for v in leader_of.values()}) == 1
+    assert sum(1 for n, v in leader_of.items() if v == n) == 1
+
+
+cluster_sets = st.lists(
+    st.tuples(st.lists(st.integers(1, 254), min_size=1, max_size=3), st.booleans()), min_size=1, max_size=4
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(clusters=cluster_sets, order=st.randoms(use_true_random=False))
+def test_clusters_seeing_each_other_merge_by_the_leader_rule_and_data_never_moves(clusters, order):
+    """Each cluster: its members (IDs unique across clusters) and whether it holds data. Nodes re-decide
+    in random order; a DISSOLVEd node becomes empty and joins the cluster it dissolved into."""
+    used: set[int] = set()
+    cl: dict[int, tuple[frozenset[int], bool]] = {}  # leader id -> (members, data)
+    for members, data in clusters:
+        ms = frozenset(m for m in members if m not in used)
+        if not ms:
+            continue
+        used |= ms
+        cl[max(ms)] = (ms, data)
+    with_data = [lead for lead, (_, d) in cl.items() if d]
+    node_leader = {n: lead for lead, (ms, _) in cl.items() for n in ms}
+    conflicts: set[int] = set()
+    for _round in range(20):
+        nodes = sorted(node_leader)
+        order.shuffle(nodes)
+        changed = False
+        for n in nodes:
+            lead = node_leader[n]
+            ms, data = cl[lead]
+            me = Me(n, f"id{n}", True, data, f"id{lead}", lead, frozenset(f"id{m}" for m in ms))
+            peers = [
+                member_peer(o, f"id{node_leader[o]}", node_leader[o], cl[node_leader[o]][1])
+                for o in node_leader
+                if o != n
+            ]
+            d = f.decide_member(me, peers)
+            if d.action is Action.CONFLICT:
+                conflicts.add(n)
+                assert data
+            elif d.action is Action.DISSOLVE:
+                assert not data
+                target = d.other_leader_id
+                cl[lead] = (ms - {n}, data)
+                node_leader[n] = target
+                cl[target] = (cl[target][0] | {n}, cl[target][1])
+                changed = True
+        if not changed:
+            break
+    leaders = {lead for lead in node_leader.values()}
+    if len(with_data) <= 1:
+        assert len(leaders) == 1
+        assert not conflicts
+        if with_data:
+            assert leaders == set(with_data)  # the data's cluster absorbed the rest
+        else:
+            assert leaders == {max(node_leader)}  # the highest ID leads
+    else:
+        assert leaders == set(with_data)  # every data cluster kept, every empty one merged into one
+        assert conflicts == {n for n, lead in node_leader.items()}
