@@ -67,8 +67,10 @@ def start_staggered(c: Cluster, rng: random.Random, max_start_s: float, max_dns_
 def test_nodes_started_in_any_order_with_staggered_dns_form_exactly_one_cluster(make_cluster, trial):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    c: Cluster = make_cluster(env=ENV)
-    start_staggered(c, rng, max_start_s=1.5, max_dns_s=2.5)
+    # Odd trials: a window much shorter than the DNS delays, so groups often bootstrap apart and must merge.
+    window, max_dns_s = ("1", 2.5) if trial % 2 == 0 else ("0.2", 3.0)
+    c: Cluster = make_cluster(env={**ENV, "FORMATION_WINDOW": window})
+    start_staggered(c, rng, max_start_s=1.5, max_dns_s=max_dns_s)
     agreed = wait_until(
         lambda: one_cluster(c, c.ips),
         45,
@@ -90,6 +92,28 @@ def test_nodes_started_in_any_order_with_staggered_dns_form_exactly_one_cluster(
     after = one_cluster(c, c.ips)
     assert after is not None and after["leader_identity"] == agreed["leader_identity"]
     assert not any(c.nodes[ip].events("cluster_conflict") for ip in c.ips)
+
+
+def test_two_clusters_without_data_formed_apart_merge_under_the_highest_id(make_cluster):
+    c: Cluster = make_cluster(size=1, env=ENV)
+    a = c.ips[0]
+    b = c.spare_ip()  # the higher ID
+    other = f"other-{c.service}"
+    c.add_node(b, SERVICE_NAME=other)
+    c.start(a)
+    c.nodes[b].start()
+    c.dns.set(other, [b])
+    for ip in (a, b):
+        wait_until(lambda ip=ip: (c.nodes[ip].status() or {}).get("writable"), 20, what=f"{ip} alone")
+    c.dns.set(c.service, [a, b])
+    c.dns.set(other, [a, b])
+    agreed = wait_until(lambda: one_cluster(c, [a, b]), 30, what="one cluster of two", describe=c.describe)
+    assert agreed["leader_identity"] == c.nodes[b].status()["identity"]
+    assert c.nodes[a].events("replication_dissolving") and not c.nodes[b].events("replication_dissolving")
+    tok = token(c)
+    assert call(f"{base(c, a)}/db/execute", [["CREATE TABLE t (v INTEGER)"]], tok)[0] == 200
+    assert call(f"{base(c, a)}/db/execute", [["INSERT INTO t VALUES (5)"]], tok)[0] == 200
+    wait_until(lambda: local_values(c, b, tok) == {5}, 10, what="the write on b")
 
 
 def test_two_clusters_with_data_that_come_to_see_each_other_both_refuse_and_report_it(make_cluster):
