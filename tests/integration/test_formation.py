@@ -94,6 +94,27 @@ def test_nodes_started_in_any_order_with_staggered_dns_form_exactly_one_cluster(
     assert not any(c.nodes[ip].events("cluster_conflict") for ip in c.ips)
 
 
+def test_three_nodes_that_each_bootstrapped_alone_merge_into_one_cluster_led_by_the_highest(make_cluster):
+    """The worst case of a late DNS: every node's window ends before it sees anyone, so each bootstraps a
+    cluster of one; once DNS lists them all they merge (no data anywhere) into one, led by the highest."""
+    c: Cluster = make_cluster(env={**ENV, "FORMATION_WINDOW": "0.2"})
+    order = list(c.ips)
+    random.shuffle(order)
+    c.publish_dns([])
+    for ip in order:
+        c.nodes[ip].start()
+    for ip in c.ips:
+        wait_until(lambda ip=ip: c.nodes[ip].events("replication_bootstrapped"), 20, what=f"{ip} alone")
+    c.publish_dns(c.ips)
+    agreed = wait_until(lambda: one_cluster(c, c.ips), 45, what="one cluster of three", describe=c.describe)
+    assert agreed["leader_identity"] == c.nodes[c.ips[-1]].status()["identity"]
+    tok = token(c)
+    assert call(f"{base(c, c.ips[0])}/db/execute", [["CREATE TABLE t (v INTEGER)"]], tok)[0] == 200
+    assert call(f"{base(c, c.ips[0])}/db/execute", [["INSERT INTO t VALUES (8)"]], tok)[0] == 200
+    for ip in c.ips:
+        wait_until(lambda ip=ip: local_values(c, ip, tok) == {8}, 10, what=f"the row on {ip}")
+
+
 def test_two_clusters_without_data_formed_apart_merge_under_the_highest_id(make_cluster):
     c: Cluster = make_cluster(size=1, env=ENV)
     a = c.ips[0]
