@@ -702,12 +702,16 @@ class Replicator:
         assert self.identity is not None
         healthy = {self.identity: self.me.node_id}
         me = self._formation_me() if self.is_member else None
-        for peer in self._formation_peers():
+        peers = self._formation_peers()
+        recruit = me is not None and formation.may_recruit(me, peers)
+        for peer in peers:
             if peer.identity is None:
                 continue
             if me is not None and peer.identity not in me.config:
                 if peer.member is None or formation.is_foreign(me, peer):
                     continue
+                if not peer.member and not recruit:
+                    continue  # a joiner is for the cluster that wins the formation rules
             healthy[peer.identity] = peer.node_id
         return healthy
 

@@ -168,3 +168,52 @@ def test_clusters_seeing_each_other_merge_by_the_leader_rule_and_data_never_move
     else:
         assert leaders == set(with_data)  # every data cluster kept, every empty one merged into one
         assert conflicts == {n for n, lead in node_leader.items()}
+
+
+def test_only_the_winning_cluster_recruits_a_joiner():
+    low = Me(3, "x", True, leader="x", leader_id=3, config=frozenset({"x"}))
+    high = Me(9, "a", True, leader="a", leader_id=9, config=frozenset({"a"}))
+    joiner = Peer(2, identity="j", member=False)
+    assert f.may_recruit(high, [member_peer(3, "x", 3), joiner])
+    assert not f.may_recruit(low, [member_peer(9, "a", 9), joiner])
+    data_low = Me(3, "x", True, data=True, leader="x", leader_id=3, config=frozenset({"x"}))
+    assert f.may_recruit(data_low, [member_peer(9, "a", 9)])
+    assert not f.may_recruit(high, [member_peer(3, "x", 3, data=True)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    clusters=st.lists(
+        st.tuples(st.integers(1, 254), st.booleans(), st.booleans()),
+        min_size=1,
+        max_size=5,
+        unique_by=lambda t: t[0],
+    )
+)
+def test_at_most_one_cluster_in_sight_recruits(clusters):
+    """Among clusters that all see each other (leader ID, holds data, leader known), at most one may add a
+    joiner, so no joiner is ever claimed by two leaders; and if every leader is known, exactly one may."""
+    mes = [
+        Me(
+            lid,
+            f"id{lid}",
+            True,
+            data,
+            f"id{lid}" if known else None,
+            lid if known else 0,
+            frozenset({f"id{lid}"}),
+        )
+        for lid, data, known in clusters
+    ]
+    peers_of = {
+        me.identity: [
+            member_peer(o.node_id, o.leader or o.identity, o.leader_id or o.node_id, o.data)
+            for o in mes
+            if o is not me
+        ]
+        for me in mes
+    }
+    recruiting = [me for me in mes if f.may_recruit(me, peers_of[me.identity])]
+    assert len(recruiting) <= 1
+    if all(me.leader is not None for me in mes):
+        assert len(recruiting) == 1

@@ -26,6 +26,10 @@ Rules (what the README's formation section quotes):
     cluster is led by the highest ID, as the leader rule says. A node that knows no leader of its own
     (an election under way, or its leader dissolved first) ranks by its own ID instead, so the rest of a
     dissolving cluster, which may have lost its quorum, follows its leader rather than wait forever.
+* **Who recruits a joiner.** A node without a cluster is added (as a learner) only by the cluster that
+  would win the rules above against every other cluster in sight: higher (holds data, leader ID, leader
+  identity) first. Otherwise two leaders could both add the same joiner, and its log would mix two
+  histories. A member whose cluster does not win keeps joiners out of the view it gives the core.
 * The Replicator acts on DISSOLVE only when the same decision held on two checks in a row and its own
   log, read back, has no COMMAND entry (the exact test), so a follower that merely lags cannot dissolve.
 """
@@ -132,3 +136,20 @@ def decide_member(me: Me, peers: Iterable[Peer]) -> Decision:
             Action.DISSOLVE, p.leader, p.leader_id, "neither holds data; the other's leader is higher"
         )
     return Decision(Action.STAY, reason="neither holds data; this cluster's leader is higher")
+
+
+def _cluster_rank(data: bool, leader_id: int, leader: str | None) -> tuple[bool, int, str]:
+    return (data, leader_id, leader or "")
+
+
+def may_recruit(me: Me, peers: Iterable[Peer]) -> bool:
+    """Whether this member's cluster may add nodes without a cluster: it outranks every other cluster
+    in sight (see "Who recruits a joiner")."""
+    if not me.member:
+        return False
+    mine = (
+        _cluster_rank(me.data, me.leader_id, me.leader)
+        if me.leader is not None
+        else _cluster_rank(me.data, me.node_id, me.identity)
+    )
+    return all(_cluster_rank(p.data, p.leader_id, p.leader) < mine for p in peers if is_foreign(me, p))
