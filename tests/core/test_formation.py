@@ -217,3 +217,37 @@ def test_at_most_one_cluster_in_sight_recruits(clusters):
     assert len(recruiting) <= 1
     if all(me.leader is not None for me in mes):
         assert len(recruiting) == 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=json_values
+    | st.fixed_dictionaries({"leader": json_values, "leader_id": json_values, "data": json_values})
+)
+def test_a_peers_cluster_facts_are_validated_never_trusted(raw):
+    """Whatever a peer answers as ``cluster``, the transport hands on a well-typed triple or nothing."""
+    from node.replication import codec
+    from node.replication.transport import _cluster_of
+
+    facts = _cluster_of(raw)
+    if facts is not None:
+        leader, leader_id, data = facts
+        assert leader is None or (isinstance(leader, str) and 0 < len(leader) <= codec.MAX_IDENTITY_CHARS)
+        assert type(leader_id) is int and 0 <= leader_id < 1 << 63
+        assert data is True or data is False
+
+
+def test_well_formed_cluster_facts_pass():
+    from node.replication.transport import _cluster_of
+
+    assert _cluster_of({"leader": "abc", "leader_id": 7, "data": True}) == ("abc", 7, True)
+    assert _cluster_of({"leader": None, "leader_id": 0, "data": "yes"}) == (None, 0, False)
+    assert _cluster_of({"leader": "", "leader_id": 1}) is None
+    assert _cluster_of({"leader": "a", "leader_id": True}) is None
