@@ -251,3 +251,28 @@ def test_well_formed_cluster_facts_pass():
     assert _cluster_of({"leader": None, "leader_id": 0, "data": "yes"}) == (None, 0, False)
     assert _cluster_of({"leader": "", "leader_id": 1}) is None
     assert _cluster_of({"leader": "a", "leader_id": True}) is None
+
+
+def test_a_lagging_follower_of_a_cluster_with_data_never_dissolves():
+    """Regression: its own log has no COMMAND yet, but its leader's has: the cluster holds data."""
+    follower = Me(2, "f", True, data=False, leader="x", leader_id=3, config=frozenset({"f", "x"}))
+    own_leader = member_peer(3, "x", 3, data=True)
+    other = member_peer(9, "a", 9, data=True)
+    assert f.decide_member(follower, [own_leader, other]).action is Action.CONFLICT
+    assert f.decide_member(follower, [own_leader, member_peer(9, "a", 9)]).action is Action.STAY
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    others=st.lists(st.tuples(st.integers(4, 254), st.booleans()), max_size=4),
+    mates=st.lists(st.booleans(), min_size=1, max_size=3),
+)
+def test_no_member_of_a_cluster_with_data_ever_dissolves(others, mates):
+    """If any healthy node of this cluster reports data, no foreign cluster makes this node DISSOLVE."""
+    config = frozenset({"me", "x"} | {f"m{i}" for i in range(len(mates))})
+    me = Me(1, "me", True, data=False, leader="x", leader_id=3, config=config)
+    peers = [Peer(10 + i, True, f"m{i}", True, "x", 3, d) for i, d in enumerate(mates)]
+    peers += [member_peer(n, f"id{n}", n, d) for n, d in others]
+    d = f.decide_member(me, peers)
+    if any(mates):
+        assert d.action is not Action.DISSOLVE

@@ -16,7 +16,8 @@ Rules (what the README's formation section quotes):
   of the view given to the core, so no leader ever adds a node of another cluster as a learner (nothing is
   absorbed silently); only the rules below move a node from one cluster to another.
 * **Clusters without client data merge by the leader rule.** A node holds client data when its log holds
-  any COMMAND entry (committed or not) or its database holds any table. Facing another cluster:
+  any COMMAND entry (committed or not) or its database holds any table; its cluster does when it or any
+  healthy peer of the same cluster does (a lagging follower never leaves a cluster that has data). Facing another cluster:
   - both hold data: CONFLICT; neither moves; the node logs ``cluster_conflict`` and reports the other
     cluster's leader in /cluster/status;
   - only the other holds data: DISSOLVE (clear the log, which holds only configuration and epoch-start
@@ -108,16 +109,31 @@ def is_foreign(me: Me, peer: Peer) -> bool:
     return peer.leader != me.leader and peer.leader not in me.config and peer.leader != me.identity
 
 
+def cluster_holds_data(me: Me, peers: Iterable[Peer]) -> bool:
+    """This node's cluster holds data if this node does or any healthy peer of the same cluster says so: a
+    follower that lags (no COMMAND entry yet) must not leave a cluster that has data."""
+    if me.data:
+        return True
+    return any(
+        p.healthy
+        and p.member
+        and p.data
+        and (p.identity in me.config or (p.leader is not None and p.leader == me.leader))
+        for p in peers
+    )
+
+
 def _rank(leader_id: int, leader: str | None) -> tuple[int, str]:
     return (leader_id, leader or "")
 
 
 def decide_member(me: Me, peers: Iterable[Peer]) -> Decision:
     """A member's choice facing the other clusters it can see: STAY, DISSOLVE or CONFLICT."""
+    peers = list(peers)
     foreign = [p for p in peers if is_foreign(me, p)]
     if not foreign:
         return Decision(Action.STAY)
-    if me.data:
+    if cluster_holds_data(me, peers):
         with_data = [p for p in foreign if p.data]
         if with_data:
             p = max(with_data, key=lambda p: _rank(p.leader_id, p.leader))
@@ -147,9 +163,11 @@ def may_recruit(me: Me, peers: Iterable[Peer]) -> bool:
     in sight (see "Who recruits a joiner")."""
     if not me.member:
         return False
+    peers = list(peers)
+    data = cluster_holds_data(me, peers)
     mine = (
-        _cluster_rank(me.data, me.leader_id, me.leader)
+        _cluster_rank(data, me.leader_id, me.leader)
         if me.leader is not None
-        else _cluster_rank(me.data, me.node_id, me.identity)
+        else _cluster_rank(data, me.node_id, me.identity)
     )
     return all(_cluster_rank(p.data, p.leader_id, p.leader) < mine for p in peers if is_foreign(me, p))
