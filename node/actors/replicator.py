@@ -29,15 +29,15 @@ Bounded queues and their overflow policies:
 * client submits and reads waiting for the next round: ``MAX_PENDING_CLIENTS``, beyond it 503 busy;
 * committed entries waiting for the applier: ``MAX_APPLY_BACKLOG``; beyond it the loop waits (backpressure).
 
-Formation (an empty node; see ``_form``): wait ``FORMATION_WINDOW`` while learning the identities of the
-healthy members of the view, then (at most one more window) until every member of the view is healthy and
-known by identity. If one of them already belongs to a cluster, join (as a ``joiner``: that
-cluster's leader adds it as a learner, then promotes it to voter once it has caught up). Otherwise the node
-with the highest ID among the healthy members bootstraps a cluster of one voter, itself; the others join
-it the same way. While a joiner is still empty and no healthy member belongs to a cluster, it re-checks
-the rule every second (the highest may have died during formation). Only one node can bootstrap as long
-as the nodes that start together see each other within the window; two groups that cannot see each other
-during the window form two clusters (a limit: merging clusters without data is future work).
+Formation and merge: the rules are pure, in ``node.core.replication.formation`` (read its docstring);
+this actor gathers the facts and acts. An empty node waits ``FORMATION_WINDOW`` (plus at most one more
+window until its view is settled), then joins a cluster it sees, or bootstraps if it has the highest ID.
+Every ``REFORM_CHECK_S`` an empty joiner re-decides, and a member compares itself with the other clusters
+it sees: two groups that bootstrapped apart (they did not see each other within the window) merge, the
+one without client data dissolving into the other; two clusters that both hold data never merge: each
+node logs ``cluster_conflict`` (at most once per ``CONFLICT_LOG_INTERVAL_S``) and reports it in
+/cluster/status. Each peer's answer to a replication batch carries what the rules need (``cluster_facts``:
+the leader it follows, that leader's ID, whether it holds data).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,12 @@ import orjson
 from node import errors
 from node.core import membership as m
 from node.core.ids import Endpoint
-from node.core.replication import machine
+from node.core.replication import formation, machine
 from node.core.replication import messages as msg
 from node.replication import codec
 from node.replication.transport import ReplicationTransport
 from node.runtime.mailbox import LatestCell
+from node.storage import statemachine
 from node.storage.asynclog import AsyncLog
 from node.storage.durable import FramedFileError, decode_framed, encode_framed, write_atomic
 from node.storage.identity import load_or_create_identity
@@ -76,6 +78,8 @@ MAX_APPLY_RUN_BYTES = 8 << 20
 LOG_READ_BYTES = 4 << 20
 APPLY_RETRY_S = 0.5
 REFORM_CHECK_S = 1.0
+CONFLICT_LOG_INTERVAL_S = 30.0
+DISSOLVE_CHECKS = 2  # the same DISSOLVE decision on this many checks in a row before acting on it
 INLINE_DECODE_BYTES = 64 << 10
 
 REPLICATION_STATE_FILE = "replication-state"
@@ -126,6 +130,17 @@ def load_core_hard_state(directory: Path, identity: str) -> msg.HardState | None
     if owner != identity:
         raise RuntimeError(f"{path} belongs to node {owner}, not to this node ({identity})")
     return hard
+
+
+def _remove_durably(path: Path) -> None:
+    """Blocking: the file is gone, and its directory entry removal is on disk, when this returns."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def to_log_entry(entry: msg.Entry) -> LogEntry:
@@ -203,6 +218,12 @@ class Replicator:
         # Peer identities: address <-> identity, and whether that peer said it belongs to a cluster.
         self.identities: dict[Endpoint, str] = {}
         self.members: dict[Endpoint, bool] = {}
+        # What each peer's last answer said of its cluster: (leader identity, leader ID, holds data).
+        self.peer_clusters: dict[Endpoint, tuple[str | None, int, bool]] = {}
+        self.holds_data = False  # any COMMAND entry in the log, or a table in the database
+        self.conflict: formation.Decision | None = None  # set while facing another cluster with data
+        self._conflict_logged_at: float | None = None
+        self._dissolve_votes = 0
         self._view_dirty = True
         self._last_view: dict[str, int] | None = None
         # Inputs waiting for the next round.
@@ -270,9 +291,33 @@ class Replicator:
             self._inbox.append(msg.Receive(sender, message))
         self._wake.set()
 
-    def learn(self, endpoint: Endpoint, identity: str, member: bool | None) -> None:
+    @property
+    def cluster_facts(self) -> dict[str, Any]:
+        """What this node's answer to a replication batch tells the sender about its cluster."""
+        s = self.state
+        leader = None if s is None else (self.identity if s.role == machine.LEADER else s.leader)
+        return {"leader": leader, "leader_id": self._node_id_of(leader), "data": self.holds_data}
+
+    def _node_id_of(self, identity: str | None) -> int:
+        if identity is None:
+            return 0
+        if identity == self.identity:
+            return self.me.node_id
+        endpoint = self.endpoint_of(identity)
+        return 0 if endpoint is None else endpoint.node_id
+
+    def learn(
+        self,
+        endpoint: Endpoint,
+        identity: str,
+        member: bool | None,
+        cluster: tuple[str | None, int, bool] | None = None,
+    ) -> None:
         if endpoint == self.me:
             return
+        if cluster is not None and self.peer_clusters.get(endpoint) != cluster:
+            self.peer_clusters[endpoint] = cluster
+            self._view_dirty = True
         if self.identities.get(endpoint) != identity:
             # An address now answered by another identity (a re-created container): drop the old mapping.
             for other, who in list(self.identities.items()):
@@ -281,8 +326,9 @@ class Replicator:
             self.identities[endpoint] = identity
             self._view_dirty = True
             self._wake.set()
-        if member is not None:
+        if member is not None and self.members.get(endpoint) != member:
             self.members[endpoint] = member
+            self._view_dirty = True
 
     async def submit(self, payload: bytes, timeout_s: float) -> tuple[int, int, Applied | None]:
         """Append a command as leader and wait for its apply: (epoch, index, outcome)."""
@@ -403,6 +449,7 @@ class Replicator:
             self.options,
         )  # fmt: skip
         self.applied_index = applied
+        self.holds_data = await self._log_holds_data()
         self.log.info(
             "replication_restored", epoch=self.state.hard.epoch, applied_index=applied, last_index=last_index,
             voters=len(self.state.config.voters),
@@ -431,29 +478,53 @@ class Replicator:
         assert self.identity is not None
         if stop.is_set():
             return  # stopping during formation: decide nothing (the next start forms again)
-        if self._should_bootstrap():
+        decision = formation.decide_empty(self.me.node_id, self._formation_peers(), window_over=True)
+        if decision.action is formation.Action.BOOTSTRAP:
             await self._bootstrap()
         else:
             self.state = machine.joiner(self.identity, self.options)
-            self.log.info("replication_joining", reason="waiting to be added by the cluster's leader")
+            self.log.info("replication_joining", reason=decision.reason)
         self.ready.set()
 
     def _healthy_peers(self) -> list[m.Member]:
         view = self.views.get()
         return [] if view is None else [p for p in view.healthy if not p.is_self]
 
+    def _formation_peers(self, *, healthy_only: bool = True) -> list[formation.Peer]:
+        """The view's peers with what this node knows of them, for the pure rules."""
+        view = self.views.get()
+        if view is None:
+            return []
+        out = []
+        for p in view.members:
+            if p.is_self or (healthy_only and not p.healthy):
+                continue
+            leader, leader_id, data = self.peer_clusters.get(p.endpoint, (None, 0, False))
+            out.append(
+                formation.Peer(
+                    p.node_id, p.healthy, self.identities.get(p.endpoint), self.members.get(p.endpoint),
+                    leader, leader_id, data,
+                )
+            )  # fmt: skip
+        return out
+
+    def _formation_me(self) -> formation.Me:
+        assert self.identity is not None
+        s = self.state
+        config: frozenset[str] = frozenset()
+        if s is not None:
+            config = frozenset(s.config.voters) | frozenset(s.config.learners)
+        facts = self.cluster_facts
+        return formation.Me(
+            self.me.node_id, self.identity, self.is_member, self.holds_data, facts["leader"],
+            facts["leader_id"], config,
+        )  # fmt: skip
+
     def _view_settled(self) -> bool:
         view = self.views.get()
         if view is None:
             return False
-        peers = [p for p in view.members if not p.is_self]
-        return all(p.healthy and p.endpoint in self.identities for p in peers)
-
-    def _should_bootstrap(self) -> bool:
-        peers = self._healthy_peers()
-        if any(self.members.get(p.endpoint) for p in peers):
-            return False
-        return all(p.node_id < self.me.node_id for p in peers)
+        return formation.settled(self._formation_peers(healthy_only=False))
 
     async def _bootstrap(self) -> None:
         assert self.identity is not None
@@ -518,8 +589,99 @@ class Replicator:
             self._settle_lost_quorum()
             if now >= next_reform:
                 next_reform = now + REFORM_CHECK_S
-                if not self.is_member and self._should_bootstrap():
-                    await self._bootstrap()
+                await self._reform(now)
+
+    async def _reform(self, now: float) -> None:
+        """Re-decide formation (an empty joiner) or merge/conflict (a member); see formation's rules."""
+        peers = self._formation_peers()
+        if not self.is_member:
+            self.conflict = None
+            self._dissolve_votes = 0
+            if formation.decide_empty(self.me.node_id, peers, window_over=True).action is (
+                formation.Action.BOOTSTRAP
+            ):
+                await self._bootstrap()
+            return
+        decision = formation.decide_member(self._formation_me(), peers)
+        if decision.action is formation.Action.CONFLICT:
+            self.conflict = decision
+            if self._conflict_logged_at is None or now - self._conflict_logged_at >= CONFLICT_LOG_INTERVAL_S:
+                self._conflict_logged_at = now
+                self.log.warning(
+                    "cluster_conflict", other_leader=decision.other_leader,
+                    other_leader_id=decision.other_leader_id, reason=decision.reason,
+                )  # fmt: skip
+        else:
+            if self.conflict is not None:
+                self.log.info("cluster_conflict_over")
+            self.conflict = None
+            self._conflict_logged_at = None
+        if decision.action is not formation.Action.DISSOLVE:
+            self._dissolve_votes = 0
+            return
+        self._dissolve_votes += 1
+        if self._dissolve_votes >= DISSOLVE_CHECKS:
+            self._dissolve_votes = 0
+            await self._dissolve(decision)
+
+    async def _log_holds_data(self) -> bool:
+        """Exact: any COMMAND entry in the durable log, or any table (besides ours) in the database."""
+        assert self._asynclog is not None
+        index, last = 1, self._asynclog.last[1]
+        while index <= last:
+            chunk = await self._asynclog.read(index, LOG_READ_BYTES)
+            if not chunk:
+                break
+            if any(codec.KINDS_BY_CODE[e.kind] is msg.Kind.COMMAND for e in chunk):
+                return True
+            index = chunk[-1].index + 1
+        return await self._database_has_tables()
+
+    async def _database_has_tables(self) -> bool:
+        prefix = statemachine.INTERNAL_PREFIX
+
+        def count(job: Any) -> int:
+            rows = self.database._ops(job).internal(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                "AND substr(name, 1, ?) != ?",
+                (len(prefix), prefix),
+            )
+            return int(rows[0][0])
+
+        return await self.database._write(count) > 0
+
+    async def _dissolve(self, decision: formation.Decision) -> None:
+        """Leave a cluster without client data for the other one: clear the log, become a joiner.
+
+        Checked again, exactly, just before (any COMMAND entry or table: refuse). Crash-safe order: the
+        database's applied index goes to 0 first (it may never exceed the log's last index), then the hard
+        state file goes, then the log: a restart in between restores a cluster without data again, which
+        the same rule dissolves.
+        """
+        assert self._asynclog is not None and self.identity is not None
+        if self.holds_data or await self._log_holds_data():
+            self.holds_data = True
+            return
+        self.log.warning(
+            "replication_dissolving", other_leader=decision.other_leader,
+            other_leader_id=decision.other_leader_id, reason=decision.reason,
+        )  # fmt: skip
+        # Entries not yet applied are configuration entries only; an apply in flight is queued on the
+        # database's writer before the reset below, so the reset comes after it.
+        self._apply_queue.clear()
+        self._apply_room.set()
+        self._fail_all(errors.Unavailable("this node is joining another cluster; retry"))
+        self._waiters.clear()
+        self._by_index.clear()
+        self._confirmed.clear()
+        await self.database._write(lambda job: statemachine.set_applied(self.database._ops(job), 0))
+        await asyncio.to_thread(_remove_durably, self.data_dir / REPLICATION_STATE_FILE)
+        await self._asynclog.truncate_after(0)
+        self.applied_index = 0
+        self.state = machine.joiner(self.identity, self.options)
+        self._last_view = None
+        self._view_dirty = True
+        self._wake.set()
 
     def _handover_budget_s(self) -> float:
         return 0.5
@@ -534,12 +696,23 @@ class Replicator:
         )  # fmt: skip
 
     def _healthy_identities(self) -> dict[str, int]:
+        """The view given to the core. A member leaves out the nodes of other clusters (and peers whose
+        membership it does not know yet), so its leader never adds them as learners: merging is only
+        ever the formation rules' decision."""
         assert self.identity is not None
         healthy = {self.identity: self.me.node_id}
-        for peer in self._healthy_peers():
-            identity = self.identities.get(peer.endpoint)
-            if identity is not None:
-                healthy[identity] = peer.node_id
+        me = self._formation_me() if self.is_member else None
+        peers = self._formation_peers()
+        recruit = me is not None and formation.may_recruit(me, peers)
+        for peer in peers:
+            if peer.identity is None:
+                continue
+            if me is not None and peer.identity not in me.config:
+                if peer.member is None or formation.is_foreign(me, peer):
+                    continue
+                if not peer.member and not recruit:
+                    continue  # a joiner is for the cluster that wins the formation rules
+            healthy[peer.identity] = peer.node_id
         return healthy
 
     async def _watch_views(self) -> None:
@@ -552,8 +725,13 @@ class Replicator:
             self._view_dirty = True
             self._wake.set()
             if self.transport is not None:
+                # Peers of this node's own cluster answer its batches anyway; any other peer is asked
+                # again and again, since what it says (member or not, its leader, its data) drives the
+                # formation rules and changes (a node that dissolved, a cluster that got data).
+                config = self._formation_me().config if self.identity is not None else frozenset()
                 for peer in self._healthy_peers():
-                    if peer.endpoint not in self.identities or not self.members.get(peer.endpoint):
+                    identity = self.identities.get(peer.endpoint)
+                    if identity is None or not self.members.get(peer.endpoint) or identity not in config:
                         self.transport.ping(peer.endpoint)
 
     # --- carrying out Readys ----------------------------------------------------------------------------
@@ -575,6 +753,8 @@ class Replicator:
             if ready.truncate_from is not None:
                 writes.append(asyncio.ensure_future(alog.truncate_after(ready.truncate_from - 1)))
             if ready.append:
+                if not self.holds_data and any(e.kind is msg.Kind.COMMAND for e in ready.append):
+                    self.holds_data = True
                 writes.append(
                     asyncio.ensure_future(alog.append_and_sync([to_log_entry(e) for e in ready.append]))
                 )

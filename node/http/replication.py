@@ -98,6 +98,7 @@ class ReplicationRoutes:
             {
                 "identity": self._replicator.identity,
                 "member": self._replicator.is_member,
+                "cluster": getattr(self._replicator, "cluster_facts", None),
                 "accepted": len(messages) if ready else 0,
             }
         )

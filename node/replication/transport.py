@@ -18,7 +18,9 @@ SHA-256 of the body. The receiver keeps its own ReplayGuard for this path, so a 
 and changes nothing.
 
 Identities: the core speaks of persistent identities, HTTP of addresses. Every batch names its sender's
-identity and address; every answer names the receiver's identity and whether it belongs to a cluster. An
+identity and address; every answer names the receiver's identity, whether it belongs to a cluster and
+(``cluster``) the leader it follows, that leader's ID and whether it holds client data, which the
+formation rules (``node.core.replication.formation``) need to tell clusters apart. An
 empty batch (``ping``) is how a node learns the identity behind an address it found in its view.
 """
 
@@ -74,7 +76,7 @@ class ReplicationTransport:
         me: Endpoint,
         identity: str,
         timeout_s: float,
-        learn: Callable[[Endpoint, str, bool], None],
+        learn: Callable[[Endpoint, str, bool, tuple[str | None, int, bool] | None], None],
         log: Any,
     ) -> None:
         self._key = peerauth.derive_key(secret)
@@ -175,5 +177,19 @@ class ReplicationTransport:
         if isinstance(answer, dict) and isinstance(answer.get("identity"), str):
             identity = answer["identity"]
             if 0 < len(identity) <= codec.MAX_IDENTITY_CHARS:
-                self._learn(endpoint, identity, answer.get("member") is True)
+                self._learn(
+                    endpoint, identity, answer.get("member") is True, _cluster_of(answer.get("cluster"))
+                )
         return True
+
+
+def _cluster_of(raw: object) -> tuple[str | None, int, bool] | None:
+    """The answer's ``cluster`` facts, validated (anything malformed is ignored, never trusted)."""
+    if not isinstance(raw, dict):
+        return None
+    leader, leader_id = raw.get("leader"), raw.get("leader_id")
+    if leader is not None and not (isinstance(leader, str) and 0 < len(leader) <= codec.MAX_IDENTITY_CHARS):
+        return None
+    if not isinstance(leader_id, int) or isinstance(leader_id, bool) or not 0 <= leader_id < 1 << 63:
+        return None
+    return leader, leader_id, raw.get("data") is True

@@ -71,6 +71,16 @@ class Replication:
                 **(self.replicator.transport.stats if self.replicator.transport is not None else {}),
             },
         }
+        conflict = self.replicator.conflict
+        if conflict is not None:
+            # Another cluster with client data is in sight: neither is merged (see formation's rules).
+            fields["replication"] = "conflict"
+            fields["conflict"] = {
+                "role": status.role,
+                "other_leader_identity": conflict.other_leader,
+                "other_leader_id": conflict.other_leader_id,
+                "reason": conflict.reason,
+            }
         per_node = {}
         for member in view.members:
             identity = (
