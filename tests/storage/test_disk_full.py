@@ -6,8 +6,6 @@ skipped with the reason, except under CI=true, where that is a failure.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from node import auth
 from node.storage.sqlite import Database, Limits
 from tests.support.dbapi import start_db_api
+from tests.support.tmpfs import small_tmpfs
 
 SECRET = "a-test-secret-that-is-long-enough-0123456789"
 # Tokens below are minted when the module is imported, i.e. when pytest collects the whole suite, which can
@@ -26,20 +25,8 @@ BALLAST_BYTES = 1200 << 10
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        reason = f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); needs root"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
+    with small_tmpfs(tmp_path, "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture

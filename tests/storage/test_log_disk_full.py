@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 
 import pytest
 
@@ -23,6 +22,7 @@ from node.storage.log import (
     LogIOError,
     LogSpaceLow,
 )
+from tests.support.tmpfs import small_tmpfs
 
 PAYLOAD_BYTES = 8 << 10
 _REAL_FDATASYNC = os.fdatasync
@@ -31,20 +31,8 @@ BALLAST_BYTES = 200 << 10
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        reason = f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); needs root"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
+    with small_tmpfs(tmp_path, "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def batch(start: int, count: int, epoch: int = 1) -> list[LogEntry]:
