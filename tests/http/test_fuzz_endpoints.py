@@ -24,6 +24,7 @@ import json
 import socket
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,14 @@ class Request:
         return f"{self.method} {self.path[:600]!r}\n  headers={list(self.headers)!r}\n  body={body!r}"
 
 
+def _ready(process: NodeProcess) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{process.ip}:{process.port}/readyz", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:  # refused, or HTTPError 503 while starting
+        return False
+
+
 @dataclass
 class Reply:
     status: int
@@ -107,6 +116,9 @@ def node(tmp_path_factory) -> Iterator[Node]:
             what="the node to elect itself",
             describe=cluster.describe,
         )
+        # And its database opened and checked (in the background after HTTP starts): a data call before that
+        # is a 503 by design (database_checking), which is not what this test looks for.
+        wait_until(lambda: _ready(process), 30, what="/readyz to answer 200", describe=cluster.describe)
         now = time.time()
         tokens = {
             role.name.lower(): auth.mint_jwt(cluster.jwt_secret, role, now=now, ttl_s=3600)

@@ -75,8 +75,18 @@ def close_all(socks: list[socket.socket]):
 def start_one(make_cluster, env: dict[str, str]):
     cluster = make_cluster(size=1, env=env)
     node = cluster.start(cluster.ips[0])
-    wait_until(lambda: node.status() is not None, 15, what="the node to serve", describe=node.tail)
+    # Ready, not just answering: the database opens and is checked in the background after HTTP starts, and
+    # a data call before that answers 503 (database_checking).
+    wait_until(lambda: is_ready(node), 30, what="the node to be ready (/readyz 200)", describe=node.tail)
     return cluster, node
+
+
+def is_ready(node) -> bool:
+    try:
+        with urllib.request.urlopen(f"{node.url}/readyz", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:  # connection refused, or HTTPError 503 while starting
+        return False
 
 
 def test_a_client_trickling_header_bytes_is_disconnected(make_cluster):
