@@ -760,8 +760,12 @@ class Replicator:
                 )
         if writes:
             # Tasks start in creation order, so the log thread sees the writes in Ready order; consecutive
-            # appends share one fsync. Any failure propagates: the node restarts from what is durable.
-            await asyncio.gather(*writes)
+            # appends share one fsync. Every write is awaited to its end (none is left running unobserved),
+            # then the first failure propagates: the node restarts from what is durable.
+            outcomes = await asyncio.gather(*writes, return_exceptions=True)
+            failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if failure is not None:
+                raise failure
         for ready in readys:
             for send in ready.messages:
                 endpoint = self.endpoint_of(send.to)
