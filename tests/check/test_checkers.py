@@ -282,3 +282,35 @@ def test_checkers_are_pure():
     folder = pathlib.Path(node.check.__file__).parent
     for name in ("checkers.py", "history.py"):
         assert violations(folder / name, "node.check") == []
+
+
+def test_operator_command_refuses_bad_arguments_with_status_2(monkeypatch, capsys):
+    from node.check.__main__ import main
+
+    monkeypatch.delenv("TN_TOKEN", raising=False)
+    monkeypatch.delenv("JWT_SECRET", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["http://127.0.0.1:9"])
+    assert exit_info.value.code == 2 and "token" in capsys.readouterr().err
+    assert main(["--token", "x", "ftp://127.0.0.1:9"]) == 2
+    assert "not an http(s) URL" in capsys.readouterr().err
+
+
+def test_classify_separates_definite_failures_from_unknown_outcomes():
+    from node.check.workload import classify
+
+    ok = classify(
+        200, {"results": [{"rows_affected": 1}]}, {"X-TalentNest-Epoch": "3", "X-TalentNest-Node": "7"}
+    )
+    assert (ok.outcome, ok.epoch, ok.executed_by) == ("ok", 3, "7")
+    assert classify(200, {"results": [{"error": "no such table: t"}]}, {}).outcome == "failed"
+    for code in ("no_quorum", "not_leader", "not_writable", "busy"):
+        assert classify(503, {"error": "x", "code": code}, {}).outcome == "failed"
+    assert classify(400, {"error": "x", "code": "bad_request"}, {}).outcome == "failed"
+    for status, code in (
+        (503, "outcome_unknown"),
+        (500, "internal_error"),
+        (502, None),
+        (503, "unavailable"),
+    ):
+        assert classify(status, {"error": "x", "code": code}, {}).outcome == "unknown"
