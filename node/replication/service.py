@@ -6,7 +6,9 @@
   the forwarding middleware (``node.http.replication``) sends it to the leader first; if it does (a leader
   change in between, or no healthy leader), the core's rejection is the answer (503 not_leader / no_quorum
   / not_writable with the core's reason).
-* ``read``: ``none`` reads the local copy; ``weak`` / ``auto`` read the leader's local state (followers
+* ``read``: ``none`` reads the local copy (with ``freshness``, only if this node heard from the leader
+  within that time, and with ``freshness_strict`` has also applied what that leader had committed; else
+  503 ``stale_read``, see :func:`staleness`); ``weak`` / ``auto`` read the leader's local state (followers
   forward, see the middleware); ``linearizable`` / ``strong`` first have a majority confirm that this node
   still leads (ReadIndex), wait until that index is applied, then read locally.
 * Loads (/db/load) are not replicated yet: they answer 501 rather than change one copy only.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from node import errors
 from node.actors.replicator import Replicator
+from node.core.replication import machine
 from node.core.sqlreq import DbRequest, Flags, Level, stamp_write
 from node.replication import codec
 from node.service import LoadOutcome, WriteOutcome, WriteRequest
@@ -40,6 +43,40 @@ READ_CONFIRM_S = 5.0
 
 # The epoch of the write this task just answered (read by the HTTP layer for its header).
 ANSWERED_EPOCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("answered_epoch", default=None)
+
+
+class StaleRead(errors.NodeError):
+    """A ``level=none`` read with ``freshness`` on a node that cannot show it is fresh enough. 503, not 200
+    with an error per statement as rqlite answers: nothing ran, and another node (or later) may serve it."""
+
+    status = 503
+    code = "stale_read"
+
+
+def staleness(
+    status: machine.Status | None, applied_index: int, now: float, freshness_s: float, strict: bool
+) -> str | None:
+    """Why a ``level=none`` read bounded by ``freshness_s`` must not be served here (None: serve it).
+
+    ``now`` and ``status.leader_contact_s`` are the same monotonic clock (the Replicator's loop clock).
+    A writable leader always passes (rqlite ignores freshness on the leader); a leader that is not writable
+    (it lost majority contact, or is handing over) does not, since another node may lead by now.
+    """
+    if status is None:
+        return "stale read: this node has not joined a cluster yet"
+    if status.role == machine.LEADER:
+        return None if status.writable else "stale read: this node leads but has no majority contact"
+    if status.leader_contact_s == machine.NEVER:
+        return "stale read: this node has not heard from a leader since it started"
+    since_s = max(0.0, now - status.leader_contact_s)
+    if since_s > freshness_s:
+        return f"stale read: last contact with the leader {since_s:.1f} s ago > freshness {freshness_s:g}s"
+    if strict and applied_index < status.leader_commit:
+        return (
+            f"stale read: applied index {applied_index} is behind the leader's commit index "
+            f"{status.leader_commit} (freshness_strict)"
+        )
+    return None
 
 
 class NotImplementedYet(errors.NodeError):
@@ -75,9 +112,17 @@ class ReplicatedDataService:
         epoch, index, applied = await self.replicator.submit(payload, WRITE_WAIT_S)
         ANSWERED_EPOCH.set(epoch)
         assert applied is not None
-        return WriteOutcome(applied.results, epoch, applied.index, applied.duplicate)
+        return WriteOutcome(applied.results, epoch, applied.index, applied.duplicate, applied.committed)
 
     async def read(self, request: DbRequest, level: Level, client: str) -> list[StatementResult]:
+        freshness_s = request.flags.freshness_s
+        if level is Level.NONE and freshness_s is not None:
+            why = staleness(
+                self.replicator.status(), self.replicator.applied_index, asyncio.get_running_loop().time(),
+                freshness_s, request.flags.freshness_strict,
+            )  # fmt: skip
+            if why is not None:
+                raise StaleRead(why)
         if level in (Level.LINEARIZABLE, Level.STRONG):
             await self.replicator.confirm_read(READ_CONFIRM_S)
         elif level is not Level.NONE and not self.replicator.is_leader():
