@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from node.actors.replicator import Replicator
+from node import errors
+from node.actors.replicator import MembershipConflict, Replicator, UnknownMember
 from node.core.replication import machine
 from node.http.replication import ForwardingMiddleware, ReplicationRoutes
 from node.replication.service import ReplicatedDataService
+
+# Seconds DELETE /cluster/voters/<node> waits for its change to commit before it answers 503 outcome_unknown.
+REMOVE_WAIT_S = 10.0
 
 
 class Replication:
@@ -49,6 +53,34 @@ class Replication:
             await self.replicator.run(stop)
         finally:
             await self.forwarding.close()
+
+    async def remove_member(self, target: int | str) -> dict[str, Any]:
+        """DELETE /cluster/voters/<node>: resolve a node ID to the member's identity, remove it through the
+        log (node.core.replication RemoveMember) and answer the committed configuration."""
+        r = self.replicator
+        if r.state is None:
+            raise errors.Unavailable("replication is starting (forming or joining a cluster)")
+        if isinstance(target, int):
+            found = r.identity_of_node_id(target)
+            if not found:
+                raise UnknownMember(f"no voter or learner of this cluster has node ID {target}")
+            if len(found) > 1:
+                raise MembershipConflict(
+                    f"node ID {target} names {len(found)} members ({', '.join(found)}): remove one by identity"
+                )
+            identity = found[0]
+        else:
+            identity = target
+        epoch, index = await r.remove_member(identity, REMOVE_WAIT_S)
+        status = r.status()
+        assert status is not None
+        return {
+            "removed": identity,
+            "epoch": epoch,
+            "index": index,
+            "voters": sorted(status.voters),
+            "learners": sorted(status.learners),
+        }
 
     def status_fields(self, view: Any) -> dict[str, Any]:
         """What /cluster/status adds (and replaces: ``epoch``) with REPLICATION=on."""
