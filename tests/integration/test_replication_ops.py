@@ -65,7 +65,9 @@ def test_remove_a_live_voter_through_a_follower_then_freshness_refuses_a_cut_off
     assert status == 200, body
     assert len(body["voters"]) == 2 and body["removed"] not in body["voters"] and body["index"] > 0
     for ip in (lowest, highest):
-        wait_until(lambda ip=ip: voter_ids(c, ip) == {ids[lowest], ids[highest]}, 10, what=f"2 voters on {ip}")
+        wait_until(
+            lambda ip=ip: voter_ids(c, ip) == {ids[lowest], ids[highest]}, 10, what=f"2 voters on {ip}"
+        )
     # The removed node is alive and healthy, yet it is not added back (watched for 3 s: membership changes
     # take tens of milliseconds here).
     deadline = time.monotonic() + 3
