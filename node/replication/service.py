@@ -32,6 +32,7 @@ from node.core.replication import machine
 from node.core.sqlreq import DbRequest, Flags, Level, stamp_write
 from node.replication import codec
 from node.service import LoadOutcome, WriteOutcome, WriteRequest
+from node.storage.durable import free_bytes
 from node.storage.results import StatementResult
 from node.storage.sqlite import Database
 from node.storage.statemachine import Command
@@ -40,6 +41,8 @@ from node.storage.statemachine import Command
 # healthy commit (milliseconds); a node that loses its quorum answers sooner (see the Replicator).
 WRITE_WAIT_S = 10.0
 READ_CONFIRM_S = 5.0
+# How long one look at DATA_DIR's free space (for LOG_RESERVE_BYTES) is trusted before the next, off the loop.
+SPACE_CHECK_S = 0.5
 
 # The epoch of the write this task just answered (read by the HTTP layer for its header).
 ANSWERED_EPOCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("answered_epoch", default=None)
@@ -92,13 +95,39 @@ class ReplicatedDataService:
         *,
         wall_clock_ns: Callable[[], int] = time.time_ns,
         seeds: Callable[[], int] = lambda: secrets.randbits(63),
+        log_reserve_bytes: int = 0,
     ) -> None:
         self.database = database
         self.replicator = replicator
+        # The Replicator's log has no reserve of its own (an append that fails stops the node), so writes are
+        # refused here, before they are stamped, while DATA_DIR has less than the reserve free.
+        self._reserve_bytes = log_reserve_bytes
+        self._space_checked_s = float("-inf")
+        self._space_short: str | None = None
         self._wall_clock_ns = wall_clock_ns
         self._seeds = seeds
 
+    async def _require_reserve(self) -> None:
+        if self._reserve_bytes <= 0:
+            return
+        now = time.monotonic()
+        if now - self._space_checked_s >= SPACE_CHECK_S:
+            self._space_checked_s = now  # before the await: concurrent writes use this verdict meanwhile
+            try:
+                free = await asyncio.to_thread(free_bytes, self.database.data_dir)
+            except OSError:
+                free = None  # unreadable DATA_DIR: the log append reports the real problem
+            reserve = self._reserve_bytes
+            self._space_short = (
+                None
+                if free is None or free >= reserve
+                else f"DATA_DIR has {free} bytes free, below LOG_RESERVE_BYTES ({reserve}); nothing was stored"
+            )
+        if self._space_short is not None:
+            raise errors.InsufficientStorage(self._space_short)
+
     async def submit(self, request: WriteRequest, client: str) -> WriteOutcome:
+        await self._require_reserve()
         time_ns, seed = self._wall_clock_ns(), self._seeds()
         db_request = DbRequest(request.statements, Flags(transaction=request.transaction))
 

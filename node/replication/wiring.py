@@ -33,7 +33,9 @@ class Replication:
             log=node.log,
             peer_timeout_s=max(1.0, config.probe_timeout_s * 2),
         )
-        self.service = ReplicatedDataService(node.database, self.replicator)
+        self.service = ReplicatedDataService(
+            node.database, self.replicator, log_reserve_bytes=config.log_reserve_bytes
+        )
         self.routes = ReplicationRoutes(
             replicator=self.replicator, secret=config.jwt_secret, log=node.log,
             body_read_timeout_s=config.body_read_timeout_s,
