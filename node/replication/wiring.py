@@ -98,6 +98,8 @@ class Replication:
             "writable": status.writable,
             "leader_identity": status.leader if status.role != machine.LEADER else self.replicator.identity,
             "identity": self.replicator.identity,
+            # Identities removed by DELETE /cluster/voters and not re-added while they stay in the view.
+            "removed_identities": sorted(status.removed),
             # Counters for operators: messages dropped by a full inbox or peer queue, failed peer batches,
             # sends to identities with no known address, apply attempts that failed and are being retried.
             "replication_stats": {
