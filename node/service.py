@@ -117,6 +117,7 @@ class WriteOutcome:
     epoch: int
     index: int
     duplicate: bool = False
+    committed: bool = True  # False: nothing was stored (the group's COMMIT failed); ``index`` names nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +183,7 @@ class LocalDataService:
         if outcomes is None:  # cannot happen: the index is new
             raise errors.Unavailable(f"log index {index} was already applied")
         (applied,) = outcomes
-        return WriteOutcome(applied.results, 0, applied.index, applied.duplicate)
+        return WriteOutcome(applied.results, 0, applied.index, applied.duplicate, applied.committed)
 
     async def read(self, request: DbRequest, level: Level, client: str) -> list[StatementResult]:
         # One copy: every level (none, weak, linearizable, strong, auto) reads the local database.

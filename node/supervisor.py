@@ -143,6 +143,7 @@ class Node:
                 max_load_bytes=config.db_max_load_bytes,
                 max_statements=config.db_max_statements,
                 body_read_timeout_s=config.body_read_timeout_s,
+                log_reserve_bytes=config.log_reserve_bytes,
             ).add_to(self.http.app)
 
         # --- REPLICATION=on (node/replication/wiring.py): the replicated data service replaces the local one
@@ -156,6 +157,7 @@ class Node:
                 setattr(self.data_service, name, getattr(self.replication.service, name))
             if self.cluster_routes is not None:
                 self.cluster_routes.replication_status = self.replication.status_fields
+                self.cluster_routes.remove_member = self.replication.remove_member
 
     async def _begin_incarnation(self) -> None:
         """Allocate this start's peer-message incarnation before any peer message goes out or comes in.

@@ -66,7 +66,7 @@ from node.storage.asynclog import AsyncLog
 from node.storage.durable import FramedFileError, decode_framed, encode_framed, write_atomic
 from node.storage.identity import load_or_create_identity
 from node.storage.log import DurableLog, LogEntry
-from node.storage.sqlite import Database
+from node.storage.sqlite import ApplyFailed, Database
 from node.storage.statemachine import Applied
 
 TICK_S = 0.01
@@ -169,7 +169,32 @@ class OutcomeUnknown(errors.NodeError):
     code = "outcome_unknown"
 
 
+class UnknownMember(errors.NodeError):
+    status = 404
+    code = "unknown_voter"
+
+
+class MembershipConflict(errors.NodeError):
+    """A removal the cluster's state refuses now: another change in flight, the leader itself, the last voter."""
+
+    status = 409
+    code = "membership_conflict"
+
+
+_CONFLICT_CODES = {
+    "conflict": "membership_conflict",
+    "is-leader": "remove_leader",
+    "last-voter": "last_voter",
+}
+
+
 def rejection_error(code: str, reason: str, leader_url: str | None) -> errors.NodeError:
+    if code == "unknown":
+        return UnknownMember(reason)
+    if code in _CONFLICT_CODES:
+        error = MembershipConflict(reason)
+        error.code = _CONFLICT_CODES[code]
+        return error
     if code == "no-quorum":
         return errors.NoQuorum(reason)
     if code == "not-writable":
@@ -184,6 +209,7 @@ class _Waiter:
     future: asyncio.Future
     epoch: int = 0
     index: int = 0
+    kind: msg.Kind = msg.Kind.COMMAND  # the entry kind it waits for (CONFIG: an operator's removal)
 
 
 class Replicator:
@@ -230,6 +256,7 @@ class Replicator:
         self._inbox: collections.deque[msg.Receive] = collections.deque()
         self._submits: list[tuple[str, bytes]] = []
         self._reads: list[str] = []
+        self._removals: list[msg.RemoveMember] = []  # operator requests (bounded with the client queue)
         self._log_reads: list[msg.LogRead] = []
         self._stop_requested = False
         self._wake = asyncio.Event()
@@ -353,6 +380,44 @@ class Replicator:
             self._waiters.pop(rid, None)
             if waiter.index and self._by_index.get(waiter.index, (None,))[0] == rid:
                 del self._by_index[waiter.index]
+
+    async def remove_member(self, identity: str, timeout_s: float) -> tuple[int, int]:
+        """Operator: remove a voter (or learner) through the log; (epoch, index) once the change is applied.
+        Rejections raise (404 unknown, 409 conflict, 503 no quorum / not leader); a change accepted but not
+        applied within ``timeout_s`` raises OutcomeUnknown (look at /cluster/status)."""
+        if len(self._submits) + len(self._reads) + len(self._removals) >= MAX_PENDING_CLIENTS:
+            raise errors.Busy("replication queue is full; retry shortly")
+        if self.state is None:
+            raise errors.Unavailable("replication is starting (forming or joining a cluster)")
+        rid = f"m{next(self._ids)}"
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), kind=msg.Kind.CONFIG)
+        self._waiters[rid] = waiter
+        self._removals.append(msg.RemoveMember(rid, identity))
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                epoch, index, _ = await waiter.future
+                return epoch, index
+        except TimeoutError:
+            raise OutcomeUnknown(
+                f"the removal was not committed within {timeout_s:g} s; see /cluster/status for the voters"
+            ) from None
+        finally:
+            self._waiters.pop(rid, None)
+            if waiter.index and self._by_index.get(waiter.index, (None,))[0] == rid:
+                del self._by_index[waiter.index]
+
+    def identity_of_node_id(self, node_id: int) -> list[str]:
+        """Identities of cluster members known under the numeric ID (as /cluster/status shows it)."""
+        s = self.state
+        if s is None:
+            return []
+        members = s.config.members
+        found = {who for endpoint, who in self.identities.items() if endpoint.node_id == node_id}
+        if node_id == self.me.node_id and self.identity is not None:
+            found.add(self.identity)
+        found |= {who for who, nid in s.view.items() if nid == node_id}
+        return sorted(who for who in found if who in members)
 
     async def confirm_read(self, timeout_s: float) -> int:
         """Linearizable read: the index this node has applied once a majority confirmed it still leads."""
@@ -575,6 +640,8 @@ class Replicator:
             if self._reads:
                 inputs.append(msg.Read(tuple(self._reads)))
                 self._reads = []
+            inputs.extend(self._removals)
+            self._removals = []
             if now >= next_tick:
                 inputs.append(msg.Tick())
                 next_tick = now + TICK_S
@@ -692,7 +759,7 @@ class Replicator:
     def _has_inputs(self) -> bool:
         return bool(
             self._inbox or self._submits or self._reads or self._log_reads or self._view_dirty
-            or self._stop_requested
+            or self._stop_requested or self._removals
         )  # fmt: skip
 
     def _healthy_identities(self) -> dict[str, int]:
@@ -875,7 +942,7 @@ class Replicator:
             self._apply_room.set()
             try:
                 await self._apply_run(run, size)
-            except (errors.NodeError, OSError, codec.CodecError) as exc:
+            except (errors.NodeError, OSError, codec.CodecError, ApplyFailed) as exc:
                 # A local failure is never a result: keep the run, report, retry.
                 self.stats["apply_failures"] += 1
                 self.log.error(
@@ -895,7 +962,9 @@ class Replicator:
         for entry, command in zip(run, decoded, strict=True):
             commands_of.append((entry, 0 if command is None else 1))
         last = run[-1].index
-        outcomes = await self.database.apply(last, commands)
+        # apply_entries raises (ApplyFailed) when the COMMIT fails: the run is retried, never answered as
+        # rolled back while its entries are committed in the log (a restart would apply them after all).
+        (outcomes,) = await self.database.apply_entries([statemachine.Entry(last, tuple(commands))])
         self.applied_index = max(self.applied_index, last)
         position = 0
         for entry, count in commands_of:
@@ -918,9 +987,9 @@ class Replicator:
         _, waiter = held
         if waiter.future.done():
             return
-        if entry.epoch != waiter.epoch or entry.kind is not msg.Kind.COMMAND:
+        if entry.epoch != waiter.epoch or entry.kind is not waiter.kind:
             waiter.future.set_exception(Discarded("the write was discarded by a leader change; retry it"))
-        elif outcome is None:
+        elif outcome is None and entry.kind is msg.Kind.COMMAND:
             waiter.future.set_exception(OutcomeUnknown("the entry was applied before this node restarted"))
         else:
             waiter.future.set_result((entry.epoch, entry.index, outcome))

@@ -83,6 +83,10 @@ class Flags:
     redirect: bool = False
     # Per-statement time limit asked for by the client (``db_timeout``); never above the node's limit.
     db_timeout_s: float | None = None
+    # rqlite's bounded staleness for ``level=none`` reads: fail unless this node heard from the leader within
+    # ``freshness`` (and, with ``freshness_strict``, has applied what that leader had committed then).
+    freshness_s: float | None = None
+    freshness_strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +186,7 @@ def parse_flags(query: Mapping[str, str]) -> Flags:
     except ValueError:
         level = Level.WEAK  # rqlite: unknown or empty means weak
     db_timeout = query.get("db_timeout")
+    freshness = query.get("freshness")
     return Flags(
         transaction=_flag(query, "transaction"),
         timings=_flag(query, "timings"),
@@ -191,6 +196,8 @@ def parse_flags(query: Mapping[str, str]) -> Flags:
         level=level,
         redirect=_flag(query, "redirect"),
         db_timeout_s=None if db_timeout is None else parse_duration(db_timeout, "db_timeout"),
+        freshness_s=None if freshness is None else parse_duration(freshness, "freshness"),
+        freshness_strict=_flag(query, "freshness_strict"),
     )
 
 

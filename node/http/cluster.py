@@ -3,16 +3,24 @@
 Peer messages (a probe naming ``from``, hello, leave) are accepted only once each: the MAC must verify, the
 message must be addressed to this incarnation (a leave must name it; see node.core.peerauth) and its
 (incarnation, seq) must be new in the sender's anti-replay window. Anything else is 401 and changes nothing.
+
+``DELETE /cluster/voters/<node>`` (admin token) removes a voter or learner through the replicated log:
+``<node>`` is the numeric ID /cluster/status shows, or the node's persistent identity (for a member whose
+address is no longer known). A follower forwards it to the leader (node.http.replication); the answer
+comes once the change is committed and applied. With REPLICATION=off there are no voters: 404.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from node import errors
+from node import auth, errors
 from node.core import membership as m
 from node.core import peerauth
 from node.core.election import Leadership, Role
@@ -22,6 +30,24 @@ from node.runtime.mailbox import LatestCell, Mailbox
 
 # A peer notice is {"address": "ip:port", "node_id": n}: a few dozen bytes.
 NOTICE_MAX_BYTES = 4096
+VOTERS_PATH = "/cluster/voters/"
+_NODE_ID = re.compile(r"[0-9]{1,9}")
+
+
+def parse_member_ref(text: str) -> int | str:
+    """``<node>`` of DELETE /cluster/voters/<node>: a numeric node ID, or an identity (a UUID, canonical
+    lower-case form). Anything else is 400, so a typo is never taken for an unknown member."""
+    if _NODE_ID.fullmatch(text):
+        return int(text)
+    try:
+        parsed = uuid.UUID(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or str(parsed) != text:
+        raise errors.BadRequest(
+            f"{text[:80]!r} is not a node ID (a number as /cluster/status shows it) nor a node identity (a UUID)"
+        )
+    return text
 
 
 def status_body(decision: Leadership) -> dict[str, Any]:
@@ -85,6 +111,9 @@ class ClusterRoutes:
         self._rejected: set[tuple[str, str]] = set()
         # REPLICATION=on: a callable giving the replication fields for a view (node.replication.wiring).
         self.replication_status: Callable[[m.View], dict[str, Any]] | None = None
+        # REPLICATION=on: removes a member (node ID or identity) and answers the committed change.
+        self.remove_member: Callable[[int | str], Awaitable[dict[str, Any]]] | None = None
+        self._jwt_secret = secret
 
     def begin(self, incarnation: int) -> None:
         """This process's incarnation (known once DATA_DIR is read); until then every leave is refused."""
@@ -95,6 +124,7 @@ class ClusterRoutes:
         app.router.add_get("/cluster/health", self.health)
         app.router.add_post("/cluster/hello", self.hello)
         app.router.add_post("/cluster/leave", self.leave)
+        app.router.add_delete(VOTERS_PATH + "{node}", self.remove_voter)
 
     def _decision(self) -> Leadership:
         decision = self._decisions.get()
@@ -108,6 +138,15 @@ class ClusterRoutes:
         if self.replication_status is not None:
             add_replication_fields(body, self.replication_status(decision.view))
         return json_response(body, pretty="pretty" in request.query)
+
+    async def remove_voter(self, request: web.Request) -> web.Response:
+        """Admin: remove a voter (or learner); 200 once the change is committed (see the module docstring)."""
+        authorization = request.headers.get("Authorization")
+        auth.authenticate(authorization, self._jwt_secret, now=time.time()).require(auth.Role.ADMIN)
+        target = parse_member_ref(request.match_info["node"])
+        if self.remove_member is None:
+            raise errors.NotFound("this node runs with REPLICATION=off: there are no voters to remove")
+        return json_response(await self.remove_member(target), pretty="pretty" in request.query)
 
     async def health(self, request: web.Request) -> web.Response:
         decision = self._decision()

@@ -17,7 +17,8 @@ index and applies them; with replication it will also forward to the leader or a
 Headers: a client may send ``X-Request-Id`` (1-128 printable ASCII characters) with a write; a retry of
 the write with the same ID and the same credential is applied at most once and answers the first
 application's results. Every successful write answers ``X-TalentNest-Index``: the log index that committed
-it (for a deduplicated retry, the index that applied it the first time).
+it (for a deduplicated retry, the index that applied it the first time); a write whose COMMIT failed
+(nothing stored, every result says "rolled back") answers without it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from node.http.common import json_response, parse_json, read_body
 from node.http.render import INLINE_RENDER_CELLS, cells, render_results
 from node.runtime.mailbox import LatestCell
 from node.service import LocalDataService, LogBackedDataService, WriteOutcome, WriteRequest
+from node.storage.durable import free_bytes
 from node.storage.results import StatementResult
 from node.storage.sqlite import SQLITE_MAGIC, Database, is_disk_full
 from node.storage.statemachine import MAX_REQUEST_ID_CHARS, valid_request_id
@@ -76,6 +78,7 @@ class DbRoutes:
         max_statements: int,
         body_read_timeout_s: float,
         wall_clock_ns: Callable[[], int] = time.time_ns,
+        log_reserve_bytes: int = 0,
     ) -> None:
         self._service = service
         self._db: Database = service.database  # backups, upload files and readiness stay local
@@ -86,6 +89,7 @@ class DbRoutes:
         self._max_statements = max_statements
         self._read_timeout_s = body_read_timeout_s
         self._wall_clock_ns = wall_clock_ns
+        self._log_reserve_bytes = log_reserve_bytes
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post("/db/execute", self.execute)
@@ -158,7 +162,9 @@ class DbRoutes:
         # The results exist only after the write's log entry was fsynced and then applied: answering now
         # acknowledges only durable writes.
         results = await self._render(outcome.results, flags, unified=unified)
-        return self._respond(results, flags, started, {INDEX_HEADER: str(outcome.index)})
+        # The index names a stored write only: after a failed group COMMIT nothing was stored.
+        headers = {INDEX_HEADER: str(outcome.index)} if outcome.committed else None
+        return self._respond(results, flags, started, headers)
 
     # --- handlers ------------------------------------------------------------------------------------------
 
@@ -300,6 +306,10 @@ class DbRoutes:
             if await self._db.disk_low():
                 lines.append("[-]disk full")
                 ready = False
+            below = await self._log_reserve_shortfall()
+            if below is not None:
+                lines.append(f"[-]log below reserve: {below}")
+                ready = False
             stalled = getattr(self._service, "stalled", None)
             if stalled is not None:
                 lines.append(f"[-]log apply stalled: {stalled}")
@@ -308,6 +318,20 @@ class DbRoutes:
             lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")
             ready = False
         return web.Response(text="\n".join(lines), status=200 if ready else 503, content_type="text/plain")
+
+    async def _log_reserve_shortfall(self) -> str | None:
+        """Why writes are refused for space (the log keeps LOG_RESERVE_BYTES free in DATA_DIR: an append
+        that would leave less is refused with 507, see node.storage.log), or None. A statvfs, off the loop."""
+        reserve = self._log_reserve_bytes
+        if reserve <= 0:
+            return None
+        try:
+            free = await asyncio.to_thread(free_bytes, self._db.data_dir)
+        except OSError:
+            return None  # DATA_DIR unreadable: the store and db checks above report it
+        if free >= reserve:
+            return None
+        return f"{free} bytes free in DATA_DIR, LOG_RESERVE_BYTES is {reserve}: writes are refused"
 
 
 def _request_id(request: web.Request) -> str | None:

@@ -46,6 +46,7 @@ _FORWARDED_REQUEST_HEADERS = ("Authorization", "X-Request-Id", "Content-Type")
 _RETURNED_HEADERS = ("Content-Type", "X-TalentNest-Index", EPOCH_HEADER, NODE_HEADER, "Retry-After")
 LEADER_WATCH_S = 0.05  # how often a forwarded request checks that its leader is still followed
 _LEADER_PATHS = {"/db/execute": auth.Role.WRITE, "/db/request": auth.Role.WRITE, "/db/query": auth.Role.READ}
+VOTERS_PREFIX = "/cluster/voters/"  # DELETE: an operator's membership change, carried out by the leader
 
 
 class ForwardOutcomeUnknown(errors.NodeError):
@@ -145,7 +146,9 @@ class ForwardingMiddleware:
 
     async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
         role = _LEADER_PATHS.get(request.path)
-        if role is None or request.method not in ("GET", "POST"):
+        if request.method == "DELETE" and request.path.startswith(VOTERS_PREFIX):
+            role = auth.Role.ADMIN
+        elif role is None or request.method not in ("GET", "POST"):
             return await handler(request)
         flags = parse_flags(request.query)
         needs_leader = request.path != "/db/query" or flags.level is not Level.NONE

@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from node.actors.replicator import Replicator
+from node import errors
+from node.actors.replicator import MembershipConflict, Replicator, UnknownMember
 from node.core.replication import machine
 from node.http.replication import ForwardingMiddleware, ReplicationRoutes
 from node.replication.service import ReplicatedDataService
+
+# Seconds DELETE /cluster/voters/<node> waits for its change to commit before it answers 503 outcome_unknown.
+REMOVE_WAIT_S = 10.0
 
 
 class Replication:
@@ -29,7 +33,9 @@ class Replication:
             log=node.log,
             peer_timeout_s=max(1.0, config.probe_timeout_s * 2),
         )
-        self.service = ReplicatedDataService(node.database, self.replicator)
+        self.service = ReplicatedDataService(
+            node.database, self.replicator, log_reserve_bytes=config.log_reserve_bytes
+        )
         self.routes = ReplicationRoutes(
             replicator=self.replicator, secret=config.jwt_secret, log=node.log,
             body_read_timeout_s=config.body_read_timeout_s,
@@ -50,6 +56,34 @@ class Replication:
         finally:
             await self.forwarding.close()
 
+    async def remove_member(self, target: int | str) -> dict[str, Any]:
+        """DELETE /cluster/voters/<node>: resolve a node ID to the member's identity, remove it through the
+        log (node.core.replication RemoveMember) and answer the committed configuration."""
+        r = self.replicator
+        if r.state is None:
+            raise errors.Unavailable("replication is starting (forming or joining a cluster)")
+        if isinstance(target, int):
+            found = r.identity_of_node_id(target)
+            if not found:
+                raise UnknownMember(f"no voter or learner of this cluster has node ID {target}")
+            if len(found) > 1:
+                raise MembershipConflict(
+                    f"node ID {target} names {len(found)} members ({', '.join(found)}): remove one by identity"
+                )
+            identity = found[0]
+        else:
+            identity = target
+        epoch, index = await r.remove_member(identity, REMOVE_WAIT_S)
+        status = r.status()
+        assert status is not None
+        return {
+            "removed": identity,
+            "epoch": epoch,
+            "index": index,
+            "voters": sorted(status.voters),
+            "learners": sorted(status.learners),
+        }
+
     def status_fields(self, view: Any) -> dict[str, Any]:
         """What /cluster/status adds (and replaces: ``epoch``) with REPLICATION=on."""
         status = self.replicator.status()
@@ -64,6 +98,8 @@ class Replication:
             "writable": status.writable,
             "leader_identity": status.leader if status.role != machine.LEADER else self.replicator.identity,
             "identity": self.replicator.identity,
+            # Identities removed by DELETE /cluster/voters and not re-added while they stay in the view.
+            "removed_identities": sorted(status.removed),
             # Counters for operators: messages dropped by a full inbox or peer queue, failed peer batches,
             # sends to identities with no known address, apply attempts that failed and are being retried.
             "replication_stats": {

@@ -115,6 +115,9 @@ class Applied:
     results: tuple[r.StatementResult, ...]
     index: int
     duplicate: bool = False
+    # False: the group's COMMIT failed, so nothing of this command is stored and ``index`` committed
+    # nothing; the answer must not name it as the index of a stored write (no X-TalentNest-Index).
+    committed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +238,7 @@ def _attempt(
             failed_outcomes = tuple(
                 None if entry_out is None else tuple(
                     a if a.duplicate else Applied(
-                        tuple(r.rolled_back(list(a.results), len(a.results), why)), a.index
+                        tuple(r.rolled_back(list(a.results), len(a.results), why)), a.index, committed=False
                     )
                     for a in entry_out
                 )

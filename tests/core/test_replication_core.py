@@ -218,6 +218,17 @@ def test_config_encoding_is_deterministic_and_round_trips(voters, learners):
     assert Config(frozenset(sorted(voters)), learners - voters).encode() == config.encode()
 
 
+@given(st.frozensets(identities, max_size=4), st.frozensets(identities, max_size=4))
+def test_removed_identities_round_trip_and_an_empty_set_encodes_as_before(voters, removed):
+    """The ``removed`` key is written only when set, so every configuration entry written before removals
+    existed decodes, and re-encodes, byte for byte the same."""
+    plain = Config(voters)
+    assert b"removed" not in plain.encode()
+    assert Config.decode(plain.encode()).removed == frozenset()
+    config = Config(voters, frozenset(), removed - voters)
+    assert Config.decode(config.encode()) == config
+
+
 @given(st.lists(st.sampled_from([Tick(), VIEW, Submit((("r", b"x"),))]), max_size=30), st.floats(0, 5))
 def test_any_sequence_of_local_inputs_on_a_lone_follower_keeps_it_quiet_or_campaigning(inputs, dt):
     """A follower that is not the highest voter never sends anything but answers; whatever it is fed."""

@@ -159,6 +159,7 @@ ROUTES = {
     "/cluster/health": ["GET"],
     "/cluster/hello": ["POST"],
     "/cluster/leave": ["POST"],
+    "/cluster/voters/515": ["DELETE"],
 }
 UNKNOWN_PATHS = [
     "/",
@@ -378,6 +379,7 @@ FLAG_NAMES = [
     "redirect",
     "db_timeout",
     "freshness",
+    "freshness_strict",
     "q",
     "from",
     "fmt",

@@ -38,6 +38,7 @@ from node.core.replication.messages import (
     Ready,
     Receive,
     Refuse,
+    RemoveMember,
     Reply,
     Send,
     Stale,
@@ -119,6 +120,7 @@ class State:
     role: str = FOLLOWER
     leader: str | None = None  # leader of hard.epoch that this node heard from
     leader_contact_s: float = NEVER
+    leader_commit: int = 0  # follower: the commit index the leader reported last (at leader_contact_s)
     view: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     highest_seen: int = 0  # highest epoch heard of (volatile): where the next campaign aims
     stopping: bool = False
@@ -209,6 +211,11 @@ class Status:
     voters: frozenset[str]
     learners: frozenset[str]
     lag: Mapping[str, int]  # leader only: entries each member is behind this node's log
+    # Follower: when (the ``now`` of the step) it last heard from the leader of ``epoch``, and the commit
+    # index that leader reported then; what a bounded-staleness read (``freshness``) is checked against.
+    leader_contact_s: float = NEVER
+    leader_commit: int = 0
+    removed: frozenset[str] = frozenset()  # identities an operator removed that are not re-added yet
 
 
 def status(state: State) -> Status:
@@ -225,6 +232,9 @@ def status(state: State) -> Status:
         state.config.voters,
         state.config.learners,
         MappingProxyType(lag),
+        state.leader_contact_s,
+        state.leader_commit,
+        state.config.removed,
     )
 
 
@@ -262,6 +272,8 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
         s.read(inp)
     elif isinstance(inp, LogRead):
         s.log_read(inp)
+    elif isinstance(inp, RemoveMember):
+        s.remove_member(inp)
     elif isinstance(inp, Stop):
         s.stopping = True
         s.fact("replication_stopping")
@@ -478,8 +490,10 @@ class _Step:
             if self.leader != sender:
                 self.leader = sender
                 self.verified = self.commit
+                self.leader_commit = 0
                 self.fact("following", epoch=m.epoch, leader=sender)
             self.leader_contact_s = self.now
+            self.leader_commit = max(self.leader_commit, m.commit)  # messages of one leader may be reordered
             if isinstance(m, Append):
                 self.on_append(sender, m)
             else:
@@ -760,6 +774,39 @@ class _Step:
             self.replicate(peer)
         self.advance_commit()
 
+    def remove_member(self, inp: RemoveMember) -> None:
+        """An operator's removal: the same path as maintain_membership's changes (through the log, one at a
+        time, only by a writable leader). The leader itself is refused rather than handed over and removed in
+        one request: that would span two leaders, and a handover that fails half way would leave the request
+        with no clear outcome; stopping the leader hands over (Stop), after which it is an ordinary voter."""
+        rid, who = inp.request_id, inp.identity
+        rejection = self.write_rejection()
+        cfg = self.config
+        pending = self.hard.configs[-1][0]
+        if rejection is None:
+            if who not in cfg.members:
+                rejection = "unknown", f"{who} is not a voter or learner of this cluster"
+            elif who == self.me:
+                why = "this node is the leader; stop it first (SIGTERM hands the lead over), then remove it"
+                rejection = "is-leader", why
+            elif pending > self.commit:
+                why = f"the membership change at index {pending} is not committed yet; one change at a time"
+                rejection = "conflict", why
+            elif self.handover_to is not None:
+                rejection = "conflict", "a leadership handover is in progress; retry once it is done"
+            elif not cfg.voters - {who}:
+                rejection = "last-voter", "removing it would leave no voter"
+        if rejection is not None:
+            code, reason = rejection
+            leader = self.leader if self.role != LEADER else None
+            self.out_replies.append(SubmitRejected(rid, code, reason, leader))
+            return
+        change = replace(
+            cfg, voters=cfg.voters - {who}, learners=cfg.learners - {who}, removed=cfg.removed | {who}
+        )
+        index = self.propose(change, f"removed by an operator: {who}")
+        self.out_replies.append(SubmitAccepted(rid, self.hard.epoch, index))
+
     def write_rejection(self) -> tuple[str, str] | None:
         if self.role != LEADER:
             if self.highest_healthy_voter() == self.me:
@@ -952,7 +999,9 @@ class _Step:
 
     def maintain_membership(self) -> None:
         """One change at a time, through the log, only once the previous change is committed:
-        reap silent voters, then silent learners, promote a caught-up learner, add a new healthy node."""
+        reap silent voters, then silent learners, promote a caught-up learner, add a new healthy node (not
+        one an operator removed while it is still in the view), forget a removal once its node left the
+        view (so it rejoins as a learner when it comes back)."""
         cfg = self.config
         if self.hard.configs[-1][0] > self.commit:
             return
@@ -961,13 +1010,13 @@ class _Step:
         for v in sorted(cfg.voters - {self.me}):
             p = self.progress.get(v)
             if p is not None and now - p.last_ack_s > o.reap_timeout_s:
-                change, why = Config(cfg.voters - {v}, cfg.learners), f"voter {v} silent"
+                change, why = replace(cfg, voters=cfg.voters - {v}), f"voter {v} silent"
                 break
         if change is None:
             for v in sorted(cfg.learners):
                 p = self.progress.get(v)
                 if p is not None and now - p.last_ack_s > o.reap_timeout_s:
-                    change, why = Config(cfg.voters, cfg.learners - {v}), f"learner {v} silent"
+                    change, why = replace(cfg, learners=cfg.learners - {v}), f"learner {v} silent"
                     break
         if change is None:
             for v in sorted(cfg.learners):
@@ -978,14 +1027,24 @@ class _Step:
                     and p.match >= self.commit
                     and now - p.last_ack_s <= o.lease_s
                 ):
-                    change, why = Config(cfg.voters | {v}, cfg.learners - {v}), f"learner {v} caught up"
+                    change = replace(cfg, voters=cfg.voters | {v}, learners=cfg.learners - {v})
+                    why = f"learner {v} caught up"
                     break
         if change is None:
-            for v in sorted(set(self.view) - cfg.members - {self.me}):
-                change, why = Config(cfg.voters, cfg.learners | {v}), f"new node {v}"
+            for v in sorted(set(self.view) - cfg.members - cfg.removed - {self.me}):
+                change, why = replace(cfg, learners=cfg.learners | {v}), f"new node {v}"
+                break
+        if change is None:
+            for v in sorted(cfg.removed - set(self.view)):
+                change, why = replace(cfg, removed=cfg.removed - {v}), f"removed node {v} left the view"
                 break
         if change is None:
             return
+        self.propose(change, why)
+
+    def propose(self, change: Config, why: str) -> int:
+        """Append a CONFIG entry (effective at once) and replicate it; returns its index."""
+        now = self.now
         entry = Entry(self.hard.epoch, self.last_index + 1, Kind.CONFIG, change.encode())
         self.append(entry)
         for peer in change.members - {self.me} - set(self.progress):
@@ -1003,6 +1062,7 @@ class _Step:
         for peer in sorted(self.progress):
             self.replicate(peer)
         self.advance_commit()
+        return entry.index
 
     def apply_committed(self) -> None:
         if self.commit > self.applied:

@@ -45,10 +45,17 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Who votes and who only receives entries, by persistent node identity (never by IP-derived ID)."""
+    """Who votes and who only receives entries, by persistent node identity (never by IP-derived ID).
+
+    ``removed``: identities an operator removed (``RemoveMember``) that the leader must not add back as
+    learners while it still sees them healthy. It lives in the replicated configuration, not in one leader's
+    memory, so a leader change cannot undo a removal; the leader clears an identity from it (through the
+    log) once that node has left its view (stopped, restarted, failing probes), so a removed node that is
+    started again later rejoins as a learner like any new node."""
 
     voters: frozenset[str] = frozenset()
     learners: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
 
     @property
     def quorum(self) -> int:
@@ -60,7 +67,9 @@ class Config:
 
     def encode(self) -> bytes:
         """Deterministic bytes (sorted, versioned) so every replica stores the same entry."""
-        body = {"v": 1, "voters": sorted(self.voters), "learners": sorted(self.learners)}
+        body: dict[str, object] = {"v": 1, "voters": sorted(self.voters), "learners": sorted(self.learners)}
+        if self.removed:  # only when set: every configuration written before removals encodes as it did
+            body["removed"] = sorted(self.removed)
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
     @staticmethod
@@ -68,7 +77,9 @@ class Config:
         body = json.loads(data)
         if body.get("v") != 1:
             raise ValueError(f"unknown config version {body.get('v')!r}")
-        return Config(frozenset(body["voters"]), frozenset(body["learners"]))
+        return Config(
+            frozenset(body["voters"]), frozenset(body["learners"]), frozenset(body.get("removed", ()))
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,11 +260,23 @@ class LogRead:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoveMember:
+    """An operator removes the voter (or learner) ``identity`` through the log. Answered like a Submit:
+    ``SubmitAccepted`` with the CONFIG entry's (epoch, index), which the shell answers once that entry is
+    applied, or ``SubmitRejected`` with Submit's codes plus "unknown" (not a member), "conflict" (another
+    membership change is not committed yet), "is-leader" (remove the leader only after it handed over)
+    and "last-voter" (no voter would be left)."""
+
+    request_id: str
+    identity: str
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """The node is shutting down: a leader hands over to the highest healthy voter; nobody campaigns."""
 
 
-Input = Tick | ViewChanged | Receive | Submit | Read | LogRead | Stop
+Input = Tick | ViewChanged | Receive | Submit | Read | LogRead | RemoveMember | Stop
 
 # --- outputs ------------------------------------------------------------------------------------------------
 
@@ -289,7 +312,7 @@ class SubmitAccepted:
 @dataclass(frozen=True, slots=True)
 class SubmitRejected:
     request_id: str
-    code: str  # "not-leader" | "no-quorum" | "not-writable" | "busy"
+    code: str  # "not-leader" | "no-quorum" | "not-writable" | "busy"; RemoveMember adds its own (see there)
     reason: str  # e.g. "no quorum: 1 of 3 voters reachable"
     leader: str | None = None  # identity of the leader this node follows, for forwarding
 
