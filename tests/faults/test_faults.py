@@ -31,14 +31,15 @@ from node.check.workload import Client, Recorder, Workload, WorkloadConfig
 from tests.faults.conftest import record
 from tests.faults.harness import FaultCluster, wait_for
 
-pytestmark = pytest.mark.e2e
-
 LONG = os.environ.get("FAULTS", "short").strip().lower() == "long"
 WORKLOAD_S = 60.0 if LONG else 16.0
 PAUSE_S = 20.0  # docker pause of the leader: longer than any timeout the nodes use
 MIX_S = 300.0 if LONG else 45.0
 HEAL_S = 90.0  # after a fault: the cluster must be whole again within this (liveness bound, not speed)
 TAIL_S = 3.0  # workload kept running after the cluster is whole again
+# Per test: the workload, the fault, healing and convergence are each bounded; this bounds their sum (and the
+# image build of the first test) generously, so a loaded machine is not mistaken for a hang.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(int(MIX_S + 3 * HEAL_S + 600))]
 
 
 def _leader(cluster: FaultCluster, slots: list[int]) -> int:
