@@ -188,15 +188,18 @@ class LocalDataService:
         # One copy: every level (none, weak, linearizable, strong, auto) reads the local database.
         return await self.database.query(request, client=client)
 
-    async def load_dump_file(self, path: Path) -> LoadOutcome:
-        """An SQL dump as one write (split and stamped on the database's writer thread, never on the loop)."""
+    async def load_dump_file(self, path: Path, *, client: str = "", request_id: str | None = None) -> LoadOutcome:
+        """An SQL dump as one write (split and stamped on the database's writer thread, never on the loop).
+        ``client``/``request_id`` are for the replicated service's at-most-once rule (not kept here)."""
         index = await self._take_index()
         count = await self.database.load_dump_file(
             path, time_ns=self._wall_clock_ns(), seed=self._seeds(), index=index
         )
         return LoadOutcome(count, 0, index)
 
-    async def load_sqlite_file(self, path: Path) -> LoadOutcome:
+    async def load_sqlite_file(
+        self, path: Path, *, client: str = "", request_id: str | None = None
+    ) -> LoadOutcome:
         index = await self._take_index()
         await self.database.load_sqlite_file(path, index=index)
         return LoadOutcome(0, 0, index)
@@ -583,7 +586,7 @@ class LogBackedDataService:
         # One copy: every level (none, weak, linearizable, strong, auto) reads the local database.
         return await self.database.query(request, client=client)
 
-    async def load_dump_file(self, path: Path) -> LoadOutcome:
+    async def load_dump_file(self, path: Path, *, client: str = "", request_id: str | None = None) -> LoadOutcome:
         """An SQL dump: a load marker in the log, then the load in its turn (see "Loads" above)."""
         time_ns, seed = self._wall_clock_ns(), self._seeds()
 
@@ -594,7 +597,9 @@ class LogBackedDataService:
         count = await _outcome(pending)
         return LoadOutcome(count, 0, pending.index)
 
-    async def load_sqlite_file(self, path: Path) -> LoadOutcome:
+    async def load_sqlite_file(
+        self, path: Path, *, client: str = "", request_id: str | None = None
+    ) -> LoadOutcome:
         async def run(index: int) -> None:
             await self.database.load_sqlite_file(path, index=index)
 

@@ -57,6 +57,9 @@ BACKUP_CHUNK_BYTES = 1 << 20
 UPLOAD_CHUNK_BYTES = 1 << 20
 REQUEST_ID_HEADER = "X-Request-Id"
 INDEX_HEADER = "X-TalentNest-Index"
+# On /db/backup: the applied index the copy reflects (on the node asked; with replication a follower's copy
+# may be behind the leader's, and this says by how much).
+APPLIED_INDEX_HEADER = "X-TalentNest-Applied-Index"
 
 
 def client_key(authorization: str | None) -> str:
@@ -189,7 +192,7 @@ class DbRoutes:
         fmt = request.query.get("fmt", "binary")
         if fmt != "binary":
             raise errors.BadRequest(f"unsupported backup format {fmt!r}; only fmt=binary is supported")
-        path = await self._db.backup()
+        path, applied = await self._db.backup_indexed()
         try:
             size = (await asyncio.to_thread(path.stat)).st_size
             response = web.StreamResponse(
@@ -197,6 +200,7 @@ class DbRoutes:
                     "Content-Type": "application/octet-stream",
                     "Content-Disposition": 'attachment; filename="node.db"',
                     "Content-Length": str(size),
+                    APPLIED_INDEX_HEADER: str(applied),
                 }
             )
             await response.prepare(request)
@@ -217,16 +221,18 @@ class DbRoutes:
         started = time.perf_counter()
         self._authorize(request, auth.Role.ADMIN)
         flags = parse_flags(request.query)
+        request_id = _request_id(request)
+        client = client_key(request.headers.get("Authorization"))
         path = self._db.temp_path("upload")
         try:
             head, blank = await self._receive_to_file(request, path)
             if head.startswith(SQLITE_MAGIC):
-                loaded = await self._service.load_sqlite_file(path)
+                loaded = await self._service.load_sqlite_file(path, client=client, request_id=request_id)
                 return self._respond([], flags, started, {INDEX_HEADER: str(loaded.index)})
             if blank:
                 raise errors.BadRequest("request body is empty; expected an SQLite file or an SQL dump")
-            # The dump is split and its time keywords rewritten on the database's writer thread.
-            loaded = await self._service.load_dump_file(path)
+            # The dump is split and its time keywords rewritten off the event loop (by the service).
+            loaded = await self._service.load_dump_file(path, client=client, request_id=request_id)
             return self._respond(
                 [{"statements": loaded.statements}], flags, started, {INDEX_HEADER: str(loaded.index)}
             )
@@ -303,6 +309,10 @@ class DbRoutes:
             stalled = getattr(self._service, "stalled", None)
             if stalled is not None:
                 lines.append(f"[-]log apply stalled: {stalled}")
+                ready = False
+            refused = getattr(self._db, "apply_refused", None)
+            if refused is not None:  # replicated entries of another SQLite version: this copy stands still
+                lines.append(f"[-]apply refused: {refused}")
                 ready = False
         else:
             lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")

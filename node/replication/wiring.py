@@ -12,7 +12,7 @@ from typing import Any
 from node.actors.replicator import Replicator
 from node.core.replication import machine
 from node.http.replication import ForwardingMiddleware, ReplicationRoutes
-from node.replication.service import ReplicatedDataService
+from node.replication.service import ReplicatedDataService, load_answer_within_s
 
 
 class Replication:
@@ -29,7 +29,9 @@ class Replication:
             log=node.log,
             peer_timeout_s=max(1.0, config.probe_timeout_s * 2),
         )
-        self.service = ReplicatedDataService(node.database, self.replicator)
+        self.service = ReplicatedDataService(
+            node.database, self.replicator, log_reserve_bytes=config.log_reserve_bytes
+        )
         self.routes = ReplicationRoutes(
             replicator=self.replicator, secret=config.jwt_secret, log=node.log,
             body_read_timeout_s=config.body_read_timeout_s,
@@ -38,6 +40,7 @@ class Replication:
         self.forwarding = ForwardingMiddleware(
             replicator=self.replicator, me=node.me, jwt_secret=config.jwt_secret,
             max_body_bytes=config.db_max_body_bytes, body_read_timeout_s=config.body_read_timeout_s,
+            load_forward_timeout_s=load_answer_within_s(config.body_read_timeout_s, config.db_max_load_bytes),
         )  # fmt: skip
         # Innermost middleware: inside the error middleware, so its NodeErrors render as JSON.
         node.http.app.middlewares.append(self.forwarding.middleware())
