@@ -143,7 +143,7 @@ def chunk_statements(
     memory at a time.
     """
     chunk: list[str] = []
-    size = 2  # the list's brackets
+    size = 1  # the brackets, less the comma the first statement does not need: exact for a non-empty chunk
     for sql in statements:
         n = encoded_size(sql)
         if n > max_statement_bytes:
@@ -152,7 +152,7 @@ def chunk_statements(
             )
         if chunk and size + n > max_chunk_bytes:
             yield chunk
-            chunk, size = [], 2
+            chunk, size = [], 1
         chunk.append(sql)
         size += n
     if chunk:
