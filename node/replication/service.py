@@ -36,6 +36,7 @@ import contextlib
 import contextvars
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -223,8 +224,19 @@ class ReplicatedDataService:
         digest = LoadDigest()
         counts = [0, 0]  # chunks, statements
         source = _stamped_chunks(path)
+        # A step may still run in its thread after this coroutine was cancelled (a thread cannot be): the
+        # generator is closed under the same lock, after it, never while it executes.
+        source_lock = threading.Lock()
+
+        def close_source() -> None:
+            with source_lock:
+                source.close()
 
         def step() -> bytes | None:
+            with source_lock:
+                return locked_step()
+
+        def locked_step() -> bytes | None:
             """One chunk, in a thread: read, split, stamp, hash, encode (the generator keeps its place)."""
             chunk = next(source, None)
             if chunk is None:
@@ -270,7 +282,7 @@ class ReplicatedDataService:
             for task in inflight:
                 task.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)
-            await asyncio.to_thread(source.close)
+            await asyncio.to_thread(close_source)
         return counts[0], counts[1], digest.hexdigest()
 
     async def _abort(self, load_id: str, chunks: int) -> None:

@@ -24,6 +24,10 @@ from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
+# Membership probes more patient than ENV's (0.2 s): this machine's cores are shared, and a node busy applying
+# a dump of tens of MiB next to its peers must not be taken for dead by a probe timing out. The replication
+# layer's own heartbeats and lease are unchanged, and they are what the no-election assertion is about.
+LOAD_ENV = {**ENV, "PROBE_TIMEOUT": "1", "PROBE_INTERVAL": "0.2"}
 ELECTION_EVENTS = (
     "replication_campaign_started", "replication_leader_stepped_down", "replication_epoch_adopted",
 )  # fmt: skip
@@ -84,7 +88,7 @@ def formed(c: Cluster) -> tuple[str, str]:
 
 
 def test_a_large_dump_through_a_follower_applies_alike_everywhere_without_an_election(make_cluster):
-    c: Cluster = make_cluster(env=ENV)
+    c: Cluster = make_cluster(env=LOAD_ENV)
     leader, follower = formed(c)
     tok = token(c)
     assert call(f"{base(c, follower)}/db/execute", [["CREATE TABLE w (n INTEGER)"]], tok)[0] == 200
@@ -182,3 +186,71 @@ def test_a_dump_failing_in_a_later_chunk_leaves_nothing_anywhere(make_cluster):
     # An SQLite file needs snapshots: a clear JSON refusal, nothing changed.
     status, _, body = post_raw(f"{base(c, follower)}/db/load", SQLITE_MAGIC + b"\x00" * 200, tok)
     assert status == 501 and body["code"] == "needs_snapshots", body
+
+
+def test_load_limits_hold_through_a_follower(make_cluster):
+    """Body limit (413) and disk reserve (507) answer as JSON, through a follower too; nothing applied."""
+    c: Cluster = make_cluster(env={**ENV, "DB_MAX_LOAD_BYTES": str(1 << 20), "LOG_RESERVE_BYTES": str(1 << 50)})
+    leader, follower = formed(c)
+    tok = token(c)
+    for ip in (follower, leader):
+        status, _, body = post_raw(f"{base(c, ip)}/db/load", big_dump(20_000), tok)
+        assert status == 413 and body["code"], (ip, body)
+        # Within the body limit, but no node can keep LOG_RESERVE_BYTES free after it: 507 before shipping.
+        status, _, body = post_raw(f"{base(c, ip)}/db/load", big_dump(10), tok)
+        assert status == 507 and "LOG_RESERVE_BYTES" in body["error"], (ip, body)
+    assert all(c.nodes[ip].status()["applied_index"] == c.nodes[leader].status()["applied_index"] for ip in c.ips)
+    status, _, body = call(f"{base(c, leader)}/db/query?level=none&q=SELECT+1+FROM+big", token=tok)
+    assert "no such table" in body["results"][0]["error"]
+
+
+def test_a_load_caught_by_the_leaders_death_is_all_or_nothing_and_its_retry_applies_once(make_cluster):
+    c: Cluster = make_cluster(env=LOAD_ENV)
+    leader, _ = formed(c)
+    tok = token(c)
+    survivors = [ip for ip in c.ips if ip != leader]
+    follower = survivors[0]
+    dump = big_dump(80_000)  # about 20 chunks: the kill lands while they are shipped or applied
+    baseline = c.nodes[leader].status()["last_index"]
+    answer: dict[str, Any] = {}
+
+    def load() -> None:
+        answer["first"] = post_raw(f"{base(c, follower)}/db/load", dump, tok, {"X-Request-Id": "die-1"})
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    wait_until(
+        lambda: ((c.nodes[leader].status() or {}).get("last_index") or 0) >= baseline + 3, 30,
+        what="chunk entries reaching the leader's log",
+    )  # fmt: skip
+    c.kill9(leader)
+    thread.join(60)
+    status, _, body = answer["first"]
+    assert status == 503 and body["code"] in ("outcome_unknown", "load_not_applied", "unavailable"), body
+    wait_until(lambda: writable_node(c, survivors), 20, what="a new leader among the survivors")
+
+    # All or nothing, and alike on both survivors.
+    def count(ip: str) -> int | None:
+        status, _, body = call(f"{base(c, ip)}/db/query?level=none&q=SELECT+count(*)+FROM+big", token=tok)
+        if status != 200:
+            return None
+        result = body["results"][0]
+        return 0 if "no such table" in result.get("error", "") else result.get("values", [[None]])[0][0]
+
+    states = wait_until(
+        lambda: (s := [count(ip) for ip in survivors])[0] == s[1] and s[0] in (0, 80_000) and s, 20,
+        what="the survivors to agree on all or nothing", describe=lambda: [count(ip) for ip in survivors],
+    )  # fmt: skip
+    assert states[0] in (0, 80_000)
+    # Retries with the same request ID (a busy machine may make one of them end in 503 again) apply the
+    # load at most once: exactly one application in the end.
+    answers = []
+    for _ in range(6):
+        wait_until(lambda: writable_node(c, survivors), 20, what="a writable leader among the survivors")
+        status, _, body = post_raw(f"{base(c, follower)}/db/load", dump, tok, {"X-Request-Id": "die-1"})
+        answers.append((status, body))
+        if status != 503:
+            break
+    assert answers[-1][0] == 200, answers
+    for ip in survivors:
+        wait_until(lambda ip=ip: count(ip) == 80_000, 20, what=f"one application of the load on {ip}")
