@@ -185,9 +185,11 @@ class ReplicatedDataService:
         assert applied is not None
         (result,) = applied.results
         if result.error is not None:
-            if result.status is Status.ROLLED_BACK:  # its COMMIT failed on the leader (a local failure)
-                raise errors.Unavailable(f"the load could not be stored: {result.error}")
-            raise errors.BadRequest(result.error)
+            if result.status is not Status.ROLLED_BACK:
+                raise errors.BadRequest(result.error)  # the dump failed: the same on every replica
+            if "COMMIT failed" in result.error:  # a local failure on the leader
+                raise errors.Unavailable(f"the load could not be stored on the leader: {result.error}")
+            raise LoadNotApplied(f"{result.error}; retry it")
         return LoadOutcome(result.rows_affected or 0, epoch, applied.index)
 
     async def _request_seen(self, client: str, request_id: str) -> bool:

@@ -1101,6 +1101,7 @@ class Database:
             ops.internal("BEGIN IMMEDIATE")
             statemachine.ensure_schema(ops)
             ops.internal(f"DELETE FROM {statemachine.REQUESTS_TABLE}")
+            ops.internal(f"DELETE FROM {statemachine.LOADS_TABLE}")  # chunks another database staged
             statemachine.set_applied(ops, index)
             ops.internal("COMMIT")
         except apsw.Error as exc:

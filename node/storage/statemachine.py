@@ -414,9 +414,11 @@ def _run_load(ops: Ops, end: LoadEnd, where: tuple[int, int, int]) -> r.Statemen
         f"SELECT count(*), min(seq), max(seq) FROM {LOADS_TABLE} WHERE load_id = ?", (end.load_id,)
     )  # fmt: skip
     if count != end.chunks or (count and (low != 0 or high != count - 1)):
-        return r.failed(
-            f"load failed: {count} of its {end.chunks} chunks reached the log (a leader change lost the "
-            "others); nothing was loaded"
+        # Not the dump's fault (ROLLED_BACK, not FAILED): the client is told it was not applied, to retry.
+        return r.StatementResult(
+            r.Status.ROLLED_BACK,
+            f"load not applied: {count} of its {end.chunks} chunks are in the log (a leader change lost the "
+            "others); nothing was loaded",
         )
     check = LoadDigest()
     ran = number = 0
@@ -436,7 +438,11 @@ def _run_load(ops: Ops, end: LoadEnd, where: tuple[int, int, int]) -> r.Statemen
                 return result
             ran += counted
     if number != end.statements or check.hexdigest() != end.digest:
-        return r.failed("load failed: its chunks differ from the ones the leader shipped; nothing was loaded")
+        return r.StatementResult(
+            r.Status.ROLLED_BACK,
+            "load not applied: its chunks in the log differ from the ones the leader shipped (a leader change); "
+            "nothing was loaded",
+        )
     if ops.deferred_fk_pending():
         return r.failed("load failed: FOREIGN KEY constraint failed; nothing was loaded")
     return r.StatementResult(rows_affected=ran)
