@@ -45,6 +45,18 @@ lost and nothing is applied twice. (A killed process loses nothing at all: the O
 The exceptions are loads (/db/load), which the log records only as a marker it cannot replay: their COMMIT
 is synced with ``FULL`` whatever this switch says (see :mod:`node.storage.sqlite`).
 
+**Replicated loads.** With replication a /db/load of an SQL dump is a run of log entries like any write:
+:class:`LoadChunk` commands stage whole statements in ``_talentnest_loads`` (in their entry's transaction,
+so a crash or a replay stages them again or not at all), and one :class:`LoadEnd` command runs all of them
+under its savepoint, checked against the chunk count and digest the leader shipped: one result for the
+whole dump, applied all or nothing, at the same index on every replica. A deterministic failure (a
+statement's error, foreign keys left violated) is the result and the end's index is still applied; a full
+disk or an I/O error raises, never becomes a result (another replica would not share it).
+
+**SQLite versions.** A replicated command names the SQLite the leader ran; a group holding a command of
+another version is refused before anything runs (:func:`foreign_version`), so a replica never executes a
+write under another engine than the leader's.
+
 Internal tables (``_talentnest_*``) are created by the first write, so an empty database stays empty. User
 SQL cannot read or change them (the authorizer refuses it); a dump that contains them has those
 statements skipped on load.
