@@ -17,7 +17,9 @@ index and applies them; with replication it will also forward to the leader or a
 Headers: a client may send ``X-Request-Id`` (1-128 printable ASCII characters) with a write; a retry of
 the write with the same ID and the same credential is applied at most once and answers the first
 application's results. Every successful write answers ``X-TalentNest-Index``: the log index that committed
-it (for a deduplicated retry, the index that applied it the first time).
+it (for a deduplicated retry, the index that applied it the first time). /db/load takes ``X-Request-Id``
+too (with replication a retried load applies at most once). /db/backup answers from the node asked, with
+``X-TalentNest-Applied-Index``: the applied index its copy reflects.
 """
 
 from __future__ import annotations
