@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from node import errors
-from node.actors.replicator import Discarded, Replicator
+from node.actors.replicator import Discarded, NotWritable, OutcomeUnknown, Replicator
 from node.core.sqlreq import DbRequest, Flags, Level, WriteCommand, rewrite_time_keywords, stamp_write
 from node.replication import codec
 from node.service import LoadOutcome, WriteOutcome, WriteRequest
@@ -66,6 +66,10 @@ READ_CONFIRM_S = 5.0
 # Chunk entries of a load in flight at once (submitted, not yet applied): keeps the pipe full without
 # letting one load hold the Replicator's queue.
 LOAD_WINDOW = 4
+# A chunk whose submit failed transiently (outcome unknown, no quorum for a moment) is submitted again, at
+# most this many times in all, after a pause doubling from the first (chunks are idempotent; ends are not).
+LOAD_CHUNK_ATTEMPTS = 5
+LOAD_CHUNK_RETRY_FIRST_S = 0.1
 # How long a load's end waits for commit and apply: a base, plus a second per MiB of dump (applying runs
 # every statement of the dump on every replica).
 LOAD_END_WAIT_S = 30.0
@@ -175,9 +179,13 @@ class ReplicatedDataService:
                 load=LoadEnd(load_id, chunks, statements, digest),
             )  # fmt: skip
             wait_s = load_end_wait_s(size)
+            payload = codec.encode_command(end)
             try:
-                epoch, index, applied = await self.replicator.submit(codec.encode_command(end), wait_s)
-            except (errors.NotLeader, errors.NoQuorum, errors.Busy, Discarded) as exc:
+                if request_id is not None:
+                    epoch, index, applied = await self._submit_again_if_unknown(payload, wait_s)
+                else:  # without an ID a second end could not tell it was applied: one attempt
+                    epoch, index, applied = await self.replicator.submit(payload, wait_s)
+            except (errors.NotLeader, errors.NoQuorum, errors.Busy, NotWritable, Discarded) as exc:
                 # Refused before it was appended, or overwritten: the load did not happen.
                 await self._abort(load_id, chunks)
                 raise LoadNotApplied(f"the load was not applied: {exc}; retry it") from None
@@ -264,7 +272,7 @@ class ReplicatedDataService:
                 while len(inflight) >= LOAD_WINDOW:
                     done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     _raise_first(done)
-                inflight.add(asyncio.ensure_future(self.replicator.submit(payload, WRITE_WAIT_S)))
+                inflight.add(asyncio.ensure_future(self._submit_chunk(payload)))
             if inflight:
                 done, inflight = await asyncio.wait(inflight)
                 _raise_first(done)
@@ -286,6 +294,29 @@ class ReplicatedDataService:
             await asyncio.gather(*inflight, return_exceptions=True)
             await asyncio.to_thread(close_source)
         return counts[0], counts[1], digest.hexdigest()
+
+    async def _submit_chunk(self, payload: bytes) -> None:
+        await self._submit_again_if_unknown(payload, WRITE_WAIT_S)
+
+    async def _submit_again_if_unknown(self, payload: bytes, timeout_s: float) -> tuple:
+        """Submit an idempotent entry; again while this node still leads, when its outcome is unknown or the
+        leader is briefly unable to commit (a lease lapse on a busy machine), so a transient blip does not
+        cost a whole load. Idempotent: a chunk (staging it twice gives the same rows, by (load, seq)), and
+        an end that carries a request ID (a second one answers the first's stored outcome). Bounded."""
+        delay = LOAD_CHUNK_RETRY_FIRST_S
+        unknown: OutcomeUnknown | None = None  # an attempt that may still commit: never report "not applied"
+        for attempt in range(LOAD_CHUNK_ATTEMPTS):
+            try:
+                return await self.replicator.submit(payload, timeout_s)
+            except errors.NodeError as exc:
+                if isinstance(exc, OutcomeUnknown):
+                    unknown = exc
+                transient = isinstance(exc, OutcomeUnknown | errors.NoQuorum | errors.Busy | NotWritable)
+                if not transient or attempt + 1 == LOAD_CHUNK_ATTEMPTS or not self.replicator.is_leader():
+                    raise (unknown or exc) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _abort(self, load_id: str, chunks: int) -> None:
         """Best effort: replicas drop what was staged for this load (else the next load drops it)."""
@@ -316,7 +347,7 @@ def _stamped_chunks(path: Path) -> Iterator[list[str]]:
 
 
 def _raise_first(done: set[asyncio.Task]) -> None:
-    for task in done:
-        exc = task.exception()
-        if exc is not None:
-            raise exc
+    """Raise the first failure among ``done``, after retrieving every one (none is left unobserved)."""
+    failures = [exc for task in done if (exc := task.exception()) is not None]
+    if failures:
+        raise failures[0]

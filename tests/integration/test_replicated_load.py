@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 # Membership probes more patient than ENV's (0.2 s): this machine's cores are shared, and a node busy applying
 # a dump of tens of MiB next to its peers must not be taken for dead by a probe timing out. The replication
 # layer's own heartbeats and lease are unchanged, and they are what the no-election assertion is about.
-LOAD_ENV = {**ENV, "PROBE_TIMEOUT": "1", "PROBE_INTERVAL": "0.2"}
+LOAD_ENV = {**ENV, "PROBE_TIMEOUT": "0.75", "PROBE_INTERVAL": "0.25"}
 ELECTION_EVENTS = (
     "replication_campaign_started", "replication_leader_stepped_down", "replication_epoch_adopted",
 )  # fmt: skip
