@@ -82,11 +82,6 @@ LOAD_SPACE_FACTOR = 3
 ANSWERED_EPOCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("answered_epoch", default=None)
 
 
-class NotImplementedYet(errors.NodeError):
-    status = 501
-    code = "not_implemented"
-
-
 class NeedsSnapshots(errors.NodeError):
     status = 501
     code = "needs_snapshots"
@@ -276,7 +271,7 @@ class ReplicatedDataService:
             if inflight:
                 done, inflight = await asyncio.wait(inflight)
                 _raise_first(done)
-        except errors.NodeError as exc:
+        except (errors.NodeError, OSError) as exc:  # OSError: the upload file could not be read
             for task in inflight:
                 task.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)
