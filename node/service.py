@@ -12,6 +12,8 @@ data. :class:`DataService` is what it calls:
 * ``read(request, level, client)``: a read at a consistency level; today every level reads the local
   database (there is one copy).
 * loads (SQL dumps and SQLite files) are writes too and get an index; backups and readiness stay local.
+  With REPLICATION=on a dump is shipped as log entries and applied all or nothing on every replica
+  (:mod:`node.replication.service`); an SQLite file needs snapshots and is refused (501).
 
 **Durability: which fsync comes before which answer.** A write is acknowledged (200) only after (1) the
 log's ``fdatasync`` covering its entry returned (``AsyncLog.append_and_sync``; concurrent writes share one
@@ -189,15 +191,18 @@ class LocalDataService:
         # One copy: every level (none, weak, linearizable, strong, auto) reads the local database.
         return await self.database.query(request, client=client)
 
-    async def load_dump_file(self, path: Path) -> LoadOutcome:
-        """An SQL dump as one write (split and stamped on the database's writer thread, never on the loop)."""
+    async def load_dump_file(self, path: Path, *, client: str = "", request_id: str | None = None) -> LoadOutcome:
+        """An SQL dump as one write (split and stamped on the database's writer thread, never on the loop).
+        ``client``/``request_id`` are for the replicated service's at-most-once rule (not kept here)."""
         index = await self._take_index()
         count = await self.database.load_dump_file(
             path, time_ns=self._wall_clock_ns(), seed=self._seeds(), index=index
         )
         return LoadOutcome(count, 0, index)
 
-    async def load_sqlite_file(self, path: Path) -> LoadOutcome:
+    async def load_sqlite_file(
+        self, path: Path, *, client: str = "", request_id: str | None = None
+    ) -> LoadOutcome:
         index = await self._take_index()
         await self.database.load_sqlite_file(path, index=index)
         return LoadOutcome(0, 0, index)
@@ -584,7 +589,7 @@ class LogBackedDataService:
         # One copy: every level (none, weak, linearizable, strong, auto) reads the local database.
         return await self.database.query(request, client=client)
 
-    async def load_dump_file(self, path: Path) -> LoadOutcome:
+    async def load_dump_file(self, path: Path, *, client: str = "", request_id: str | None = None) -> LoadOutcome:
         """An SQL dump: a load marker in the log, then the load in its turn (see "Loads" above)."""
         time_ns, seed = self._wall_clock_ns(), self._seeds()
 
@@ -595,7 +600,9 @@ class LogBackedDataService:
         count = await _outcome(pending)
         return LoadOutcome(count, 0, pending.index)
 
-    async def load_sqlite_file(self, path: Path) -> LoadOutcome:
+    async def load_sqlite_file(
+        self, path: Path, *, client: str = "", request_id: str | None = None
+    ) -> LoadOutcome:
         async def run(index: int) -> None:
             await self.database.load_sqlite_file(path, index=index)
 

@@ -77,6 +77,7 @@ MAX_APPLY_RUN = 512  # entries per Database.apply call
 MAX_APPLY_RUN_BYTES = 8 << 20
 LOG_READ_BYTES = 4 << 20
 APPLY_RETRY_S = 0.5
+APPLY_FAILURE_LOG_S = 30.0  # the same apply failure is logged again at most this often (it is retried)
 REFORM_CHECK_S = 1.0
 CONFLICT_LOG_INTERVAL_S = 30.0
 DISSOLVE_CHECKS = 2  # the same DISSOLVE decision on this many checks in a row before acting on it
@@ -271,6 +272,7 @@ class Replicator:
         self._apply_room.set()
         self.applied_index = 0
         self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
+        self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
 
     # --- what other components ask ---------------------------------------------------------------------
 
@@ -945,9 +947,14 @@ class Replicator:
             except (errors.NodeError, OSError, codec.CodecError, ApplyFailed) as exc:
                 # A local failure is never a result: keep the run, report, retry.
                 self.stats["apply_failures"] += 1
-                self.log.error(
-                    "replication_apply_failed", first=run[0].index, last=run[-1].index, reason=str(exc)
-                )
+                now, reason = asyncio.get_running_loop().time(), str(exc)
+                last = self._apply_failure_logged
+                if last is None or last[0] != reason or now - last[1] >= APPLY_FAILURE_LOG_S:
+                    self._apply_failure_logged = (reason, now)  # one line per reason per interval
+                    self.log.error(
+                        "replication_apply_failed", first=run[0].index, last=run[-1].index, reason=reason,
+                        code=getattr(exc, "code", None), retries_every_s=APPLY_RETRY_S,
+                    )  # fmt: skip
                 self._apply_queue.extendleft(reversed(run))
                 await asyncio.sleep(APPLY_RETRY_S)
 

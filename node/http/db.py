@@ -18,7 +18,9 @@ Headers: a client may send ``X-Request-Id`` (1-128 printable ASCII characters) w
 the write with the same ID and the same credential is applied at most once and answers the first
 application's results. Every successful write answers ``X-TalentNest-Index``: the log index that committed
 it (for a deduplicated retry, the index that applied it the first time); a write whose COMMIT failed
-(nothing stored, every result says "rolled back") answers without it.
+(nothing stored, every result says "rolled back") answers without it. /db/load takes ``X-Request-Id``
+too (with replication a retried load applies at most once). /db/backup answers from the node asked, with
+``X-TalentNest-Applied-Index``: the applied index its copy reflects.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ BACKUP_CHUNK_BYTES = 1 << 20
 UPLOAD_CHUNK_BYTES = 1 << 20
 REQUEST_ID_HEADER = "X-Request-Id"
 INDEX_HEADER = "X-TalentNest-Index"
+# On /db/backup: the applied index the copy reflects (on the node asked; with replication a follower's copy
+# may be behind the leader's, and this says by how much).
+APPLIED_INDEX_HEADER = "X-TalentNest-Applied-Index"
 
 
 def client_key(authorization: str | None) -> str:
@@ -195,7 +200,7 @@ class DbRoutes:
         fmt = request.query.get("fmt", "binary")
         if fmt != "binary":
             raise errors.BadRequest(f"unsupported backup format {fmt!r}; only fmt=binary is supported")
-        path = await self._db.backup()
+        path, applied = await self._db.backup_indexed()
         try:
             size = (await asyncio.to_thread(path.stat)).st_size
             response = web.StreamResponse(
@@ -203,6 +208,7 @@ class DbRoutes:
                     "Content-Type": "application/octet-stream",
                     "Content-Disposition": 'attachment; filename="node.db"',
                     "Content-Length": str(size),
+                    APPLIED_INDEX_HEADER: str(applied),
                 }
             )
             await response.prepare(request)
@@ -223,16 +229,18 @@ class DbRoutes:
         started = time.perf_counter()
         self._authorize(request, auth.Role.ADMIN)
         flags = parse_flags(request.query)
+        request_id = _request_id(request)
+        client = client_key(request.headers.get("Authorization"))
         path = self._db.temp_path("upload")
         try:
             head, blank = await self._receive_to_file(request, path)
             if head.startswith(SQLITE_MAGIC):
-                loaded = await self._service.load_sqlite_file(path)
+                loaded = await self._service.load_sqlite_file(path, client=client, request_id=request_id)
                 return self._respond([], flags, started, {INDEX_HEADER: str(loaded.index)})
             if blank:
                 raise errors.BadRequest("request body is empty; expected an SQLite file or an SQL dump")
-            # The dump is split and its time keywords rewritten on the database's writer thread.
-            loaded = await self._service.load_dump_file(path)
+            # The dump is split and its time keywords rewritten off the event loop (by the service).
+            loaded = await self._service.load_dump_file(path, client=client, request_id=request_id)
             return self._respond(
                 [{"statements": loaded.statements}], flags, started, {INDEX_HEADER: str(loaded.index)}
             )
@@ -313,6 +321,10 @@ class DbRoutes:
             stalled = getattr(self._service, "stalled", None)
             if stalled is not None:
                 lines.append(f"[-]log apply stalled: {stalled}")
+                ready = False
+            refused = getattr(self._db, "apply_refused", None)
+            if refused is not None:  # replicated entries of another SQLite version: this copy stands still
+                lines.append(f"[-]apply refused: {refused}")
                 ready = False
         else:
             lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")

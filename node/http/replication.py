@@ -45,7 +45,12 @@ FORWARDED_HEADER = "X-TalentNest-Forwarded"
 _FORWARDED_REQUEST_HEADERS = ("Authorization", "X-Request-Id", "Content-Type")
 _RETURNED_HEADERS = ("Content-Type", "X-TalentNest-Index", EPOCH_HEADER, NODE_HEADER, "Retry-After")
 LEADER_WATCH_S = 0.05  # how often a forwarded request checks that its leader is still followed
-_LEADER_PATHS = {"/db/execute": auth.Role.WRITE, "/db/request": auth.Role.WRITE, "/db/query": auth.Role.READ}
+_LEADER_PATHS = {
+    "/db/execute": auth.Role.WRITE, "/db/request": auth.Role.WRITE, "/db/query": auth.Role.READ,
+    "/db/load": auth.Role.ADMIN,
+}  # fmt: skip
+# /db/load is forwarded as a stream (its body may be hundreds of MiB): never buffered here.
+_STREAMED_PATHS = frozenset({"/db/load"})
 VOTERS_PREFIX = "/cluster/voters/"  # DELETE: an operator's membership change, carried out by the leader
 
 
@@ -121,6 +126,7 @@ class ForwardingMiddleware:
         max_body_bytes: int,
         body_read_timeout_s: float,
         forward_timeout_s: float = 15.0,
+        load_forward_timeout_s: float = 600.0,
     ) -> None:
         self._replicator = replicator
         self._me = me
@@ -128,6 +134,7 @@ class ForwardingMiddleware:
         self._max_body = max_body_bytes
         self._read_timeout_s = body_read_timeout_s
         self._timeout = aiohttp.ClientTimeout(total=forward_timeout_s)
+        self._load_timeout = aiohttp.ClientTimeout(total=load_forward_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -172,19 +179,25 @@ class ForwardingMiddleware:
         return await self._forward(request, leader)
 
     async def _forward(self, request: web.Request, leader: Endpoint) -> web.Response:
-        body = await read_body(request, limit=self._max_body, timeout_s=self._read_timeout_s)
+        streamed = request.path in _STREAMED_PATHS
+        timeout = self._load_timeout if streamed else self._timeout
+        # A load's body goes on as it arrives (the leader applies its own limits: size, read time, disk).
+        body: Any = (
+            request.content if streamed
+            else await read_body(request, limit=self._max_body, timeout_s=self._read_timeout_s)
+        )  # fmt: skip
         headers = {h: request.headers[h] for h in _FORWARDED_REQUEST_HEADERS if h in request.headers}
         headers[FORWARDED_HEADER] = str(self._me)
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, use_dns_cache=False)
             )
-        exchange = asyncio.ensure_future(self._exchange(request, leader, body, headers))
+        exchange = asyncio.ensure_future(self._exchange(request, leader, body, headers, timeout))
         try:
             # A leader that dies mid-request (SIGKILL, a cut cable) sends no RST: without this watch the
             # client would wait the whole forward timeout. Once this node's view no longer names that leader
             # the answer is "outcome unknown" (the write may have committed), at failure-detection speed.
-            for _ in range(int(self._timeout.total / LEADER_WATCH_S) + 2):  # bounded by the forward timeout
+            for _ in range(int((timeout.total or 0) / LEADER_WATCH_S) + 2):  # bounded by the forward timeout
                 done, _ = await asyncio.wait({exchange}, timeout=LEADER_WATCH_S)
                 if done:
                     return exchange.result()
@@ -200,13 +213,14 @@ class ForwardingMiddleware:
             await asyncio.gather(exchange, return_exceptions=True)
 
     async def _exchange(
-        self, request: web.Request, leader: Endpoint, body: bytes, headers: dict[str, str]
+        self, request: web.Request, leader: Endpoint, body: Any, headers: dict[str, str],
+        client_timeout: aiohttp.ClientTimeout,
     ) -> web.Response:
         assert self._session is not None
         try:
             async with self._session.request(
                 request.method, f"{leader.url}{request.path_qs}", data=body, headers=headers,
-                timeout=self._timeout, allow_redirects=False,
+                timeout=client_timeout, allow_redirects=False,
             ) as resp:  # fmt: skip
                 content = await resp.read()
                 out = {h: resp.headers[h] for h in _RETURNED_HEADERS if h in resp.headers}

@@ -11,9 +11,18 @@ Batch (``POST /cluster/replication`` body), version 1::
 LogId values are ``[epoch, index]``, entries ``[epoch, index, kind, payload base64]``. Decoding validates
 every field's type and range: a malformed batch is a 400, never an exception inside the core.
 
-Command payload (the bytes a COMMAND entry carries), version 1: ``{"v": 1, "stmts": [[sql, params]],
-"tx": bool, "t": time_ns, "seed": n, "u": unified, "c": client, "rid": request id}``; parameter values keep
-their types (bytes as ``{"b64": ...}``, infinities and NaN as ``{"f": "inf"}``), so every replica executes exactly the stamped command.
+Command payload (the bytes a COMMAND entry carries), version 2: ``{"v": 2, "sq": SQLite version,
+"stmts": [[sql, params]], "tx": bool, "t": time_ns, "seed": n, "u": unified, "c": client, "rid": request
+id}``; parameter values keep their types (bytes as ``{"b64": ...}``, infinities and NaN as ``{"f": "inf"}``),
+so every replica executes exactly the stamped command. ``sq`` is the SQLite the leader ran: a replica running
+another refuses to apply the entry (:func:`node.storage.statemachine.foreign_version`). Version 1 (no
+``sq``) is still read: entries an earlier release wrote stay valid.
+
+A replicated /db/load travels as commands of version 2 with a ``"load"`` object instead of statements
+(``stmts`` empty): a chunk ``{"id": load id, "seq": n, "sql": [statement, ...]}`` (whole statements,
+stamped), or the end ``{"id": load id, "end": {"chunks": n, "stmts": n, "digest": hex sha256, "abort":
+bool}}`` which also carries ``t``, ``seed``, ``c`` and ``rid`` (see :class:`node.storage.statemachine.
+LoadChunk` and ``LoadEnd``).
 """
 
 from __future__ import annotations
@@ -24,14 +33,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import apsw
 import orjson
 
 from node.core.replication import messages as msg
 from node.core.sqlreq import Statement, WriteCommand
-from node.storage.statemachine import Command
+from node.storage.statemachine import Command, LoadChunk, LoadEnd
 
 BATCH_VERSION = 1
-COMMAND_VERSION = 1
+COMMAND_VERSION = 2
+COMMAND_VERSIONS = frozenset({1, 2})
+MAX_LOAD_ID_CHARS = 64
+MAX_SQLITE_VERSION_CHARS = 32
 MAX_MESSAGES_PER_BATCH = 4096
 MAX_NUMBER = (1 << 63) - 1
 MAX_IDENTITY_CHARS = 64
@@ -202,7 +215,41 @@ def _unparam(v: Any) -> Any:
     raise CodecError("a parameter must be null, a number, text or {'b64': ...}")
 
 
+def _load_body(part: LoadChunk | LoadEnd) -> dict[str, Any]:
+    if isinstance(part, LoadChunk):
+        return {"id": part.load_id, "seq": part.seq, "sql": list(part.statements)}
+    end = {"chunks": part.chunks, "stmts": part.statements, "digest": part.digest, "abort": part.abort}
+    return {"id": part.load_id, "end": end}
+
+
+def _load_part(body: Any) -> LoadChunk | LoadEnd:
+    if not isinstance(body, dict):
+        raise CodecError("load must be an object")
+    load_id = body.get("id")
+    if not isinstance(load_id, str) or not 0 < len(load_id) <= MAX_LOAD_ID_CHARS:
+        raise CodecError("load id must be a short string")
+    if set(body) == {"id", "seq", "sql"}:
+        sql = body["sql"]
+        if not isinstance(sql, list) or not all(isinstance(x, str) for x in sql):
+            raise CodecError("load sql must be a list of statements")
+        return LoadChunk(load_id, _int(body["seq"], "seq"), tuple(sql))
+    if set(body) == {"id", "end"} and isinstance(body["end"], dict):
+        end = body["end"]
+        if set(end) != {"chunks", "stmts", "digest", "abort"}:
+            raise CodecError("load end needs exactly chunks, stmts, digest and abort")
+        digest = end["digest"]
+        if not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
+            raise CodecError("load digest must be 64 lowercase hex digits")
+        return LoadEnd(
+            load_id, _int(end["chunks"], "chunks"), _int(end["stmts"], "stmts"), digest,
+            _bool(end["abort"], "abort"),
+        )  # fmt: skip
+    raise CodecError("load must be a chunk {id, seq, sql} or an end {id, end}")
+
+
 def encode_command(command: Command) -> bytes:
+    """Version 2, stamped with ``command.sqlite_version`` or else the SQLite this process runs (the leader's:
+    only a leader encodes commands)."""
     stmts = []
     for s in command.write.statements:
         params: Any = None
@@ -211,18 +258,20 @@ def encode_command(command: Command) -> bytes:
         elif s.params is not None:
             params = [_param(v) for v in s.params]
         stmts.append([s.sql, params])
-    return orjson.dumps(
-        {
-            "v": COMMAND_VERSION,
-            "stmts": stmts,
-            "tx": command.write.transaction,
-            "t": command.write.time_ns,
-            "seed": command.write.seed,
-            "u": command.unified,
-            "c": command.client,
-            "rid": command.request_id,
-        }
-    )
+    body: dict[str, Any] = {
+        "v": COMMAND_VERSION,
+        "sq": command.sqlite_version or apsw.sqlite_lib_version(),
+        "stmts": stmts,
+        "tx": command.write.transaction,
+        "t": command.write.time_ns,
+        "seed": command.write.seed,
+        "u": command.unified,
+        "c": command.client,
+        "rid": command.request_id,
+    }
+    if command.load is not None:
+        body["load"] = _load_body(command.load)
+    return orjson.dumps(body)
 
 
 def decode_command(data: bytes) -> Command:
@@ -230,8 +279,9 @@ def decode_command(data: bytes) -> Command:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise CodecError(f"not JSON: {exc}") from None
-    if not isinstance(body, dict) or body.get("v") != COMMAND_VERSION:
+    if not isinstance(body, dict) or body.get("v") not in COMMAND_VERSIONS:
         raise CodecError("unknown command version")
+    version = body["v"]
     try:
         statements = []
         for sql, params in body["stmts"]:
@@ -252,7 +302,19 @@ def decode_command(data: bytes) -> Command:
         if not isinstance(client, str) or not (rid is None or isinstance(rid, str)):
             raise CodecError("c must be text and rid text or null")
         write = WriteCommand(tuple(statements), tx, time_ns, seed)
-        return Command(write, unified=unified, client=client, request_id=rid)
+        sqlite_version: str | None = None
+        load: LoadChunk | LoadEnd | None = None
+        if version >= 2:
+            sqlite_version = body["sq"]
+            if not isinstance(sqlite_version, str) or not 0 < len(sqlite_version) <= MAX_SQLITE_VERSION_CHARS:
+                raise CodecError("sq must be the SQLite version text")
+            if "load" in body:
+                if statements:
+                    raise CodecError("a load command carries no statements of its own")
+                load = _load_part(body["load"])
+        return Command(
+            write, unified=unified, client=client, request_id=rid, sqlite_version=sqlite_version, load=load
+        )
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, CodecError):
             raise

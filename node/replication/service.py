@@ -11,7 +11,21 @@
   503 ``stale_read``, see :func:`staleness`); ``weak`` / ``auto`` read the leader's local state (followers
   forward, see the middleware); ``linearizable`` / ``strong`` first have a majority confirm that this node
   still leads (ReadIndex), wait until that index is applied, then read locally.
-* Loads (/db/load) are not replicated yet: they answer 501 rather than change one copy only.
+* ``load_dump_file`` (/db/load of an SQL dump) is a replicated operation. The leader splits the dump (a
+  file the HTTP layer streamed to DATA_DIR) into whole statements, stamps them once (time keywords) and
+  packs them into chunk commands of at most ``LOAD_CHUNK_BYTES`` (one statement larger than that goes
+  alone, up to ``MAX_LOAD_STATEMENT_BYTES``), each an ordinary log entry, at most ``LOAD_WINDOW`` in flight:
+  so heartbeats and other writes interleave with them and never wait behind one huge entry. Reading,
+  splitting, hashing and encoding run in a thread, one chunk at a time (never the whole dump in memory).
+  Chunks apply as staging only; then one end command runs every chunk in ONE SQLite transaction, on every
+  replica at the same index, checked against the count and digest the leader shipped: all or nothing, and
+  concurrent writes land before or after it, never inside (:mod:`node.storage.statemachine`). A load whose
+  end is never submitted (a chunk was not committed: leader change, lost quorum) is not applied: 503
+  ``load_not_applied``; its staged chunks are dropped by an abort entry or by the next load. When the end
+  itself has an unknown outcome the answer is 503 ``outcome_unknown``: retry with the same X-Request-Id,
+  which holds for loads as for writes (the end command carries it; the dump's digest is what it stands
+  for). One load at a time per leader (another answers 503 busy). An SQLite *file* needs snapshots to
+  replicate: 501 ``needs_snapshots``.
 
 The epoch of each answered write is published in a context variable so the HTTP layer can name it in a
 header (``X-TalentNest-Epoch``) without changing the DataService protocol.
@@ -20,22 +34,33 @@ header (``X-TalentNest-Epoch``) without changing the DataService protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import os
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from node import errors
-from node.actors.replicator import Replicator
+from node.actors.replicator import Discarded, NotWritable, OutcomeUnknown, Replicator
 from node.core.replication import machine
-from node.core.sqlreq import DbRequest, Flags, Level, stamp_write
+from node.core.sqlreq import DbRequest, Flags, Level, WriteCommand, rewrite_time_keywords, stamp_write
 from node.replication import codec
 from node.service import LoadOutcome, WriteOutcome, WriteRequest
+from node.storage import statemachine
+from node.storage.dump import (
+    LOAD_CHUNK_BYTES,
+    LOAD_ENVELOPE_BYTES,
+    MAX_LOAD_STATEMENT_BYTES,
+    chunk_statements,
+    dump_statements,
+)
 from node.storage.durable import free_bytes
-from node.storage.results import StatementResult
+from node.storage.results import StatementResult, Status
 from node.storage.sqlite import Database
-from node.storage.statemachine import Command
+from node.storage.statemachine import Command, LoadChunk, LoadDigest, LoadEnd
 
 # Seconds a write waits for commit and apply before it answers "outcome unknown" (503). Far above a
 # healthy commit (milliseconds); a node that loses its quorum answers sooner (see the Replicator).
@@ -43,6 +68,21 @@ WRITE_WAIT_S = 10.0
 READ_CONFIRM_S = 5.0
 # How long one look at DATA_DIR's free space (for LOG_RESERVE_BYTES) is trusted before the next, off the loop.
 SPACE_CHECK_S = 0.5
+
+# Chunk entries of a load in flight at once (submitted, not yet applied): keeps the pipe full without
+# letting one load hold the Replicator's queue.
+LOAD_WINDOW = 4
+# A chunk whose submit failed transiently (outcome unknown, no quorum for a moment) is submitted again, at
+# most this many times in all, after a pause doubling from the first (chunks are idempotent; ends are not).
+LOAD_CHUNK_ATTEMPTS = 5
+LOAD_CHUNK_RETRY_FIRST_S = 0.1
+# How long a load's end waits for commit and apply: a base, plus a second per MiB of dump (applying runs
+# every statement of the dump on every replica).
+LOAD_END_WAIT_S = 30.0
+LOAD_END_WAIT_S_PER_MIB = 1.0
+# A load needs about this many times the dump's size free in DATA_DIR beyond LOG_RESERVE_BYTES: the log's
+# chunk entries, the staged chunks and the loaded data (checked before anything is shipped, and per chunk).
+LOAD_SPACE_FACTOR = 3
 
 # The epoch of the write this task just answered (read by the HTTP layer for its header).
 ANSWERED_EPOCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("answered_epoch", default=None)
@@ -82,9 +122,16 @@ def staleness(
     return None
 
 
-class NotImplementedYet(errors.NodeError):
+class NeedsSnapshots(errors.NodeError):
     status = 501
-    code = "not_implemented"
+    code = "needs_snapshots"
+
+
+class LoadNotApplied(errors.NodeError):
+    """A load stopped before its end was submitted: certainly not applied anywhere."""
+
+    status = 503
+    code = "load_not_applied"
 
 
 class ReplicatedDataService:
@@ -106,6 +153,8 @@ class ReplicatedDataService:
         self._space_short: str | None = None
         self._wall_clock_ns = wall_clock_ns
         self._seeds = seeds
+        self._reserve_bytes = log_reserve_bytes
+        self._load_lock = asyncio.Lock()
 
     async def _require_reserve(self) -> None:
         if self._reserve_bytes <= 0:
@@ -133,7 +182,10 @@ class ReplicatedDataService:
 
         def prepare() -> bytes:
             write = stamp_write(db_request, time_ns=time_ns, seed=seed)
-            command = Command(write, unified=request.unified, client=client, request_id=request.request_id)
+            command = Command(
+                write, unified=request.unified, client=client, request_id=request.request_id,
+                sqlite_version=self.database.sqlite_version,
+            )  # fmt: skip
             return codec.encode_command(command)
 
         # Stamping and encoding are per-character work: never on the event loop.
@@ -163,8 +215,207 @@ class ReplicatedDataService:
             )
         return await self.database.query(request, client=client)
 
-    async def load_dump_file(self, path: Path) -> LoadOutcome:
-        raise NotImplementedYet("/db/load is not replicated yet; with REPLICATION=on it is refused")
+    async def load_sqlite_file(
+        self, path: Path, *, client: str = "", request_id: str | None = None
+    ) -> LoadOutcome:
+        raise NeedsSnapshots(
+            "loading an SQLite file needs snapshots, which replication does not have yet: load an SQL dump "
+            "instead (sqlite3 FILE .dump), or start with REPLICATION=off"
+        )
 
-    async def load_sqlite_file(self, path: Path) -> LoadOutcome:
-        raise NotImplementedYet("/db/load is not replicated yet; with REPLICATION=on it is refused")
+    async def load_dump_file(
+        self, path: Path, *, client: str = "", request_id: str | None = None
+    ) -> LoadOutcome:
+        """See the module docstring. Raises 400 for a dump that fails (nothing applied anywhere)."""
+        if self._load_lock.locked():
+            raise errors.Busy("another /db/load is running on this node; retry when it has answered")
+        async with self._load_lock:
+            if not self.replicator.is_leader():
+                status = self.replicator.status()
+                leader = None if status is None else self.replicator._url(status.leader)
+                raise errors.NotLeader("this node does not lead: send the load to the leader", leader)
+            size = (await asyncio.to_thread(os.stat, path)).st_size
+            await asyncio.to_thread(self._check_space, LOAD_SPACE_FACTOR * size)
+            # Already applied (a retry)? Then ship no chunks: the end alone answers the first outcome.
+            ship = request_id is None or not await self._request_seen(client, request_id)
+            time_ns, seed = self._wall_clock_ns(), self._seeds() & ((1 << 63) - 1)
+            load_id = secrets.token_hex(8)
+            chunks, statements, digest = await self._ship_chunks(path, load_id, ship)
+            end = Command(
+                WriteCommand((), False, time_ns, seed), client=client, request_id=request_id,
+                sqlite_version=self.database.sqlite_version,
+                load=LoadEnd(load_id, chunks, statements, digest),
+            )  # fmt: skip
+            wait_s = load_end_wait_s(size)
+            payload = codec.encode_command(end)
+            try:
+                if request_id is not None:
+                    epoch, index, applied = await self._submit_again_if_unknown(payload, wait_s)
+                else:  # without an ID a second end could not tell it was applied: one attempt
+                    epoch, index, applied = await self.replicator.submit(payload, wait_s)
+            except (errors.NotLeader, errors.NoQuorum, errors.Busy, NotWritable, Discarded) as exc:
+                # Refused before it was appended, or overwritten: the load did not happen.
+                await self._abort(load_id, chunks)
+                raise LoadNotApplied(f"the load was not applied: {exc}; retry it") from None
+        ANSWERED_EPOCH.set(epoch)
+        assert applied is not None
+        (result,) = applied.results
+        if result.error is not None:
+            if result.status is not Status.ROLLED_BACK:
+                raise errors.BadRequest(result.error)  # the dump failed: the same on every replica
+            if "COMMIT failed" in result.error:  # a local failure on the leader
+                raise errors.Unavailable(f"the load could not be stored on the leader: {result.error}")
+            raise LoadNotApplied(f"{result.error}; retry it")
+        return LoadOutcome(result.rows_affected or 0, epoch, applied.index)
+
+    async def _request_seen(self, client: str, request_id: str) -> bool:
+        def seen(job: object) -> bool:
+            ops = self.database._ops(job)  # type: ignore[arg-type]
+            rows = ops.internal(
+                "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (statemachine.REQUESTS_TABLE,)
+            )
+            if not rows:
+                return False
+            return bool(
+                ops.internal(
+                    f"SELECT 1 FROM {statemachine.REQUESTS_TABLE} WHERE client = ? AND request_id = ?",
+                    (client, request_id),
+                )
+            )
+
+        return await self.database._write(seen)
+
+    def _check_space(self, need_bytes: int) -> None:
+        """Blocking: 507 unless DATA_DIR keeps LOG_RESERVE_BYTES free after ``need_bytes`` more."""
+        st = os.statvfs(self.database.data_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < need_bytes + self._reserve_bytes:
+            raise errors.InsufficientStorage(
+                f"not enough disk space in DATA_DIR for this load: about {need_bytes} bytes are needed beyond "
+                f"the {self._reserve_bytes}-byte reserve (LOG_RESERVE_BYTES) and {free} are free; nothing "
+                "was applied"
+            )
+
+    async def _ship_chunks(self, path: Path, load_id: str, ship: bool) -> tuple[int, int, str]:
+        """Submit the dump's chunks (``ship``) or only count and hash them; (chunks, statements, digest)."""
+        version = self.database.sqlite_version
+        digest = LoadDigest()
+        counts = [0, 0]  # chunks, statements
+        source = _stamped_chunks(path)
+        # A step may still run in its thread after this coroutine was cancelled (a thread cannot be): the
+        # generator is closed under the same lock, after it, never while it executes.
+        source_lock = threading.Lock()
+
+        def close_source() -> None:
+            with source_lock:
+                source.close()
+
+        def step() -> bytes | None:
+            with source_lock:
+                return locked_step()
+
+        def locked_step() -> bytes | None:
+            """One chunk, in a thread: read, split, stamp, hash, encode (the generator keeps its place)."""
+            chunk = next(source, None)
+            if chunk is None:
+                return None
+            digest.update(chunk)
+            seq = counts[0]
+            counts[0] += 1
+            counts[1] += len(chunk)
+            if not ship:
+                return b""
+            self._check_space(2 * (LOAD_CHUNK_BYTES + LOAD_ENVELOPE_BYTES))
+            load = LoadChunk(load_id, seq, tuple(chunk))
+            return codec.encode_command(Command(WriteCommand((), False, 0, 0), sqlite_version=version, load=load))
+
+        inflight: set[asyncio.Task] = set()
+        try:
+            for _ in range(1 << 40):  # bounded by the dump's size: each step consumes at least one statement
+                payload = await asyncio.to_thread(step)
+                if payload is None:
+                    break
+                if not payload:
+                    continue
+                while len(inflight) >= LOAD_WINDOW:
+                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    _raise_first(done)
+                inflight.add(asyncio.ensure_future(self._submit_chunk(payload)))
+            if inflight:
+                done, inflight = await asyncio.wait(inflight)
+                _raise_first(done)
+        except (errors.NodeError, OSError) as exc:  # OSError: the upload file could not be read
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+            inflight = set()
+            if isinstance(exc, errors.BadRequest | errors.InsufficientStorage):
+                await self._abort(load_id, counts[0])
+                raise
+            await self._abort(load_id, counts[0])
+            raise LoadNotApplied(
+                f"the load was not applied: shipping its chunks failed ({exc}); retry it"
+            ) from None
+        finally:
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+            await asyncio.to_thread(close_source)
+        return counts[0], counts[1], digest.hexdigest()
+
+    async def _submit_chunk(self, payload: bytes) -> None:
+        await self._submit_again_if_unknown(payload, WRITE_WAIT_S)
+
+    async def _submit_again_if_unknown(self, payload: bytes, timeout_s: float) -> tuple:
+        """Submit an idempotent entry; again while this node still leads, when its outcome is unknown or the
+        leader is briefly unable to commit (a lease lapse on a busy machine), so a transient blip does not
+        cost a whole load. Idempotent: a chunk (staging it twice gives the same rows, by (load, seq)), and
+        an end that carries a request ID (a second one answers the first's stored outcome). Bounded."""
+        delay = LOAD_CHUNK_RETRY_FIRST_S
+        unknown: OutcomeUnknown | None = None  # an attempt that may still commit: never report "not applied"
+        for attempt in range(LOAD_CHUNK_ATTEMPTS):
+            try:
+                return await self.replicator.submit(payload, timeout_s)
+            except errors.NodeError as exc:
+                if isinstance(exc, OutcomeUnknown):
+                    unknown = exc
+                transient = isinstance(exc, OutcomeUnknown | errors.NoQuorum | errors.Busy | NotWritable)
+                if not transient or attempt + 1 == LOAD_CHUNK_ATTEMPTS or not self.replicator.is_leader():
+                    raise (unknown or exc) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _abort(self, load_id: str, chunks: int) -> None:
+        """Best effort: replicas drop what was staged for this load (else the next load drops it)."""
+        if not chunks:
+            return
+        end = Command(
+            WriteCommand((), False, 0, 0), sqlite_version=self.database.sqlite_version,
+            load=LoadEnd(load_id, chunks, 0, "0" * 64, abort=True),
+        )  # fmt: skip
+        with contextlib.suppress(errors.NodeError):
+            await self.replicator.submit(codec.encode_command(end), WRITE_WAIT_S)
+
+
+def load_end_wait_s(size_bytes: int) -> float:
+    return LOAD_END_WAIT_S + LOAD_END_WAIT_S_PER_MIB * size_bytes / (1 << 20)
+
+
+def load_answer_within_s(body_read_timeout_s: float, max_load_bytes: int) -> float:
+    """An upper bound of a load's answer time (receiving, shipping, its end's wait): how long a follower
+    that forwards a load waits for the leader's answer."""
+    return body_read_timeout_s + 2 * load_end_wait_s(max_load_bytes)
+
+
+def _stamped_chunks(path: Path) -> Iterator[list[str]]:
+    """The dump's statements, time keywords rewritten once (here, on the leader), packed into chunks."""
+    statements = (rewrite_time_keywords(sql) for sql in dump_statements(path, MAX_LOAD_STATEMENT_BYTES))
+    return chunk_statements(statements, LOAD_CHUNK_BYTES, MAX_LOAD_STATEMENT_BYTES)
+
+
+def _raise_first(done: set[asyncio.Task]) -> None:
+    """Raise the first failure among ``done``, after retrieving every one (none is left unobserved)."""
+    failures = [exc for task in done if (exc := task.exception()) is not None]
+    if failures:
+        raise failures[0]

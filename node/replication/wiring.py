@@ -13,7 +13,7 @@ from node import errors
 from node.actors.replicator import MembershipConflict, Replicator, UnknownMember
 from node.core.replication import machine
 from node.http.replication import ForwardingMiddleware, ReplicationRoutes
-from node.replication.service import ReplicatedDataService
+from node.replication.service import ReplicatedDataService, load_answer_within_s
 
 # Seconds DELETE /cluster/voters/<node> waits for its change to commit before it answers 503 outcome_unknown.
 REMOVE_WAIT_S = 10.0
@@ -44,6 +44,7 @@ class Replication:
         self.forwarding = ForwardingMiddleware(
             replicator=self.replicator, me=node.me, jwt_secret=config.jwt_secret,
             max_body_bytes=config.db_max_body_bytes, body_read_timeout_s=config.body_read_timeout_s,
+            load_forward_timeout_s=load_answer_within_s(config.body_read_timeout_s, config.db_max_load_bytes),
         )  # fmt: skip
         # Innermost middleware: inside the error middleware, so its NodeErrors render as JSON.
         node.http.app.middlewares.append(self.forwarding.middleware())

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import apsw
+import orjson
 
 from node import errors
 
 # Bytes of a dump read at a time when splitting it into statements.
 DUMP_CHUNK_CHARS = 1 << 20
+# A replicated /db/load ships its dump as log entries of whole statements: each chunk's statements take at
+# most this many bytes as JSON (the entry's payload adds well under LOAD_ENVELOPE_BYTES), so an entry is about
+# one core Append batch (max_batch_bytes, 1 MiB) and heartbeats never queue behind a large one.
+LOAD_CHUNK_BYTES = (1 << 20) - 4096
+LOAD_ENVELOPE_BYTES = 4096
+# One statement longer than a chunk travels alone in its entry, up to this size as JSON (else 400).
+MAX_LOAD_STATEMENT_BYTES = 8 << 20
 
 
 def dump_statements(source: Path, max_statement_chars: int) -> Iterator[str]:
@@ -116,3 +124,36 @@ def split_sql(script: str) -> Iterator[str]:
     splitter = StatementSplitter()
     yield from splitter.feed(script)
     yield from splitter.finish()
+
+
+def encoded_size(sql: str) -> int:
+    """Bytes ``sql`` takes as a JSON string inside a chunk's list (its comma included)."""
+    return len(orjson.dumps(sql)) + 1
+
+
+def chunk_statements(
+    statements: Iterable[str],
+    max_chunk_bytes: int = LOAD_CHUNK_BYTES,
+    max_statement_bytes: int = MAX_LOAD_STATEMENT_BYTES,
+) -> Iterator[list[str]]:
+    """Pack whole statements, in order, into chunks whose JSON list takes at most ``max_chunk_bytes``.
+
+    A statement is never split; one that alone exceeds the bound gets a chunk of its own, and one above
+    ``max_statement_bytes`` is a 400 (it would hold up replication as one huge entry). Lazy: one chunk in
+    memory at a time.
+    """
+    chunk: list[str] = []
+    size = 1  # the brackets, less the comma the first statement does not need: exact for a non-empty chunk
+    for sql in statements:
+        n = encoded_size(sql)
+        if n > max_statement_bytes:
+            raise errors.BadRequest(
+                f"a statement of the dump takes {n} bytes; a replicated load takes at most {max_statement_bytes}"
+            )
+        if chunk and size + n > max_chunk_bytes:
+            yield chunk
+            chunk, size = [], 1
+        chunk.append(sql)
+        size += n
+    if chunk:
+        yield chunk

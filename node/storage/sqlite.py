@@ -161,6 +161,13 @@ class _ShuttingDown(Exception):
     pass
 
 
+class SqliteVersionRefused(errors.NodeError):
+    """Commands stamped under another SQLite version: applying them could diverge from the leader's copy."""
+
+    status = 503
+    code = "sqlite_version_mismatch"
+
+
 class _QuarantineHeld(Exception):
     """node.db is absent and a quarantined database is kept: starting empty must be the operator's choice."""
 
@@ -253,6 +260,10 @@ class Database:
         self._rng = random.Random()
         self._now_text: str | None = None
         self._temp_seq = 0
+        # The SQLite this process runs: replicated commands stamped under another one are refused.
+        self.sqlite_version = apsw.sqlite_lib_version()
+        # Why the last apply was refused (a command of another SQLite version); None once one applies.
+        self.apply_refused: str | None = None
 
     # --- life cycle (event loop side) ----------------------------------------------------------------------
 
@@ -539,9 +550,14 @@ class Database:
 
     async def backup(self) -> Path:
         """A consistent copy of the database in a new file (SQLite's backup API); the caller deletes it."""
+        return (await self.backup_indexed())[0]
+
+    async def backup_indexed(self) -> tuple[Path, int]:
+        """:meth:`backup`, and the applied index the copy reflects (read on the writer thread, which is the
+        only writer and makes the copy in the same job, so nothing is applied in between)."""
         target = self.temp_path("backup")
         try:
-            await self._write(self._backup, target)
+            index = await self._write(self._backup, target)
         except asyncio.CancelledError:
             # The client went away while the copy may still be running on the writer thread: remove the file
             # after it, in the same first-in-first-out executor, so no copy is left behind in DATA_DIR.
@@ -549,7 +565,7 @@ class Database:
             if writer is not None:
                 writer.executor.submit(target.unlink, True)
             raise
-        return target
+        return target, index
 
     def temp_path(self, kind: str) -> Path:
         """A fresh temporary file name in DATA_DIR (removed at the next start if left behind by a crash)."""
@@ -771,7 +787,16 @@ class Database:
         assert slot is not None and job.entry is not None
         slot.full = False
         try:
-            done = statemachine.apply(self._ops(job), [g.entry for g in group if g.entry is not None])
+            entries = [g.entry for g in group if g.entry is not None]
+            other = statemachine.foreign_version([c for e in entries for c in e.commands], self.sqlite_version)
+            if other is not None:
+                self.apply_refused = (
+                    f"log entries were written under SQLite {other} and this node runs SQLite "
+                    f"{self.sqlite_version}: it applies nothing more until it runs SQLite {other}"
+                )
+                raise SqliteVersionRefused(self.apply_refused)
+            done = statemachine.apply(self._ops(job), entries)
+            self.apply_refused = None
         except BaseException as exc:
             if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
                 exc = self._job_failure(
@@ -954,6 +979,41 @@ class Database:
             time_s=elapsed,
         )
 
+    def _run_load_statement(self, slot: _Slot, job: _Job, sql: str) -> tuple[bool, str | None]:
+        """One statement of a replicated dump (already stamped): (counts as a statement, its error).
+
+        As for a local load: a dump's own BEGIN/COMMIT are skipped, its foreign_keys pragma is counted but
+        not run (the load checks foreign keys at its end), statements about the node's own tables are
+        skipped, each statement has the write step budget. A full disk or an I/O error raises: that is a
+        local failure, retried, never the load's result (other replicas would not share it).
+        """
+        if _TX_WORDS.match(sql):
+            return False, None
+        if _FK_PRAGMA.match(sql):
+            return True, None
+        conn = slot.conn
+        assert conn is not None
+        slot.denied, slot.denied_internal = None, False
+        job.steps, job.over_budget = 0, False
+        try:
+            conn.execute(sql).fetchall()
+        except apsw.AuthError as exc:
+            if slot.denied_internal:
+                return False, None  # a dump of a backup holds the node's own tables: this node keeps its own
+            return False, slot.denied or _message(exc)
+        except apsw.InterruptError:
+            if self._closing:
+                raise _ShuttingDown() from None
+            return False, self._interrupt_reason(job)
+        except apsw.FullError:
+            slot.full = True
+            raise
+        except apsw.IOError:
+            raise
+        except apsw.Error as exc:
+            return False, _message(exc)
+        return True, None
+
     def _interrupt_reason(self, job: _Job) -> str:
         if job.over_budget:
             return (
@@ -964,8 +1024,9 @@ class Database:
             return "interrupted: the client went away"
         return f"interrupted: the request ran longer than {job.timeout_s:g} s"
 
-    def _backup(self, job: _Job, target: Path) -> None:
+    def _backup(self, job: _Job, target: Path) -> int:
         assert self._writer is not None and self._writer.conn is not None
+        index = statemachine.applied_index(self._ops(job))
         try:
             dest = apsw.Connection(str(target))
             try:
@@ -976,6 +1037,7 @@ class Database:
                 dest.execute("PRAGMA journal_mode=DELETE").fetchall()
             finally:
                 dest.close()
+            return index
         except BaseException as exc:
             target.unlink(missing_ok=True)
             if isinstance(exc, apsw.Error | OSError):
@@ -1039,6 +1101,7 @@ class Database:
             ops.internal("BEGIN IMMEDIATE")
             statemachine.ensure_schema(ops)
             ops.internal(f"DELETE FROM {statemachine.REQUESTS_TABLE}")
+            ops.internal(f"DELETE FROM {statemachine.LOADS_TABLE}")  # chunks another database staged
             statemachine.set_applied(ops, index)
             ops.internal("COMMIT")
         except apsw.Error as exc:
@@ -1186,6 +1249,9 @@ class _WriterOps:
 
     def run(self, mode: str, statement: Statement) -> StatementResult:
         return self.db._run_statement(self.slot, self.job, mode, statement)
+
+    def run_load_statement(self, sql: str) -> tuple[bool, str | None]:
+        return self.db._run_load_statement(self.slot, self.job, sql)
 
 
 def _settled_error(exc: BaseException) -> BaseException:

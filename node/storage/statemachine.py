@@ -45,6 +45,18 @@ lost and nothing is applied twice. (A killed process loses nothing at all: the O
 The exceptions are loads (/db/load), which the log records only as a marker it cannot replay: their COMMIT
 is synced with ``FULL`` whatever this switch says (see :mod:`node.storage.sqlite`).
 
+**Replicated loads.** With replication a /db/load of an SQL dump is a run of log entries like any write:
+:class:`LoadChunk` commands stage whole statements in ``_talentnest_loads`` (in their entry's transaction,
+so a crash or a replay stages them again or not at all), and one :class:`LoadEnd` command runs all of them
+under its savepoint, checked against the chunk count and digest the leader shipped: one result for the
+whole dump, applied all or nothing, at the same index on every replica. A deterministic failure (a
+statement's error, foreign keys left violated) is the result and the end's index is still applied; a full
+disk or an I/O error raises, never becomes a result (another replica would not share it).
+
+**SQLite versions.** A replicated command names the SQLite the leader ran; a group holding a command of
+another version is refused before anything runs (:func:`foreign_version`), so a replica never executes a
+write under another engine than the leader's.
+
 Internal tables (``_talentnest_*``) are created by the first write, so an empty database stays empty. User
 SQL cannot read or change them (the authorizer refuses it); a dump that contains them has those
 statements skipped on load.
@@ -56,6 +68,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+import orjson
 
 from node.core.sqlreq import Statement, WriteCommand
 from node.storage import results as r
@@ -72,6 +86,7 @@ MAX_REQUEST_ID_CHARS = 128
 INTERNAL_PREFIX = "_talentnest_"
 STATE_TABLE = INTERNAL_PREFIX + "state"
 REQUESTS_TABLE = INTERNAL_PREFIX + "requests"
+LOADS_TABLE = INTERNAL_PREFIX + "loads"  # chunks of a replicated /db/load not yet ended (see LoadChunk)
 APPLIED_KEY = "applied_index"
 SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
@@ -79,6 +94,8 @@ SCHEMA = (
     "idx INTEGER NOT NULL, seq INTEGER NOT NULL, digest BLOB NOT NULL, results BLOB NOT NULL, "
     "PRIMARY KEY (client, request_id)) WITHOUT ROWID",
     f"CREATE INDEX IF NOT EXISTS {REQUESTS_TABLE}_seq ON {REQUESTS_TABLE}(seq)",
+    f"CREATE TABLE IF NOT EXISTS {LOADS_TABLE} (load_id TEXT NOT NULL, seq INTEGER NOT NULL, "
+    "data BLOB NOT NULL, PRIMARY KEY (load_id, seq)) WITHOUT ROWID",
 )  # WITHOUT ROWID: writing them never moves last_insert_rowid, which clients see.
 
 
@@ -89,13 +106,69 @@ class Mode:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadChunk:
+    """Part of a replicated SQL dump (/db/load): whole statements, stamped once by the leader.
+
+    Applying it only stages it (``LOADS_TABLE``, in the entry's own transaction, so replay and crashes need
+    no other bookkeeping) and advances the applied index: nothing of the dump is visible before its
+    :class:`LoadEnd` runs every chunk at once. The first chunk of a load drops whatever an unfinished
+    earlier load left staged (its end never committed: a leader change or a crash), so stale chunks never
+    pile up, and every replica drops the same ones at the same index.
+    """
+
+    load_id: str
+    seq: int
+    statements: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadEnd:
+    """The end of a replicated load: its staged chunks run, in ``seq`` order, as one all-or-nothing part of
+    the entry's transaction, provided they are exactly the ones the leader shipped (``chunks`` of them,
+    whose statements hash to ``digest``, see :class:`LoadDigest`); otherwise the load fails and nothing of
+    it is applied. ``abort``: the leader gave up shipping; only what was staged is dropped."""
+
+    load_id: str
+    chunks: int
+    statements: int
+    digest: str
+    abort: bool = False
+
+
+class LoadDigest:
+    """SHA-256 over a load's statements in order (each length-prefixed, so boundaries are part of it)."""
+
+    __slots__ = ("_h",)
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, statements: Sequence[str]) -> None:
+        for sql in statements:
+            data = sql.encode("utf-8", "surrogatepass")
+            self._h.update(len(data).to_bytes(8, "big"))
+            self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
 class Command:
-    """One client's write as a log entry carries it: the stamped statements and who asked, under which ID."""
+    """One client's write as a log entry carries it: the stamped statements and who asked, under which ID.
+
+    ``sqlite_version``: the SQLite the leader ran when it stamped the command (None: an entry of a release
+    that did not record it); a replica running another one refuses to apply it (``foreign_version``).
+    ``load``: a part of a replicated /db/load instead of statements (``write`` then only carries the time
+    and seed its statements see).
+    """
 
     write: WriteCommand
     unified: bool = False  # /db/request rather than /db/execute
     client: str = ""
     request_id: str | None = None
+    sqlite_version: str | None = None
+    load: LoadChunk | LoadEnd | None = None
 
     @property
     def mode(self) -> str:
@@ -138,6 +211,7 @@ class Ops(Protocol):
     def start_command(self, write: WriteCommand) -> None: ...
     def over_budget(self) -> bool: ...
     def run(self, mode: str, statement: Statement) -> r.StatementResult: ...
+    def run_load_statement(self, sql: str) -> tuple[bool, str | None]: ...
 
 
 def digest(command: Command) -> bytes:
@@ -151,7 +225,22 @@ def digest(command: Command) -> bytes:
         h.update(repr(statement.params if not hasattr(statement.params, "items") else sorted(
             statement.params.items())).encode("utf-8", "surrogatepass"))  # fmt: skip
         h.update(b"\x01")
+    if isinstance(command.load, LoadEnd):
+        # A load's request stands for the dump it ran: the same ID with another dump is another request.
+        h.update(b"load\x00" + command.load.digest.encode("ascii"))
     return h.digest()
+
+
+def foreign_version(commands: Sequence[Command], mine: str) -> str | None:
+    """The first SQLite version other than ``mine`` a command was stamped under (None: all may apply).
+
+    Replaying a write under another SQLite may give other results (query plans, functions, collations
+    change between releases), so a replica never applies one: it waits until it runs the same version.
+    """
+    for command in commands:
+        if command.sqlite_version is not None and command.sqlite_version != mine:
+            return command.sqlite_version
+    return None
 
 
 def applied_index(ops: Ops) -> int:
@@ -188,7 +277,7 @@ def apply(ops: Ops, entries: Sequence[Entry]) -> Group:
     result says it was rolled back; an exception from ``ops`` (shutdown) propagates, nothing applied.
     """
     fixed: dict[tuple[int, int, int], Fixed] = {}
-    bound = 2 + sum(len(c.write.statements) for e in entries for c in e.commands)
+    bound = 2 + sum(len(c.write.statements) + (c.load is not None) for e in entries for c in e.commands)
     for _ in range(bound):
         try:
             return _attempt(ops, entries, fixed)
@@ -255,6 +344,8 @@ def _command(
     ops: Ops, command: Command, index: int, seq: int, where: tuple[int, int], fixed: dict
 ) -> tuple[Applied, int]:
     """One command under its savepoint. Returns its outcome and how many request IDs it recorded (0/1)."""
+    if isinstance(command.load, LoadChunk):
+        return _stage_chunk(ops, command.load, index), 0
     key = (command.client, command.request_id)
     want = digest(command) if command.request_id is not None else b""
     if command.request_id is not None:
@@ -262,22 +353,27 @@ def _command(
             f"SELECT idx, digest, results FROM {REQUESTS_TABLE} WHERE client = ? AND request_id = ?", key
         )
         if rows:
+            if isinstance(command.load, LoadEnd):
+                _drop_staged(ops, command.load.load_id)  # a retried load: its new chunks are not needed
             idx, stored_digest, data = rows[0]
             if bytes(stored_digest) != want:
                 why = f"request id {command.request_id!r} was already used for a different request"
-                return Applied(tuple(r.failed(why) for _ in command.write.statements), idx, True), 0
+                count = 1 if command.load is not None else len(command.write.statements)
+                return Applied(tuple(r.failed(why) for _ in range(count)), idx, True), 0
             return Applied(tuple(r.decode_results(bytes(data))), idx, True), 0
     ops.internal("SAVEPOINT tn_command")
     ops.start_command(command.write)
-    statements = command.write.statements
-    if command.write.transaction:
+    if isinstance(command.load, LoadEnd):
+        results = _end_load(ops, command.load, where, fixed)
+    elif command.write.transaction:
         results = _transaction(ops, command, where, fixed)
     else:
         results = _autocommit(ops, command, where, fixed)
     ops.internal("RELEASE tn_command")
+    if isinstance(command.load, LoadEnd):
+        _drop_staged(ops, command.load.load_id)
     if command.request_id is None:
         return Applied(tuple(results), index), 0
-    assert len(results) == len(statements)
     data = r.encode_results(results)
     if len(data) > MAX_KEPT_RESULT_BYTES:
         data = r.encode_results([_without_rows(x) for x in results])
@@ -287,6 +383,84 @@ def _command(
         (*key, index, seq + 1, want, data),
     )
     return Applied(tuple(results), index), 1
+
+
+def _stage_chunk(ops: Ops, chunk: LoadChunk, index: int) -> Applied:
+    if chunk.seq == 0:
+        # A new load: chunks of an earlier one whose end never committed are dropped (same index everywhere).
+        ops.internal(f"DELETE FROM {LOADS_TABLE} WHERE load_id != ?", (chunk.load_id,))
+    ops.internal(
+        f"INSERT OR REPLACE INTO {LOADS_TABLE}(load_id, seq, data) VALUES(?, ?, ?)",
+        (chunk.load_id, chunk.seq, orjson.dumps(list(chunk.statements))),
+    )
+    return Applied((), index)
+
+
+def _drop_staged(ops: Ops, load_id: str) -> None:
+    ops.internal(f"DELETE FROM {LOADS_TABLE} WHERE load_id = ?", (load_id,))
+
+
+def _end_load(ops: Ops, end: LoadEnd, where: tuple[int, int], fixed: dict) -> list[r.StatementResult]:
+    """Run a load's staged statements under the command's savepoint: one result, all or nothing.
+
+    Foreign keys are checked at the end of the load (``defer_foreign_keys``; a dump's own
+    ``PRAGMA foreign_keys=OFF`` cannot apply inside the group's transaction), so a dump may insert rows in
+    any order, but a dump that leaves a violation fails as a whole.
+    """
+    if end.abort:
+        return []
+    known = fixed.get((*where, 0))
+    if known is not None:
+        result = known.result
+    else:
+        ops.internal("PRAGMA defer_foreign_keys=ON")
+        try:
+            result = _run_load(ops, end, (*where, 0))
+        finally:
+            if ops.in_transaction():
+                ops.internal("PRAGMA defer_foreign_keys=OFF")
+    if result.error is not None:
+        ops.internal("ROLLBACK TO tn_command")
+    return [result]
+
+
+def _run_load(ops: Ops, end: LoadEnd, where: tuple[int, int, int]) -> r.StatementResult:
+    (count, low, high), = ops.internal(
+        f"SELECT count(*), min(seq), max(seq) FROM {LOADS_TABLE} WHERE load_id = ?", (end.load_id,)
+    )  # fmt: skip
+    if count != end.chunks or (count and (low != 0 or high != count - 1)):
+        # Not the dump's fault (ROLLED_BACK, not FAILED): the client is told it was not applied, to retry.
+        return r.StatementResult(
+            r.Status.ROLLED_BACK,
+            f"load not applied: {count} of its {end.chunks} chunks are in the log (a leader change lost the "
+            "others); nothing was loaded",
+        )
+    check = LoadDigest()
+    ran = number = 0
+    for seq in range(end.chunks):
+        (data,), = ops.internal(
+            f"SELECT data FROM {LOADS_TABLE} WHERE load_id = ? AND seq = ?", (end.load_id, seq)
+        )  # fmt: skip
+        statements = orjson.loads(data)
+        check.update(statements)
+        for sql in statements:
+            number += 1
+            counted, error = ops.run_load_statement(sql)
+            if error is not None:
+                result = r.failed(f"load failed at statement {number}: {error}; nothing was loaded")
+                if not ops.in_transaction():
+                    raise _Lost(where, Fixed(result, True))
+                return result
+            ran += counted
+    if number != end.statements or check.hexdigest() != end.digest:
+        return r.StatementResult(
+            r.Status.ROLLED_BACK,
+            "load not applied: its chunks in the log differ from the ones the leader shipped (a leader change); "
+            "nothing was loaded",
+        )
+    if ops.deferred_fk_pending():
+        return r.failed("load failed: FOREIGN KEY constraint failed; nothing was loaded")
+    return r.StatementResult(rows_affected=ran)
 
 
 def _without_rows(result: r.StatementResult) -> r.StatementResult:

@@ -343,17 +343,20 @@ async def test_readyz_is_public(api):
 async def test_backup_and_load_round_trip(api):
     await make_foo(api)
     await execute(api, [["INSERT INTO foo(name, data) VALUES(?, ?)", "kept", [1, 2]]])
+    written = await api.post("/db/execute", json=[["INSERT INTO foo(name) VALUES(?)", "second"]], headers=ADMIN)
     resp = await api.get("/db/backup", headers=ADMIN)
     assert resp.status == 200
+    # The applied index the copy reflects: that of the last write before it.
+    assert resp.headers["X-TalentNest-Applied-Index"] == written.headers["X-TalentNest-Index"]
     backup = await resp.read()
     assert backup.startswith(b"SQLite format 3\x00")
     await execute(api, ["DELETE FROM foo", "CREATE TABLE extra (x)"])
     resp = await api.post("/db/load", data=backup, headers=ADMIN)
     assert resp.status == 200, await resp.text()
-    assert (await select(api, "SELECT name FROM foo"))["values"] == [["kept"]]
+    assert (await select(api, "SELECT name FROM foo ORDER BY id"))["values"] == [["kept"], ["second"]]
     assert "no such table" in (await select(api, "SELECT * FROM extra"))["error"]
     await execute(api, [["INSERT INTO foo(name) VALUES(?)", "after load"]])
-    assert (await select(api, "SELECT count(*) FROM foo"))["values"] == [[2]]
+    assert (await select(api, "SELECT count(*) FROM foo"))["values"] == [[3]]
 
 
 async def test_load_dump_is_atomic(api):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import apsw
 import orjson
 import pytest
 from hypothesis import given
@@ -70,13 +71,15 @@ command = st.builds(
     st.booleans(),
     st.text(max_size=10),
     st.one_of(st.none(), st.text(min_size=1, max_size=10)),
+    sqlite_version=st.sampled_from(["3.46.0", "3.54.0", "3.45.1"]),
 )
 
 
 def test_infinite_parameters_stay_infinite():
     # Regression: orjson writes inf as null, so a replica would have bound NULL where the leader bound inf.
     cmd = Command(
-        WriteCommand((Statement("INSERT INTO t VALUES (?, ?)", (math.inf, -math.inf)),), False, 1, 2)
+        WriteCommand((Statement("INSERT INTO t VALUES (?, ?)", (math.inf, -math.inf)),), False, 1, 2),
+        sqlite_version=apsw.sqlite_lib_version(),
     )
     assert codec.decode_command(codec.encode_command(cmd)) == cmd
     nan = codec.decode_command(

@@ -19,6 +19,7 @@ from node.service import WriteRequest
 
 class _Db:
     data_dir = Path(".")
+    sqlite_version = "3.45.0"  # stamped into each command (any value: the fake replicator never applies)
 
 
 class _Replicator:
