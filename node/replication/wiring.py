@@ -7,12 +7,20 @@ construction, and ``run(stop)`` as one more task of its TaskGroup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from node.actors.replicator import Replicator
 from node.core.replication import machine
 from node.http.replication import ForwardingMiddleware, ReplicationRoutes
 from node.replication.service import ReplicatedDataService
+
+
+def handover_budget_s(shutdown_grace_s: float) -> float:
+    """How long a stopping leader may spend handing over before it says goodbye and stops serving: a third
+    of the shutdown grace (the goodbye and the HTTP stop share the rest), at most 0.5 s. A handover takes
+    tens of milliseconds; beyond the budget the successor takes the lead after the lease instead."""
+    return min(0.5, shutdown_grace_s / 3)
 
 
 class Replication:
@@ -28,6 +36,7 @@ class Replication:
             formation_window_s=config.formation_window_s,
             log=node.log,
             peer_timeout_s=max(1.0, config.probe_timeout_s * 2),
+            handover_budget_s=handover_budget_s(config.shutdown_grace_s),
         )
         self.service = ReplicatedDataService(node.database, self.replicator)
         self.routes = ReplicationRoutes(
@@ -49,6 +58,14 @@ class Replication:
             await self.replicator.run(stop)
         finally:
             await self.forwarding.close()
+
+    async def handed_over(self) -> None:
+        """Wait (bounded by the handover budget, plus slack for the round in progress) until the replicator
+        is done: a stopping leader handed over, or there was nothing to hand over."""
+        budget = self.replicator._handover_budget_s()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget + 0.25):
+                await self.replicator.done.wait()
 
     def status_fields(self, view: Any) -> dict[str, Any]:
         """What /cluster/status adds (and replaces: ``epoch``) with REPLICATION=on."""
