@@ -172,14 +172,21 @@ def summary(name: str, values: list[float]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--behind", type=int, default=200, help="writes acknowledged while the node is away")
-    parser.add_argument("--log-dir", type=Path, help="keep the nodes' logs and data here (default: temporary)")
+    parser.add_argument(
+        "--log-dir", type=Path, help="keep the nodes' logs and data here (default: temporary)"
+    )
     args = parser.parse_args()
     results = []
-    with tempfile.TemporaryDirectory(prefix="tn-handover-") as tmp, Cluster(args.log_dir or Path(tmp), env=ENV) as c:
+    with (
+        tempfile.TemporaryDirectory(prefix="tn-handover-") as tmp,
+        Cluster(args.log_dir or Path(tmp), env=ENV) as c,
+    ):
         c.start_all()
         wait_until(lambda: voters_everywhere(c, 3), DEADLINE_S, what="three voters")
         tok = auth.mint_jwt(c.jwt_secret, auth.Role.ADMIN, now=time.time(), ttl_s=24 * 3600)

@@ -61,7 +61,8 @@ class WriteLoad:
         self.acks: list[Ack] = []
         self.failures: list[Failure] = []
         self._threads = [
-            threading.Thread(target=self._run, args=(i,), daemon=True, name=f"writer-{i}") for i in range(threads)
+            threading.Thread(target=self._run, args=(i,), daemon=True, name=f"writer-{i}")
+            for i in range(threads)
         ]
 
     def start(self) -> WriteLoad:
