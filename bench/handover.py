@@ -125,6 +125,12 @@ def trial(c: Cluster, tok: str, load: WriteLoad, behind: int) -> dict[str, Any]:
     start_count = len(load.snapshot()[0])
     wait_until(lambda: len(load.snapshot()[0]) >= start_count + 100, DEADLINE_S, what="a steady load")
 
+    # Baseline: the same figures with nothing happening (the longest gap of a 1 s window, the latency).
+    acks, _ = load.snapshot()
+    now = time.monotonic()
+    out["baseline_gap_s"] = longest_gap_s(acks, now - 1.0, now)
+    out["latency_s"] = statistics.median(a.acked_s - a.sent_s for a in acks if a.acked_s > now - 1.0)
+
     # 1. SIGTERM of the leader.
     node = c.nodes[highest]
     t0 = time.monotonic()
@@ -215,6 +221,8 @@ def main() -> int:
         acks, fails = load.snapshot()
     print()
     print(f"{len(acks)} writes acknowledged, {len(fails)} failed (503/no answer) over {args.trials} trials")
+    print(summary("steady: write latency", [r["latency_s"] for r in results]))
+    print(summary("steady: longest gap in 1 s", [r["baseline_gap_s"] for r in results]))
     print(summary("SIGTERM -> process exit", [r["exit_s"] for r in results]))
     print(summary("SIGTERM -> first write by successor", [r["stop_first_write_s"] for r in results]))
     print(summary("stop: longest gap between writes", [r["stop_gap_s"] for r in results]))
