@@ -335,10 +335,18 @@ class Replicator:
             self.members[endpoint] = member
             self._view_dirty = True
 
+    def _refuse_when_done(self) -> None:
+        """After the loop is over (stopping: handed over, or nothing to hand over) nobody would ever step a
+        new request: it would hang until the HTTP server's shutdown cancelled it, holding its client
+        (and the exit) for up to a second. Answer at once so the client retries on another node."""
+        if self.done.is_set():
+            raise errors.Unavailable("this node is shutting down; retry on another node")
+
     async def submit(self, payload: bytes, timeout_s: float) -> tuple[int, int, Applied | None]:
         """Append a command as leader and wait for its apply: (epoch, index, outcome)."""
         if len(self._submits) + len(self._reads) >= MAX_PENDING_CLIENTS:
             raise errors.Busy("replication queue is full; retry shortly")
+        self._refuse_when_done()
         if self.state is None:
             raise errors.Unavailable("replication is starting (forming or joining a cluster)")
         rid = f"w{next(self._ids)}"
@@ -363,6 +371,7 @@ class Replicator:
         """Linearizable read: the index this node has applied once a majority confirmed it still leads."""
         if len(self._submits) + len(self._reads) >= MAX_PENDING_CLIENTS:
             raise errors.Busy("replication queue is full; retry shortly")
+        self._refuse_when_done()
         if self.state is None:
             raise errors.Unavailable("replication is starting (forming or joining a cluster)")
         rid = f"r{next(self._ids)}"
