@@ -118,6 +118,16 @@ def first_ack_by(load: WriteLoad, who: int, after_s: float) -> float | None:
     return min(times) if times else None
 
 
+def slowest(fails: list, start_s: float, end_s: float) -> str:
+    """The failed requests of a window that took longest: where a stalled client waited."""
+    window = sorted((f for f in fails if start_s - 1 <= f.sent_s <= end_s), key=lambda f: f.sent_s - f.at_s)[
+        :3
+    ]
+    return ", ".join(
+        f"{f.target.split(':')[0]} {f.status} {f.code} {1000 * (f.at_s - f.sent_s):.0f} ms" for f in window
+    )
+
+
 def trial(c: Cluster, tok: str, load: WriteLoad, behind: int) -> dict[str, Any]:
     lowest, middle, highest = c.ips
     out: dict[str, Any] = {}
@@ -150,6 +160,7 @@ def trial(c: Cluster, tok: str, load: WriteLoad, behind: int) -> dict[str, Any]:
     acks, fails = load.snapshot()
     out["stop_gap_s"] = longest_gap_s(acks, t0 - 0.05, first + 0.2)
     out["stop_failures"] = sum(1 for f in fails if t0 <= f.at_s <= first + 0.2)
+    out["stop_slowest"] = slowest(fails, t0, first)
     acked = load.acked_values()
     out["stop_lost"] = missing_on(c, [lowest, middle], tok, acked)
 
@@ -168,6 +179,7 @@ def trial(c: Cluster, tok: str, load: WriteLoad, behind: int) -> dict[str, Any]:
     # (it answers HTTP) until just after its first write.
     out["return_gap_s"] = longest_gap_s(acks, t1, back + 0.2)
     out["return_failures"] = sum(1 for f in fails if t1 <= f.at_s <= back + 0.2)
+    out["return_slowest"] = slowest(fails, t1, back)
     out["return_lost"] = missing_on(c, c.ips, tok, load.acked_values())
     return out
 
@@ -216,6 +228,7 @@ def main() -> int:
                     f" writes, lost={r['return_lost'] or 0}",
                     flush=True,
                 )
+                print(f"  slowest failed requests: stop [{r['stop_slowest']}] return [{r['return_slowest']}]")
         finally:
             load.stop()
         acks, fails = load.snapshot()

@@ -35,6 +35,8 @@ class Failure:
     at_s: float
     status: int  # 0: no HTTP answer (connection refused or reset, timeout)
     code: str
+    sent_s: float = 0.0
+    target: str = ""
 
 
 class WriteLoad:
@@ -125,7 +127,7 @@ class WriteLoad:
             stale = connections.pop(host, None)
             if stale is not None:
                 stale.close()
-            self._fail(Failure(value, time.monotonic(), 0, "no-answer"))
+            self._fail(Failure(value, time.monotonic(), 0, "no-answer", sent, host))
             return
         now = time.monotonic()
         if status == 200:
@@ -148,7 +150,7 @@ class WriteLoad:
             code = str(json.loads(raw).get("code", ""))
         except (ValueError, AttributeError):
             code = ""
-        self._fail(Failure(value, now, status, code))
+        self._fail(Failure(value, now, status, code, sent, host))
 
     def _fail(self, failure: Failure) -> None:
         with self._lock:
