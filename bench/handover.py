@@ -166,7 +166,9 @@ def trial(c: Cluster, tok: str, load: WriteLoad, behind: int) -> dict[str, Any]:
 
     # 2. Behind by `behind` more writes, the highest returns and takes the lead back.
     count = len(load.snapshot()[0])
-    wait_until(lambda: len(load.snapshot()[0]) >= count + behind, DEADLINE_S * 4, what="writes while away")
+    wait_until(
+        lambda: len(load.snapshot()[0]) >= count + behind, max(120, behind / 5), what="writes while away"
+    )
     t1 = time.monotonic()
     c.start(highest)
     back = wait_until(
