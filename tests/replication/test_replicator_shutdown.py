@@ -70,3 +70,13 @@ def test_any_mix_of_requests_after_the_loop_is_over_is_answered_without_waiting(
 
     assert asyncio.run(run()) == ["Unavailable"] * len(requests)
     assert r._waiters == {} and r._read_waiters == {}
+
+
+@given(grace_s=st.floats(min_value=0.001, max_value=3600, allow_nan=False))
+def test_the_handover_budget_leaves_the_goodbye_and_the_http_stop_their_share_of_any_grace(grace_s):
+    """A stopping leader's handover comes first in the shutdown; its budget must never take the whole
+    grace (the goodbye gets min(0.5, grace/3), the HTTP stop the rest)."""
+    from node.replication.wiring import handover_budget_s
+
+    budget = handover_budget_s(grace_s)
+    assert 0 < budget <= min(0.5, grace_s / 3)
