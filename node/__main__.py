@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+from typing import NoReturn
 
 from node import __version__, auth
 from node.config import Config, ConfigError
@@ -42,11 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--subject", default="cli", help="the sub claim of a JWT (default: cli)")
     args = parser.parse_args(argv)
     if args.command in (None, "run"):
-        return run_daemon()
+        _exit_now(run_daemon())
     if args.command == "token":
         return print_token(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the daemon without the interpreter's teardown. By now every file is closed and durable and the
+    log is written out; what is left is freeing every module and object, which takes from a tenth of a
+    second to over a second on a busy machine and would eat into the 2 s that SIGTERM-to-exit may take
+    (docker stop's grace, a leader's handover included)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _ttl(raw: str) -> float:

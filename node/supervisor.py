@@ -5,7 +5,9 @@ then the HTTP server (peers can reach us), then the database's open and integrit
 (it may take seconds per GB; liveness must not wait), then the Discoverer (which announces us to peers, who
 will probe us at once). Stop order is the reverse, with the goodbye in the middle:
 
-0. the database refuses its queued jobs and interrupts running ones (their handlers answer 503),
+0. with REPLICATION=on a leader hands over to an up-to-date successor (bounded, see
+   wiring.handover_budget_s); then the database refuses its queued jobs and interrupts running ones (their
+   handlers answer 503),
 1. stop discovering and probing (so no probe of ours can race our goodbye),
 2. tell every known peer we are leaving (bounded: a dead peer must not delay the exit),
 3. stop the HTTP server,
@@ -204,10 +206,17 @@ class Node:
                 self.started.set()
                 await stop.wait()
                 self.log.info("shutting_down", reason="signal")
+                if self.replication is not None:
+                    # A leader hands over to an up-to-date successor before anything else stops: the
+                    # successor's acks reach it over HTTP, the peers must still see it healthy (the goodbye
+                    # would have them drop it, and forwarded writes with it), and the database still applies
+                    # what commits meanwhile, so the writes it accepted before the signal get their real
+                    # answer. New writes are refused by the replication core from the signal on. Bounded.
+                    await self.replication.handed_over()
                 if self.data_service is not None:
-                    # First: new writes are refused, queued database jobs fail and running ones are
-                    # interrupted now, so their handlers answer 503 while HTTP still serves, and no backlog
-                    # delays the exit.
+                    # New writes are refused, queued database jobs fail and running ones are interrupted
+                    # now, so their handlers answer 503 while HTTP still serves, and no backlog delays the
+                    # exit.
                     self.data_service.begin_shutdown()
                 for task in (discoverer, health):
                     task.cancel()

@@ -226,6 +226,7 @@ class Replicator:
         log: Any,
         options: machine.Options | None = None,
         peer_timeout_s: float = 2.0,
+        handover_budget_s: float = 0.5,
     ) -> None:
         self.me = me
         self.data_dir = data_dir
@@ -236,6 +237,10 @@ class Replicator:
         self.log = log
         self._secret = secret
         self._peer_timeout_s = peer_timeout_s
+        self._handover_budget = handover_budget_s
+        # Set when the loop is over (handed over, nothing to hand over, or out of budget; or never
+        # started): from then on the node may say goodbye and stop serving HTTP (see the supervisor).
+        self.done = asyncio.Event()
         self.identity: str | None = None
         self.state: machine.State | None = None
         self.transport: ReplicationTransport | None = None
@@ -359,10 +364,18 @@ class Replicator:
             self.members[endpoint] = member
             self._view_dirty = True
 
+    def _refuse_when_done(self) -> None:
+        """After the loop is over (stopping: handed over, or nothing to hand over) nobody would ever step a
+        new request: it would hang until the HTTP server's shutdown cancelled it, holding its client
+        (and the exit) for up to a second. Answer at once so the client retries on another node."""
+        if self.done.is_set():
+            raise errors.Unavailable("this node is shutting down; retry on another node")
+
     async def submit(self, payload: bytes, timeout_s: float) -> tuple[int, int, Applied | None]:
         """Append a command as leader and wait for its apply: (epoch, index, outcome)."""
         if len(self._submits) + len(self._reads) >= MAX_PENDING_CLIENTS:
             raise errors.Busy("replication queue is full; retry shortly")
+        self._refuse_when_done()
         if self.state is None:
             raise errors.Unavailable("replication is starting (forming or joining a cluster)")
         rid = f"w{next(self._ids)}"
@@ -425,6 +438,7 @@ class Replicator:
         """Linearizable read: the index this node has applied once a majority confirmed it still leads."""
         if len(self._submits) + len(self._reads) >= MAX_PENDING_CLIENTS:
             raise errors.Busy("replication queue is full; retry shortly")
+        self._refuse_when_done()
         if self.state is None:
             raise errors.Unavailable("replication is starting (forming or joining a cluster)")
         rid = f"r{next(self._ids)}"
@@ -472,6 +486,7 @@ class Replicator:
                 for task in (transport, watcher, applier):
                     task.cancel()
         finally:
+            self.done.set()
             self._fail_all(errors.Unavailable("the node is shutting down"))
             await self._asynclog.close()
 
@@ -606,14 +621,23 @@ class Replicator:
         next_tick = loop.time()
         next_reform = loop.time() + REFORM_CHECK_S
         stop_sent_at: float | None = None
+        led_at_stop = False
         while True:
             now = loop.time()
             if stop.is_set() and stop_sent_at is None:
                 stop_sent_at = now
                 self._stop_requested = True
-            if stop_sent_at is not None and (
-                now - stop_sent_at > self._handover_budget_s() or not self._leading()
+                led_at_stop = self.state is not None and self.state.role == machine.LEADER
+            if (
+                stop_sent_at is not None
+                and not self._stop_requested  # the core has seen Stop, so handover_to is its decision
+                and (now - stop_sent_at > self._handover_budget_s() or not self._handing_over())
             ):
+                self.log.info(
+                    "replication_stopped", led=led_at_stop,
+                    handed_over=led_at_stop and self.state is not None and self.state.role != machine.LEADER,
+                    took_ms=round((now - stop_sent_at) * 1000, 1),
+                )  # fmt: skip
                 return
             if not self._has_inputs():
                 self._wake.clear()
@@ -753,10 +777,14 @@ class Replicator:
         self._wake.set()
 
     def _handover_budget_s(self) -> float:
-        return 0.5
+        return self._handover_budget
 
-    def _leading(self) -> bool:
-        return self.state is not None and self.state.role == machine.LEADER
+    def _handing_over(self) -> bool:
+        """Stopping as leader with a successor to hand to: the loop goes on until it took the lead (this
+        node then follows it) or the budget is spent. A leader without an answering voter to hand to (a
+        cluster of one, or every other voter away) has nothing to wait for."""
+        s = self.state
+        return s is not None and s.role == machine.LEADER and s.handover_to is not None
 
     def _has_inputs(self) -> bool:
         return bool(

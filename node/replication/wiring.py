@@ -7,6 +7,7 @@ construction, and ``run(stop)`` as one more task of its TaskGroup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from node import errors
@@ -17,6 +18,13 @@ from node.replication.service import ReplicatedDataService, load_answer_within_s
 
 # Seconds DELETE /cluster/voters/<node> waits for its change to commit before it answers 503 outcome_unknown.
 REMOVE_WAIT_S = 10.0
+
+
+def handover_budget_s(shutdown_grace_s: float) -> float:
+    """How long a stopping leader may spend handing over before it says goodbye and stops serving: a third
+    of the shutdown grace (the goodbye and the HTTP stop share the rest), at most 0.5 s. A handover takes
+    tens of milliseconds; beyond the budget the successor takes the lead after the lease instead."""
+    return min(0.5, shutdown_grace_s / 3)
 
 
 class Replication:
@@ -32,6 +40,7 @@ class Replication:
             formation_window_s=config.formation_window_s,
             log=node.log,
             peer_timeout_s=max(1.0, config.probe_timeout_s * 2),
+            handover_budget_s=handover_budget_s(config.shutdown_grace_s),
         )
         self.service = ReplicatedDataService(
             node.database, self.replicator, log_reserve_bytes=config.log_reserve_bytes
@@ -84,6 +93,14 @@ class Replication:
             "voters": sorted(status.voters),
             "learners": sorted(status.learners),
         }
+
+    async def handed_over(self) -> None:
+        """Wait (bounded by the handover budget, plus slack for the round in progress) until the replicator
+        is done: a stopping leader handed over, or there was nothing to hand over."""
+        budget = self.replicator._handover_budget_s()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget + 0.25):
+                await self.replicator.done.wait()
 
     def status_fields(self, view: Any) -> dict[str, Any]:
         """What /cluster/status adds (and replaces: ``epoch``) with REPLICATION=on."""

@@ -483,7 +483,9 @@ class _Step:
                 self.send(sender, Stale(epoch))
             return
         if isinstance(m, Append | Heartbeat):
-            if m.epoch > epoch or self.role != FOLLOWER:
+            if self.handover_candidate_of(sender, m.epoch):
+                pass  # the leader that asked us to take over, still in its epoch: keep the campaign
+            elif m.epoch > epoch or self.role != FOLLOWER:
                 if m.epoch == epoch and self.role == LEADER:  # pragma: no cover - two leaders in one epoch
                     raise AssertionError(f"two leaders in epoch {epoch}: {self.me} and {sender}")
                 self.adopt(m.epoch, sender)
@@ -521,6 +523,20 @@ class _Step:
                 if not self.stopping and self.campaign is None:
                     self.fact("takeover_requested", epoch=m.epoch, by=sender)
                     self.start_campaign(handover=True)
+
+    def handover_candidate_of(self, sender: str, epoch: int) -> bool:
+        """We campaign because ``sender``, our leader of ``epoch``, handed over to us, and the campaign's
+        epoch is not taken yet. Its heartbeats go on until our Prepare reaches it (they cross on the wire):
+        they must not end the campaign it asked for, or the lead passes only after the lease."""
+        c = self.campaign
+        return (
+            self.role == CANDIDATE
+            and c is not None
+            and c.handover
+            and c.phase == "prepare"
+            and sender == self.leader
+            and epoch == self.hard.epoch < c.epoch
+        )
 
     def on_prepare(self, sender: str, m: Prepare) -> None:
         epoch, h = self.hard.epoch, self.hard
