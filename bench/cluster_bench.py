@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-etcd", action="store_true", help="measure Talent Nest only")
     parser.add_argument("--skip-failover", action="store_true", help="throughput phases only")
     parser.add_argument(
+        "--replication",
+        choices=("on", "off"),
+        default="on",
+        help="REPLICATION of the Talent Nest nodes (on: majority-committed writes, as etcd's)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=Path(tempfile.gettempdir()) / "cluster_bench.json",
@@ -581,7 +587,8 @@ async def bench_talentnest(session: Any, args: argparse.Namespace, log_dir: Path
     from tests.support.cluster import Cluster, node_id
 
     result: dict[str, Any] = {}
-    with Cluster(log_dir / "talentnest", size=3, env={"LOG_LEVEL": "warning"}) as c:
+    env = {"LOG_LEVEL": "warning", "REPLICATION": args.replication}
+    with Cluster(log_dir / "talentnest", size=3, env=env) as c:
         formed = await asyncio.to_thread(c.start_all, FORM_DEADLINE_S)
         token = auth.mint_jwt(
             c.jwt_secret, auth.Role.WRITE, now=time.time(), ttl_s=24 * 3600, subject="bench"
