@@ -572,6 +572,16 @@ async def tn_probe(session: Any, base_url: str) -> object:
     return (st.get("leader_id"), st.get("epoch"))
 
 
+async def tn_wait_writable(session: Any, base_url: str, timeout_s: float) -> bool:
+    """Until ``/cluster/status`` of that node says writable (bounded by ``timeout_s``)."""
+    for _ in range(int(timeout_s / 0.1) + 1):
+        st = await get_json(session, "GET", f"{base_url}/cluster/status", timeout_s=0.5)
+        if isinstance(st, dict) and st.get("writable") is True:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
 def tn_target(base_url: str, token: str) -> Target:
     return Target(
         system=TN,
@@ -611,9 +621,15 @@ async def bench_talentnest(session: Any, args: argparse.Namespace, log_dir: Path
         ).encode()
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         for ip in [leader] if replicated else c.ips:  # before replication every node needs its own table
-            created = await get_json(
-                session, "POST", f"{c.nodes[ip].url}/db/execute", 5.0, data=setup, headers=headers
-            )
+            created = None
+            # A replicated leader is writable once its EpochStart entry commits, a moment after agreement.
+            for _ in range(int(FORM_DEADLINE_S / 0.2)):
+                created = await get_json(
+                    session, "POST", f"{c.nodes[ip].url}/db/execute", 5.0, data=setup, headers=headers
+                )
+                if tn_ok(200, created):
+                    break
+                await asyncio.sleep(0.2)
             if not tn_ok(200, created):
                 raise RuntimeError(f"could not create the bench table on {ip}: {created!r}")
         targets = {
@@ -643,6 +659,10 @@ async def bench_talentnest(session: Any, args: argparse.Namespace, log_dir: Path
             trials.append(took)
             await asyncio.to_thread(c.start, leader)
             await asyncio.to_thread(c.wait_agreed, c.ips, FORM_DEADLINE_S)
+            if replicated:
+                # The restarted highest-ID node takes the lead back by a planned handover: wait until it is
+                # the writable leader, or the next trial would kill a follower.
+                await tn_wait_writable(session, c.nodes[c.leader_ip()].url, FORM_DEADLINE_S)
             print(
                 f"  Talent Nest failover trial {i + 1}/{args.trials}: "
                 f"{'timeout' if took is None else f'{took * 1000:.0f} ms'} (killed {leader}; restarted, healthy)",
