@@ -90,6 +90,7 @@ CONFLICT_LOG_INTERVAL_S = 30.0
 DISSOLVE_CHECKS = 2  # the same DISSOLVE decision on this many checks in a row before acting on it
 INLINE_DECODE_BYTES = 64 << 10
 MAX_UNSYNCED_READYS = 1024
+REFUSED_HOLD_S = 2.0
 
 REPLICATION_STATE_FILE = "replication-state"
 _STATE_MAGIC = b"TNREPST\x00"
@@ -313,6 +314,8 @@ class Replicator:
     def receive(self, sender: str, address: Endpoint, messages: list[msg.Message]) -> None:
         """From the HTTP endpoint, after the batch was authenticated. Never blocks; overflow drops oldest."""
         self.learn(address, sender, None)
+        if self.transport is not None:
+            self.transport.note_alive(address)
         for message in messages:
             if len(self._inbox) >= MAX_INBOX:
                 self._inbox.popleft()
@@ -416,6 +419,7 @@ class Replicator:
             timeout_s=self._peer_timeout_s,
             learn=self.learn,
             log=self.log,
+            refused=self._peer_refused,
         )
         self.transport.begin(self.incarnation)
         log_dir = self.data_dir / "log"
@@ -748,7 +752,20 @@ class Replicator:
                 if not peer.member and not recruit:
                     continue  # a joiner is for the cluster that wins the formation rules
             healthy[peer.identity] = peer.node_id
+        if self.transport is not None:
+            # A peer whose port refused us is gone (SIGKILL, crash) even if failure detection has not
+            # counted its missed probes yet: leave it out until anything works with it again, for at most
+            # REFUSED_HOLD_S (by then the membership view says so itself). See the transport's docstring.
+            now = asyncio.get_running_loop().time()
+            for endpoint, identity in self.identities.items():
+                if identity in healthy and self.transport.recently_refused(endpoint, now, REFUSED_HOLD_S):
+                    del healthy[identity]
         return healthy
+
+    def _peer_refused(self, _endpoint: Endpoint) -> None:
+        """The transport found a peer gone (connection refused) or back: give the core a new view now."""
+        self._view_dirty = True
+        self._wake.set()
 
     async def _watch_views(self) -> None:
         """Mark the view dirty when membership changes; ping healthy peers whose identity we do not know."""

@@ -17,6 +17,13 @@ written within the peer timeout closes the stream (the batch is then POSTed, and
 The receiver sends this node, over the same connection, what a POST answer would say (its identity, cluster
 facts) when the stream opens and whenever that changes.
 
+Refused connections: when a peer's stream closes, it is reopened at once; a connection the peer's host
+refuses (ECONNREFUSED: nothing listens on that port, the process is gone) is noted (``recently_refused``)
+until anything succeeds with that peer again. The Replicator leaves such a peer out of the view it gives the
+core for a moment, so a leader killed with SIGKILL is replaced when its lease runs out rather than when
+failure detection has counted its missed probes. It changes only who is tried as leader, never safety
+(epochs, promises and leases decide that).
+
 Overflow policy of a peer queue (``MAX_QUEUED_MESSAGES``): the oldest heartbeat (or heartbeat ack) is
 dropped first, else the oldest message. Loss is what the core tolerates anyway: unacknowledged Appends and
 Prepares are resent after ``resend_s``, a new heartbeat round follows every ``heartbeat_s``. A peer that
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +108,7 @@ class ReplicationTransport:
         timeout_s: float,
         learn: Callable[[Endpoint, str, bool, tuple[str | None, int, bool] | None], None],
         log: Any,
+        refused: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._key = peerauth.derive_key(secret)
         self._me = me
@@ -113,6 +122,25 @@ class ReplicationTransport:
         self._group: asyncio.TaskGroup | None = None
         self.stats = {"batches": 0, "messages": 0, "failed": 0, "dropped": 0, "frames": 0, "streams": 0}
         self._failing: set[Endpoint] = set()
+        self._on_refused = refused
+        self._refused: dict[Endpoint, float] = {}  # peer -> loop time a connection to it was refused
+
+    def recently_refused(self, endpoint: Endpoint, now: float, hold_s: float) -> bool:
+        """A connection to the peer was refused within ``hold_s`` and nothing succeeded with it since."""
+        at = self._refused.get(endpoint)
+        return at is not None and now - at <= hold_s
+
+    def note_alive(self, endpoint: Endpoint) -> None:
+        """Something worked with the peer (it answered, or a batch from it arrived)."""
+        if self._refused.pop(endpoint, None) is not None and self._on_refused is not None:
+            self._on_refused(endpoint)
+
+    def _note_failure(self, endpoint: Endpoint, exc: BaseException) -> None:
+        if _is_refused(exc):
+            first = endpoint not in self._refused
+            self._refused[endpoint] = asyncio.get_running_loop().time()
+            if first and self._on_refused is not None:
+                self._on_refused(endpoint)
 
     def begin(self, incarnation: int) -> None:
         self._signer = peerauth.Signer(self._key, str(self._me), incarnation)
@@ -214,8 +242,10 @@ class ReplicationTransport:
             if exc.status in (404, 405):
                 peer.stream_retry_at = loop.time() + STREAM_RETRY_OLD_S
             return None
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._note_failure(peer.endpoint, exc)
             return None
+        self.note_alive(peer.endpoint)
         peer.ws, peer.frame_seq = ws, 0
         peer.mac = codec.FrameMac(self._key, str(self._me), claims.incarnation, claims.seq)
         self.stats["streams"] += 1
@@ -240,7 +270,17 @@ class ReplicationTransport:
             pass
         finally:
             if peer.ws is ws:
+                # Closed by the peer's side (it stopped or was killed): reopen at once, which tells a peer
+                # that is gone (refused) from one that restarted, without waiting for the next batch.
                 peer.ws, peer.mac = None, None
+                peer.stream_retry_at = 0.0
+                if self._group is not None:
+                    self._group.create_task(self._reopen(peer), name=f"replication-reopen-{peer.endpoint}")
+
+    async def _reopen(self, peer: _Peer) -> None:
+        async with peer.ws_lock:
+            if peer.ws is None:
+                await self._open_stream(peer)
 
     async def _post(self, endpoint: Endpoint, batch: list[msg.Message]) -> bool:
         assert self._session is not None and self._signer is not None
@@ -258,10 +298,12 @@ class ReplicationTransport:
                     raise aiohttp.ClientError(f"HTTP {resp.status}: {raw[:200]!r}")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.stats["failed"] += 1
+            self._note_failure(endpoint, exc)
             if endpoint not in self._failing:
                 self._failing.add(endpoint)
                 self._log.info("replication_peer_unreachable", peer=str(endpoint), reason=str(exc)[:200])
             return False
+        self.note_alive(endpoint)
         if endpoint in self._failing:
             self._failing.discard(endpoint)
             self._log.info("replication_peer_reachable", peer=str(endpoint))
@@ -282,6 +324,13 @@ class ReplicationTransport:
                 self._learn(
                     endpoint, identity, answer.get("member") is True, _cluster_of(answer.get("cluster"))
                 )
+
+
+def _is_refused(exc: BaseException) -> bool:
+    """The peer's host refused the connection: nothing listens there (the process is gone)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.errno == errno.ECONNREFUSED
+    return isinstance(exc, ConnectionRefusedError)
 
 
 async def _close_quietly(ws: aiohttp.ClientWebSocketResponse) -> None:

@@ -5,6 +5,7 @@ closes the stream (or refuses the opening) without delivering a message.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import aiohttp
@@ -169,3 +170,28 @@ def test_any_hello_is_a_hello_or_a_codec_error(raw):
     except codec.CodecError:
         return
     assert 0 < len(sender) <= codec.MAX_IDENTITY_CHARS and len(address) <= 64
+
+
+async def test_a_refused_peer_is_noted_until_anything_works_with_it_again():
+    """A refused connection (nothing listens: the process is gone) marks the peer for the Replicator's view;
+    a timeout or another error does not; any success clears the mark. Each change is reported once."""
+    from node.core.ids import Endpoint
+    from node.replication.transport import ReplicationTransport
+
+    changes: list[Endpoint] = []
+    transport = ReplicationTransport(
+        secret=SECRET, me=Endpoint.parse("10.0.0.1:3000"), identity="me", timeout_s=1.0,
+        learn=lambda *a: None, log=nodelog.get_logger(), refused=changes.append,
+    )  # fmt: skip
+    peer = Endpoint.parse(SENDER)
+    now = asyncio.get_running_loop().time()
+    transport._note_failure(peer, TimeoutError())
+    transport._note_failure(peer, OSError("unreachable"))
+    assert not transport.recently_refused(peer, now, 2.0) and changes == []
+    transport._note_failure(peer, ConnectionRefusedError())
+    transport._note_failure(peer, ConnectionRefusedError())
+    assert transport.recently_refused(peer, now, 2.0) and changes == [peer]
+    assert not transport.recently_refused(peer, now + 5.0, 2.0)  # the mark is held for a while only
+    transport.note_alive(peer)
+    transport.note_alive(peer)
+    assert not transport.recently_refused(peer, now, 2.0) and changes == [peer, peer]
