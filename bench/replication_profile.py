@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cluster_bench as cb  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads so far (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def top_functions(raw: Path, limit: int = 25) -> str:
@@ -92,10 +99,19 @@ async def amain(args: argparse.Namespace) -> int:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )  # fmt: skip
                         spies.append((spy, path))
+                pids = {ip: node.proc.pid for ip, node in c.nodes.items()}
+                cpu_before = {ip: cpu_seconds(pid) for ip, pid in pids.items()}
                 stats = await cb.drive(session, target, clients, args.warmup, args.seconds, 1_000_000)
+                # CPU per write is what a loaded machine cannot hide: scheduling delays inflate latency, not it.
+                writes = max(1, round(stats.writes_per_s * (args.seconds + args.warmup)))
+                cpu_ms = {
+                    ("leader" if ip == leader else ip): 1000 * (cpu_seconds(pid) - cpu_before[ip]) / writes
+                    for ip, pid in pids.items()
+                }
                 print(
                     f"{clients:>3} clients: {stats.writes_per_s:8.0f} writes/s  p50 {stats.p50_ms} ms  "
-                    f"p99 {stats.p99_ms} ms  errors {stats.errors}",
+                    f"p99 {stats.p99_ms} ms  errors {stats.errors}  CPU ms/write (approx.) "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items()),
                     flush=True,
                 )
                 for spy, path in spies:
