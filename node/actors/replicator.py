@@ -5,10 +5,16 @@ It owns the core's State and is the only code that steps it. Inputs, fed one at 
 ``Receive`` for every authenticated peer message, ``Submit`` and ``Read`` batched from clients, ``LogRead``
 answering the core's ``ReadLog``, ``Stop`` at shutdown.
 
-Each loop round steps every input that is waiting and carries out their Readys together (group commit, as
-``messages.Ready`` allows): first every write, in order, on the durable log's thread (hard state saved
-atomically and fsynced, truncate, append + fsync: consecutive appends share one fsync), and only when all
-of them are durable: sends, applies, replies, then ``read_log`` (answered as new inputs in the next round).
+Each loop round steps every input that is waiting and carries out their Readys as a pipelined shell
+(``Options.pipelined``, the rules in ``messages.Ready``): every write is queued, in order, on the durable
+log's thread (hard state saved atomically and fsynced, truncate, append + fsync: consecutive appends share
+one fsync) and the loop goes on stepping inputs while they run. Messages that ``messages.early`` allows
+(Appends, heartbeats, their acks) are sent at once, unless a hard-state write is still running (then they
+wait like the rest); replies and facts are handled at once. Everything else of a Ready (AppendAcks and the
+other late messages, applies, ``read_log``) goes to the completer, which carries the Readys out in order,
+each once its writes and all earlier ones are durable, and then steps ``Persisted`` for its append (a leader
+counts its own copy toward the majority only then). So a leader's Appends are on the wire while its own
+fsync runs, a follower keeps receiving while it fsyncs, and concurrent writes share fsyncs.
 A write that fails (disk full, I/O error) raises: the node exits non-zero and restarts from what is durable
 (``restore``), which is always consistent, rather than go on with a log the disk does not hold.
 
@@ -27,7 +33,9 @@ Bounded queues and their overflow policies:
 
 * peer messages in: ``MAX_INBOX`` messages, the oldest dropped (the core resends what matters);
 * client submits and reads waiting for the next round: ``MAX_PENDING_CLIENTS``, beyond it 503 busy;
-* committed entries waiting for the applier: ``MAX_APPLY_BACKLOG``; beyond it the loop waits (backpressure).
+* committed entries waiting for the applier: ``MAX_APPLY_BACKLOG``; beyond it the loop waits (backpressure);
+* Readys waiting for their writes (the completer's queue): ``MAX_UNSYNCED_READYS``; beyond it the loop
+  waits (backpressure).
 
 Formation and merge: the rules are pure, in ``node.core.replication.formation`` (read its docstring);
 this actor gathers the facts and acts. An empty node waits ``FORMATION_WINDOW`` (plus at most one more
@@ -82,6 +90,8 @@ REFORM_CHECK_S = 1.0
 CONFLICT_LOG_INTERVAL_S = 30.0
 DISSOLVE_CHECKS = 2  # the same DISSOLVE decision on this many checks in a row before acting on it
 INLINE_DECODE_BYTES = 64 << 10
+MAX_UNSYNCED_READYS = 1024
+REFUSED_HOLD_S = 2.0
 
 REPLICATION_STATE_FILE = "replication-state"
 _STATE_MAGIC = b"TNREPST\x00"
@@ -206,6 +216,17 @@ def rejection_error(code: str, reason: str, leader_url: str | None) -> errors.No
 
 
 @dataclass(slots=True)
+class _Unsynced:
+    """What of one Ready waits for its writes (and every earlier one) to be durable."""
+
+    writes: list[asyncio.Future]
+    messages: list[msg.Send]
+    apply: tuple[msg.Entry, ...]
+    read_log: tuple[msg.ReadLog, ...]
+    appended: msg.LogId | None  # stepped as Persisted once durable
+
+
+@dataclass(slots=True)
 class _Waiter:
     future: asyncio.Future
     epoch: int = 0
@@ -233,7 +254,7 @@ class Replicator:
         self.database = database
         self.views = views
         self.formation_window_s = formation_window_s
-        self.options = options or machine.Options()
+        self.options = options or machine.Options(pipelined=True)
         self.log = log
         self._secret = secret
         self._peer_timeout_s = peer_timeout_s
@@ -275,6 +296,15 @@ class Replicator:
         self._apply_wake = asyncio.Event()
         self._apply_room = asyncio.Event()
         self._apply_room.set()
+        # Pipelined Readys waiting for their writes, in order (the completer's queue), and what it feeds back.
+        self._unsynced: collections.deque[_Unsynced] = collections.deque()
+        self._unsynced_wake = asyncio.Event()
+        self._unsynced_room = asyncio.Event()
+        self._unsynced_room.set()
+        self._unsynced_empty = asyncio.Event()
+        self._unsynced_empty.set()
+        self._hard_writes = 0  # hard-state writes running: no message leaves before they are durable
+        self._persisted: list[msg.Persisted] = []
         self.applied_index = 0
         self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
@@ -318,6 +348,8 @@ class Replicator:
     def receive(self, sender: str, address: Endpoint, messages: list[msg.Message]) -> None:
         """From the HTTP endpoint, after the batch was authenticated. Never blocks; overflow drops oldest."""
         self.learn(address, sender, None)
+        if self.transport is not None:
+            self.transport.note_alive(address)
         for message in messages:
             if len(self._inbox) >= MAX_INBOX:
                 self._inbox.popleft()
@@ -468,6 +500,7 @@ class Replicator:
             timeout_s=self._peer_timeout_s,
             learn=self.learn,
             log=self.log,
+            refused=self._peer_refused,
         )
         self.transport.begin(self.incarnation)
         log_dir = self.data_dir / "log"
@@ -477,13 +510,14 @@ class Replicator:
             async with asyncio.TaskGroup() as tg:
                 transport = tg.create_task(self.transport.run(), name="replication-transport")
                 watcher = tg.create_task(self._watch_views(), name="replication-views")
+                completer = tg.create_task(self._completer(), name="replication-completer")
                 await self._wait_database(stop)
                 if not stop.is_set():
                     await self._start_state(stop)
                 applier = tg.create_task(self._applier(), name="replication-applier")
                 if self.state is not None:
                     await self._loop(stop)
-                for task in (transport, watcher, applier):
+                for task in (transport, watcher, applier, completer):
                     task.cancel()
         finally:
             self.done.set()
@@ -613,6 +647,7 @@ class Replicator:
         self.state, ready = machine.bootstrap(self.identity, frozenset({self.identity}), self.options)
         self.log.info("replication_bootstrapped", voters=1, identity=self.identity)
         await self._carry_out([ready])
+        await self._drain()  # a bootstrap is durable before anything else runs
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -646,6 +681,9 @@ class Replicator:
                         await self._wake.wait()
                 now = loop.time()
             inputs: list[msg.Input] = []
+            if self._persisted:
+                inputs.extend(self._persisted)
+                self._persisted = []
             if self._log_reads:
                 inputs.extend(self._log_reads)
                 self._log_reads = []
@@ -752,6 +790,7 @@ class Replicator:
         the same rule dissolves.
         """
         assert self._asynclog is not None and self.identity is not None
+        await self._drain()  # nothing queued may apply or write after the reset below
         if self.holds_data or await self._log_holds_data():
             self.holds_data = True
             return
@@ -789,7 +828,7 @@ class Replicator:
     def _has_inputs(self) -> bool:
         return bool(
             self._inbox or self._submits or self._reads or self._log_reads or self._view_dirty
-            or self._stop_requested or self._removals
+            or self._stop_requested or self._removals or self._persisted
         )  # fmt: skip
 
     def _healthy_identities(self) -> dict[str, int]:
@@ -810,7 +849,20 @@ class Replicator:
                 if not peer.member and not recruit:
                     continue  # a joiner is for the cluster that wins the formation rules
             healthy[peer.identity] = peer.node_id
+        if self.transport is not None:
+            # A peer whose port refused us is gone (SIGKILL, crash) even if failure detection has not
+            # counted its missed probes yet: leave it out until anything works with it again, for at most
+            # REFUSED_HOLD_S (by then the membership view says so itself). See the transport's docstring.
+            now = asyncio.get_running_loop().time()
+            for endpoint, identity in self.identities.items():
+                if identity in healthy and self.transport.recently_refused(endpoint, now, REFUSED_HOLD_S):
+                    del healthy[identity]
         return healthy
+
+    def _peer_refused(self, _endpoint: Endpoint) -> None:
+        """The transport found a peer gone (connection refused) or back: give the core a new view now."""
+        self._view_dirty = True
+        self._wake.set()
 
     async def _watch_views(self) -> None:
         """Mark the view dirty when membership changes; ping healthy peers whose identity we do not know."""
@@ -834,19 +886,24 @@ class Replicator:
     # --- carrying out Readys ----------------------------------------------------------------------------
 
     async def _carry_out(self, readys: list[msg.Ready]) -> None:
-        """Writes of every Ready (in order, durable) before any send, apply or reply of any of them."""
+        """Queue every write of the Readys (in order), send what may go now, hand the rest to the completer.
+        The orders kept are those of ``messages.Ready`` (pipelined shells)."""
         assert self._asynclog is not None and self.transport is not None
         alog, identity = self._asynclog, self.identity
         assert identity is not None
-        writes: list[asyncio.Task] = []
+        pipelined = self.options.pipelined
         for ready in readys:
+            # Futures (not coroutines): each request is in the log's queue when this returns, so the log
+            # thread sees them in Ready order.
+            writes: list[asyncio.Future] = []
             if ready.hard_state is not None:
                 hard = ready.hard_state
-                writes.append(
-                    asyncio.ensure_future(
-                        alog.run(lambda _log, h=hard: save_core_hard_state(self.data_dir, h, identity))
-                    )
+                self._hard_writes += 1
+                write = asyncio.ensure_future(
+                    alog.run(lambda _log, h=hard: save_core_hard_state(self.data_dir, h, identity))
                 )
+                write.add_done_callback(self._hard_write_done)
+                writes.append(write)
             if ready.truncate_from is not None:
                 writes.append(asyncio.ensure_future(alog.truncate_after(ready.truncate_from - 1)))
             if ready.append:
@@ -855,33 +912,79 @@ class Replicator:
                 writes.append(
                     asyncio.ensure_future(alog.append_and_sync([to_log_entry(e) for e in ready.append]))
                 )
-        if writes:
-            # Tasks start in creation order, so the log thread sees the writes in Ready order; consecutive
-            # appends share one fsync. Every write is awaited to its end (none is left running unobserved),
-            # then the first failure propagates: the node restarts from what is durable.
-            outcomes = await asyncio.gather(*writes, return_exceptions=True)
-            failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
-            if failure is not None:
-                raise failure
-        for ready in readys:
-            for send in ready.messages:
-                endpoint = self.endpoint_of(send.to)
-                if endpoint is not None:
-                    self.transport.send(endpoint, send.message)
-                else:
-                    self.stats["unroutable"] += 1  # no address known for that identity yet: the core resends
-            if ready.apply:
-                await self._enqueue_apply(ready.apply)
+            late = list(ready.messages)
+            if pipelined and self._hard_writes == 0:
+                late = []
+                for send in ready.messages:
+                    if msg.early(send.message):
+                        self._send(send)
+                    else:
+                        late.append(send)
             for reply in ready.replies:
                 self._reply(reply)
             for fact in ready.facts:
                 self.log.info("replication_" + fact.event, **dict(fact.fields))
-        for ready in readys:
-            for request in ready.read_log:
+            if writes or late or ready.apply or ready.read_log:
+                appended = ready.append[-1].id if ready.append and pipelined else None
+                await self._queue_unsynced(_Unsynced(writes, late, ready.apply, ready.read_log, appended))
+
+    def _hard_write_done(self, _future: asyncio.Future) -> None:
+        self._hard_writes -= 1
+
+    def _send(self, send: msg.Send) -> None:
+        assert self.transport is not None
+        endpoint = self.endpoint_of(send.to)
+        if endpoint is not None:
+            self.transport.send(endpoint, send.message)
+        else:
+            self.stats["unroutable"] += 1  # no address known for that identity yet: the core resends
+
+    async def _queue_unsynced(self, item: _Unsynced) -> None:
+        while len(self._unsynced) >= MAX_UNSYNCED_READYS:
+            self._unsynced_room.clear()
+            await self._unsynced_room.wait()
+        self._unsynced.append(item)
+        self._unsynced_empty.clear()
+        self._unsynced_wake.set()
+
+    async def _drain(self) -> None:
+        """Wait until every queued Ready is carried out (its writes durable, its sends and applies done)."""
+        await self._unsynced_empty.wait()
+
+    async def _completer(self) -> None:
+        """Carry out, in order, what each Ready left for after its writes (see ``_carry_out``). Every write of
+        an item is awaited to its end (none is left running unobserved), then the first failure propagates:
+        the node restarts from what is durable."""
+        while True:
+            if not self._unsynced:
+                self._unsynced_empty.set()
+                self._unsynced_wake.clear()
+                await self._unsynced_wake.wait()
+                continue
+            item = self._unsynced[0]
+            if not all(w.done() for w in item.writes):
+                # Only wait when there is something to wait for: the items a group commit finished are then
+                # carried out in one go, so their acks leave together (one frame per peer).
+                await asyncio.wait(item.writes)
+            for write in item.writes:
+                if write.cancelled():
+                    raise errors.Unavailable("a log write was cancelled; what it wrote is unknown")
+                failure = write.exception()
+                if failure is not None:
+                    raise failure
+            self._unsynced.popleft()
+            self._unsynced_room.set()
+            for send in item.messages:
+                self._send(send)
+            if item.apply:
+                await self._enqueue_apply(item.apply)
+            for request in item.read_log:
                 entries = await self._read_range(request.first, request.last)
                 self._log_reads.append(msg.LogRead(request, entries))
-        if self._log_reads:
-            self._wake.set()
+            if item.appended is not None:
+                self._persisted.append(msg.Persisted(item.appended))
+            if item.read_log or item.appended is not None:
+                self._wake.set()
 
     async def _read_range(self, first: int, last: int) -> tuple[msg.Entry, ...]:
         assert self._asynclog is not None

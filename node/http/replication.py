@@ -8,6 +8,14 @@ windows are empty, so a batch captured earlier is accepted once more: it carries
 applied messages, which the core ignores or answers as stale; duplicates are part of its fault model.) The answer names this node's
 persistent identity and whether it belongs to a cluster, which is how peers map addresses to identities.
 
+``GET /cluster/replication/stream`` (a WebSocket) carries the same batches as frames of one long-lived
+connection (see ``node.replication.codec`` for the frame and hello formats, ``transport`` for why). The
+opening request is authenticated as a batch is (the signature over the path, the hello's sender address and
+the hello itself, replay-guarded in this route's own window), else 401/400 before the upgrade. Every frame
+must then carry the next number and a MAC bound to that opening, and a batch naming the hello's sender;
+the first frame that does not closes the stream (code 1008) and changes nothing. This side sends, as text
+frames, what a POST answer says (identity, member, cluster facts): at the opening and whenever it changes.
+
 Forwarding (``ForwardingMiddleware``): a data request that needs the leader (every write; reads at every
 level but ``none``) reaching a follower that knows a healthy leader is sent on, server-side, to that
 leader with the client's Authorization, X-Request-Id, content type, query string and body, and the
@@ -21,10 +29,12 @@ runs locally and the core's answer stands (503 no_quorum / not_leader with its r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from node import auth, errors
@@ -34,7 +44,7 @@ from node.core.sqlreq import Level, parse_flags
 from node.http.common import json_response, read_body
 from node.replication import codec
 from node.replication.service import ANSWERED_EPOCH
-from node.replication.transport import PATH
+from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
 
 # A batch holds up to 256 messages; an Append carries up to 1 MiB of entries (the core's max_batch_bytes).
 MAX_BATCH_BYTES = 64 << 20
@@ -69,9 +79,75 @@ class ReplicationRoutes:
         self._log = log
         self._read_timeout_s = body_read_timeout_s
         self._rejected: set[tuple[str, str]] = set()
+        self._stream_guard = peerauth.ReplayGuard()
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post(PATH, self.batch)
+        app.router.add_get(STREAM_PATH, self.stream)
+
+    def _answer(self) -> dict[str, Any]:
+        return {
+            "identity": self._replicator.identity,
+            "member": self._replicator.is_member,
+            "cluster": getattr(self._replicator, "cluster_facts", None),
+        }
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        hello = request.headers.get(HELLO_HEADER, "").encode()
+        try:
+            identity, address = codec.decode_hello(hello)
+            sender = Endpoint.parse(address)
+        except (codec.CodecError, InvalidAddress) as exc:
+            raise errors.BadRequest(f"malformed replication stream hello: {exc}") from None
+        headers = request.headers.getall(peerauth.HEADER, [])
+        header = headers[0] if len(headers) == 1 else None
+        claims = peerauth.verify(self._key, header, STREAM_PATH, str(sender), hello)
+        if claims is None:
+            self._reject(sender, "bad stream signature")
+            raise errors.Unauthorized(
+                f"replication stream from {sender} is not signed over its hello with this cluster's secret"
+            )
+        verdict = self._stream_guard.accept(str(sender), claims)
+        if not verdict.accepted:
+            self._reject(sender, f"stream replayed ({verdict.value})")
+            raise errors.Unauthorized(
+                f"replication stream from {sender} refused as a replay ({verdict.value})"
+            )
+        mac = codec.FrameMac(self._key, str(sender), claims.incarnation, claims.seq)
+        ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES, autoping=True, compress=False)
+        await ws.prepare(request)
+        told: dict[str, Any] | None = None
+        expected = 1
+        try:
+            while True:
+                if self._replicator.identity is not None:
+                    answer = self._answer()
+                    if answer != told:
+                        told = answer
+                        await ws.send_str(orjson.dumps(answer).decode())
+                frame = await ws.receive()
+                if frame.type is not aiohttp.WSMsgType.BINARY:
+                    break  # closed, closing, an error, or a text frame (never sent by a sender)
+                try:
+                    body = codec.decode_frame(mac, expected, frame.data)
+                    if len(body) <= INLINE_DECODE_BYTES:
+                        batch = codec.decode_batch(body)
+                    else:
+                        batch = await asyncio.to_thread(codec.decode_batch, body)
+                    if batch[0] != identity or batch[1] != address:
+                        raise codec.CodecError("the batch names another sender than the stream's hello")
+                except codec.CodecError as exc:
+                    self._reject(sender, f"bad stream frame: {exc}"[:200])
+                    await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"bad frame")
+                    break
+                expected += 1
+                if self._replicator.identity is not None:
+                    self._replicator.receive(identity, sender, batch[2])
+        finally:
+            if not ws.closed:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+        return ws
 
     async def batch(self, request: web.Request) -> web.Response:
         raw = await read_body(request, limit=MAX_BATCH_BYTES, timeout_s=self._read_timeout_s)
@@ -100,14 +176,7 @@ class ReplicationRoutes:
         ready = self._replicator.identity is not None
         if ready:
             self._replicator.receive(identity, sender, messages)
-        return json_response(
-            {
-                "identity": self._replicator.identity,
-                "member": self._replicator.is_member,
-                "cluster": getattr(self._replicator, "cluster_facts", None),
-                "accepted": len(messages) if ready else 0,
-            }
-        )
+        return json_response({**self._answer(), "accepted": len(messages) if ready else 0})
 
     def _reject(self, sender: Endpoint, reason: str) -> None:
         key = (str(sender), reason)

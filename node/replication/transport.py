@@ -3,9 +3,26 @@
 Why not one HTTP request per message: a leader sends heartbeats to every member every few tens of
 milliseconds and Appends for every client batch; a request each would cost a round trip each. Instead each
 peer has one bounded queue and ``WORKERS_PER_PEER`` workers; a worker takes everything queued (up to
-``MAX_BATCH_MESSAGES``) and POSTs it as one batch to ``/cluster/replication``, so batches are pipelined (a
-second batch goes out while the first is in flight) and their size follows the load. All peers share one
-aiohttp session, so connections stay open between batches.
+``MAX_BATCH_MESSAGES``) and sends it as one batch, so batches are pipelined and their size follows the load.
+
+How a batch travels: on the peer's **stream** when one is open (``GET /cluster/replication/stream``, a
+WebSocket: one long-lived connection per peer and direction, each batch one binary frame, answered by
+nothing; see the frame format in ``node.replication.codec``), else as a ``POST /cluster/replication``
+(signed, answered). Profiling showed the POST's request/response work on both nodes, not the fsync, was
+most of a replicated write's latency; a frame costs a fraction of it and needs no answer, so any number of
+frames are in flight. The stream is opened on the first batch to a peer and again after it breaks, at most
+every ``STREAM_RETRY_S``; while it is down (the peer is restarting, or is a release without the stream:
+404, then ``STREAM_RETRY_OLD_S``) batches go as POSTs, so nothing depends on it. A frame that cannot be
+written within the peer timeout closes the stream (the batch is then POSTed, and lost if that fails too).
+The receiver sends this node, over the same connection, what a POST answer would say (its identity, cluster
+facts) when the stream opens and whenever that changes.
+
+Refused connections: when a peer's stream closes, it is reopened at once; a connection the peer's host
+refuses (ECONNREFUSED: nothing listens on that port, the process is gone) is noted (``recently_refused``)
+until anything succeeds with that peer again. The Replicator leaves such a peer out of the view it gives the
+core for a moment, so a leader killed with SIGKILL is replaced when its lease runs out rather than when
+failure detection has counted its missed probes. It changes only who is tried as leader, never safety
+(epochs, promises and leases decide that).
 
 Overflow policy of a peer queue (``MAX_QUEUED_MESSAGES``): the oldest heartbeat (or heartbeat ack) is
 dropped first, else the oldest message. Loss is what the core tolerates anyway: unacknowledged Appends and
@@ -28,6 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +59,10 @@ from node.core.replication import messages as msg
 from node.replication import codec
 
 PATH = "/cluster/replication"
+STREAM_PATH = "/cluster/replication/stream"
+HELLO_HEADER = "X-TalentNest-Stream"
+STREAM_RETRY_S = 0.25  # after a stream could not be opened or broke: batches go as POSTs meanwhile
+STREAM_RETRY_OLD_S = 30.0  # after a 404/405: the peer runs a release without the stream
 MAX_QUEUED_MESSAGES = 4096
 MAX_BATCH_MESSAGES = 256
 WORKERS_PER_PEER = 2
@@ -54,6 +77,13 @@ class _Peer:
         self.ping = False
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
+        # The stream to this peer (None while closed), its frame MAC and last frame number; one writer at
+        # a time (frames must leave in their numbered order).
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.mac: codec.FrameMac | None = None
+        self.frame_seq = 0
+        self.ws_lock = asyncio.Lock()
+        self.stream_retry_at = 0.0
 
     def put(self, message: msg.Message, stats: dict[str, int]) -> None:
         if len(self.queue) >= MAX_QUEUED_MESSAGES:
@@ -78,6 +108,7 @@ class ReplicationTransport:
         timeout_s: float,
         learn: Callable[[Endpoint, str, bool, tuple[str | None, int, bool] | None], None],
         log: Any,
+        refused: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._key = peerauth.derive_key(secret)
         self._me = me
@@ -89,8 +120,27 @@ class ReplicationTransport:
         self._session: aiohttp.ClientSession | None = None
         self._peers: dict[Endpoint, _Peer] = {}
         self._group: asyncio.TaskGroup | None = None
-        self.stats = {"batches": 0, "messages": 0, "failed": 0, "dropped": 0}
+        self.stats = {"batches": 0, "messages": 0, "failed": 0, "dropped": 0, "frames": 0, "streams": 0}
         self._failing: set[Endpoint] = set()
+        self._on_refused = refused
+        self._refused: dict[Endpoint, float] = {}  # peer -> loop time a connection to it was refused
+
+    def recently_refused(self, endpoint: Endpoint, now: float, hold_s: float) -> bool:
+        """A connection to the peer was refused within ``hold_s`` and nothing succeeded with it since."""
+        at = self._refused.get(endpoint)
+        return at is not None and now - at <= hold_s
+
+    def note_alive(self, endpoint: Endpoint) -> None:
+        """Something worked with the peer (it answered, or a batch from it arrived)."""
+        if self._refused.pop(endpoint, None) is not None and self._on_refused is not None:
+            self._on_refused(endpoint)
+
+    def _note_failure(self, endpoint: Endpoint, exc: BaseException) -> None:
+        if _is_refused(exc):
+            first = endpoint not in self._refused
+            self._refused[endpoint] = asyncio.get_running_loop().time()
+            if first and self._on_refused is not None:
+                self._on_refused(endpoint)
 
     def begin(self, incarnation: int) -> None:
         self._signer = peerauth.Signer(self._key, str(self._me), incarnation)
@@ -109,6 +159,10 @@ class ReplicationTransport:
                 for peer in self._peers.values():
                     for task in peer.tasks:
                         task.cancel()
+                    if peer.ws is not None:
+                        peer.ws, ws = None, peer.ws
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(ws.close(), 0.2)
 
     def _start(self, peer: _Peer) -> None:
         if self._group is not None and not peer.tasks:
@@ -142,8 +196,91 @@ class ReplicationTransport:
                 continue
             batch = [peer.queue.popleft() for _ in range(min(len(peer.queue), MAX_BATCH_MESSAGES))]
             peer.ping = False
+            if batch and await self._send_frame(peer, batch):
+                continue  # an empty batch (a ping) is a POST: its answer says who the peer is
             if not await self._post(peer.endpoint, batch):
                 await asyncio.sleep(FAILURE_BACKOFF_S)  # a dead peer refuses at once: do not spin on it
+
+    async def _send_frame(self, peer: _Peer, batch: list[msg.Message]) -> bool:
+        """Send the batch as one frame of the peer's stream (opened if need be); False if it was not sent."""
+        body = codec.encode_batch(self._identity, str(self._me), batch)
+        async with peer.ws_lock:
+            ws = peer.ws if peer.ws is not None and not peer.ws.closed else await self._open_stream(peer)
+            if ws is None or peer.mac is None:
+                return False
+            peer.frame_seq += 1
+            frame = codec.encode_frame(peer.mac, peer.frame_seq, body)
+            try:
+                async with asyncio.timeout(self._timeout.total):
+                    await ws.send_bytes(frame)
+            except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
+                self._close_stream(peer, f"send failed: {exc!r}"[:200])
+                return False
+        self.stats["frames"] += 1
+        self.stats["messages"] += len(batch)
+        return True
+
+    async def _open_stream(self, peer: _Peer) -> aiohttp.ClientWebSocketResponse | None:
+        assert self._session is not None and self._signer is not None
+        loop = asyncio.get_running_loop()
+        if loop.time() < peer.stream_retry_at or self._group is None:
+            return None
+        peer.stream_retry_at = loop.time() + STREAM_RETRY_S
+        hello = codec.encode_hello(self._identity, str(self._me))
+        header = self._signer.next_header(STREAM_PATH, 0, hello)
+        parsed = peerauth.parse(header)
+        assert parsed is not None
+        claims = parsed[0]
+        try:
+            async with asyncio.timeout(self._timeout.total):
+                ws = await self._session.ws_connect(
+                    f"{peer.endpoint.url}{STREAM_PATH}",
+                    headers={peerauth.HEADER: header, HELLO_HEADER: hello.decode()},
+                    autoclose=True, autoping=True, max_msg_size=ANSWER_MAX_BYTES, compress=0,
+                )  # fmt: skip
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (404, 405):
+                peer.stream_retry_at = loop.time() + STREAM_RETRY_OLD_S
+            return None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._note_failure(peer.endpoint, exc)
+            return None
+        self.note_alive(peer.endpoint)
+        peer.ws, peer.frame_seq = ws, 0
+        peer.mac = codec.FrameMac(self._key, str(self._me), claims.incarnation, claims.seq)
+        self.stats["streams"] += 1
+        self._group.create_task(self._read_answers(peer, ws), name=f"replication-stream-{peer.endpoint}")
+        return ws
+
+    def _close_stream(self, peer: _Peer, reason: str) -> None:
+        ws, peer.ws, peer.mac = peer.ws, None, None
+        if ws is not None and not ws.closed and self._group is not None:
+            self._group.create_task(_close_quietly(ws))
+        if peer.endpoint not in self._failing:
+            self._log.info("replication_stream_closed", peer=str(peer.endpoint), reason=reason)
+
+    async def _read_answers(self, peer: _Peer, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """The receiver's facts over the stream, until it closes (owned by the transport's TaskGroup)."""
+        try:
+            async for frame in ws:
+                if frame.type is aiohttp.WSMsgType.TEXT:
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        self._learn_answer(peer.endpoint, orjson.loads(frame.data))
+        except (aiohttp.ClientError, OSError, RuntimeError):
+            pass
+        finally:
+            if peer.ws is ws:
+                # Closed by the peer's side (it stopped or was killed): reopen at once, which tells a peer
+                # that is gone (refused) from one that restarted, without waiting for the next batch.
+                peer.ws, peer.mac = None, None
+                peer.stream_retry_at = 0.0
+                if self._group is not None:
+                    self._group.create_task(self._reopen(peer), name=f"replication-reopen-{peer.endpoint}")
+
+    async def _reopen(self, peer: _Peer) -> None:
+        async with peer.ws_lock:
+            if peer.ws is None:
+                await self._open_stream(peer)
 
     async def _post(self, endpoint: Endpoint, batch: list[msg.Message]) -> bool:
         assert self._session is not None and self._signer is not None
@@ -161,10 +298,12 @@ class ReplicationTransport:
                     raise aiohttp.ClientError(f"HTTP {resp.status}: {raw[:200]!r}")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.stats["failed"] += 1
+            self._note_failure(endpoint, exc)
             if endpoint not in self._failing:
                 self._failing.add(endpoint)
                 self._log.info("replication_peer_unreachable", peer=str(endpoint), reason=str(exc)[:200])
             return False
+        self.note_alive(endpoint)
         if endpoint in self._failing:
             self._failing.discard(endpoint)
             self._log.info("replication_peer_reachable", peer=str(endpoint))
@@ -174,13 +313,30 @@ class ReplicationTransport:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return True
+        self._learn_answer(endpoint, answer)
+        return True
+
+    def _learn_answer(self, endpoint: Endpoint, answer: object) -> None:
+        """What a peer said of itself (a POST's answer, or a stream's facts frame), validated."""
         if isinstance(answer, dict) and isinstance(answer.get("identity"), str):
             identity = answer["identity"]
             if 0 < len(identity) <= codec.MAX_IDENTITY_CHARS:
                 self._learn(
                     endpoint, identity, answer.get("member") is True, _cluster_of(answer.get("cluster"))
                 )
-        return True
+
+
+def _is_refused(exc: BaseException) -> bool:
+    """The peer's host refused the connection: nothing listens there (the process is gone)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.errno == errno.ECONNREFUSED
+    return isinstance(exc, ConnectionRefusedError)
+
+
+async def _close_quietly(ws: aiohttp.ClientWebSocketResponse) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            await ws.close()
 
 
 def _cluster_of(raw: object) -> tuple[str | None, int, bool] | None:

@@ -19,6 +19,7 @@ from node.core.replication.messages import (
     Kind,
     LogId,
     LogRead,
+    Persisted,
     Prepare,
     Promise,
     Receive,
@@ -147,6 +148,55 @@ def test_a_handover_prepare_is_granted_within_the_lease_and_non_voters_are_refus
     assert [s.message for s in ready.messages] == [Promise(3, LogId(0, 1))]
     _, ready = machine.step(state, Receive("x", Prepare(3, LogId(0, 1))), 20.0)
     assert [s.message for s in ready.messages] == [Refuse(3, 2, "not-a-voter")]
+
+
+def test_a_pipelined_single_voter_commits_only_what_it_reported_durable():
+    """Options.pipelined: the leader's own copy counts only after Persisted; a report of another epoch, or
+    beyond its log, counts for nothing."""
+    options = machine.Options(pipelined=True)
+    state, _ = machine.bootstrap("a", frozenset({"a"}), options)
+    state, ready = machine.step(state, ViewChanged({"a": 1}), 0.0)
+    assert not state.writable and ready.append[-1].kind is Kind.EPOCH_START
+    state, ready = machine.step(state, Persisted(ready.append[-1].id), 0.01)
+    assert state.writable and state.commit == 2
+    state, ready = machine.step(state, Submit((("r1", b"p1"), ("r2", b"p2"))), 0.1)
+    assert ready.apply == () and state.commit == 2  # appended, not yet durable here
+    assert ready.replies == (SubmitAccepted("r1", 1, 3), SubmitAccepted("r2", 1, 4))
+    for stale in (LogId(0, 4), LogId(1, 9), LogId(2, 4)):
+        state, ignored = machine.step(state, Persisted(stale), 0.11)
+        assert state.commit == 2 and ignored.apply == ()
+    state, ready = machine.step(state, Persisted(LogId(1, 3)), 0.12)
+    assert state.commit == 3 and [e.payload for e in ready.apply] == [b"p1"]
+    state, ready = machine.step(state, Persisted(LogId(1, 4)), 0.13)
+    assert state.commit == 4 and [e.payload for e in ready.apply] == [b"p2"]
+
+
+@given(st.lists(st.sampled_from(["append", "ack-b", "ack-c", "persist"]), max_size=40))
+def test_a_pipelined_leader_commits_only_what_a_majority_holds_durably(events):
+    """Property: in a 3-voter cluster, whatever the order of follower acks and of its own Persisted reports,
+    the pipelined leader's commit index never passes the second-highest durable copy (its own included)."""
+    options = machine.Options(pipelined=True)
+    state, _ = machine.bootstrap("a", frozenset({"a", "b", "c"}), options)
+    state, ready = machine.step(state, ViewChanged({"a": 3, "b": 2, "c": 1}), 0.0)
+    (prepare,) = {s.message for s in ready.messages}
+    state, ready = machine.step(state, Receive("b", Promise(prepare.epoch, LogId(0, 1))), 0.001)
+    assert state.role == machine.LEADER
+    epoch, now = state.hard.epoch, 0.002
+    durable = {"a": 1, "b": 1, "c": 1}
+    written = [e.index for e in ready.append]  # appended, not yet reported
+    for event in events:
+        now += 0.001
+        if event == "append":
+            state, ready = machine.step(state, Submit((("r", b"x"),)), now)
+            written += [e.index for e in ready.append]
+        elif event == "persist" and written:
+            durable["a"] = written[-1]
+            state, ready = machine.step(state, Persisted(LogId(epoch, written[-1])), now)
+        elif event.startswith("ack-"):
+            peer = event[-1]
+            durable[peer] = state.last.index  # the follower persisted everything sent so far
+            state, ready = machine.step(state, Receive(peer, AppendAck(epoch, state.last.index, 0)), now)
+        assert state.commit <= sorted(durable.values())[1]
 
 
 def test_a_single_voter_appends_commits_applies_and_answers_in_one_ready():

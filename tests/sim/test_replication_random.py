@@ -32,6 +32,8 @@ def settle_and_check_liveness(sim: RepSim) -> None:
             len(leaders) == 1
             and all(s.commit == s.last.index == leaders[0].last.index for s in alive)
             and all(s.config == leaders[0].config for s in alive)
+            # and every node applied it (a pipelined shell applies once its writes are durable)
+            and all(len(sim.nodes[n].durable.applied) == sim.state(n).commit for n in sim.alive())
         )
 
     # A leader commits its EpochStart at once; a last write makes every follower learn the final commit.

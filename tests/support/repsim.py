@@ -8,6 +8,13 @@ as a new input.
 
 A torn crash (``tear``) loses power between the hard-state write and the log write of one Ready.
 
+``pipelined=True`` runs the core with ``Options.pipelined`` and a shell that does what the real one does:
+a Ready's hard state is written (durable) at once, its log writes are queued and become durable, in order,
+after a random 0-3 ticks; messages that ``early()`` allows go out at once, the rest of the Ready (its other
+messages, applies, ReadLog answers) waits for its writes, and ``Persisted`` is stepped when they are done.
+A crash loses the queued writes and everything waiting for them: a leader that sent its Appends and died
+before its own fsync.
+
 The network delivers each message after a random delay (so it reorders), may drop or duplicate it, and
 honours directed cuts (``cut(a, b)`` stops a -> b only; ``cut(a, b, both=True)``, ``isolate``). Views are
 computed from the links unless a test sets them: a node sees a peer healthy when both directions work and
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from node.core.replication import machine
 from node.core.replication.messages import (
@@ -31,6 +38,7 @@ from node.core.replication.messages import (
     Kind,
     LogId,
     LogRead,
+    Persisted,
     Prepare,
     Read,
     ReadConfirmed,
@@ -45,6 +53,7 @@ from node.core.replication.messages import (
     SubmitRejected,
     Tick,
     ViewChanged,
+    early,
 )
 
 
@@ -68,6 +77,7 @@ class SimNode:
     facts: list[tuple[float, str, dict]] = field(default_factory=list)
     view: dict[str, int] | None = None  # last view given
     pending: list[Ready] = field(default_factory=list)  # group commit: Readys not yet carried out
+    unsynced: list[tuple[float, Ready]] = field(default_factory=list)  # pipelined: (due, Ready) in order
 
     @property
     def alive(self) -> bool:
@@ -153,9 +163,15 @@ class RepSim:
         tick_s: float = 0.005,
         view_lag_s: float = 0.0,
         group_commit: bool = False,
+        pipelined: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.options = options or machine.Options()
+        self.pipelined = pipelined
+        if pipelined:
+            self.options = replace(self.options, pipelined=True)
+        self.lost_unsynced = 0  # pipelined: queued writes lost in crashes (the harness really tests that)
+        self.write_delay_s: dict[str, float] = {}  # pipelined: a slow disk (extra seconds per log write)
         self.now = 0.0
         self.tick_s = tick_s
         self.drop, self.duplicate, self.delay_s = drop, duplicate, delay_s
@@ -184,7 +200,8 @@ class RepSim:
             state, ready = machine.bootstrap(name, frozenset(names), self.options)
             self.nodes[name] = SimNode(name, Durable(), state)
             self.ids[name] = i
-            self._process(name, ready)
+            # The shell finishes a bootstrap's writes before it runs (also when pipelined).
+            self._carry_out(name, [ready])
         for j in range(voters + 1, voters + joiners + 1):
             self.add_joiner(f"node-{j}", j)
         self.update_views()
@@ -200,6 +217,8 @@ class RepSim:
         node.state = None
         node.view = None
         node.pending = []  # never written: lost with the process
+        self.lost_unsynced += sum(1 for _, r in node.unsynced if r.append)
+        node.unsynced = []  # queued writes not yet durable: lost, with every send/apply waiting for them
         self.update_views()  # failure detection is instant here; its real delay is the membership layer's
 
     def restart(self, name: str) -> None:
@@ -300,7 +319,9 @@ class RepSim:
         return ready
 
     def _process(self, name: str, ready: Ready) -> None:
-        if self.group_commit:
+        if self.pipelined:
+            self._carry_out_pipelined(name, ready)
+        elif self.group_commit:
             self.nodes[name].pending.append(ready)
         else:
             self._carry_out(name, [ready])
@@ -365,6 +386,116 @@ class RepSim:
                 entries = tuple(d.log[request.first - 1 : request.last])
                 self.input(name, LogRead(request, entries))
 
+    def _carry_out_pipelined(self, name: str, ready: Ready) -> None:
+        """See the module docstring: hard state now, early sends now, the rest once the writes are durable."""
+        node = self.nodes[name]
+        d = node.durable
+        if ready.hard_state is not None:
+            # The hard state is written on the log's thread after the queued writes: they are durable first.
+            self._complete(name, everything=True)
+            if node.state is None:
+                return
+            d.hard = ready.hard_state
+            if name in self.tear and (ready.append or ready.truncate_from):
+                self.tear.discard(name)
+                self.torn += 1
+                self.crash(name)
+                self.repairs.append((self.now + self.rng.uniform(0.1, 1.0), "restart", name, name))
+                return
+        early_sends = [] if ready.hard_state is not None else [s for s in ready.messages if early(s.message)]
+        self.inv.check_sends(name, d.hard, d.log, early_sends)
+        for send in early_sends:
+            self._send(name, send.to, send.message)
+        for reply in ready.replies:
+            node.replies.append(reply)
+            if isinstance(reply, SubmitAccepted):
+                self.accepted[reply.request_id] = reply
+        for fact in ready.facts:
+            node.facts.append((self.now, fact.event, dict(fact.fields)))
+        if (
+            ready.truncate_from is not None
+            or ready.append
+            or ready.apply
+            or ready.read_log
+            or (len(early_sends) < len(ready.messages))
+        ):
+            due = (
+                self.now
+                + self.rng.choice((0.0, 1.0, 2.0, 3.0)) * self.tick_s
+                + self.write_delay_s.get(name, 0)
+            )
+            node.unsynced.append((max(due, node.unsynced[-1][0] if node.unsynced else due), ready))
+        self._record(name)
+        state = node.state
+        if state is not None and state.writable and any(f.event == "writable_changed" for f in ready.facts):
+            self.inv.check_writable(name, d.log)
+
+    def _record(self, name: str) -> None:
+        """Pipelined: an entry a leader commits is on the disks of a majority of voters (its own copy counts
+        only once written: the point of ``Persisted``). Any node may know a commit index above its own
+        durable log (a follower learns it from the leader, a leader may commit with followers' copies alone;
+        each applies only what is durable), so only the part on its disk is recorded."""
+        node = self.nodes[name]
+        state = node.state
+        if state is None:
+            return
+        durable = len(node.durable.log)
+        for _, queued in node.unsynced:  # a queued truncation will replace the disk's suffix: not yet valid
+            if queued.truncate_from is not None:
+                durable = min(durable, queued.truncate_from - 1)
+        leader_epoch = state.hard.epoch if state.role == machine.LEADER else None
+        if leader_epoch is not None and state.commit >= state.epoch_start:
+            entry = (
+                state.log[state.commit - state.base.index - 1] if state.commit > state.base.index else None
+            )
+            if entry is not None and entry.epoch == leader_epoch:
+                holders = [
+                    v for v in state.config.voters
+                    if len(self.nodes[v].durable.log) >= entry.index
+                    and self.nodes[v].durable.log[entry.index - 1] == entry
+                ]  # fmt: skip
+                if len(holders) < state.config.quorum:
+                    raise InvariantViolated(
+                        f"{name} committed {entry.index} durable on only {sorted(holders)}"
+                    )
+        self.inv.record_commit(name, node.durable.log, min(state.commit, durable), leader_epoch)
+
+    def _complete(self, name: str, everything: bool = False) -> None:
+        """Pipelined: the queued writes that are due become durable, in order, each followed by what waited
+        for it (late sends, applies, ReadLog answers) and a Persisted input."""
+        node = self.nodes[name]
+        for _ in range(10_000):
+            if node.state is None or not node.unsynced or (not everything and node.unsynced[0][0] > self.now):
+                return
+            _, ready = node.unsynced.pop(0)
+            d = node.durable
+            before_applied = len(d.applied)
+            if ready.truncate_from is not None:
+                self.inv.check_truncate(name, ready.truncate_from)
+                del d.log[ready.truncate_from - 1 :]
+            for entry in ready.append:
+                if entry.index != len(d.log) + 1:
+                    raise InvariantViolated(f"{name} appends {entry.index} after {len(d.log)}")
+                d.log.append(entry)
+            self._record(name)
+            late = [s for s in ready.messages if ready.hard_state is not None or not early(s.message)]
+            self.inv.check_sends(name, d.hard, d.log, late)
+            for send in late:
+                self._send(name, send.to, send.message)
+            for entry in ready.apply:
+                if entry.index != len(d.applied) + 1:
+                    raise InvariantViolated(f"{name} applies {entry.index} after {len(d.applied)}")
+                if entry.index > len(d.log) or d.log[entry.index - 1] != entry:
+                    raise InvariantViolated(f"{name} applies {entry.index} before it is durable in its log")
+                d.applied.append(entry)
+            self.inv.check_applied(name, d.applied, before_applied)
+            for request in ready.read_log:
+                entries = tuple(d.log[request.first - 1 : request.last])
+                self.input(name, LogRead(request, entries))
+            if ready.append:
+                self.input(name, Persisted(ready.append[-1].id))
+        raise AssertionError("pipelined writes kept producing writes")  # pragma: no cover
+
     def deliver_due(self) -> None:
         while self.queue and self.queue[0][0] <= self.now:
             _, _, src, dst, message = heapq.heappop(self.queue)
@@ -381,6 +512,9 @@ class RepSim:
         for name in list(self.nodes):
             self.input(name, Tick())
         self.flush()
+        if self.pipelined:
+            for name in list(self.nodes):
+                self._complete(name)
 
     def run(self, seconds: float) -> None:
         for _ in range(round(seconds / self.tick_s)):

@@ -64,6 +64,9 @@ Wiring (what the shell, the Replicator actor, does; ``tests/support/repsim.py`` 
   authenticated peer message, ``Submit``/``Read`` batched from clients, ``LogRead`` answering ``ReadLog``,
   ``Stop`` on SIGTERM. Carry out each Ready in its order (see ``messages.Ready``); several Readys may be
   combined into one fsync if all their writes complete before any of their sends, applies and replies.
+  A pipelined shell (``Options.pipelined``) sends Appends while its own log write runs and steps
+  ``Persisted`` when it ends; the leader counts its own copy toward the majority only then (the orders
+  that still hold: ``messages.Ready``).
 * Clients: keep each SubmitAccepted (request, epoch, index); answer it when ``index`` is applied, with the
   state machine's result if the applied entry has that epoch, else as discarded (leader change). Serve a
   ReadConfirmed once applied >= its index. Rejections map to errors: not-leader -> forward to ``leader``
@@ -92,6 +95,7 @@ from node.core.replication.messages import (
     LogId,
     LogRead,
     Message,
+    Persisted,
     Read,
     ReadConfirmed,
     ReadLog,
@@ -120,6 +124,7 @@ __all__ = [
     "LogRead",
     "Message",
     "Options",
+    "Persisted",
     "Read",
     "ReadConfirmed",
     "ReadLog",

@@ -29,6 +29,7 @@ from node.core.replication.messages import (
     LogId,
     LogRead,
     Message,
+    Persisted,
     Prepare,
     Promise,
     Read,
@@ -72,6 +73,10 @@ class Options:
     max_inflight: int = 8  # pipelined Appends per follower not yet acknowledged
     max_uncommitted: int = 4096  # leader's appended-but-uncommitted entries; beyond: Submit -> busy
     keep_applied: int = 256  # applied entries kept in memory for cheap catch-up; older ones via ReadLog
+    # The shell sends Appends while its own log write runs and reports that write's end (``Persisted``);
+    # a leader then counts its own copy toward the majority only once reported. False: the shell finishes
+    # each Ready's writes before sending anything, and a leader counts its whole log. See messages.Ready.
+    pipelined: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +142,7 @@ class State:
     takeover_sent_s: float = NEVER
     writable: bool = False
     departing: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # identity -> until
+    durable: int = 0  # pipelined leader: its own log is durable up to here (Persisted of its own epoch)
 
     @property
     def config(self) -> Config:
@@ -274,6 +280,8 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
         s.log_read(inp)
     elif isinstance(inp, RemoveMember):
         s.remove_member(inp)
+    elif isinstance(inp, Persisted):
+        s.persisted(inp.last)
     elif isinstance(inp, Stop):
         s.stopping = True
         s.fact("replication_stopping")
@@ -629,11 +637,13 @@ class _Step:
     def advance_commit(self) -> None:
         """Commit rule: the highest index durable on a majority of voters, and only an entry of our own
         epoch (an older entry commits through it: Raft §5.4.2; our EpochStart entry is what makes it
-        happen at once). The leader's own entries are durable: the shell persisted every earlier Ready
-        before this input, and this Ready's appends are persisted before its commits are applied."""
+        happen at once). The leader's own entries: with a pipelined shell, only what it reported durable
+        (``Persisted``); otherwise all of them (the shell persisted every earlier Ready before this input, and
+        this Ready's appends are persisted before its commits are applied or sent)."""
         cfg = self.config
+        mine = min(self.durable, self.last_index) if self.o.pipelined else self.last_index
         matches = sorted(
-            (self.last_index if v == self.me else self.progress[v].match if v in self.progress else 0)
+            (mine if v == self.me else self.progress[v].match if v in self.progress else 0)
             for v in cfg.voters
         )
         if not matches:
@@ -752,6 +762,7 @@ class _Step:
         for peer in self.config.members - {self.me}:
             self.progress[peer] = Progress(next=start, last_ack_s=self.now, last_progress_s=self.now)
         self.epoch_start = start
+        self.durable = 0  # nothing of this epoch is written yet
         self.append(Entry(epoch, start, Kind.EPOCH_START))
         self.fact("became_leader", epoch=epoch, epoch_start=start)
         for peer in sorted(self.progress):
@@ -857,6 +868,16 @@ class _Step:
             *(PendingRead(rid, self.commit, self.seq, self.now) for rid in inp.read_ids),
         )
         self.send_heartbeats(new_round=False)
+
+    def persisted(self, last: LogId) -> None:
+        """A pipelined shell's log write ended. Only entries of this leader's own epoch count: they were
+        appended by it alone, after every truncation and fetch of its view change (writes run in order),
+        and a leader never truncates its own log, so the entry at ``last.index`` is still the one written."""
+        if self.role != LEADER or last.epoch != self.hard.epoch or self.epoch_at(last.index) != last.epoch:
+            return
+        if last.index > self.durable:
+            self.durable = last.index
+            self.advance_commit()
 
     def log_read(self, inp: LogRead) -> None:
         req = inp.request

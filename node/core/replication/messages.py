@@ -276,7 +276,16 @@ class Stop:
     """The node is shutting down: a leader hands over to the highest healthy voter; nobody campaigns."""
 
 
-Input = Tick | ViewChanged | Receive | Submit | Read | LogRead | RemoveMember | Stop
+@dataclass(frozen=True, slots=True)
+class Persisted:
+    """Pipelined shells only (``Options.pipelined``): every log write up to and including the one that
+    appended the entry ``last`` is durable. A leader counts its own copy toward a majority only up to the
+    highest such entry of its own epoch."""
+
+    last: LogId
+
+
+Input = Tick | ViewChanged | Receive | Submit | Read | LogRead | RemoveMember | Stop | Persisted
 
 # --- outputs ------------------------------------------------------------------------------------------------
 
@@ -344,6 +353,12 @@ class Fact:
     fields: tuple[tuple[str, object], ...] = ()
 
 
+def early(message: Message) -> bool:
+    """Whether a pipelined shell may send ``message`` before the log writes of its Ready are durable: it
+    claims nothing about this node's disk (see ``Ready``, pipelined shells)."""
+    return not isinstance(message, AppendAck | Promise | FetchReply | TakeOver)
+
+
 @dataclass(frozen=True, slots=True)
 class Ready:
     """What the shell must do after a step, IN THIS ORDER:
@@ -364,6 +379,23 @@ class Ready:
     Group commit: the shell may step several inputs and carry out their Readys together (their writes in
     one fsync), provided every write of those Readys completes before any of their messages, applies or
     replies, and the Readys keep their order. That is what lets a follower fsync once for many Appends.
+
+    Pipelined shells (``Options.pipelined``, Raft thesis 10.2.1): the shell need not wait for the log
+    writes (2) before stepping the next input, and it may send a message for which ``early(message)`` holds
+    (Appends, heartbeats and their acks, rejections: none claims anything durable) before or while the
+    log writes of its Ready and of every earlier Ready run. What still holds, in this order:
+
+    a. ``hard_state`` is durable before ANY message of its Ready or of any later Ready is sent (early ones
+       included): no message of an epoch exists that a restart could forget;
+    b. the log writes of all Readys happen in Ready order;
+    c. a message for which ``early`` is false (AppendAck, Promise, FetchReply, TakeOver, and every message
+       of a Ready with ``hard_state``), ``apply`` and ``read_log`` wait until the log writes of their Ready
+       and of every earlier Ready are durable, and are carried out in Ready order (an entry is applied only
+       once it is durable here, an ack only claims what is on disk);
+    d. when the writes of a Ready with ``append`` are durable, the shell steps ``Persisted(append[-1].id)``:
+       only then does a leader count its own copy of those entries toward the commit majority. So a leader
+       that crashes after sending an Append but before its own fsync never counted an entry it lost.
+    ``replies`` may be handled at once (a SubmitAccepted is answered only when its entry is applied).
     """
 
     hard_state: HardState | None = None

@@ -1,0 +1,146 @@
+"""Where a replicated write's time goes: three REPLICATION=on nodes, closed-loop writers on the leader,
+optionally each node sampled by ``py-spy`` while the load runs.
+
+Not a test: it asserts nothing. It exists because the figures of ``cluster_bench.py`` say how fast, not
+why; this prints writes/s and latency for each client count and, with ``--py-spy PATH``, writes one
+``py-spy record --format raw`` file per node (leader and followers named) to ``--out``, ready for
+flamegraph.pl or ``--top`` (a short table of the hottest functions, by own and by total samples).
+
+    .venv/bin/python bench/replication_profile.py --clients 1,32 --seconds 8
+    .venv/bin/python bench/replication_profile.py --clients 32 --py-spy /path/to/py-spy --out /tmp/prof --top
+
+Every loop is bounded in time; every process started is killed and the data directories removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import cluster_bench as cb  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads so far (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def top_functions(raw: Path, limit: int = 25) -> str:
+    """py-spy raw (collapsed stacks, one 'frame;frame;... count' a line) -> own and total sample tables."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        frames = stack.split(";")
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    lines = [f"{raw.name}: {samples} samples", "  own%  function"]
+    lines += [f"  {100 * c / max(1, samples):5.1f} {f}" for f, c in own.most_common(limit)]
+    lines += ["  total% function"]
+    lines += [f"  {100 * c / max(1, samples):5.1f} {f}" for f, c in total.most_common(limit)]
+    return "\n".join(lines)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from node import auth
+    from tests.support.cluster import Cluster
+
+    out: Path = args.out
+    env = {"LOG_LEVEL": "warning", "REPLICATION": "on"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), size=3, env=env) as c:
+            await asyncio.to_thread(c.start_all, cb.FORM_DEADLINE_S)
+            token = auth.mint_jwt(c.jwt_secret, auth.Role.WRITE, now=time.time(), ttl_s=3600, subject="prof")
+            leader = c.leader_ip()
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            setup = json.dumps(["CREATE TABLE IF NOT EXISTS bench (id INTEGER PRIMARY KEY, client INTEGER, "
+                                "n INTEGER, payload TEXT)"]).encode()  # fmt: skip
+            created = None
+            for _ in range(100):  # the leader is writable once its EpochStart entry commits
+                created = await cb.get_json(
+                    session, "POST", f"{c.nodes[leader].url}/db/execute", 5.0, data=setup, headers=headers
+                )
+                if cb.tn_ok(200, created):
+                    break
+                await asyncio.sleep(0.2)
+            if not cb.tn_ok(200, created):
+                raise RuntimeError(f"could not create the table: {created!r}")
+            target = cb.tn_target(c.nodes[leader].url, token)
+            for clients in args.clients:
+                spies: list[tuple[subprocess.Popen, Path]] = []
+                if args.py_spy:
+                    for ip, node in c.nodes.items():
+                        role = "leader" if ip == leader else "follower"
+                        path = out / f"{role}-{ip}-{clients}c.txt"
+                        spy = await asyncio.to_thread(
+                            subprocess.Popen,
+                            [args.py_spy, "record", "--format", "raw", "--rate", "250", "--nonblocking",
+                             "--duration", str(int(args.seconds + args.warmup)), "--pid",
+                             str(node.proc.pid), "--output", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        )  # fmt: skip
+                        spies.append((spy, path))
+                pids = {ip: node.proc.pid for ip, node in c.nodes.items()}
+                cpu_before = {ip: cpu_seconds(pid) for ip, pid in pids.items()}
+                stats = await cb.drive(session, target, clients, args.warmup, args.seconds, 1_000_000)
+                # CPU per write is what a loaded machine cannot hide: scheduling delays inflate latency, not it.
+                writes = max(1, round(stats.writes_per_s * (args.seconds + args.warmup)))
+                cpu_ms = {
+                    ("leader" if ip == leader else ip): 1000 * (cpu_seconds(pid) - cpu_before[ip]) / writes
+                    for ip, pid in pids.items()
+                }
+                print(
+                    f"{clients:>3} clients: {stats.writes_per_s:8.0f} writes/s  p50 {stats.p50_ms} ms  "
+                    f"p99 {stats.p99_ms} ms  errors {stats.errors}  CPU ms/write (approx.) "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items()),
+                    flush=True,
+                )
+                for spy, path in spies:
+                    try:
+                        await asyncio.to_thread(spy.wait, 30)
+                    except subprocess.TimeoutExpired:
+                        spy.kill()
+                        spy.wait(timeout=5)
+                    if args.top and path.exists():
+                        print(top_functions(path), flush=True)
+            statuses = await asyncio.to_thread(c.statuses, c.ips, 1.0)
+            for ip, st in statuses.items():
+                if isinstance(st, dict):
+                    print(ip, json.dumps(st.get("replication_stats")), flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--clients", type=cb.parse_client_counts, default=(1, 32))
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--py-spy", default=None, help="py-spy binary: sample every node while the load runs")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "replication-profile")
+    parser.add_argument("--top", action="store_true", help="print the hottest functions of each profile")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
