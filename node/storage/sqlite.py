@@ -788,15 +788,8 @@ class Database:
         slot.full = False
         try:
             entries = [g.entry for g in group if g.entry is not None]
-            other = statemachine.foreign_version([c for e in entries for c in e.commands], self.sqlite_version)
-            if other is not None:
-                self.apply_refused = (
-                    f"log entries were written under SQLite {other} and this node runs SQLite "
-                    f"{self.sqlite_version}: it applies nothing more until it runs SQLite {other}"
-                )
-                raise SqliteVersionRefused(self.apply_refused)
+            self._refuse_foreign_version(entries)
             done = statemachine.apply(self._ops(job), entries)
-            self.apply_refused = None
         except BaseException as exc:
             if isinstance(exc, apsw.Error) and not isinstance(exc, apsw.InterruptError):
                 exc = self._job_failure(
@@ -822,11 +815,24 @@ class Database:
         first = done.outcomes[0]
         return None if first is None else list(first)
 
+    def _refuse_foreign_version(self, entries: Sequence[Entry]) -> None:
+        """Both apply paths (a single node's log and the Replicator's) check before anything runs."""
+        other = statemachine.foreign_version([c for e in entries for c in e.commands], self.sqlite_version)
+        if other is not None:
+            self.apply_refused = (
+                f"log entries were written under SQLite {other} and this node runs SQLite "
+                f"{self.sqlite_version}: it applies nothing more until it runs SQLite {other}"
+            )
+            raise SqliteVersionRefused(self.apply_refused)
+        self.apply_refused = None
+
     def _apply_entries(self, job: _Job, entries: tuple[Entry, ...]) -> list[tuple[Applied, ...] | None]:
-        """On the writer thread: the entries in one transaction; raises ApplyFailed unless it committed."""
+        """On the writer thread: the entries in one transaction; raises ApplyFailed unless it committed, and
+        SqliteVersionRefused (nothing run) for commands stamped under another SQLite version."""
         slot = self._writer
         assert slot is not None
         slot.full = False
+        self._refuse_foreign_version(entries)
         try:
             done = statemachine.apply(self._ops(job), entries)
         except apsw.Error as exc:
