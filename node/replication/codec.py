@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -165,9 +166,13 @@ def decode_message(item: Any) -> msg.Message:
     cls = _TYPES[item[0]]
     body: dict[str, Any] = item[1]
     names = cls.__dataclass_fields__
-    if set(body) != set(names):
-        raise CodecError(f"{item[0]} needs exactly the fields {sorted(names)}")
-    return cls(**{name: _FIELD_PARSERS[name](body[name], name) for name in names})
+    # Fields with a default were added later (a compatible extension): a sender may omit them.
+    required = {n for n, f in names.items() if f.default is dataclasses.MISSING}
+    if not required <= set(body) <= set(names):
+        raise CodecError(
+            f"{item[0]} needs the fields {sorted(required)} (optional: {sorted(set(names) - required)})"
+        )
+    return cls(**{name: _FIELD_PARSERS[name](body[name], name) for name in names if name in body})
 
 
 def decode_batch(data: bytes) -> tuple[str, str, list[msg.Message]]:

@@ -301,7 +301,8 @@ class ReplicatedDataService:
         def seen(job: object) -> bool:
             ops = self.database._ops(job)  # type: ignore[arg-type]
             rows = ops.internal(
-                "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (statemachine.REQUESTS_TABLE,)
+                "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?",
+                (statemachine.REQUESTS_TABLE,),
             )
             if not rows:
                 return False
@@ -356,7 +357,9 @@ class ReplicatedDataService:
                 return b""
             self._check_space(2 * (LOAD_CHUNK_BYTES + LOAD_ENVELOPE_BYTES))
             load = LoadChunk(load_id, seq, tuple(chunk))
-            return codec.encode_command(Command(WriteCommand((), False, 0, 0), sqlite_version=version, load=load))
+            return codec.encode_command(
+                Command(WriteCommand((), False, 0, 0), sqlite_version=version, load=load)
+            )
 
         inflight: set[asyncio.Task] = set()
         try:

@@ -289,3 +289,39 @@ def test_any_sequence_of_local_inputs_on_a_lone_follower_keeps_it_quiet_or_campa
         state, ready = machine.step(state, inp, now)
         assert ready.append == () and ready.hard_state is None
         assert ready.messages == ()
+
+
+def _restarted_follower(epoch: int, last: int, applied: int) -> machine.State:
+    """A voter restarted with entries 2..last of ``epoch`` durable but only ``applied`` of them applied."""
+    config = Config(frozenset({"a", "b", "c"}))
+    entries = (Entry(0, 1, Kind.CONFIG, config.encode()), *(cmd(epoch, i) for i in range(2, last + 1)))
+    hard = HardState(epoch, "c", ((1, config),))
+    return machine.restore("a", hard, LogId(0, 0), entries, applied=applied)
+
+
+def test_a_heartbeat_naming_a_matching_entry_commits_a_restarted_followers_entries():
+    """Regression: a follower restarted with committed but unapplied entries applied nothing until the next
+    write reached it, although the leader kept sending heartbeats."""
+    state = _restarted_follower(epoch=3, last=6, applied=2)
+    beat = Heartbeat(3, commit=6, seq=1, prev=LogId(3, 6))
+    state, ready = machine.step(state, Receive("c", beat), 1.0)
+    assert state.commit == 6
+    assert [e.index for e in ready.apply] == [3, 4, 5, 6]
+
+
+@given(
+    last=st.integers(2, 12),
+    applied=st.integers(1, 12),
+    prev_index=st.integers(0, 14),
+    prev_epoch=st.integers(0, 4),
+    commit=st.integers(0, 14),
+)
+def test_a_heartbeat_commits_only_what_it_proves_matches(last, applied, prev_index, prev_epoch, commit):
+    """Whatever the heartbeat says, the follower commits no entry beyond what the named entry proves it
+    shares with the leader (same epoch at that index), and never beyond the leader's commit index."""
+    applied = min(applied, last)
+    state = _restarted_follower(epoch=3, last=last, applied=applied)
+    after, _ = machine.step(state, Receive("c", Heartbeat(3, commit, 1, LogId(prev_epoch, prev_index))), 1.0)
+    ours = 0 if prev_index == 0 else (0 if prev_index == 1 else 3) if prev_index <= last else None
+    proven = prev_index if ours is not None and ours == prev_epoch else applied
+    assert after.commit == max(applied, min(commit, max(proven, applied), last))

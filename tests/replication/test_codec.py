@@ -142,3 +142,16 @@ def test_a_hard_state_written_by_another_node_is_refused(tmp_path):
         load_core_hard_state(tmp_path, "me")
     assert load_core_hard_state(tmp_path, "other-node") == msg.HardState(3, None)
     assert load_core_hard_state(tmp_path / "missing", "me") is None
+
+
+def test_a_heartbeat_without_the_later_prev_field_decodes_and_unknown_fields_are_refused():
+    from node.core.replication import messages as msg
+
+    old = codec.decode_message(["heartbeat", {"epoch": 3, "commit": 5, "seq": 1}])
+    assert old == msg.Heartbeat(3, 5, 1, msg.LogId(0, 0))
+    new = msg.Heartbeat(3, 5, 1, msg.LogId(3, 5))
+    assert codec.decode_message(codec.encode_message(new)) == new
+    with pytest.raises(codec.CodecError):
+        codec.decode_message(["heartbeat", {"epoch": 3, "commit": 5, "seq": 1, "extra": 1}])
+    with pytest.raises(codec.CodecError):
+        codec.decode_message(["heartbeat", {"epoch": 3, "seq": 1}])

@@ -507,6 +507,8 @@ class _Step:
             if isinstance(m, Append):
                 self.on_append(sender, m)
             else:
+                if m.prev.index > self.verified and self.epoch_at(m.prev.index) == m.prev.epoch:
+                    self.verified = m.prev.index  # log matching: our prefix up to it is the leader's
                 self.commit_to(min(m.commit, self.verified))
                 self.send(sender, HeartbeatAck(m.epoch, m.seq))
         elif isinstance(m, Stale):
@@ -910,7 +912,9 @@ class _Step:
         if new_round:
             self.seq += 1
         for peer in sorted(self.progress):
-            self.send(peer, Heartbeat(self.hard.epoch, self.commit, self.seq))
+            match = self.progress[peer].match
+            matched = LogId(self.epoch_at(match) or 0, match) if match else LogId(0, 0)
+            self.send(peer, Heartbeat(self.hard.epoch, self.commit, self.seq, matched))
         self.heartbeat_sent_s = self.now
 
     def maintain(self) -> None:

@@ -155,11 +155,18 @@ class AppendReject:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Leadership proof and commit index; ``seq`` numbers the round for linearizable reads."""
+    """Leadership proof and commit index; ``seq`` numbers the round for linearizable reads.
+
+    ``prev``: the last entry the leader knows the receiver holds durably in this epoch (its acknowledged
+    match). If the receiver's log has that entry, the log-matching property makes its whole prefix up to it
+    the leader's, so it may commit up to ``min(commit, prev.index)`` without a new Append: a follower that
+    restarted with committed but unapplied entries applies them on the next heartbeat, not the next write.
+    Older senders omit it (the codec fills in ``LogId(0, 0)``, which proves nothing)."""
 
     epoch: int
     commit: int
     seq: int
+    prev: LogId = LogId(0, 0)
 
 
 @dataclass(frozen=True, slots=True)
