@@ -374,3 +374,36 @@ def test_only_the_three_exact_labels_are_roles(label):
         assert label not in ("read", "write", "admin")
     else:
         assert label == role.label and label in ("read", "write", "admin")
+
+
+def test_a_cached_signature_still_has_its_time_claims_checked_on_every_use():
+    token = auth.mint_jwt(SECRET, auth.Role.WRITE, now=1000, ttl_s=60)
+    assert auth.verify_jwt(token, SECRET, now=1000).role is auth.Role.WRITE  # verified and cached
+    assert (SECRET, token) in auth._verified
+    with pytest.raises(errors.Unauthorized, match="expired"):
+        auth.verify_jwt(token, SECRET, now=1000 + 60 + auth.LEEWAY_S)
+    with pytest.raises(errors.Unauthorized, match="not valid yet"):
+        auth.verify_jwt(token, SECRET, now=1000 - auth.LEEWAY_S - 1)
+
+
+def test_a_token_cached_under_one_secret_is_refused_under_another():
+    token = auth.mint_jwt(SECRET, auth.Role.ADMIN, now=1000, ttl_s=60)
+    auth.verify_jwt(token, SECRET, now=1000)
+    with pytest.raises(errors.Unauthorized, match="signature"):
+        auth.verify_jwt(token, SECRET + "x", now=1000)
+
+
+def test_refused_tokens_are_never_cached_and_the_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(auth, "VERIFIED_CACHE_ENTRIES", 8)
+    auth._verified.clear()
+    good = auth.mint_jwt(SECRET, auth.Role.READ, now=1000, ttl_s=60)
+    forged = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
+    for _ in range(3):
+        with pytest.raises(errors.Unauthorized):
+            auth.verify_jwt(forged, SECRET, now=1000)
+    assert not auth._verified
+    tokens = [auth.mint_jwt(SECRET, auth.Role.READ, now=1000, ttl_s=60, subject=f"s{i}") for i in range(20)]
+    for t in tokens:
+        auth.verify_jwt(t, SECRET, now=1000)
+    assert len(auth._verified) == 8
+    assert list(auth._verified) == [(SECRET, t) for t in tokens[-8:]]  # least recently used went first
