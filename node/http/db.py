@@ -304,6 +304,10 @@ class DbRoutes:
             if stalled is not None:
                 lines.append(f"[-]log apply stalled: {stalled}")
                 ready = False
+            starting = getattr(self._service, "replication_starting", None)  # REPLICATION=on only
+            if starting is not None and starting():
+                lines.append("[-]replication starting: forming or joining a cluster")
+                ready = False
         else:
             lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")
             ready = False

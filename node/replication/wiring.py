@@ -50,6 +50,10 @@ class Replication:
         finally:
             await self.forwarding.close()
 
+    def starting(self) -> bool:
+        """Still forming or joining a cluster: every data call answers 503, so /readyz must not say ready."""
+        return self.replicator.status() is None
+
     def status_fields(self, view: Any) -> dict[str, Any]:
         """What /cluster/status adds (and replaces: ``epoch``) with REPLICATION=on."""
         status = self.replicator.status()
