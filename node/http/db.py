@@ -304,9 +304,10 @@ class DbRoutes:
             if stalled is not None:
                 lines.append(f"[-]log apply stalled: {stalled}")
                 ready = False
-            starting = getattr(self._service, "replication_starting", None)  # REPLICATION=on only
-            if starting is not None and starting():
-                lines.append("[-]replication starting: forming or joining a cluster")
+            replication = getattr(self._service, "replication_problem", None)  # REPLICATION=on only
+            problem = replication("noleader" not in request.query) if replication is not None else None
+            if problem is not None:
+                lines.append(f"[-]replication {problem}")
                 ready = False
         else:
             lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")

@@ -303,7 +303,8 @@ class Cluster:
         self.log_dir = log_dir
         self.extra_env = dict(env or {})
         # A cluster of one is a known single node: it need not look for peers before it forms (as a user
-        # would set for `python -m node` on a laptop). Larger clusters keep the documented window.
+        # would set for `python -m node` on a laptop). Larger clusters, and nodes added later, keep the
+        # documented window.
         self.size = size
         self.dns = TestDnsServer()
         self.nodes: dict[str, NodeProcess] = {}
@@ -326,7 +327,7 @@ class Cluster:
             "DATA_DIR": str(self.log_dir / f"data-{ip}"),
             "LOG_LEVEL": "info",
         }
-        if self.size == 1:
+        if self.size == 1 and ip in self.ips:
             env["FORMATION_WINDOW"] = "0"
         env.update(self.extra_env)
         env.update(overrides)
