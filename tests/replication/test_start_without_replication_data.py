@@ -67,12 +67,12 @@ async def _start_replicated(data_dir: Path) -> tuple[BaseException | None, bool]
     replicator.begin(1)
     stop = asyncio.Event()
     task = asyncio.create_task(replicator.run(stop))
+    ready = asyncio.create_task(replicator.ready.wait())  # set once a core state exists
     try:
-        async with asyncio.timeout(START_BOUND_S):
-            while not task.done() and replicator.status() is None:
-                await asyncio.sleep(0.01)
+        await asyncio.wait([task, ready], timeout=START_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
         formed = replicator.status() is not None
     finally:
+        ready.cancel()
         stop.set()
         async with asyncio.timeout(START_BOUND_S):
             results = await asyncio.gather(task, return_exceptions=True)
