@@ -61,7 +61,14 @@ class ReplicatedDataService:
         self._wall_clock_ns = wall_clock_ns
         self._seeds = seeds
 
+    def _database_first(self) -> None:
+        """While this node's own database is being checked, or is corrupt, its replication waits for it: that
+        is the reason to give (database_checking, database_corrupt), not the 'no leader' that follows."""
+        if not self.database.is_open:
+            self.database._require_ready()
+
     async def submit(self, request: WriteRequest, client: str) -> WriteOutcome:
+        self._database_first()
         time_ns, seed = self._wall_clock_ns(), self._seeds()
         db_request = DbRequest(request.statements, Flags(transaction=request.transaction))
 
@@ -78,6 +85,7 @@ class ReplicatedDataService:
         return WriteOutcome(applied.results, epoch, applied.index, applied.duplicate)
 
     async def read(self, request: DbRequest, level: Level, client: str) -> list[StatementResult]:
+        self._database_first()
         if level in (Level.LINEARIZABLE, Level.STRONG):
             await self.replicator.confirm_read(READ_CONFIRM_S)
         elif level is not Level.NONE and not self.replicator.is_leader():

@@ -189,15 +189,24 @@ def test_documented_scenario(docker: Docker, image: str, timings: Timings, docum
     # One database: a row written through backend-1 is read back through backend-2 and backend-3, first as
     # they serve any client (forwarded to the leader), then from each one's own copy once it has replicated.
     tok = auth.mint_jwt("secret_key", auth.Role.WRITE, now=time.time(), ttl_s=3600)
-    wait_until(
-        lambda: (
-            call(PORTS["backend-1"], "/db/execute", ["CREATE TABLE IF NOT EXISTS docs (v TEXT)"], tok)[0]
-            == 200
-        ),
-        30,
-        0.2,
-        what="the replicated cluster to accept its first write (after FORMATION_WINDOW)",
-    )
+    created: list[Any] = []
+
+    def create() -> bool:
+        created.append(
+            call(PORTS["backend-1"], "/db/execute", ["CREATE TABLE IF NOT EXISTS docs (v TEXT)"], tok)
+        )
+        return created[-1][0] == 200
+
+    try:
+        wait_until(
+            create, 45, 0.2, what="the replicated cluster to accept its first write (after FORMATION_WINDOW)"
+        )
+    except AssertionError as exc:
+        replication = {
+            name: {k: (view or {}).get(k) for k in ("replication", "epoch", "writable", "leader_identity")}
+            for name, view in _views(NAMES).items()
+        }
+        raise AssertionError(f"{exc}\nlast answer: {created[-1][::2]}\nreplication: {replication}") from None
     _write_through("backend-1", tok, "first", timeout=10)
     timings.record(
         TEST, "first docker run -> a write through backend-1 acknowledged", time.monotonic() - started
