@@ -126,11 +126,13 @@ class Config:
     jwt_secret: str = field(default="", repr=False)
 
     # --- replication (node/replication) -----------------------------------------------------------------
-    # "off": every node serves its own database (the documented default for now). "on": one replicated
-    # database for the whole cluster (majority commit, epochs; see node/core/replication).
-    replication: str = "off"
+    # "on" (the default): one replicated database for the whole cluster (majority commit, epochs; see
+    # node/core/replication), so a client may send any request to any node. "off": an explicit opt-out in
+    # which every node serves its own database (no forwarding, no quorum).
+    replication: str = "on"
     # Seconds an empty node with REPLICATION=on looks for peers before it forms a cluster or joins one. 0
-    # for a node known to be alone. Longer than DNS needs to list every replica started together.
+    # for a node known to be alone (a laptop's `python -m node` then accepts writes at once). Longer than
+    # DNS needs to list every replica started together.
     formation_window_s: float = 5.0
 
     @property

@@ -157,6 +157,7 @@ class Node:
             self.replication = Replication(self)
             for name in ("submit", "read", "load_dump_file", "load_sqlite_file"):
                 setattr(self.data_service, name, getattr(self.replication.service, name))
+            self.data_service.replication_problem = self.replication.readiness_problem  # read by /readyz
             if self.cluster_routes is not None:
                 self.cluster_routes.replication_status = self.replication.status_fields
                 self.cluster_routes.remove_member = self.replication.remove_member

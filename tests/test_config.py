@@ -80,12 +80,14 @@ def test_a_secret_that_is_not_utf8_is_a_configuration_error_that_does_not_repeat
     assert not any("not-utf8-secret-value" in p for p in info.value.problems)
 
 
-def test_replication_is_off_by_default_and_takes_on_or_off():
+def test_replication_is_on_by_default_and_takes_on_or_off():
     secret = {"JWT_SECRET": "x" * 32}
     default = Config.from_env(secret)
-    assert default.replication == "off" and default.formation_window_s == 5.0
+    assert default.replication == "on" and default.formation_window_s == 5.0
     config = Config.from_env({**secret, "REPLICATION": "ON", "FORMATION_WINDOW": "0"})
     assert config.replication == "on" and config.formation_window_s == 0.0
+    opt_out = Config.from_env({**secret, "REPLICATION": " Off "})
+    assert opt_out.replication == "off"
     with pytest.raises(ConfigError) as info:
         Config.from_env({**secret, "REPLICATION": "yes", "FORMATION_WINDOW": "-1"})
     assert len(info.value.problems) == 2

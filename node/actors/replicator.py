@@ -540,11 +540,13 @@ class Replicator:
         hard = await asyncio.to_thread(load_core_hard_state, self.data_dir, self.identity)
         applied = await self.database.applied_index()
         last_epoch, last_index = self._asynclog.last
-        if hard is None and last_index == 0:
-            if applied:
-                # Data written without replication: refuse to pretend it is a replicated history.
+        if hard is None and (last_index == 0 or last_epoch == 0):
+            if applied or last_index:
+                # Data written without replication (its own log's entries carry epoch 0): refuse to pretend
+                # it is a replicated history, or the node would follow no one for ever.
                 raise RuntimeError(
-                    f"DATA_DIR holds a database written without replication (applied index {applied}); "
+                    f"DATA_DIR holds a database written without replication (applied index {applied}, "
+                    f"log up to {last_index}); "
                     "start with REPLICATION=off, or load a backup into an empty replicated cluster"
                 )
             await self._form(stop)

@@ -326,6 +326,11 @@ class DbRoutes:
             if refused is not None:  # replicated entries of another SQLite version: this copy stands still
                 lines.append(f"[-]apply refused: {refused}")
                 ready = False
+            replication = getattr(self._service, "replication_problem", None)  # REPLICATION=on only
+            problem = replication("noleader" not in request.query) if replication is not None else None
+            if problem is not None:
+                lines.append(f"[-]replication {problem}")
+                ready = False
         else:
             lines.append(f"[-]store not ready: {self._db.state_detail or self._db.state}")
             ready = False

@@ -178,7 +178,6 @@ class ReplicatedDataService:
         self._space_short: str | None = None
         self._wall_clock_ns = wall_clock_ns
         self._seeds = seeds
-        self._reserve_bytes = log_reserve_bytes
         self._load_lock = asyncio.Lock()
 
     async def _require_reserve(self) -> None:
@@ -200,7 +199,14 @@ class ReplicatedDataService:
         if self._space_short is not None:
             raise errors.InsufficientStorage(self._space_short)
 
+    def _database_first(self) -> None:
+        """While this node's own database is being checked, or is corrupt, its replication waits for it: that
+        is the reason to give (database_checking, database_corrupt), not the 'no leader' that follows."""
+        if not self.database.is_open:
+            self.database._require_ready()
+
     async def submit(self, request: WriteRequest, client: str) -> WriteOutcome:
+        self._database_first()
         await self._require_reserve()
         time_ns, seed = self._wall_clock_ns(), self._seeds()
         db_request = DbRequest(request.statements, Flags(transaction=request.transaction))
@@ -225,6 +231,7 @@ class ReplicatedDataService:
         return WriteOutcome(applied.results, epoch, applied.index, applied.duplicate, applied.committed)
 
     async def read(self, request: DbRequest, level: Level, client: str) -> list[StatementResult]:
+        self._database_first()
         freshness_s = request.flags.freshness_s
         if level is Level.NONE and freshness_s is not None:
             why = staleness(

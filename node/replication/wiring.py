@@ -102,6 +102,16 @@ class Replication:
             async with asyncio.timeout(budget + 0.25):
                 await self.replicator.done.wait()
 
+    def readiness_problem(self, need_leader: bool) -> str | None:
+        """Why /readyz must not say ready, or None. While the node forms or joins a cluster every data call
+        answers 503; without a leader it can reach (``need_leader``: /readyz without ``noleader``), every
+        call but a level=none read does."""
+        if self.replicator.status() is None:
+            return "starting: forming or joining a cluster"
+        if need_leader and not self.replicator.is_leader() and self.replicator.leader_endpoint() is None:
+            return "has no healthy leader"
+        return None
+
     def status_fields(self, view: Any) -> dict[str, Any]:
         """What /cluster/status adds (and replaces: ``epoch``) with REPLICATION=on."""
         status = self.replicator.status()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from node import auth
 from tests.e2e.support import (
     ROOT,
     ROUND_S,
@@ -19,7 +20,9 @@ from tests.e2e.support import (
     run,
     unique_prefix,
     wait_agree_ports,
+    wait_until,
 )
+from tests.e2e.test_replication import call
 
 pytestmark = pytest.mark.e2e
 
@@ -65,6 +68,26 @@ def test_compose_cluster(project: Compose, docker: Docker, timings: Timings) -> 
     assert {view["leader_id"] for view in views.values()} == {max(ids.values())}
     leader = max(SERVICES, key=ids.__getitem__)
     others = {service: port for service, port in project.ports.items() if service != leader}
+
+    # One database (REPLICATION=on by default): a row written through backend-1 reaches every node's copy.
+    tok = auth.mint_jwt("secret_key", auth.Role.WRITE, now=time.time(), ttl_s=3600)
+    port_1 = project.ports["backend-1"]
+    wait_until(
+        lambda: call(port_1, "/db/execute", ["CREATE TABLE IF NOT EXISTS c (v TEXT)"], tok)[0] == 200,
+        30,
+        0.2,
+        what="the first write through backend-1",
+    )
+    assert call(port_1, "/db/execute", [["INSERT INTO c VALUES ('one')"]], tok)[0] == 200
+    query = "/db/query?level=none&q=SELECT+v+FROM+c"
+
+    def everywhere() -> bool:
+        answers = [call(port, query, tok=tok) for port in project.ports.values()]
+        return all(
+            status == 200 and body["results"][0].get("values") == [["one"]] for status, _, body in answers
+        )
+
+    wait_until(everywhere, 10, 0.1, what="the row in every node's copy (level=none)")
 
     started = time.monotonic()
     project("stop", *STOP_WITHIN, leader)

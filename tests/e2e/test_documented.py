@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from node import auth
 from tests.e2e.support import (
     ROOT,
     ROUND_S,
@@ -23,6 +27,7 @@ from tests.e2e.support import (
     run,
     wait_until,
 )
+from tests.e2e.test_replication import call
 
 pytestmark = pytest.mark.e2e
 
@@ -93,6 +98,62 @@ def _wait_agree(names: list[str], timeout: float) -> dict[str, Any]:
     return views
 
 
+def _rows(name: str, tok: str) -> list[str] | None:
+    """backend-N's own copy of table docs (level=none: no forwarding), or None if it cannot answer yet."""
+    status, _, body = call(PORTS[name], "/db/query?level=none&q=SELECT+v+FROM+docs+ORDER+BY+v", tok=tok)
+    if status != 200 or not isinstance(body, dict) or "error" in body["results"][0]:
+        return None
+    return [row[0] for row in body["results"][0].get("values", [])]
+
+
+def _write_through(name: str, tok: str, value: str, timeout: float) -> None:
+    """INSERT through backend-N, retried until acknowledged (the cluster may still be forming or electing).
+    Every attempt carries the same X-Request-Id, so an attempt that timed out but was applied is not applied
+    twice by the next one."""
+    request_id = f"documented-{value}"
+    answers: list[Any] = []
+
+    def wrote() -> bool:
+        request = urllib.request.Request(
+            f"http://localhost:{PORTS[name]}/db/execute",
+            data=json.dumps([["INSERT INTO docs(v) VALUES(?)", value]]).encode(),
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {tok}",
+                "X-Request-Id": request_id,
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            answers.append((exc.code, exc.read()[:300]))
+            return False
+        except OSError as exc:
+            answers.append(repr(exc))
+            return False
+        answers.append(body)
+        return "error" not in body["results"][0]
+
+    try:
+        wait_until(wrote, timeout, 0.2, what=f"a write through {name}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nlast answers: {answers[-3:]}") from None
+
+
+def _wait_rows(names: list[str], tok: str, want: list[str], timeout: float) -> None:
+    seen: dict[str, Any] = {}
+
+    def replicated() -> bool:
+        seen.update({name: _rows(name, tok) for name in names})
+        return all(seen[name] == want for name in names)
+
+    try:
+        wait_until(replicated, timeout, 0.1, what=f"{want} on {names} (level=none)")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nseen: {seen}") from None
+
+
 def test_documented_scenario(docker: Docker, image: str, timings: Timings, documented_names: None) -> None:
     _, took = docker.timed("network", "create", "--driver", "bridge", NETWORK)
     timings.record(TEST, "docker network create", took)
@@ -139,7 +200,38 @@ def test_documented_scenario(docker: Docker, image: str, timings: Timings, docum
     assert 0 < len(tail) <= 50 and tail[-1] == lines[-1]
     if shutil.which("jq"):  # literally jq-parsable, as the README pipes it
         raw = docker("logs", "backend-1").stdout
-        assert run(["jq", "-c", ".event"], input_text=raw).stdout.split() == [f'"{e}"' for e in events]
+        parsed = run(["jq", "-c", ".event"], input_text=raw).stdout.split()
+        assert parsed[: len(events)] == [f'"{e}"' for e in events]  # lines may have been added since
+
+    # One database: a row written through backend-1 is read back through backend-2 and backend-3, first as
+    # they serve any client (forwarded to the leader), then from each one's own copy once it has replicated.
+    tok = auth.mint_jwt("secret_key", auth.Role.WRITE, now=time.time(), ttl_s=3600)
+    created: list[Any] = []
+
+    def create() -> bool:
+        created.append(
+            call(PORTS["backend-1"], "/db/execute", ["CREATE TABLE IF NOT EXISTS docs (v TEXT)"], tok)
+        )
+        return created[-1][0] == 200
+
+    try:
+        wait_until(
+            create, 45, 0.2, what="the replicated cluster to accept its first write (after FORMATION_WINDOW)"
+        )
+    except AssertionError as exc:
+        replication = {
+            name: {k: (view or {}).get(k) for k in ("replication", "epoch", "writable", "leader_identity")}
+            for name, view in _views(NAMES).items()
+        }
+        raise AssertionError(f"{exc}\nlast answer: {created[-1][::2]}\nreplication: {replication}") from None
+    _write_through("backend-1", tok, "first", timeout=10)
+    timings.record(
+        TEST, "first docker run -> a write through backend-1 acknowledged", time.monotonic() - started
+    )
+    for name in ("backend-2", "backend-3"):
+        status, headers, body = call(PORTS[name], "/db/query?q=SELECT+v+FROM+docs", tok=tok)
+        assert status == 200 and body["results"][0]["values"] == [["first"]], (name, status, body)
+    _wait_rows(NAMES, tok, ["first"], timeout=10)
 
     # docker stop backend-3 (verbatim; the 2 s bound is checked with `stop -t 2` elsewhere): exits 0; the others elect the next-highest ID well within a round.
     stop_started = time.monotonic()
@@ -152,13 +244,20 @@ def test_documented_scenario(docker: Docker, image: str, timings: Timings, docum
     )
     assert {view["leader_id"] for view in views.values()} == {ids["backend-2"]}
     stopped_events = [line["event"] for line in docker.logs("backend-3")]
-    assert stopped_events[-3:] == ["shutting_down", "goodbye_sent", "node_stopped"]
+    # In this order, node_stopped last (replication may log its own stop between them).
+    shutdown = iter(stopped_events[stopped_events.index("shutting_down") :])
+    assert (
+        all(e in shutdown for e in ("goodbye_sent", "node_stopped")) and stopped_events[-1] == "node_stopped"
+    )
     removed = wait_until(
         lambda: [ln for ln in docker.logs("backend-1") if ln["event"] == "peer_removed"],
         5,
         what="peer_removed",
     )
     assert removed[-1]["peer_id"] == ids["backend-3"]
+    # Two of three voters are a majority: writes go on without backend-3.
+    _write_through("backend-1", tok, "second", timeout=20)
+    _wait_rows(["backend-1", "backend-2"], tok, ["first", "second"], timeout=10)
 
     # docker start backend-3: rejoins by itself and, being highest, leads again.
     start_started = time.monotonic()
@@ -169,6 +268,15 @@ def test_documented_scenario(docker: Docker, image: str, timings: Timings, docum
     new_id = node_id(ips["backend-3"])
     assert {view["leader_id"] for view in views.values()} == {new_id} and new_id == max(
         view["current_node_id"] for view in views.values()
+    )
+    # Its data survived the restart, it caught up with what it missed, and writes resume through any node.
+    _wait_rows(["backend-3"], tok, ["first", "second"], timeout=20)
+    _write_through("backend-2", tok, "third", timeout=20)
+    _wait_rows(NAMES, tok, ["first", "second", "third"], timeout=10)
+    timings.record(
+        TEST,
+        "docker start backend-3 -> a write through backend-2 on all three",
+        time.monotonic() - start_started,
     )
 
     # docker stop backend-1 backend-2 backend-3 ; docker rm ... ; docker network rm talentnet

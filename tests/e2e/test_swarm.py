@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from node import auth
 from tests.e2e.support import ROOT, Docker, Timings, agreement, free_port, node_id, unique_prefix, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -22,6 +23,14 @@ STACK_FILE = ROOT / "deploy" / "stack.yaml"
 STATUS = (
     "import sys, urllib.request; "
     "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:3000/cluster/status', timeout=1).read().decode())"
+)
+
+# POST (a JSON body in argv[2]) or GET (argv[2] empty) on the node's own data API, with a token.
+SQL = (
+    "import sys, urllib.request; "
+    "r = urllib.request.Request('http://127.0.0.1:3000' + sys.argv[1], data=sys.argv[2].encode() or None, "
+    "headers={'Content-Type': 'application/json', 'Authorization': 'Bearer ' + sys.argv[3]}); "
+    "sys.stdout.write(urllib.request.urlopen(r, timeout=5).read().decode())"
 )
 
 
@@ -40,6 +49,14 @@ class Stack:
 
     def status(self, container: str) -> dict[str, Any] | None:
         result = self.docker("exec", container, "python", "-c", STATUS, check=False, timeout=30)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def sql(self, container: str, path: str, body: Any, tok: str) -> dict[str, Any] | None:
+        """The node's answer (200 only) to one data API call made inside its container, else None."""
+        payload = json.dumps(body) if body is not None else ""
+        result = self.docker(
+            "exec", container, "python", "-c", SQL, path, payload, tok, check=False, timeout=30
+        )
         return json.loads(result.stdout) if result.returncode == 0 else None
 
     def views(self, expect: int) -> dict[str, Any] | None:
@@ -118,6 +135,26 @@ def test_swarm_stack(stack: Stack, docker: Docker, timings: Timings) -> None:
     assert "SERVICE_NAME=tasks.{{.Service.Name}}" in json.loads(env)
     task = stack.tasks()[0]
     assert docker("exec", task, "sh", "-c", "echo $SERVICE_NAME").stdout.strip() == f"tasks.{stack.service}"
+
+    # One database (REPLICATION=on by default): a row written through one replica is in every replica's copy.
+    tok = auth.mint_jwt("secret_key", auth.Role.WRITE, now=time.time(), ttl_s=3600)
+    wait_until(
+        lambda: stack.sql(task, "/db/execute", ["CREATE TABLE IF NOT EXISTS s (v TEXT)"], tok),
+        30,
+        0.5,
+        what="the first write through one replica",
+    )
+    inserted = stack.sql(task, "/db/execute", [["INSERT INTO s VALUES ('one')"]], tok)
+    assert inserted is not None and "error" not in inserted["results"][0], inserted
+
+    def everywhere() -> bool:
+        for other in stack.tasks():
+            body = stack.sql(other, "/db/query?level=none&q=SELECT+v+FROM+s", None, tok)
+            if body is None or body["results"][0].get("values") != [["one"]]:
+                return False
+        return True
+
+    wait_until(everywhere, 20, 0.5, what="the row in every replica's copy (level=none)")
 
     started = time.monotonic()
     docker("service", "scale", "--detach", f"{stack.service}=4")

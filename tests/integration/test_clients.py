@@ -56,6 +56,8 @@ class RunningNode:
             "SERVICE_NAME": "nothing-here.invalid",
             "DNS_SERVERS": "127.0.0.1:9",
             "DNS_TIMEOUT": "0.5",
+            # A known single node: no formation window to wait before it accepts writes.
+            "FORMATION_WINDOW": "0",
         }
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "node"], env=env, stdout=out, stderr=out)

@@ -78,7 +78,8 @@ def build(method: str, path: str, headers: list[bytes], body: bytes = b"") -> by
 
 
 def test_hostile_requests_leave_no_secret_in_the_output(make_cluster):
-    cluster = make_cluster(size=1, env={"LOG_LEVEL": "debug"})
+    env = {"LOG_LEVEL": "debug"}
+    cluster = make_cluster(size=1, env=env)
     (ip,) = cluster.ips
     node = cluster.start(ip)
     cluster.wait_agreed([ip], timeout_s=20)

@@ -302,6 +302,10 @@ class Cluster:
         self.service = service or f"tn-{secrets.token_hex(3)}.test"
         self.log_dir = log_dir
         self.extra_env = dict(env or {})
+        # A cluster of one is a known single node: it need not look for peers before it forms (as a user
+        # would set for `python -m node` on a laptop). Larger clusters, and nodes added later, keep the
+        # documented window.
+        self.size = size
         self.dns = TestDnsServer()
         self.nodes: dict[str, NodeProcess] = {}
         self.jwt_secret = secrets.token_hex(32)
@@ -323,6 +327,8 @@ class Cluster:
             "DATA_DIR": str(self.log_dir / f"data-{ip}"),
             "LOG_LEVEL": "info",
         }
+        if self.size == 1 and ip in self.ips:
+            env["FORMATION_WINDOW"] = "0"
         env.update(self.extra_env)
         env.update(overrides)
         return clean_env(env)
