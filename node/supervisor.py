@@ -129,16 +129,32 @@ class Node:
         self.data_service: LogBackedDataService | None = None
         if self.http is not None:
             self.database = database_from(config, log)
-            # Writes and reads go through the data service (the seam replication will fill in): every write
-            # is appended to DATA_DIR/log and fsynced there before it is applied and acknowledged.
+            # This node's own database: opened and checked at start, closed at shutdown. With REPLICATION=off
+            # it also serves the data calls, every write appended to DATA_DIR/log and fsynced there before it is
+            # applied and acknowledged; with replication the Replicator keeps that log (own_log=False).
             self.data_service = LogBackedDataService(
                 self.database,
                 log_reserve_bytes=config.log_reserve_bytes,
                 emit=log,
                 own_log=config.replication != "on",
             )
+
+        # --- REPLICATION=on (node/replication/wiring.py): data calls go through replication (the local service
+        # keeps opening, checking and closing this node's database), plus the peer endpoint, forwarding and
+        # the status fields.
+        self.replication = None
+        served: Any = self.data_service
+        if config.replication == "on" and self.http is not None and self.data_service is not None:
+            from node.replication.wiring import ReplicatedNodeService, Replication
+
+            self.replication = Replication(self)
+            served = ReplicatedNodeService(self.data_service, self.replication)
+            if self.cluster_routes is not None:
+                self.cluster_routes.replication_status = self.replication.status_fields
+                self.cluster_routes.remove_member = self.replication.remove_member
+        if self.http is not None and served is not None:
             DbRoutes(
-                service=self.data_service,
+                service=served,
                 jwt_secret=config.jwt_secret,
                 decisions=self.decisions,
                 max_body_bytes=config.db_max_body_bytes,
@@ -147,20 +163,6 @@ class Node:
                 body_read_timeout_s=config.body_read_timeout_s,
                 log_reserve_bytes=config.log_reserve_bytes,
             ).add_to(self.http.app)
-
-        # --- REPLICATION=on (node/replication/wiring.py): the replicated data service replaces the local one
-        # behind the same DbRoutes, plus the peer endpoint, forwarding and the status fields.
-        self.replication = None
-        if config.replication == "on" and self.http is not None and self.data_service is not None:
-            from node.replication.wiring import Replication
-
-            self.replication = Replication(self)
-            for name in ("submit", "read", "load_dump_file", "load_sqlite_file"):
-                setattr(self.data_service, name, getattr(self.replication.service, name))
-            self.data_service.replication_problem = self.replication.readiness_problem  # read by /readyz
-            if self.cluster_routes is not None:
-                self.cluster_routes.replication_status = self.replication.status_fields
-                self.cluster_routes.remove_member = self.replication.remove_member
 
     async def _begin_incarnation(self) -> None:
         """Allocate this start's peer-message incarnation before any peer message goes out or comes in.

@@ -27,6 +27,26 @@ def handover_budget_s(shutdown_grace_s: float) -> float:
     return min(0.5, shutdown_grace_s / 3)
 
 
+class ReplicatedNodeService:
+    """What the data routes (node.http.db.DbRoutes) call with REPLICATION=on: writes, reads and loads go
+    through replication; what is this node's own — whether its apply pipeline is stalled — comes from the
+    local service, which also opens, checks and closes the database (the supervisor drives that part)."""
+
+    def __init__(self, local: Any, replication: Replication) -> None:
+        self._local = local
+        self._replicated = replication.service
+        self.database = local.database  # backups, upload files and readiness read this node's own copy
+        self.submit = self._replicated.submit
+        self.read = self._replicated.read
+        self.load_dump_file = self._replicated.load_dump_file
+        self.load_sqlite_file = self._replicated.load_sqlite_file
+        self.replication_problem = replication.readiness_problem  # read by /readyz
+
+    @property
+    def stalled(self) -> str | None:
+        return self._local.stalled
+
+
 class Replication:
     def __init__(self, node: Any) -> None:
         config = node.config
