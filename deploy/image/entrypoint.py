@@ -1,11 +1,11 @@
-"""PID 1 of the container image: runs the node, and stops cleanly even when told to before it is ready.
+"""The node's first Python lines in the image: a stop before the node is ready still ends it cleanly.
 
-The kernel ignores signals sent to PID 1 for which the process has no handler. The node installs its
-SIGTERM handler only once its event loop runs, a few hundred milliseconds after start: a `docker stop` in
-that window would be ignored, wait its 10 s and end in SIGKILL (exit status 137). So this script installs
-a handler first - a stop before the node is up ends the process at once with status 0 - and then hands
-over to the node, whose own handler (goodbye to peers, exit 0 within 2 s) replaces it. Only the few
-milliseconds the interpreter needs to reach the first line remain uncovered.
+tini (PID 1, see the Containerfile) forwards ``docker stop``'s SIGTERM to this process from its first
+instant. The node installs its own SIGTERM handler only once its event loop runs, a few hundred
+milliseconds after start; before that, Python's default would end the process by the signal (status 143,
+which tini reports as 0). This script installs a handler first, so a stop before the node is up ends the
+process at once with status 0 and nothing half done, and then hands over to the node, whose own handler
+(goodbye to peers, a leader's handover, exit 0 within 2 s) replaces it.
 """
 
 import os

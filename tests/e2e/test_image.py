@@ -12,7 +12,8 @@ from tests.e2e.support import ROOT, STOP_WITHIN, Cluster, Docker, Timings, wait_
 
 pytestmark = pytest.mark.e2e
 
-ENTRYPOINT = ["/opt/venv/bin/python", "/opt/talentnest/entrypoint.py"]
+NODE_COMMAND = ["/opt/venv/bin/python", "/opt/talentnest/entrypoint.py"]
+ENTRYPOINT = ["/usr/bin/tini", "-e", "143", "--", *NODE_COMMAND]
 
 
 def test_image_metadata(docker: Docker, image: str, timings: Timings) -> None:
@@ -20,7 +21,7 @@ def test_image_metadata(docker: Docker, image: str, timings: Timings) -> None:
     assert config["User"] in ("10001:10001", "10001")
     assert "/data" in config["Volumes"]
     assert "3000/tcp" in config["ExposedPorts"]
-    assert config["Entrypoint"] == ENTRYPOINT  # exec form: the node is PID 1
+    assert config["Entrypoint"] == ENTRYPOINT  # exec form: tini is PID 1, the node its child
     assert "DATA_DIR=/data" in config["Env"]
     assert config["Healthcheck"]["Test"] == ["CMD", "/opt/venv/bin/python", "-m", "node.healthcheck"]
     labels = config["Labels"]
@@ -59,8 +60,13 @@ def test_healthcheck_and_stop(docker: Docker, make_cluster: Callable[..., Cluste
         "docker run -> health status 'healthy' (first check after the 10 s interval)",
         time.monotonic() - started,
     )
-    # PID 1 handles SIGTERM: docker stop returns at once and the exit status is 0, not 137.
-    assert docker("exec", name, "cat", "/proc/1/cmdline").stdout.split("\0")[:2] == ENTRYPOINT
+    # tini is PID 1 and forwards SIGTERM to the node, its only child: docker stop returns at once and the
+    # exit status is 0, not 137.
+    assert docker("exec", name, "cat", "/proc/1/cmdline").stdout.split("\0")[:1] == ["/usr/bin/tini"]
+    children = docker("exec", name, "cat", "/proc/1/task/1/children").stdout.split()
+    assert len(children) == 1
+    child = docker("exec", name, "cat", f"/proc/{children[0]}/cmdline").stdout.split("\0")
+    assert child[:2] == NODE_COMMAND
     _, took = docker.timed("stop", *STOP_WITHIN, name)
     timings.record("image", "docker stop (single node)", took)
     assert docker.exit_code(name) == 0  # not 137: it exited by itself within 2 s
@@ -78,7 +84,9 @@ def test_stop_right_after_start(
     docker: Docker, make_cluster: Callable[..., Cluster], timings: Timings
 ) -> None:
     """A stop that arrives before the node has installed its own SIGTERM handler still ends it at once, with
-    status 0 (PID 1 ignores signals it has no handler for: without entrypoint.py this waited 10 s, then 137)."""
+    status 0. The kernel ignores signals to PID 1 that have no handler, and the interpreter takes up to
+    hundreds of milliseconds before Python code can install one: with the node as PID 1 a stop right after
+    the run was lost (2 s, then SIGKILL, 137). tini as PID 1 forwards it from the first instant."""
     cluster = make_cluster()
     worst = 0.0
     for n in (1, 2, 3):
