@@ -20,6 +20,7 @@ from node.service import WriteRequest
 class _Db:
     data_dir = Path(".")
     sqlite_version = "3.45.0"  # stamped into each command (any value: the fake replicator never applies)
+    is_open = True  # checked and serving: the data service asks before anything else
 
 
 class _Replicator:
