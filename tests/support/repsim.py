@@ -390,9 +390,13 @@ class RepSim:
         """See the module docstring: hard state now, early sends now, the rest once the writes are durable."""
         node = self.nodes[name]
         d = node.durable
+        persisted: list[LogId] = []
         if ready.hard_state is not None:
             # The hard state is written on the log's thread after the queued writes: they are durable first.
-            self._complete(name, everything=True)
+            # What they report (Persisted) reaches the core only after this Ready is carried out, as in the
+            # Replicator, whose loop takes one input at a time: fed now, it would make the core's next Ready
+            # overtake this one (an apply queued ahead of an earlier apply).
+            persisted = self._complete(name, everything=True, feed=False)
             if node.state is None:
                 return
             d.hard = ready.hard_state
@@ -426,6 +430,10 @@ class RepSim:
             )
             node.unsynced.append((max(due, node.unsynced[-1][0] if node.unsynced else due), ready))
         self._record(name)
+        for last in persisted:
+            if node.state is None:
+                break
+            self.input(name, Persisted(last))
         state = node.state
         if state is not None and state.writable and any(f.event == "writable_changed" for f in ready.facts):
             self.inv.check_writable(name, d.log)
@@ -460,13 +468,15 @@ class RepSim:
                     )
         self.inv.record_commit(name, node.durable.log, min(state.commit, durable), leader_epoch)
 
-    def _complete(self, name: str, everything: bool = False) -> None:
+    def _complete(self, name: str, everything: bool = False, feed: bool = True) -> list[LogId]:
         """Pipelined: the queued writes that are due become durable, in order, each followed by what waited
-        for it (late sends, applies, ReadLog answers) and a Persisted input."""
+        for it (late sends, applies, ReadLog answers) and a Persisted input — fed at once, or with
+        ``feed=False`` returned for the caller to feed once it is done."""
         node = self.nodes[name]
+        unfed: list[LogId] = []
         for _ in range(10_000):
             if node.state is None or not node.unsynced or (not everything and node.unsynced[0][0] > self.now):
-                return
+                return unfed
             _, ready = node.unsynced.pop(0)
             d = node.durable
             before_applied = len(d.applied)
@@ -493,7 +503,10 @@ class RepSim:
                 entries = tuple(d.log[request.first - 1 : request.last])
                 self.input(name, LogRead(request, entries))
             if ready.append:
-                self.input(name, Persisted(ready.append[-1].id))
+                if feed:
+                    self.input(name, Persisted(ready.append[-1].id))
+                else:
+                    unfed.append(ready.append[-1].id)
         raise AssertionError("pipelined writes kept producing writes")  # pragma: no cover
 
     def deliver_due(self) -> None:
