@@ -189,10 +189,15 @@ def test_kill_9_under_write_load_loses_no_acknowledged_write_and_applies_none_tw
 
 
 def test_writes_are_refused_with_507_json_before_the_disk_fills(make_node):
-    # The node's own log (REPLICATION=off) keeps LOG_RESERVE_BYTES; the replicated log does not yet (see the
-    # replication work): this test is about the opt-out's log.
+    # The node's own log (REPLICATION=off) keeps LOG_RESERVE_BYTES (with replication the data service refuses
+    # below it: tests/replication/test_write_reserve.py): this test is about the opt-out's log.
     node = make_node(LOG_RESERVE_BYTES=str(1 << 62), REPLICATION="off")
-    node.start()
+    node.start(ready=False)  # never ready: /readyz says why, once the database is open
+    wait_until(
+        lambda: b"[+]db ok" in node.call("GET", "/readyz?noleader")[1], 30, what="the database", describe=node.tail
+    )
+    status, body = node.call("GET", "/readyz?noleader")[:2]
+    assert status == 503 and b"[-]log below reserve" in body
     status, body, _ = node.execute(["CREATE TABLE t (x)"])
     assert status == 507, body
     error = json.loads(body)
