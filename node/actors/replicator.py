@@ -262,6 +262,9 @@ class Replicator:
         # Set when the loop is over (handed over, nothing to hand over, or out of budget; or never
         # started): from then on the node may say goodbye and stop serving HTTP (see the supervisor).
         self.done = asyncio.Event()
+        # The node is shutting down (from the signal on): requests that find no leader here are told that,
+        # not "no leader", so clients retry elsewhere for the right reason.
+        self.stopping = False
         self.identity: str | None = None
         self.state: machine.State | None = None
         self.transport: ReplicationTransport | None = None
@@ -664,6 +667,7 @@ class Replicator:
             if stop.is_set() and stop_sent_at is None:
                 stop_sent_at = now
                 self._stop_requested = True
+                self.stopping = True
                 led_at_stop = self.state is not None and self.state.role == machine.LEADER
             if (
                 stop_sent_at is not None

@@ -244,6 +244,8 @@ class ReplicatedDataService:
             await self.replicator.confirm_read(READ_CONFIRM_S)
         elif level is not Level.NONE and not self.replicator.is_leader():
             # The middleware forwards weak/auto reads to a healthy leader; here there is none to ask.
+            if self.replicator.stopping:
+                raise errors.Unavailable("this node is shutting down; retry on another node")
             status = self.replicator.status()
             raise errors.NotLeader(
                 "no healthy leader to serve a weak read; use level=none for this node's copy",
