@@ -69,7 +69,9 @@ class Node:
 
     def up_or_dead(self, statuses: tuple[int, ...]) -> bool:
         assert self.process is not None
-        return self.process.poll() is not None or self.call("GET", "/readyz?noleader")[0] in statuses
+        # Ready means ready to write: /readyz with its leader checks (a replicated node of one has elected
+        # itself, so a write right after start is not refused with not_leader).
+        return self.process.poll() is not None or self.call("GET", "/readyz")[0] in statuses
 
     def kill9(self) -> None:
         assert self.process is not None
