@@ -126,9 +126,18 @@ class Replication:
         """Why /readyz must not say ready, or None. While the node forms or joins a cluster every data call
         answers 503; without a leader it can reach (``need_leader``: /readyz without ``noleader``), every
         call but a level=none read does."""
-        if self.replicator.status() is None:
+        status = self.replicator.status()
+        if status is None:
             return "starting: forming or joining a cluster"
-        if need_leader and not self.replicator.is_leader() and self.replicator.leader_endpoint() is None:
+        if not need_leader:
+            return None
+        if self.replicator.is_leader():
+            if not status.writable:
+                # Leading, but its epoch's first entry is not committed yet (a few ms after an election),
+                # or it lost its majority, or it is handing over: a write now would get 503.
+                return "leads but does not take writes yet (no majority has its epoch)"
+            return None
+        if self.replicator.leader_endpoint() is None:
             return "has no healthy leader"
         return None
 

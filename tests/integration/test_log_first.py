@@ -269,7 +269,8 @@ def test_sigterm_under_write_load_answers_every_client_and_loses_no_acknowledged
     node exits 0 within the 2 s promise, and every 200 is there after the restart."""
     node = make_node()
     node.start()
-    assert node.execute(["CREATE TABLE t (k TEXT NOT NULL)"])[0] == 200
+    status, body, _ = node.execute(["CREATE TABLE t (k TEXT NOT NULL)"])
+    assert status == 200, (body, node.tail())
     answers: dict[str, int] = {}
     lock = threading.Lock()
     stop = threading.Event()
