@@ -55,7 +55,8 @@ import collections
 import contextlib
 import itertools
 import os
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,10 @@ LOG_READ_BYTES = 4 << 20
 APPLY_RETRY_S = 0.5
 APPLY_FAILURE_LOG_S = 30.0  # the same apply failure is logged again at most this often (it is retried)
 REFORM_CHECK_S = 1.0
+# Facts that repeat for every message of another cluster's leader: logged at most once per FACT_REPEAT_S
+# per (event, sender), with a ``suppressed`` count.
+REPEATING_FACTS = frozenset({"foreign_history", "foreign_cluster"})
+FACT_REPEAT_S = 10.0
 CONFLICT_LOG_INTERVAL_S = 30.0
 DISSOLVE_CHECKS = 2  # the same DISSOLVE decision on this many checks in a row before acting on it
 INLINE_DECODE_BYTES = 64 << 10
@@ -109,6 +114,7 @@ def encode_core_hard_state(hard: msg.HardState, identity: str) -> bytes:
         "epoch": hard.epoch,
         "promised_to": hard.promised_to,
         "configs": [[i, c.encode().decode()] for i, c in hard.configs],
+        "cluster": hard.cluster,
     }
     return encode_framed(_STATE_MAGIC, _STATE_VERSION, orjson.dumps(body))
 
@@ -118,7 +124,10 @@ def decode_core_hard_state(data: bytes) -> tuple[str, msg.HardState]:
     _, raw = decode_framed(data, _STATE_MAGIC, frozenset({_STATE_VERSION}))
     body = orjson.loads(raw)
     configs = tuple((int(i), msg.Config.decode(c.encode())) for i, c in body["configs"])
-    return str(body["identity"]), msg.HardState(int(body["epoch"]), body["promised_to"], configs)
+    cluster = body.get("cluster", "")  # absent in files written before clusters were named
+    if not isinstance(cluster, str):
+        raise ValueError("cluster must be a string")
+    return str(body["identity"]), msg.HardState(int(body["epoch"]), body["promised_to"], configs, cluster)
 
 
 def save_core_hard_state(directory: Path, hard: msg.HardState, identity: str) -> None:
@@ -280,6 +289,10 @@ class Replicator:
         self.conflict: formation.Decision | None = None  # set while facing another cluster with data
         self._conflict_logged_at: float | None = None
         self._dissolve_votes = 0
+        # Clusters this node dissolved out of (bounded: one per dissolve, the newest kept): while it has no
+        # cluster, it takes no leader of those back, or a leader that has not dissolved yet could re-add it.
+        self._left_clusters: collections.deque[str] = collections.deque(maxlen=8)
+        self._fact_lines: dict[tuple[str, str], tuple[float | None, int]] = {}  # see _log_fact
         self._view_dirty = True
         self._last_view: dict[str, int] | None = None
         # Inputs waiting for the next round.
@@ -348,8 +361,11 @@ class Replicator:
     def is_leader(self) -> bool:
         return self.state is not None and self.state.role == machine.LEADER
 
-    def receive(self, sender: str, address: Endpoint, messages: list[msg.Message]) -> None:
-        """From the HTTP endpoint, after the batch was authenticated. Never blocks; overflow drops oldest."""
+    def receive(self, sender: str, address: Endpoint, messages: list[msg.Message], cluster: str = "") -> None:
+        """From the HTTP endpoint, after the batch was authenticated. Never blocks; overflow drops oldest.
+        ``cluster``: the sender's, from the batch (the core refuses another cluster's messages)."""
+        if cluster and cluster in self._left_clusters and self.state is not None and not self.state.hard.cluster:
+            return  # the cluster this node dissolved out of: it must not take this node back
         self.learn(address, sender, None)
         if self.transport is not None:
             self.transport.note_alive(address)
@@ -357,7 +373,7 @@ class Replicator:
             if len(self._inbox) >= MAX_INBOX:
                 self._inbox.popleft()
                 self.stats["dropped_inbox"] += 1
-            self._inbox.append(msg.Receive(sender, message))
+            self._inbox.append(msg.Receive(sender, message, cluster))
         self._wake.set()
 
     @property
@@ -556,6 +572,11 @@ class Replicator:
             return
         if applied > last_index:
             raise RuntimeError(f"the database applied index {applied} is beyond the log's last {last_index}")
+        if hard is not None and not hard.cluster and last_index:
+            # Written before clusters were named: every member derives the same name from entry 1.
+            first = await self._asynclog.read(1, LOG_READ_BYTES)
+            if first:
+                hard = replace(hard, cluster=machine.legacy_cluster(from_log_entry(first[0])))
         base_epoch = await self._asynclog.epoch_at(applied) if applied else 0
         entries: list[msg.Entry] = []
         index = applied + 1
@@ -649,8 +670,9 @@ class Replicator:
 
     async def _bootstrap(self) -> None:
         assert self.identity is not None
-        self.state, ready = machine.bootstrap(self.identity, frozenset({self.identity}), self.options)
-        self.log.info("replication_bootstrapped", voters=1, identity=self.identity)
+        cluster = uuid.uuid4().hex
+        self.state, ready = machine.bootstrap(self.identity, frozenset({self.identity}), self.options, cluster)
+        self.log.info("replication_bootstrapped", voters=1, identity=self.identity, cluster=cluster)
         await self._carry_out([ready])
         await self._drain()  # a bootstrap is durable before anything else runs
 
@@ -816,6 +838,8 @@ class Replicator:
         await asyncio.to_thread(_remove_durably, self.data_dir / REPLICATION_STATE_FILE)
         await self._asynclog.truncate_after(0)
         self.applied_index = 0
+        if self.state is not None and self.state.hard.cluster:
+            self._left_clusters.append(self.state.hard.cluster)
         self.state = machine.joiner(self.identity, self.options)
         self._last_view = None
         self._view_dirty = True
@@ -929,10 +953,28 @@ class Replicator:
             for reply in ready.replies:
                 self._reply(reply)
             for fact in ready.facts:
-                self.log.info("replication_" + fact.event, **dict(fact.fields))
+                self._log_fact(fact)
             if writes or late or ready.apply or ready.read_log:
                 appended = ready.append[-1].id if ready.append and pipelined else None
                 await self._queue_unsynced(_Unsynced(writes, late, ready.apply, ready.read_log, appended))
+
+    def _log_fact(self, fact: msg.Fact) -> None:
+        """One line per fact; a fact that repeats for every message of another cluster's leader (see
+        REPEATING_FACTS) at most once per FACT_REPEAT_S per (event, sender), with the count it stood for."""
+        fields = dict(fact.fields)
+        if fact.event in REPEATING_FACTS:
+            key = (fact.event, str(fields.get("leader") or fields.get("sender")))
+            now = asyncio.get_running_loop().time()
+            last, count = self._fact_lines.get(key, (None, 0))
+            if last is not None and now - last < FACT_REPEAT_S:
+                self._fact_lines[key] = (last, count + 1)
+                return
+            if len(self._fact_lines) >= 64:
+                self._fact_lines.clear()  # bounded; at worst a repeat is logged once more
+            self._fact_lines[key] = (now, 0)
+            if count:
+                fields["suppressed"] = count
+        self.log.info("replication_" + fact.event, **fields)
 
     def _hard_write_done(self, _future: asyncio.Future) -> None:
         self._hard_writes -= 1
@@ -941,7 +983,7 @@ class Replicator:
         assert self.transport is not None
         endpoint = self.endpoint_of(send.to)
         if endpoint is not None:
-            self.transport.send(endpoint, send.message)
+            self.transport.send(endpoint, send.message, send.cluster)
         else:
             self.stats["unroutable"] += 1  # no address known for that identity yet: the core resends
 

@@ -134,7 +134,7 @@ class ReplicationRoutes:
                         batch = codec.decode_batch(body)
                     else:
                         batch = await asyncio.to_thread(codec.decode_batch, body)
-                    if batch[0] != identity or batch[1] != address:
+                    if batch.sender != identity or batch.address != address:
                         raise codec.CodecError("the batch names another sender than the stream's hello")
                 except codec.CodecError as exc:
                     self._reject(sender, f"bad stream frame: {exc}"[:200])
@@ -142,7 +142,7 @@ class ReplicationRoutes:
                     break
                 expected += 1
                 if self._replicator.identity is not None:
-                    self._replicator.receive(identity, sender, batch[2])
+                    self._replicator.receive(identity, sender, batch.messages, batch.cluster)
         finally:
             if not ws.closed:
                 with contextlib.suppress(Exception):
@@ -153,9 +153,9 @@ class ReplicationRoutes:
         raw = await read_body(request, limit=MAX_BATCH_BYTES, timeout_s=self._read_timeout_s)
         try:
             if len(raw) <= INLINE_DECODE_BYTES:
-                identity, address, messages = codec.decode_batch(raw)
+                identity, address, messages, cluster = codec.decode_batch(raw)
             else:
-                identity, address, messages = await asyncio.to_thread(codec.decode_batch, raw)
+                identity, address, messages, cluster = await asyncio.to_thread(codec.decode_batch, raw)
             sender = Endpoint.parse(address)
         except (codec.CodecError, InvalidAddress) as exc:
             raise errors.BadRequest(f"malformed replication batch: {exc}") from None
@@ -175,7 +175,7 @@ class ReplicationRoutes:
             )
         ready = self._replicator.identity is not None
         if ready:
-            self._replicator.receive(identity, sender, messages)
+            self._replicator.receive(identity, sender, messages, cluster)
         return json_response({**self._answer(), "accepted": len(messages) if ready else 0})
 
     def _reject(self, sender: Endpoint, reason: str) -> None:

@@ -34,7 +34,7 @@ import hashlib
 import hmac
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import apsw
 import orjson
@@ -108,10 +108,25 @@ def encode_message(m: msg.Message) -> list[Any]:
     return [tag, {name: _value(getattr(m, name)) for name in type(m).__dataclass_fields__}]
 
 
-def encode_batch(sender: str, address: str, messages: list[msg.Message] | tuple[msg.Message, ...]) -> bytes:
-    return orjson.dumps(
-        {"v": BATCH_VERSION, "from": sender, "addr": address, "msgs": [encode_message(m) for m in messages]}
-    )
+class Batch(NamedTuple):
+    sender: str  # identity
+    address: str
+    messages: list[msg.Message]
+    cluster: str  # the sender's cluster when it made these messages ("" if it had none)
+
+
+def encode_batch(
+    sender: str, address: str, messages: list[msg.Message] | tuple[msg.Message, ...], cluster: str = ""
+) -> bytes:
+    body = {
+        "v": BATCH_VERSION,
+        "from": sender,
+        "addr": address,
+        "msgs": [encode_message(m) for m in messages],
+    }
+    if cluster:
+        body["cluster"] = cluster
+    return orjson.dumps(body)
 
 
 def _int(v: Any, name: str) -> int:
@@ -175,8 +190,9 @@ def decode_message(item: Any) -> msg.Message:
     return cls(**{name: _FIELD_PARSERS[name](body[name], name) for name in names if name in body})
 
 
-def decode_batch(data: bytes) -> tuple[str, str, list[msg.Message]]:
-    """(sender identity, sender address, messages) of a batch; CodecError for anything else."""
+def decode_batch(data: bytes) -> Batch:
+    """The batch; CodecError for anything else. ``cluster`` is optional (a release that did not name
+    clusters sends none)."""
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -192,7 +208,10 @@ def decode_batch(data: bytes) -> tuple[str, str, list[msg.Message]]:
         raise CodecError("addr must be the sender's address")
     if not isinstance(items, list) or len(items) > MAX_MESSAGES_PER_BATCH:
         raise CodecError(f"msgs must be a list of at most {MAX_MESSAGES_PER_BATCH} messages")
-    return sender, address, [decode_message(i) for i in items]
+    cluster = body.get("cluster", "")
+    if not isinstance(cluster, str) or len(cluster) > MAX_IDENTITY_CHARS:
+        raise CodecError("cluster must be the sender's cluster name")
+    return Batch(sender, address, [decode_message(i) for i in items], cluster)
 
 
 # --- the stream: the same batches as frames of one long-lived, authenticated connection --------------------

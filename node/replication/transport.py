@@ -73,7 +73,8 @@ FAILURE_BACKOFF_S = 0.05
 class _Peer:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self.queue: collections.deque[msg.Message] = collections.deque()
+        # (the sender's cluster when the message was made, message): a batch holds one cluster's messages.
+        self.queue: collections.deque[tuple[str, msg.Message]] = collections.deque()
         self.ping = False
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
@@ -85,17 +86,27 @@ class _Peer:
         self.ws_lock = asyncio.Lock()
         self.stream_retry_at = 0.0
 
-    def put(self, message: msg.Message, stats: dict[str, int]) -> None:
+    def put(self, cluster: str, message: msg.Message, stats: dict[str, int]) -> None:
         if len(self.queue) >= MAX_QUEUED_MESSAGES:
-            for i, queued in enumerate(self.queue):
+            for i, (_, queued) in enumerate(self.queue):
                 if isinstance(queued, msg.Heartbeat | msg.HeartbeatAck):
                     del self.queue[i]
                     break
             else:
                 self.queue.popleft()
             stats["dropped"] += 1
-        self.queue.append(message)
+        self.queue.append((cluster, message))
         self.wake.set()
+
+    def take(self) -> tuple[str, list[msg.Message]]:
+        """The next batch: up to MAX_BATCH_MESSAGES queued messages of one cluster, in queue order."""
+        if not self.queue:
+            return "", []
+        cluster = self.queue[0][0]
+        batch: list[msg.Message] = []
+        while self.queue and len(batch) < MAX_BATCH_MESSAGES and self.queue[0][0] == cluster:
+            batch.append(self.queue.popleft()[1])
+        return cluster, batch
 
 
 class ReplicationTransport:
@@ -178,9 +189,11 @@ class ReplicationTransport:
             self._start(peer)
         return peer
 
-    def send(self, endpoint: Endpoint, message: msg.Message) -> None:
-        """Queue a message (never blocks; see the overflow policy)."""
-        self._peer(endpoint).put(message, self.stats)
+    def send(self, endpoint: Endpoint, message: msg.Message, cluster: str = "") -> None:
+        """Queue a message made while this node was in ``cluster`` (never blocks; see the overflow
+        policy). The cluster is the one of the message, not of the moment it leaves: a message made before
+        this node left a cluster must not reach another cluster as if this node had none."""
+        self._peer(endpoint).put(cluster, message, self.stats)
 
     def ping(self, endpoint: Endpoint) -> None:
         """Send an empty batch soon, to learn the peer's identity from its answer."""
@@ -194,16 +207,16 @@ class ReplicationTransport:
                 peer.wake.clear()
                 await peer.wake.wait()
                 continue
-            batch = [peer.queue.popleft() for _ in range(min(len(peer.queue), MAX_BATCH_MESSAGES))]
+            cluster, batch = peer.take()
             peer.ping = False
-            if batch and await self._send_frame(peer, batch):
+            if batch and await self._send_frame(peer, batch, cluster):
                 continue  # an empty batch (a ping) is a POST: its answer says who the peer is
-            if not await self._post(peer.endpoint, batch):
+            if not await self._post(peer.endpoint, batch, cluster):
                 await asyncio.sleep(FAILURE_BACKOFF_S)  # a dead peer refuses at once: do not spin on it
 
-    async def _send_frame(self, peer: _Peer, batch: list[msg.Message]) -> bool:
+    async def _send_frame(self, peer: _Peer, batch: list[msg.Message], cluster: str) -> bool:
         """Send the batch as one frame of the peer's stream (opened if need be); False if it was not sent."""
-        body = codec.encode_batch(self._identity, str(self._me), batch)
+        body = codec.encode_batch(self._identity, str(self._me), batch, cluster)
         async with peer.ws_lock:
             ws = peer.ws if peer.ws is not None and not peer.ws.closed else await self._open_stream(peer)
             if ws is None or peer.mac is None:
@@ -282,9 +295,9 @@ class ReplicationTransport:
             if peer.ws is None:
                 await self._open_stream(peer)
 
-    async def _post(self, endpoint: Endpoint, batch: list[msg.Message]) -> bool:
+    async def _post(self, endpoint: Endpoint, batch: list[msg.Message], cluster: str = "") -> bool:
         assert self._session is not None and self._signer is not None
-        body = codec.encode_batch(self._identity, str(self._me), batch)
+        body = codec.encode_batch(self._identity, str(self._me), batch, cluster)
         headers = {
             "Content-Type": "application/json",
             peerauth.HEADER: self._signer.next_header(PATH, 0, body),

@@ -14,11 +14,15 @@ from node.core.replication.messages import (
     AppendReject,
     Config,
     Entry,
+    Fetch,
+    FetchReply,
     HardState,
     Heartbeat,
+    HeartbeatAck,
     Kind,
     LogId,
     LogRead,
+    Message,
     Persisted,
     Prepare,
     Promise,
@@ -27,6 +31,7 @@ from node.core.replication.messages import (
     Stale,
     Submit,
     SubmitAccepted,
+    TakeOver,
     Tick,
     ViewChanged,
 )
@@ -325,3 +330,93 @@ def test_a_heartbeat_commits_only_what_it_proves_matches(last, applied, prev_ind
     ours = 0 if prev_index == 0 else (0 if prev_index == 1 else 3) if prev_index <= last else None
     proven = prev_index if ours is not None and ours == prev_epoch else applied
     assert after.commit == max(applied, min(commit, max(proven, applied), last))
+
+
+# --- clusters: epochs and indices mean something only within one cluster --------------------------------------
+
+# One example of every peer message, each of a higher epoch than the receiver's so it would act on it.
+EVERY_MESSAGE = (
+    Prepare(9, LogId(9, 9)),
+    Promise(9, LogId(9, 9)),
+    Refuse(9, 9, "stale"),
+    Append(9, LogId(0, 1), (Entry(9, 2, Kind.COMMAND, b"theirs"),), 2, 1),
+    AppendAck(9, 5, 1),
+    AppendReject(9, 5, 1, 1),
+    Heartbeat(9, 5, 1),
+    HeartbeatAck(9, 1),
+    Stale(9),
+    Fetch(9, 1),
+    FetchReply(9, 1, (), LogId(9, 9)),
+    TakeOver(9),
+)
+
+
+def test_every_message_type_is_in_the_example_list():
+    assert {type(m) for m in EVERY_MESSAGE} == set(Message.__args__)
+
+
+def clustered(me="a", cluster="cluster-a"):
+    state, _ = machine.bootstrap(me, VOTERS, cluster=cluster)
+    state, _ = machine.step(state, VIEW, 0.0)
+    return state
+
+
+@pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
+def test_no_message_from_another_cluster_is_read(message):
+    state = clustered()
+    new, ready = machine.step(state, Receive("c", message, "cluster-b"), 1.0)
+    assert new.hard == state.hard and new.log == state.log and new.role == state.role
+    assert new.highest_seen == state.highest_seen  # not even its epoch was noted
+    assert new.leader == state.leader and ready.messages == () and ready.append == ()
+    assert [f.event for f in ready.facts] == ["foreign_cluster"]
+
+
+@pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
+def test_messages_of_its_own_cluster_or_of_a_node_without_one_are_read(message):
+    """The control of the test above: the same message, of the same cluster (or of a node that has none,
+    as a joiner's answers and an older release's batches are), is acted on or answered."""
+    for cluster in ("cluster-a", ""):
+        state = clustered()
+        new, ready = machine.step(state, Receive("c", message, cluster), 1.0)
+        assert "foreign_cluster" not in [f.event for f in ready.facts]
+        assert new.hard.epoch == 9 or new.highest_seen == 9 or ready.messages
+
+
+@pytest.mark.parametrize(
+    "message",
+    [m for m in EVERY_MESSAGE if not isinstance(m, Append | Heartbeat)],
+    ids=lambda m: type(m).__name__,
+)
+def test_a_node_without_a_cluster_is_moved_only_by_a_leaders_word(message):
+    state = machine.joiner("j")
+    new, ready = machine.step(state, Receive("c", message, "cluster-b"), 1.0)
+    assert new.hard == state.hard and ready.messages == () and ready.hard_state is None
+
+
+@pytest.mark.parametrize(
+    "first", [Append(2, LogId(0, 0), (), 0, 1), Heartbeat(2, 0, 1)], ids=["append", "heartbeat"]
+)
+def test_a_node_without_a_cluster_joins_the_first_leaders_durably_before_it_answers(first):
+    state = machine.joiner("j")
+    new, ready = machine.step(state, Receive("a", first, "cluster-a"), 1.0)
+    assert new.hard.cluster == "cluster-a"
+    assert ready.hard_state is not None and ready.hard_state.cluster == "cluster-a"  # written before sends
+    assert [f.event for f in ready.facts][:1] == ["cluster_joined"]
+    # From now on the other cluster's leader is not heard, whatever its epoch.
+    later, ready = machine.step(new, Receive("b", Append(7, LogId(0, 0), (), 0, 1), "cluster-b"), 1.1)
+    assert later.hard == new.hard and later.leader == new.leader and ready.messages == ()
+
+
+def test_every_message_a_node_makes_carries_its_cluster():
+    state = clustered()
+    _, ready = machine.step(state, Receive("c", Heartbeat(2, 1, 1), ""), 1.0)  # answered, stamped
+    assert ready.messages and {s.cluster for s in ready.messages} == {"cluster-a"}
+
+
+def test_a_cluster_named_before_names_existed_is_derived_from_entry_1_alike_on_every_member():
+    first_a = machine.bootstrap("a", VOTERS)[0].log[0]
+    first_b = machine.bootstrap("b", VOTERS)[0].log[0]
+    other = machine.bootstrap("a", frozenset({"a"}))[0].log[0]
+    assert machine.legacy_cluster(first_a) == machine.legacy_cluster(first_b) != ""
+    assert machine.legacy_cluster(other) not in ("", machine.legacy_cluster(first_a))
+    assert machine.legacy_cluster(cmd(1, 1)) == "" and machine.legacy_cluster(cmd(1, 2)) == ""

@@ -3,7 +3,7 @@ re-formation after every node came back with a new address.
 
 Random start orders and delays (seeded, printed on failure) with DNS listing each node only some time after
 its process started, as Swarm and Kubernetes do. FORMATION_TRIALS (default 5) sets how many real-process
-trials run; the same scenario over the pure rules runs hundreds of times in tests/core/test_formation.py.
+trials run; FORMATION_SEED replays one printed seed; the same scenario over the pure rules runs hundreds of times in tests/core/test_formation.py.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def start_staggered(c: Cluster, rng: random.Random, max_start_s: float, max_dns_
 
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_nodes_started_in_any_order_with_staggered_dns_form_exactly_one_cluster(make_cluster, trial):
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get("FORMATION_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     # Odd trials: a window much shorter than the DNS delays, so groups often bootstrap apart and must merge.
     window, max_dns_s = ("1", 2.5) if trial % 2 == 0 else ("0.2", 3.0)

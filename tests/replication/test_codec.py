@@ -46,10 +46,23 @@ def test_every_message_type_has_a_tag():
     assert set(codec._TAGS) == set(msg.Message.__args__)
 
 
-@given(st.lists(message, max_size=8))
-def test_batches_round_trip(messages):
-    raw = codec.encode_batch("id-1", "10.0.0.2:3000", messages)
-    assert codec.decode_batch(raw) == ("id-1", "10.0.0.2:3000", messages)
+@given(st.lists(message, max_size=8), st.sampled_from(["", "c0ffee", "log1-" + "a" * 32]))
+def test_batches_round_trip(messages, cluster):
+    raw = codec.encode_batch("id-1", "10.0.0.2:3000", messages, cluster)
+    assert codec.decode_batch(raw) == ("id-1", "10.0.0.2:3000", messages, cluster)
+
+
+def test_a_batch_without_a_cluster_is_read_as_from_a_node_without_one():
+    """What a release that did not name clusters sends: still read, as from a node that has none."""
+    raw = orjson.dumps({"v": codec.BATCH_VERSION, "from": "x", "addr": "10.0.0.2:3000", "msgs": []})
+    assert codec.decode_batch(raw).cluster == ""
+
+
+@pytest.mark.parametrize("cluster", [7, None, ["c"], "c" * 10_000])
+def test_a_batch_whose_cluster_is_not_a_short_string_is_refused(cluster):
+    raw = orjson.dumps({"v": codec.BATCH_VERSION, "from": "x", "addr": "a", "msgs": [], "cluster": cluster})
+    with pytest.raises(codec.CodecError, match="cluster"):
+        codec.decode_batch(raw)
 
 
 value = st.one_of(
@@ -132,8 +145,28 @@ def test_core_hard_state_round_trips_with_learners():
         7,
         "peer",
         ((3, msg.Config(frozenset({"a"}), frozenset({"b"}))), (9, msg.Config(frozenset({"a", "b"})))),
+        "cluster-a",
     )
     assert decode_core_hard_state(encode_core_hard_state(hard, "me")) == ("me", hard)
+
+
+def test_a_hard_state_file_from_before_clusters_were_named_reads_as_without_one():
+    from node.actors import replicator
+    from node.storage.durable import encode_framed
+
+    old = {
+        "identity": "me",
+        "epoch": 4,
+        "promised_to": None,
+        "configs": [[1, msg.Config(frozenset({"a"})).encode().decode()]],
+    }
+    data = encode_framed(replicator._STATE_MAGIC, replicator._STATE_VERSION, orjson.dumps(old))
+    assert decode_core_hard_state(data) == (
+        "me",
+        msg.HardState(4, None, ((1, msg.Config(frozenset({"a"}))),), ""),
+    )
+    with pytest.raises(ValueError, match="cluster"):
+        decode_core_hard_state(encode_framed(replicator._STATE_MAGIC, 1, orjson.dumps({**old, "cluster": 5})))
 
 
 def test_a_hard_state_written_by_another_node_is_refused(tmp_path):

@@ -33,10 +33,10 @@ class FakeReplicator:
     is_member = True
 
     def __init__(self) -> None:
-        self.received: list[tuple[str, Endpoint, list]] = []
+        self.received: list[tuple[str, Endpoint, list, str]] = []
 
-    def receive(self, sender: str, address: Endpoint, messages: list) -> None:
-        self.received.append((sender, address, messages))
+    def receive(self, sender: str, address: Endpoint, messages: list, cluster: str = "") -> None:
+        self.received.append((sender, address, messages, cluster))
 
 
 @pytest.fixture
@@ -68,6 +68,16 @@ async def test_a_signed_batch_is_delivered_once_and_its_replay_changes_nothing(e
     replay = await client.post(PATH, data=BATCH, headers=headers)
     assert replay.status == 401 and (await replay.json())["code"] == "unauthorized"
     assert len(replicator.received) == 1
+
+
+async def test_the_senders_cluster_reaches_the_replicator_with_its_messages(endpoint):
+    client, replicator = endpoint
+    body = codec.encode_batch("peer-identity", SENDER, [msg.Heartbeat(3, 7, 1)], "cluster-a")
+    resp = await client.post(PATH, data=body, headers=signed(peerauth.Signer(KEY, SENDER, 5), body))
+    assert resp.status == 200
+    assert replicator.received == [
+        ("peer-identity", Endpoint.parse(SENDER), [msg.Heartbeat(3, 7, 1)], "cluster-a")
+    ]
 
 
 async def test_a_body_changed_after_signing_is_refused(endpoint):

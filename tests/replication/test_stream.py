@@ -26,7 +26,7 @@ from tests.replication.test_endpoint import KEY, SECRET, SENDER, FakeReplicator
 INCARNATIONS = itertools.count(1000)
 HELLO = codec.encode_hello("peer-identity", SENDER)
 MESSAGES = [msg.Heartbeat(3, 7, 1), msg.AppendAck(3, 7, 2)]
-BATCH = codec.encode_batch("peer-identity", SENDER, MESSAGES)
+BATCH = codec.encode_batch("peer-identity", SENDER, MESSAGES, "cluster-a")
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ async def test_frames_in_order_are_delivered_and_the_node_says_who_it_is(endpoin
             break
         await client.get("/nowhere")
     assert [r[2] for r in replicator.received] == [MESSAGES] * 3
-    assert {r[0] for r in replicator.received} == {"peer-identity"}
+    assert {(r[0], r[3]) for r in replicator.received} == {("peer-identity", "cluster-a")}
 
 
 async def test_a_replayed_opening_is_refused(endpoint):

@@ -8,6 +8,7 @@ the shell and freezes the result. The output order in ``Ready`` is the protocol:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -156,12 +157,15 @@ class State:
 # --- construction -------------------------------------------------------------------------------------------
 
 
-def bootstrap(me: str, voters: frozenset[str], options: Options | None = None) -> tuple[State, Ready]:
+def bootstrap(
+    me: str, voters: frozenset[str], options: Options | None = None, cluster: str = ""
+) -> tuple[State, Ready]:
     """A brand-new cluster's first members: every one of them starts with the same committed entry 1 (the
-    initial Config), so their logs agree from the start. The shell persists the Ready like any other."""
+    initial Config), so their logs agree from the start. The shell persists the Ready like any other.
+    ``cluster`` names the new cluster (the shell draws it at random: the core reads no randomness)."""
     config = Config(frozenset(voters))
     first = Entry(0, 1, Kind.CONFIG, config.encode())
-    hard = HardState(0, None, ((1, config),))
+    hard = HardState(0, None, ((1, config),), cluster)
     state = State(me, options or Options(), hard, LogId(0, 0), (first,), commit=1, applied=1, verified=1)
     return state, Ready(hard_state=hard, append=(first,), apply=(first,))
 
@@ -201,6 +205,15 @@ def restore(
         applied=applied,
         verified=applied,
     )
+
+
+def legacy_cluster(first: Entry) -> str:
+    """The cluster of a log written before clusters were named, from its entry 1 (the bootstrap Config,
+    the same on every member of that cluster, so all of them derive the same name); "" if ``first`` is
+    not such an entry."""
+    if first.index != 1 or first.kind is not Kind.CONFIG:
+        return ""
+    return "log1-" + hashlib.sha256(first.payload).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +280,8 @@ def pick_donor(me: str, mine: LogId, promises: tuple[tuple[str, LogId], ...]) ->
 def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
     s = _Step(state, now)
     if isinstance(inp, Receive):
-        s.receive(inp.sender, inp.message)
+        if s.same_cluster(inp.sender, inp.message, inp.cluster):
+            s.receive(inp.sender, inp.message)
     elif isinstance(inp, Tick):
         pass
     elif isinstance(inp, ViewChanged):
@@ -407,7 +421,7 @@ class _Step:
     # ---- output helpers
 
     def send(self, to: str, message: Message) -> None:
-        self.out_messages.append(Send(to, message))
+        self.out_messages.append(Send(to, message, self.hard.cluster))
 
     def fact(self, event: str, **fields: object) -> None:
         self.out_facts.append(Fact(event, tuple(fields.items())))
@@ -478,6 +492,24 @@ class _Step:
         self.fact("epoch_adopted", epoch=epoch, leader=leader)
 
     # ---- inputs
+
+    def same_cluster(self, sender: str, m: Message, cluster: str) -> bool:
+        """Whether a message may be read at all: never one from another cluster (its epochs and indices
+        mean other entries). A node without a cluster joins the one of the first leader it hears (an Append
+        or a Heartbeat; nothing else from a node of a cluster is meant for it), durably (hard state) before
+        it answers. From then on another cluster's leader is not heard, and the formation rules
+        (``formation``) move this node later if its cluster must dissolve."""
+        mine = self.hard.cluster
+        if not cluster or cluster == mine:
+            return True
+        if mine:
+            self.fact("foreign_cluster", sender=sender, cluster=cluster)
+            return False
+        if not isinstance(m, Append | Heartbeat):
+            return False  # only a leader's word makes a node without a cluster join one
+        self.hard = replace(self.hard, cluster=cluster)
+        self.fact("cluster_joined", cluster=cluster, leader=sender)
+        return True
 
     def receive(self, sender: str, m: Message) -> None:
         epoch = self.hard.epoch

@@ -92,6 +92,10 @@ class HardState:
     epoch: int = 0
     promised_to: str | None = None
     configs: tuple[tuple[int, Config], ...] = ((0, Config()),)
+    # The cluster this log belongs to: chosen at bootstrap, adopted by a joiner from the first leader whose
+    # Append it takes, "" while it has none. Epochs and indices are only unique within one cluster, so a
+    # node must never take entries from two clusters: (epoch 1, index 3) of one is not that of another.
+    cluster: str = ""
 
     @property
     def config(self) -> Config:
@@ -242,6 +246,7 @@ class ViewChanged:
 class Receive:
     sender: str  # authenticated by the transport
     message: Message
+    cluster: str = ""  # the sender's cluster, from the batch it came in ("" when it has none yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +306,7 @@ Input = Tick | ViewChanged | Receive | Submit | Read | LogRead | RemoveMember | 
 class Send:
     to: str
     message: Message
+    cluster: str = ""  # the sender's cluster when the message was made: a batch carries it (``Receive``)
 
 
 @dataclass(frozen=True, slots=True)
