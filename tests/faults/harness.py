@@ -88,7 +88,8 @@ class FaultCluster:
     def destroy(self) -> None:
         listed = self.docker("ps", "-aq", "--filter", f"name=^{self.prefix}-", check=False).stdout.split()
         for slot in list(self.stopped_by_signal):
-            self.unpause(slot)
+            self.docker("kill", "-s", "CONT", self.slots[slot], check=False)  # never raises: cleanup goes on
+        self.stopped_by_signal.clear()
         if listed:
             self.docker("unpause", *listed, check=False)
             self.docker("rm", "-f", "-v", *listed, check=False)

@@ -46,6 +46,10 @@ def _leader(cluster: FaultCluster, slots: list[int]) -> int:
     return wait_for(lambda: (cluster.writable(slots) or [None])[0], 30, "a writable leader")
 
 
+# Faults are marked once their docker command has acted (kill, stop, pause return then), so "first write
+# after the fault" counts from the fault itself, not from when the command was issued.
+
+
 def run_fault(
     cluster: FaultCluster,
     slots: list[int],
@@ -135,8 +139,8 @@ def test_kill_9_of_the_leader(trio: FaultCluster) -> None:
     def inject(rec: Recorder) -> list[Isolation]:
         time.sleep(WORKLOAD_S / 4)
         leader = _leader(trio, [1, 2, 3])
-        rec.mark(f"fault: kill -9 slot {leader}")
         trio.kill(leader)
+        rec.mark(f"fault: kill -9 slot {leader}")
         time.sleep(WORKLOAD_S / 4)
         trio.start(leader)
         rec.mark(f"healed: start slot {leader}")
@@ -149,8 +153,8 @@ def test_stop_and_start_of_the_leader(trio: FaultCluster) -> None:
     def inject(rec: Recorder) -> list[Isolation]:
         time.sleep(WORKLOAD_S / 4)
         leader = _leader(trio, [1, 2, 3])
-        rec.mark(f"fault: docker stop slot {leader}")
         trio.stop(leader)
+        rec.mark(f"fault: docker stop slot {leader}")
         time.sleep(WORKLOAD_S / 4)
         trio.start(leader)
         rec.mark(f"healed: docker start slot {leader}")
@@ -163,8 +167,8 @@ def test_pause_of_the_leader(trio: FaultCluster) -> None:
     def inject(rec: Recorder) -> list[Isolation]:
         time.sleep(2)
         leader = _leader(trio, [1, 2, 3])
-        rec.mark(f"fault: docker pause slot {leader}")
         trio.pause(leader)
+        rec.mark(f"fault: docker pause slot {leader}")
         time.sleep(PAUSE_S)
         trio.unpause(leader)
         rec.mark(f"healed: docker unpause slot {leader}")
