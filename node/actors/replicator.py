@@ -74,7 +74,7 @@ from node.storage import statemachine
 from node.storage.asynclog import AsyncLog
 from node.storage.durable import FramedFileError, decode_framed, encode_framed, write_atomic
 from node.storage.identity import load_or_create_identity
-from node.storage.log import DurableLog, LogEntry
+from node.storage.log import DurableLog, LogEntry, LogError
 from node.storage.sqlite import ApplyFailed, Database
 from node.storage.statemachine import Applied
 
@@ -206,6 +206,17 @@ _CONFLICT_CODES = {
     "is-leader": "remove_leader",
     "last-voter": "last_voter",
 }
+
+
+def _queued(queue: Any) -> asyncio.Future:
+    """``queue()`` puts a request in the durable log's queue and returns its future; a request the log
+    refused at once (busy, closed) becomes a future failed with that error, met where writes are awaited."""
+    try:
+        return queue()
+    except LogError as exc:
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_exception(exc)
+        return failed
 
 
 def rejection_error(code: str, reason: str, leader_url: str | None) -> errors.NodeError:
@@ -364,7 +375,12 @@ class Replicator:
     def receive(self, sender: str, address: Endpoint, messages: list[msg.Message], cluster: str = "") -> None:
         """From the HTTP endpoint, after the batch was authenticated. Never blocks; overflow drops oldest.
         ``cluster``: the sender's, from the batch (the core refuses another cluster's messages)."""
-        if cluster and cluster in self._left_clusters and self.state is not None and not self.state.hard.cluster:
+        if (
+            cluster
+            and cluster in self._left_clusters
+            and self.state is not None
+            and not self.state.hard.cluster
+        ):
             return  # the cluster this node dissolved out of: it must not take this node back
         self.learn(address, sender, None)
         if self.transport is not None:
@@ -671,7 +687,9 @@ class Replicator:
     async def _bootstrap(self) -> None:
         assert self.identity is not None
         cluster = uuid.uuid4().hex
-        self.state, ready = machine.bootstrap(self.identity, frozenset({self.identity}), self.options, cluster)
+        self.state, ready = machine.bootstrap(
+            self.identity, frozenset({self.identity}), self.options, cluster
+        )
         self.log.info("replication_bootstrapped", voters=1, identity=self.identity, cluster=cluster)
         await self._carry_out([ready])
         await self._drain()  # a bootstrap is durable before anything else runs
@@ -929,19 +947,22 @@ class Replicator:
             if ready.hard_state is not None:
                 hard = ready.hard_state
                 self._hard_writes += 1
-                write = asyncio.ensure_future(
-                    alog.run(lambda _log, h=hard: save_core_hard_state(self.data_dir, h, identity))
+                write = _queued(
+                    lambda h=hard: alog.run_future(
+                        lambda _log: save_core_hard_state(self.data_dir, h, identity)
+                    )
                 )
                 write.add_done_callback(self._hard_write_done)
                 writes.append(write)
             if ready.truncate_from is not None:
-                writes.append(asyncio.ensure_future(alog.truncate_after(ready.truncate_from - 1)))
+                writes.append(
+                    _queued(lambda t=ready.truncate_from: alog.run_future(DurableLog.truncate_after, t - 1))
+                )
             if ready.append:
                 if not self.holds_data and any(e.kind is msg.Kind.COMMAND for e in ready.append):
                     self.holds_data = True
-                writes.append(
-                    asyncio.ensure_future(alog.append_and_sync([to_log_entry(e) for e in ready.append]))
-                )
+                entries = [to_log_entry(e) for e in ready.append]
+                writes.append(_queued(lambda es=entries: alog.append_and_sync_future(es)))
             late = list(ready.messages)
             if pipelined and self._hard_writes == 0:
                 late = []

@@ -19,8 +19,10 @@ never blocks, never grows. After :meth:`AsyncLog.close` began, new requests fail
 Cancellation: an accepted request is always executed, in order; cancelling its waiter only stops the wait.
 (A queued append cannot be withdrawn: later appends were numbered after it.)
 
-Ownership: :meth:`AsyncLog.start` creates the worker task, :meth:`AsyncLog.close` drains the queue, stops it
-and closes the log; use ``async with`` (or start/close from the supervisor's TaskGroup-owned actor).
+Ownership: :meth:`AsyncLog.start` starts the log thread and the task that owns it (cancelling that task fails
+every waiter), :meth:`AsyncLog.close` drains the queue, stops the thread and closes the log; use
+``async with`` (or start/close from the supervisor's TaskGroup-owned actor). ``append_and_sync_future`` and
+``run_future`` queue a request at once, without an await, so the thread can start on it at once.
 
 How the Replicator uses it (the order is the protocol; see the rules in :mod:`node.storage.log`):
 
@@ -45,7 +47,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +95,18 @@ class AsyncLog:
         self._max_requests = max_pending_requests
         self._max_bytes = max_pending_bytes
         self._max_batch_bytes = max_batch_bytes
+        # Shared with the log thread, under _lock: the queue, its byte count, the batch the thread runs, and
+        # whether the thread is to stop once the queue is empty.
+        self._lock = threading.Lock()
+        self._nonempty = threading.Condition(self._lock)
         self._queue: collections.deque[_Request] = collections.deque()
         self._pending_bytes = 0
-        self._wake = asyncio.Event()
+        self._running: list[_Request] = []
+        self._stop_thread = False
         self._closing = False
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._exited: asyncio.Future | None = None  # set (from the thread) once the thread closed the log
         self._log: DurableLog | None = None
         self._worker: asyncio.Task | None = None
         self.last: tuple[int, int] = (0, 0)  # (epoch, index) after the last completed request
@@ -112,23 +122,31 @@ class AsyncLog:
         await self.close()
 
     async def start(self) -> None:
-        """Open the log on its own thread (recovery runs there) and start the worker."""
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="durable-log"
+        """Start the log thread (it opens the log: recovery runs there) and the task that owns it."""
+        loop = self._loop = asyncio.get_running_loop()
+        opened: asyncio.Future = loop.create_future()
+        self._exited = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(opened,), name="durable-log", daemon=True
         )
-        loop = asyncio.get_running_loop()
+        self._thread.start()
         try:
-            self._log = await loop.run_in_executor(self._executor, self._open)
+            await asyncio.shield(opened)
         except BaseException:
-            executor, self._executor = self._executor, None
-            await asyncio.to_thread(executor.shutdown, True)  # the thread is idle: joins at once
+            self._closing = True
+            with self._lock:
+                self._stop_thread = True  # if the open succeeded after all (start() was cancelled)
+                self._nonempty.notify()
+            await asyncio.to_thread(self._thread.join)  # returns at once: nothing was queued
             raise
-        self._worker = asyncio.create_task(self._run(), name="durable-log")
+        self._worker = asyncio.create_task(self._watch(), name="durable-log")
 
     async def close(self) -> None:
         """Refuse new requests, finish the queued ones, close the log and its thread."""
         self._closing = True
-        self._wake.set()
+        with self._lock:
+            self._stop_thread = True
+            self._nonempty.notify()
         worker, self._worker = self._worker, None
         try:
             if worker is not None:
@@ -139,11 +157,9 @@ class AsyncLog:
                         raise  # close() itself was cancelled
                     # The worker was cancelled by its owner; its waiters were failed. Nothing else to report.
         finally:
-            executor, self._executor = self._executor, None
-            if executor is not None:
-                if self._log is not None:
-                    await asyncio.get_running_loop().run_in_executor(executor, self._log.close)
-                await asyncio.to_thread(executor.shutdown, True)
+            thread = self._thread
+            if thread is not None:
+                await asyncio.to_thread(thread.join)  # ends after the batch it runs (bounded by one fsync)
 
     @property
     def closed(self) -> bool:
@@ -152,17 +168,25 @@ class AsyncLog:
 
     # ---------------------------------------------------------------- requests
 
+    def append_and_sync_future(self, entries: Sequence[LogEntry]) -> asyncio.Future:
+        """Queue an append at once (the log thread may start on it before the caller's next await) and return
+        the future of its durable last index. Raises LogBusy or LogClosed at once if it was not accepted."""
+        nbytes = sum(RECORD_OVERHEAD_BYTES + len(e.payload) for e in entries)
+        assert self._loop is not None
+        return self._enqueue(_Request(self._loop.create_future(), entries=entries, nbytes=nbytes))
+
+    def run_future(self, fn: Callable[..., T], *args: Any) -> asyncio.Future:
+        """Queue ``fn(log, *args)`` for the log thread, in order with every other request; its future."""
+        assert self._loop is not None
+        return self._enqueue(_Request(self._loop.create_future(), fn=lambda log: fn(log, *args)))
+
     async def append_and_sync(self, entries: Sequence[LogEntry]) -> int:
         """Append ``entries`` and return once they are durable, with the durable last index (>= theirs)."""
-        nbytes = sum(RECORD_OVERHEAD_BYTES + len(e.payload) for e in entries)
-        return await self._submit(
-            _Request(asyncio.get_running_loop().create_future(), entries=entries, nbytes=nbytes)
-        )
+        return await self.append_and_sync_future(entries)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(log, *args)`` on the log thread, in order with every other request."""
-        future = asyncio.get_running_loop().create_future()
-        return await self._submit(_Request(future, fn=lambda log: fn(log, *args)))
+        return await self.run_future(fn, *args)
 
     async def sync(self) -> int:
         return await self.run(DurableLog.sync)
@@ -189,30 +213,96 @@ class AsyncLog:
 
     @property
     def pending(self) -> int:
+        """Requests accepted and not yet taken by the log thread."""
         return len(self._queue)
 
-    # ---------------------------------------------------------------- worker
+    # ---------------------------------------------------------------- the loop's side
 
-    async def _submit(self, request: _Request) -> Any:
+    def _enqueue(self, request: _Request) -> asyncio.Future:
         if self._closing or self._worker is None or self._worker.done():
             raise LogClosed("the log is closed")
-        if len(self._queue) >= self._max_requests or (
-            self._queue and self._pending_bytes + request.nbytes > self._max_bytes
-        ):
-            self.stats["busy"] += 1
-            raise LogBusy(f"the log queue is full ({len(self._queue)} requests, {self._pending_bytes} bytes)")
-        self._queue.append(request)
-        self._pending_bytes += request.nbytes
+        with self._lock:
+            if len(self._queue) >= self._max_requests or (
+                self._queue and self._pending_bytes + request.nbytes > self._max_bytes
+            ):
+                self.stats["busy"] += 1
+                raise LogBusy(
+                    f"the log queue is full ({len(self._queue)} requests, {self._pending_bytes} bytes)"
+                )
+            self._queue.append(request)
+            self._pending_bytes += request.nbytes
+            self._nonempty.notify()
         self.stats["requests"] += 1
-        self._wake.set()
-        return await request.future
+        return request.future
+
+    async def _watch(self) -> None:
+        """The task that owns the thread: done when the thread is. Cancelled (by its owner), it fails every
+        waiter (none may hang), refuses new requests and lets the thread end after the batch it runs."""
+        assert self._exited is not None
+        try:
+            await asyncio.shield(self._exited)
+        except asyncio.CancelledError:
+            closed = LogClosed("the log worker stopped: cancelled")
+            with self._lock:
+                self._closing = self._stop_thread = True
+                waiting = [*self._running, *self._queue]
+                self._queue.clear()
+                self._pending_bytes = 0
+                self._nonempty.notify()
+            for r in waiting:
+                _settle(r, exc=closed)
+            raise
+
+    def _settle_batch(self, batch: list[_Request], outcomes: list[tuple[Any, BaseException | None]]) -> None:
+        if batch[0].entries is not None:
+            self.stats["batches"] += 1
+        for r, (result, exc) in zip(batch, outcomes, strict=True):
+            _settle(r, result, exc)
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        """From the thread: run ``callback`` on the loop (dropped if the loop is gone: nobody waits then)."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop was closed
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    # ---------------------------------------------------------------- the log thread
+    #
+    # Why a thread of its own fed directly, not a task handing work to an executor: a write then starts on
+    # the thread as soon as it is queued, instead of after two more turns of a busy event loop (a task to
+    # queue it, a task to take it); on a loaded machine those turns were most of a write's latency.
+
+    def _thread_main(self, opened: asyncio.Future) -> None:
+        assert self._exited is not None
+        try:
+            self._log = self._opener()
+            self._note(self._log)
+        except BaseException as exc:  # noqa: BLE001 - handed to start(), which raises it
+            self._post(_set_exception, opened, exc)
+            return
+        self._post(_set_result, opened, None)
+        try:
+            while True:
+                with self._nonempty:
+                    while not self._queue and not self._stop_thread:
+                        self._nonempty.wait()
+                    if not self._queue:
+                        break  # asked to stop, and nothing left
+                    batch = self._running = self._take_batch()
+                outcomes = self._execute(batch)
+                with self._lock:
+                    self._running = []
+                self._post(self._settle_batch, batch, outcomes)
+        finally:
+            with contextlib.suppress(Exception):
+                self._log.close()
+            self._post(_set_result, self._exited, None)
 
     def _take_batch(self) -> list[_Request]:
+        """Under _lock: the next request, and consecutive appends after it up to max_batch_bytes."""
         first = self._queue.popleft()
         batch = [first]
         nbytes = first.nbytes
         if first.entries is not None:
-            # Bounded by the queue length and by max_batch_bytes.
             while self._queue and self._queue[0].entries is not None:
                 if nbytes + self._queue[0].nbytes > self._max_batch_bytes:
                     break
@@ -221,57 +311,20 @@ class AsyncLog:
         self._pending_bytes -= nbytes
         return batch
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        batch: list[_Request] = []
+    def _execute(self, batch: list[_Request]) -> list[tuple[Any, BaseException | None]]:
+        if batch[0].entries is not None:
+            groups = [r.entries or () for r in batch]
+            try:
+                results, synced = self._append_sync(groups)
+            except LogError as exc:
+                return [(None, exc)] * len(batch)
+            return [(None, err) if err is not None else (synced, None) for err in results]
+        fn = batch[0].fn
+        assert fn is not None
         try:
-            while True:
-                if not self._queue:
-                    if self._closing:
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                batch = self._take_batch()
-                if batch[0].entries is not None:
-                    groups = [r.entries or () for r in batch]
-                    try:
-                        results, synced = await loop.run_in_executor(
-                            self._executor, self._append_sync, groups
-                        )
-                    except LogError as exc:
-                        for r in batch:
-                            _settle(r, exc=exc)
-                    else:
-                        self.stats["batches"] += 1
-                        for r, err in zip(batch, results, strict=True):
-                            _settle(r, exc=err) if err is not None else _settle(r, synced)
-                else:
-                    fn = batch[0].fn
-                    assert fn is not None
-                    try:
-                        result = await loop.run_in_executor(self._executor, self._call, fn)
-                    except (LogError, OSError, ValueError, IndexError) as exc:
-                        _settle(batch[0], exc=exc)
-                    else:
-                        _settle(batch[0], result)
-                batch = []
-        except BaseException as exc:
-            # Cancelled, or a bug: fail every waiter (none may hang), then let the owner see the exception.
-            closed = LogClosed(f"the log worker stopped: {exc!r}")
-            for r in [*batch, *self._queue]:
-                _settle(r, exc=closed)
-            self._queue.clear()
-            self._pending_bytes = 0
-            self._closing = True
-            raise
-
-    # These run on the log thread.
-
-    def _open(self) -> DurableLog:
-        log = self._opener()
-        self._note(log)
-        return log
+            return [(self._call(fn), None)]
+        except Exception as exc:  # noqa: BLE001 - the caller's to handle (a bug there is raised there)
+            return [(None, exc)]
 
     def _append_sync(self, groups: list[Sequence[LogEntry]]) -> tuple[list[Exception | None], int]:
         assert self._log is not None
@@ -295,6 +348,16 @@ class AsyncLog:
             self.last = log.last()
             self.synced_index = log.synced_index
             self.first_index = log.first_index
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _settle(request: _Request, result: Any = None, exc: BaseException | None = None) -> None:
