@@ -295,7 +295,7 @@ class Replicator:
         self.identities: dict[Endpoint, str] = {}
         self.members: dict[Endpoint, bool] = {}
         # What each peer's last answer said of its cluster: (leader identity, leader ID, holds data).
-        self.peer_clusters: dict[Endpoint, tuple[str | None, int, bool]] = {}
+        self.peer_clusters: dict[Endpoint, tuple[str | None, int, bool, str]] = {}
         self.holds_data = False  # any COMMAND entry in the log, or a table in the database
         self.conflict: formation.Decision | None = None  # set while facing another cluster with data
         self._conflict_logged_at: float | None = None
@@ -397,7 +397,8 @@ class Replicator:
         """What this node's answer to a replication batch tells the sender about its cluster."""
         s = self.state
         leader = None if s is None else (self.identity if s.role == machine.LEADER else s.leader)
-        return {"leader": leader, "leader_id": self._node_id_of(leader), "data": self.holds_data}
+        name = "" if s is None else s.hard.cluster
+        return {"leader": leader, "leader_id": self._node_id_of(leader), "data": self.holds_data, "name": name}
 
     def _node_id_of(self, identity: str | None) -> int:
         if identity is None:
@@ -412,7 +413,7 @@ class Replicator:
         endpoint: Endpoint,
         identity: str,
         member: bool | None,
-        cluster: tuple[str | None, int, bool] | None = None,
+        cluster: tuple[str | None, int, bool, str] | None = None,
     ) -> None:
         if endpoint == self.me:
             return
@@ -657,11 +658,11 @@ class Replicator:
         for p in view.members:
             if p.is_self or (healthy_only and not p.healthy):
                 continue
-            leader, leader_id, data = self.peer_clusters.get(p.endpoint, (None, 0, False))
+            leader, leader_id, data, name = self.peer_clusters.get(p.endpoint, (None, 0, False, ""))
             out.append(
                 formation.Peer(
                     p.node_id, p.healthy, self.identities.get(p.endpoint), self.members.get(p.endpoint),
-                    leader, leader_id, data,
+                    leader, leader_id, data, name,
                 )
             )  # fmt: skip
         return out
@@ -675,7 +676,7 @@ class Replicator:
         facts = self.cluster_facts
         return formation.Me(
             self.me.node_id, self.identity, self.is_member, self.holds_data, facts["leader"],
-            facts["leader_id"], config,
+            facts["leader_id"], config, facts["name"],
         )  # fmt: skip
 
     def _view_settled(self) -> bool:
@@ -891,8 +892,10 @@ class Replicator:
         for peer in peers:
             if peer.identity is None:
                 continue
+            if me is not None and formation.is_foreign(me, peer):
+                continue  # by name, also a node this cluster added before it joined another one
             if me is not None and peer.identity not in me.config:
-                if peer.member is None or formation.is_foreign(me, peer):
+                if peer.member is None:
                     continue
                 if not peer.member and not recruit:
                     continue  # a joiner is for the cluster that wins the formation rules

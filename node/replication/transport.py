@@ -117,7 +117,7 @@ class ReplicationTransport:
         me: Endpoint,
         identity: str,
         timeout_s: float,
-        learn: Callable[[Endpoint, str, bool, tuple[str | None, int, bool] | None], None],
+        learn: Callable[[Endpoint, str, bool, tuple[str | None, int, bool, str] | None], None],
         log: Any,
         refused: Callable[[Endpoint], None] | None = None,
     ) -> None:
@@ -352,7 +352,7 @@ async def _close_quietly(ws: aiohttp.ClientWebSocketResponse) -> None:
             await ws.close()
 
 
-def _cluster_of(raw: object) -> tuple[str | None, int, bool] | None:
+def _cluster_of(raw: object) -> tuple[str | None, int, bool, str] | None:
     """The answer's ``cluster`` facts, validated (anything malformed is ignored, never trusted)."""
     if not isinstance(raw, dict):
         return None
@@ -361,4 +361,7 @@ def _cluster_of(raw: object) -> tuple[str | None, int, bool] | None:
         return None
     if not isinstance(leader_id, int) or isinstance(leader_id, bool) or not 0 <= leader_id < 1 << 63:
         return None
-    return leader, leader_id, raw.get("data") is True
+    name = raw.get("name", "")
+    if not isinstance(name, str) or len(name) > codec.MAX_IDENTITY_CHARS:
+        return None
+    return leader, leader_id, raw.get("data") is True, name

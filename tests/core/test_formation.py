@@ -229,16 +229,20 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     raw=json_values
-    | st.fixed_dictionaries({"leader": json_values, "leader_id": json_values, "data": json_values})
+    | st.fixed_dictionaries(
+        {"leader": json_values, "leader_id": json_values, "data": json_values},
+        optional={"name": json_values},
+    )
 )
 def test_a_peers_cluster_facts_are_validated_never_trusted(raw):
-    """Whatever a peer answers as ``cluster``, the transport hands on a well-typed triple or nothing."""
+    """Whatever a peer answers as ``cluster``, the transport hands on well-typed facts or nothing."""
     from node.replication import codec
     from node.replication.transport import _cluster_of
 
     facts = _cluster_of(raw)
     if facts is not None:
-        leader, leader_id, data = facts
+        leader, leader_id, data, name = facts
+        assert isinstance(name, str) and len(name) <= codec.MAX_IDENTITY_CHARS
         assert leader is None or (isinstance(leader, str) and 0 < len(leader) <= codec.MAX_IDENTITY_CHARS)
         assert type(leader_id) is int and 0 <= leader_id < 1 << 63
         assert data is True or data is False
@@ -247,10 +251,38 @@ def test_a_peers_cluster_facts_are_validated_never_trusted(raw):
 def test_well_formed_cluster_facts_pass():
     from node.replication.transport import _cluster_of
 
-    assert _cluster_of({"leader": "abc", "leader_id": 7, "data": True}) == ("abc", 7, True)
-    assert _cluster_of({"leader": None, "leader_id": 0, "data": "yes"}) == (None, 0, False)
+    assert _cluster_of({"leader": "abc", "leader_id": 7, "data": True}) == ("abc", 7, True, "")
+    assert _cluster_of({"leader": None, "leader_id": 0, "data": "yes"}) == (None, 0, False, "")
+    assert _cluster_of({"leader": "a", "leader_id": 1, "data": False, "name": "c1"}) == ("a", 1, False, "c1")
+    assert _cluster_of({"leader": "a", "leader_id": 1, "name": 5}) is None
     assert _cluster_of({"leader": "", "leader_id": 1}) is None
     assert _cluster_of({"leader": "a", "leader_id": True}) is None
+
+
+def test_named_clusters_are_told_apart_by_name_even_when_one_added_the_others_nodes_as_learners():
+    """Regression: cluster B (node 3, alone) added nodes 2 and 4 as learners before they joined cluster A
+    (led by 4). By the configuration rule they were B's own, so B saw no other cluster and never dissolved;
+    nodes 2 and 4 refused B's messages (another cluster's) and the cluster never became one."""
+    b = Me(3, "n3", True, leader="n3", leader_id=3, config=frozenset({"n3", "n2", "n4"}), cluster="B")
+    a_leader = Peer(4, True, "n4", True, "n4", 4, cluster="A")
+    a_member = Peer(2, True, "n2", True, "n4", 4, cluster="A")
+    assert f.is_foreign(b, a_leader) and f.is_foreign(b, a_member)
+    decision = f.decide_member(b, [a_leader, a_member])
+    assert decision.action is Action.DISSOLVE and decision.other_leader == "n4"
+    # The same cluster by name is never foreign, whatever the configuration says.
+    a = Me(4, "n4", True, leader="n4", leader_id=4, config=frozenset({"n4"}), cluster="A")
+    assert not f.is_foreign(a, a_member)
+    assert f.is_foreign(a, Peer(3, True, "n3", True, "n3", 3, cluster="B"))
+    assert (
+        f.decide_member(a, [a_member, Peer(3, True, "n3", True, "n3", 3, cluster="B")]).action is Action.STAY
+    )
+    # Data is counted by name too: a lagging member of A with data elsewhere in A never dissolves.
+    lagging = Me(2, "n2", True, leader="n4", leader_id=4, config=frozenset({"n2"}), cluster="A")
+    with_data = Peer(4, True, "n4", True, "n4", 4, data=True, cluster="A")
+    assert (
+        f.decide_member(lagging, [with_data, Peer(9, True, "x", True, "x", 9, cluster="C")]).action
+        is Action.STAY
+    )
 
 
 def test_a_lagging_follower_of_a_cluster_with_data_never_dissolves():

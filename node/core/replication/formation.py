@@ -11,8 +11,10 @@ Rules (what the README's formation section quotes):
   a cluster it JOINs (the cluster's leader adds it as a learner, then promotes it). Otherwise the node with
   the highest ID among the healthy peers BOOTSTRAPs a cluster of one voter; the others JOIN (wait as
   joiners, re-deciding every second, since the highest may die before it bootstraps).
-* **Another cluster** is a healthy peer that belongs to a cluster, is not in this node's configuration
-  and follows a leader that is neither this node's leader nor in its configuration. Its nodes are kept out
+* **Another cluster** is a healthy peer that belongs to a cluster of another name (every cluster is named
+  at bootstrap; see ``HardState.cluster``). A peer that does not say its cluster's name (an older
+  release) is of another cluster when it is not in this node's configuration and follows a leader that is
+  neither this node's leader nor in its configuration. Its nodes are kept out
   of the view given to the core, so no leader ever adds a node of another cluster as a learner (nothing is
   absorbed silently); only the rules below move a node from one cluster to another.
 * **Clusters without client data merge by the leader rule.** A node holds client data when its log holds
@@ -62,6 +64,7 @@ class Peer:
     leader: str | None = None  # identity of the leader it follows (its own if it leads)
     leader_id: int = 0  # that leader's node ID as the peer knows it (0: none)
     data: bool = False  # holds client data
+    cluster: str = ""  # the name of its cluster ("": none, or a release that did not name clusters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class Me:
     leader: str | None = None
     leader_id: int = 0
     config: frozenset[str] = frozenset()  # identities of this cluster's voters and learners
+    cluster: str = ""  # this node's cluster name ("" if it has none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +105,13 @@ def decide_empty(my_id: int, peers: Iterable[Peer], *, window_over: bool) -> Dec
 
 
 def is_foreign(me: Me, peer: Peer) -> bool:
-    """The peer belongs to another cluster than this node's (see the module docstring)."""
+    """The peer belongs to another cluster than this node's (see the module docstring). When both clusters
+    are named the names decide: a node this cluster added as a learner before it joined another cluster
+    is in this cluster's configuration, yet foreign, and must count as such or neither cluster moves."""
     if not me.member or not peer.healthy or not peer.member or peer.identity is None:
         return False
+    if me.cluster and peer.cluster:
+        return peer.cluster != me.cluster
     if peer.identity in me.config or peer.leader is None:
         return False
     return peer.leader != me.leader and peer.leader not in me.config and peer.leader != me.identity
@@ -114,13 +122,13 @@ def cluster_holds_data(me: Me, peers: Iterable[Peer]) -> bool:
     follower that lags (no COMMAND entry yet) must not leave a cluster that has data."""
     if me.data:
         return True
-    return any(
-        p.healthy
-        and p.member
-        and p.data
-        and (p.identity in me.config or (p.leader is not None and p.leader == me.leader))
-        for p in peers
-    )
+    return any(p.healthy and p.member and p.data and _same_cluster(me, p) for p in peers)
+
+
+def _same_cluster(me: Me, p: Peer) -> bool:
+    if me.cluster and p.cluster:
+        return p.cluster == me.cluster
+    return p.identity in me.config or (p.leader is not None and p.leader == me.leader)
 
 
 def _rank(leader_id: int, leader: str | None) -> tuple[int, str]:
