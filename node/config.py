@@ -130,6 +130,8 @@ class Config:
     # node/core/replication), so a client may send any request to any node. "off": an explicit opt-out in
     # which every node serves its own database (no forwarding, no quorum).
     replication: str = "on"
+    # "uvloop" (the default; asyncio's own loop if uvloop is not installed) or "asyncio".
+    event_loop: str = "uvloop"
     # Seconds an empty node with REPLICATION=on looks for peers before it forms a cluster or joins one. 0
     # for a node known to be alone (a laptop's `python -m node` then accepts writes at once). Longer than
     # DNS needs to list every replica started together.
@@ -324,6 +326,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     # replication
     "replication": ("REPLICATION", lambda raw: _replication(raw)),
     "formation_window_s": ("FORMATION_WINDOW", lambda raw: _non_negative_seconds(raw)),
+    "event_loop": ("EVENT_LOOP", lambda raw: _event_loop(raw)),
 }
 
 # Every field but the secret must be settable from the environment: keep the table and the dataclass in step.
@@ -337,6 +340,13 @@ def _replication(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("off", "on"):
         raise ValueError(f"must be 'off' or 'on', not {raw!r}")
+    return value
+
+
+def _event_loop(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("uvloop", "asyncio"):
+        raise ValueError(f"must be 'uvloop' or 'asyncio', not {raw!r}")
     return value
 
 

@@ -93,3 +93,30 @@ def test_replication_is_on_by_default_and_takes_on_or_off():
     assert len(info.value.problems) == 2
     assert any("REPLICATION" in p for p in info.value.problems)
     assert any("FORMATION_WINDOW" in p for p in info.value.problems)
+
+
+def test_event_loop_is_uvloop_by_default_and_takes_uvloop_or_asyncio():
+    assert Config.from_env(SECRET).event_loop == "uvloop"
+    assert Config.from_env({**SECRET, "EVENT_LOOP": " AsyncIO "}).event_loop == "asyncio"
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**SECRET, "EVENT_LOOP": "trio"})
+    assert any("EVENT_LOOP" in p and "'trio'" in p for p in info.value.problems)
+
+
+def test_the_loop_factory_follows_the_setting_and_falls_back_without_uvloop(monkeypatch):
+    import asyncio
+    import sys
+
+    from node.__main__ import event_loop_factory
+
+    assert event_loop_factory("asyncio") is None
+    uvloop = pytest.importorskip("uvloop")
+    factory = event_loop_factory("uvloop")
+    assert factory is uvloop.new_event_loop
+    loop = factory()
+    try:
+        assert isinstance(loop, asyncio.AbstractEventLoop) and type(loop).__module__.startswith("uvloop")
+    finally:
+        loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert event_loop_factory("uvloop") is None

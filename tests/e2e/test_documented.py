@@ -191,6 +191,8 @@ def test_documented_scenario(docker: Docker, image: str, timings: Timings, docum
     events = [line["event"] for line in lines]
     for expected in ("node_starting", "http_listening", "node_started", "peer_discovered", "leader_elected"):
         assert expected in events
+    # The image installs uvloop, and the node runs on it.
+    assert [line["event_loop"] for line in lines if line["event"] == "node_starting"] == ["uvloop"]
     discovered = {line["peer_id"] for line in lines if line["event"] == "peer_discovered"}
     assert discovered == {ids["backend-2"], ids["backend-3"]}
     assert all(line["node_id"] == ids["backend-1"] for line in lines)
