@@ -15,8 +15,11 @@ other late messages, applies, ``read_log``) goes to the completer, which carries
 each once its writes and all earlier ones are durable, and then steps ``Persisted`` for its append (a leader
 counts its own copy toward the majority only then). So a leader's Appends are on the wire while its own
 fsync runs, a follower keeps receiving while it fsyncs, and concurrent writes share fsyncs.
-A write that fails (disk full, I/O error) raises: the node exits non-zero and restarts from what is durable
-(``restore``), which is always consistent, rather than go on with a log the disk does not hold.
+A log append or truncate that fails cleanly (disk full, an I/O error the log undid) stops everything of that
+Ready and of every later one from going out (no ack for what the disk does not hold) and the core is
+rebuilt from what is durable (``restore``, as at a restart) after LOG_FAILURE_BACKOFF_S, without exiting:
+/readyz says why, a follower is caught up by its leader once space returns. Any other write failure (the
+hard state, a log left in doubt) raises: the node exits non-zero and restarts from what is durable.
 
 Apply: committed entries go, in order, to the applier task, which gives each run of them to
 ``Database.apply(last index, all their commands)``: one SQLite transaction whose applied index moves to the
@@ -74,7 +77,7 @@ from node.storage import statemachine
 from node.storage.asynclog import AsyncLog
 from node.storage.durable import FramedFileError, decode_framed, encode_framed, write_atomic
 from node.storage.identity import load_or_create_identity
-from node.storage.log import DurableLog, LogEntry, LogError
+from node.storage.log import DurableLog, LogDiskFull, LogEntry, LogError, LogIOError
 from node.storage.sqlite import ApplyFailed, Database
 from node.storage.statemachine import Applied
 
@@ -88,6 +91,7 @@ LOG_READ_BYTES = 4 << 20
 APPLY_RETRY_S = 0.5
 APPLY_FAILURE_LOG_S = 30.0  # the same apply failure is logged again at most this often (it is retried)
 REFORM_CHECK_S = 1.0
+LOG_FAILURE_BACKOFF_S = 1.0  # after a failed log write, before the state is rebuilt from the disk
 # Facts that repeat for every message of another cluster's leader: logged at most once per FACT_REPEAT_S
 # per (event, sender), with a ``suppressed`` count.
 REPEATING_FACTS = frozenset({"foreign_history", "foreign_cluster"})
@@ -304,6 +308,8 @@ class Replicator:
         # cluster, it takes no leader of those back, or a leader that has not dissolved yet could re-add it.
         self._left_clusters: collections.deque[str] = collections.deque(maxlen=8)
         self._fact_lines: dict[tuple[str, str], tuple[float | None, int]] = {}  # see _log_fact
+        self._log_failure: BaseException | None = None  # set from a failed log write until _resync is done
+        self.log_write_problem: str | None = None  # for /readyz: until an append succeeds again
         self._view_dirty = True
         self._last_view: dict[str, int] | None = None
         # Inputs waiting for the next round.
@@ -398,7 +404,12 @@ class Replicator:
         s = self.state
         leader = None if s is None else (self.identity if s.role == machine.LEADER else s.leader)
         name = "" if s is None else s.hard.cluster
-        return {"leader": leader, "leader_id": self._node_id_of(leader), "data": self.holds_data, "name": name}
+        return {
+            "leader": leader,
+            "leader_id": self._node_id_of(leader),
+            "data": self.holds_data,
+            "name": name,
+        }
 
     def _node_id_of(self, identity: str | None) -> int:
         if identity is None:
@@ -704,6 +715,9 @@ class Replicator:
         stop_sent_at: float | None = None
         led_at_stop = False
         while True:
+            if self._log_failure is not None and not stop.is_set():
+                await self._resync(stop)
+                continue
             now = loop.time()
             if stop.is_set() and stop_sent_at is None:
                 stop_sent_at = now
@@ -1038,14 +1052,23 @@ class Replicator:
                 # Only wait when there is something to wait for: the items a group commit finished are then
                 # carried out in one go, so their acks leave together (one frame per peer).
                 await asyncio.wait(item.writes)
+            failure: BaseException | None = None
             for write in item.writes:
                 if write.cancelled():
                     raise errors.Unavailable("a log write was cancelled; what it wrote is unknown")
-                failure = write.exception()
-                if failure is not None:
-                    raise failure
+                failure = failure or write.exception()
+            if failure is not None and not self._recoverable(failure):
+                raise failure
             self._unsynced.popleft()
             self._unsynced_room.set()
+            if failure is not None:
+                self._log_write_failed(failure)
+            if self._log_failure is not None:
+                # Nothing of this Ready goes out, nor of any Ready queued after it: their acks would claim
+                # entries the disk does not hold. The loop rebuilds the state from the disk (_resync).
+                continue
+            if item.writes:
+                self.log_write_problem = None  # the log takes writes again
             for send in item.messages:
                 self._send(send)
             if item.apply:
@@ -1057,6 +1080,52 @@ class Replicator:
                 self._persisted.append(msg.Persisted(item.appended))
             if item.read_log or item.appended is not None:
                 self._wake.set()
+
+    def _recoverable(self, failure: BaseException) -> bool:
+        """A log write that failed without leaving the log in doubt (disk full, an I/O error undone), or an
+        append queued behind such a failure (it no longer follows the log): resync, do not exit."""
+        if isinstance(failure, LogDiskFull | LogIOError):
+            return True
+        return self._log_failure is not None and isinstance(failure, ValueError)
+
+    def _log_write_failed(self, failure: BaseException) -> None:
+        if self._log_failure is not None:
+            return
+        self._log_failure = failure
+        self.log_write_problem = f"log write failed: {failure}"[:300]
+        assert self._asynclog is not None
+        self.log.error(
+            "replication_log_write_failed", reason=str(failure)[:300], durable_index=self._asynclog.last[1]
+        )
+        self._wake.set()
+
+    async def _resync(self, stop: asyncio.Event) -> None:
+        """After a log write failed (see ``_recoverable``): the core's log is ahead of the disk. Answer the
+        waiting clients (outcome unknown: an entry sent to followers may still commit), drop every Ready
+        queued meanwhile (the completer does), wait LOG_FAILURE_BACKOFF_S so a full disk is not retried in
+        a tight loop, and restore the core from what is durable, exactly as a restart would, without
+        exiting: the node keeps serving reads and /readyz says why it is not ready. A leader comes back as
+        a follower; a follower acknowledges nothing it does not hold and is caught up by its leader."""
+        failure = self._log_failure
+        self._fail_all(
+            OutcomeUnknown(f"this node could not write its log ({failure}); the write may still commit")
+        )
+        self._waiters.clear()
+        self._by_index.clear()
+        self._confirmed.clear()
+        self._submits.clear()
+        self._reads.clear()
+        await self._drain()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LOG_FAILURE_BACKOFF_S):
+                await stop.wait()
+        self._inbox.clear()  # what arrived meanwhile was for the state being replaced; leaders resend
+        self._apply_queue.clear()  # re-committed (and so re-applied, idempotently) from the restored state
+        self._apply_room.set()
+        await self._start_state(stop)
+        self._log_failure = None
+        self._last_view = None
+        self._view_dirty = True
 
     async def _read_range(self, first: int, last: int) -> tuple[msg.Entry, ...]:
         assert self._asynclog is not None

@@ -130,7 +130,10 @@ class Replication:
         if status is None:
             return "starting: forming or joining a cluster"
         if not need_leader:
-            return None
+            return None  # level=none reads need no log writes
+        problem = getattr(self.replicator, "log_write_problem", None)
+        if problem is not None:
+            return problem  # writes (and this node's acks) need its log: not ready until it takes writes
         if self.replicator.is_leader():
             if not status.writable:
                 # Leading, but its epoch's first entry is not committed yet (a few ms after an election),

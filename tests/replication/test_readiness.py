@@ -12,7 +12,10 @@ from node.replication.wiring import Replication
 
 
 class FakeReplicator:
-    def __init__(self, *, started=True, leader=False, writable=False, leader_known=False) -> None:
+    def __init__(
+        self, *, started=True, leader=False, writable=False, leader_known=False, log_write_problem=None
+    ) -> None:
+        self.log_write_problem = log_write_problem
         self._status = SimpleNamespace(writable=writable) if started else None
         self._leader = leader
         self._leader_known = leader_known
@@ -52,3 +55,10 @@ def test_a_follower_is_ready_when_it_knows_a_healthy_leader():
 )
 def test_noleader_skips_every_leader_check(state):
     assert problem(False, **state) is None
+
+
+def test_a_node_whose_log_cannot_be_written_is_not_ready_for_writes_but_is_for_level_none_reads():
+    failing = {"leader_known": True, "log_write_problem": "log write failed: disk full"}
+    assert problem(True, **failing) == "log write failed: disk full"
+    assert problem(True, **{**failing, "leader": True, "writable": True}) == "log write failed: disk full"
+    assert problem(False, **failing) is None
