@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 
 import apsw
@@ -22,6 +23,7 @@ from node import errors
 from node.core.sqlreq import Statement
 from node.service import LocalDataService, LogBackedDataService, WriteRequest
 from node.storage import command_codec as codec
+from node.storage import log as logmod
 from node.storage.log import LOG_DIR_NAME, DurableLog, LogEntry
 from node.storage.sqlite import ApplyFailed, Database, Limits, State
 from node.storage.statemachine import SYNCHRONOUS
@@ -138,21 +140,34 @@ async def test_concurrent_writes_share_log_batches_and_apply_in_log_order(tmp_pa
     assert [o.results[0].last_insert_id for o in by_index] == list(range(1, 65))
 
 
-async def test_a_write_whose_client_went_away_is_still_applied_in_order(tmp_path):
+async def test_a_write_whose_client_went_away_is_still_applied_in_order(tmp_path, monkeypatch):
     service = await _service(tmp_path)
+    gate_entered, release = threading.Event(), threading.Event()
+    real_fdatasync = logmod.os.fdatasync
+
+    def gated(fd: int) -> None:  # the orphan's log fsync waits (bounded) until its client is gone
+        gate_entered.set()
+        assert release.wait(30), "the gate was never released"
+        real_fdatasync(fd)
+
     try:
         await service.submit(CREATE, "c")
+        monkeypatch.setattr(logmod.os, "fdatasync", gated)
         task = asyncio.create_task(service.submit(_insert("orphan"), "c"))
-        for _ in range(1000):  # until the entry is numbered (it is then accepted by the log's queue)
-            if service._pending:
+        for _ in range(10_000):  # until the entry is in the log's fsync: numbered, accepted, not done
+            if gate_entered.is_set():
                 break
             await asyncio.sleep(0.001)
+        assert gate_entered.is_set() and not task.done()
         task.cancel()
+        release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
+        monkeypatch.setattr(logmod.os, "fdatasync", real_fdatasync)
         later = await service.submit(_insert("later"), "c")
         assert later.index == 3
     finally:
+        release.set()
         await service.close()
     assert _rows(tmp_path) == ["orphan", "later"]
 
