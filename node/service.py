@@ -423,7 +423,7 @@ class LogBackedDataService:
             raise errors.Unavailable("the node is shutting down")
         log = self.log
         if log is None or self._applier is None:
-            self.database._require_ready()  # the database's reason (checking, corrupt, failed)
+            self.database.require_ready()  # the database's reason (checking, corrupt, failed)
             raise errors.Unavailable("the log is not open")
         if self.stalled is not None:
             raise errors.Unavailable(f"writes are paused: {self.stalled}")

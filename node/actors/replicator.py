@@ -1149,7 +1149,7 @@ class Replicator:
         elif isinstance(reply, msg.SubmitRejected):
             waiter = self._waiters.get(reply.request_id)
             if waiter is not None and not waiter.future.done():
-                url = self._url(reply.leader)
+                url = self.url_of(reply.leader)
                 waiter.future.set_exception(rejection_error(reply.code, reply.reason, url))
         elif isinstance(reply, msg.ReadConfirmed):
             future = self._read_waiters.get(reply.read_id)
@@ -1161,9 +1161,10 @@ class Replicator:
         elif isinstance(reply, msg.ReadRejected):
             future = self._read_waiters.get(reply.read_id)
             if future is not None and not future.done():
-                future.set_exception(rejection_error(reply.code, reply.reason, self._url(reply.leader)))
+                future.set_exception(rejection_error(reply.code, reply.reason, self.url_of(reply.leader)))
 
-    def _url(self, identity: str | None) -> str | None:
+    def url_of(self, identity: str | None) -> str | None:
+        """The base URL of the node with ``identity`` (as last heard), or None if unknown."""
         endpoint = self.endpoint_of(identity)
         return endpoint.url if endpoint is not None else None
 

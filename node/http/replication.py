@@ -92,6 +92,34 @@ class ReplicationRoutes:
             "cluster": getattr(self._replicator, "cluster_facts", None),
         }
 
+    def _verify_peer(
+        self,
+        request: web.Request,
+        path: str,
+        sender: Endpoint,
+        signed: bytes,
+        guard: Any,
+        kind: str,
+        what: str,
+    ) -> Any:
+        """The request's peer header must sign ``signed`` (a batch's body, a stream's hello) for ``path``
+        with this cluster's key, and not be a replay (``guard``); else 401, logged as peer_rejected."""
+        headers = request.headers.getall(peerauth.HEADER, [])
+        header = headers[0] if len(headers) == 1 else None
+        claims = peerauth.verify(self._key, header, path, str(sender), signed)
+        if claims is None:
+            self._reject(sender, f"bad {kind} signature")
+            raise errors.Unauthorized(
+                f"replication {kind} from {sender} is not signed over {what} with this cluster's secret"
+            )
+        verdict = guard.accept(str(sender), claims)
+        if not verdict.accepted:
+            self._reject(sender, f"{kind} replayed ({verdict.value})")
+            raise errors.Unauthorized(
+                f"replication {kind} from {sender} refused as a replay ({verdict.value})"
+            )
+        return claims
+
     async def stream(self, request: web.Request) -> web.StreamResponse:
         hello = request.headers.get(HELLO_HEADER, "").encode()
         try:
@@ -99,20 +127,9 @@ class ReplicationRoutes:
             sender = Endpoint.parse(address)
         except (codec.CodecError, InvalidAddress) as exc:
             raise errors.BadRequest(f"malformed replication stream hello: {exc}") from None
-        headers = request.headers.getall(peerauth.HEADER, [])
-        header = headers[0] if len(headers) == 1 else None
-        claims = peerauth.verify(self._key, header, STREAM_PATH, str(sender), hello)
-        if claims is None:
-            self._reject(sender, "bad stream signature")
-            raise errors.Unauthorized(
-                f"replication stream from {sender} is not signed over its hello with this cluster's secret"
-            )
-        verdict = self._stream_guard.accept(str(sender), claims)
-        if not verdict.accepted:
-            self._reject(sender, f"stream replayed ({verdict.value})")
-            raise errors.Unauthorized(
-                f"replication stream from {sender} refused as a replay ({verdict.value})"
-            )
+        claims = self._verify_peer(
+            request, STREAM_PATH, sender, hello, self._stream_guard, "stream", "its hello"
+        )
         mac = codec.FrameMac(self._key, str(sender), claims.incarnation, claims.seq)
         ws = web.WebSocketResponse(max_msg_size=MAX_BATCH_BYTES, autoping=True, compress=False)
         await ws.prepare(request)
@@ -159,20 +176,7 @@ class ReplicationRoutes:
             sender = Endpoint.parse(address)
         except (codec.CodecError, InvalidAddress) as exc:
             raise errors.BadRequest(f"malformed replication batch: {exc}") from None
-        headers = request.headers.getall(peerauth.HEADER, [])
-        header = headers[0] if len(headers) == 1 else None
-        claims = peerauth.verify(self._key, header, PATH, str(sender), raw)
-        if claims is None:
-            self._reject(sender, "bad signature")
-            raise errors.Unauthorized(
-                f"replication batch from {sender} is not signed over its body with this cluster's secret"
-            )
-        verdict = self._guard.accept(str(sender), claims)
-        if not verdict.accepted:
-            self._reject(sender, f"replayed ({verdict.value})")
-            raise errors.Unauthorized(
-                f"replication batch from {sender} refused as a replay ({verdict.value})"
-            )
+        self._verify_peer(request, PATH, sender, raw, self._guard, "batch", "its body")
         ready = self._replicator.identity is not None
         if ready:
             self._replicator.receive(identity, sender, messages, cluster)
@@ -282,7 +286,11 @@ class ForwardingMiddleware:
             await asyncio.gather(exchange, return_exceptions=True)
 
     async def _exchange(
-        self, request: web.Request, leader: Endpoint, body: Any, headers: dict[str, str],
+        self,
+        request: web.Request,
+        leader: Endpoint,
+        body: Any,
+        headers: dict[str, str],
         client_timeout: aiohttp.ClientTimeout,
     ) -> web.Response:
         assert self._session is not None

@@ -203,7 +203,7 @@ class ReplicatedDataService:
         """While this node's own database is being checked, or is corrupt, its replication waits for it: that
         is the reason to give (database_checking, database_corrupt), not the 'no leader' that follows."""
         if not self.database.is_open:
-            self.database._require_ready()
+            self.database.require_ready()
 
     async def submit(self, request: WriteRequest, client: str) -> WriteOutcome:
         self._database_first()
@@ -249,7 +249,7 @@ class ReplicatedDataService:
             status = self.replicator.status()
             raise errors.NotLeader(
                 "no healthy leader to serve a weak read; use level=none for this node's copy",
-                None if status is None else self.replicator._url(status.leader),
+                None if status is None else self.replicator.url_of(status.leader),
             )
         return await self.database.query(request, client=client)
 
@@ -270,7 +270,7 @@ class ReplicatedDataService:
         async with self._load_lock:
             if not self.replicator.is_leader():
                 status = self.replicator.status()
-                leader = None if status is None else self.replicator._url(status.leader)
+                leader = None if status is None else self.replicator.url_of(status.leader)
                 raise errors.NotLeader("this node does not lead: send the load to the leader", leader)
             size = (await asyncio.to_thread(os.stat, path)).st_size
             await asyncio.to_thread(self._check_space, LOAD_SPACE_FACTOR * size)

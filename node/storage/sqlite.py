@@ -395,7 +395,8 @@ class Database:
     def is_open(self) -> bool:
         return self.state == State.READY
 
-    def _require_ready(self) -> None:
+    def require_ready(self) -> None:
+        """Raise the reason this database cannot serve now (shutting down, being checked, corrupt, not open)."""
         if self._closing:
             raise errors.Unavailable("the node is shutting down")
         if self.state == State.READY:
@@ -425,7 +426,7 @@ class Database:
         self, fn: Callable[..., T], *args: Any, entry: Entry | None = None, starting: bool = False
     ) -> T:
         if not starting:
-            self._require_ready()
+            self.require_ready()
         elif self._closing or self._writer is None:
             raise errors.Unavailable("the node is shutting down")
         writer = self._writer
@@ -451,7 +452,7 @@ class Database:
                 self._write_jobs.remove(job)
 
     async def _read(self, client: str, fn: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
-        self._require_ready()
+        self.require_ready()
         scheduler = self._scheduler
         assert scheduler is not None
         slot = await scheduler.acquire(client)
@@ -574,7 +575,7 @@ class Database:
 
     async def load_sqlite_file(self, source: Path, *, index: int) -> None:
         """Replace the database with the SQLite file at ``source`` (checked first; the file is consumed)."""
-        self._require_ready()
+        self.require_ready()
         scheduler = self._scheduler
         assert scheduler is not None and self._writer is not None
         # Readers must close before the swap: a last connection closing on the old file would delete the new
