@@ -8,14 +8,11 @@ be answered, not hang), never speed assertions. Measured figures go to the "e2e 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +22,7 @@ import pytest
 
 from node import auth
 from tests.e2e.support import ROOT, Cluster, Timings, node_id, run, wait_until
+from tests.support.http import call_json
 
 pytestmark = pytest.mark.e2e
 
@@ -39,35 +37,9 @@ WRITE_TIMEOUT_S = 5.0  # liveness bound for one write: answered (any status) wit
 LEASE_MARGIN_S = 1.5  # the core's lease is 0.5 s; failure detection and a request in flight add the rest
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
 def call(port: int, path: str, body: Any = None, tok: str | None = None, timeout_s: float = WRITE_TIMEOUT_S):
     """(status, headers, JSON body) of one request to 127.0.0.1:port; connection failure or timeout is 0."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=data, method="POST" if data is not None else "GET"
-    )
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if tok:
-        request.add_header("Authorization", f"Bearer {tok}")
-    try:
-        with _OPENER.open(request, timeout=timeout_s) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, dict(exc.headers), json.loads(raw or b"null")
-        except ValueError:
-            return exc.code, dict(exc.headers), raw
-    except (urllib.error.URLError, OSError, ValueError):
-        return 0, {}, None
+    return call_json(f"http://127.0.0.1:{port}{path}", body, tok, timeout_s)
 
 
 class ReplicatedCluster(Cluster):

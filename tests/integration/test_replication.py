@@ -7,15 +7,13 @@ speed assertions.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from node import auth
 from tests.support.cluster import Cluster
+from tests.support.http import call_json
 from tests.support.wait import wait_until
 
 ENV = {
@@ -27,33 +25,9 @@ ENV = {
 }
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 301 is the answer under test, not something to follow
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
 def call(url: str, body: Any = None, token: str | None = None, timeout_s: float = 5.0):
     """(status, headers, JSON body) of one request; connection failures give status 0."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with _OPENER.open(request, timeout=timeout_s) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, dict(exc.headers), json.loads(raw or b"null")
-        except ValueError:
-            return exc.code, dict(exc.headers), raw
-    except (urllib.error.URLError, OSError):
-        return 0, {}, None
+    return call_json(url, body, token, timeout_s)
 
 
 def token(c: Cluster) -> str:
@@ -263,21 +237,9 @@ def test_a_write_caught_by_the_loss_of_quorum_answers_and_its_retry_applies_once
     c.kill9(lowest)
     c.kill9(middle)
     url = f"{base(c, highest)}/db/execute"
-    request = urllib.request.Request(
-        url,
-        data=json.dumps([["INSERT INTO t VALUES (9)"]]).encode(),
-        headers={
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {tok}",
-            "X-Request-Id": "once-9",
-        },
-    )
+    once = {"X-Request-Id": "once-9"}
     started = time.monotonic()
-    try:
-        with _OPENER.open(request, timeout=15) as resp:
-            status, body = resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, json.loads(exc.read())
+    status, _, body = call_json(url, [["INSERT INTO t VALUES (9)"]], tok, 15, headers=once)
     took_s = time.monotonic() - started
     # Accepted before the leader noticed (outcome unknown) or refused after (no quorum): either way an
     # answer, not a hang (liveness bound, not a speed assertion).
@@ -286,11 +248,7 @@ def test_a_write_caught_by_the_loss_of_quorum_answers_and_its_retry_applies_once
     c.start(middle)
 
     def retried() -> bool:
-        try:
-            with _OPENER.open(request, timeout=15) as resp:
-                return resp.status == 200
-        except urllib.error.HTTPError:
-            return False
+        return call_json(url, [["INSERT INTO t VALUES (9)"]], tok, 15, headers=once)[0] == 200
 
     wait_until(retried, 30, interval_s=0.2, what="the retry to succeed with two of three")
     status, _, body = call(
