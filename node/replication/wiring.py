@@ -158,6 +158,9 @@ class Replication:
             "writable": status.writable,
             "leader_identity": status.leader if status.role != machine.LEADER else self.replicator.identity,
             "identity": self.replicator.identity,
+            # The cluster's name, drawn when it was bootstrapped; the same on every member ("" while a
+            # joiner has heard no leader yet).
+            "cluster_name": self.replicator.state.hard.cluster if self.replicator.state is not None else "",
             # Identities removed by DELETE /cluster/voters and not re-added while they stay in the view.
             "removed_identities": sorted(status.removed),
             # Counters for operators: messages dropped by a full inbox or peer queue, failed peer batches,

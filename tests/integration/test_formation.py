@@ -22,7 +22,7 @@ TRIALS = int(os.environ.get("FORMATION_TRIALS", "5"))
 
 
 def one_cluster(c: Cluster, ips: list[str]) -> dict | None:
-    """Every node reports the same leader identity and epoch, 3 voters, a writable leader among them."""
+    """Every node reports the same leader identity, epoch and cluster name, 3 voters, a writable leader."""
     statuses = [c.nodes[ip].status() for ip in ips]
     if any(not s or "commit_index" not in s for s in statuses):
         return None
@@ -30,6 +30,8 @@ def one_cluster(c: Cluster, ips: list[str]) -> dict | None:
         return None
     if len({s["epoch"] for s in statuses}) != 1:
         return None
+    if len({s.get("cluster_name") for s in statuses}) != 1 or not statuses[0].get("cluster_name"):
+        return None  # one named cluster, the same on every node
     if any(sum(1 for n in s["nodes"] if n.get("voter")) != len(ips) for s in statuses):
         return None
     if not any(s.get("writable") for s in statuses):
