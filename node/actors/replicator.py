@@ -72,6 +72,7 @@ from node.core.replication import formation, machine
 from node.core.replication import messages as msg
 from node.replication import codec
 from node.replication.transport import ReplicationTransport
+from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
 from node.storage import statemachine
 from node.storage.asynclog import AsyncLog
@@ -212,11 +213,11 @@ _CONFLICT_CODES = {
 }
 
 
-def _queued(queue: Any) -> asyncio.Future:
-    """``queue()`` puts a request in the durable log's queue and returns its future; a request the log
+def _queued(queue: Any, *args: Any) -> asyncio.Future:
+    """``queue(*args)`` puts a request in the durable log's queue and returns its future; a request the log
     refused at once (busy, closed) becomes a future failed with that error, met where writes are awaited."""
     try:
-        return queue()
+        return queue(*args)
     except LogError as exc:
         failed = asyncio.get_running_loop().create_future()
         failed.set_exception(exc)
@@ -307,7 +308,7 @@ class Replicator:
         # Clusters this node dissolved out of (bounded: one per dissolve, the newest kept): while it has no
         # cluster, it takes no leader of those back, or a leader that has not dissolved yet could re-add it.
         self._left_clusters: collections.deque[str] = collections.deque(maxlen=8)
-        self._fact_lines: dict[tuple[str, str], tuple[float | None, int]] = {}  # see _log_fact
+        self._fact_limiter = nodelog.RateLimiter(FACT_REPEAT_S)  # see _log_fact
         self._log_failure: BaseException | None = None  # set from a failed log write until _resync is done
         self.log_write_problem: str | None = None  # for /readyz: until an append succeeds again
         self._view_dirty = True
@@ -962,24 +963,20 @@ class Replicator:
             # thread sees them in Ready order.
             writes: list[asyncio.Future] = []
             if ready.hard_state is not None:
-                hard = ready.hard_state
                 self._hard_writes += 1
+                hard = ready.hard_state
                 write = _queued(
-                    lambda h=hard: alog.run_future(
-                        lambda _log: save_core_hard_state(self.data_dir, h, identity)
-                    )
+                    alog.run_future, lambda _log, h=hard: save_core_hard_state(self.data_dir, h, identity)
                 )
                 write.add_done_callback(self._hard_write_done)
                 writes.append(write)
             if ready.truncate_from is not None:
-                writes.append(
-                    _queued(lambda t=ready.truncate_from: alog.run_future(DurableLog.truncate_after, t - 1))
-                )
+                writes.append(_queued(alog.run_future, DurableLog.truncate_after, ready.truncate_from - 1))
             if ready.append:
                 if not self.holds_data and any(e.kind is msg.Kind.COMMAND for e in ready.append):
                     self.holds_data = True
                 entries = [to_log_entry(e) for e in ready.append]
-                writes.append(_queued(lambda es=entries: alog.append_and_sync_future(es)))
+                writes.append(_queued(alog.append_and_sync_future, entries))
             late = list(ready.messages)
             if pipelined and self._hard_writes == 0:
                 late = []
@@ -1001,17 +998,11 @@ class Replicator:
         REPEATING_FACTS) at most once per FACT_REPEAT_S per (event, sender), with the count it stood for."""
         fields = dict(fact.fields)
         if fact.event in REPEATING_FACTS:
-            key = (fact.event, str(fields.get("leader") or fields.get("sender")))
-            now = asyncio.get_running_loop().time()
-            last, count = self._fact_lines.get(key, (None, 0))
-            if last is not None and now - last < FACT_REPEAT_S:
-                self._fact_lines[key] = (last, count + 1)
+            held = self._fact_limiter.admit((fact.event, str(fields.get("leader") or fields.get("sender"))))
+            if held is None:
                 return
-            if len(self._fact_lines) >= 64:
-                self._fact_lines.clear()  # bounded; at worst a repeat is logged once more
-            self._fact_lines[key] = (now, 0)
-            if count:
-                fields["suppressed"] = count
+            if held:
+                fields["suppressed"] = held
         self.log.info("replication_" + fact.event, **fields)
 
     def _hard_write_done(self, _future: asyncio.Future) -> None:
