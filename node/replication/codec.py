@@ -72,6 +72,7 @@ _TYPES: dict[str, type] = {
     "fetch": msg.Fetch,
     "fetch_reply": msg.FetchReply,
     "take_over": msg.TakeOver,
+    "snapshot_offer": msg.SnapshotOffer,
 }
 _TAGS = {cls: tag for tag, cls in _TYPES.items()}
 _KINDS = {k.value: k for k in msg.Kind}
@@ -168,7 +169,7 @@ def _bool(v: Any, name: str) -> bool:
 _FIELD_PARSERS = {
     "epoch": _int, "index": _int, "commit": _int, "seq": _int, "match": _int, "rejected": _int, "hint": _int,
     "promised": _int, "start": _int,
-    "last": _logid, "prev": _logid,
+    "last": _logid, "prev": _logid, "snapshot": _logid,
     "entries": lambda v, _n: _entries(v),
     "reason": _str,
     "handover": _bool, "leaving": _bool,

@@ -39,6 +39,7 @@ message = st.one_of(
     st.builds(msg.Fetch, n, n),
     st.builds(msg.FetchReply, n, n, entries, logid),
     st.builds(msg.TakeOver, n, st.booleans()),
+    st.builds(msg.SnapshotOffer, n, logid),
 )
 
 

@@ -6,6 +6,12 @@ crash throws the State away; a restart rebuilds it with ``restore`` from Durable
 follows the Ready order exactly: persist, then send, then apply, then replies; a ReadLog is answered last,
 as a new input.
 
+Snapshots (``Ready.take_snapshot``) copy a node's applied entries and compact its log: entries below its
+``first_index`` stay in the list (so the invariants can index it) but reading one is a violation. A
+``fetch_snapshot`` copies the source's snapshot after a random transfer time if the source runs and both
+links work (else nothing: the leader offers again); ``install`` replaces the log and the applied history
+by the snapshot's, as the real shell replaces the SQLite file and resets the log.
+
 A torn crash (``tear``) loses power between the hard-state write and the log write of one Ready.
 
 ``pipelined=True`` runs the core with ``Options.pipelined`` and a shell that does what the real one does:
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from node.core.replication import machine
 from node.core.replication.messages import (
     AppendAck,
+    Config,
     Entry,
     HardState,
     Kind,
@@ -47,6 +54,8 @@ from node.core.replication.messages import (
     Receive,
     Refuse,
     Reply,
+    SnapshotFetched,
+    SnapshotTaken,
     Stop,
     Submit,
     SubmitAccepted,
@@ -66,6 +75,11 @@ class Durable:
     hard: HardState | None = None
     log: list[Entry] = field(default_factory=list)  # entry i at log[i - 1]
     applied: list[Entry] = field(default_factory=list)  # the state machine's history, durable
+    first_index: int = 1  # the log was compacted below this index (the entries stay listed, unreadable)
+    snapshots: dict[int, tuple[LogId, Config, tuple[Entry, ...]]] = field(default_factory=dict)
+
+    def newest_snapshot(self) -> LogId:
+        return self.snapshots[max(self.snapshots)][0] if self.snapshots else LogId(0, 0)
 
 
 @dataclass
@@ -195,6 +209,9 @@ class RepSim:
         self.repairs: list[tuple[float, str, str, str]] = []  # (due, "restart" | "crash" | "heal", a, b)
         self.tear: set[str] = set()  # nodes whose next Ready with hard state and log writes is torn
         self.torn = 0
+        self.transfers: list[tuple[float, str, str, LogId]] = []  # (due, receiver, source, snapshot)
+        self.installs = 0
+        self.snapshots_taken = 0
         names = [f"node-{i}" for i in range(1, voters + 1)]
         for i, name in enumerate(names, start=1):
             state, ready = machine.bootstrap(name, frozenset(names), self.options)
@@ -219,6 +236,7 @@ class RepSim:
         node.pending = []  # never written: lost with the process
         self.lost_unsynced += sum(1 for _, r in node.unsynced if r.append)
         node.unsynced = []  # queued writes not yet durable: lost, with every send/apply waiting for them
+        self.transfers = [t for t in self.transfers if t[1] != name]  # a partial download is not a snapshot
         self.update_views()  # failure detection is instant here; its real delay is the membership layer's
 
     def restart(self, name: str) -> None:
@@ -229,8 +247,9 @@ class RepSim:
         assert d.log[:applied] == d.applied, "the state machine ran ahead of the log"
         base = LogId(d.applied[-1].epoch, applied) if applied else LogId(0, 0)
         node.state = machine.restore(
-            name, d.hard or HardState(), base, tuple(d.log[applied:]), applied, self.options
-        )
+            name, d.hard or HardState(), base, tuple(d.log[applied:]), applied, self.options,
+            snapshot=d.newest_snapshot(), first_index=d.first_index,
+        )  # fmt: skip
         self.inv.forget_commit(name, applied)
         node.view = None
         self.update_views()
@@ -353,13 +372,7 @@ class RepSim:
                     self.crash(name)
                     self.repairs.append((self.now + self.rng.uniform(0.1, 1.0), "restart", name, name))
                     return
-            if ready.truncate_from is not None:
-                self.inv.check_truncate(name, ready.truncate_from)
-                del d.log[ready.truncate_from - 1 :]
-            for entry in ready.append:
-                if entry.index != len(d.log) + 1:
-                    raise InvariantViolated(f"{name} appends {entry.index} after {len(d.log)}")
-                d.log.append(entry)
+            self._write_log(name, ready)
         state = node.state
         assert state is not None
         leader_epoch = state.hard.epoch if state.role == machine.LEADER else None
@@ -383,8 +396,8 @@ class RepSim:
             self.inv.check_writable(name, d.log)
         for ready in readys:
             for request in ready.read_log:
-                entries = tuple(d.log[request.first - 1 : request.last])
-                self.input(name, LogRead(request, entries))
+                self.input(name, LogRead(request, self._read_log(name, request.first, request.last)))
+            self._background(name, ready)
 
     def _carry_out_pipelined(self, name: str, ready: Ready) -> None:
         """See the module docstring: hard state now, early sends now, the rest once the writes are durable."""
@@ -418,6 +431,7 @@ class RepSim:
             node.facts.append((self.now, fact.event, dict(fact.fields)))
         if (
             ready.truncate_from is not None
+            or ready.install is not None
             or ready.append
             or ready.apply
             or ready.read_log
@@ -429,6 +443,8 @@ class RepSim:
                 + self.write_delay_s.get(name, 0)
             )
             node.unsynced.append((max(due, node.unsynced[-1][0] if node.unsynced else due), ready))
+        else:
+            self._background(name, ready)
         self._record(name)
         for last in persisted:
             if node.state is None:
@@ -451,6 +467,8 @@ class RepSim:
         for _, queued in node.unsynced:  # a queued truncation will replace the disk's suffix: not yet valid
             if queued.truncate_from is not None:
                 durable = min(durable, queued.truncate_from - 1)
+            if queued.install is not None:  # a queued install replaces the disk's log: nothing new is valid
+                durable = min(durable, self.inv.checked_commit.get(name, 0))
         leader_epoch = state.hard.epoch if state.role == machine.LEADER else None
         if leader_epoch is not None and state.commit >= state.epoch_start:
             entry = (
@@ -479,14 +497,8 @@ class RepSim:
                 return unfed
             _, ready = node.unsynced.pop(0)
             d = node.durable
+            self._write_log(name, ready)
             before_applied = len(d.applied)
-            if ready.truncate_from is not None:
-                self.inv.check_truncate(name, ready.truncate_from)
-                del d.log[ready.truncate_from - 1 :]
-            for entry in ready.append:
-                if entry.index != len(d.log) + 1:
-                    raise InvariantViolated(f"{name} appends {entry.index} after {len(d.log)}")
-                d.log.append(entry)
             self._record(name)
             late = [s for s in ready.messages if ready.hard_state is not None or not early(s.message)]
             self.inv.check_sends(name, d.hard, d.log, late)
@@ -500,14 +512,83 @@ class RepSim:
                 d.applied.append(entry)
             self.inv.check_applied(name, d.applied, before_applied)
             for request in ready.read_log:
-                entries = tuple(d.log[request.first - 1 : request.last])
-                self.input(name, LogRead(request, entries))
+                self.input(name, LogRead(request, self._read_log(name, request.first, request.last)))
+            self._background(name, ready)
             if ready.append:
                 if feed:
                     self.input(name, Persisted(ready.append[-1].id))
                 else:
                     unfed.append(ready.append[-1].id)
         raise AssertionError("pipelined writes kept producing writes")  # pragma: no cover
+
+    # ---- log writes, reads and snapshots
+
+    def _write_log(self, name: str, ready: Ready) -> None:
+        """Step 2 of a Ready: install a snapshot (replaces log and applied history), truncate, append."""
+        d = self.nodes[name].durable
+        if ready.install is not None:
+            sid = ready.install.snapshot
+            held = d.snapshots.get(sid.index)
+            if held is None or held[0] != sid:
+                raise InvariantViolated(f"{name} installs {sid}, which it never fetched")
+            entries = list(held[2])
+            self.inv.check_applied(name, entries, 0)  # a snapshot holds only committed entries
+            d.log, d.applied = list(entries), entries
+            d.first_index = sid.index + 1
+            self.inv.forget_commit(name, sid.index)
+            self.installs += 1
+        if ready.truncate_from is not None:
+            self.inv.check_truncate(name, ready.truncate_from)
+            del d.log[ready.truncate_from - 1 :]
+        for entry in ready.append:
+            if entry.index != len(d.log) + 1:
+                raise InvariantViolated(f"{name} appends {entry.index} after {len(d.log)}")
+            d.log.append(entry)
+
+    def _read_log(self, name: str, first: int, last: int) -> tuple[Entry, ...]:
+        d = self.nodes[name].durable
+        if first < d.first_index:
+            raise InvariantViolated(f"{name} reads entry {first}, compacted (log starts at {d.first_index})")
+        return tuple(d.log[first - 1 : last])
+
+    def _background(self, name: str, ready: Ready) -> None:
+        """Step 7: a snapshot of what is applied now (then compaction), and transfers (they finish later)."""
+        node = self.nodes[name]
+        if node.state is None:
+            return
+        d = node.durable
+        for fetch in ready.fetch_snapshot:
+            if not any(t[1] == name and t[3] == fetch.snapshot for t in self.transfers):
+                due = self.now + self.rng.uniform(0.02, 0.3)
+                self.transfers.append((due, name, fetch.source, fetch.snapshot))
+        if ready.take_snapshot:
+            if not d.applied:
+                self.input(name, SnapshotTaken(None, d.first_index))
+                return
+            applied = tuple(d.applied)
+            config = next(Config.decode(e.payload) for e in reversed(applied) if e.kind is Kind.CONFIG)
+            sid = applied[-1].id
+            d.snapshots[sid.index] = (sid, config, applied)
+            for old in sorted(d.snapshots)[:-2]:  # keep the newest two, as the store does
+                del d.snapshots[old]
+            upto = machine.compaction_point(sid.index, self.options)
+            d.first_index = max(d.first_index, min(upto + 1, len(d.log) + 1))
+            self.snapshots_taken += 1
+            self.input(name, SnapshotTaken(sid, d.first_index))
+
+    def finish_transfers(self) -> None:
+        for transfer in [t for t in self.transfers if t[0] <= self.now]:
+            self.transfers.remove(transfer)
+            _, name, source, sid = transfer
+            src, dst = self.nodes[source], self.nodes[name]
+            held = src.durable.snapshots.get(sid.index)
+            if (
+                not src.alive or not dst.alive or held is None or held[0] != sid
+                or not (self.link_up(source, name) and self.link_up(name, source))
+            ):  # fmt: skip
+                continue  # failed: the offer is repeated, a new fetch starts
+            dst.durable.snapshots[sid.index] = held
+            self.input(name, SnapshotFetched(source, sid, held[1]))
 
     def deliver_due(self) -> None:
         while self.queue and self.queue[0][0] <= self.now:
@@ -521,6 +602,7 @@ class RepSim:
     def tick(self) -> None:
         self.now = round(self.now + self.tick_s, 9)
         self.deliver_due()
+        self.finish_transfers()
         self.update_views(periodic=True)
         for name in list(self.nodes):
             self.input(name, Tick())

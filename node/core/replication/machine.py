@@ -22,10 +22,12 @@ from node.core.replication.messages import (
     Fact,
     Fetch,
     FetchReply,
+    FetchSnapshot,
     HardState,
     Heartbeat,
     HeartbeatAck,
     Input,
+    InstallSnapshot,
     Kind,
     LogId,
     LogRead,
@@ -43,6 +45,9 @@ from node.core.replication.messages import (
     RemoveMember,
     Reply,
     Send,
+    SnapshotFetched,
+    SnapshotOffer,
+    SnapshotTaken,
     Stale,
     Stop,
     Submit,
@@ -55,6 +60,7 @@ from node.core.replication.messages import (
 
 FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
 NEVER = float("-inf")
+NO_SNAPSHOT = LogId(0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,14 @@ class Options:
     # a leader then counts its own copy toward the majority only once reported. False: the shell finishes
     # each Ready's writes before sending anything, and a leader counts its whole log. See messages.Ready.
     pipelined: bool = False
+    # Snapshots (see ``snapshot_due``): taken when this many entries, or this many payload bytes, were applied
+    # since the newest one (0 entries: never); the log then keeps ``snapshot_trailing`` entries below the
+    # snapshot (>= 1), so a follower only a little behind still gets the tail instead of a whole snapshot.
+    snapshot_entries: int = 50_000
+    snapshot_bytes: int = 256 << 20
+    snapshot_trailing: int = 10_000
+    snapshot_offer_s: float = 1.0  # an offer not answered by an install is repeated this often
+    snapshot_retry_s: float = 30.0  # after a failed snapshot (disk full), the next try waits this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +106,7 @@ class Progress:
     acked_seq: int = 0  # highest heartbeat round it answered (linearizable reads)
     probing: bool = False  # after a reject: one Append at a time until an ack says where logs match
     reading: bool = False  # a ReadLog for it is outstanding
+    offered_s: float = NEVER  # a SnapshotOffer was last sent then (NEVER: no offer stands)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +159,11 @@ class State:
     writable: bool = False
     departing: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # identity -> until
     durable: int = 0  # pipelined leader: its own log is durable up to here (Persisted of its own epoch)
+    snapshot: LogId = LogId(0, 0)  # the newest snapshot in this node's store (index 0: none)
+    first_index: int = 1  # the durable log starts here; entries below were compacted into ``snapshot``
+    snapshot_pending: bool = False  # a take_snapshot was asked and its SnapshotTaken has not come back
+    snapshot_retry_s: float = NEVER  # after a failed snapshot: none before this time
+    applied_bytes: int = 0  # payload bytes applied since ``snapshot`` (a threshold; 0 again after restarts)
 
     @property
     def config(self) -> Config:
@@ -182,6 +202,9 @@ def restore(
     entries: tuple[Entry, ...],
     applied: int,
     options: Options | None = None,
+    *,
+    snapshot: LogId = NO_SNAPSHOT,
+    first_index: int = 1,
 ) -> State:
     """Restart from durable state: the hard state, the log above ``base`` (base.index <= applied, the state
     machine's durably applied index) and the applied index. Entries at or below ``applied`` are committed;
@@ -191,6 +214,8 @@ def restore(
         raise ValueError("base must not be above the applied index")
     if entries and entries[0].index != base.index + 1:
         raise ValueError("entries must start right after base")
+    if first_index > base.index + 1:
+        raise ValueError("the log must hold every entry above base")
     below = [c for c in hard.configs if c[0] <= base.index]
     configs = list(below[-1:] or hard.configs[:1])
     configs += [(e.index, Config.decode(e.payload)) for e in entries if e.kind is Kind.CONFIG]
@@ -204,6 +229,8 @@ def restore(
         commit=applied,
         applied=applied,
         verified=applied,
+        snapshot=snapshot,
+        first_index=first_index,
     )
 
 
@@ -235,6 +262,9 @@ class Status:
     leader_contact_s: float = NEVER
     leader_commit: int = 0
     removed: frozenset[str] = frozenset()  # identities an operator removed that are not re-added yet
+    snapshot: LogId = LogId(0, 0)  # newest snapshot in the store
+    first_index: int = 1  # first entry still in the log
+    snapshotting: frozenset[str] = frozenset()  # leader: members offered a snapshot and not caught up yet
 
 
 def status(state: State) -> Status:
@@ -254,6 +284,11 @@ def status(state: State) -> Status:
         state.leader_contact_s,
         state.leader_commit,
         state.config.removed,
+        state.snapshot,
+        state.first_index,
+        frozenset(peer for peer, p in state.progress.items() if p.offered_s != NEVER)
+        if state.role == LEADER
+        else frozenset(),
     )
 
 
@@ -262,6 +297,23 @@ def status(state: State) -> Status:
 
 def quorum(config: Config) -> int:
     return config.quorum
+
+
+def compaction_point(snapshot_index: int, options: Options) -> int:
+    """The log may drop entries up to here once the snapshot at ``snapshot_index`` is durable: it keeps
+    ``snapshot_trailing`` entries (at least the snapshot's own entry, so the entry after it always has its
+    predecessor at hand) for members only a little behind."""
+    return max(0, snapshot_index - max(1, options.snapshot_trailing))
+
+
+def snapshot_due(state: State | _Step, now: float) -> bool:
+    """Whether this node should take a snapshot now: enough was applied since the newest one, none is being
+    taken, and the last failure is old enough. Every member decides for itself (snapshots are local)."""
+    o = state.options
+    if o.snapshot_entries <= 0 or state.snapshot_pending or now < state.snapshot_retry_s:
+        return False
+    since = state.applied - state.snapshot.index
+    return since > 0 and (since >= o.snapshot_entries or state.applied_bytes >= o.snapshot_bytes)
 
 
 def pick_donor(me: str, mine: LogId, promises: tuple[tuple[str, LogId], ...]) -> tuple[str, LogId]:
@@ -296,6 +348,10 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
         s.remove_member(inp)
     elif isinstance(inp, Persisted):
         s.persisted(inp.last)
+    elif isinstance(inp, SnapshotTaken):
+        s.snapshot_taken(inp)
+    elif isinstance(inp, SnapshotFetched):
+        s.snapshot_fetched(inp)
     elif isinstance(inp, Stop):
         s.stopping = True
         s.fact("replication_stopping")
@@ -325,6 +381,9 @@ class _Step:
         self.out_apply: list[Entry] = []
         self.out_replies: list[Reply] = []
         self.out_facts: list[Fact] = []
+        self.out_install: InstallSnapshot | None = None
+        self.out_take_snapshot = False
+        self.out_fetch: list[FetchSnapshot] = []
 
     # ---- log helpers
 
@@ -350,6 +409,8 @@ class _Step:
             return 0
         if index == self.base.index:
             return self.base.epoch
+        if index == self.snapshot.index:
+            return self.snapshot.epoch
         offset = index - self.base.index - 1
         if 0 <= offset < len(self.log):
             return self.log[offset].epoch
@@ -505,7 +566,7 @@ class _Step:
         if mine:
             self.fact("foreign_cluster", sender=sender, cluster=cluster)
             return False
-        if not isinstance(m, Append | Heartbeat):
+        if not isinstance(m, Append | Heartbeat | SnapshotOffer):
             return False  # only a leader's word makes a node without a cluster join one
         self.hard = replace(self.hard, cluster=cluster)
         self.fact("cluster_joined", cluster=cluster, leader=sender)
@@ -522,7 +583,13 @@ class _Step:
             if isinstance(m, Append | Heartbeat | Fetch | TakeOver):
                 self.send(sender, Stale(epoch))
             return
-        if isinstance(m, Append | Heartbeat):
+        if isinstance(m, SnapshotOffer) and self.from_donor(sender, m.epoch):
+            c = self.campaign
+            assert c is not None
+            self.campaign = replace(c, started_s=self.now)
+            self.fetch_snapshot(sender, m.snapshot)
+            return
+        if isinstance(m, Append | Heartbeat | SnapshotOffer):
             if self.handover_candidate_of(sender, m.epoch):
                 pass  # the leader that asked us to take over, still in its epoch: keep the campaign
             elif m.epoch > epoch or self.role != FOLLOWER:
@@ -535,9 +602,12 @@ class _Step:
                 self.leader_commit = 0
                 self.fact("following", epoch=m.epoch, leader=sender)
             self.leader_contact_s = self.now
-            self.leader_commit = max(self.leader_commit, m.commit)  # messages of one leader may be reordered
+            if not isinstance(m, SnapshotOffer):  # messages of one leader may be reordered: the highest
+                self.leader_commit = max(self.leader_commit, m.commit)
             if isinstance(m, Append):
                 self.on_append(sender, m)
+            elif isinstance(m, SnapshotOffer):
+                self.on_snapshot_offer(sender, m)
             else:
                 if m.prev.index > self.verified and self.epoch_at(m.prev.index) == m.prev.epoch:
                     self.verified = m.prev.index  # log matching: our prefix up to it is the leader's
@@ -565,6 +635,17 @@ class _Step:
                 if not self.stopping and self.campaign is None:
                     self.fact("takeover_requested", epoch=m.epoch, by=sender)
                     self.start_campaign(handover=True)
+
+    def from_donor(self, sender: str, epoch: int) -> bool:
+        """A message of our own campaign's view change, from the donor we fetch entries from."""
+        c = self.campaign
+        return (
+            self.role == CANDIDATE
+            and c is not None
+            and c.phase == "fetch"
+            and c.donor == sender
+            and epoch == c.epoch == self.hard.epoch
+        )
 
     def handover_candidate_of(self, sender: str, epoch: int) -> bool:
         """We campaign because ``sender``, our leader of ``epoch``, handed over to us, and the campaign's
@@ -633,6 +714,64 @@ class _Step:
         self.commit_to(min(m.commit, self.verified))
         self.send(sender, AppendAck(m.epoch, matched, m.seq))
 
+    def on_snapshot_offer(self, sender: str, m: SnapshotOffer) -> None:
+        """Our leader no longer keeps the entries we need. If we already hold everything up to the snapshot
+        (committed entries are the same on every member), say so; else fetch it."""
+        if m.snapshot.index <= self.commit:
+            self.send(sender, AppendAck(m.epoch, self.commit, 0))
+            return
+        self.fetch_snapshot(sender, m.snapshot)
+
+    def fetch_snapshot(self, source: str, snapshot: LogId) -> None:
+        if not any(f.snapshot == snapshot for f in self.out_fetch):
+            self.out_fetch.append(FetchSnapshot(source, snapshot))
+
+    def snapshot_fetched(self, inp: SnapshotFetched) -> None:
+        """A fetched snapshot is in the store. Install it unless we already hold everything in it: it holds
+        only committed entries, so the entries it covers are the ones every member has or will have; our
+        own entries above it are kept if ours at its index is the same entry (log matching: then they may be
+        entries we acknowledged, which a leader may have counted), else dropped with the rest."""
+        sid = inp.snapshot
+        if sid.index > self.snapshot.index and sid.index <= self.applied:
+            self.snapshot = sid  # a newer snapshot of what we hold: serve it, compact up to it
+        if sid.index <= self.commit or self.role == LEADER:
+            self.fact("snapshot_not_needed", index=sid.index, commit=self.commit)
+            return
+        keep: list[Entry] = []
+        if sid.index <= self.last_index and self.epoch_at(sid.index) == sid.epoch:
+            keep = list(self.log[sid.index - self.base.index :])
+        self.log = keep
+        self.base = sid
+        self.dirty = sid.index + 1 if keep else None
+        self.commit = self.applied = self.verified = sid.index
+        self.snapshot = sid
+        self.first_index = sid.index + 1
+        self.applied_bytes = 0
+        configs = ((sid.index, inp.config),) + tuple(
+            (e.index, Config.decode(e.payload)) for e in keep if e.kind is Kind.CONFIG
+        )
+        self.hard = replace(self.hard, configs=configs)
+        self.out_install = InstallSnapshot(sid, inp.config)
+        self.fact("snapshot_installing", index=sid.index, epoch=sid.epoch, source=inp.source, kept=len(keep))
+        c = self.campaign
+        if self.role == CANDIDATE and c is not None and c.phase == "fetch":
+            self.campaign = replace(c, fetched_to=max(c.fetched_to, sid.index), started_s=self.now)
+            self.send_fetch()
+        elif self.role == FOLLOWER and self.leader is not None:
+            self.send(self.leader, AppendAck(self.hard.epoch, sid.index, 0))
+
+    def snapshot_taken(self, inp: SnapshotTaken) -> None:
+        self.snapshot_pending = False
+        if inp.snapshot is None:
+            self.snapshot_retry_s = self.now + self.o.snapshot_retry_s
+            self.fact("snapshot_failed", retry_in_s=self.o.snapshot_retry_s)
+            return
+        if inp.snapshot.index > self.snapshot.index:
+            self.snapshot = inp.snapshot
+            self.applied_bytes = 0
+        # Entries between base and the new first index stay in memory: they are sent from there.
+        self.first_index = max(self.first_index, inp.first_index)
+
     def commit_to(self, index: int) -> None:
         index = min(index, self.last_index)
         if index > self.commit:
@@ -652,6 +791,7 @@ class _Step:
                 inflight=max(0, p.inflight - 1),
                 probing=False,
                 last_progress_s=self.now if moved else p.last_progress_s,
+                offered_s=NEVER if moved else p.offered_s,
             )
         elif isinstance(m, AppendReject):
             if m.rejected > p.match:  # a reject about what is already matched is an old, reordered one
@@ -697,7 +837,11 @@ class _Step:
             return
         while p.next <= self.last_index and p.inflight < self.o.max_inflight:
             if p.next - 1 < self.base.index:
-                first = max(1, p.next - 1)
+                start = self.disk_start(p.next)
+                if start is None:  # compacted away: the member needs a snapshot
+                    p = self.offer_snapshot(peer, p)
+                    break
+                first = start[0]
                 last = min(self.base.index, first + self.o.max_batch_entries)
                 self.out_read_log.append(ReadLog(peer, "append", self.hard.epoch, first, last))
                 p = replace(p, reading=True)
@@ -711,6 +855,27 @@ class _Step:
             if p.probing:
                 break
         self.progress[peer] = p
+
+    def disk_start(self, next_index: int) -> tuple[int, LogId | None] | None:
+        """Where to read the durable log to send entries from ``next_index`` on: (first index to read, the
+        previous entry's id when it is not read itself, else None); None when they are compacted away."""
+        if next_index == 1 and self.first_index == 1:
+            return 1, LogId(0, 0)
+        if next_index - 1 >= self.first_index:
+            return next_index - 1, None
+        if next_index - 1 == self.snapshot.index and next_index >= self.first_index:
+            return next_index, self.snapshot
+        return None
+
+    def offer_snapshot(self, peer: str, p: Progress) -> Progress:
+        if self.snapshot.index == 0:  # pragma: no cover - the log is only compacted after a snapshot
+            raise AssertionError(f"{peer} needs compacted entries, and there is no snapshot")
+        if self.now - p.offered_s >= self.o.snapshot_offer_s:
+            if p.offered_s == NEVER:
+                self.fact("snapshot_offered", peer=peer, index=self.snapshot.index, next=p.next)
+            self.send(peer, SnapshotOffer(self.hard.epoch, self.snapshot))
+            p = replace(p, offered_s=self.now, last_progress_s=self.now)
+        return p
 
     def on_promise(self, sender: str, m: Promise) -> None:
         c = self.campaign
@@ -754,6 +919,9 @@ class _Step:
         if self.hard.epoch != m.epoch or self.hard.promised_to != sender:
             return
         if m.start <= self.base.index:
+            if m.start < self.first_index:  # compacted: the new leader takes our snapshot first
+                self.send(sender, SnapshotOffer(m.epoch, self.snapshot))
+                return
             last = min(self.base.index, m.start + self.o.max_batch_entries - 1)
             self.out_read_log.append(ReadLog(sender, "fetch", m.epoch, m.start, last))
             return
@@ -925,11 +1093,11 @@ class _Step:
         if self.role != LEADER or p is None or not p.reading:
             return
         p = replace(p, reading=False)
-        expected_first = max(1, p.next - 1)
+        start = self.disk_start(p.next)
         entries = inp.entries
-        if req.first == expected_first and entries and entries[0].index == req.first:
-            if p.next == 1:
-                prev, batch = LogId(0, 0), entries
+        if start is not None and req.first == start[0] and entries and entries[0].index == req.first:
+            if start[1] is not None:
+                prev, batch = start[1], entries
             else:
                 prev, batch = entries[0].id, entries[1:]
             if batch:
@@ -958,6 +1126,10 @@ class _Step:
         else:
             self.maintain_other()
         self.apply_committed()
+        if snapshot_due(self, self.now):
+            self.snapshot_pending = True
+            self.out_take_snapshot = True
+            self.fact("snapshot_due", applied=self.applied, since=self.applied - self.snapshot.index)
         writable = (
             self.role == LEADER
             and self.commit >= self.epoch_start
@@ -1140,7 +1312,9 @@ class _Step:
     def apply_committed(self) -> None:
         if self.commit > self.applied:
             first = self.applied + 1
-            self.out_apply.extend(self.log[first - self.base.index - 1 : self.commit - self.base.index])
+            applying = self.log[first - self.base.index - 1 : self.commit - self.base.index]
+            self.out_apply.extend(applying)
+            self.applied_bytes += sum(len(e.payload) for e in applying)
             self.applied = self.commit
             # Config history below the commit index: only the latest committed one is still needed.
             configs = self.hard.configs
@@ -1178,5 +1352,8 @@ class _Step:
             apply=tuple(self.out_apply),
             replies=tuple(self.out_replies),
             facts=tuple(self.out_facts),
+            install=self.out_install,
+            take_snapshot=self.out_take_snapshot,
+            fetch_snapshot=tuple(self.out_fetch),
         )
         return new, ready

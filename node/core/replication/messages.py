@@ -211,6 +211,17 @@ class TakeOver:
     leaving: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotOffer:
+    """The receiver needs entries this node no longer keeps (compacted into ``snapshot``): it should fetch
+    that snapshot from the sender (``Ready.fetch_snapshot``) and install it. Sent by a leader to a member
+    too far behind, and by a view-change donor to the new leader. A snapshot holds only committed entries
+    (it is taken at the applied index), so installing it is safe whichever member it comes from."""
+
+    epoch: int
+    snapshot: LogId
+
+
 Message = (
     Prepare
     | Promise
@@ -224,6 +235,7 @@ Message = (
     | Fetch
     | FetchReply
     | TakeOver
+    | SnapshotOffer
 )
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -297,7 +309,39 @@ class Persisted:
     last: LogId
 
 
-Input = Tick | ViewChanged | Receive | Submit | Read | LogRead | RemoveMember | Stop | Persisted
+@dataclass(frozen=True, slots=True)
+class SnapshotTaken:
+    """The shell finished a ``Ready.take_snapshot``: ``snapshot`` is durable (None: it failed; the core tries
+    again after ``Options.snapshot_retry_s``) and the log was compacted, so it now starts at
+    ``first_index``."""
+
+    snapshot: LogId | None
+    first_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotFetched:
+    """A ``Ready.fetch_snapshot`` finished: the snapshot ``snapshot`` (holding ``config``) is durable and
+    verified in this node's snapshot store, not installed yet. The core decides whether to install it."""
+
+    source: str
+    snapshot: LogId
+    config: Config
+
+
+Input = (
+    Tick
+    | ViewChanged
+    | Receive
+    | Submit
+    | Read
+    | LogRead
+    | RemoveMember
+    | Stop
+    | Persisted
+    | SnapshotTaken
+    | SnapshotFetched
+)
 
 # --- outputs ------------------------------------------------------------------------------------------------
 
@@ -359,6 +403,25 @@ Reply = SubmitAccepted | SubmitRejected | ReadConfirmed | ReadRejected
 
 
 @dataclass(frozen=True, slots=True)
+class FetchSnapshot:
+    """Download the snapshot ``snapshot`` from ``source`` into the snapshot store, then step
+    ``SnapshotFetched``. Asked again while an offer stands: a shell already fetching it ignores repeats."""
+
+    source: str
+    snapshot: LogId
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSnapshot:
+    """Make the snapshot ``snapshot`` (already in the store) this node's database and restart the log after
+    it: the database file is replaced, then the log is reset to start at ``snapshot.index + 1`` (the entries
+    of ``Ready.append`` follow), all durable before the Ready's messages (an AppendAck claims them)."""
+
+    snapshot: LogId
+    config: Config
+
+
+@dataclass(frozen=True, slots=True)
 class Fact:
     """Something worth one log line: ``event`` is a constant name, ``fields`` its keys."""
 
@@ -377,8 +440,9 @@ class Ready:
     """What the shell must do after a step, IN THIS ORDER:
 
     1. ``hard_state``: write and fsync it (epoch, promise, configs) when not None.
-    2. ``truncate_from`` / ``append``: delete log entries with index >= truncate_from, then append ``append``
-       and fsync. Both 1 and 2 complete BEFORE any message of 3 is sent: a Promise is a promise only once the
+    2. ``install``: replace the database by that snapshot and reset the log to start after it (durable).
+       Then ``truncate_from`` / ``append``: delete log entries with index >= truncate_from, then append
+       ``append`` and fsync. Both 1 and 2 complete BEFORE any message of 3 is sent: a Promise is a promise only once the
        epoch is durable, an AppendAck claims entries are durable, and a leader's Append of a new epoch must
        not exist without that epoch on its own disk.
     3. ``messages``: send (best effort; loss, delay and duplication are tolerated).
@@ -387,6 +451,9 @@ class Ready:
     5. ``replies``: answers to Submit and Read inputs (a ReadConfirmed is served once ``apply`` reached it).
     6. ``read_log``: read those ranges from the durable log and step each back as a LogRead input (a new
        input, so after this Ready is done).
+    7. ``take_snapshot`` / ``fetch_snapshot``: start them in the background (they take seconds) and step
+       ``SnapshotTaken`` / ``SnapshotFetched`` when done. A snapshot is taken of the applied database (so
+       after every ``apply`` handed out before it); the log is compacted only once it is durable.
     ``facts`` are for logging only.
 
     Group commit: the shell may step several inputs and carry out their Readys together (their writes in
@@ -419,6 +486,9 @@ class Ready:
     replies: tuple[Reply, ...] = ()
     read_log: tuple[ReadLog, ...] = ()
     facts: tuple[Fact, ...] = field(default=())
+    install: InstallSnapshot | None = None
+    take_snapshot: bool = False
+    fetch_snapshot: tuple[FetchSnapshot, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -431,4 +501,7 @@ class Ready:
             or self.apply
             or self.replies
             or self.facts
+            or self.install
+            or self.take_snapshot
+            or self.fetch_snapshot
         )
