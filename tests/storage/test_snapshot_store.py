@@ -227,3 +227,35 @@ def test_property_the_store_keeps_at_most_the_limit_and_what_was_just_added(tmp_
         assert files(store) == {m.stem + s for m in model.values() for s in (".db", ".json")}
         for m in store.snapshots():
             assert hashlib.sha256(store.path_of(m).read_bytes()).hexdigest() == m.sha256
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.binary(min_size=1, max_size=3000),
+    damage=st.one_of(
+        st.tuples(st.just("flip"), st.integers(0, 10_000), st.integers(1, 255)),
+        st.tuples(st.just("cut"), st.integers(0, 10_000), st.just(0)),
+        st.tuples(st.just("extend"), st.integers(1, 50), st.integers(0, 255)),
+    ),
+)
+def test_property_any_damaged_transfer_is_refused_and_removed(tmp_path, data, damage):
+    root = tmp_path / "damage"
+    shutil.rmtree(root, ignore_errors=True)
+    store = SnapshotStore(root)
+    store.open()
+    meta = meta_for(data, 5)
+    kind, where, value = damage
+    if kind == "flip":
+        at = where % len(data)
+        bad = data[:at] + bytes([data[at] ^ value]) + data[at + 1 :]
+    elif kind == "cut":
+        bad = data[: where % len(data)]
+    else:
+        bad = data + bytes([value]) * where
+    store.incoming_part(meta).write_bytes(bad)
+    with pytest.raises(SnapshotInvalid):
+        store.finish_incoming(meta)
+    assert not store.incoming_part(meta).exists() and store.snapshots() == [] and files(store) == set()
+    # The intact bytes are accepted afterwards (a refused transfer does not poison the name).
+    store.incoming_part(meta).write_bytes(data)
+    assert store.finish_incoming(meta).read_bytes() == data
