@@ -249,3 +249,29 @@ async def test_readers_during_an_install_see_the_old_or_the_new_database_whole(t
         assert await database.applied_index() == 102
     finally:
         await database.close()
+
+
+async def test_a_cancelled_copy_removes_its_file_and_frees_swaps(tmp_path):
+    database = await opened(tmp_path / "data")
+    try:
+        await database.apply(1, [write("CREATE TABLE pad (b BLOB)")])
+        for i in range(2, 60):
+            await database.apply(i, [write("INSERT INTO pad VALUES (randomblob(1000000))")])
+        target = tmp_path / "copy.db"
+        task = asyncio.create_task(database.copy_for_snapshot(target))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        # Bounded wait (time and count) for the copy to have started writing.
+        for _ in range(30_000):
+            if target.exists() or task.done() or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.001)
+        assert target.exists() and not task.done(), "the copy did not start, or finished before the cancel"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not target.exists()
+        # The swap lock is free again: an install or another copy goes ahead.
+        assert await database.copy_for_snapshot(tmp_path / "again.db") == 59
+    finally:
+        await database.close()
