@@ -1517,8 +1517,10 @@ class _SnapshotCopier:
 def _copy_snapshot_file(source: Path, target: Path, index: int) -> None:
     """Copy ``source`` to ``target`` (fsynced) and check the copy holds ``index``; on any failure the copy is
     removed. Blocking."""
+    created = False
     try:
         with open(source, "rb") as src, open(target, "xb") as dst:
+            created = True
             # Each round copies one piece or ends at end of file: bounded by the file size.
             while chunk := src.read(FILE_CHUNK_BYTES):
                 dst.write(chunk)
@@ -1537,7 +1539,8 @@ def _copy_snapshot_file(source: Path, target: Path, index: int) -> None:
                 f"snapshot {source} holds applied index {held}, not {index}: not installed"
             )
     except BaseException as exc:
-        target.unlink(missing_ok=True)
+        if created:
+            target.unlink(missing_ok=True)
         if is_disk_full(exc):
             raise errors.InsufficientStorage(
                 "not enough disk space in DATA_DIR to install the snapshot"

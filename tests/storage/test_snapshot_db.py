@@ -275,3 +275,23 @@ async def test_a_cancelled_copy_removes_its_file_and_frees_swaps(tmp_path):
         assert await database.copy_for_snapshot(tmp_path / "again.db") == 59
     finally:
         await database.close()
+
+
+async def test_install_snapshot_on_a_full_disk_changes_nothing(tmp_path):
+    snapshot = tmp_path / "snap.db"
+    await make_snapshot(snapshot, "new", 200_000, index=30, request_ids=[])
+    with small_tmpfs(tmp_path, "16m") as disk:
+        database = await opened(disk / "data")
+        try:
+            await database.apply(1, [write("CREATE TABLE m (marker TEXT, n INTEGER)")])
+            await database.apply(2, [write("INSERT INTO m VALUES ('old', 1)")])
+            kept = disk / "snap.db"
+            kept.write_bytes(snapshot.read_bytes())
+            (disk / "ballast").write_bytes(bytes(free_bytes(disk) - kept.stat().st_size // 2))
+            with pytest.raises(errors.InsufficientStorage):
+                await database.install_snapshot(kept, 30)
+            assert await database.applied_index() == 2
+            assert (await query(database, read("SELECT marker FROM m")))[0]["values"] == [["old"]]
+            assert not [p for p in (disk / "data").iterdir() if p.name.startswith(".tmp-")]
+        finally:
+            await database.close()
