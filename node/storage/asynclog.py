@@ -38,6 +38,7 @@ How the Replicator uses it (the order is the protocol; see the rules in :mod:`no
 * Follower: ``await truncate_after(prev_index)`` if the leader's entries diverge (never below commit), then
   ``await append_and_sync(entries)``, then ack the returned index.
 * Catch-up: ``await read(next_index, max_bytes)``; :class:`LogCompacted` means send the snapshot.
+* After installing a snapshot of index ``i`` (epoch ``e``): ``await reset(i, e)``, then append what is kept.
 * After any :class:`LogError` from an append: entries queued behind it were numbered after entries that are
   no longer in the log and fail with ``ValueError`` (does not follow). The in-memory log is then ahead of
   the disk: reset it from :attr:`last` (a leader steps down: it cannot commit what it cannot persist).
@@ -199,6 +200,10 @@ class AsyncLog:
 
     async def compact(self, upto_index: int) -> int:
         return await self.run(DurableLog.compact, upto_index)
+
+    async def reset(self, base_index: int, base_epoch: int) -> None:
+        """Empty the log so that it continues after an installed snapshot (see DurableLog.reset)."""
+        await self.run(DurableLog.reset, base_index, base_epoch)
 
     async def epoch_at(self, index: int) -> int:
         return await self.run(DurableLog.epoch_at, index)

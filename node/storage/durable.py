@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import google_crc32c
@@ -34,6 +35,20 @@ _FRAME = struct.Struct("<8sHII")
 # Largest body a framed state file may declare (the hard state is a few hundred bytes; this only bounds what a
 # damaged length field can make us allocate).
 MAX_FRAMED_BODY_BYTES = 1 << 20
+# Reads of whole files (hashing, copying) go in pieces of this size: bounded memory, few system calls.
+FILE_CHUNK_BYTES = 1 << 20
+
+# Fault injection for crash tests. A test process sets this to a callable that kills the process (SIGKILL)
+# at a chosen step; production leaves it None. The steps named with :func:`crash_point` are exactly the
+# points where a crash must leave a state that opens cleanly (each module's docstring says which states).
+_crash_point: Callable[[str], None] | None = None
+
+
+def crash_point(step: str) -> None:
+    """Call the test hook, if one is set, with the name of the step about to be passed."""
+    hook = _crash_point
+    if hook is not None:
+        hook(step)
 
 
 def crc32c(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -58,6 +73,15 @@ def free_bytes(path: Path) -> int:
 def fsync_dir(path: Path) -> None:
     """Make creates, renames and unlinks inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Make the content of the file at ``path`` durable (its directory entry needs :func:`fsync_dir`)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

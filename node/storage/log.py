@@ -47,6 +47,33 @@ Ordering rules the caller (the Replicator) must follow -- the order is the proto
    follower appends the leader's entries after it, then syncs, then acks. It never truncates below the
    commit index (the core's rule; the log cannot know).
 5. **Compact after the snapshot is durable.** ``compact(i)`` only after a snapshot covering ``i`` is durable.
+6. **Reset after the snapshot is installed.** ``reset(i, e)`` only after the database holds a snapshot of
+   index ``i`` (epoch ``e``); then re-append the entries above ``i`` the caller keeps.
+
+Compaction and reset (what a crash leaves)
+------------------------------------------
+:meth:`DurableLog.compact` unlinks whole sealed segments, oldest first, then fsyncs the directory: a crash at
+any point leaves the old log or a contiguous suffix of it (the first index moved forward), which opens as
+an ordinary log.
+
+:meth:`DurableLog.reset` (after a snapshot install on a follower) empties the log so that it continues after
+the snapshot: ``first_index = base_index + 1``, ``epoch_at(base_index) = base_epoch``. It unlinks every
+segment oldest first, fsyncing the directory after each unlink (so even a power cut cannot leave a gap:
+what remains is always a suffix), then creates the new empty segment by writing its header to a temp file,
+fsyncing it and renaming it to ``<base_index + 1>.seg`` (directory fsynced): the new segment appears whole
+or not at all. A crash at any point therefore opens as exactly one of:
+
+* the old log (nothing unlinked yet);
+* a contiguous suffix of the old log (some oldest segments unlinked);
+* an empty log (every segment unlinked, the new one not yet renamed): :meth:`DurableLog.open` creates a
+  segment at its ``first_index`` argument with epoch 0 below it;
+* the new empty log (``first_index = base_index + 1``, epoch ``base_epoch`` below it).
+
+At start the caller checks the log against the installed snapshot (index ``i``, epoch ``e``, the database's
+applied index): if the log holds ``i`` with epoch ``e`` (``epoch_at(i) == e``, which includes the new empty
+log), it is consistent with the snapshot and the entries after ``i`` are an ordinary unacknowledged suffix;
+otherwise (an empty log, a suffix starting above ``i + 1``, another epoch at ``i``) it calls ``reset(i, e)``
+again. A leftover temp segment (``*.seg.tmp``) is never read and is removed by the next open.
 
 Recovery at open
 ----------------
@@ -94,7 +121,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.storage.durable import crc32c, free_bytes, fsync_dir, is_disk_full, write_all
+from node.storage.durable import (
+    TEMP_SUFFIX,
+    crash_point,
+    crc32c,
+    free_bytes,
+    fsync_dir,
+    is_disk_full,
+    write_all,
+)
 
 LOG_DIR_NAME = "log"
 SEGMENT_SUFFIX = ".seg"
@@ -408,6 +443,7 @@ class DurableLog:
             raise ValueError("segment_bytes too small, reserve_bytes negative or first_index below 1")
         version = default_sqlite_version() if sqlite_version is None else sqlite_version
         directory.mkdir(parents=True, exist_ok=True)
+        _remove_temp_segments(directory)
         names = sorted(p for p in directory.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
         segments: list[_Segment] = []
         try:
@@ -659,6 +695,40 @@ class DurableLog:
             self._firsts = [s.first_index for s in self._segments]
         return self.first_index
 
+    def reset(self, base_index: int, base_epoch: int) -> None:
+        """Empty the log so that it continues right after a snapshot of ``base_index`` (epoch ``base_epoch``):
+        afterwards ``first_index == base_index + 1`` and ``last() == (base_epoch, base_index)``.
+
+        For a follower that installed a snapshot: entries at or below it are in the database, and the old
+        entries above it are dropped (the caller re-appends those it keeps). Durable when it returns; what a
+        crash part-way leaves is in the module doc. An I/O error leaves the log failed (reopen it).
+        """
+        self._check_usable()
+        if not 0 <= base_index < MAX_U63 or not 0 <= base_epoch <= MAX_U63:
+            raise ValueError(f"reset to index {base_index} epoch {base_epoch}: out of range")
+        try:
+            # Oldest first, each unlink durable before the next: what a crash leaves is always a suffix.
+            while self._segments:
+                seg = self._segments[0]
+                seg.close()
+                seg.path.unlink()
+                del self._segments[0]
+                fsync_dir(self.directory)
+                crash_point("log-reset-unlinked")
+            fresh = _create_segment_atomically(
+                self.directory, base_index + 1, base_epoch, self.sqlite_version
+            )
+        except OSError as exc:
+            self._failed = f"reset failed: {exc}"
+            raise LogFailed(self._failed) from exc
+        self._segments = [fresh]
+        self._firsts = [fresh.first_index]
+        self._runs = []
+        self._last_index = base_index
+        self._last_epoch = base_epoch
+        self._synced_index = base_index
+        self._synced_end = fresh.end
+
     def close(self) -> None:
         for seg in self._segments:
             try:
@@ -843,6 +913,49 @@ def _create_segment(directory: Path, first_index: int, prev_epoch: int, sqlite_v
         array("Q"),
         len(header),
     )
+
+
+def _create_segment_atomically(
+    directory: Path, first_index: int, prev_epoch: int, sqlite_version: str
+) -> _Segment:
+    """Create an empty segment that appears whole or not at all: header into a temp file, fsync, rename,
+    directory fsync (a torn header would otherwise reopen as an empty log with the wrong epoch below it)."""
+    path = directory / segment_name(first_index)
+    temp = path.with_name(path.name + TEMP_SUFFIX)
+    header = encode_segment_header(first_index, prev_epoch, sqlite_version)
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, header, 0)
+        os.fdatasync(fd)
+        crash_point("log-reset-temp-written")
+        os.replace(temp, path)
+        crash_point("log-reset-renamed")
+        fsync_dir(directory)
+    except BaseException:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+    return _Segment(
+        path,
+        fd,
+        FORMAT_VERSION,
+        sqlite_version,
+        first_index,
+        prev_epoch,
+        len(header),
+        array("Q"),
+        len(header),
+    )
+
+
+def _remove_temp_segments(directory: Path) -> None:
+    """Remove temp segments a crash inside :func:`_create_segment_atomically` left (never read)."""
+    removed = False
+    for temp in directory.glob(f"*{SEGMENT_SUFFIX}{TEMP_SUFFIX}"):
+        temp.unlink(missing_ok=True)
+        removed = True
+    if removed:
+        fsync_dir(directory)
 
 
 def _last_epoch_of(seg: _Segment) -> int:

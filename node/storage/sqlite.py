@@ -35,6 +35,19 @@ flag), no TEMP objects (they would outlive the request on a shared connection), 
 :mod:`node.storage.pragmas` allows, so no request changes a connection for the requests after it, and no
 access to the node's own tables (``_talentnest_*``: the applied index and request IDs).
 
+Snapshots (:mod:`node.storage.snapshots`): :meth:`Database.copy_for_snapshot` writes a consistent copy with
+``VACUUM INTO`` on a private read-only connection of its own thread (WAL: the writer goes on meanwhile);
+:meth:`Database.install_snapshot` swaps a snapshot in the way a /db/load swaps a file in (:meth:`_swap_in`),
+keeping the snapshot's own request IDs and applied index, which are replicated state.
+
+Swapping a file in (load or snapshot install), and what a crash leaves: the new file is complete and fsynced
+in DATA_DIR before anything changes; readers are closed, then the writer (the last connection: SQLite
+checkpoints the WAL into the old file and deletes it); ``-wal``/``-shm`` leftovers are removed and the
+directory fsynced (so no old WAL can ever reappear next to the new file, which would replay it onto the new
+file); then ONE ``os.replace`` over ``node.db`` and a directory fsync. Before the rename the old file is whole
+(with its WAL checkpointed in); after it the new file is whole; the rename is atomic. So a crash at any point
+leaves the old database or the new one, never a mix, and a temp copy left behind is removed at the next start.
+
 Start: :meth:`Database.start` opens the file and runs ``PRAGMA quick_check`` (about 1 s/GB warm) while the
 HTTP server already answers; data calls meanwhile fail with 503 ``database_checking``. A corrupt file is
 moved to ``DATA_DIR/quarantine/<timestamp>/`` and never served.
@@ -66,6 +79,7 @@ from node.core.sqlreq import DbRequest, Statement, WriteCommand, rewrite_time_ke
 from node.storage import pragmas, statemachine
 from node.storage import results as res
 from node.storage.dump import dump_statements
+from node.storage.durable import FILE_CHUNK_BYTES, crash_point
 from node.storage.readers import ReadScheduler
 from node.storage.results import StatementResult
 from node.storage.statemachine import Applied, Command, Entry, Mode
@@ -576,20 +590,64 @@ class Database:
     async def load_sqlite_file(self, source: Path, *, index: int) -> None:
         """Replace the database with the SQLite file at ``source`` (checked first; the file is consumed)."""
         self.require_ready()
+        await self._swap_in(self._load_sqlite, source, index)
+
+    async def copy_for_snapshot(self, target: Path) -> int:
+        """Write a consistent copy of the database to ``target`` (which must not exist) and return the applied
+        index it holds. The writer is not blocked: the copy is ``VACUUM INTO`` on a private read-only
+        connection in a worker thread, reading one WAL snapshot while writes go on. The copy is a
+        self-contained rollback-journal file (no ``-wal``), fsynced. Only swaps wait for it (a load or an
+        install must not replace the file under it). A full disk raises
+        :class:`node.errors.InsufficientStorage`; on any failure or cancellation ``target`` is removed."""
+        self.require_ready()
+        copier = _SnapshotCopier(self, target)
+        async with self._swap_lock:
+            work = asyncio.ensure_future(asyncio.to_thread(copier.run))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                copier.cancelled = True
+                copier.interrupt()
+                # The thread removes the partial copy itself; the lock is held until it has ended so no
+                # swap replaces the file under its connection.
+                await asyncio.wait({work})
+                raise
+
+    async def install_snapshot(self, source: Path, index: int) -> None:
+        """Replace the database by the snapshot file at ``source`` (holding ``index`` as its applied index).
+
+        ``source`` is not consumed (it stays this node's snapshot): it is copied to a temp file in DATA_DIR
+        and fsynced first; a copy whose applied index is not ``index`` raises :class:`SnapshotIndexMismatch`
+        and nothing changes. The swap is :meth:`_swap_in`'s (crash argument in the module doc), without the
+        stamping a load does: the snapshot's request IDs and staged load chunks are replicated state and are
+        kept as the snapshot has them. A full disk raises :class:`node.errors.InsufficientStorage`."""
+        self.require_ready()
+        temp = self.temp_path("snapshot")
+        try:
+            await asyncio.to_thread(_copy_snapshot_file, source, temp, index)
+            await self._swap_in(self._replace_file, temp)
+        finally:
+            # Gone after a swap (renamed); a failed or cancelled copy leaves it: removed on a worker thread.
+            await asyncio.shield(asyncio.to_thread(temp.unlink, True))
+
+    async def _swap_in(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` (which replaces node.db, see :meth:`_replace_file`) on the writer with every reader
+        closed, then reopen the readers on the new file."""
         scheduler = self._scheduler
         assert scheduler is not None and self._writer is not None
         # Readers must close before the swap: a last connection closing on the old file would delete the new
-        # file's -wal by name. One swap at a time: another load's readers must not reopen mid-swap.
+        # file's -wal by name. One swap at a time: another swap's readers must not reopen mid-swap, and no
+        # snapshot copy may hold a connection to the old file.
         async with self._swap_lock:
-            await self._swap_in(scheduler, source, index)
+            await self._swap_in_locked(scheduler, fn, *args)
 
-    async def _swap_in(self, scheduler: ReadScheduler, source: Path, index: int) -> None:
+    async def _swap_in_locked(self, scheduler: ReadScheduler, fn: Callable[..., None], *args: Any) -> None:
         loop = asyncio.get_running_loop()
         await scheduler.pause()
         try:
             for slot in self._readers:
                 await loop.run_in_executor(slot.executor, _close_conn, slot)
-            await self._write(self._load_sqlite, source, index)
+            await self._write(fn, *args)
         finally:
             try:
                 if self._writer is not None and not self._closing:
@@ -1082,23 +1140,33 @@ class Database:
             _stamp_file(source, index)
             with open(source, "rb+") as f:
                 os.fsync(f.fileno())
-            # Close, then swap files: the old WAL is checkpointed and removed at close, so it can never be
-            # applied to the new file; a crash before the rename leaves the old database whole.
-            self._close_writer()
-            for sidecar in ("-wal", "-shm"):
-                Path(str(self.path) + sidecar).unlink(missing_ok=True)
-            os.replace(source, self.path)
-            _fsync_dir(self.data_dir)
+            self._replace_file(job, source)
         except OSError as exc:
             if is_disk_full(exc):
                 raise errors.InsufficientStorage(
                     "not enough disk space in DATA_DIR to load the file"
                 ) from None
             raise
+        self._stamp_loaded(job, index)
+
+    def _replace_file(self, job: _Job, source: Path) -> None:
+        """Writer thread, readers closed: make the complete, fsynced file ``source`` (in DATA_DIR) the
+        database, old or new whatever the crash point (module doc), and reopen the writer on it."""
+        try:
+            # Close, then swap files: the old WAL is checkpointed and removed at close, so it can never be
+            # applied to the new file; a crash before the rename leaves the old database whole.
+            self._close_writer()
+            for sidecar in ("-wal", "-shm"):
+                Path(str(self.path) + sidecar).unlink(missing_ok=True)
+            _fsync_dir(self.data_dir)
+            crash_point("swap-sidecars-removed")
+            os.replace(source, self.path)
+            crash_point("swap-replaced")
+            _fsync_dir(self.data_dir)
+            crash_point("swap-dir-synced")
         finally:
             if self._writer is not None and self._writer.conn is None:
                 self._reopen_writer()
-        self._stamp_loaded(job, index)
 
     def _stamp_loaded(self, job: _Job, index: int) -> None:
         """A loaded file brings its own tables: record ``index`` as applied in it and forget request IDs that
@@ -1358,6 +1426,126 @@ def _stamp_file(path: Path, index: int) -> None:
         raise errors.BadRequest(f"invalid SQLite data: {_message(exc)}") from None
     finally:
         conn.close()
+
+
+class SnapshotIndexMismatch(ValueError):
+    """A snapshot file's applied index is not the one it was installed as: nothing was changed."""
+
+
+class _ConnOps:
+    """A private connection as :func:`statemachine.applied_index` reads it."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self.conn = conn
+
+    def internal(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return self.conn.execute(sql, params).fetchall()
+
+
+def file_applied_index(path: Path) -> int:
+    """The applied index stored in the SQLite file at ``path`` (0 if it has none); a private read-only
+    connection, blocking."""
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return statemachine.applied_index(_ConnOps(conn))
+    finally:
+        conn.close()
+
+
+class _SnapshotCopier:
+    """``VACUUM INTO`` on a connection of its own (worker thread), interruptible from the loop."""
+
+    def __init__(self, db: Database, target: Path) -> None:
+        self.db = db
+        self.target = target
+        self.conn: apsw.Connection | None = None
+        self.cancelled = False
+
+    def interrupt(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            with contextlib.suppress(apsw.Error):
+                conn.interrupt()  # thread-safe by SQLite's contract
+
+    def run(self) -> int:
+        if self.target.exists():
+            raise FileExistsError(f"snapshot copy target {self.target} exists already")
+        made = False
+        try:
+            conn = apsw.Connection(str(self.db.path), flags=apsw.SQLITE_OPEN_READONLY)
+            # Never checkpoint from here (the writer owns the WAL), and stop at cancel or shutdown.
+            conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+            conn.set_progress_handler(lambda: self.cancelled or self.db._closing, PROGRESS_STEPS)
+            conn.set_busy_timeout(5000)
+            self.conn = conn
+            try:
+                if self.cancelled:
+                    raise apsw.InterruptError("cancelled")
+                made = True
+                conn.execute("VACUUM INTO ?", (str(self.target),)).fetchall()
+            finally:
+                self.conn = None
+                conn.close()
+            copy = apsw.Connection(str(self.target))
+            try:
+                # VACUUM INTO writes a rollback-journal file already; say so explicitly (no -wal to carry).
+                copy.execute("PRAGMA journal_mode=DELETE").fetchall()
+                index = statemachine.applied_index(_ConnOps(copy))
+            finally:
+                copy.close()
+            with open(self.target, "rb") as f:
+                os.fsync(f.fileno())
+            return index
+        except BaseException as exc:
+            if made:
+                self.target.unlink(missing_ok=True)
+                for suffix in ("-journal", "-wal", "-shm"):
+                    Path(str(self.target) + suffix).unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise errors.InsufficientStorage(
+                    "not enough disk space in DATA_DIR for a snapshot copy of the database"
+                ) from None
+            if isinstance(exc, apsw.InterruptError):
+                raise errors.Unavailable(
+                    "the snapshot copy was interrupted (cancelled or shutting down)"
+                ) from None
+            raise
+
+
+def _copy_snapshot_file(source: Path, target: Path, index: int) -> None:
+    """Copy ``source`` to ``target`` (fsynced) and check the copy holds ``index``; on any failure the copy is
+    removed. Blocking."""
+    created = False
+    try:
+        with open(source, "rb") as src, open(target, "xb") as dst:
+            created = True
+            # Each round copies one piece or ends at end of file: bounded by the file size.
+            while chunk := src.read(FILE_CHUNK_BYTES):
+                dst.write(chunk)
+            dst.flush()
+            crash_point("install-copied")
+            os.fsync(dst.fileno())
+        crash_point("install-synced")
+        try:
+            held = file_applied_index(target)
+        except apsw.Error as exc:
+            raise SnapshotIndexMismatch(
+                f"snapshot {source} is not a readable SQLite file: {_message(exc)}"
+            ) from None
+        if held != index:
+            raise SnapshotIndexMismatch(
+                f"snapshot {source} holds applied index {held}, not {index}: not installed"
+            )
+    except BaseException as exc:
+        if created:
+            target.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise errors.InsufficientStorage(
+                "not enough disk space in DATA_DIR to install the snapshot"
+            ) from None
+        raise
 
 
 def _write_file(path: Path, data: bytes) -> None:
