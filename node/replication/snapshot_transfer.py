@@ -333,6 +333,15 @@ class SnapshotSender:
             raise SnapshotNotFound(f"this node has no snapshot {stem[:60]!r}")
         path, meta = found
         start = parse_range(request.headers.get("Range"), meta.size_bytes)
+        if request.method == "HEAD":
+            # The answer's headers only (aiohttp routes HEAD to a GET handler, and a StreamResponse would
+            # put body bytes on the connection where the peer expects the next answer's status line).
+            status = 206 if start is not None else 200
+            response = web.StreamResponse(status=status, headers=_headers(meta, start))
+            response.content_length = meta.size_bytes - (start or 0)
+            await response.prepare(request)
+            await response.write_eof()
+            return response
         if self.active >= self.max_sends:
             self.stats["refused_busy"] += 1
             raise SendsBusy(
@@ -353,19 +362,16 @@ class SnapshotSender:
         except FileNotFoundError:
             raise SnapshotNotFound(f"snapshot {meta.stem} was removed (a newer one replaced it)") from None
         sent = offset
+        outcome, reason = "aborted", ""
         try:
             if size != meta.size_bytes:
                 self._log.error(
                     "snapshot_file_size_wrong", stem=meta.stem, size=size, expected=meta.size_bytes
                 )
+                outcome = "refused"
                 raise errors.Unavailable(f"snapshot {meta.stem} is not the size its meta says; not served")
-            headers = {
-                META_HEADER: encode_meta_header(meta), "ETag": f'"{meta.sha256}"', "Accept-Ranges": "bytes",
-                "Content-Type": "application/octet-stream",
-            }  # fmt: skip
-            if start is not None:
-                headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-            response = web.StreamResponse(status=206 if start is not None else 200, headers=headers)
+            status = 206 if start is not None else 200
+            response = web.StreamResponse(status=status, headers=_headers(meta, start))
             response.content_length = size - offset
             await response.prepare(request)
             self.stats["sends"] += 1
@@ -381,21 +387,37 @@ class SnapshotSender:
                 self.stats["bytes"] += len(chunk)
             await response.write_eof()
             self.stats["completed"] += 1
-            self._log.info("snapshot_send_end", peer=peer, stem=meta.stem, sent=sent - offset, outcome="done")
+            outcome = "done"
             return response
         except (OSError, TimeoutError) as exc:
             # Headers are out: no JSON error can follow. Cutting the connection is what tells the peer the
             # body is incomplete (it resumes from what it has).
-            self.stats["aborted"] += 1
-            self._log.warning(
-                "snapshot_send_end", peer=peer, stem=meta.stem, sent=sent - offset, outcome="aborted",
-                reason=f"{type(exc).__name__}: {exc}"[:200],
-            )  # fmt: skip
+            reason = f"{type(exc).__name__}: {exc}"[:200]
             if request.transport is not None:
                 request.transport.abort()
             raise ConnectionResetError(f"snapshot send of {meta.stem} aborted") from None
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the peer went away and the server cancelled the handler
+            raise
         finally:
+            if outcome in ("aborted", "cancelled"):
+                self.stats["aborted"] += 1
+            if outcome != "refused":
+                self._log.info(
+                    "snapshot_send_end", peer=peer, stem=meta.stem, sent=sent - offset, outcome=outcome,
+                    **({"reason": reason} if reason else {}),
+                )  # fmt: skip
             await asyncio.to_thread(fh.close)
+
+
+def _headers(meta: SnapshotMeta, start: int | None) -> dict[str, str]:
+    headers = {
+        META_HEADER: encode_meta_header(meta), "ETag": f'"{meta.sha256}"', "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+    }  # fmt: skip
+    if start is not None:
+        headers["Content-Range"] = f"bytes {start}-{meta.size_bytes - 1}/{meta.size_bytes}"
+    return headers
 
 
 # --- client -----------------------------------------------------------------------------------------------
