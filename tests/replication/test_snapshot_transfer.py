@@ -658,3 +658,25 @@ def test_os_is_used_for_nothing_on_the_loop():
                 if isinstance(call, ast.Call):
                     name = getattr(call.func, "attr", getattr(call.func, "id", ""))
                     assert name not in blocking, f"{fn.name} calls {name} on the loop"
+
+
+async def test_the_replication_transports_signer_signs_downloads_the_route_accepts(node, tmp_path):
+    """What the Replicator will pass: ``peer_headers(transport.signer)`` (the process's own incarnation)."""
+    from node.core.ids import Endpoint
+    from node.replication.transport import ReplicationTransport
+
+    transport = ReplicationTransport(
+        secret=SECRET, me=Endpoint.parse("10.0.0.9:3000"), identity="follower", timeout_s=1.0,
+        learn=lambda *args: None, log=RecordingLog(),
+    )  # fmt: skip
+    assert transport.signer is None
+    transport.begin(77)
+    assert transport.signer is not None
+    path_, meta = node.files[STEM]
+    part = tmp_path / "t.part"
+    await st_.download(
+        node.client.session, node.url(), meta, part, sign_headers=st_.peer_headers(transport.signer),
+        log=node.log,
+    )  # fmt: skip
+    assert part.read_bytes() == path_.read_bytes()
+    assert node.log.events("snapshot_send_start")[0]["peer"] == "10.0.0.9:3000"
