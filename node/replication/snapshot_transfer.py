@@ -486,7 +486,7 @@ def _open_part(part: Path, offset: int) -> BinaryIO:
     return fh
 
 
-def _write_chunk(fh: BinaryIO, data: bytes) -> None:
+def _write_chunk(fh: BinaryIO, data: bytes | bytearray) -> None:
     fh.write(data)
 
 
@@ -649,7 +649,7 @@ async def _receive(
                 if buffer:
                     if rate is not None:
                         await rate.acquire(len(buffer))
-                    data, buffer = bytes(buffer), bytearray()
+                    data, buffer = buffer, bytearray()  # handed over, not copied
                     await asyncio.to_thread(_write_chunk, fh, data)
                     done += len(data)
                     progress.advance(done, loop.time())
@@ -666,7 +666,7 @@ async def _receive(
     finally:
         try:
             if buffer:
-                await asyncio.to_thread(_write_chunk, fh, bytes(buffer))
+                await asyncio.to_thread(_write_chunk, fh, buffer)
                 progress.advance(done + len(buffer), loop.time())
         finally:
             await asyncio.to_thread(_finish_part, fh, complete)
