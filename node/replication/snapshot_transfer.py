@@ -532,8 +532,10 @@ async def download(
     next to the transfer, and it means a part that ``finish_incoming`` sees complete survives a crash;
     the rename and directory fsync stay the store's). The SHA-256 is not checked here.
 
-    Raises :class:`TransferInterrupted` (part kept), :class:`TransferRefused` (error status; part kept),
-    :class:`SnapshotMismatch` (part removed) or :class:`TransferError` (a malformed answer; part kept).
+    Raises :class:`TransferInterrupted` (part kept), :class:`TransferRefused` (an error status: 401, 404,
+    503 with ``retry_after_s``...; part kept), :class:`SnapshotMismatch` (the server's meta is another one,
+    or it answers 416 to an offset below the expected size; part removed) or :class:`TransferError` (a
+    malformed answer; part kept). OSError from the local disk propagates (part kept).
     Cancellation leaves the part as it is (all bytes written so far are in it).
     """
     loop = asyncio.get_running_loop()
@@ -589,6 +591,11 @@ async def download(
 
 async def _check_answer(resp: aiohttp.ClientResponse, meta: SnapshotMeta, part: Path, done: int) -> int:
     """The offset the body starts at (0 after a 200, ``done`` after the matching 206); raises otherwise."""
+    if resp.status == 416:
+        # Only offsets below the expected size are asked for: the server's file is shorter, so it is
+        # another snapshot, and the part cannot be resumed from any server that holds this one's stem.
+        await asyncio.to_thread(_remove, part)
+        raise SnapshotMismatch(f"snapshot {meta.stem} from {resp.url.authority} cannot serve bytes={done}-")
     if resp.status not in (200, 206):
         body = await resp.content.read(MAX_ERROR_BODY_BYTES)
         raise TransferRefused(
@@ -599,13 +606,15 @@ async def _check_answer(resp: aiohttp.ClientResponse, meta: SnapshotMeta, part: 
     try:
         theirs = decode_meta_header(resp.headers.get(META_HEADER, ""))
     except ValueError as exc:
-        theirs, problem = None, str(exc)
-    else:
-        problem = "it holds another snapshot under that stem"
+        # No proof the part is wrong (a proxy may have dropped the header): keep it, refuse this answer.
+        raise TransferError(
+            f"snapshot {meta.stem} from {resp.url.authority}: no valid meta header: {exc}"
+        ) from None
     if theirs != meta:
         await asyncio.to_thread(_remove, part)
         raise SnapshotMismatch(
-            f"snapshot {meta.stem} from {resp.url.authority} is not the expected one: {problem}"
+            f"snapshot {meta.stem} from {resp.url.authority} is another snapshot under that stem "
+            f"(sha256 {theirs.sha256[:12]}..., {theirs.size_bytes} bytes)"
         )
     offset = 0
     if resp.status == 206:

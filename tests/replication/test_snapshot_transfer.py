@@ -438,6 +438,38 @@ async def test_another_snapshot_under_the_stem_removes_the_part(node, tmp_path):
     assert [e["outcome"] for e in node.log.events("snapshot_transfer_end")] == ["mismatch"]
 
 
+async def test_a_server_whose_file_is_shorter_than_expected_removes_the_part(node, tmp_path):
+    """416 to an offset below the expected size: the server holds another (shorter) file under the stem."""
+    _, meta = node.files[STEM]
+    longer = SnapshotMeta(**{**{f: getattr(meta, f) for f in meta.__slots__}, "size_bytes": meta.size_bytes + 100})
+    part = tmp_path / f"{STEM}.part"
+    part.write_bytes(b"z" * (meta.size_bytes + 50))
+    with pytest.raises(st_.SnapshotMismatch):
+        await node.download(longer, part)
+    assert not part.exists()
+
+
+async def test_an_answer_without_meta_keeps_the_part(tmp_path):
+    path_, meta = make_snapshot(tmp_path, 5000)
+
+    async def no_meta(request: web.Request) -> web.Response:
+        return web.Response(body=path_.read_bytes())
+
+    client = await serve_with(no_meta)
+    try:
+        part = tmp_path / "p.part"
+        part.write_bytes(path_.read_bytes()[:100])
+        with pytest.raises(st_.TransferError) as info:
+            await st_.download(
+                client.session, str(client.make_url(st_.PATH_PREFIX + STEM)), meta, part,
+                sign_headers=st_.peer_headers(signer()), log=RecordingLog(),
+            )  # fmt: skip
+        assert not isinstance(info.value, st_.SnapshotMismatch)
+        assert part.read_bytes() == path_.read_bytes()[:100]
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize("size", [st_.CHUNK_BYTES + 1, 8 * st_.CHUNK_BYTES + 3])
 async def test_neither_side_holds_more_than_one_chunk_whatever_the_file_size(tmp_path, monkeypatch, size):
     path_, meta = make_snapshot(tmp_path, size)
