@@ -18,16 +18,18 @@ The answer (200, or 206 with ``Content-Range``) carries ``X-TalentNest-Snapshot`
 :meth:`SnapshotMeta.encode`), ``ETag`` (the quoted SHA-256), ``Accept-Ranges: bytes`` and
 ``Content-Length``; errors are JSON ``{"error", "code"}``: 401 unsigned or replayed, 404 unknown stem (and
 from every node that has no snapshots), 416 bad range, 503 with ``Retry-After`` beyond
-``SNAPSHOT_MAX_SENDS`` concurrent sends.
+``SNAPSHOT_MAX_SENDS`` concurrent sends. A HEAD (same signature) answers the headers alone, from the meta.
 
 Resources. The file is read in :data:`CHUNK_BYTES` pieces on a worker thread (never whole, never on the
 loop) and every chunk, sent or received, first takes its bytes from one token bucket per node
 (``SNAPSHOT_RATE_BYTES_S``, shared by sends and downloads): the wait, the thread hop and the socket drain
-between chunks are where heartbeats on the same loop run. A process holds at most one chunk per transfer.
+between chunks are where heartbeats on the same loop run. Each transfer holds about one chunk in memory
+(plus the socket buffers), whatever the file's size.
 
 The download (:func:`download`) appends to the part through a thread, resumes from the part's size, starts
 over cleanly when the server ignores the range (200), and checks that the server's meta is the one the
-leader named: a different snapshot under that stem removes the part (its bytes belong to another file).
+leader named: a different snapshot under that stem (its meta differs, or it answers 416 to an offset below
+the expected size) removes the part, whose bytes may belong to another file.
 Timeouts and disconnects raise :class:`TransferInterrupted` and leave the part for the next attempt.
 Verifying the SHA-256 and renaming the part into place are the store's (``SnapshotStore.finish_incoming``).
 """
