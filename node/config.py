@@ -137,6 +137,15 @@ class Config:
     # DNS needs to list every replica started together.
     formation_window_s: float = 5.0
 
+    # --- snapshot transfer (node/replication/snapshot_transfer.py) ----------------------------------------
+    # Bytes per second all snapshot transfers of this node together (sends to peers and its own download)
+    # may move: one token bucket, so a 1 GiB transfer never takes the disk, the network and the event loop
+    # from heartbeats. 0 means unlimited; otherwise at least 1 MiB/s (one 1 MiB chunk per second: slower,
+    # a chunk's wait would trip the 30 s stall timeouts). The default (256 MiB/s) sends 1 GiB in about 4 s.
+    snapshot_rate_bytes_s: int = 256 << 20
+    # Snapshot downloads this node serves at once; a further peer is answered 503 with Retry-After.
+    snapshot_max_sends: int = 2
+
     @property
     def weak_secret(self) -> bool:
         return len(self.jwt_secret.encode()) < MIN_STRONG_SECRET_BYTES
@@ -327,6 +336,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "replication": ("REPLICATION", lambda raw: _replication(raw)),
     "formation_window_s": ("FORMATION_WINDOW", lambda raw: _non_negative_seconds(raw)),
     "event_loop": ("EVENT_LOOP", lambda raw: _event_loop(raw)),
+    "snapshot_rate_bytes_s": ("SNAPSHOT_RATE_BYTES_S", lambda raw: _snapshot_rate(raw)),
+    "snapshot_max_sends": ("SNAPSHOT_MAX_SENDS", _positive_int),
 }
 
 # Every field but the secret must be settable from the environment: keep the table and the dataclass in step.
@@ -354,4 +365,11 @@ def _non_negative_seconds(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"must be a number of seconds >= 0, not {raw!r}")
+    return value
+
+
+def _snapshot_rate(raw: str) -> int:
+    value = _non_negative_int(raw)
+    if 0 < value < 1 << 20:
+        raise ValueError("expected 0 (unlimited) or at least 1048576 bytes per second")
     return value

@@ -120,3 +120,17 @@ def test_the_loop_factory_follows_the_setting_and_falls_back_without_uvloop(monk
         loop.close()
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
     assert event_loop_factory("uvloop") is None
+
+
+def test_snapshot_transfer_defaults_and_limits():
+    default = Config.from_env(SECRET)
+    assert default.snapshot_rate_bytes_s == 256 << 20 and default.snapshot_max_sends == 2
+    config = Config.from_env({**SECRET, "SNAPSHOT_RATE_BYTES_S": "0", "SNAPSHOT_MAX_SENDS": "5"})
+    assert config.snapshot_rate_bytes_s == 0 and config.snapshot_max_sends == 5
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**SECRET, "SNAPSHOT_RATE_BYTES_S": "-1", "SNAPSHOT_MAX_SENDS": "0"})
+    assert len(info.value.problems) == 2
+    with pytest.raises(ConfigError, match="SNAPSHOT_RATE_BYTES_S"):
+        Config.from_env({**SECRET, "SNAPSHOT_RATE_BYTES_S": "1000"})
+    assert any("SNAPSHOT_RATE_BYTES_S" in p for p in info.value.problems)
+    assert any("SNAPSHOT_MAX_SENDS" in p for p in info.value.problems)

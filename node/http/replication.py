@@ -42,7 +42,7 @@ from node.core import peerauth
 from node.core.ids import Endpoint, InvalidAddress
 from node.core.sqlreq import Level, parse_flags
 from node.http.common import json_response, read_body
-from node.replication import codec
+from node.replication import codec, snapshot_transfer
 from node.replication.service import ANSWERED_EPOCH
 from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
 
@@ -72,7 +72,17 @@ class ForwardOutcomeUnknown(errors.NodeError):
 
 
 class ReplicationRoutes:
-    def __init__(self, *, replicator: Any, secret: str, log: Any, body_read_timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        replicator: Any,
+        secret: str,
+        log: Any,
+        body_read_timeout_s: float,
+        snapshot_resolve: snapshot_transfer.Resolve | None = None,
+        snapshot_rate: snapshot_transfer.RateLimiter | None = None,
+        snapshot_max_sends: int = snapshot_transfer.DEFAULT_MAX_SENDS,
+    ) -> None:
         self._replicator = replicator
         self._key = peerauth.derive_key(secret)
         self._guard = peerauth.ReplayGuard()
@@ -80,10 +90,19 @@ class ReplicationRoutes:
         self._read_timeout_s = body_read_timeout_s
         self._rejected: set[tuple[str, str]] = set()
         self._stream_guard = peerauth.ReplayGuard()
+        self._snapshot_guard = peerauth.ReplayGuard()
+        # GET /cluster/replication/snapshot/<stem>; ``snapshots.resolve`` may also be set later (None: 404).
+        self.snapshots = snapshot_transfer.SnapshotSender(
+            log=log,
+            rate=snapshot_rate or snapshot_transfer.RateLimiter(snapshot_transfer.DEFAULT_RATE_BYTES_S),
+            max_sends=snapshot_max_sends,
+            resolve=snapshot_resolve,
+        )
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post(PATH, self.batch)
         app.router.add_get(STREAM_PATH, self.stream)
+        app.router.add_get(snapshot_transfer.ROUTE, self.snapshot)
 
     def _answer(self) -> dict[str, Any]:
         return {
@@ -119,6 +138,25 @@ class ReplicationRoutes:
                 f"replication {kind} from {sender} refused as a replay ({verdict.value})"
             )
         return claims
+
+    async def snapshot(self, request: web.Request) -> web.StreamResponse:
+        """A snapshot file for a peer (``node.replication.snapshot_transfer``): signed over the path, the
+        sender and the Range header, replay-guarded in its own window; then the sender streams it."""
+        claimed = request.headers.get(snapshot_transfer.SENDER_HEADER)
+        if claimed is None:
+            raise errors.Unauthorized(
+                f"snapshot requests must name their sender ({snapshot_transfer.SENDER_HEADER}) and be signed"
+            )
+        try:
+            sender = Endpoint.parse(claimed)
+        except InvalidAddress as exc:
+            raise errors.BadRequest(f"malformed {snapshot_transfer.SENDER_HEADER}: {exc}") from None
+        signed = snapshot_transfer.signed_content(request.headers.get("Range"))
+        path = request.path
+        self._verify_peer(
+            request, path, sender, signed, self._snapshot_guard, "snapshot request", "its path and range"
+        )
+        return await self.snapshots.serve(request, request.match_info["stem"], str(sender))
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         hello = request.headers.get(HELLO_HEADER, "").encode()

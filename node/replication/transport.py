@@ -156,6 +156,13 @@ class ReplicationTransport:
     def begin(self, incarnation: int) -> None:
         self._signer = peerauth.Signer(self._key, str(self._me), incarnation)
 
+    @property
+    def signer(self) -> peerauth.Signer | None:
+        """This process's peer signer (None before :meth:`begin`). Snapshot downloads sign with it too
+        (``snapshot_transfer.peer_headers``): one incarnation and one sequence counter per process, and
+        each receiving route keeps its own replay window, so the shared counter only shows them gaps."""
+        return self._signer
+
     async def run(self) -> None:
         """Own the session and every peer worker until cancelled."""
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=WORKERS_PER_PEER + 2, use_dns_cache=False)

@@ -14,6 +14,7 @@ from node import errors
 from node.actors.replicator import MembershipConflict, Replicator, UnknownMember
 from node.core.replication import machine
 from node.http.replication import ForwardingMiddleware, ReplicationRoutes
+from node.replication import snapshot_transfer
 from node.replication.service import ReplicatedDataService, load_answer_within_s
 
 # Seconds DELETE /cluster/voters/<node> waits for its change to commit before it answers 503 outcome_unknown.
@@ -65,9 +66,13 @@ class Replication:
         self.service = ReplicatedDataService(
             node.database, self.replicator, log_reserve_bytes=config.log_reserve_bytes
         )
+        # One bucket for every snapshot transfer of this node: the sends below and (once the Replicator
+        # downloads snapshots) its own download, which must be given this same limiter.
+        self.snapshot_rate = snapshot_transfer.RateLimiter(config.snapshot_rate_bytes_s)
         self.routes = ReplicationRoutes(
             replicator=self.replicator, secret=config.jwt_secret, log=node.log,
-            body_read_timeout_s=config.body_read_timeout_s,
+            body_read_timeout_s=config.body_read_timeout_s, snapshot_rate=self.snapshot_rate,
+            snapshot_max_sends=config.snapshot_max_sends,
         )  # fmt: skip
         self.routes.add_to(node.http.app)
         self.forwarding = ForwardingMiddleware(
