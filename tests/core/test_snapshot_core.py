@@ -207,10 +207,11 @@ def test_an_install_keeps_the_entries_above_a_matching_snapshot_entry():
     acknowledged (a leader may have counted them): they are kept and written back after the reset."""
     state = follower(20, 5)
     new, ready = machine.step(state, SnapshotFetched("c", LogId(2, 15), CONFIG), 1.0)
-    assert ready.install is not None and ready.install.snapshot == LogId(2, 15)
-    assert [e.index for e in ready.append] == [16, 17, 18, 19, 20]
+    assert ready.install is not None and ready.install.snapshot == LogId(2, 15) and ready.install.keep_log
+    # Never rewritten: a crash between a reset and a re-append would lose acknowledged entries.
+    assert ready.append == () and ready.truncate_from is None
     assert new.base == LogId(2, 15) and new.commit == new.applied == 15 and new.last == LogId(2, 20)
-    assert new.first_index == 16 and new.snapshot == LogId(2, 15)
+    assert new.first_index == state.first_index and new.snapshot == LogId(2, 15)
     assert [s.message for s in ready.messages] == [AppendAck(2, 15, 0)]
     assert ready.apply == ()  # the database is replaced, not replayed
 
@@ -218,8 +219,8 @@ def test_an_install_keeps_the_entries_above_a_matching_snapshot_entry():
 def test_an_install_drops_a_log_that_differs_at_the_snapshots_entry():
     state = follower(20, 5)
     new, ready = machine.step(state, SnapshotFetched("c", LogId(3, 15), CONFIG), 1.0)
-    assert ready.install is not None and ready.append == ()
-    assert new.last == LogId(3, 15) and new.log == ()
+    assert ready.install is not None and not ready.install.keep_log and ready.append == ()
+    assert new.last == LogId(3, 15) and new.log == () and new.first_index == 16
 
 
 def test_an_install_takes_the_snapshots_configuration():

@@ -533,8 +533,11 @@ class RepSim:
                 raise InvariantViolated(f"{name} installs {sid}, which it never fetched")
             entries = list(held[2])
             self.inv.check_applied(name, entries, 0)  # a snapshot holds only committed entries
-            d.log, d.applied = list(entries), entries
-            d.first_index = sid.index + 1
+            # keep_log: the log already holds these very entries up to the snapshot's (log matching)
+            d.log = entries + d.log[sid.index :] if ready.install.keep_log else list(entries)
+            d.applied = list(entries)
+            if not ready.install.keep_log:
+                d.first_index = sid.index + 1
             self.inv.forget_commit(name, sid.index)
             self.installs += 1
         if ready.truncate_from is not None:

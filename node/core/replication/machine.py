@@ -737,22 +737,24 @@ class _Step:
         if sid.index <= self.commit or self.role == LEADER:
             self.fact("snapshot_not_needed", index=sid.index, commit=self.commit)
             return
-        keep: list[Entry] = []
+        keep: list[Entry] | None = None
         if sid.index <= self.last_index and self.epoch_at(sid.index) == sid.epoch:
             keep = list(self.log[sid.index - self.base.index :])
-        self.log = keep
+        self.log = keep or []
         self.base = sid
-        self.dirty = sid.index + 1 if keep else None
+        self.dirty = None  # kept entries stay where they are on disk (see InstallSnapshot.keep_log)
         self.commit = self.applied = self.verified = sid.index
         self.snapshot = sid
-        self.first_index = sid.index + 1
+        if keep is None:
+            self.first_index = sid.index + 1
         self.applied_bytes = 0
         configs = ((sid.index, inp.config),) + tuple(
-            (e.index, Config.decode(e.payload)) for e in keep if e.kind is Kind.CONFIG
+            (e.index, Config.decode(e.payload)) for e in keep or () if e.kind is Kind.CONFIG
         )
         self.hard = replace(self.hard, configs=configs)
-        self.out_install = InstallSnapshot(sid, inp.config)
-        self.fact("snapshot_installing", index=sid.index, epoch=sid.epoch, source=inp.source, kept=len(keep))
+        self.out_install = InstallSnapshot(sid, inp.config, keep_log=keep is not None)
+        kept = len(keep or ())
+        self.fact("snapshot_installing", index=sid.index, epoch=sid.epoch, source=inp.source, kept=kept)
         c = self.campaign
         if self.role == CANDIDATE and c is not None and c.phase == "fetch":
             self.campaign = replace(c, fetched_to=max(c.fetched_to, sid.index), started_s=self.now)

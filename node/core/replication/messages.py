@@ -413,12 +413,14 @@ class FetchSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class InstallSnapshot:
-    """Make the snapshot ``snapshot`` (already in the store) this node's database and restart the log after
-    it: the database file is replaced, then the log is reset to start at ``snapshot.index + 1`` (the entries
-    of ``Ready.append`` follow), all durable before the Ready's messages (an AppendAck claims them)."""
+    """Make the snapshot ``snapshot`` (already in the store) this node's database, durably, before the
+    Ready's messages (an AppendAck claims it). ``keep_log``: the log holds the snapshot's own entry, so it
+    stays as it is (the entries above may be acknowledged ones and must never be off the disk, not even for
+    a moment); else the log is reset to start right after the snapshot, after the database was replaced."""
 
     snapshot: LogId
     config: Config
+    keep_log: bool = False
 
 
 @dataclass(frozen=True, slots=True)
