@@ -162,7 +162,9 @@ def describe(p: recovery.Plan, data_dir: Path, applied: int, *, first_index: int
         f"old cluster:       {old.cluster or '(unnamed)'}, epoch {old.epoch}, "
         f"{len(p.old_voters)} voter(s) in the last configuration known here",
         f"log kept:          entries {first_index}..{p.last.index}; last entry epoch {p.last.epoch}, index "
-        f"{p.last.index}",
+        f"{p.last.index}"
+        if first_index <= p.last.index
+        else f"log kept:          no entry (compacted up to epoch {p.last.epoch}, index {p.last.index})",
         f"database applied:  index {applied}",
         "",
     ]

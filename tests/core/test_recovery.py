@@ -218,6 +218,15 @@ def test_no_hard_state_or_an_empty_log_is_refused():
         recovery.plan(ME, HardState(3, ME, ((0, Config()),), OLD_CLUSTER), LogId(0, 0), None, NEW)
 
 
+def test_a_log_compacted_up_to_its_last_entry_is_recovered_after_that_entry():
+    """The log holds no entry (a snapshot covers everything) but starts after index 7 of epoch 4."""
+    hard = HardState(4, None, ((5, config_of((ME, "b", "c"))),), OLD_CLUSTER)
+    p = recovery.plan(ME, hard, LogId(4, 7), None, NEW)
+    assert p.action is Action.RECOVER and p.entry.id == LogId(5, 8)
+    assert recovery.plan(ME, p.hard, LogId(5, 8), p.entry, NEW).action is Action.DONE
+    assert recovery.plan(ME, p.hard, LogId(4, 7), None, NEW).action is Action.FINISH
+
+
 @given(st.text(max_size=20))
 def test_a_new_cluster_name_must_carry_the_prefix(name):
     assume(not name.startswith(recovery.RECOVERED_PREFIX) or name == recovery.RECOVERED_PREFIX)

@@ -88,19 +88,20 @@ def sole_voter(me: str) -> Config:
 
 def plan(me: str, hard: HardState | None, last: LogId, last_entry: Entry | None, new_cluster: str) -> Plan:
     """What recovery must do, from what the node holds: its hard state (None if it never saved one), its
-    log's last LogId and the entry there (None if the log is empty). ``new_cluster``: a fresh random name
+    log's last LogId and the entry there (None if the log holds no entry: empty, or compacted up to a
+    snapshot, where ``last`` is the entry the log starts after). ``new_cluster``: a fresh random name
     with ``RECOVERED_PREFIX`` (used only by RECOVER). Raises :class:`Refused` if there is nothing to
     recover from."""
     if not new_cluster.startswith(RECOVERED_PREFIX) or len(new_cluster) <= len(RECOVERED_PREFIX):
         raise ValueError(f"a recovered cluster's name starts with {RECOVERED_PREFIX!r}")
     if hard is None:
         raise Refused(NO_HARD_STATE)
-    if last.index == 0 or last_entry is None:
+    if last.index == 0:
         raise Refused(
             "this node's log is empty: it holds nothing to keep; recover from the survivor with the most "
             "advanced log (highest last epoch, then highest last index)"
         )
-    if last_entry.id != last:
+    if last_entry is not None and last_entry.id != last:
         raise ValueError(f"last_entry {last_entry.id} is not the log's last entry {last}")
     mine = sole_voter(me)
     recovered = hard.cluster.startswith(RECOVERED_PREFIX) and hard.promised_to == me
