@@ -57,10 +57,14 @@ def lock_data_dir(data_dir: Path, *, create: bool = True) -> DataDirLock:
     Raises :class:`DataDirInUse` naming the holder's pid when another process holds it, ``OSError`` when
     the directory cannot be created or the lock file not opened (a read-only or foreign-owned volume).
     """
-    if create:
-        data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / LOCK_FILE_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if create:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        # Name the variable: the operator fixes DATA_DIR (a path, a volume's owner), not "lock".
+        raise type(exc)(exc.errno, f"cannot lock DATA_DIR {data_dir} ({path}): {exc.strerror}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

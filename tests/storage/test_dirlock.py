@@ -53,15 +53,22 @@ def test_the_lock_of_a_killed_process_is_free_at_once(tmp_path):
 
 
 def test_without_create_a_missing_directory_is_an_error_not_created(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="cannot lock DATA_DIR"):
         lock_data_dir(tmp_path / "missing", create=False)
     assert not (tmp_path / "missing").exists()
 
 
-def test_a_garbage_pid_line_does_not_break_the_message(tmp_path):
-    (tmp_path / LOCK_FILE_NAME).write_bytes(b"\x00\xffnot a pid")
+def test_a_data_dir_that_cannot_be_created_is_named_in_the_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(OSError, match=r"cannot lock DATA_DIR .*file/data"):
+        lock_data_dir(tmp_path / "file" / "data")
+
+
+def test_a_leftover_lock_file_with_garbage_is_taken_over_and_names_its_new_holder(tmp_path):
+    (tmp_path / LOCK_FILE_NAME).write_bytes(b"\x00\xffnot a pid, and longer than any pid line would be")
     with lock_data_dir(tmp_path):
-        with pytest.raises(DataDirInUse):
+        assert (tmp_path / LOCK_FILE_NAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(DataDirInUse, match=f"process {os.getpid()}"):
             lock_data_dir(tmp_path)
 
 
