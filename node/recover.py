@@ -10,7 +10,8 @@ Steps, each blocking (no event loop runs here):
 1. Take the DATA_DIR lock the node takes (``node.storage.dirlock``): refused while a node runs on it.
 2. Read, never create: the identity, the replication hard state, the log (opening it runs the same crash
    recovery as a node start: a torn tail is cut), the database's applied index (for the summary only).
-3. Compute the plan (pure: ``recovery.plan``) and print it.
+3. Compute the plan (pure: ``recovery.plan``) and print it. A dry run stops here: it changes nothing the
+   node's own next start would not change too (a torn log tail is cut when the log is opened).
 4. Confirmed: save the new hard state (temp file, fsync, rename, fsync the directory), THEN append the
    CONFIG entry and fsync the log. Killed between the two, a re-run finishes (appends the entry); killed
    before the first, nothing changed; a re-run after both changes nothing (the order's reasons: the
@@ -140,7 +141,9 @@ def applied_index(db_path: Path) -> int:
         return 0
     import apsw  # here: the rest of the command needs no SQLite
 
-    conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READWRITE)  # opening may replay its WAL
+    # Read-only: reads the WAL without checkpointing it, so a dry run leaves the database and its WAL as they
+    # are (only the -shm index, which holds no data, may be rebuilt).
+    conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         return statemachine.applied_index(_ReadOps(conn))  # type: ignore[arg-type]
     finally:

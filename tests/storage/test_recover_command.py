@@ -228,3 +228,27 @@ def test_python_dash_m_node_recover_runs_as_a_process(tmp_path):
     )  # fmt: skip
     assert done.returncode == EXIT_OK, done.stderr
     assert "Recovered:" in done.stdout and "JWT" not in done.stdout + done.stderr
+
+
+def test_a_dry_run_reads_a_databases_wal_without_checkpointing_it(tmp_path):
+    """A node killed with its applied index still in the WAL: the dry run reports that index and leaves the
+    database file and its WAL byte for byte as they were."""
+    make_data_dir(tmp_path)
+    (tmp_path / DB_FILE_NAME).unlink()
+    writer = (
+        "import apsw, os, sys\n"
+        "from node.storage import statemachine\n"
+        "class Ops:\n"
+        "    def __init__(self, c): self.c = c\n"
+        "    def internal(self, sql, params=()): return list(self.c.execute(sql, params))\n"
+        "c = apsw.Connection(sys.argv[1]); c.execute('PRAGMA journal_mode=WAL')\n"
+        "ops = Ops(c); statemachine.ensure_schema(ops); statemachine.set_applied(ops, 8)\n"
+        "os._exit(0)  # no close: no checkpoint\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path / DB_FILE_NAME)], check=True, timeout=60)
+    wal = tmp_path / (DB_FILE_NAME + "-wal")
+    assert wal.stat().st_size > 0
+    before = {name: (tmp_path / name).read_bytes() for name in (DB_FILE_NAME, wal.name)}
+    code, out, _ = run(tmp_path, confirmed=False)
+    assert code == EXIT_USAGE and "database applied:  index 8" in out
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
