@@ -142,12 +142,19 @@ def applied_index(db_path: Path) -> int:
     import apsw  # here: the rest of the command needs no SQLite
 
     # Read-only: reads the WAL without checkpointing it, so a dry run leaves the database and its WAL as they
-    # are (only the -shm index, which holds no data, may be rebuilt).
+    # are (only the -shm index, which holds no data, may be rebuilt). SQLite creates an empty -wal and a
+    # -shm when they are missing: those are removed again (we hold the DATA_DIR lock: no other user).
+    sidecars = [db_path.with_name(db_path.name + suffix) for suffix in ("-wal", "-shm")]
+    missing = [p for p in sidecars if not p.exists()]
     conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         return statemachine.applied_index(_ReadOps(conn))  # type: ignore[arg-type]
     finally:
         conn.close()
+        wal = sidecars[0]
+        if wal in missing and wal.exists() and wal.stat().st_size == 0:
+            for created in missing:
+                created.unlink(missing_ok=True)
 
 
 def describe(p: recovery.Plan, data_dir: Path, applied: int, *, first_index: int) -> str:
