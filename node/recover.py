@@ -8,6 +8,7 @@ log: a dry run on each prints its last entry) while the node is stopped.
 Steps, each blocking (no event loop runs here):
 
 1. Take the DATA_DIR lock the node takes (``node.storage.dirlock``): refused while a node runs on it.
+1a. Refuse unless run as the user owning DATA_DIR's files (what it writes must stay readable by the node).
 2. Read, never create: the identity, the replication hard state, the log (opening it runs the same crash
    recovery as a node start: a torn tail is cut), the database's applied index (for the summary only).
 3. Compute the plan (pure: ``recovery.plan``) and print it. A dry run stops here: it changes nothing the
@@ -24,6 +25,7 @@ is in use or is not a node's. Prints identities, cluster names, epochs and indic
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -66,6 +68,15 @@ def recover(data_dir: Path, *, confirmed: bool, out: TextIO | None = None, err: 
             raise _Stop(EXIT_USAGE, f"{data_dir} is not a directory (give the node's DATA_DIR)")
         if not (data_dir / IDENTITY_FILE_NAME).is_file():
             raise _Stop(EXIT_USAGE, f"{data_dir} holds no node identity: it is not a node's DATA_DIR")
+        owner = (data_dir / IDENTITY_FILE_NAME).stat().st_uid
+        if os.geteuid() != owner:
+            # Files this command writes (hard state, log segment) would belong to this user, mode 0600: the
+            # node, running as the owner, could no longer read them and would not start.
+            raise _Stop(
+                EXIT_USAGE,
+                f"run this as the user that owns {data_dir} (uid {owner}; this is uid {os.geteuid()}), e.g. "
+                "with the node's image, which runs as uid 10001",
+            )
         try:
             lock = lock_data_dir(data_dir, create=False)
         except DataDirInUse as exc:

@@ -252,3 +252,16 @@ def test_a_dry_run_reads_a_databases_wal_without_checkpointing_it(tmp_path):
     code, out, _ = run(tmp_path, confirmed=False)
     assert code == EXIT_USAGE and "database applied:  index 8" in out
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_refused_when_run_as_another_user_than_the_data_dirs_owner(tmp_path, monkeypatch):
+    """Its files would be that user's, mode 0600: the node, running as the owner, could not read them."""
+    import node.recover as command
+
+    make_data_dir(tmp_path)
+    before = snapshot(tmp_path)
+    owner = tmp_path.stat().st_uid
+    monkeypatch.setattr(command.os, "geteuid", lambda: owner + 1)
+    code, _, err = run(tmp_path, confirmed=True)
+    assert code == EXIT_USAGE and f"uid {owner}" in err
+    assert snapshot(tmp_path) == before and not (tmp_path / LOCK_FILE_NAME).exists()
