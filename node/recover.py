@@ -7,8 +7,8 @@ log: a dry run on each prints its last entry) while the node is stopped.
 
 Steps, each blocking (no event loop runs here):
 
-1. Take the DATA_DIR lock the node takes (``node.storage.dirlock``): refused while a node runs on it.
-1a. Refuse unless run as the user owning DATA_DIR's files (what it writes must stay readable by the node).
+1. Refuse unless run as the user owning DATA_DIR's files (what it writes must stay readable by the node),
+   then take the DATA_DIR lock the node takes (``node.storage.dirlock``): refused while a node runs on it.
 2. Read, never create: the identity, the replication hard state, the log (opening it runs the same crash
    recovery as a node start: a torn tail is cut), the database's applied index (for the summary only).
 3. Compute the plan (pure: ``recovery.plan``) and print it. A dry run stops here: it changes nothing the
