@@ -1,7 +1,8 @@
 """Command line: ``python -m node`` runs the daemon (console script: ``talentnest-node``).
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 if the node failed while running, 2 if it could not
-start (bad configuration, an address that gives no node ID, a port already in use).
+start (bad configuration, an address that gives no node ID, a port already in use, DATA_DIR in use by another
+process). ``recover`` (after the permanent loss of a majority) has its own statuses: see ``node.recover``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from node import __version__, auth
@@ -43,11 +45,27 @@ def main(argv: list[str] | None = None) -> int:
         "--basic", action="store_true", help="a compact credential for Basic-auth clients (the password)"
     )
     token.add_argument("--subject", default="cli", help="the sub claim of a JWT (default: cli)")
+    recover = sub.add_parser(
+        "recover",
+        help="after the permanent loss of a majority: make this STOPPED node the only voter of a new cluster "
+        "that keeps its data (unsafe: may lose the last acknowledged writes); without the confirmation flag "
+        "it only prints what it would do",
+    )
+    recover.add_argument(
+        "--data-dir", type=Path, default=None, metavar="DIR",
+        help="the node's DATA_DIR (default: the DATA_DIR environment variable)",
+    )  # fmt: skip
+    recover.add_argument(
+        "--yes-i-may-lose-writes", dest="confirmed", action="store_true",
+        help="do it: writes acknowledged by the lost nodes but missing here are lost for good",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.command in (None, "run"):
         _exit_now(run_daemon())
     if args.command == "token":
         return print_token(args)
+    if args.command == "recover":
+        return run_recover(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 
@@ -84,6 +102,20 @@ def print_token(args: argparse.Namespace) -> int:
     else:
         print(auth.mint_jwt(secret, role, now=now, ttl_s=args.ttl, subject=args.subject))
     return EXIT_OK
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    """``recover`` (node.recover): plain text on stdout/stderr, no JSON logging, no secret read."""
+    from node.recover import recover  # only this command needs it
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        raw = os.environ.get("DATA_DIR", "")
+        if not raw:
+            print("talentnest-node recover: give --data-dir DIR (or set DATA_DIR)", file=sys.stderr)
+            return EXIT_USAGE
+        data_dir = Path(raw)
+    return recover(data_dir, confirmed=args.confirmed)
 
 
 def run_daemon() -> int:

@@ -40,6 +40,7 @@ from node.runtime.mailbox import LatestCell, Mailbox, Overflow
 from node.runtime.resolver import Resolver
 from node.runtime.transport import PeerTransport, PeerUnavailable
 from node.service import LogBackedDataService
+from node.storage.dirlock import DataDirLock, lock_data_dir
 from node.storage.sqlite import Database, Limits
 
 # Membership inputs waiting to be applied. Producers that can wait (DNS rounds, probe results, ticks) block;
@@ -104,6 +105,7 @@ class Node:
         self.http: HttpApi | None = None
         self.cluster_routes: ClusterRoutes | None = None
         self.incarnation = 0
+        self._dir_lock: DataDirLock | None = None  # DATA_DIR held while a serving node runs
         if serve_http:
             self.http = HttpApi(
                 host=config.host,
@@ -171,6 +173,10 @@ class Node:
         DATA_DIR and no signatures, so it uses 1.
         """
         if self.http is not None:
+            # First, before anything in DATA_DIR is read or written: one process per DATA_DIR (a second node
+            # on the same volume, or `recover` while this one runs, is refused; node.storage.dirlock). Held
+            # until the process exits; an OSError here is a start-up failure (exit 2) that names the holder.
+            self._dir_lock = await asyncio.to_thread(lock_data_dir, self.config.data_dir)
             now_ms = time.time_ns() // 1_000_000
             self.incarnation = await asyncio.to_thread(next_incarnation, self.config.data_dir, now_ms)
         else:
@@ -180,6 +186,13 @@ class Node:
             self.cluster_routes.begin(self.incarnation)
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            if self._dir_lock is not None:
+                self._dir_lock.release()  # only after every file in DATA_DIR is closed (the log last)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self._begin_incarnation()
         async with asyncio.TaskGroup() as tg:
             health = tg.create_task(self.health.run(), name="health-monitor")

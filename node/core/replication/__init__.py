@@ -45,6 +45,10 @@ Protocol rules (what the README's design section quotes):
   ``Stop``) stops accepting writes and config changes, keeps replicating until that voter has its whole log,
   then sends ``TakeOver``; the successor campaigns at once with a handover prepare. A handover not done within
   ``handover_timeout_s`` is abandoned and the leader writes again.
+* **Lost majority (operator only).** No rule above lets a minority write again. ``recovery.plan`` computes
+  what ``python -m node recover`` writes on one stopped survivor: a CONFIG entry naming it the only voter,
+  in a new epoch, and a hard state with a fresh cluster name, so no node holding the old history is ever
+  heard again; it then leads alone and commits its whole log. Unsafe by nature (see ``recovery``).
 * **Group commit.** ``Submit`` carries many commands: one Ready, one append, one fsync. Appends are
   pipelined: up to ``max_inflight`` unacknowledged batches per follower; lost ones are resent after
   ``resend_s`` from the last matching index.
