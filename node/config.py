@@ -145,6 +145,15 @@ class Config:
     snapshot_rate_bytes_s: int = 256 << 20
     # Snapshot downloads this node serves at once; a further peer is answered 503 with Retry-After.
     snapshot_max_sends: int = 2
+    # --- snapshots and log compaction (node/core/replication: snapshot_due, compaction_point) -------------
+    # A node takes a snapshot of its database when this many entries (0: never), or this many bytes of
+    # entry payloads, were applied since its newest one; its log then keeps SNAPSHOT_TRAILING entries below
+    # the snapshot (a member only that far behind gets the log tail, not a whole snapshot). The log drops
+    # whole segments of LOG_SEGMENT_BYTES, so the disk is given back in steps of that size.
+    snapshot_entries: int = 50_000
+    snapshot_bytes: int = 256 << 20
+    snapshot_trailing: int = 10_000
+    log_segment_bytes: int = 64 << 20
 
     @property
     def weak_secret(self) -> bool:
@@ -338,6 +347,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "event_loop": ("EVENT_LOOP", lambda raw: _event_loop(raw)),
     "snapshot_rate_bytes_s": ("SNAPSHOT_RATE_BYTES_S", lambda raw: _snapshot_rate(raw)),
     "snapshot_max_sends": ("SNAPSHOT_MAX_SENDS", _positive_int),
+    "snapshot_entries": ("SNAPSHOT_ENTRIES", _non_negative_int),
+    "snapshot_bytes": ("SNAPSHOT_BYTES", _positive_int),
+    "snapshot_trailing": ("SNAPSHOT_TRAILING", _positive_int),
+    "log_segment_bytes": ("LOG_SEGMENT_BYTES", lambda raw: _log_segment_bytes(raw)),
 }
 
 # Every field but the secret must be settable from the environment: keep the table and the dataclass in step.
@@ -365,6 +378,13 @@ def _non_negative_seconds(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"must be a number of seconds >= 0, not {raw!r}")
+    return value
+
+
+def _log_segment_bytes(raw: str) -> int:
+    value = _positive_int(raw)
+    if value < 4096:
+        raise ValueError("must be at least 4096 (bytes per log segment)")
     return value
 
 

@@ -71,6 +71,8 @@ from node.core.ids import Endpoint
 from node.core.replication import formation, machine
 from node.core.replication import messages as msg
 from node.replication import codec
+from node.replication import snapshot_transfer as transfer
+from node.replication.snapshotting import Snapshots
 from node.replication.transport import ReplicationTransport
 from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
@@ -78,7 +80,7 @@ from node.storage import statemachine
 from node.storage.asynclog import AsyncLog
 from node.storage.durable import FramedFileError, decode_framed, encode_framed, write_atomic
 from node.storage.identity import load_or_create_identity
-from node.storage.log import DurableLog, LogDiskFull, LogEntry, LogError, LogIOError
+from node.storage.log import DurableLog, LogCompacted, LogDiskFull, LogEntry, LogError, LogIOError
 from node.storage.sqlite import ApplyFailed, Database
 from node.storage.statemachine import Applied
 
@@ -273,6 +275,8 @@ class Replicator:
         options: machine.Options | None = None,
         peer_timeout_s: float = 2.0,
         handover_budget_s: float = 0.5,
+        snapshot_rate: transfer.RateLimiter | None = None,
+        log_segment_bytes: int | None = None,
     ) -> None:
         self.me = me
         self.data_dir = data_dir
@@ -281,6 +285,7 @@ class Replicator:
         self.formation_window_s = formation_window_s
         self.options = options or machine.Options(pipelined=True)
         self.log = log
+        self._log_segment_bytes = log_segment_bytes
         self._secret = secret
         self._peer_timeout_s = peer_timeout_s
         self._handover_budget = handover_budget_s
@@ -340,6 +345,15 @@ class Replicator:
         self._hard_writes = 0  # hard-state writes running: no message leaves before they are durable
         self._persisted: list[msg.Persisted] = []
         self.applied_index = 0
+        # Snapshot work (taking, fetching, installing): see node.replication.snapshotting. Its results come
+        # back as core inputs through _snapshot_inputs.
+        self._snapshot_inputs: list[msg.Input] = []
+        self.snapshots = Snapshots(
+            data_dir=data_dir, database=database, log=log, options=self.options, feed=self._feed_snapshot,
+            rate=snapshot_rate,
+        )  # fmt: skip
+        self.snapshots.on_installed = self._installed
+        self.snapshots.url_of = self.url_of
         self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
 
@@ -551,12 +565,17 @@ class Replicator:
             refused=self._peer_refused,
         )
         self.transport.begin(self.incarnation)
+        self.snapshots.sign_headers = transfer.peer_headers(self.transport.signer)
         log_dir = self.data_dir / "log"
-        self._asynclog = AsyncLog(lambda: DurableLog.open(log_dir))
+        segment = {} if self._log_segment_bytes is None else {"segment_bytes": self._log_segment_bytes}
+        self._asynclog = AsyncLog(lambda: DurableLog.open(log_dir, **segment))
         await self._asynclog.start()
+        self.snapshots.alog = self._asynclog
         try:
+            await self.snapshots.open()
             async with asyncio.TaskGroup() as tg:
                 transport = tg.create_task(self.transport.run(), name="replication-transport")
+                snapshots = tg.create_task(self.snapshots.run(), name="replication-snapshots")
                 watcher = tg.create_task(self._watch_views(), name="replication-views")
                 completer = tg.create_task(self._completer(), name="replication-completer")
                 await self._wait_database(stop)
@@ -565,7 +584,7 @@ class Replicator:
                 applier = tg.create_task(self._applier(), name="replication-applier")
                 if self.state is not None:
                     await self._loop(stop)
-                for task in (transport, watcher, applier, completer):
+                for task in (transport, watcher, applier, completer, snapshots):
                     task.cancel()
         finally:
             self.done.set()
@@ -587,6 +606,8 @@ class Replicator:
         assert self._asynclog is not None and self.identity is not None
         hard = await asyncio.to_thread(load_core_hard_state, self.data_dir, self.identity)
         applied = await self.database.applied_index()
+        self.snapshots.alog = self._asynclog
+        await self.snapshots.repair_log(applied)  # an install cut short between database and log
         last_epoch, last_index = self._asynclog.last
         if hard is None and (last_index == 0 or last_epoch == 0):
             if applied or last_index:
@@ -601,7 +622,13 @@ class Replicator:
             return
         if applied > last_index:
             raise RuntimeError(f"the database applied index {applied} is beyond the log's last {last_index}")
-        if hard is not None and not hard.cluster and last_index:
+        first_index = self._asynclog.first_index
+        if applied < first_index - 1:
+            raise RuntimeError(
+                f"the database applied index {applied} is below the log's first entry {first_index}: the "
+                "entries between are compacted away (an older copy of the database?)"
+            )
+        if hard is not None and not hard.cluster and last_index and first_index == 1:
             # Written before clusters were named: every member derives the same name from entry 1.
             first = await self._asynclog.read(1, LOG_READ_BYTES)
             if first:
@@ -615,10 +642,13 @@ class Replicator:
                 break
             entries.extend(from_log_entry(e) for e in chunk)
             index = chunk[-1].index + 1
+        hard = hard or msg.HardState()
         self.state = machine.restore(
-            self.identity, hard or msg.HardState(), msg.LogId(base_epoch, applied), tuple(entries), applied,
-            self.options,
+            self.identity, hard, msg.LogId(base_epoch, applied), tuple(entries), applied, self.options,
+            snapshot=self.snapshots.newest_id(hard.cluster), first_index=first_index,
         )  # fmt: skip
+        self.snapshots.cluster = hard.cluster
+        self.snapshots.reset_configs(tuple(c for c in self.state.hard.configs if c[0] <= applied))
         self.applied_index = applied
         self.holds_data = await self._log_holds_data()
         self.log.info(
@@ -746,6 +776,9 @@ class Replicator:
             if self._persisted:
                 inputs.extend(self._persisted)
                 self._persisted = []
+            if self._snapshot_inputs:
+                inputs.extend(self._snapshot_inputs)
+                self._snapshot_inputs = []
             if self._log_reads:
                 inputs.extend(self._log_reads)
                 self._log_reads = []
@@ -777,6 +810,7 @@ class Replicator:
                 self.state, ready = machine.step(self.state, inp, loop.time())
                 if not ready.empty:
                     readys.append(ready)
+            self.snapshots.cluster = self.state.hard.cluster
             if readys:
                 await self._carry_out(readys)
             self._settle_lost_quorum()
@@ -870,7 +904,11 @@ class Replicator:
         self._confirmed.clear()
         await self.database._write(lambda job: statemachine.set_applied(self.database._ops(job), 0))
         await asyncio.to_thread(_remove_durably, self.data_dir / REPLICATION_STATE_FILE)
-        await self._asynclog.truncate_after(0)
+        await self.snapshots.forget_all()
+        if self._asynclog.first_index > 1:
+            await self._asynclog.reset(0, 0)
+        else:
+            await self._asynclog.truncate_after(0)
         self.applied_index = 0
         if self.state is not None and self.state.hard.cluster:
             self._left_clusters.append(self.state.hard.cluster)
@@ -892,7 +930,7 @@ class Replicator:
     def _has_inputs(self) -> bool:
         return bool(
             self._inbox or self._submits or self._reads or self._log_reads or self._view_dirty
-            or self._stop_requested or self._removals or self._persisted
+            or self._stop_requested or self._removals or self._persisted or self._snapshot_inputs
         )  # fmt: skip
 
     def _healthy_identities(self) -> dict[str, int]:
@@ -970,6 +1008,12 @@ class Replicator:
                 )
                 write.add_done_callback(self._hard_write_done)
                 writes.append(write)
+            if ready.install is not None:
+                # On the log's thread, in order with the writes around it (see node.replication.snapshotting).
+                loop = asyncio.get_running_loop()
+                writes.append(
+                    _queued(alog.run_future, self.snapshots.install_on_log_thread, loop, ready.install)
+                )
             if ready.truncate_from is not None:
                 writes.append(_queued(alog.run_future, DurableLog.truncate_after, ready.truncate_from - 1))
             if ready.append:
@@ -989,9 +1033,32 @@ class Replicator:
                 self._reply(reply)
             for fact in ready.facts:
                 self._log_fact(fact)
+            if ready.take_snapshot:
+                self.snapshots.take()
+            for fetch in ready.fetch_snapshot:
+                self.snapshots.fetch(fetch.source, fetch.snapshot)
             if writes or late or ready.apply or ready.read_log:
                 appended = ready.append[-1].id if ready.append and pipelined else None
                 await self._queue_unsynced(_Unsynced(writes, late, ready.apply, ready.read_log, appended))
+
+    def _feed_snapshot(self, inp: msg.Input) -> None:
+        self._snapshot_inputs.append(inp)  # at most one per taken or fetched snapshot: bounded by those
+        self._wake.set()
+
+    def _installed(self, install: msg.InstallSnapshot) -> None:
+        """The database now holds the snapshot (on the loop, before the log reset and the ack). Entries at or
+        below it that wait in the apply queue are in it already; writes waiting for them learn nothing
+        more of their outcome here."""
+        index = install.snapshot.index
+        self.applied_index = max(self.applied_index, index)
+        for at, (_, waiter) in list(self._by_index.items()):
+            if at <= index:
+                if not waiter.future.done():
+                    waiter.future.set_exception(
+                        OutcomeUnknown("this node installed a snapshot; retry with the same X-Request-Id")
+                    )
+                del self._by_index[at]
+        self._serve_confirmed()
 
     def _log_fact(self, fact: msg.Fact) -> None:
         """One line per fact; a fact that repeats for every message of another cluster's leader (see
@@ -1123,7 +1190,10 @@ class Replicator:
         out: list[msg.Entry] = []
         index = first
         while index <= last:
-            chunk = await self._asynclog.read(index, LOG_READ_BYTES)
+            try:
+                chunk = await self._asynclog.read(index, LOG_READ_BYTES)
+            except LogCompacted:
+                break  # compacted meanwhile: the core learns it from SnapshotTaken and offers a snapshot
             chunk = [e for e in chunk if e.index <= last]
             if not chunk:
                 break
@@ -1202,10 +1272,19 @@ class Replicator:
             run: list[msg.Entry] = []
             size = 0
             while self._apply_queue and len(run) < MAX_APPLY_RUN and size < MAX_APPLY_RUN_BYTES:
-                entry = self._apply_queue.popleft()
-                run.append(entry)
+                entry = self._apply_queue[0]
+                if entry.index <= self.applied_index:
+                    # In the database already (an installed snapshot holds it): nothing to apply.
+                    self._apply_queue.popleft()
+                    self._answer_applied(entry, None)
+                    continue
+                if run and entry.index != run[-1].index + 1:
+                    break  # one run is one contiguous range of the log (a snapshot install ends one)
+                run.append(self._apply_queue.popleft())
                 size += len(entry.payload)
             self._apply_room.set()
+            if not run:
+                continue
             try:
                 await self._apply_run(run, size)
             except (errors.NodeError, OSError, codec.CodecError, ApplyFailed) as exc:
@@ -1230,6 +1309,8 @@ class Replicator:
 
         decoded = decode() if size <= INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
         commands = [c for c in decoded if c is not None]
+        # Before the apply: a snapshot copied right after it must find the configuration of its index.
+        self.snapshots.record_configs(run)
         for entry, command in zip(run, decoded, strict=True):
             commands_of.append((entry, 0 if command is None else 1))
         last = run[-1].index
@@ -1244,6 +1325,9 @@ class Replicator:
                 outcome = outcomes[position] if outcomes is not None else None
                 position += 1
             self._answer_applied(entry, outcome)
+        self._serve_confirmed()
+
+    def _serve_confirmed(self) -> None:
         if self._confirmed:
             ready = [(i, f) for i, f in self._confirmed if i <= self.applied_index]
             self._confirmed = [(i, f) for i, f in self._confirmed if i > self.applied_index]

@@ -514,6 +514,37 @@ def _retry_after(value: str | None) -> float | None:
     return float(value)
 
 
+async def fetch_meta(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    sign_headers: SignHeaders,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+) -> SnapshotMeta:
+    """What the peer holds under that stem (a HEAD: headers only, no send slot taken). An offer names only
+    the snapshot's (epoch, index); its size, digest and configuration come from here, and :func:`download`
+    then checks every answer against them. Raises :class:`TransferRefused` (401, 404, 503...),
+    :class:`TransferInterrupted` (no answer) or :class:`TransferError` (no valid meta)."""
+    headers = dict(sign_headers(URL(url).path, None))
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with session.head(url, headers=headers, timeout=timeout, allow_redirects=False) as resp:
+            if resp.status != 200:
+                raise TransferRefused(
+                    f"snapshot meta from {URL(url).authority}: HTTP {resp.status}",
+                    resp.status,
+                    _retry_after(resp.headers.get("Retry-After")),
+                )
+            try:
+                return decode_meta_header(resp.headers.get(META_HEADER, ""))
+            except ValueError as exc:
+                raise TransferError(f"snapshot meta from {URL(url).authority}: {exc}") from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise TransferInterrupted(
+            f"snapshot meta from {URL(url).authority}: {type(exc).__name__}: {exc}"[:300]
+        ) from exc
+
+
 async def download(
     session: aiohttp.ClientSession,
     url: str,

@@ -52,6 +52,8 @@ class Replication:
     def __init__(self, node: Any) -> None:
         config = node.config
         assert node.http is not None and node.database is not None
+        # One bucket for every snapshot transfer of this node: what it sends and what it downloads.
+        self.snapshot_rate = snapshot_transfer.RateLimiter(config.snapshot_rate_bytes_s)
         self.replicator = Replicator(
             me=node.me,
             data_dir=config.data_dir,
@@ -62,17 +64,20 @@ class Replication:
             log=node.log,
             peer_timeout_s=max(1.0, config.probe_timeout_s * 2),
             handover_budget_s=handover_budget_s(config.shutdown_grace_s),
+            snapshot_rate=self.snapshot_rate,
+            options=machine.Options(
+                pipelined=True, snapshot_entries=config.snapshot_entries, snapshot_bytes=config.snapshot_bytes,
+                snapshot_trailing=config.snapshot_trailing,
+            ),
+            log_segment_bytes=config.log_segment_bytes,
         )
         self.service = ReplicatedDataService(
             node.database, self.replicator, log_reserve_bytes=config.log_reserve_bytes
         )
-        # One bucket for every snapshot transfer of this node: the sends below and (once the Replicator
-        # downloads snapshots) its own download, which must be given this same limiter.
-        self.snapshot_rate = snapshot_transfer.RateLimiter(config.snapshot_rate_bytes_s)
         self.routes = ReplicationRoutes(
             replicator=self.replicator, secret=config.jwt_secret, log=node.log,
             body_read_timeout_s=config.body_read_timeout_s, snapshot_rate=self.snapshot_rate,
-            snapshot_max_sends=config.snapshot_max_sends,
+            snapshot_max_sends=config.snapshot_max_sends, snapshot_resolve=self.replicator.snapshots.resolve,
         )  # fmt: skip
         self.routes.add_to(node.http.app)
         self.forwarding = ForwardingMiddleware(
@@ -173,7 +178,11 @@ class Replication:
             "replication_stats": {
                 **self.replicator.stats,
                 **(self.replicator.transport.stats if self.replicator.transport is not None else {}),
+                **{f"snapshots_{k}": v for k, v in self.replicator.snapshots.stats.items()},
             },
+            # The newest snapshot in this node's store, where its log starts, and a transfer this node
+            # runs or ran last (bytes done, rate, ETA).
+            **self.replicator.snapshots.status(),
         }
         conflict = self.replicator.conflict
         if conflict is not None:
@@ -198,6 +207,8 @@ class Replication:
             per_node[member.endpoint.url] = {
                 "voter": identity is not None and identity in status.voters,
                 "lag": lag,
+                # Leader only: this member is behind the log's first entry and is being sent a snapshot.
+                "catching_up_by_snapshot": identity is not None and identity in status.snapshotting,
             }
         fields["_per_node"] = per_node
         return fields

@@ -219,6 +219,9 @@ def restore(
     below = [c for c in hard.configs if c[0] <= base.index]
     configs = list(below[-1:] or hard.configs[:1])
     configs += [(e.index, Config.decode(e.payload)) for e in entries if e.kind is Kind.CONFIG]
+    # In index order: after an install cut short (hard state written with the snapshot's configuration,
+    # database not replaced yet) the hard state's one is newer than configurations in the log below it.
+    configs.sort(key=lambda c: c[0])
     hard = replace(hard, configs=tuple(configs))
     return State(
         me,

@@ -1,0 +1,91 @@
+"""Snapshots with real node processes: compaction, catch-up of a returning follower by snapshot, a new node
+(the highest ID) joining a cluster whose log no longer starts at entry 1.
+
+Snapshots are made frequent (every 40 entries, 5 kept below, 4 KiB log segments) so a few hundred writes
+compact the log. A leader also keeps its last 256 applied entries in memory and sends those from there, so
+a member must be more than that behind to need a snapshot. Every wait has a deadline; nothing here
+measures speed.
+"""
+
+from __future__ import annotations
+
+from tests.integration.test_replication import ENV, base, call, form, local_values, token, writable_node
+from tests.support.cluster import Cluster
+from tests.support.wait import wait_until
+
+SNAP_ENV = {
+    **ENV,
+    "SNAPSHOT_ENTRIES": "40",
+    "SNAPSHOT_TRAILING": "5",
+    "LOG_SEGMENT_BYTES": "4096",
+}
+ROWS = 400  # more than the 256 entries a leader keeps in memory
+
+
+def write_rows(c: Cluster, ip: str, tok: str, first: int, count: int) -> None:
+    for v in range(first, first + count):
+        status, _, body = call(f"{base(c, ip)}/db/execute", [["INSERT INTO t VALUES (?)", v]], tok)
+        assert status == 200, body
+
+
+def status_of(c: Cluster, ip: str) -> dict:
+    return c.nodes[ip].status() or {}
+
+
+def test_a_follower_back_after_compaction_installs_a_snapshot_and_ends_identical(make_cluster):
+    c: Cluster = make_cluster(env=SNAP_ENV)
+    form(c)
+    tok = token(c)
+    lowest, _, highest = c.ips
+    wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
+    assert call(f"{base(c, highest)}/db/execute", [["CREATE TABLE t (v INTEGER)"]], tok)[0] == 200
+    c.nodes[lowest].stop()
+    c.publish_dns()
+    write_rows(c, highest, tok, 1, ROWS)
+    wait_until(
+        lambda: status_of(c, highest).get("log_first_index", 1) > 10, 20,
+        what="the leader's log compacted", describe=lambda: str(status_of(c, highest)),
+    )  # fmt: skip
+    c.start(lowest)
+    expected = set(range(1, ROWS + 1))
+    wait_until(
+        lambda: local_values(c, lowest, tok) == expected, 30,
+        what="every row on the returning follower", describe=lambda: c.describe(),
+    )  # fmt: skip
+    events = [e["event"] for e in c.nodes[lowest].events(all_runs=False)]
+    assert "snapshot_installed" in events, events[-40:]
+    assert "snapshot_transfer_end" in events
+    # And it keeps following: a later write reaches it through the log.
+    write_rows(c, highest, tok, ROWS + 1, 3)
+    wait_until(lambda: local_values(c, lowest, tok) == set(range(1, ROWS + 4)), 10, what="later rows")
+    assert c.all_log_problems() == []
+
+
+def test_a_new_highest_id_node_joins_a_compacted_cluster_by_snapshot_and_leads_only_after(make_cluster):
+    c: Cluster = make_cluster(env=SNAP_ENV)
+    form(c)
+    tok = token(c)
+    highest = c.ips[-1]
+    wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
+    assert call(f"{base(c, highest)}/db/execute", [["CREATE TABLE t (v INTEGER)"]], tok)[0] == 200
+    write_rows(c, highest, tok, 1, ROWS)
+    wait_until(lambda: status_of(c, highest).get("log_first_index", 1) > 10, 20, what="compaction")
+    newcomer = c.spare_ip()
+    c.add_node(newcomer)
+    c.start(newcomer)
+    wait_until(
+        lambda: writable_node(c, [*c.ips, newcomer]) == newcomer, 40,
+        what="the new highest-ID node to lead", describe=lambda: c.describe(),
+    )  # fmt: skip
+    events = c.nodes[newcomer].events(all_runs=False)
+    names = [e["event"] for e in events]
+    assert "snapshot_installed" in names, names[-40:]
+    # It led only after it had installed the snapshot (and become a voter).
+    installed_at = names.index("snapshot_installed")
+    led = [i for i, e in enumerate(events) if e["event"] == "replication_became_leader"]
+    assert led and led[0] > installed_at
+    assert local_values(c, newcomer, tok) == set(range(1, ROWS + 1))
+    write_rows(c, newcomer, tok, ROWS + 1, 3)
+    for ip in [*c.ips, newcomer]:
+        wait_until(lambda ip=ip: local_values(c, ip, tok) == set(range(1, ROWS + 4)), 10, what=f"rows on {ip}")
+    assert c.all_log_problems() == []
