@@ -40,6 +40,9 @@ STREAM_CHUNK_BYTES = 64 << 10
 DEFAULT_WRITE_TIMEOUT_S = 30.0
 DEFAULT_BUFFERED_RESPONSE_BYTES = 64 << 20
 
+# Headers a middleware asks a streaming handler to send with its answer (set before it prepares it).
+EXTRA_HEADERS = "talentnest_extra_headers"
+
 
 class ResponseBudget:
     """Bytes of serialized responses held at once, across all clients; beyond it, callers answer 503.

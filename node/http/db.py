@@ -44,7 +44,7 @@ from node.core.sqlreq import (
     parse_statements,
     parse_text_statement,
 )
-from node.http.common import json_response, parse_json, read_body
+from node.http.common import EXTRA_HEADERS, json_response, parse_json, read_body
 from node.http.render import INLINE_RENDER_CELLS, cells, render_results
 from node.runtime.mailbox import LatestCell
 from node.service import LocalDataService, LogBackedDataService, WriteOutcome, WriteRequest
@@ -209,6 +209,7 @@ class DbRoutes:
                     "Content-Disposition": 'attachment; filename="node.db"',
                     "Content-Length": str(size),
                     APPLIED_INDEX_HEADER: str(applied),
+                    **request.get(EXTRA_HEADERS, {}),
                 }
             )
             await response.prepare(request)

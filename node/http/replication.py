@@ -41,7 +41,7 @@ from node import auth, errors
 from node.core import peerauth
 from node.core.ids import Endpoint, InvalidAddress
 from node.core.sqlreq import Level, parse_flags
-from node.http.common import json_response, read_body
+from node.http.common import EXTRA_HEADERS, json_response, read_body
 from node.replication import codec, snapshot_transfer
 from node.replication.service import ANSWERED_EPOCH
 from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
@@ -52,6 +52,7 @@ INLINE_DECODE_BYTES = 64 << 10
 NODE_HEADER = "X-TalentNest-Node"
 EPOCH_HEADER = "X-TalentNest-Epoch"
 FORWARDED_HEADER = "X-TalentNest-Forwarded"
+LEADER_HEADER = "X-TalentNest-Leader"
 _FORWARDED_REQUEST_HEADERS = ("Authorization", "X-Request-Id", "Content-Type")
 _RETURNED_HEADERS = ("Content-Type", "X-TalentNest-Index", EPOCH_HEADER, NODE_HEADER, "Retry-After")
 LEADER_WATCH_S = 0.05  # how often a forwarded request checks that its leader is still followed
@@ -263,6 +264,8 @@ class ForwardingMiddleware:
         return forwarding
 
     async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/db/backup" and "leader" in request.query:
+            return await self._backup_from_leader(request, handler)
         role = _LEADER_PATHS.get(request.path)
         if request.method == "DELETE" and request.path.startswith(VOTERS_PREFIX):
             role = auth.Role.ADMIN
@@ -288,6 +291,28 @@ class ForwardingMiddleware:
                 headers={"Location": location, NODE_HEADER: str(leader.node_id)},
             )
         return await self._forward(request, leader)
+
+    async def _backup_from_leader(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """``/db/backup?leader``: the leader's copy. A follower answers 307 to the leader (a database is
+        never relayed through this node's memory); the leader, or a node that knows no leader, answers
+        itself and says which node it is (``X-TalentNest-Node``) and whether it leads
+        (``X-TalentNest-Leader``), so a client that needs the leader's copy can tell it did not get one."""
+        leader = self._replicator.leader_endpoint()
+        if leader is not None and FORWARDED_HEADER not in request.headers:
+            auth.authenticate(request.headers.get("Authorization"), self._secret, now=time.time()).require(
+                auth.Role.ADMIN
+            )
+            return json_response(
+                {"leader": leader.url},
+                status=307,
+                headers={"Location": f"{leader.url}{request.path_qs}", NODE_HEADER: str(leader.node_id)},
+            )
+        # The backup streams (its headers are sent before the handler returns): it adds these itself.
+        request[EXTRA_HEADERS] = {
+            NODE_HEADER: str(self._me.node_id),
+            LEADER_HEADER: "true" if self._replicator.is_leader() else "false",
+        }
+        return await handler(request)
 
     async def _forward(self, request: web.Request, leader: Endpoint) -> web.Response:
         streamed = request.path in _STREAMED_PATHS

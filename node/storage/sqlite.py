@@ -568,18 +568,10 @@ class Database:
         return (await self.backup_indexed())[0]
 
     async def backup_indexed(self) -> tuple[Path, int]:
-        """:meth:`backup`, and the applied index the copy reflects (read on the writer thread, which is the
-        only writer and makes the copy in the same job, so nothing is applied in between)."""
+        """:meth:`backup`, and the applied index the copy reflects: :meth:`copy_for_snapshot`, so a backup of
+        a large database never holds up writes (the copy reads one WAL snapshot while they go on)."""
         target = self.temp_path("backup")
-        try:
-            index = await self._write(self._backup, target)
-        except asyncio.CancelledError:
-            # The client went away while the copy may still be running on the writer thread: remove the file
-            # after it, in the same first-in-first-out executor, so no copy is left behind in DATA_DIR.
-            writer = self._writer
-            if writer is not None:
-                writer.executor.submit(target.unlink, True)
-            raise
+        index = await self.copy_for_snapshot(target)  # removes its partial copy on failure or cancellation
         return target, index
 
     def temp_path(self, kind: str) -> Path:
@@ -1088,30 +1080,6 @@ class Database:
         if job.cancelled:
             return "interrupted: the client went away"
         return f"interrupted: the request ran longer than {job.timeout_s:g} s"
-
-    def _backup(self, job: _Job, target: Path) -> int:
-        assert self._writer is not None and self._writer.conn is not None
-        index = statemachine.applied_index(self._ops(job))
-        try:
-            dest = apsw.Connection(str(target))
-            try:
-                with dest.backup("main", self._writer.conn, "main") as copy:
-                    while not copy.done:
-                        copy.step(1024)
-                # A self-contained file: rollback journal, not WAL (there is no -wal file beside a download).
-                dest.execute("PRAGMA journal_mode=DELETE").fetchall()
-            finally:
-                dest.close()
-            return index
-        except BaseException as exc:
-            target.unlink(missing_ok=True)
-            if isinstance(exc, apsw.Error | OSError):
-                raise self._job_failure(
-                    exc,
-                    full="not enough disk space in DATA_DIR to make the backup copy",
-                    other=f"the backup failed: {_message(exc)}",
-                ) from None
-            raise
 
     def _job_failure(self, exc: apsw.Error | OSError, *, full: str, other: str) -> Exception:
         """What a whole-database job (backup, load) that failed outside any statement answers."""

@@ -89,3 +89,45 @@ def test_a_new_highest_id_node_joins_a_compacted_cluster_by_snapshot_and_leads_o
     for ip in [*c.ips, newcomer]:
         wait_until(lambda ip=ip: local_values(c, ip, tok) == set(range(1, ROWS + 4)), 10, what=f"rows on {ip}")
     assert c.all_log_problems() == []
+
+
+def test_a_backup_with_the_leader_flag_comes_from_the_leader(make_cluster):
+    """``/db/backup?leader`` on a follower answers 307 to the leader (never relayed through the follower's
+    memory); the leader answers its own copy and says it leads. Without the flag the node asked answers."""
+    import http.client
+    import urllib.parse
+
+    c: Cluster = make_cluster(env=ENV)
+    form(c)
+    tok = token(c)
+    lowest, _, highest = c.ips
+    wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
+    assert call(f"{base(c, highest)}/db/execute", [["CREATE TABLE t (v INTEGER)"]], tok)[0] == 200
+    write_rows(c, highest, tok, 1, 5)
+    wait_until(lambda: local_values(c, lowest, tok) == set(range(1, 6)), 10, what="rows on the follower")
+
+    def get(url: str) -> tuple[int, dict, bytes]:
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        try:
+            conn.request("GET", f"{parts.path}?{parts.query}", headers={"Authorization": f"Bearer {tok}"})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    status, headers, _ = get(f"{base(c, lowest)}/db/backup?leader")
+    assert status == 307 and headers["Location"] == f"{base(c, highest)}/db/backup?leader"
+    status, headers, body = get(headers["Location"])
+    assert status == 200 and body.startswith(b"SQLite format 3\x00")
+    assert headers["X-TalentNest-Leader"] == "true"
+    assert headers["X-TalentNest-Node"] == str(c.nodes[highest].node_id)
+    assert int(headers["X-TalentNest-Applied-Index"]) >= 7
+    status, headers, body = get(f"{base(c, lowest)}/db/backup?x=1")  # no flag: the node asked
+    assert status == 200 and body.startswith(b"SQLite format 3\x00")
+    # An unauthenticated request is refused before any redirect names the leader.
+    parts = urllib.parse.urlsplit(base(c, lowest))
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request("GET", "/db/backup?leader")
+    assert conn.getresponse().status == 401
+    conn.close()
