@@ -852,8 +852,11 @@ class Replicator:
             await self._dissolve(decision)
 
     async def _log_holds_data(self) -> bool:
-        """Exact: any COMMAND entry in the durable log, or any table (besides ours) in the database."""
+        """Any COMMAND entry in the durable log, or any table (besides ours) in the database. A log compacted
+        after a snapshot counts as data (its history is in the database): such a cluster never dissolves."""
         assert self._asynclog is not None
+        if self._asynclog.first_index > 1:
+            return True
         index, last = 1, self._asynclog.last[1]
         while index <= last:
             chunk = await self._asynclog.read(index, LOG_READ_BYTES)

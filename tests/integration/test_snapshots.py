@@ -9,7 +9,16 @@ measures speed.
 
 from __future__ import annotations
 
-from tests.integration.test_replication import ENV, base, call, form, local_values, token, writable_node
+from tests.integration.test_replication import (
+    ENV,
+    base,
+    call,
+    form,
+    local_values,
+    token,
+    voters_everywhere,
+    writable_node,
+)
 from tests.support.cluster import Cluster
 from tests.support.wait import wait_until
 
@@ -58,6 +67,17 @@ def test_a_follower_back_after_compaction_installs_a_snapshot_and_ends_identical
     # And it keeps following: a later write reaches it through the log.
     write_rows(c, highest, tok, ROWS + 1, 3)
     wait_until(lambda: local_values(c, lowest, tok) == set(range(1, ROWS + 4)), 10, what="later rows")
+    # Every node restarts from its compacted log and installed snapshot (the leader last: it hands over).
+    for ip in c.ips:
+        c.nodes[ip].stop()
+        c.start(ip)
+        wait_until(
+            lambda ip=ip: local_values(c, ip, tok) == set(range(1, ROWS + 4)), 30,
+            what=f"{ip} back with every row", describe=lambda: c.describe(),
+        )  # fmt: skip
+        wait_until(lambda: voters_everywhere(c, c.ips, 3), 30, what="three voters again")
+    leader = wait_until(lambda: writable_node(c, c.ips), 20, what="a writable leader after the restarts")
+    write_rows(c, leader, tok, ROWS + 4, 1)
     assert c.all_log_problems() == []
 
 
