@@ -78,7 +78,7 @@ from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
 from node.storage import statemachine
 from node.storage.asynclog import AsyncLog
-from node.storage.durable import FramedFileError, decode_framed, encode_framed, write_atomic
+from node.storage.durable import FramedFileError, decode_framed, encode_framed, is_disk_full, write_atomic
 from node.storage.identity import load_or_create_identity
 from node.storage.log import DurableLog, LogCompacted, LogDiskFull, LogEntry, LogError, LogIOError
 from node.storage.sqlite import ApplyFailed, Database
@@ -1146,6 +1146,11 @@ class Replicator:
         """A log write that failed without leaving the log in doubt (disk full, an I/O error undone), or an
         append queued behind such a failure (it no longer follows the log): resync, do not exit."""
         if isinstance(failure, LogDiskFull | LogIOError):
+            return True
+        if is_disk_full(failure):
+            # The hard state (written to a temp file, fsynced, renamed: a full disk fails the first two, which
+            # leave the old file) or a snapshot's database install: nothing of it took effect, and nothing of
+            # its Ready was sent (messages wait for hard-state writes).
             return True
         return self._log_failure is not None and isinstance(failure, ValueError)
 

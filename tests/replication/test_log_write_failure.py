@@ -138,5 +138,62 @@ async def test_a_failure_that_leaves_the_log_in_doubt_still_stops_the_node(tmp_p
     assert r._recoverable(logmod.LogDiskFull("full")) and r._recoverable(logmod.LogIOError("eio"))
     assert not r._recoverable(logmod.LogFailed("in doubt")) and not r._recoverable(OSError("hard state"))
     assert not r._recoverable(ValueError("does not follow"))  # only behind a clean failure
+    assert r._recoverable(OSError(errno.ENOSPC, "hard state: no space"))  # a clean one: the old file stays
     r._log_failure = logmod.LogDiskFull("full")
     assert r._recoverable(ValueError("does not follow"))
+
+
+async def test_a_hard_state_write_on_a_full_disk_sends_nothing_and_resyncs(tmp_path, monkeypatch):
+    """Regression: a full disk failing the hard-state write (a new epoch adopted from a leader) made the
+    node exit, and a node started again on the same full disk failed the same way. Now nothing of that
+    Ready is sent (no ack of an epoch the disk does not hold), the state is rebuilt from the disk, and the
+    same heartbeat is answered once space returns."""
+    monkeypatch.setattr(replicator_module, "LOG_FAILURE_BACKOFF_S", 0.0)
+    real_save = replicator_module.save_core_hard_state
+    full = {"on": False}
+
+    def save(directory, hard, identity):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(directory, hard, identity)
+
+    monkeypatch.setattr(replicator_module, "save_core_hard_state", save)
+    r = Replicator(
+        me=Endpoint.parse("127.0.0.2:4001"), data_dir=tmp_path, database=NoDatabase(), views=LatestCell(),
+        secret="s" * 32, formation_window_s=0, log=nodelog.get_logger(),
+    )  # fmt: skip
+    r.identity = "me"
+    r.identities = {LEADER: "leader"}
+    r.transport = net = Recorder()
+    r._asynclog = AsyncLog(lambda: DurableLog.open(tmp_path / "log"))
+    await r._asynclog.start()
+    stop = asyncio.Event()
+    completer = asyncio.create_task(r._completer())
+    try:
+        r.state, ready = machine.bootstrap("me", VOTERS, r.options, "c")
+        await r._carry_out([ready])
+        await r._drain()
+
+        async def step(inp: msg.Input) -> None:
+            assert r.state is not None
+            r.state, ready = machine.step(r.state, inp, 1.0)
+            async with asyncio.timeout(10):
+                await r._carry_out([ready])
+                await r._drain()
+
+        beat = msg.Receive("leader", msg.Heartbeat(5, 1, 1), "c")
+        full["on"] = True
+        await step(beat)
+        assert net.sent == [] and not completer.done()
+        assert r._log_failure is not None
+        async with asyncio.timeout(10):
+            await r._resync(stop)
+        assert r.state is not None and r.state.hard.epoch == 0  # what the disk holds
+        full["on"] = False
+        await step(beat)
+        assert [type(m).__name__ for _, m in net.sent] == ["HeartbeatAck"]
+        assert r.state.hard.epoch == 5
+    finally:
+        completer.cancel()
+        await asyncio.gather(completer, return_exceptions=True)
+        await r._asynclog.close()
