@@ -37,7 +37,10 @@ access to the node's own tables (``_talentnest_*``: the applied index and reques
 
 Start: :meth:`Database.start` opens the file and runs ``PRAGMA quick_check`` (about 1 s/GB warm) while the
 HTTP server already answers; data calls meanwhile fail with 503 ``database_checking``. A corrupt file is
-moved to ``DATA_DIR/quarantine/<timestamp>/`` and never served.
+moved to ``DATA_DIR/quarantine/<timestamp>/`` and never served. With replication (``quarantine_corrupt``
+False) the Database only reports the damage (state ``corrupt``, the file left in place, the writer closed):
+the Replicator moves the database together with the log, hard state and identity as one event and starts
+the node again as a new, empty member (:mod:`node.storage.quarantine`).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import datetime as dt
 import errno
 import os
 import random
@@ -66,6 +68,7 @@ from node.core.sqlreq import DbRequest, Statement, WriteCommand, rewrite_time_ke
 from node.storage import pragmas, statemachine
 from node.storage import results as res
 from node.storage.dump import dump_statements
+from node.storage.quarantine import QUARANTINE_DIR, event_stamp
 from node.storage.readers import ReadScheduler
 from node.storage.results import StatementResult
 from node.storage.statemachine import Applied, Command, Entry, Mode
@@ -73,7 +76,7 @@ from node.storage.statemachine import Applied, Command, Entry, Mode
 T = TypeVar("T")
 
 DB_FILE_NAME = "node.db"
-QUARANTINE_DIR = "quarantine"
+DB_FILE_NAMES = (DB_FILE_NAME, f"{DB_FILE_NAME}-wal", f"{DB_FILE_NAME}-shm")  # the database and its sidecars
 SQLITE_MAGIC = b"SQLite format 3\x00"
 READ_ONLY_REFUSAL = "attempt to change database via query operation"
 # Date and time functions that accept 'now'; on the write connection they answer from the command's time.
@@ -235,8 +238,20 @@ class _Slot:
 
 
 class Database:
-    def __init__(self, data_dir: Path, *, limits: Limits, queue_size: int, log: Any = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        limits: Limits,
+        queue_size: int,
+        log: Any = None,
+        quarantine_corrupt: bool = True,
+    ) -> None:
         self.data_dir = data_dir
+        # False with REPLICATION=on: a corrupt file is only reported (state CORRUPT, left in place) and the
+        # Replicator quarantines it with the rest of the replicated state, one directory per event; an absent
+        # node.db beside a quarantine is then a resync in progress, not a reason to refuse to start empty.
+        self.quarantine_corrupt = quarantine_corrupt
         self.path = data_dir / DB_FILE_NAME
         self.limits = limits
         self._queue_size = queue_size
@@ -315,6 +330,10 @@ class Database:
             return
         if verdict is not None:
             await loop.run_in_executor(writer.executor, self._close_writer)
+            if not self.quarantine_corrupt:
+                self.state = State.CORRUPT
+                self.state_detail = f"the database file failed its integrity check: {'; '.join(verdict[:5])}"
+                return  # the caller moves it aside with the rest of its state and says so loudly
             where = await loop.run_in_executor(writer.executor, self._quarantine)
             self.state = State.CORRUPT
             self.state_detail = f"the database file was corrupt and was moved to {where}"
@@ -624,7 +643,8 @@ class Database:
     def _open_and_check(self) -> list[str] | None:
         """Open the writer and check the file. Returns None if it is sound, else quick_check's verdict lines."""
         quarantine = self.data_dir / QUARANTINE_DIR
-        if not self.path.exists() and quarantine.is_dir() and any(quarantine.iterdir()):
+        held = self.quarantine_corrupt and not self.path.exists()
+        if held and quarantine.is_dir() and any(quarantine.iterdir()):
             raise _QuarantineHeld(
                 f"{self.path} is absent and {quarantine} holds a quarantined database: not starting empty; "
                 f"remove {quarantine} to start with an empty database (then restore a backup with /db/load)"
@@ -670,8 +690,7 @@ class Database:
             self._clock_db = None
 
     def _quarantine(self) -> Path:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        target = self.data_dir / QUARANTINE_DIR / stamp
+        target = self.data_dir / QUARANTINE_DIR / event_stamp()
         target.mkdir(parents=True, exist_ok=True)
         for suffix in ("", "-wal", "-shm"):
             source = Path(str(self.path) + suffix)
