@@ -384,6 +384,11 @@ class Replicator:
         self._hard_writes = 0  # hard-state writes running: no message leaves before they are durable
         self._persisted: list[msg.Persisted] = []
         self.applied_index = 0
+        # Set at start while DATA_DIR/quarantine holds damaged state and this node holds none: it only joins
+        # an existing cluster, never starts one of its own (that would serve an empty database in place of
+        # the data it lost, silently). Why, for /readyz and data calls, until it is a member.
+        self.rejoin_only: str | None = None
+        self._rejoin_logged = False
         self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
 
@@ -639,15 +644,30 @@ class Replicator:
                 events=kept.events, size_bytes=kept.size_bytes,
                 advice="damaged state moved aside earlier; check it and remove it to free its space",
             )  # fmt: skip
+            # Set before the database opens, so that not one read serves the empty copy of a node whose
+            # data was quarantined (cleared below if this node holds replicated state after all).
+            self._hold_for_rejoin()
         try:
-            return await self._open_checked(stop)
+            restore = await self._open_checked(stop)
         except _Damaged as damage:
             await self._quarantine_state(str(damage))
-        try:
-            return await self._open_checked(stop)
-        except _Damaged as damage:
-            # A new, empty state failing its checks means the disk or the filesystem is failing: exit.
-            raise RuntimeError(f"DATA_DIR is damaged again right after a quarantine: {damage}") from None
+            self._hold_for_rejoin()
+            try:
+                restore = await self._open_checked(stop)
+            except _Damaged as again:
+                # A new, empty state failing its checks means the disk or the filesystem is failing: exit.
+                raise RuntimeError(f"DATA_DIR is damaged again right after a quarantine: {again}") from None
+        if restore is None or restore.hard is not None or restore.last[1] > 0:
+            self.rejoin_only = None  # a member with its own state: an old quarantine changes nothing
+        return restore
+
+    def _hold_for_rejoin(self) -> None:
+        where = self.data_dir / quarantine.QUARANTINE_DIR
+        self.rejoin_only = (
+            f"this node's damaged data was moved to {where}; it joins a cluster that holds the data "
+            "and never starts an empty cluster of its own in its place; with no cluster to rejoin, "
+            "remove that directory to start empty, then load a backup"
+        )
 
     async def _open_checked(self, stop: asyncio.Event) -> _Restore | None:
         """One attempt of :meth:`_open_storage`: raises _Damaged (the database and log closed again)."""
@@ -791,7 +811,7 @@ class Replicator:
         if stop.is_set():
             return  # stopping during formation: decide nothing (the next start forms again)
         decision = formation.decide_empty(self.me.node_id, self._formation_peers(), window_over=True)
-        if decision.action is formation.Action.BOOTSTRAP:
+        if decision.action is formation.Action.BOOTSTRAP and not self._refuse_bootstrap():
             await self._bootstrap()
         else:
             self.state = machine.joiner(self.identity, self.options)
@@ -837,6 +857,19 @@ class Replicator:
         if view is None:
             return False
         return formation.settled(self._formation_peers(healthy_only=False))
+
+    def awaiting_rejoin(self) -> str | None:
+        """Why this node serves nothing yet: its data was quarantined and no cluster has taken it back."""
+        return None if self.rejoin_only is None or self.is_member else self.rejoin_only
+
+    def _refuse_bootstrap(self) -> bool:
+        """The formation rules say "bootstrap", but this node lost its data (see ``rejoin_only``)."""
+        if self.rejoin_only is None:
+            return False
+        if not self._rejoin_logged:
+            self._rejoin_logged = True
+            self.log.warning("replication_waits_for_cluster", reason=self.rejoin_only)
+        return True
 
     async def _bootstrap(self) -> None:
         assert self.identity is not None
@@ -933,7 +966,7 @@ class Replicator:
             self._dissolve_votes = 0
             if formation.decide_empty(self.me.node_id, peers, window_over=True).action is (
                 formation.Action.BOOTSTRAP
-            ):
+            ) and not self._refuse_bootstrap():
                 await self._bootstrap()
             return
         decision = formation.decide_member(self._formation_me(), peers)

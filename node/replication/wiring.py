@@ -41,6 +41,7 @@ class ReplicatedNodeService:
         self.read = self._replicated.read
         self.load_dump_file = self._replicated.load_dump_file
         self.load_sqlite_file = self._replicated.load_sqlite_file
+        self.require_local_copy = self._replicated.require_local_copy  # backups: see the data routes
         self.replication_problem = replication.readiness_problem  # read by /readyz
 
     @property
@@ -127,6 +128,9 @@ class Replication:
         """Why /readyz must not say ready, or None. While the node forms or joins a cluster every data call
         answers 503; without a leader it can reach (``need_leader``: /readyz without ``noleader``), every
         call but a level=none read does."""
+        rejoin = self.replicator.awaiting_rejoin()
+        if rejoin is not None:
+            return rejoin
         status = self.replicator.status()
         if status is None:
             return "starting: forming or joining a cluster"

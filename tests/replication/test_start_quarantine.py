@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from node import errors
 from node.actors.replicator import REPLICATION_STATE_FILE, Replicator
 from node.core.ids import Endpoint
-from node.core.sqlreq import DbRequest, Flags, Statement
+from node.core.sqlreq import DbRequest, Flags, Level, Statement
 from node.replication.service import ReplicatedDataService
 from node.runtime.mailbox import LatestCell
 from node.service import WriteRequest
@@ -154,10 +157,17 @@ async def _scenario(data_dir: Path, what: str, seed: int) -> None:
         assert event["old_identity"] in (old_identity, None)  # None: the identity file was the damage
         assert "learner" in event["advice"] and "quarantined copy" in event["advice"]
         assert run.log.events("replication_waits_for_database") == []
-        # A new member: a new identity, an empty database (the cluster would fill it; alone, it formed anew).
+        # A new member: a new identity, an empty database, waiting for a cluster to take it back. Alone, it
+        # never starts an empty cluster in place of the data it lost: data calls and /readyz say why.
         assert run.replicator.identity not in (None, old_identity)
         assert read_identity(data_dir) == run.replicator.identity
         assert run.database.is_open and run.replicator.state is not None
+        assert not run.replicator.is_member and run.log.events("replication_bootstrapped") == []
+        assert "quarantine" in (run.replicator.awaiting_rejoin() or "")
+        with pytest.raises(errors.DatabaseCorrupt, match="quarantine"):
+            await run.service.submit(WriteRequest((Statement("SELECT 1"),)), "test")
+        with pytest.raises(errors.DatabaseCorrupt, match="quarantine"):
+            await run.service.read(DbRequest((Statement("SELECT 1"),), Flags()), Level.NONE, "test")
         where = Path(event["path"])
         assert where.parent == data_dir / quarantine.QUARANTINE_DIR
         # The old state, kept for the operator, every file as it was.
@@ -173,6 +183,13 @@ async def _scenario(data_dir: Path, what: str, seed: int) -> None:
         (kept,) = again.log.events("quarantined_data_kept")
         assert kept["events"] == 1 and kept["size_bytes"] >= before[DB_FILE_NAME]
         assert quarantine.usage(data_dir).events == 1
+        assert again.replicator.awaiting_rejoin() is not None and not again.replicator.is_member
+    # The operator's way out for a node with no cluster to rejoin: remove the quarantine; it starts empty.
+    await asyncio.to_thread(shutil.rmtree, data_dir / quarantine.QUARANTINE_DIR)
+    async with Run(data_dir) as fresh:
+        assert fresh.replicator.awaiting_rejoin() is None
+        await fresh.write_until_leader((Statement("CREATE TABLE t (v)"),))
+        assert await fresh.count() == 0
 
 
 def _run(what: str, seed: int) -> None:
