@@ -673,11 +673,13 @@ class Replicator:
         """One attempt of :meth:`_open_storage`: raises _Damaged (the database and log closed again)."""
         log = AsyncLog(lambda: DurableLog.open(self.data_dir / LOG_DIR_NAME))
         # The database's check and the log's recovery each read a whole file: side by side.
-        _, opened = await asyncio.gather(self._start_database(stop), log.start(), return_exceptions=True)
-        if isinstance(opened, BaseException) and not isinstance(opened, LogCorrupt):
-            raise opened
+        started, opened = await asyncio.gather(self._start_database(stop), log.start(), return_exceptions=True)
         if opened is None:
-            self._asynclog = log
+            self._asynclog = log  # closed by run() whatever happens next
+        if isinstance(started, BaseException):
+            raise started  # Database.start reports bad files in its state: this is a bug or a cancellation
+        if isinstance(opened, BaseException) and not isinstance(opened, LogCorrupt):
+            raise opened  # not damage (a newer format, an I/O error): the node exits as before
         damage: list[str] = []
         await self._wait_database(stop)
         if stop.is_set():
