@@ -40,6 +40,19 @@ Bounded queues and their overflow policies:
 * Readys waiting for their writes (the completer's queue): ``MAX_UNSYNCED_READYS``; beyond it the loop
   waits (backpressure).
 
+Start-up integrity (``_open_storage``): the database's ``quick_check`` and the log's recovery (every
+checksum) run side by side, then the identity and the hard state are read and the entries to restore. If
+any of them is damaged (the database fails its check, the log raises LogCorrupt at open or when read, the
+hard state or the identity is unreadable), everything that carries the replicated state is moved into
+``DATA_DIR/quarantine/<UTC time>/`` as one event (``REPLICATED_STATE_NAMES``, durable renames, finished at
+the next start after a crash: :mod:`node.storage.quarantine`), one ``data_quarantined`` error line says
+what and where, and the node starts again empty under a new identity: the leader adds it as a learner and
+promotes it once caught up, so it never counts toward a quorum with promises it lost; the old identity is
+reaped after ``reap_timeout_s``. While a quarantine is kept and the node holds no replicated state, it
+only ever joins a cluster, never bootstraps one (``rejoin_only``): alone, it stays not ready and serves
+nothing rather than an empty database in place of the data it lost, until an operator removes the
+quarantine.
+
 Formation and merge: the rules are pure, in ``node.core.replication.formation`` (read its docstring);
 this actor gathers the facts and acts. An empty node waits ``FORMATION_WINDOW`` (plus at most one more
 window until its view is settled), then joins a cluster it sees, or bootstraps if it has the highest ID.

@@ -26,8 +26,9 @@ _READABLE_VERSIONS = frozenset({IDENTITY_VERSION})
 
 
 class IdentityError(RuntimeError):
-    """The identity file exists but cannot be trusted; an operator must look (the node must not invent a new
-    identity over it: that would let it vote again in epochs it already voted in)."""
+    """The identity file exists but cannot be trusted. The node must not invent a new identity over it while
+    its log and hard state stay (it could vote again in epochs it already voted in): with replication the
+    whole replicated state is quarantined with it and the node rejoins as a new member."""
 
 
 def read_identity(data_dir: Path) -> str | None:
@@ -62,5 +63,5 @@ def _decode(path: Path, data: bytes) -> str:
         return str(uuid.UUID(identity))
     except (FramedFileError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise IdentityError(
-            f"{path} is unreadable ({exc}); move it away only if this node's log goes too"
+            f"{path} is unreadable ({exc}); move it away only if this node's log and hard state go too"
         ) from exc
