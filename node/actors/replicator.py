@@ -601,6 +601,7 @@ class Replicator:
     # --- life cycle -------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.database.announce_check()  # before the first await: no data call sees "not open" meanwhile
         try:
             restore = await self._open_storage(stop)
             if restore is None:
@@ -714,7 +715,7 @@ class Replicator:
 
     async def _start_database(self, stop: asyncio.Event) -> None:
         """Start the database unless someone did (the in-process tests start it themselves)."""
-        if self.database.state == DbState.CLOSED and not stop.is_set():
+        if not self.database.started and not stop.is_set():
             await self.database.start()
 
     async def _close_storage(self) -> None:
@@ -722,6 +723,7 @@ class Replicator:
         if log is not None:
             await log.close()
         await self.database.close()
+        self.database.announce_check()  # it opens again, empty, right after the quarantine
         self.identity = None
 
     async def _quarantine_state(self, damage: str) -> None:

@@ -414,6 +414,18 @@ class Database:
     def is_open(self) -> bool:
         return self.state == State.READY
 
+    @property
+    def started(self) -> bool:
+        """start() ran (whatever it found) and close() has not."""
+        return self._writer is not None
+
+    def announce_check(self) -> None:
+        """The database will be opened and checked shortly, once its owner has prepared DATA_DIR (with
+        replication: finishing an interrupted quarantine). Data calls answer ``database_checking`` from now
+        on, as during the check itself, not "not open"."""
+        if self.state == State.CLOSED:
+            self.state, self.state_detail = State.CHECKING, "database is being checked"
+
     def require_ready(self) -> None:
         """Raise the reason this database cannot serve now (shutting down, being checked, corrupt, not open)."""
         if self._closing:
