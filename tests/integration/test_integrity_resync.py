@@ -191,3 +191,39 @@ def test_a_follower_whose_data_dir_was_wiped_rejoins_whole(make_cluster):
     # Nothing was damaged, so nothing was quarantined: a wiped node is simply a new one.
     assert c.nodes[follower].events("data_quarantined") == []
     assert not (data_dir / "quarantine").exists()
+
+
+def test_a_leader_with_a_corrupt_database_rejoins_as_a_new_member_and_loses_no_acknowledged_write(
+    make_cluster,
+):
+    """The highest node (the leader) is the damaged one: the others elect a leader and take writes while it
+    is away; it comes back empty under a new identity, joins (never bootstraps: it sees their cluster), and
+    catches up before it counts toward any quorum."""
+    c: Cluster = make_cluster(env=ENV)
+    old_leader, _, tok, acknowledged = _prepare(c)
+    old_identity = _identity(c, old_leader)
+    assert old_identity
+    _stop(c, old_leader)
+    rest = [ip for ip in c.ips if ip != old_leader]
+    new_leader = wait_until(
+        lambda: writable_node(c, rest), 15, what="a leader among the others", describe=c.describe
+    )
+    data_dir = Path(c.nodes[old_leader].env["DATA_DIR"])
+    db = data_dir / "node.db"
+    _checkpoint(db)
+    pages = db.stat().st_size // PAGE_BYTES
+    with open(db, "r+b") as f:
+        f.seek((pages // 2) * PAGE_BYTES)
+        f.write(random.Random(11).randbytes(PAGE_BYTES))
+    acknowledged |= _write_rows(c, new_leader, tok, ROWS_BEFORE, ROWS_WHILE_AWAY)
+    _rejoins_whole(c, new_leader, old_leader, tok, old_identity, acknowledged)
+    (event,) = c.nodes[old_leader].wait_events("data_quarantined", timeout_s=5)
+    assert event["damaged"].startswith("database") and c.nodes[old_leader].events(
+        "replication_bootstrapped"
+    ) == [
+        e
+        for e in c.nodes[old_leader].events("replication_bootstrapped")
+        if e["timestamp"] < event["timestamp"]
+    ]
+    for ip in c.ips:
+        wait_until(lambda ip=ip: local_values(c, ip, tok) == acknowledged, 20, what=f"every row on {ip}")
