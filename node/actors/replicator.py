@@ -133,7 +133,8 @@ REPLICATED_STATE_NAMES = (
 )  # fmt: skip
 QUARANTINE_ADVICE = (
     "the node rejoins its cluster as a new member (a learner until it has caught up, then a voter); the "
-    "leader removes the old identity once it has been silent for the reap timeout (60 s); check the "
+    "leader removes the old identity once it has been silent for the reap timeout (60 s; until then it "
+    "counts as a silent voter: DELETE /cluster/voters/<old identity> removes it at once); check the "
     "quarantined copy, and remove it to free its space once it is no longer needed"
 )
 
