@@ -58,7 +58,12 @@ def database_from(config: Config, log: Any = None) -> Database:
         readers=config.db_readers,
         readers_per_client=config.db_readers_per_client or None,
     )
-    return Database(config.data_dir, limits=limits, queue_size=config.db_queue_size, log=log)
+    # With replication the Replicator quarantines a corrupt database with the rest of the replicated state
+    # (one event, then a resync as a new member); without, the database moves its own file aside.
+    return Database(
+        config.data_dir, limits=limits, queue_size=config.db_queue_size, log=log,
+        quarantine_corrupt=config.replication != "on",
+    )  # fmt: skip
 
 
 class Node:
@@ -141,9 +146,9 @@ class Node:
                 own_log=config.replication != "on",
             )
 
-        # --- REPLICATION=on (node/replication/wiring.py): data calls go through replication (the local service
-        # keeps opening, checking and closing this node's database), plus the peer endpoint, forwarding and
-        # the status fields.
+        # --- REPLICATION=on (node/replication/wiring.py): data calls go through replication (the Replicator
+        # opens and checks this node's database, the local service closes it), plus the peer endpoint,
+        # forwarding and the status fields.
         self.replication = None
         served: Any = self.data_service
         if config.replication == "on" and self.http is not None and self.data_service is not None:
@@ -203,10 +208,12 @@ class Node:
                     await self.database.prepare()  # DATA_DIR usable, or exit 2 before serving anything
                 if self.http is not None:
                     await self.http.start()
-                if self.data_service is not None:
+                if self.data_service is not None and self.replication is None:
                     # quick_check takes ~1 s/GB warm (~13 s/GB cold), and the log's replay runs after it:
                     # liveness (/cluster/health) must not wait for them. Data endpoints answer 503 "database
-                    # is being checked" meanwhile.
+                    # is being checked" meanwhile. With replication the Replicator opens the database as
+                    # the first step of its start-up (it decides about a quarantine of the whole replicated
+                    # state before anything else opens those files).
                     tg.create_task(self.data_service.start(), name="database-start")
                 discoverer = tg.create_task(self.discoverer.run(), name="discoverer")
                 if self.replication is not None:  # REPLICATION=on

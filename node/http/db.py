@@ -200,6 +200,9 @@ class DbRoutes:
         fmt = request.query.get("fmt", "binary")
         if fmt != "binary":
             raise errors.BadRequest(f"unsupported backup format {fmt!r}; only fmt=binary is supported")
+        require_local_copy = getattr(self._service, "require_local_copy", None)  # REPLICATION=on only
+        if require_local_copy is not None:
+            require_local_copy()  # a node whose data was quarantined has no copy to give yet
         path, applied = await self._db.backup_indexed()
         try:
             size = (await asyncio.to_thread(path.stat)).st_size

@@ -204,6 +204,14 @@ class ReplicatedDataService:
         is the reason to give (database_checking, database_corrupt), not the 'no leader' that follows."""
         if not self.database.is_open:
             self.database.require_ready()
+        self.require_local_copy()
+
+    def require_local_copy(self) -> None:
+        """Raise while this node's copy stands for nothing: its damaged data was quarantined and no cluster
+        has taken it back yet, so an empty database must not pass for the data it lost (reads, backups)."""
+        rejoin = self.replicator.awaiting_rejoin()
+        if rejoin is not None:
+            raise errors.DatabaseCorrupt(rejoin)
 
     async def submit(self, request: WriteRequest, client: str) -> WriteOutcome:
         self._database_first()

@@ -31,7 +31,8 @@ def handover_budget_s(shutdown_grace_s: float) -> float:
 class ReplicatedNodeService:
     """What the data routes (node.http.db.DbRoutes) call with REPLICATION=on: writes, reads and loads go
     through replication; what is this node's own — whether its apply pipeline is stalled — comes from the
-    local service, which also opens, checks and closes the database (the supervisor drives that part)."""
+    local service, which also closes the database at shutdown (the Replicator opens and checks it at start,
+    see Replicator._open_storage)."""
 
     def __init__(self, local: Any, replication: Replication) -> None:
         self._local = local
@@ -41,6 +42,7 @@ class ReplicatedNodeService:
         self.read = self._replicated.read
         self.load_dump_file = self._replicated.load_dump_file
         self.load_sqlite_file = self._replicated.load_sqlite_file
+        self.require_local_copy = self._replicated.require_local_copy  # backups: see the data routes
         self.replication_problem = replication.readiness_problem  # read by /readyz
 
     @property
@@ -136,6 +138,9 @@ class Replication:
         """Why /readyz must not say ready, or None. While the node forms or joins a cluster every data call
         answers 503; without a leader it can reach (``need_leader``: /readyz without ``noleader``), every
         call but a level=none read does."""
+        rejoin = self.replicator.awaiting_rejoin()
+        if rejoin is not None:
+            return rejoin
         status = self.replicator.status()
         if status is None:
             return "starting: forming or joining a cluster"

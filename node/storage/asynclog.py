@@ -26,11 +26,11 @@ every waiter), :meth:`AsyncLog.close` drains the queue, stops the thread and clo
 
 How the Replicator uses it (the order is the protocol; see the rules in :mod:`node.storage.log`):
 
-* At start: ``load_or_create_identity(DATA_DIR)``, ``load_hard_state(DATA_DIR, identity)``, then
-  ``AsyncLog(lambda: DurableLog.open(DATA_DIR / "log", reserve_bytes=...))``; :class:`LogCorrupt` means
-  quarantine ``DATA_DIR/log`` and resync from the leader (the identity and hard state stay: they are outside
-  it); :class:`LogVersionError` means refuse to start. Compare ``sqlite_version_at(i)`` with the running
-  SQLite before applying entry ``i``.
+* At start: ``AsyncLog(lambda: DurableLog.open(DATA_DIR / "log", reserve_bytes=...))`` beside the database's
+  check, then ``load_or_create_identity(DATA_DIR)`` and the hard state; :class:`LogCorrupt` means quarantine
+  the whole replicated state (log, database, hard state, identity: one event) and rejoin the cluster as a new
+  member (``Replicator._open_storage``); :class:`LogVersionError` means refuse to start. Compare
+  ``sqlite_version_at(i)`` with the running SQLite before applying entry ``i``.
 * Before sending any message of a new epoch, or a promise: ``await save_hard_state(...)``.
 * Leader: number the client commands (indices from ``last``), send them to followers from memory, and
   ``await append_and_sync(entries)`` concurrently; count its own copy toward the majority only when that

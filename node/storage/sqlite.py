@@ -50,7 +50,10 @@ leaves the old database or the new one, never a mix, and a temp copy left behind
 
 Start: :meth:`Database.start` opens the file and runs ``PRAGMA quick_check`` (about 1 s/GB warm) while the
 HTTP server already answers; data calls meanwhile fail with 503 ``database_checking``. A corrupt file is
-moved to ``DATA_DIR/quarantine/<timestamp>/`` and never served.
+moved to ``DATA_DIR/quarantine/<timestamp>/`` and never served. With replication (``quarantine_corrupt``
+False) the Database only reports the damage (state ``corrupt``, the file left in place, the writer closed):
+the Replicator moves the database together with the log, hard state and identity as one event and starts
+the node again as a new, empty member (:mod:`node.storage.quarantine`).
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import datetime as dt
 import errno
 import os
 import random
@@ -80,6 +82,7 @@ from node.storage import pragmas, statemachine
 from node.storage import results as res
 from node.storage.dump import dump_statements
 from node.storage.durable import FILE_CHUNK_BYTES, crash_point
+from node.storage.quarantine import QUARANTINE_DIR, event_stamp
 from node.storage.readers import ReadScheduler
 from node.storage.results import StatementResult
 from node.storage.statemachine import Applied, Command, Entry, Mode
@@ -87,7 +90,7 @@ from node.storage.statemachine import Applied, Command, Entry, Mode
 T = TypeVar("T")
 
 DB_FILE_NAME = "node.db"
-QUARANTINE_DIR = "quarantine"
+DB_FILE_NAMES = (DB_FILE_NAME, f"{DB_FILE_NAME}-wal", f"{DB_FILE_NAME}-shm")  # the database and its sidecars
 SQLITE_MAGIC = b"SQLite format 3\x00"
 READ_ONLY_REFUSAL = "attempt to change database via query operation"
 # Date and time functions that accept 'now'; on the write connection they answer from the command's time.
@@ -249,8 +252,20 @@ class _Slot:
 
 
 class Database:
-    def __init__(self, data_dir: Path, *, limits: Limits, queue_size: int, log: Any = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        limits: Limits,
+        queue_size: int,
+        log: Any = None,
+        quarantine_corrupt: bool = True,
+    ) -> None:
         self.data_dir = data_dir
+        # False with REPLICATION=on: a corrupt file is only reported (state CORRUPT, left in place) and the
+        # Replicator quarantines it with the rest of the replicated state, one directory per event; an absent
+        # node.db beside a quarantine is then a resync in progress, not a reason to refuse to start empty.
+        self.quarantine_corrupt = quarantine_corrupt
         self.path = data_dir / DB_FILE_NAME
         self.limits = limits
         self._queue_size = queue_size
@@ -329,6 +344,10 @@ class Database:
             return
         if verdict is not None:
             await loop.run_in_executor(writer.executor, self._close_writer)
+            if not self.quarantine_corrupt:
+                self.state = State.CORRUPT
+                self.state_detail = f"the database file failed its integrity check: {'; '.join(verdict[:5])}"
+                return  # the caller moves it aside with the rest of its state and says so loudly
             where = await loop.run_in_executor(writer.executor, self._quarantine)
             self.state = State.CORRUPT
             self.state_detail = f"the database file was corrupt and was moved to {where}"
@@ -408,6 +427,18 @@ class Database:
     @property
     def is_open(self) -> bool:
         return self.state == State.READY
+
+    @property
+    def started(self) -> bool:
+        """start() ran (whatever it found) and close() has not."""
+        return self._writer is not None
+
+    def announce_check(self) -> None:
+        """The database will be opened and checked shortly, once its owner has prepared DATA_DIR (with
+        replication: finishing an interrupted quarantine). Data calls answer ``database_checking`` from now
+        on, as during the check itself, not "not open"."""
+        if self.state == State.CLOSED:
+            self.state, self.state_detail = State.CHECKING, "database is being checked"
 
     def require_ready(self) -> None:
         """Raise the reason this database cannot serve now (shutting down, being checked, corrupt, not open)."""
@@ -674,7 +705,8 @@ class Database:
     def _open_and_check(self) -> list[str] | None:
         """Open the writer and check the file. Returns None if it is sound, else quick_check's verdict lines."""
         quarantine = self.data_dir / QUARANTINE_DIR
-        if not self.path.exists() and quarantine.is_dir() and any(quarantine.iterdir()):
+        held = self.quarantine_corrupt and not self.path.exists()
+        if held and quarantine.is_dir() and any(quarantine.iterdir()):
             raise _QuarantineHeld(
                 f"{self.path} is absent and {quarantine} holds a quarantined database: not starting empty; "
                 f"remove {quarantine} to start with an empty database (then restore a backup with /db/load)"
@@ -720,8 +752,7 @@ class Database:
             self._clock_db = None
 
     def _quarantine(self) -> Path:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        target = self.data_dir / QUARANTINE_DIR / stamp
+        target = self.data_dir / QUARANTINE_DIR / event_stamp()
         target.mkdir(parents=True, exist_ok=True)
         for suffix in ("", "-wal", "-shm"):
             source = Path(str(self.path) + suffix)

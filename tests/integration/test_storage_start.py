@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +60,7 @@ class Node:
         self.data_dir = tmp_path / "data"
         self.log = tmp_path / "node.log"
         self.process: subprocess.Popen | None = None
+        self.extra_env: dict[str, str] = {}  # e.g. REPLICATION=off
 
     @property
     def url(self) -> str:
@@ -76,6 +78,7 @@ class Node:
                 "DNS_SERVERS": "127.0.0.1:9",
                 "DNS_TIMEOUT": "0.5",
                 "FORMATION_WINDOW": "0",  # a known single node
+                **self.extra_env,
             }
         )
         with open(self.log, "ab") as out:
@@ -137,13 +140,30 @@ def _make_database(path: Path, rows: int) -> None:
     conn.close()
 
 
-def test_a_corrupt_database_is_quarantined_and_never_served(node):
+def _corrupt_database(node: Node) -> tuple[Path, int]:
     db = node.data_dir / "node.db"
     _make_database(db, 60_000)
     size = db.stat().st_size
     with open(db, "r+b") as f:
         f.seek(size // 2)
         f.write(random.Random(1).randbytes(8192))
+    return db, size
+
+
+def _serves_nothing(node: Node, ready_word: bytes) -> None:
+    assert node.get("/cluster/health")[0] == 200
+    status, body = node.get("/readyz")
+    assert status == 503 and ready_word in body, body
+    for path, role in (("/db/query?q=SELECT%201", auth.Role.READ), ("/db/backup", auth.Role.ADMIN)):
+        status, body = node.get(path, role)
+        assert status == 503, body
+        assert json.loads(body)["code"] == "database_corrupt"
+
+
+def test_a_corrupt_database_is_quarantined_and_never_served(node):
+    """REPLICATION=off: the file is moved aside and the node stays not ready until an operator acts."""
+    node.extra_env["REPLICATION"] = "off"
+    db, size = _corrupt_database(node)
 
     node.start()
     event = wait_until(
@@ -155,14 +175,7 @@ def test_a_corrupt_database_is_quarantined_and_never_served(node):
     assert quarantined.parent == node.data_dir / "quarantine"
     assert (quarantined / "node.db").stat().st_size == size
     assert not db.exists()
-
-    assert node.get("/cluster/health")[0] == 200
-    status, body = node.get("/readyz")
-    assert status == 503 and b"corrupt" in body
-    for path, role in (("/db/query?q=SELECT%201", auth.Role.READ), ("/db/backup", auth.Role.ADMIN)):
-        status, body = node.get(path, role)
-        assert status == 503, body
-        assert json.loads(body)["code"] == "database_corrupt"
+    _serves_nothing(node, b"corrupt")
 
     # A restart does not silently start empty in its place.
     node.stop()
@@ -175,6 +188,42 @@ def test_a_corrupt_database_is_quarantined_and_never_served(node):
     status, body = node.get("/db/query?q=SELECT%201", auth.Role.READ)
     assert status == 503 and json.loads(body)["code"] == "database_corrupt"
     assert node.get("/cluster/health")[0] == 200
+
+
+def test_a_replicated_node_alone_quarantines_its_state_and_waits_for_a_cluster_instead_of_starting_empty(node):
+    """REPLICATION=on (the default): the database goes to the quarantine with the rest of the replicated state
+    (one event), and the node, a new member now, would rejoin its cluster. Alone it finds none: it never
+    starts an empty cluster in place of the data it lost (not ready, data calls 503) until an operator
+    removes the quarantine."""
+    db, size = _corrupt_database(node)
+    node.start()
+    event = wait_until(lambda: node.event("data_quarantined"), 30, what="data_quarantined", describe=node.tail)
+    assert event["level"] == "error" and event["damaged"].startswith("database")
+    quarantined = Path(event["path"])
+    assert quarantined.parent == node.data_dir / "quarantine"
+    assert (quarantined / "node.db").stat().st_size == size
+    assert "node.db" in event["moved"] and "rejoins" in event["advice"]
+    wait_until(lambda: node.event("replication_waits_for_cluster"), 10, what="replication_waits_for_cluster",
+               describe=node.tail)  # fmt: skip
+    assert node.event("database_ready") is not None  # an empty database is open, yet it serves nothing
+    _serves_nothing(node, b"quarantine")
+    assert node.event("replication_bootstrapped") is None
+
+    # A restart keeps waiting, and says that quarantined data is kept and how much.
+    node.stop()
+    node.start()
+    kept = wait_until(lambda: node.event("quarantined_data_kept"), 30, what="quarantined_data_kept",
+                      describe=node.tail)  # fmt: skip
+    assert kept["events"] == 1 and kept["size_bytes"] >= size
+    wait_until(lambda: b"quarantine" in node.get("/readyz")[1], 10, what="/readyz to name the quarantine",
+               describe=node.tail)  # fmt: skip
+    _serves_nothing(node, b"quarantine")
+
+    # The operator's choice: remove the quarantine, and the node starts an empty cluster.
+    node.stop()
+    shutil.rmtree(node.data_dir / "quarantine")
+    node.start()
+    wait_until(lambda: node.get("/readyz")[0] == 200, 20, what="ready", describe=node.tail)
 
 
 def test_an_empty_database_file_starts_empty_with_a_warning(node):

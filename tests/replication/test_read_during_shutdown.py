@@ -32,6 +32,9 @@ class _Replicator:
     def is_leader(self) -> bool:
         return self._leader
 
+    def awaiting_rejoin(self) -> str | None:
+        return None
+
     def status(self):
         return None
 

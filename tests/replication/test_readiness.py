@@ -13,15 +13,20 @@ from node.replication.wiring import Replication
 
 class FakeReplicator:
     def __init__(
-        self, *, started=True, leader=False, writable=False, leader_known=False, log_write_problem=None
+        self, *, started=True, leader=False, writable=False, leader_known=False, log_write_problem=None,
+        rejoin=None,
     ) -> None:
         self.log_write_problem = log_write_problem
+        self._rejoin = rejoin
         self._status = SimpleNamespace(writable=writable) if started else None
         self._leader = leader
         self._leader_known = leader_known
 
     def status(self):
         return self._status
+
+    def awaiting_rejoin(self):
+        return self._rejoin
 
     def is_leader(self) -> bool:
         return self._leader
@@ -32,6 +37,13 @@ class FakeReplicator:
 
 def problem(need_leader: bool, **state) -> str | None:
     return Replication.readiness_problem(SimpleNamespace(replicator=FakeReplicator(**state)), need_leader)
+
+
+@pytest.mark.parametrize("need_leader", [True, False])
+def test_a_node_whose_data_was_quarantined_is_not_ready_until_a_cluster_takes_it_back(need_leader):
+    reason = "this node's damaged data was moved to /data/quarantine; ..."
+    assert problem(need_leader, rejoin=reason) == reason
+    assert problem(need_leader, rejoin=reason, leader=True, writable=True) == reason
 
 
 @pytest.mark.parametrize("need_leader", [True, False])

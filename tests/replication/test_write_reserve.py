@@ -27,6 +27,9 @@ class _Replicator:
     def __init__(self) -> None:
         self.submitted = 0
 
+    def awaiting_rejoin(self) -> str | None:
+        return None
+
     async def submit(self, payload: bytes, timeout_s: float):
         self.submitted += 1
         raise errors.Unavailable("stop here: the write got past the reserve check")
