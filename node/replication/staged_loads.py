@@ -22,7 +22,8 @@ Layout: ``DATA_DIR/snapshots/loads/<sha256>.db`` (complete, verified, durable), 
 (a download in progress, resumed by the next attempt). The snapshot store ignores this directory (its
 name is not a snapshot stem).
 
-Disk budget: at most ``KEEP_STAGED_LOADS`` files (each at most ``DB_MAX_LOAD_BYTES``) plus one part; a
+Disk budget: at most ``KEEP_STAGED_LOADS`` files (each at most ``DB_MAX_LOAD_BYTES``) plus the parts of
+downloads running (a part idle for ``STALE_PART_S`` is removed when another download starts); a
 file is removed once the log no longer holds its entry (every node that could still need it from this
 node's log has it applied, or is sent a snapshot, which holds the loaded data), and the oldest goes first
 when a new one would exceed the count.
@@ -38,6 +39,7 @@ import itertools
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,9 @@ PART_SUFFIX = ".part"
 _TEMP_PREFIX = ".tmp-"
 _HEX = frozenset("0123456789abcdef")
 MAX_STAGE_BODY_BYTES = 1024
+# A part nothing wrote for this long belongs to no running download (a running one writes at least every
+# snapshot_transfer.STALL_TIMEOUT_S, or is interrupted): removed when another download starts.
+STALE_PART_S = 4 * transfer.STALL_TIMEOUT_S
 
 
 class StagedFileMissing(errors.NodeError):
@@ -236,6 +241,25 @@ class StagedLoads:
             dst.flush()
             os.fsync(dst.fileno())
 
+    def drop_stale_parts(self, keep: str, now_s: float | None = None) -> list[str]:
+        """Remove parts of other files that nothing has written for ``STALE_PART_S`` (an abandoned
+        staging: its load was never proposed, or the file was fetched elsewhere), so parts stay bounded
+        by the downloads actually running. Returns the digests removed."""
+        now_s = time.time() if now_s is None else now_s
+        removed = []
+        for path in self.incoming.iterdir():
+            sha256 = path.name[: -len(PART_SUFFIX)] if path.name.endswith(PART_SUFFIX) else ""
+            if sha256 == keep:
+                continue
+            try:
+                idle_s = now_s - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if idle_s >= STALE_PART_S:
+                path.unlink(missing_ok=True)
+                removed.append(sha256)
+        return removed
+
     def remove(self, sha256: str) -> None:
         with self._lock:
             self._remove(sha256)
@@ -284,6 +308,7 @@ async def fetch(
     if store.has(sha256, size_bytes):
         return "local"
     meta = load_meta(sha256, size_bytes)
+    await asyncio.to_thread(store.drop_stale_parts, sha256)
     failures: list[str] = []
     connector = aiohttp.TCPConnector(limit=2)
     async with aiohttp.ClientSession(connector=connector) as session:

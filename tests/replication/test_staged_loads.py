@@ -322,3 +322,16 @@ async def test_a_loaded_file_records_only_the_loads_own_request_id_at_its_index(
         assert count == [(5,)] and requests == [("c", "r1", 42)]
     finally:
         await database.close()
+
+
+def test_idle_parts_of_other_files_are_dropped_when_a_download_starts(tmp_path):
+    store = StagedLoads(tmp_path)
+    store.open()
+    running, idle, fresh = "a" * 64, "b" * 64, "c" * 64
+    for digest in (running, idle, fresh):
+        store.part_of(digest).write_bytes(b"x")
+    old = store.part_of(idle).stat().st_mtime - staged_loads.STALE_PART_S - 1
+    os.utime(store.part_of(idle), (old, old))
+    os.utime(store.part_of(running), (old, old))
+    assert store.drop_stale_parts(running) == [idle]
+    assert sorted(p.name for p in store.incoming.iterdir()) == [running + ".part", fresh + ".part"]
