@@ -1390,14 +1390,17 @@ class Replicator:
             started = asyncio.get_running_loop().time()
             try:
                 await asyncio.to_thread(loads.copy_to, load.sha256, temp)
-                await self.database.load_sqlite_file(temp, index=entry.index, request=row)
+                loaded = await self.database.load_sqlite_file(
+                    temp, index=entry.index, request=row, only_above=True
+                )
             finally:
                 await asyncio.shield(asyncio.to_thread(temp.unlink, True))
             self.log.info(
                 "replicated_load_applied", index=entry.index, sha256=load.sha256[:16], bytes=load.size_bytes,
-                took_ms=round((asyncio.get_running_loop().time() - started) * 1000, 1),
+                took_ms=round((asyncio.get_running_loop().time() - started) * 1000, 1), skipped=not loaded,
             )  # fmt: skip
-            outcome = Applied((result,), entry.index)
+            # Not loaded: the database already held this index (an installed snapshot holds the load).
+            outcome = Applied((result,), entry.index) if loaded else None
         loads.mark_applied(load.sha256, entry.index)
         self.applied_index = max(self.applied_index, entry.index)
         self._answer_applied(entry, outcome)

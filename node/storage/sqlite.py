@@ -587,14 +587,18 @@ class Database:
         self._temp_seq += 1
         return self.data_dir / f"{_TEMP_PREFIX}{kind}-{os.getpid()}-{self._temp_seq}"
 
-    async def load_sqlite_file(self, source: Path, *, index: int, request: RequestRow | None = None) -> None:
+    async def load_sqlite_file(
+        self, source: Path, *, index: int, request: RequestRow | None = None, only_above: bool = False
+    ) -> bool:
         """Replace the database with the SQLite file at ``source`` (checked first; the file is consumed).
 
         ``request``: the load's own request ID, recorded in the new file (with the index that loaded it) in
         the same stamping that clears the old ones, so a retry of a replicated load answers its first
-        outcome instead of loading again."""
+        outcome instead of loading again. ``only_above``: a replicated load's entry, skipped (False
+        returned, nothing changed) when the database already holds ``index`` (a snapshot installed meanwhile
+        holds the load and what followed it), checked on the writer in the same job as the swap."""
         self.require_ready()
-        await self._swap_in(self._load_sqlite, source, index, request)
+        return bool(await self._swap_in(self._load_sqlite, source, index, request, only_above))
 
     async def copy_for_snapshot(self, target: Path) -> int:
         """Write a consistent copy of the database to ``target`` (which must not exist) and return the applied
@@ -634,7 +638,7 @@ class Database:
             # Gone after a swap (renamed); a failed or cancelled copy leaves it: removed on a worker thread.
             await asyncio.shield(asyncio.to_thread(temp.unlink, True))
 
-    async def _swap_in(self, fn: Callable[..., None], *args: Any) -> None:
+    async def _swap_in(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` (which replaces node.db, see :meth:`_replace_file`) on the writer with every reader
         closed, then reopen the readers on the new file."""
         scheduler = self._scheduler
@@ -643,15 +647,15 @@ class Database:
         # file's -wal by name. One swap at a time: another swap's readers must not reopen mid-swap, and no
         # snapshot copy may hold a connection to the old file.
         async with self._swap_lock:
-            await self._swap_in_locked(scheduler, fn, *args)
+            return await self._swap_in_locked(scheduler, fn, *args)
 
-    async def _swap_in_locked(self, scheduler: ReadScheduler, fn: Callable[..., None], *args: Any) -> None:
+    async def _swap_in_locked(self, scheduler: ReadScheduler, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         await scheduler.pause()
         try:
             for slot in self._readers:
                 await loop.run_in_executor(slot.executor, _close_conn, slot)
-            await self._write(fn, *args)
+            return await self._write(fn, *args)
         finally:
             try:
                 if self._writer is not None and not self._closing:
@@ -1126,7 +1130,11 @@ class Database:
             return _ShuttingDown()
         return errors.Unavailable(other)
 
-    def _load_sqlite(self, job: _Job, source: Path, index: int, request: RequestRow | None = None) -> None:
+    def _load_sqlite(
+        self, job: _Job, source: Path, index: int, request: RequestRow | None = None, only_above: bool = False
+    ) -> bool:
+        if only_above and statemachine.applied_index(self._ops(job)) >= index:
+            return False
         try:
             check = apsw.Connection(str(source), flags=apsw.SQLITE_OPEN_READONLY)
             try:
@@ -1152,6 +1160,7 @@ class Database:
                 ) from None
             raise
         self._stamp_loaded(job, index, request)
+        return True
 
     def _replace_file(self, job: _Job, source: Path) -> None:
         """Writer thread, readers closed: make the complete, fsynced file ``source`` (in DATA_DIR) the

@@ -69,9 +69,9 @@ async def replicator(tmp_path):
         calls.append(("apply", entries[-1].index))
         return await apply_entries(entries)
 
-    async def record_load(source, *, index, request=None):
+    async def record_load(source, *, index, request=None, only_above=False):
         calls.append(("load", index))
-        return await load_file(source, index=index, request=request)
+        return await load_file(source, index=index, request=request, only_above=only_above)
 
     database.apply_entries = record_apply  # type: ignore[method-assign]
     database.load_sqlite_file = record_load  # type: ignore[method-assign]

@@ -335,3 +335,28 @@ def test_idle_parts_of_other_files_are_dropped_when_a_download_starts(tmp_path):
     os.utime(store.part_of(running), (old, old))
     assert store.drop_stale_parts(running) == [idle]
     assert sorted(p.name for p in store.incoming.iterdir()) == [running + ".part", fresh + ".part"]
+
+
+async def test_a_replicated_load_never_replaces_a_database_that_already_holds_its_index(tmp_path):
+    """A snapshot installed while the load's entry waited holds the load and what followed: the entry
+    must change nothing (regression guard for the swap's own index check)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    database = Database(data_dir, limits=Limits(), queue_size=64)
+    await database.open()
+    try:
+        await database.apply_entries(
+            [statemachine.Entry(10, (Command(WriteCommand((), False, 0, 0)),))]
+        )
+        for index, expected in ((10, False), (9, False), (11, True)):
+            source = tmp_path / f"src{index}.db"
+            sqlite_file(source, index)
+            target = database.temp_path("load")
+            os.replace(source, target)
+            assert await database.load_sqlite_file(target, index=index, only_above=True) is expected
+            target.unlink(missing_ok=True)
+        assert await database.applied_index() == 11
+        count = await database._write(lambda job: database._ops(job).internal("SELECT count(*) FROM t"))
+        assert count == [(11,)]
+    finally:
+        await database.close()
