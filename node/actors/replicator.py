@@ -109,6 +109,9 @@ REFUSED_HOLD_S = 2.0
 # A node staging a load file wants about this many times its size free: the staged file and the copy a
 # load swaps in (plus the old database until the swap).
 STAGE_SPACE_FACTOR = 2
+# A load file this node lacks when its entry is due: fetched again after a pause doubling up to the max.
+FILE_FETCH_RETRY_FIRST_S = 0.5
+FILE_FETCH_RETRY_MAX_S = 8.0
 
 REPLICATION_STATE_FILE = "replication-state"
 _STATE_MAGIC = b"TNREPST\x00"
@@ -363,6 +366,8 @@ class Replicator:
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
         # One staged-load download at a time (POST /cluster/replication/stage).
         self._stage_lock = asyncio.Lock()
+        # After a failed fetch of a missing load file: (sha256, next attempt at, delay, reason).
+        self._file_fetch_backoff: tuple[str, float, float, str] | None = None
 
     # --- what other components ask ---------------------------------------------------------------------
 
@@ -1361,11 +1366,7 @@ class Replicator:
         assert isinstance(load, statemachine.LoadFile)
         loads = self.snapshots.loads
         if not loads.has(load.sha256, load.size_bytes):
-            source = await staged_loads.fetch(
-                loads, load.sha256, load.size_bytes, self._load_sources(), sign_headers=self._sign_headers(),
-                log=self.log, rate=self.snapshots.rate,
-            )  # fmt: skip
-            self.log.info("staged_load_fetched", sha256=load.sha256[:16], bytes=load.size_bytes, via=source)
+            await self._fetch_load_file(load)
         digest = statemachine.digest(command)
         stored = None
         if command.request_id is not None:
@@ -1405,6 +1406,32 @@ class Replicator:
         self.applied_index = max(self.applied_index, entry.index)
         self._answer_applied(entry, outcome)
         self._serve_confirmed()
+
+    async def _fetch_load_file(self, load: statemachine.LoadFile) -> None:
+        """Fetch a staged file this node missed, from the leader or any member. After a failure the next
+        attempt waits, doubling from FILE_FETCH_RETRY_FIRST_S up to FILE_FETCH_RETRY_MAX_S (the applier
+        retries every APPLY_RETRY_S; between fetches it is told the last failure again, which its log
+        line already named)."""
+        now = asyncio.get_running_loop().time()
+        backoff = self._file_fetch_backoff
+        if backoff is not None and backoff[0] == load.sha256 and now < backoff[1]:
+            raise staged_loads.StagedFileMissing(backoff[3])
+        try:
+            source = await staged_loads.fetch(
+                self.snapshots.loads, load.sha256, load.size_bytes, self._load_sources(),
+                sign_headers=self._sign_headers(), log=self.log, rate=self.snapshots.rate,
+            )  # fmt: skip
+        except staged_loads.StagedFileMissing as exc:
+            delay = FILE_FETCH_RETRY_FIRST_S
+            if backoff is not None and backoff[0] == load.sha256:
+                delay = min(2 * backoff[2], FILE_FETCH_RETRY_MAX_S)
+            reason = f"load file {load.sha256[:12]}... is missing here and no member served it yet"
+            self._file_fetch_backoff = (load.sha256, now + delay, delay, reason)
+            self.log.warning("staged_load_fetch_failed", sha256=load.sha256[:16], reason=str(exc)[:300],
+                             next_in_s=delay)  # fmt: skip
+            raise staged_loads.StagedFileMissing(reason) from None
+        self._file_fetch_backoff = None
+        self.log.info("staged_load_fetched", sha256=load.sha256[:16], bytes=load.size_bytes, via=source)
 
     async def _stored_request(self, client: str, request_id: str) -> tuple[int, bytes, bytes] | None:
         def lookup(job: Any) -> tuple[int, bytes, bytes] | None:
