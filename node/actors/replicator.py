@@ -1491,7 +1491,8 @@ class Replicator:
         ``staged_loads``)."""
         if self._asynclog is None:
             return
-        for sha256 in self.snapshots.loads.removable(self._asynclog.first_index):
+        memory_base = self.applied_index - self.options.keep_applied
+        for sha256 in self.snapshots.loads.removable(self._asynclog.first_index, memory_base):
             await asyncio.to_thread(self.snapshots.loads.remove, sha256)
             self.log.info("staged_load_removed", sha256=sha256[:16])
 

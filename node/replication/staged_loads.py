@@ -25,7 +25,8 @@ name is not a snapshot stem).
 Disk budget: at most ``KEEP_STAGED_LOADS`` files (each at most ``DB_MAX_LOAD_BYTES``) plus the parts of
 downloads running (a part idle for ``STALE_PART_S`` is removed when another download starts); a
 file is removed once the log no longer holds its entry (every node that could still need it from this
-node's log has it applied, or is sent a snapshot, which holds the loaded data), and the oldest goes first
+node's log has it applied, or is sent a snapshot, which holds the loaded data; the core's in-memory window
+of applied entries counts as log too), and the oldest goes first
 when a new one would exceed the count.
 
 Every method that touches the disk blocks: callers run it with ``asyncio.to_thread``. :meth:`has`,
@@ -178,11 +179,14 @@ class StagedLoads:
         with self._lock:
             self._applied[sha256] = index
 
-    def removable(self, log_first_index: int) -> list[str]:
-        """Files applied at an index the log no longer holds: no node can need them from this one's log
-        (a node that far behind is sent a snapshot, which holds the loaded data)."""
+    def removable(self, log_first_index: int, memory_base: int) -> list[str]:
+        """Files applied at an index this node can no longer send as an entry: below its durable log's
+        first entry AND at or below ``memory_base`` (the newest applied entry the replication core no longer
+        keeps in memory). A member that far behind is sent a snapshot, which holds the loaded data; one
+        that is not can still be sent the entry, and may need the file from this node."""
         with self._lock:
-            return [s for s, at in self._applied.items() if at < log_first_index and s in self._files]
+            gone = min(log_first_index - 1, memory_base)  # the newest index this node cannot send
+            return [s for s, at in self._applied.items() if at <= gone and s in self._files]
 
     # --- blocking -------------------------------------------------------------------------------------------
 

@@ -151,3 +151,36 @@ def test_a_load_with_both_followers_down_answers_503_and_changes_nothing(make_cl
     for ip in c.ips:
         assert local(c, ip, "SELECT count(*) FROM people", tok) is None, ip
         assert not c.nodes[ip].events("replicated_load_applied"), ip
+
+
+def test_a_follower_back_after_compaction_gets_the_load_by_snapshot_and_the_staged_file_goes(
+    make_cluster, tmp_path
+):
+    """The log compacted past the load's entry: the returning follower is sent a snapshot (which holds the
+    loaded data), and the staged file is removed from the nodes whose log no longer holds the entry."""
+    from tests.integration.test_snapshots import SNAP_ENV
+
+    c: Cluster = make_cluster(env={**SNAP_ENV, "PROBE_TIMEOUT": "0.75", "PROBE_INTERVAL": "0.25"})
+    leader, _ = formed(c)
+    tok = token(c)
+    down = next(ip for ip in c.ips if ip != leader)
+    c.nodes[down].stop()
+    c.publish_dns()
+    data = sqlite_file(tmp_path / "load.db", 20, "compacted")
+    wait_until(lambda: writable_node(c, c.ips), 30, what="a writable leader with one follower down")
+    status, _, body = post_raw(f"{base(c, leader)}/db/load", data, tok)
+    assert status == 200, body
+    # More entries than the core keeps in memory (256) and than the log keeps after compaction.
+    for i in range(100, 400):
+        status, _, body = call(f"{base(c, leader)}/db/execute", [["INSERT INTO people(id, name) VALUES (?, 'w')", i]],
+                               tok)  # fmt: skip
+        assert status == 200, body
+    wait_until(lambda: c.nodes[leader].events("staged_load_removed"), 30,
+               what="the staged file removed once the log dropped its entry")  # fmt: skip
+    c.start(down)
+    expected = wait_until(lambda: rows_of(c, leader, tok), 10, what="rows on the leader")
+    assert len(expected) == 320
+    wait_until(lambda: rows_of(c, down, tok) == expected, 60, what="the rows on the returning follower",
+               describe=c.describe)  # fmt: skip
+    names = [e["event"] for e in c.nodes[down].events(all_runs=False)]
+    assert "snapshot_installed" in names and "staged_load_fetched" not in names, names[-40:]

@@ -268,11 +268,13 @@ def test_a_file_is_removable_once_the_log_no_longer_holds_its_entry(tmp_path):
     source = tmp_path / "u"
     source.write_bytes(b"abc")
     digest = store.stage_local(source).sha256
-    assert store.removable(100) == []  # not applied yet: a lagging node may still need it
+    assert store.removable(100, 100) == []  # not applied yet: a lagging node may still need it
     store.mark_applied(digest, 7)
-    assert store.removable(7) == [] and store.removable(8) == [digest]
+    # Still in the durable log, or still in the core's memory: it may be sent as an entry.
+    assert store.removable(7, 100) == [] and store.removable(100, 6) == []
+    assert store.removable(8, 7) == [digest]
     store.remove(digest)
-    assert not store.has(digest) and not store.path_of(digest).exists() and store.removable(8) == []
+    assert not store.has(digest) and not store.path_of(digest).exists() and store.removable(8, 7) == []
 
 
 # --- checking and loading -----------------------------------------------------------------------------------
