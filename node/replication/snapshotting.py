@@ -165,6 +165,9 @@ class Snapshots:
             "snapshot_bytes": newest.size_bytes if newest is not None else 0,
             "log_first_index": self.alog.first_index if self.alog is not None else 1,
         }
+        staged = self.loads.files()
+        out["staged_loads"] = len(staged)  # /db/load files kept (node.replication.staged_loads)
+        out["staged_load_bytes"] = sum(f.size_bytes for f in staged)
         if self.progress is not None:
             out["snapshot_transfer"] = self.progress.as_dict()
         return out

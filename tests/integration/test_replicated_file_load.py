@@ -87,6 +87,8 @@ def test_a_backup_of_one_cluster_loads_into_a_fresh_cluster_with_identical_rows_
     assert same_everywhere(fresh, "SELECT count(*) FROM people", tok) == [[201]]
     for ip in fresh.ips:
         assert fresh.nodes[ip].events("replicated_load_applied"), ip
+        # Every node keeps the staged file (its entry is still in the log): /cluster/status shows it.
+        assert (fresh.nodes[ip].status() or {}).get("staged_load_bytes") == len(copy), ip
 
 
 def test_a_load_with_a_follower_down_is_acknowledged_and_the_follower_catches_up(make_cluster, tmp_path):
