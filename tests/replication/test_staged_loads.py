@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import apsw
 import orjson
@@ -362,3 +363,14 @@ async def test_a_replicated_load_never_replaces_a_database_that_already_holds_it
         assert count == [(11,)]
     finally:
         await database.close()
+
+
+@given(st.integers(1, 10_000), st.integers(1, 10_000), st.integers(-300, 10_000))
+def test_a_file_is_removable_only_when_its_entry_can_no_longer_be_sent(at, first_index, memory_base):
+    """The core sends entry ``at`` from memory while ``at > memory_base`` and from the durable log while
+    ``at >= first_index`` (``machine.disk_start``): as long as either holds, the file must stay."""
+    store = StagedLoads(Path("/nonexistent"))
+    store._files["d" * 64] = 1
+    store.mark_applied("d" * 64, at)
+    sendable = at > memory_base or at >= first_index
+    assert (store.removable(first_index, memory_base) == []) == sendable
