@@ -27,7 +27,8 @@
   for). One load at a time per leader (another answers 503 busy).
 * ``load_sqlite_file`` (/db/load of an SQLite file) replaces the cluster's database as ONE replicated
   operation through the snapshot path (:mod:`node.replication.staged_loads`). The leader checks the file
-  (``PRAGMA quick_check``, read-only, in a thread: 400 if bad, nothing changed), keeps it as a staged load
+  (``PRAGMA quick_check`` on its own copy of the upload, in a thread: 400 if bad, nothing changed; a
+  WAL-mode file is switched to a rollback journal, so it is one self-contained file), keeps it as a staged load
   file (durable), and asks every other member to pull and keep it too; only once a majority of voters
   (itself included) hold it durably does it propose one ``LoadFile`` entry naming the file by SHA-256. If
   no majority holds it within the staging time: 503 ``load_not_staged`` and nothing is proposed. Every

@@ -1417,16 +1417,22 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def check_sqlite_file(path: Path) -> None:
-    """Blocking: raise 400 unless ``path`` is an SQLite database that passes ``PRAGMA quick_check`` (a
-    private read-only connection: the file is not changed)."""
+    """Blocking: raise 400 unless ``path`` (an upload: this node's own copy) is an SQLite database that
+    passes ``PRAGMA quick_check``; then switch it to a rollback journal, so that every later read-only
+    open of it or of its copies (each replica checks its copy again before the swap) finds a self-contained
+    file and leaves no ``-wal``/``-shm`` beside it. A private connection without the authorizer."""
     try:
-        check = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+        check = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE)
     except apsw.Error as exc:
         raise errors.BadRequest(f"invalid SQLite data: {_message(exc)}") from None
     try:
         verdict = check.execute("PRAGMA quick_check").fetchall()
         check.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        if verdict == [("ok",)]:
+            check.execute("PRAGMA journal_mode=DELETE").fetchall()
     except apsw.Error as exc:
+        if is_disk_full(exc):
+            raise errors.InsufficientStorage("not enough disk space in DATA_DIR to check the file") from None
         raise errors.BadRequest(f"invalid SQLite data: {_message(exc)}") from None
     finally:
         check.close()

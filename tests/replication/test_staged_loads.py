@@ -286,7 +286,8 @@ def test_check_sqlite_file_refuses_what_is_not_a_sound_database(tmp_path):
     sqlite_file(good, 3)
     before = good.read_bytes()
     check_sqlite_file(good)
-    assert good.read_bytes() == before  # read-only
+    assert good.read_bytes() == before  # a rollback-journal file is left as it is
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.db"]
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"SQLite format 3\x00" + b"\x00" * 200)
     with pytest.raises(errors.BadRequest):
@@ -374,3 +375,38 @@ def test_a_file_is_removable_only_when_its_entry_can_no_longer_be_sent(at, first
     store.mark_applied("d" * 64, at)
     sendable = at > memory_base or at >= first_index
     assert (store.removable(first_index, memory_base) == []) == sendable
+
+
+def test_a_wal_mode_upload_becomes_one_self_contained_file(tmp_path):
+    """Regression: a WAL-mode upload opened read-only left -wal/-shm files beside it in DATA_DIR (and
+    beside each replica's copy)."""
+    upload = tmp_path / "upload"
+    conn = apsw.Connection(str(upload))
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (v)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.close()
+    check_sqlite_file(upload)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["upload"]
+    reader = apsw.Connection(str(upload), flags=apsw.SQLITE_OPEN_READONLY)
+    assert reader.execute("SELECT v FROM t").fetchall() == [(1,)]
+    assert reader.execute("PRAGMA journal_mode").fetchall() == [("delete",)]
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["upload"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.binary(max_size=600), st.integers(0, 599))
+def test_any_damaged_upload_is_a_400_never_another_error(tmp_path_factory, noise, at):
+    """Whatever bytes follow the SQLite magic (or replace part of a real file): 400 or accepted, nothing
+    else escapes."""
+    root = tmp_path_factory.mktemp("upload")
+    path = root / "upload"
+    good = sqlite_file(root / "good.db", 5)
+    data = bytearray(good)
+    data[at : at + len(noise)] = noise
+    path.write_bytes(bytes(data[: len(good)]))
+    try:
+        check_sqlite_file(path)
+    except errors.BadRequest:
+        return
