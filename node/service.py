@@ -13,7 +13,8 @@ data. :class:`DataService` is what it calls:
   database (there is one copy).
 * loads (SQL dumps and SQLite files) are writes too and get an index; backups and readiness stay local.
   With REPLICATION=on a dump is shipped as log entries and applied all or nothing on every replica
-  (:mod:`node.replication.service`); an SQLite file needs snapshots and is refused (501).
+  (:mod:`node.replication.service`); an SQLite file is staged on a majority and then swapped in on every
+  replica at the same index (one replicated entry, :mod:`node.replication.staged_loads`).
 
 **Durability: which fsync comes before which answer.** A write is acknowledged (200) only after (1) the
 log's ``fdatasync`` covering its entry returned (``AsyncLog.append_and_sync``; concurrent writes share one

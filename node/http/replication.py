@@ -8,6 +8,10 @@ windows are empty, so a batch captured earlier is accepted once more: it carries
 applied messages, which the core ignores or answers as stale; duplicates are part of its fault model.) The answer names this node's
 persistent identity and whether it belongs to a cluster, which is how peers map addresses to identities.
 
+``POST /cluster/replication/stage`` asks this node to pull and durably keep the SQLite file of a replicated
+/db/load before the leader proposes it (``node.replication.staged_loads``); signed over its body like a
+batch, in its own replay window.
+
 ``GET /cluster/replication/stream`` (a WebSocket) carries the same batches as frames of one long-lived
 connection (see ``node.replication.codec`` for the frame and hello formats, ``transport`` for why). The
 opening request is authenticated as a batch is (the signature over the path, the hello's sender address and
@@ -42,7 +46,7 @@ from node.core import peerauth
 from node.core.ids import Endpoint, InvalidAddress
 from node.core.sqlreq import Level, parse_flags
 from node.http.common import EXTRA_HEADERS, json_response, read_body
-from node.replication import codec, snapshot_transfer
+from node.replication import codec, snapshot_transfer, staged_loads
 from node.replication.service import ANSWERED_EPOCH
 from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
 
@@ -92,6 +96,7 @@ class ReplicationRoutes:
         self._rejected: set[tuple[str, str]] = set()
         self._stream_guard = peerauth.ReplayGuard()
         self._snapshot_guard = peerauth.ReplayGuard()
+        self._stage_guard = peerauth.ReplayGuard()
         # GET /cluster/replication/snapshot/<stem>; ``snapshots.resolve`` may also be set later (None: 404).
         self.snapshots = snapshot_transfer.SnapshotSender(
             log=log,
@@ -104,6 +109,7 @@ class ReplicationRoutes:
         app.router.add_post(PATH, self.batch)
         app.router.add_get(STREAM_PATH, self.stream)
         app.router.add_get(snapshot_transfer.ROUTE, self.snapshot)
+        app.router.add_post(staged_loads.STAGE_PATH, self.stage)
 
     def _answer(self) -> dict[str, Any]:
         return {
@@ -158,6 +164,33 @@ class ReplicationRoutes:
             request, path, sender, signed, self._snapshot_guard, "snapshot request", "its path and range"
         )
         return await self.snapshots.serve(request, request.match_info["stem"], str(sender))
+
+    async def stage(self, request: web.Request) -> web.Response:
+        """A leader staging an SQLite file for a replicated /db/load (``node.replication.staged_loads``):
+        signed over the path, the sender and the body, replay-guarded in its own window. This node pulls
+        the file from the sender and answers 200 only once it holds it durably."""
+        limit = staged_loads.MAX_STAGE_BODY_BYTES
+        raw = await read_body(request, limit=limit, timeout_s=self._read_timeout_s)
+        claimed = request.headers.get(snapshot_transfer.SENDER_HEADER)
+        if claimed is None:
+            raise errors.Unauthorized(
+                f"stage requests must name their sender ({snapshot_transfer.SENDER_HEADER}) and be signed"
+            )
+        try:
+            sender = Endpoint.parse(claimed)
+        except InvalidAddress as exc:
+            raise errors.BadRequest(f"malformed {snapshot_transfer.SENDER_HEADER}: {exc}") from None
+        self._verify_peer(
+            request, staged_loads.STAGE_PATH, sender, raw, self._stage_guard, "stage request", "its body"
+        )
+        try:
+            sha256, size = staged_loads.decode_stage_request(raw)
+        except ValueError as exc:
+            raise errors.BadRequest(f"malformed stage request: {exc}") from None
+        if self._replicator.identity is None:
+            raise errors.Unavailable("replication has not started on this node yet")
+        await self._replicator.stage_load(sender, sha256, size)
+        return json_response({"staged": True, "sha256": sha256, "size": size})
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         hello = request.headers.get(HELLO_HEADER, "").encode()

@@ -22,7 +22,10 @@ A replicated /db/load travels as commands of version 2 with a ``"load"`` object 
 (``stmts`` empty): a chunk ``{"id": load id, "seq": n, "sql": [statement, ...]}`` (whole statements,
 stamped), or the end ``{"id": load id, "end": {"chunks": n, "stmts": n, "digest": hex sha256, "abort":
 bool}}`` which also carries ``t``, ``seed``, ``c`` and ``rid`` (see :class:`node.storage.statemachine.
-LoadChunk` and ``LoadEnd``).
+LoadChunk` and ``LoadEnd``). A load of an SQLite *file* is ``{"file": {"sha256": hex, "size": bytes}}``
+(:class:`~node.storage.statemachine.LoadFile`; with ``c`` and ``rid``): a release that predates it finds no
+``id`` there and refuses the entry (its apply is retried, never skipped), so it can never apply the load as
+an empty command.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import orjson
 
 from node.core.replication import messages as msg
 from node.core.sqlreq import Statement, WriteCommand
-from node.storage.statemachine import Command, LoadChunk, LoadEnd
+from node.storage.statemachine import Command, LoadChunk, LoadEnd, LoadFile
 
 BATCH_VERSION = 1
 COMMAND_VERSION = 2
@@ -320,16 +323,26 @@ def _unparam(v: Any) -> Any:
     raise CodecError("a parameter must be null, a number, text or {'b64': ...}")
 
 
-def _load_body(part: LoadChunk | LoadEnd) -> dict[str, Any]:
+def _load_body(part: LoadChunk | LoadEnd | LoadFile) -> dict[str, Any]:
+    if isinstance(part, LoadFile):
+        return {"file": {"sha256": part.sha256, "size": part.size_bytes}}
     if isinstance(part, LoadChunk):
         return {"id": part.load_id, "seq": part.seq, "sql": list(part.statements)}
     end = {"chunks": part.chunks, "stmts": part.statements, "digest": part.digest, "abort": part.abort}
     return {"id": part.load_id, "end": end}
 
 
-def _load_part(body: Any) -> LoadChunk | LoadEnd:
+def _load_part(body: Any) -> LoadChunk | LoadEnd | LoadFile:
     if not isinstance(body, dict):
         raise CodecError("load must be an object")
+    if set(body) == {"file"}:
+        file = body["file"]
+        if not isinstance(file, dict) or set(file) != {"sha256", "size"}:
+            raise CodecError("a file load needs exactly sha256 and size")
+        sha256 = file["sha256"]
+        if not isinstance(sha256, str) or len(sha256) != 64 or sha256.strip("0123456789abcdef"):
+            raise CodecError("file sha256 must be 64 lowercase hex digits")
+        return LoadFile(sha256, _int(file["size"], "size"))
     load_id = body.get("id")
     if not isinstance(load_id, str) or not 0 < len(load_id) <= MAX_LOAD_ID_CHARS:
         raise CodecError("load id must be a short string")
@@ -408,7 +421,7 @@ def decode_command(data: bytes) -> Command:
             raise CodecError("c must be text and rid text or null")
         write = WriteCommand(tuple(statements), tx, time_ns, seed)
         sqlite_version: str | None = None
-        load: LoadChunk | LoadEnd | None = None
+        load: LoadChunk | LoadEnd | LoadFile | None = None
         if version >= 2:
             sqlite_version = body["sq"]
             if not isinstance(sqlite_version, str) or not 0 < len(sqlite_version) <= MAX_SQLITE_VERSION_CHARS:

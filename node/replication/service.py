@@ -24,8 +24,18 @@
   ``load_not_applied``; its staged chunks are dropped by an abort entry or by the next load. When the end
   itself has an unknown outcome the answer is 503 ``outcome_unknown``: retry with the same X-Request-Id,
   which holds for loads as for writes (the end command carries it; the dump's digest is what it stands
-  for). One load at a time per leader (another answers 503 busy). An SQLite *file* needs snapshots to
-  replicate: 501 ``needs_snapshots``.
+  for). One load at a time per leader (another answers 503 busy).
+* ``load_sqlite_file`` (/db/load of an SQLite file) replaces the cluster's database as ONE replicated
+  operation through the snapshot path (:mod:`node.replication.staged_loads`). The leader checks the file
+  (``PRAGMA quick_check`` on its own copy of the upload, in a thread: 400 if bad, nothing changed; a
+  WAL-mode file is switched to a rollback journal, so it is one self-contained file), keeps it as a staged load
+  file (durable), and asks every other member to pull and keep it too; only once a majority of voters
+  (itself included) hold it durably does it propose one ``LoadFile`` entry naming the file by SHA-256. If
+  no majority holds it within the staging time: 503 ``load_not_staged`` and nothing is proposed. Every
+  node applies the entry in log order, alone, by swapping in a copy of the file stamped with the entry's
+  index (a node that missed the staging fetches the file first); the client is answered when the leader
+  applied it. Retries with the same X-Request-Id apply at most once (the request ID is recorded in the
+  loaded database at the same index on every node).
 
 The epoch of each answered write is published in a context variable so the HTTP layer can name it in a
 header (``X-TalentNest-Epoch``) without changing the DataService protocol.
@@ -43,11 +53,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import aiohttp
+
 from node import errors
 from node.actors.replicator import Discarded, NotWritable, OutcomeUnknown, Replicator
 from node.core.replication import machine
 from node.core.sqlreq import DbRequest, Flags, Level, WriteCommand, rewrite_time_keywords, stamp_write
-from node.replication import codec
+from node.replication import codec, staged_loads
+from node.replication.staged_loads import staged_majority
 from node.service import LoadOutcome, WriteOutcome, WriteRequest
 from node.storage import statemachine
 from node.storage.dump import (
@@ -59,8 +72,8 @@ from node.storage.dump import (
 )
 from node.storage.durable import free_bytes
 from node.storage.results import StatementResult, Status
-from node.storage.sqlite import Database
-from node.storage.statemachine import Command, LoadChunk, LoadDigest, LoadEnd
+from node.storage.sqlite import Database, check_sqlite_file
+from node.storage.statemachine import Command, LoadChunk, LoadDigest, LoadEnd, LoadFile
 
 # Seconds a write waits for commit and apply before it answers "outcome unknown" (503). Far above a
 # healthy commit (milliseconds); a node that loses its quorum answers sooner (see the Replicator).
@@ -83,6 +96,9 @@ LOAD_END_WAIT_S_PER_MIB = 1.0
 # A load needs about this many times the dump's size free in DATA_DIR beyond LOG_RESERVE_BYTES: the log's
 # chunk entries, the staged chunks and the loaded data (checked before anything is shipped, and per chunk).
 LOAD_SPACE_FACTOR = 3
+# After a majority of voters staged a file load, the others get at most this long more before the load is
+# proposed without them (they fetch the file when they apply the load).
+STAGE_GRACE_S = 2.0
 
 # Writes whose SQL and parameters total at most this many characters (about) are stamped and encoded on the
 # event loop: tens of microseconds, against two thread switches that cost milliseconds on a busy machine.
@@ -147,9 +163,11 @@ def staleness(
     return None
 
 
-class NeedsSnapshots(errors.NodeError):
-    status = 501
-    code = "needs_snapshots"
+class LoadNotStaged(errors.NodeError):
+    """A file load that no majority of voters could stage in time: nothing was proposed, nothing changed."""
+
+    status = 503
+    code = "load_not_staged"
 
 
 class LoadNotApplied(errors.NodeError):
@@ -264,10 +282,104 @@ class ReplicatedDataService:
     async def load_sqlite_file(
         self, path: Path, *, client: str = "", request_id: str | None = None
     ) -> LoadOutcome:
-        raise NeedsSnapshots(
-            "loading an SQLite file needs snapshots, which replication does not have yet: load an SQL dump "
-            "instead (sqlite3 FILE .dump), or start with REPLICATION=off"
-        )
+        """See the module docstring. ``path`` (the upload in DATA_DIR) is moved into the staged files."""
+        if self._load_lock.locked():
+            raise errors.Busy("another /db/load is running on this node; retry when it has answered")
+        async with self._load_lock:
+            self._require_leader()
+            size = (await asyncio.to_thread(os.stat, path)).st_size
+            # The staged file is the upload, moved; the swap consumes a copy of it: one size more.
+            await asyncio.to_thread(self._check_space, size)
+            await asyncio.to_thread(check_sqlite_file, path)
+            loads = self.replicator.snapshots.loads
+            staged = await asyncio.to_thread(loads.stage_local, path)
+            wait_s = load_end_wait_s(staged.size_bytes)
+            await self._stage_on_majority(staged.sha256, staged.size_bytes, wait_s)
+            command = Command(
+                WriteCommand((), False, 0, 0), client=client, request_id=request_id,
+                sqlite_version=self.database.sqlite_version,
+                load=LoadFile(staged.sha256, staged.size_bytes),
+            )  # fmt: skip
+            payload = codec.encode_command(command)
+            try:
+                if request_id is not None:
+                    epoch, index, applied = await self._submit_again_if_unknown(payload, wait_s)
+                else:  # without an ID a second entry would load the file again: one attempt
+                    epoch, index, applied = await self.replicator.submit(payload, wait_s)
+            except (errors.NotLeader, errors.NoQuorum, errors.Busy, NotWritable, Discarded) as exc:
+                raise LoadNotApplied(f"the load was not applied: {exc}; retry it") from None
+        ANSWERED_EPOCH.set(epoch)
+        assert applied is not None
+        (result,) = applied.results
+        if result.error is not None:
+            raise errors.BadRequest(result.error)  # its request ID names another file
+        return LoadOutcome(0, epoch, applied.index)
+
+    def _require_leader(self) -> None:
+        if not self.replicator.is_leader():
+            status = self.replicator.status()
+            leader = None if status is None else self.replicator.url_of(status.leader)
+            raise errors.NotLeader("this node does not lead: send the load to the leader", leader)
+
+    async def _stage_on_majority(self, sha256: str, size_bytes: int, wait_s: float) -> None:
+        """Have the other members pull the staged file; return once a majority of voters (this leader
+        included) hold it durably, after waiting at most STAGE_GRACE_S more for the rest (a member that
+        misses it fetches it when it applies the load). 503 ``load_not_staged`` when no majority did within
+        ``wait_s``: nothing is proposed."""
+        replicator = self.replicator
+        state, me = replicator.state, replicator.identity
+        signer = replicator.transport.signer if replicator.transport is not None else None
+        if state is None or me is None or signer is None:
+            raise errors.Unavailable("replication has not started on this node yet")
+        voters = frozenset(state.config.voters)
+        peers = sorted((voters | frozenset(state.config.learners)) - {me})
+        staged: set[str] = {me}
+        failures: dict[str, str] = {}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        connector = aiohttp.TCPConnector(limit=max(1, len(peers)))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            tasks: dict[asyncio.Future, str] = {}
+            for identity in peers:
+                url = replicator.url_of(identity)
+                if url is None:
+                    failures[identity] = "address unknown"
+                    continue
+                ask = staged_loads.ask_to_stage(
+                    session, url, sha256, size_bytes, signer=signer, timeout_s=wait_s
+                )
+                tasks[asyncio.ensure_future(ask)] = identity
+            pending = set(tasks)
+            try:
+                # Bounded: every task ends within wait_s (its own timeout), and each round ends at least one.
+                while pending and not staged_majority(voters, staged):
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    _count_staged(done, tasks, staged, failures)
+                if pending:
+                    done, pending = await asyncio.wait(pending, timeout=STAGE_GRACE_S)
+                    _count_staged(done, tasks, staged, failures)
+            finally:
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        took_ms = round((loop.time() - started) * 1000, 1)
+        holders = sorted(staged & voters)
+        log = replicator.log
+        if not staged_majority(voters, staged):
+            log.warning(
+                "replicated_load_not_staged", sha256=sha256[:16], bytes=size_bytes, voters=len(voters),
+                staged_voters=len(holders), failures=failures, took_ms=took_ms,
+            )  # fmt: skip
+            raise LoadNotStaged(
+                f"the SQLite file could not be staged on a majority of voters ({len(holders)} of "
+                f"{len(voters)} hold it, {staged_loads.majority_of(len(voters))} needed: "
+                f"{'; '.join(f'{k[:12]}: {v}' for k, v in failures.items())[:600]}); nothing was changed, "
+                "retry when more nodes are up"
+            )
+        log.info(
+            "replicated_load_staged", sha256=sha256[:16], bytes=size_bytes, voters=len(voters),
+            staged=len(staged), staged_voters=len(holders), missing=sorted(failures)[:8], took_ms=took_ms,
+        )  # fmt: skip
 
     async def load_dump_file(
         self, path: Path, *, client: str = "", request_id: str | None = None
@@ -461,6 +573,19 @@ def _stamped_chunks(path: Path) -> Iterator[list[str]]:
     """The dump's statements, time keywords rewritten once (here, on the leader), packed into chunks."""
     statements = (rewrite_time_keywords(sql) for sql in dump_statements(path, MAX_LOAD_STATEMENT_BYTES))
     return chunk_statements(statements, LOAD_CHUNK_BYTES, MAX_LOAD_STATEMENT_BYTES)
+
+
+def _count_staged(
+    done: set[asyncio.Future], tasks: dict[asyncio.Future, str], staged: set[str], failures: dict[str, str]
+) -> None:
+    """Record which peers answered a stage request with the file held (``staged``), and why the others
+    did not (``failures``)."""
+    for task in done:
+        exc = task.exception()
+        if exc is None:
+            staged.add(tasks[task])
+        else:
+            failures[tasks[task]] = str(exc)[:200]
 
 
 def _raise_first(done: set[asyncio.Task]) -> None:

@@ -133,6 +133,14 @@ def parse_stem(text: str) -> tuple[int, int] | None:
     return (index, epoch) if index >= 1 else None
 
 
+def _is_load_name(text: str) -> bool:
+    """``load-`` and 64 lowercase hex digits (kept here, not imported: staged_loads imports this module)."""
+    return (
+        isinstance(text, str) and len(text) == 69 and text.startswith("load-")
+        and set(text[5:]) <= frozenset("0123456789abcdef")
+    )  # fmt: skip
+
+
 class RangeNotSatisfiable(errors.NodeError):
     """A Range this endpoint does not serve (anything but ``bytes=N-`` with N before the end)."""
 
@@ -330,7 +338,9 @@ class SnapshotSender:
         self._write_timeout_s = write_timeout_s
 
     async def serve(self, request: web.Request, stem: str, peer: str) -> web.StreamResponse:
-        found = self.resolve(stem) if self.resolve is not None and parse_stem(stem) is not None else None
+        # A snapshot stem, or ``load-<sha256>``: a staged /db/load file (node.replication.staged_loads).
+        named = parse_stem(stem) is not None or _is_load_name(stem)
+        found = self.resolve(stem) if self.resolve is not None and named else None
         if found is None:
             raise SnapshotNotFound(f"this node has no snapshot {stem[:60]!r}")
         path, meta = found

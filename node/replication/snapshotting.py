@@ -44,6 +44,7 @@ from node import errors
 from node.core.replication import machine
 from node.core.replication import messages as msg
 from node.replication import snapshot_transfer as transfer
+from node.replication.staged_loads import StagedLoads, load_meta, parse_load_name
 from node.storage.asynclog import AsyncLog
 from node.storage.log import DurableLog, LogError, LogIOError, default_sqlite_version
 from node.storage.snapshots import SnapshotInvalid, SnapshotMeta, SnapshotStore, snapshot_stem
@@ -64,6 +65,7 @@ class Snapshots:
         rate: transfer.RateLimiter | None = None,
     ) -> None:
         self.store = SnapshotStore(data_dir)
+        self.loads = StagedLoads(data_dir)  # staged /db/load files (served on the same route)
         self.database = database
         self.log = log
         self.options = options
@@ -90,6 +92,9 @@ class Snapshots:
 
     async def open(self) -> None:
         contents = await asyncio.to_thread(self.store.open)
+        staged = await asyncio.to_thread(self.loads.open)
+        if staged:
+            self.log.info("staged_loads_opened", files=len(staged), bytes=sum(f.size_bytes for f in staged))
         for problem in contents.problems:
             self.log.error("snapshot_removed_damaged", problem=problem)
         newest = self.store.newest()
@@ -116,7 +121,12 @@ class Snapshots:
         return None
 
     def resolve(self, stem: str) -> tuple[Path, SnapshotMeta] | None:
-        """For the HTTP route: the file and meta of a complete snapshot (memory only)."""
+        """For the HTTP route: the file and meta of a complete snapshot, or of a staged load file named
+        ``load-<sha256>`` (memory only)."""
+        sha256 = parse_load_name(stem)
+        if sha256 is not None:
+            size = self.loads.size_of(sha256)
+            return None if size is None else (self.loads.path_of(sha256), load_meta(sha256, size))
         for meta in self.store.snapshots():
             if meta.stem == stem:
                 return self.store.path_of(meta), meta
@@ -155,6 +165,9 @@ class Snapshots:
             "snapshot_bytes": newest.size_bytes if newest is not None else 0,
             "log_first_index": self.alog.first_index if self.alog is not None else 1,
         }
+        staged = self.loads.files()
+        out["staged_loads"] = len(staged)  # /db/load files kept (node.replication.staged_loads)
+        out["staged_load_bytes"] = sum(f.size_bytes for f in staged)
         if self.progress is not None:
             out["snapshot_transfer"] = self.progress.as_dict()
         return out

@@ -185,8 +185,8 @@ class Replication:
                 **(self.replicator.transport.stats if self.replicator.transport is not None else {}),
                 **{f"snapshots_{k}": v for k, v in self.replicator.snapshots.stats.items()},
             },
-            # The newest snapshot in this node's store, where its log starts, and a transfer this node
-            # runs or ran last (bytes done, rate, ETA).
+            # The newest snapshot in this node's store, where its log starts, a transfer this node runs or
+            # ran last (bytes done, rate, ETA), and the staged /db/load files it keeps (count, bytes).
             **self.replicator.snapshots.status(),
         }
         conflict = self.replicator.conflict

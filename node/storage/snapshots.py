@@ -12,6 +12,8 @@ Layout (one directory, ``DATA_DIR/snapshots``)
   one is a leftover of a crash and is removed when the directory is opened.
 * ``incoming/``: transfers in progress (``<stem>.part``), resumable; a complete, verified one is renamed into
   the directory above and becomes a local snapshot like one this node took itself.
+* ``loads/``: staged files of replicated ``/db/load`` (:mod:`node.replication.staged_loads`); not
+  snapshots, and left alone by this store.
 
 Only the newest few complete snapshots are kept (``KEEP_SNAPSHOTS``).
 

@@ -610,10 +610,18 @@ class Database:
         self._temp_seq += 1
         return self.data_dir / f"{_TEMP_PREFIX}{kind}-{os.getpid()}-{self._temp_seq}"
 
-    async def load_sqlite_file(self, source: Path, *, index: int) -> None:
-        """Replace the database with the SQLite file at ``source`` (checked first; the file is consumed)."""
+    async def load_sqlite_file(
+        self, source: Path, *, index: int, request: RequestRow | None = None, only_above: bool = False
+    ) -> bool:
+        """Replace the database with the SQLite file at ``source`` (checked first; the file is consumed).
+
+        ``request``: the load's own request ID, recorded in the new file (with the index that loaded it) in
+        the same stamping that clears the old ones, so a retry of a replicated load answers its first
+        outcome instead of loading again. ``only_above``: a replicated load's entry, skipped (False
+        returned, nothing changed) when the database already holds ``index`` (a snapshot installed meanwhile
+        holds the load and what followed it), checked on the writer in the same job as the swap."""
         self.require_ready()
-        await self._swap_in(self._load_sqlite, source, index)
+        return bool(await self._swap_in(self._load_sqlite, source, index, request, only_above))
 
     async def copy_for_snapshot(self, target: Path) -> int:
         """Write a consistent copy of the database to ``target`` (which must not exist) and return the applied
@@ -653,7 +661,7 @@ class Database:
             # Gone after a swap (renamed); a failed or cancelled copy leaves it: removed on a worker thread.
             await asyncio.shield(asyncio.to_thread(temp.unlink, True))
 
-    async def _swap_in(self, fn: Callable[..., None], *args: Any) -> None:
+    async def _swap_in(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` (which replaces node.db, see :meth:`_replace_file`) on the writer with every reader
         closed, then reopen the readers on the new file."""
         scheduler = self._scheduler
@@ -662,15 +670,15 @@ class Database:
         # file's -wal by name. One swap at a time: another swap's readers must not reopen mid-swap, and no
         # snapshot copy may hold a connection to the old file.
         async with self._swap_lock:
-            await self._swap_in_locked(scheduler, fn, *args)
+            return await self._swap_in_locked(scheduler, fn, *args)
 
-    async def _swap_in_locked(self, scheduler: ReadScheduler, fn: Callable[..., None], *args: Any) -> None:
+    async def _swap_in_locked(self, scheduler: ReadScheduler, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         await scheduler.pause()
         try:
             for slot in self._readers:
                 await loop.run_in_executor(slot.executor, _close_conn, slot)
-            await self._write(fn, *args)
+            return await self._write(fn, *args)
         finally:
             try:
                 if self._writer is not None and not self._closing:
@@ -1121,7 +1129,11 @@ class Database:
             return _ShuttingDown()
         return errors.Unavailable(other)
 
-    def _load_sqlite(self, job: _Job, source: Path, index: int) -> None:
+    def _load_sqlite(
+        self, job: _Job, source: Path, index: int, request: RequestRow | None = None, only_above: bool = False
+    ) -> bool:
+        if only_above and statemachine.applied_index(self._ops(job)) >= index:
+            return False
         try:
             check = apsw.Connection(str(source), flags=apsw.SQLITE_OPEN_READONLY)
             try:
@@ -1136,7 +1148,7 @@ class Database:
             # The file is stamped with ``index`` BEFORE it is renamed into place, so the swap carries its
             # applied index atomically: a crash can never leave the loaded file with another database's
             # applied index (which would make the log's replay skip entries) or request IDs.
-            _stamp_file(source, index)
+            _stamp_file(source, index, request)
             with open(source, "rb+") as f:
                 os.fsync(f.fileno())
             self._replace_file(job, source)
@@ -1146,7 +1158,8 @@ class Database:
                     "not enough disk space in DATA_DIR to load the file"
                 ) from None
             raise
-        self._stamp_loaded(job, index)
+        self._stamp_loaded(job, index, request)
+        return True
 
     def _replace_file(self, job: _Job, source: Path) -> None:
         """Writer thread, readers closed: make the complete, fsynced file ``source`` (in DATA_DIR) the
@@ -1167,7 +1180,7 @@ class Database:
             if self._writer is not None and self._writer.conn is None:
                 self._reopen_writer()
 
-    def _stamp_loaded(self, job: _Job, index: int) -> None:
+    def _stamp_loaded(self, job: _Job, index: int, request: RequestRow | None = None) -> None:
         """A loaded file brings its own tables: record ``index`` as applied in it and forget request IDs that
         another database recorded (they name other writes)."""
         ops = self._ops(job)
@@ -1176,6 +1189,8 @@ class Database:
             statemachine.ensure_schema(ops)
             ops.internal(f"DELETE FROM {statemachine.REQUESTS_TABLE}")
             ops.internal(f"DELETE FROM {statemachine.LOADS_TABLE}")  # chunks another database staged
+            if request is not None:
+                ops.internal(_INSERT_REQUEST, request.params(index))
             statemachine.set_applied(ops, index)
             ops.internal("COMMIT")
         except apsw.Error as exc:
@@ -1400,9 +1415,53 @@ def is_disk_full(exc: BaseException) -> bool:
     )
 
 
-def _stamp_file(path: Path, index: int) -> None:
+def check_sqlite_file(path: Path) -> None:
+    """Blocking: raise 400 unless ``path`` (an upload: this node's own copy) is an SQLite database that
+    passes ``PRAGMA quick_check``; then switch it to a rollback journal, so that every later read-only
+    open of it or of its copies (each replica checks its copy again before the swap) finds a self-contained
+    file and leaves no ``-wal``/``-shm`` beside it. A private connection without the authorizer."""
+    try:
+        check = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE)
+    except apsw.Error as exc:
+        raise errors.BadRequest(f"invalid SQLite data: {_message(exc)}") from None
+    try:
+        verdict = check.execute("PRAGMA quick_check").fetchall()
+        check.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        if verdict == [("ok",)]:
+            check.execute("PRAGMA journal_mode=DELETE").fetchall()
+    except apsw.Error as exc:
+        if is_disk_full(exc):
+            raise errors.InsufficientStorage("not enough disk space in DATA_DIR to check the file") from None
+        raise errors.BadRequest(f"invalid SQLite data: {_message(exc)}") from None
+    finally:
+        check.close()
+    if verdict != [("ok",)]:
+        raise errors.BadRequest("invalid SQLite data: integrity check failed")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    """A load's own request ID as the requests table keeps it (see ``statemachine``: at-most-once)."""
+
+    client: str
+    request_id: str
+    digest: bytes
+    results: bytes
+
+    def params(self, index: int) -> tuple:
+        return (self.client, self.request_id, index, 1, self.digest, self.results)
+
+
+_INSERT_REQUEST = (
+    f"INSERT OR REPLACE INTO {statemachine.REQUESTS_TABLE}(client, request_id, idx, seq, digest, results) "
+    "VALUES(?, ?, ?, ?, ?, ?)"
+)
+
+
+def _stamp_file(path: Path, index: int, request: RequestRow | None = None) -> None:
     """Record ``index`` as applied in the SQLite file at ``path`` and forget its request IDs (they name
-    another database's writes). A private connection (no authorizer); its COMMIT is fully synced."""
+    another database's writes), keeping only ``request`` (the load's own). A private connection (no
+    authorizer); its COMMIT is fully synced."""
     conn = apsw.Connection(str(path))
     try:
         conn.execute("PRAGMA synchronous=FULL")
@@ -1411,6 +1470,8 @@ def _stamp_file(path: Path, index: int) -> None:
             for sql in statemachine.SCHEMA:
                 conn.execute(sql)
             conn.execute(f"DELETE FROM {statemachine.REQUESTS_TABLE}")
+            if request is not None:
+                conn.execute(_INSERT_REQUEST, request.params(index))
             conn.execute(
                 f"INSERT OR REPLACE INTO {statemachine.STATE_TABLE}(key, value) VALUES(?, ?)",
                 (statemachine.APPLIED_KEY, index),

@@ -135,6 +135,17 @@ class LoadEnd:
     abort: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class LoadFile:
+    """A replicated /db/load of an SQLite *file*: the whole database is replaced by the staged file whose
+    SHA-256 is ``sha256`` (``size_bytes`` long), stamped with the entry's index (see
+    :mod:`node.replication.staged_loads`). Never run by :func:`apply`: the Replicator applies it alone
+    (a barrier between two runs of ordinary entries), by swapping the file in."""
+
+    sha256: str
+    size_bytes: int
+
+
 class LoadDigest:
     """SHA-256 over a load's statements in order (each length-prefixed, so boundaries are part of it)."""
 
@@ -168,7 +179,7 @@ class Command:
     client: str = ""
     request_id: str | None = None
     sqlite_version: str | None = None
-    load: LoadChunk | LoadEnd | None = None
+    load: LoadChunk | LoadEnd | LoadFile | None = None
 
     @property
     def mode(self) -> str:
@@ -228,6 +239,9 @@ def digest(command: Command) -> bytes:
     if isinstance(command.load, LoadEnd):
         # A load's request stands for the dump it ran: the same ID with another dump is another request.
         h.update(b"load\x00" + command.load.digest.encode("ascii"))
+    elif isinstance(command.load, LoadFile):
+        # A file load's request stands for the file: the same ID with another file is another request.
+        h.update(b"file\x00" + command.load.sha256.encode("ascii"))
     return h.digest()
 
 
@@ -344,6 +358,8 @@ def _command(
     ops: Ops, command: Command, index: int, seq: int, where: tuple[int, int], fixed: dict
 ) -> tuple[Applied, int]:
     """One command under its savepoint. Returns its outcome and how many request IDs it recorded (0/1)."""
+    if isinstance(command.load, LoadFile):
+        raise ValueError("a file load is applied alone by swapping the file in, never inside a group")
     if isinstance(command.load, LoadChunk):
         return _stage_chunk(ops, command.load, index), 0
     key = (command.client, command.request_id)

@@ -200,9 +200,10 @@ def test_a_dump_failing_in_a_later_chunk_leaves_nothing_anywhere(make_cluster):
     assert status == 200, body
     assert same_everywhere(c, "SELECT count(*) FROM big", tok) == [[12_000]]
 
-    # An SQLite file needs snapshots: a clear JSON refusal, nothing changed.
+    # A damaged SQLite file: a clear JSON refusal (through a follower too), nothing changed anywhere.
     status, _, body = post_raw(f"{base(c, follower)}/db/load", SQLITE_MAGIC + b"\x00" * 200, tok)
-    assert status == 501 and body["code"] == "needs_snapshots", body
+    assert status == 400 and body["code"] and "invalid SQLite data" in body["error"], body
+    assert same_everywhere(c, "SELECT count(*) FROM big", tok) == [[12_000]]
 
 
 def test_load_limits_hold_through_a_follower(make_cluster):
