@@ -75,15 +75,55 @@ class FaultCluster:
     def name(self, slot: int) -> str:
         return f"{self.prefix}-{slot}"
 
-    def run(self, slot: int) -> str:
+    def run(self, slot: int, tmpfs_mb: int | None = None) -> str:
+        """Start the node of ``slot``: DATA_DIR on a named volume, or on a tmpfs of ``tmpfs_mb`` (a small disk
+        that fills up; a restart of the container starts it empty, as a wiped disk would)."""
         name = self.name(slot)
         env_args = [arg for key, value in self.env.items() for arg in ("--env", f"{key}={value}")]
+        disk = (
+            ["--tmpfs", f"/data:rw,size={tmpfs_mb}m,uid=10001,gid=10001,mode=0700"] if tmpfs_mb
+            else ["-v", f"{name}-data:/data"]
+        )  # fmt: skip
         self.docker(
             "run", "-d", "--name", name, "--network", self.network, "--ip", self.ip(slot),
-            "--network-alias", self.service, "-v", f"{name}-data:/data", *env_args, self.image,
+            "--network-alias", self.service, *disk, *env_args, self.image,
         )  # fmt: skip
         self.slots[slot] = name
         return name
+
+    # ---------------------------------------------------------------------------------------------- disks
+    def fill_disk(self, slot: int) -> None:
+        """Fill the node's DATA_DIR (a tmpfs) to the last byte: its next log write fails with ENOSPC."""
+        self.docker("exec", self.slots[slot], "sh", "-c", "dd if=/dev/zero of=/data/filler bs=64k", check=False)
+
+    def free_disk(self, slot: int) -> None:
+        self.docker("exec", self.slots[slot], "rm", "-f", "/data/filler")
+
+    def corrupt_database(self, slot: int) -> str:
+        """With the node stopped: overwrite one page in the middle of its database file (on its volume) with
+        random bytes, as a failing disk would; page 1 (the file header) stays intact so the file opens. Returns what
+        was done (for the report)."""
+        script = (
+            "import os, apsw\n"
+            "p = '/data/node.db'\n"
+            "c = apsw.Connection(p)\n"  # fold a WAL left behind in: the damaged page is the one read
+            "c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchall()\n"
+            "c.close()\n"
+            "size = os.path.getsize(p)\n"
+            "page = int.from_bytes(open(p, 'rb').read(18)[16:18], 'big') or 65536\n"
+            "pages = size // page\n"
+            "victim = max(1, pages // 2)\n"
+            "with open(p, 'r+b') as f:\n"
+            "    f.seek(victim * page)\n"
+            "    f.write(os.urandom(page))\n"
+            "    f.flush(); os.fsync(f.fileno())\n"
+            "print(f'page {victim + 1} of {pages} ({page} bytes)')\n"
+        )
+        done = self.docker(
+            "run", "--rm", "-v", f"{self.name(slot)}-data:/data", "--entrypoint", "/opt/venv/bin/python",
+            self.image, "-c", script,
+        )  # fmt: skip
+        return done.stdout.strip()
 
     def destroy(self) -> None:
         listed = self.docker("ps", "-aq", "--filter", f"name=^{self.prefix}-", check=False).stdout.split()
