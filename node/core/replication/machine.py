@@ -164,6 +164,9 @@ class State:
     snapshot_pending: bool = False  # a take_snapshot was asked and its SnapshotTaken has not come back
     snapshot_retry_s: float = NEVER  # after a failed snapshot: none before this time
     applied_bytes: int = 0  # payload bytes applied since ``snapshot`` (a threshold; 0 again after restarts)
+    # The node ID each member was last seen healthy at (volatile; members and the view only): a voter gone
+    # from the view whose node ID a new identity now answers at was replaced (see maintain_membership).
+    last_ids: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def config(self) -> Config:
@@ -341,6 +344,9 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
         pass
     elif isinstance(inp, ViewChanged):
         s.view = MappingProxyType(dict(inp.healthy))
+        members = s.hard.config.members
+        kept = {who: nid for who, nid in s.last_ids.items() if who in members and who not in inp.healthy}
+        s.last_ids = MappingProxyType({**kept, **inp.healthy})
     elif isinstance(inp, Submit):
         s.submit(inp)
     elif isinstance(inp, Read):
@@ -1257,11 +1263,23 @@ class _Step:
             return
         now, o = self.now, self.o
         change: Config | None = None
-        for v in sorted(cfg.voters - {self.me}):
-            p = self.progress.get(v)
-            if p is not None and now - p.last_ack_s > o.reap_timeout_s:
-                change, why = replace(cfg, voters=cfg.voters - {v}), f"voter {v} silent"
+        for v in sorted(cfg.members - {self.me}):
+            successor = self.replaced_by(v)
+            if successor is not None:
+                # The node at v's address lost its data and came back as a new identity (a wiped or
+                # quarantined DATA_DIR), or another node took the address of a dead one: v is gone for good.
+                # Removing it at once keeps the quorum reachable; waiting for reap_timeout_s would let the new
+                # identity's promotion make a 4-voter cluster with 2 members gone at the next such loss,
+                # which no reaping could ever repair (reaping needs a majority too).
+                change = replace(cfg, voters=cfg.voters - {v}, learners=cfg.learners - {v})
+                why = f"member {v} replaced by {successor} at node ID {self.last_ids[v]}"
                 break
+        if change is None:
+            for v in sorted(cfg.voters - {self.me}):
+                p = self.progress.get(v)
+                if p is not None and now - p.last_ack_s > o.reap_timeout_s:
+                    change, why = replace(cfg, voters=cfg.voters - {v}), f"voter {v} silent"
+                    break
         if change is None:
             for v in sorted(cfg.learners):
                 p = self.progress.get(v)
@@ -1291,6 +1309,19 @@ class _Step:
         if change is None:
             return
         self.propose(change, why)
+
+    def replaced_by(self, member: str) -> str | None:
+        """Another identity healthy at the node ID ``member`` was last seen at, while
+        ``member`` is out of the view and has not answered within the lease: one address serves one node,
+        so ``member`` is not there any more."""
+        if member in self.view:
+            return None
+        nid = self.last_ids.get(member)
+        p = self.progress.get(member)
+        if nid is None or (p is not None and self.now - p.last_ack_s <= self.o.lease_s):
+            return None
+        found = sorted(w for w, i in self.view.items() if i == nid and w != member)
+        return found[0] if found else None
 
     def propose(self, change: Config, why: str) -> int:
         """Append a CONFIG entry (effective at once) and replicate it; returns its index."""
