@@ -43,6 +43,7 @@ removed at the end, also on an error or Ctrl-C (``--keep DIR`` keeps data and lo
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import http.client
 import json
@@ -413,6 +414,9 @@ def join(c: Cluster, token: str, writers: int, max_writes: int, settle_s: float)
                 "handover_gap_s": longest_gap_s(acks, voter_at, end),
                 "writes_acked": len([a for a in acks if a.acked_s >= t0]),
                 "writes_failed": len([f for f in fails if f.at_s >= t0]),
+                "failure_codes": dict(
+                    collections.Counter(f"{f.status} {f.code}".strip() for f in fails if f.at_s >= t0)
+                ),
                 "transfer": transfer_figures(node),
                 "led_by_handover": any(
                     c.nodes[ip].events("replication_takeover_requested", all_runs=False) for ip in c.ips
@@ -468,7 +472,8 @@ def report(r: dict) -> None:
         print(f"  fetch failures: {t['fetch_failures']}")
     print(f"longest write gap, join:          {j['join_gap_s'] * 1000:8.0f} ms")
     print(f"longest write gap, handover:      {j['handover_gap_s'] * 1000:8.0f} ms   "
-          f"({j['writes_acked']} writes acknowledged, {j['writes_failed']} failed since spawn)")  # fmt: skip
+          f"({j['writes_acked']} writes acknowledged, {j['writes_failed']} failed since spawn: "
+          f"{j['failure_codes'] or '-'})")  # fmt: skip
     rss = j["rss_kib"]
     print(f"peak RSS old leader, fill:        {mib(r['fill_rss_kib'])}")
     print(f"peak RSS old leader, join:        {mib(rss['old_leader_peak'])} (sampled "
