@@ -69,7 +69,8 @@ MB = 1_000_000
 DEADLINE_S = 900.0  # the longest any one phase may take (a 1 GB fill on a busy machine is minutes)
 JOIN_DEADLINE_S = 300.0  # spawn to voter, voter to leader: 1 GB at 10 MB/s is 100 s
 PAD_BYTES = 1 << 20  # one padding request's payload
-BASELINE_S = 2.0  # steady writes measured before the newcomer starts
+BASELINE_S = 2.0
+WINDOW_WRITES = 300  # more than the leader's in-memory window of applied entries (keep_applied = 256)  # steady writes measured before the newcomer starts
 
 SCHEMA = (
     "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL, headline TEXT, "
@@ -322,6 +323,38 @@ def pad_until_snapshot(c: Cluster, leader: str, token: str, covered: int, limit_
     raise RuntimeError(f"no snapshot covering index {covered} after {sent} padding bytes: {st}")
 
 
+def flush_window(c: Cluster, token: str, count: int, threads: int = 4) -> float:
+    """Write ``count`` 1-row entries so that the leader's window of applied entries kept in memory
+    (``keep_applied``, 256) holds only small ones: a newcomer is then further behind than that window and
+    must take the snapshot (from the window the leader would send the fill's large entries as log)."""
+    lock = threading.Lock()
+    left = [count]
+    started = time.monotonic()
+
+    def worker(number: int) -> None:
+        client = Client(c.nodes[c.ips[-1]].address, token, timeout_s=15)
+        try:
+            for attempt in range(count * 5):
+                with lock:
+                    if left[0] <= 0 or time.monotonic() - started > DEADLINE_S:
+                        return
+                status, body = client.post("/db/execute", [["INSERT INTO t (v) VALUES (?)", -attempt]])
+                if execute_ok(status, body):
+                    with lock:
+                        left[0] -= 1
+        finally:
+            client.close()
+
+    workers = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=DEADLINE_S)
+    if left[0] > 0:
+        raise RuntimeError(f"{left[0]} of {count} window writes were not acknowledged")
+    return time.monotonic() - started
+
+
 def newcomer_is_voter(c: Cluster, asked: list[str], newcomer_id: int) -> bool:
     """Whether the leader of the moment lists the newcomer as a voter. The newcomer is asked too: promotion
     and handover may fall between two polls, and then it is the writable one."""
@@ -350,9 +383,17 @@ def transfer_figures(node: NodeProcess) -> dict:
         out["bytes"] = int(done[-1]["total"])
         out["seconds"] = t1 - t0
         out["mb_s"] = out["bytes"] / MB / out["seconds"] if out["seconds"] > 0 else None
+        out["start_after_spawn_s"] = t0 - node.started_at
     if installed:
         out["install_ms"] = installed[-1].get("took_ms")
     return out
+
+
+def gap_start_s(acks: list, start_s: float, end_s: float) -> float:
+    """When (seconds after start_s) the longest gap between acknowledgements in the window began."""
+    times = sorted([start_s, *(a.acked_s for a in acks if start_s < a.acked_s < end_s), end_s])
+    gaps = [(b - a, a) for a, b in zip(times, times[1:], strict=False)]
+    return max(gaps)[1] - start_s
 
 
 def started_mono(node: NodeProcess) -> float | None:
@@ -411,7 +452,9 @@ def join(c: Cluster, token: str, writers: int, max_writes: int, settle_s: float)
                 "started_to_voter_s": None if boot is None else voter_at - boot,
                 "started_to_lead_s": None if boot is None else lead_at - boot,
                 "join_gap_s": longest_gap_s(acks, t0, voter_at),
+                "join_gap_at_s": gap_start_s(acks, t0, voter_at),
                 "handover_gap_s": longest_gap_s(acks, voter_at, end),
+                "handover_gap_at_s": gap_start_s(acks, voter_at, end) + voter_at - t0,
                 "writes_acked": len([a for a in acks if a.acked_s >= t0]),
                 "writes_failed": len([f for f in fails if f.at_s >= t0]),
                 "failure_codes": dict(
@@ -464,14 +507,17 @@ def report(r: dict) -> None:
           f"{j['started_to_lead_s'] or 0:.2f} s; handover={j['led_by_handover']})")  # fmt: skip
     if "mb_s" in t:
         print(f"snapshot transfer:                {t['bytes'] / MB:8.0f} MB in {t['seconds']:.2f} s = "
-              f"{t['mb_s']:.0f} MB/s ({t['attempts']} attempt(s), outcomes {t['outcomes']}); install "
+              f"{t['mb_s']:.0f} MB/s from {t['start_after_spawn_s']:.2f} s after spawn ({t['attempts']} "
+              f"attempt(s), outcomes {t['outcomes']}); install "
               f"{t.get('install_ms')} ms")  # fmt: skip
     else:
         print(f"snapshot transfer: none completed ({t})")
     if t["fetch_failures"]:
         print(f"  fetch failures: {t['fetch_failures']}")
-    print(f"longest write gap, join:          {j['join_gap_s'] * 1000:8.0f} ms")
-    print(f"longest write gap, handover:      {j['handover_gap_s'] * 1000:8.0f} ms   "
+    print(f"longest write gap, join:          {j['join_gap_s'] * 1000:8.0f} ms   (from "
+          f"{j['join_gap_at_s']:.2f} s after spawn)")  # fmt: skip
+    print(f"longest write gap, handover:      {j['handover_gap_s'] * 1000:8.0f} ms   (from "
+          f"{j['handover_gap_at_s']:.2f} s after spawn; "
           f"({j['writes_acked']} writes acknowledged, {j['writes_failed']} failed since spawn: "
           f"{j['failure_codes'] or '-'})")  # fmt: skip
     rss = j["rss_kib"]
@@ -541,6 +587,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             result["pad"] = pad
             result["snapshot"] = {"index": st.get("snapshot_index"), "bytes": st.get("snapshot_bytes"),
                                   "log_first_index": st.get("log_first_index")}  # fmt: skip
+            result["window_writes_s"] = flush_window(c, token, WINDOW_WRITES)
             result["fill_rss_kib"] = proc_status_kib(c.nodes[leader].proc.pid, "VmHWM")  # type: ignore[union-attr]
             print("joining a fourth node ...", flush=True)
             result["join"] = join(c, token, args.writers, args.max_writes, args.settle)
