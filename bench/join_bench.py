@@ -20,7 +20,9 @@ Steps (real ``python -m node`` processes, the code of ``tests/support/cluster.py
    LOG_SEGMENT_BYTES=8 MiB, so the fill is snapshotted and the log compacted as it goes. After the fill,
    payload that leaves no data (an insert and a delete of 1 MB in one request) is written until the
    leader's ``snapshot_index`` covers the last fill entry and its ``log_first_index`` is past entry 1: a
-   new node then cannot catch up from the log and must take the snapshot.
+   new node then cannot catch up from the log and must take the snapshot. 300 one-row writes then push
+   the fill's large entries out of the leader's in-memory window of applied entries (256), from which it
+   would send a newcomer log entries instead of the snapshot.
 4. **Join**: the peak-RSS counters of the three nodes are reset (``/proc/<pid>/clear_refs``), a writer
    starts (``--writers`` threads, one 1-row INSERT per request, round-robin over the three nodes, every
    acknowledgement's time recorded; bounded by ``--max-writes`` and the deadline), and a fourth node with
