@@ -71,8 +71,8 @@ MB = 1_000_000
 DEADLINE_S = 900.0  # the longest any one phase may take (a 1 GB fill on a busy machine is minutes)
 JOIN_DEADLINE_S = 300.0  # spawn to voter, voter to leader: 1 GB at 10 MB/s is 100 s
 PAD_BYTES = 1 << 20  # one padding request's payload
-BASELINE_S = 2.0
-WINDOW_WRITES = 300  # more than the leader's in-memory window of applied entries (keep_applied = 256)  # steady writes measured before the newcomer starts
+BASELINE_S = 2.0  # steady writes measured before the newcomer starts
+WINDOW_WRITES = 300  # more than the leader's in-memory window of applied entries (keep_applied = 256)
 
 SCHEMA = (
     "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL, headline TEXT, "
@@ -589,7 +589,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             result["pad"] = pad
             result["snapshot"] = {"index": st.get("snapshot_index"), "bytes": st.get("snapshot_bytes"),
                                   "log_first_index": st.get("log_first_index")}  # fmt: skip
-            result["window_writes_s"] = flush_window(c, token, WINDOW_WRITES)
+            if args.window_writes:
+                result["window_writes_s"] = flush_window(c, token, args.window_writes)
             result["fill_rss_kib"] = proc_status_kib(c.nodes[leader].proc.pid, "VmHWM")  # type: ignore[union-attr]
             print("joining a fourth node ...", flush=True)
             result["join"] = join(c, token, args.writers, args.max_writes, args.settle)
@@ -628,6 +629,10 @@ def main() -> int:
     parser.add_argument("--fill-clients", type=int, default=2)
     parser.add_argument("--writers", type=int, default=1, help="threads of the 1-row writer during the join")
     parser.add_argument("--max-writes", type=int, default=200_000, help="cap per writer thread")
+    parser.add_argument(
+        "--window-writes", type=int, default=WINDOW_WRITES,
+        help="1-row writes before the join (0: the newcomer may get the fill as log from the leader's memory)",
+    )  # fmt: skip
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of writes after the handover")
     args = parser.parse_args()  # fmt: skip
     if not 1 <= args.batch_rows <= 1000:
