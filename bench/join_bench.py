@@ -584,7 +584,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             print(f"filling {args.mb} MB through {leader} ...", flush=True)
             result["fill"] = fill(c, leader, token, target, args.batch_rows, args.fill_clients)
             covered = last_index(c, leader)
-            pad = pad_until_snapshot(c, leader, token, covered, 2 * snapshot_bytes)
+            pad = pad_until_snapshot(c, leader, token, covered, snapshot_bytes + PAD_BYTES)
             st = pad.pop("status")
             result["pad"] = pad
             result["snapshot"] = {"index": st.get("snapshot_index"), "bytes": st.get("snapshot_bytes"),
