@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node import auth  # noqa: E402
 from tests.support.cluster import Cluster, NodeProcess, node_id, parse_timestamp  # noqa: E402
-from tests.support.wait import wait_until  # noqa: E402
+from tests.support.wait import WaitTimeout, wait_until  # noqa: E402
 from tests.support.writeload import WriteLoad, longest_gap_s  # noqa: E402
 
 MB = 1_000_000
@@ -357,6 +357,15 @@ def flush_window(c: Cluster, token: str, count: int, threads: int = 4) -> float:
     return time.monotonic() - started
 
 
+def wait_or_none(predicate: Any, what: str, out: dict) -> float | None:
+    """wait_until for JOIN_DEADLINE_S; on a timeout None, noted in ``out`` (the figures so far still count)."""
+    try:
+        return wait_until(predicate, JOIN_DEADLINE_S, 0.05, what=what)
+    except WaitTimeout:
+        out["timed_out"] = f"{what} (after {JOIN_DEADLINE_S:g} s)"
+        return None
+
+
 def newcomer_is_voter(c: Cluster, asked: list[str], newcomer_id: int) -> bool:
     """Whether the leader of the moment lists the newcomer as a voter. The newcomer is asked too: promotion
     and handover may fall between two polls, and then it is the writable one."""
@@ -432,14 +441,16 @@ def join(c: Cluster, token: str, writers: int, max_writes: int, settle_s: float)
         node = c.start(newcomer)
         sampler = RssSampler({"old_leader": pids[old_leader], "newcomer": node.proc.pid}).start()  # type: ignore[union-attr]
         nid = node_id(newcomer)
-        voter_at = wait_until(
+        voter_at = wait_or_none(
             lambda: time.monotonic() if newcomer_is_voter(c, [*c.ips, newcomer], nid) else None,
-            JOIN_DEADLINE_S, 0.05, what="the newcomer to be a voter", describe=lambda: node.tail(),
+            "the newcomer to be a voter", out,
         )  # fmt: skip
-        lead_at = wait_until(
-            lambda: time.monotonic() if (node.status() or {}).get("writable") else None,
-            JOIN_DEADLINE_S, 0.05, what="the newcomer to lead", describe=lambda: node.tail(),
-        )  # fmt: skip
+        lead_at = None
+        if voter_at is not None:
+            lead_at = wait_or_none(
+                lambda: time.monotonic() if (node.status() or {}).get("writable") else None,
+                "the newcomer to lead", out,
+            )  # fmt: skip
         # Writes keep going for a while after the handover, so a pause right after it is seen.
         time.sleep(settle_s)
         end = time.monotonic()
@@ -447,16 +458,17 @@ def join(c: Cluster, token: str, writers: int, max_writes: int, settle_s: float)
         sampler.stop()
         acks, fails = load.snapshot()
         boot = started_mono(node)
+        joined = voter_at if voter_at is not None else end
         out.update(
             {
-                "to_voter_s": voter_at - t0,
-                "to_lead_s": lead_at - t0,
-                "started_to_voter_s": None if boot is None else voter_at - boot,
-                "started_to_lead_s": None if boot is None else lead_at - boot,
-                "join_gap_s": longest_gap_s(acks, t0, voter_at),
-                "join_gap_at_s": gap_start_s(acks, t0, voter_at),
-                "handover_gap_s": longest_gap_s(acks, voter_at, end),
-                "handover_gap_at_s": gap_start_s(acks, voter_at, end) + voter_at - t0,
+                "to_voter_s": None if voter_at is None else voter_at - t0,
+                "to_lead_s": None if lead_at is None else lead_at - t0,
+                "started_to_voter_s": None if boot is None or voter_at is None else voter_at - boot,
+                "started_to_lead_s": None if boot is None or lead_at is None else lead_at - boot,
+                "join_gap_s": longest_gap_s(acks, t0, joined),
+                "join_gap_at_s": gap_start_s(acks, t0, joined),
+                "handover_gap_s": longest_gap_s(acks, joined, end) if joined < end else None,
+                "handover_gap_at_s": gap_start_s(acks, joined, end) + joined - t0 if joined < end else None,
                 "writes_acked": len([a for a in acks if a.acked_s >= t0]),
                 "writes_failed": len([f for f in fails if f.at_s >= t0]),
                 "failure_codes": dict(
@@ -492,6 +504,14 @@ def mib(kib: int | None) -> str:
     return "?" if kib is None else f"{kib / 1024:.0f} MiB"
 
 
+def secs(value: float | None) -> str:
+    return "       - s" if value is None else f"{value:8.2f} s"
+
+
+def ms(value: float | None) -> str:
+    return "       - ms" if value is None else f"{value * 1000:8.0f} ms"
+
+
 def report(r: dict) -> None:
     f, j = r["fill"], r["join"]
     t = j["transfer"]
@@ -503,10 +523,12 @@ def report(r: dict) -> None:
     print(f"SNAPSHOT_RATE_BYTES_S: {r['rate']}")
     print(f"steady writes before the join: {j['baseline_writes_s']:.0f}/s, longest gap "
           f"{j['baseline_gap_s'] * 1000:.0f} ms in {BASELINE_S:.0f} s")  # fmt: skip
-    print(f"newcomer spawn -> voter:          {j['to_voter_s']:8.2f} s   (from its node_started: "
-          f"{j['started_to_voter_s'] or 0:.2f} s)")  # fmt: skip
-    print(f"newcomer spawn -> leader:         {j['to_lead_s']:8.2f} s   (from its node_started: "
-          f"{j['started_to_lead_s'] or 0:.2f} s; handover={j['led_by_handover']})")  # fmt: skip
+    if j.get("timed_out"):
+        print(f"TIMED OUT waiting for {j['timed_out']}: the figures below are up to then")
+    print(f"newcomer spawn -> voter:          {secs(j['to_voter_s'])}   (from its node_started: "
+          f"{secs(j['started_to_voter_s'])})")  # fmt: skip
+    print(f"newcomer spawn -> leader:         {secs(j['to_lead_s'])}   (from its node_started: "
+          f"{secs(j['started_to_lead_s'])}; handover={j['led_by_handover']})")  # fmt: skip
     if "mb_s" in t:
         print(f"snapshot transfer:                {t['bytes'] / MB:8.0f} MB in {t['seconds']:.2f} s = "
               f"{t['mb_s']:.0f} MB/s from {t['start_after_spawn_s']:.2f} s after spawn ({t['attempts']} "
@@ -518,9 +540,9 @@ def report(r: dict) -> None:
         print(f"  fetch failures: {t['fetch_failures']}")
     print(f"longest write gap, join:          {j['join_gap_s'] * 1000:8.0f} ms   (from "
           f"{j['join_gap_at_s']:.2f} s after spawn)")  # fmt: skip
-    print(f"longest write gap, handover:      {j['handover_gap_s'] * 1000:8.0f} ms   (from "
-          f"{j['handover_gap_at_s']:.2f} s after spawn; "
-          f"({j['writes_acked']} writes acknowledged, {j['writes_failed']} failed since spawn: "
+    print(f"longest write gap, handover:      {ms(j['handover_gap_s'])}   (from "
+          f"{secs(j['handover_gap_at_s'])} after spawn; "
+          f"{j['writes_acked']} writes acknowledged, {j['writes_failed']} failed since spawn: "
           f"{j['failure_codes'] or '-'})")  # fmt: skip
     rss = j["rss_kib"]
     print(f"peak RSS old leader, fill:        {mib(r['fill_rss_kib'])}")
@@ -644,11 +666,12 @@ def main() -> int:
         print("interrupted: every node killed, data removed", file=sys.stderr)
         return 130
     report(result)
+    status = 1 if result["join"].get("timed_out") else 0
     if args.json == "-":
         print(json.dumps(result, indent=2))
     elif args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
