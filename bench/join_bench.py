@@ -296,8 +296,10 @@ def fill(c: Cluster, leader: str, token: str, target_bytes: int, batch_rows: int
 
 
 def pad_until_snapshot(c: Cluster, leader: str, token: str, covered: int, limit_bytes: int) -> dict:
-    """Write payload that leaves no rows (an insert and a delete in one request) until the leader's newest
-    snapshot covers index ``covered`` and its log no longer starts at 1."""
+    """Write payload that leaves no rows (an insert and a delete in one request) until the leader starts a
+    snapshot past index ``covered``, then wait until it is taken and the log no longer starts at 1. Padding
+    stops when the snapshot begins, not when it is taken: copying 1 GB takes tens of seconds, and what is
+    written meanwhile is log after the snapshot that the newcomer would then receive as entries."""
     client = Client(c.nodes[leader].address, token)
     status, body = client.post("/db/execute", [["CREATE TABLE IF NOT EXISTS pad (v TEXT)"]])
     if not execute_ok(status, body):
@@ -312,7 +314,7 @@ def pad_until_snapshot(c: Cluster, leader: str, token: str, covered: int, limit_
                 return {"pad_bytes": sent, "seconds": time.monotonic() - started, "status": st}
             if time.monotonic() - started > DEADLINE_S:
                 break
-            if sent < limit_bytes:
+            if sent < limit_bytes and not snapshot_begun(c.nodes[leader], covered):
                 status, body = client.post(
                     "/db/execute", [["INSERT INTO pad VALUES (?)", blob], ["DELETE FROM pad"]]
                 )
@@ -364,6 +366,11 @@ def wait_or_none(predicate: Any, what: str, out: dict) -> float | None:
     except WaitTimeout:
         out["timed_out"] = f"{what} (after {JOIN_DEADLINE_S:g} s)"
         return None
+
+
+def snapshot_begun(node: NodeProcess, covered: int) -> bool:
+    """The node logged that a snapshot at or past index ``covered`` is due (it is being taken)."""
+    return any(e.get("applied", 0) >= covered for e in node.events("replication_snapshot_due"))
 
 
 def newcomer_is_voter(c: Cluster, asked: list[str], newcomer_id: int) -> bool:
