@@ -142,6 +142,7 @@ class Config:
     # may move: one token bucket, so a 1 GiB transfer never takes the disk, the network and the event loop
     # from heartbeats. 0 means unlimited; otherwise at least 1 MiB/s (one 1 MiB chunk per second: slower,
     # a chunk's wait would trip the 30 s stall timeouts). The default (256 MiB/s) sends 1 GiB in about 4 s.
+    # The bucket holds 100 ms of the rate (at least 1 MiB), so a transfer woken late makes the time up.
     snapshot_rate_bytes_s: int = 256 << 20
     # Snapshot downloads this node serves at once; a further peer is answered 503 with Retry-After.
     snapshot_max_sends: int = 2

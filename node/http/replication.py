@@ -50,7 +50,8 @@ from node.replication import codec, snapshot_transfer, staged_loads
 from node.replication.service import ANSWERED_EPOCH
 from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
 
-# A batch holds up to 256 messages; an Append carries up to 1 MiB of entries (the core's max_batch_bytes).
+# A batch holds up to 256 messages and at most 16 MiB of entry payloads (transport.MAX_BATCH_PAYLOAD_BYTES,
+# base64 in JSON), or one larger message.
 MAX_BATCH_BYTES = 64 << 20
 INLINE_DECODE_BYTES = 64 << 10
 NODE_HEADER = "X-TalentNest-Node"

@@ -61,6 +61,7 @@ META_HEADER = "X-TalentNest-Snapshot"
 SENDER_HEADER = "X-TalentNest-Sender"
 CHUNK_BYTES = 1 << 20  # one read, one bucket take, one write; the most a transfer holds in memory
 DEFAULT_RATE_BYTES_S = 256 << 20
+BURST_S = 0.1  # seconds of its rate a node's bucket holds (see default_burst_bytes)
 MIN_RATE_BYTES_S = CHUNK_BYTES  # below one chunk per second a chunk's wait would trip the stall timeouts
 DEFAULT_MAX_SENDS = 2
 RETRY_AFTER_S = 2
@@ -96,7 +97,23 @@ class Bucket:
     at_s: float | None = None
 
 
-def new_bucket(rate_bytes_s: int, burst_bytes: int = CHUNK_BYTES) -> Bucket:
+def default_burst_bytes(rate_bytes_s: int) -> int:
+    """The burst of a node's bucket: BURST_S of its rate, at least one chunk.
+
+    Why not one chunk: every wait of a paced transfer ends late by however long the scheduler takes to
+    give the process the CPU back (milliseconds, tens of them on a busy machine). The bucket refills
+    during that lateness only up to its burst, so with a burst of one chunk each late wake-up was lost for
+    good: the default 256 MiB/s moved about 85 MB/s when every wake-up came 20 ms late. A tenth of a
+    second of the rate lets the following chunks make that time up, and still bounds any interval to
+    its time at the rate plus 100 ms of it.
+    """
+    return max(CHUNK_BYTES, int(rate_bytes_s * BURST_S))
+
+
+def new_bucket(rate_bytes_s: int, burst_bytes: int | None = None) -> Bucket:
+    """A full bucket; ``burst_bytes`` None: :func:`default_burst_bytes` of the rate."""
+    if burst_bytes is None:
+        burst_bytes = default_burst_bytes(max(0, rate_bytes_s))
     if rate_bytes_s < 0 or burst_bytes < 1:
         raise ValueError("rate must be >= 0 (0: unlimited) and burst >= 1 byte")
     return Bucket(rate_bytes_s, burst_bytes, float(burst_bytes))
@@ -215,12 +232,13 @@ class RateLimiter:
 
     Reads the loop clock and sleeps what :func:`take` says; with rate 0 it still yields once per chunk so
     that a transfer over a fast loopback never runs chunk after chunk without letting other tasks in.
+    ``burst_bytes`` None: :func:`default_burst_bytes` (which makes up for late wake-ups).
     """
 
     def __init__(
         self,
         rate_bytes_s: int,
-        burst_bytes: int = CHUNK_BYTES,
+        burst_bytes: int | None = None,
         *,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,

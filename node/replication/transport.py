@@ -65,6 +65,12 @@ STREAM_RETRY_S = 0.25  # after a stream could not be opened or broke: batches go
 STREAM_RETRY_OLD_S = 30.0  # after a 404/405: the peer runs a release without the stream
 MAX_QUEUED_MESSAGES = 4096
 MAX_BATCH_MESSAGES = 256
+# Entry payload bytes a batch carries (its first message always goes, whatever its size). Why: the receiver
+# refuses a batch over 64 MiB (``node.http.replication.MAX_BATCH_BYTES``: 413, or a stream frame too big)
+# and payloads travel as base64 in JSON (4/3 of their size). 256 Appends of up to 1 MiB each made batches
+# of 80+ MiB when a member caught up on large entries: every one refused, resent and refused again, the
+# member never caught up and the leader lost its lease over and over.
+MAX_BATCH_PAYLOAD_BYTES = 16 << 20
 WORKERS_PER_PEER = 2
 ANSWER_MAX_BYTES = 4096
 FAILURE_BACKOFF_S = 0.05
@@ -99,14 +105,26 @@ class _Peer:
         self.wake.set()
 
     def take(self) -> tuple[str, list[msg.Message]]:
-        """The next batch: up to MAX_BATCH_MESSAGES queued messages of one cluster, in queue order."""
+        """The next batch: up to MAX_BATCH_MESSAGES queued messages of one cluster, in queue order, with at
+        most MAX_BATCH_PAYLOAD_BYTES of entry payloads (unless its first message alone has more)."""
         if not self.queue:
             return "", []
         cluster = self.queue[0][0]
         batch: list[msg.Message] = []
+        payload_bytes = 0
         while self.queue and len(batch) < MAX_BATCH_MESSAGES and self.queue[0][0] == cluster:
+            size = entry_payload_bytes(self.queue[0][1])
+            if batch and payload_bytes + size > MAX_BATCH_PAYLOAD_BYTES:
+                break
+            payload_bytes += size
             batch.append(self.queue.popleft()[1])
         return cluster, batch
+
+
+def entry_payload_bytes(message: msg.Message) -> int:
+    """The log entry payload bytes a message carries (Append, FetchReply); 0 for the others."""
+    entries = getattr(message, "entries", None)
+    return sum(len(e.payload) for e in entries) if isinstance(entries, tuple) else 0
 
 
 class ReplicationTransport:

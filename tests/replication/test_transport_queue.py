@@ -3,9 +3,13 @@ overflow policy drops heartbeats first. Pure (no sockets): the queue is what dec
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from node.core.ids import Endpoint
 from node.core.replication import messages as msg
-from node.replication import transport
+from node.http.replication import MAX_BATCH_BYTES
+from node.replication import codec, transport
 from node.replication.transport import MAX_BATCH_MESSAGES, MAX_QUEUED_MESSAGES
 
 
@@ -45,3 +49,57 @@ def test_a_full_queue_drops_a_heartbeat_before_anything_else():
     assert stats["dropped"] == 1 and len(p.queue) == MAX_QUEUED_MESSAGES
     assert not any(isinstance(m, msg.Heartbeat) for _, m in p.queue)
     assert p.queue[-1][1].match == 99_999
+
+
+def append(seq: int, payload_bytes: int) -> msg.Append:
+    entry = msg.Entry(1, seq, msg.Kind.COMMAND, b"x" * payload_bytes)
+    return msg.Append(1, msg.LogId(1, seq - 1), (entry,), 0, seq)
+
+
+def test_a_member_catching_up_on_large_entries_gets_batches_the_receiver_accepts():
+    # Regression: 256 Appends of 1 MiB went as one batch of 80+ MiB, over the receiver's 64 MiB limit
+    # (413 or a stream frame too big), resent and refused again: a newcomer that had installed a 1 GB
+    # snapshot never caught up on the log after it, and the leader lost its lease over and over.
+    p, stats = peer(), {"dropped": 0}
+    for seq in range(1, 300):
+        p.put("a", append(seq, 1 << 20), stats)
+    _, batch = p.take()
+    body = codec.encode_batch("me", "10.0.0.1:3000", batch, "a")
+    assert len(body) <= MAX_BATCH_BYTES
+    assert sum(transport.entry_payload_bytes(m) for m in batch) <= transport.MAX_BATCH_PAYLOAD_BYTES
+
+
+def test_one_message_larger_than_the_payload_bound_still_goes_alone():
+    p, stats = peer(), {"dropped": 0}
+    p.put("a", append(1, transport.MAX_BATCH_PAYLOAD_BYTES + 1), stats)
+    p.put("a", msg.AppendAck(1, 1, 1), stats)
+    assert [type(m) for m in p.take()[1]] == [msg.Append]
+    assert [type(m) for m in p.take()[1]] == [msg.AppendAck]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    items=st.lists(
+        st.tuples(st.sampled_from(["a"] * 8 + ["", "b"]), st.integers(-1, 8 << 20)), min_size=1, max_size=400
+    )
+)
+def test_batches_keep_every_message_in_order_within_the_bounds(items):
+    """Any queue (clusters, acks and Appends of any payload size): the batches hand every message out once,
+    in queue order, each of one cluster, non-empty, at most MAX_BATCH_MESSAGES, and over
+    MAX_BATCH_PAYLOAD_BYTES of payload only when a single message is."""
+    p, stats = peer(), {"dropped": 0}
+    sent = []
+    for seq, (cluster, size) in enumerate(items, 1):
+        m = msg.AppendAck(1, seq, seq) if size < 0 else append(seq, size)
+        p.put(cluster, m, stats)
+        sent.append((cluster, m))
+    taken = []
+    for _ in range(len(items) + 1):
+        cluster, batch = p.take()
+        if not batch:
+            break
+        assert len(batch) <= MAX_BATCH_MESSAGES
+        payload = sum(transport.entry_payload_bytes(m) for m in batch)
+        assert payload <= transport.MAX_BATCH_PAYLOAD_BYTES or len(batch) == 1
+        taken.extend((cluster, m) for m in batch)
+    assert taken == sent and not p.queue
