@@ -1414,10 +1414,14 @@ class Replicator:
         self._view_dirty = True
 
     async def _read_range(self, first: int, last: int) -> tuple[msg.Entry, ...]:
+        """Entries first..last from the log, or fewer: reading stops once one batch's worth is in hand (the
+        previous entry and ``max_batch_bytes`` of payload), since the core sends one batch per read; large
+        entries are then never read (and held) by the dozen to send one."""
         assert self._asynclog is not None
         out: list[msg.Entry] = []
         index = first
-        while index <= last:
+        size = 0
+        while index <= last and not (len(out) >= 2 and size >= self.options.max_batch_bytes):
             try:
                 chunk = await self._asynclog.read(index, LOG_READ_BYTES)
             except LogCompacted:
@@ -1426,6 +1430,7 @@ class Replicator:
             if not chunk:
                 break
             out.extend(from_log_entry(e) for e in chunk)
+            size += sum(len(e.payload) for e in chunk)
             index = chunk[-1].index + 1
         return tuple(out)
 

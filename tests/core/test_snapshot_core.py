@@ -234,3 +234,36 @@ def test_a_leader_never_installs():
     state = leader_with_compacted_log(first_index=30, snapshot=LogId(2, 32))
     new, ready = machine.step(state, SnapshotFetched("a", LogId(2, 90), CONFIG), 1.0)
     assert ready.install is None and new.role == machine.LEADER
+
+
+def test_entries_read_back_from_the_log_are_sent_one_batch_at_a_time():
+    """Regression: a member catching up from the durable log got every entry of a read in one Append
+    (64 entries of 1 MiB: a 64 MiB message, over the peer's frame limit, refused and resent for ever).
+    Entries read from the disk are cut to one batch like entries sent from memory."""
+    state = leader_with_compacted_log(first_index=1, snapshot=LogId(0, 0))
+    state, ready = behind(state, 10, 1.0)
+    (read,) = [r for r in ready.read_log if r.peer == "a"]
+    big = tuple(Entry(2, i, Kind.COMMAND, b"x" * (600 << 10)) for i in range(read.first, read.last + 1))
+    state, ready = machine.step(state, LogRead(read, big), 1.1)
+    appends = [s.message for s in ready.messages if s.to == "a" and isinstance(s.message, Append)]
+    assert len(appends) == 1
+    sent = appends[0].entries
+    assert len(sent) == 1  # two of 600 KiB would pass max_batch_bytes (1 MiB): at least one, never more
+    assert appends[0].prev == big[0].id and sent[0] == big[1]
+    assert state.progress["a"].next == sent[-1].index + 1  # the rest is read again from there
+
+
+@given(sizes=st.lists(st.integers(0, 3 << 20), min_size=2, max_size=70))
+def test_every_append_from_the_log_respects_the_batch_bounds(sizes):
+    options = machine.Options()
+    state = leader_with_compacted_log(first_index=1, snapshot=LogId(0, 0))
+    state, ready = behind(state, 10, 1.0)
+    (read,) = [r for r in ready.read_log if r.peer == "a"]
+    count = min(len(sizes), read.last - read.first + 1)
+    entries = tuple(Entry(2, read.first + i, Kind.COMMAND, b"y" * sizes[i]) for i in range(count))
+    state, ready = machine.step(state, LogRead(read, entries), 1.1)
+    for s in ready.messages:
+        if isinstance(s.message, Append):
+            sent = s.message.entries
+            assert 1 <= len(sent) <= options.max_batch_entries
+            assert len(sent) == 1 or sum(len(e.payload) for e in sent) <= options.max_batch_bytes

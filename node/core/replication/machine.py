@@ -427,11 +427,16 @@ class _Step:
 
     def entries_from(self, first: int) -> list[Entry]:
         """In-memory entries first.. limited by the batch bounds (at least one entry)."""
+        return self.bounded(self.log, first - self.base.index - 1)
+
+    def bounded(self, entries: tuple[Entry, ...] | list[Entry], start: int = 0) -> list[Entry]:
+        """``entries[start:]`` cut to one batch: at most max_batch_entries and max_batch_bytes of payload
+        (at least one entry). Every Append and FetchReply is one batch, whether its entries come from
+        memory or from the disk, so a member catching up on large entries never gets one huge message."""
         out: list[Entry] = []
         size = 0
-        log = self.log
-        for i in range(first - self.base.index - 1, len(log)):
-            e = log[i]
+        for i in range(start, len(entries)):
+            e = entries[i]
             if out and (
                 len(out) >= self.o.max_batch_entries or size + len(e.payload) > self.o.max_batch_bytes
             ):
@@ -1098,7 +1103,8 @@ class _Step:
             return
         if req.purpose == "fetch":
             if self.hard.promised_to == req.peer:
-                self.send(req.peer, FetchReply(req.epoch, req.first, inp.entries, self.last_id))
+                batch = tuple(self.bounded(inp.entries))
+                self.send(req.peer, FetchReply(req.epoch, req.first, batch, self.last_id))
             return
         p = self.progress.get(req.peer)
         if self.role != LEADER or p is None or not p.reading:
@@ -1108,9 +1114,9 @@ class _Step:
         entries = inp.entries
         if start is not None and req.first == start[0] and entries and entries[0].index == req.first:
             if start[1] is not None:
-                prev, batch = start[1], entries
+                prev, batch = start[1], self.bounded(entries)
             else:
-                prev, batch = entries[0].id, entries[1:]
+                prev, batch = entries[0].id, self.bounded(entries, 1)
             if batch:
                 self.send(req.peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
                 p = replace(p, next=p.next + len(batch), inflight=p.inflight + 1)
