@@ -76,8 +76,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from node import errors
 from node.core import membership as m
 from node.core.ids import Endpoint
@@ -89,17 +87,11 @@ from node.replication.snapshotting import Snapshots
 from node.replication.transport import ReplicationTransport
 from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
-from node.storage import quarantine, statemachine
+from node.storage import corestate, quarantine, statemachine
 from node.storage import results as res
 from node.storage.asynclog import AsyncLog
-from node.storage.durable import (
-    FramedFileError,
-    decode_framed,
-    encode_framed,
-    free_bytes,
-    is_disk_full,
-    write_atomic,
-)
+from node.storage.corestate import REPLICATION_STATE_FILE, HardStateDamaged, load_core_hard_state
+from node.storage.durable import free_bytes, is_disk_full
 from node.storage.hardstate import HARD_STATE_FILE_NAME
 from node.storage.identity import IDENTITY_FILE_NAME, IdentityError, load_or_create_identity, read_identity
 from node.storage.log import (
@@ -145,10 +137,6 @@ STAGE_SPACE_FACTOR = 2
 FILE_FETCH_RETRY_FIRST_S = 0.5
 FILE_FETCH_RETRY_MAX_S = 8.0
 
-REPLICATION_STATE_FILE = "replication-state"
-_STATE_MAGIC = b"TNREPST\x00"
-_STATE_VERSION = 1
-
 # Everything in DATA_DIR that carries this node's replicated state, in the order a quarantine moves it: the
 # identity last, so that until the very end the node is still the old member with all of its state, and a
 # crash in between is finished at the next start (node.storage.quarantine). The peer incarnation stays: it
@@ -163,59 +151,6 @@ QUARANTINE_ADVICE = (
     "counts as a silent voter: DELETE /cluster/voters/<old identity> removes it at once); check the "
     "quarantined copy, and remove it to free its space once it is no longer needed"
 )
-
-
-# --- the core's hard state on disk ---------------------------------------------------------------------------
-# The core's HardState holds the configuration history (voters AND learners, with their log indices), which
-# node.storage.hardstate's record has no room for; it gets its own framed, versioned, atomically replaced file.
-
-
-def encode_core_hard_state(hard: msg.HardState, identity: str) -> bytes:
-    body = {
-        "identity": identity,
-        "epoch": hard.epoch,
-        "promised_to": hard.promised_to,
-        "configs": [[i, c.encode().decode()] for i, c in hard.configs],
-        "cluster": hard.cluster,
-    }
-    return encode_framed(_STATE_MAGIC, _STATE_VERSION, orjson.dumps(body))
-
-
-def decode_core_hard_state(data: bytes) -> tuple[str, msg.HardState]:
-    """(identity of the node that wrote it, hard state)."""
-    _, raw = decode_framed(data, _STATE_MAGIC, frozenset({_STATE_VERSION}))
-    body = orjson.loads(raw)
-    configs = tuple((int(i), msg.Config.decode(c.encode())) for i, c in body["configs"])
-    cluster = body.get("cluster", "")  # absent in files written before clusters were named
-    if not isinstance(cluster, str):
-        raise ValueError("cluster must be a string")
-    return str(body["identity"]), msg.HardState(int(body["epoch"]), body["promised_to"], configs, cluster)
-
-
-def save_core_hard_state(directory: Path, hard: msg.HardState, identity: str) -> None:
-    """Blocking: durable when it returns (temp file, fsync, rename, fsync the directory)."""
-    write_atomic(directory / REPLICATION_STATE_FILE, encode_core_hard_state(hard, identity))
-
-
-def load_core_hard_state(directory: Path, identity: str) -> msg.HardState | None:
-    """Blocking. None if never saved; a damaged file, or one another node wrote (a copied DATA_DIR file),
-    raises: never read as 'no promise made'."""
-    path = directory / REPLICATION_STATE_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        owner, hard = decode_core_hard_state(data)
-    except (FramedFileError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise HardStateDamaged(f"{path} is unreadable: {exc}") from exc
-    if owner != identity:
-        raise RuntimeError(f"{path} belongs to node {owner}, not to this node ({identity})")
-    return hard
-
-
-class HardStateDamaged(RuntimeError):
-    """The core hard-state file exists but cannot be read: what this node promised is lost."""
 
 
 class _Damaged(Exception):
@@ -1227,7 +1162,8 @@ class Replicator:
                 self._hard_writes += 1
                 hard = ready.hard_state
                 write = _queued(
-                    alog.run_future, lambda _log, h=hard: save_core_hard_state(self.data_dir, h, identity)
+                    alog.run_future,
+                    lambda _log, h=hard: corestate.save_core_hard_state(self.data_dir, h, identity),
                 )
                 write.add_done_callback(self._hard_write_done)
                 writes.append(write)
