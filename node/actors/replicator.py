@@ -40,18 +40,11 @@ Bounded queues and their overflow policies:
 * Readys waiting for their writes (the completer's queue): ``MAX_UNSYNCED_READYS``; beyond it the loop
   waits (backpressure).
 
-Start-up integrity (``_open_storage``): the database's ``quick_check`` and the log's recovery (every
-checksum) run side by side, then the identity and the hard state are read and the entries to restore. If
-any of them is damaged (the database fails its check, the log raises LogCorrupt at open or when read, the
-hard state or the identity is unreadable), everything that carries the replicated state is moved into
-``DATA_DIR/quarantine/<UTC time>/`` as one event (``REPLICATED_STATE_NAMES``, durable renames, finished at
-the next start after a crash: :mod:`node.storage.quarantine`), one ``data_quarantined`` error line says
-what and where, and the node starts again empty under a new identity: the leader adds it as a learner and
-promotes it once caught up, so it never counts toward a quorum with promises it lost; the old identity is
-reaped after ``reap_timeout_s``. While a quarantine is kept and the node holds no replicated state, it
-only ever joins a cluster, never bootstraps one (``rejoin_only``): alone, it stays not ready and serves
-nothing rather than an empty database in place of the data it lost, until an operator removes the
-quarantine.
+Start-up integrity and quarantine (:mod:`node.replication.startup`, read its docstring): before the core
+state is built, the database and the log are checked and the identity and hard state read; damaged
+replicated state is quarantined as one event and the node starts again empty under a new identity, and
+while a quarantine is kept and the node holds no replicated state it only rejoins a cluster, never
+bootstraps one (``rejoin_only``).
 
 Formation and merge: the rules are pure, in ``node.core.replication.formation`` (read its docstring);
 this actor gathers the facts and acts. An empty node waits ``FORMATION_WINDOW`` (plus at most one more
@@ -72,7 +65,7 @@ import contextlib
 import itertools
 import os
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,30 +76,25 @@ from node.core.replication import formation, machine
 from node.core.replication import messages as msg
 from node.replication import codec, staged_loads
 from node.replication import snapshot_transfer as transfer
+from node.replication.codec import from_log_entry, to_log_entry
 from node.replication.snapshotting import Snapshots
+from node.replication.startup import Restore, StorageOpener, read_restore
 from node.replication.transport import ReplicationTransport
 from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
-from node.storage import corestate, quarantine, statemachine
+from node.storage import corestate, statemachine
 from node.storage import results as res
 from node.storage.asynclog import AsyncLog
-from node.storage.corestate import REPLICATION_STATE_FILE, HardStateDamaged, load_core_hard_state
+from node.storage.corestate import REPLICATION_STATE_FILE
 from node.storage.durable import free_bytes, is_disk_full
-from node.storage.hardstate import HARD_STATE_FILE_NAME
-from node.storage.identity import IDENTITY_FILE_NAME, IdentityError, load_or_create_identity, read_identity
 from node.storage.log import (
-    LOG_DIR_NAME,
     DurableLog,
     LogCompacted,
-    LogCorrupt,
     LogDiskFull,
-    LogEntry,
     LogError,
     LogIOError,
 )
-from node.storage.snapshots import SNAPSHOT_DIR_NAME
-from node.storage.sqlite import DB_FILE_NAMES, ApplyFailed, Database, RequestRow
-from node.storage.sqlite import State as DbState
+from node.storage.sqlite import ApplyFailed, Database, RequestRow
 from node.storage.statemachine import Applied
 
 TICK_S = 0.01
@@ -137,35 +125,6 @@ STAGE_SPACE_FACTOR = 2
 FILE_FETCH_RETRY_FIRST_S = 0.5
 FILE_FETCH_RETRY_MAX_S = 8.0
 
-# Everything in DATA_DIR that carries this node's replicated state, in the order a quarantine moves it: the
-# identity last, so that until the very end the node is still the old member with all of its state, and a
-# crash in between is finished at the next start (node.storage.quarantine). The peer incarnation stays: it
-# must keep increasing whatever the identity (node.runtime.incarnation).
-REPLICATED_STATE_NAMES = (
-    *DB_FILE_NAMES, LOG_DIR_NAME, SNAPSHOT_DIR_NAME, REPLICATION_STATE_FILE, HARD_STATE_FILE_NAME,
-    IDENTITY_FILE_NAME,
-)  # fmt: skip
-QUARANTINE_ADVICE = (
-    "the node rejoins its cluster as a new member (a learner until it has caught up, then a voter); the "
-    "leader removes the old identity once it has been silent for the reap timeout (60 s; until then it "
-    "counts as a silent voter: DELETE /cluster/voters/<old identity> removes it at once); check the "
-    "quarantined copy, and remove it to free its space once it is no longer needed"
-)
-
-
-class _Damaged(Exception):
-    """Start-up found replicated state it cannot trust; ``str()`` says what (for the log line)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Restore:
-    """What the durable state holds at start, read before the core state is built from it."""
-
-    hard: msg.HardState | None
-    applied: int
-    last: tuple[int, int]  # the log's (epoch, index)
-    base_epoch: int = 0
-    entries: tuple[msg.Entry, ...] = ()
 
 
 def _remove_durably(path: Path) -> None:
@@ -177,22 +136,6 @@ def _remove_durably(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _what_failed(exc: BaseException) -> str:
-    if isinstance(exc, LogCorrupt):
-        return "log"
-    if isinstance(exc, IdentityError):
-        return "identity"
-    return "hard state"
-
-
-def to_log_entry(entry: msg.Entry) -> LogEntry:
-    return LogEntry(entry.epoch, entry.index, codec.KIND_CODES[entry.kind], entry.payload)
-
-
-def from_log_entry(entry: LogEntry) -> msg.Entry:
-    return msg.Entry(entry.epoch, entry.index, codec.KINDS_BY_CODE[entry.kind], entry.payload)
 
 
 # --- client-facing errors -----------------------------------------------------------------------------------
@@ -376,6 +319,12 @@ class Replicator:
         # the data it lost, silently). Why, for /readyz and data calls, until it is a member.
         self.rejoin_only: str | None = None
         self._rejoin_logged = False
+        # Start-up integrity and quarantine: see node.replication.startup.
+        self._opener = StorageOpener(
+            data_dir=data_dir, database=database, snapshots=self.snapshots, log=log,
+            log_segment_bytes=log_segment_bytes, read_bytes=LOG_READ_BYTES, adopt=self._adopt_storage,
+            hold=self._set_rejoin_only,
+        )  # fmt: skip
         self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
         # One staged-load download at a time (POST /cluster/replication/stage).
@@ -581,7 +530,7 @@ class Replicator:
     async def run(self, stop: asyncio.Event) -> None:
         self.database.announce_check()  # before the first await: no data call sees "not open" meanwhile
         try:
-            restore = await self._open_storage(stop)
+            restore = await self._opener.open(stop)
             if restore is None:
                 return  # stopping, or a database that cannot be opened (the node stays not ready)
             assert self.identity is not None and self._asynclog is not None
@@ -615,154 +564,12 @@ class Replicator:
             if self._asynclog is not None:
                 await self._asynclog.close()
 
-    # --- start-up: integrity, quarantine ------------------------------------------------------------------
-
-    async def _open_storage(self, stop: asyncio.Event) -> _Restore | None:
-        """Open the database (``quick_check``) and the log (every checksum), load the identity and read what
-        the core is restored from. If any of it is damaged, move the whole replicated state aside as one
-        event (:mod:`node.storage.quarantine`) and start again as a new, empty node: a new identity, so the
-        cluster adds it as a learner and it counts toward no quorum before it has caught up (it lost what
-        it promised and acknowledged). None: stopping, or the database cannot be opened for another reason.
-
-        A crash in the middle of a quarantine is finished here first, before anything opens those files."""
-        finished = await asyncio.to_thread(quarantine.finish_pending, self.data_dir)
-        if finished is not None:
-            self.log.error(
-                "data_quarantined", path=str(finished.path), moved=list(finished.moved),
-                damaged="(a quarantine a crash interrupted, finished now)", advice=QUARANTINE_ADVICE,
-            )  # fmt: skip
-        kept = await asyncio.to_thread(quarantine.usage, self.data_dir)
-        if kept.events:
-            self.log.warning(
-                "quarantined_data_kept", path=str(self.data_dir / quarantine.QUARANTINE_DIR),
-                events=kept.events, size_bytes=kept.size_bytes,
-                advice="damaged state moved aside earlier; check it and remove it to free its space",
-            )  # fmt: skip
-            # Set before the database opens, so that not one read serves the empty copy of a node whose
-            # data was quarantined (cleared below if this node holds replicated state after all).
-            self._hold_for_rejoin()
-        try:
-            restore = await self._open_checked(stop)
-        except _Damaged as damage:
-            await self._quarantine_state(str(damage))
-            self._hold_for_rejoin()
-            try:
-                restore = await self._open_checked(stop)
-            except _Damaged as again:
-                # A new, empty state failing its checks means the disk or the filesystem is failing: exit.
-                raise RuntimeError(f"DATA_DIR is damaged again right after a quarantine: {again}") from None
-        if restore is None or restore.hard is not None or restore.last[1] > 0:
-            self.rejoin_only = None  # a member with its own state: an old quarantine changes nothing
-        return restore
-
-    def _hold_for_rejoin(self) -> None:
-        where = self.data_dir / quarantine.QUARANTINE_DIR
-        self.rejoin_only = (
-            f"this node's damaged data was moved to {where}; it joins a cluster that holds the data "
-            "and never starts an empty cluster of its own in its place; with no cluster to rejoin, "
-            "remove that directory to start empty, then load a backup"
-        )
-
-    async def _open_checked(self, stop: asyncio.Event) -> _Restore | None:
-        """One attempt of :meth:`_open_storage`: raises _Damaged (the database and log closed again)."""
-        segment = {} if self._log_segment_bytes is None else {"segment_bytes": self._log_segment_bytes}
-        log = AsyncLog(lambda: DurableLog.open(self.data_dir / LOG_DIR_NAME, **segment))
-        # The database's check and the log's recovery each read a whole file: side by side.
-        started, opened = await asyncio.gather(self._start_database(stop), log.start(), return_exceptions=True)
-        if opened is None:
-            self._asynclog = log  # closed by run() whatever happens next
-        if isinstance(started, BaseException):
-            raise started  # Database.start reports bad files in its state: this is a bug or a cancellation
-        if isinstance(opened, BaseException) and not isinstance(opened, LogCorrupt):
-            raise opened  # not damage (a newer format, an I/O error): the node exits as before
-        damage: list[str] = []
-        await self._wait_database(stop)
-        if stop.is_set():
-            return None
-        if self.database.state == DbState.CORRUPT:
-            damage.append(f"database: {self.database.state_detail}")
-        elif not self.database.is_open:
-            return None  # failed for another reason: logged by the database; not ready until a restart
-        if isinstance(opened, LogCorrupt):
-            damage.append(f"log: {opened}")
-        if not damage:
-            try:
-                self.identity = await asyncio.to_thread(load_or_create_identity, self.data_dir)
-                return await self._read_restore()
-            except (LogCorrupt, HardStateDamaged, IdentityError) as exc:
-                damage.append(f"{_what_failed(exc)}: {exc}")
-        await self._close_storage()
-        raise _Damaged("; ".join(damage))
-
-    async def _start_database(self, stop: asyncio.Event) -> None:
-        """Start the database unless someone did (the in-process tests start it themselves)."""
-        if not self.database.started and not stop.is_set():
-            await self.database.start()
-
-    async def _close_storage(self) -> None:
-        log, self._asynclog = self._asynclog, None
-        if log is not None:
-            await log.close()
-        await self.database.close()
-        self.database.announce_check()  # it opens again, empty, right after the quarantine
-        self.identity = None
-
-    async def _quarantine_state(self, damage: str) -> None:
-        try:
-            old_identity = await asyncio.to_thread(read_identity, self.data_dir)
-        except IdentityError:
-            old_identity = None
-        moved = await asyncio.to_thread(quarantine.quarantine, self.data_dir, REPLICATED_STATE_NAMES, damage)
-        kept = await asyncio.to_thread(quarantine.usage, self.data_dir)
-        self.log.error(
-            "data_quarantined", path=str(moved.path), damaged=damage, moved=list(moved.moved),
-            size_bytes=moved.size_bytes, old_identity=old_identity, quarantine_events=kept.events,
-            quarantine_bytes=kept.size_bytes, advice=QUARANTINE_ADVICE,
-        )  # fmt: skip
-
-    async def _wait_database(self, stop: asyncio.Event) -> None:
-        """Until the database is open or found corrupt. Bounded by the process's life."""
-        logged = False
-        while not stop.is_set() and not self.database.is_open and self.database.state != DbState.CORRUPT:
-            if self.database.state == DbState.FAILED and not logged:
-                logged = True
-                self.log.error("replication_waits_for_database", state=self.database.state)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
-                    await stop.wait()
-
-    async def _read_restore(self) -> _Restore:
-        """Read what the core is restored from (raises LogCorrupt, HardStateDamaged)."""
-        assert self._asynclog is not None and self.identity is not None
-        hard = await asyncio.to_thread(load_core_hard_state, self.data_dir, self.identity)
-        applied = await self.database.applied_index()
-        self.snapshots.alog = self._asynclog
-        await self.snapshots.open()  # (again after a quarantine or a resync: it only reads the directory)
-        await self.snapshots.repair_log(applied)  # an install cut short between database and log
-        last_epoch, last_index = self._asynclog.last
-        first_index = self._asynclog.first_index
-        if (hard is None and (last_index == 0 or last_epoch == 0)) or not first_index - 1 <= applied <= last_index:
-            return _Restore(hard, applied, (last_epoch, last_index))  # refused or formed: _start_state
-        if hard is not None and not hard.cluster and last_index and first_index == 1:
-            # Written before clusters were named: every member derives the same name from entry 1.
-            first = await self._asynclog.read(1, LOG_READ_BYTES)
-            if first:
-                hard = replace(hard, cluster=machine.legacy_cluster(from_log_entry(first[0])))
-        base_epoch = await self._asynclog.epoch_at(applied) if applied else 0
-        entries: list[msg.Entry] = []
-        index = applied + 1
-        while index <= last_index:
-            chunk = await self._asynclog.read(index, LOG_READ_BYTES)
-            if not chunk:
-                break
-            entries.extend(from_log_entry(e) for e in chunk)
-            index = chunk[-1].index + 1
-        return _Restore(hard, applied, (last_epoch, last_index), base_epoch, tuple(entries))
-
-    async def _start_state(self, stop: asyncio.Event, restore: _Restore | None = None) -> None:
+    async def _start_state(self, stop: asyncio.Event, restore: Restore | None = None) -> None:
         assert self._asynclog is not None and self.identity is not None
         if restore is None:
-            restore = await self._read_restore()
+            restore = await read_restore(
+                self.data_dir, self._asynclog, self.identity, self.database, self.snapshots, LOG_READ_BYTES
+            )
         hard, applied = restore.hard, restore.applied
         last_epoch, last_index = restore.last
         if hard is None and (last_index == 0 or last_epoch == 0):
@@ -891,6 +698,13 @@ class Replicator:
         self.log.info("replication_bootstrapped", voters=1, identity=self.identity, cluster=cluster)
         await self._carry_out([ready])
         await self._drain()  # a bootstrap is durable before anything else runs
+
+    def _adopt_storage(self, alog: AsyncLog | None, identity: str | None) -> None:
+        """What the StorageOpener opened (None: closed again for a quarantine)."""
+        self._asynclog, self.identity = alog, identity
+
+    def _set_rejoin_only(self, reason: str | None) -> None:
+        self.rejoin_only = reason
 
     # --- the loop ---------------------------------------------------------------------------------------
 
