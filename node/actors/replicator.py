@@ -25,7 +25,9 @@ Apply: committed entries go, in order, to the applier task, which gives each run
 ``Database.apply(last index, all their commands)``: one SQLite transaction whose applied index moves to the
 last entry, so a run is applied all or nothing (a later entry can never be recorded while an earlier one
 failed). A failed apply is retried (the replica reports the entries as not applied meanwhile): a local
-failure is never a result.
+failure is never a result. A file load (``LoadFile``: /db/load of an SQLite file) replaces the whole
+database, so it applies alone; staging, fetching, applying and pruning those files is
+:mod:`node.replication.file_loads`.
 
 Clients: ``submit`` answers when the entry is applied (the real results), as discarded when the entry
 applied at its index has another epoch (a leader change overwrote it), at once with the core's reason when
@@ -74,19 +76,19 @@ from node.core import membership as m
 from node.core.ids import Endpoint
 from node.core.replication import formation, machine
 from node.core.replication import messages as msg
-from node.replication import codec, staged_loads
+from node.replication import codec
 from node.replication import snapshot_transfer as transfer
 from node.replication.codec import from_log_entry, to_log_entry
+from node.replication.file_loads import FileLoads, load_sources
 from node.replication.snapshotting import Snapshots
 from node.replication.startup import Restore, StorageOpener, read_restore
 from node.replication.transport import ReplicationTransport
 from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
 from node.storage import corestate, statemachine
-from node.storage import results as res
 from node.storage.asynclog import AsyncLog
 from node.storage.corestate import REPLICATION_STATE_FILE
-from node.storage.durable import free_bytes, is_disk_full
+from node.storage.durable import is_disk_full
 from node.storage.log import (
     DurableLog,
     LogCompacted,
@@ -94,7 +96,7 @@ from node.storage.log import (
     LogError,
     LogIOError,
 )
-from node.storage.sqlite import ApplyFailed, Database, RequestRow
+from node.storage.sqlite import ApplyFailed, Database
 from node.storage.statemachine import Applied
 
 TICK_S = 0.01
@@ -118,12 +120,6 @@ INLINE_DECODE_BYTES = 64 << 10
 MAX_UNSYNCED_READYS = 1024
 REFUSED_HOLD_S = 2.0
 
-# A node staging a load file wants about this many times its size free: the staged file and the copy a
-# load swaps in (plus the old database until the swap).
-STAGE_SPACE_FACTOR = 2
-# A load file this node lacks when its entry is due: fetched again after a pause doubling up to the max.
-FILE_FETCH_RETRY_FIRST_S = 0.5
-FILE_FETCH_RETRY_MAX_S = 8.0
 
 
 
@@ -327,10 +323,12 @@ class Replicator:
         )  # fmt: skip
         self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
-        # One staged-load download at a time (POST /cluster/replication/stage).
-        self._stage_lock = asyncio.Lock()
-        # After a failed fetch of a missing load file: (sha256, next attempt at, delay, reason).
-        self._file_fetch_backoff: tuple[str, float, float, str] | None = None
+        # Staged SQLite-file loads (applying, fetching a missed file, staging, pruning): see
+        # node.replication.file_loads.
+        self.file_loads = FileLoads(
+            data_dir=data_dir, database=database, snapshots=self.snapshots, log=log,
+            sources=lambda: load_sources(self.state, self.identity, self.url_of),
+        )  # fmt: skip
 
     # --- what other components ask ---------------------------------------------------------------------
 
@@ -1323,144 +1321,23 @@ class Replicator:
         return len(run)
 
     async def _apply_file(self, entry: msg.Entry, command: statemachine.Command) -> None:
-        """Apply a file load (``LoadFile``) at ``entry.index``: the staged file (fetched first from a member
-        that holds it, if this node missed the staging) is copied, stamped with the index and the load's
-        request ID and swapped in, the same on every replica. A retry of a load already applied (its request
-        ID is in the database) loads nothing again and answers the first outcome. Any failure raises: the
+        """Apply a file load (``LoadFile``): see node.replication.file_loads. Any failure raises: the
         applier retries it (a local failure is never a result)."""
-        load = command.load
-        assert isinstance(load, statemachine.LoadFile)
-        loads = self.snapshots.loads
-        if not loads.has(load.sha256, load.size_bytes):
-            await self._fetch_load_file(load)
-        digest = statemachine.digest(command)
-        stored = None
-        if command.request_id is not None:
-            stored = await self._stored_request(command.client, command.request_id)
-        if stored is not None:
-            idx, stored_digest, data = stored
-            if stored_digest != digest:
-                why = f"request id {command.request_id!r} was already used for a different request"
-                outcome = Applied((res.failed(why),), idx, True)
-            else:
-                outcome = Applied(tuple(res.decode_results(data)), idx, True)
-            # Only the entry's index is recorded as applied: the load itself happened before.
-            await self.database.apply_entries([statemachine.Entry(entry.index, ())])
-        else:
-            result = res.StatementResult(rows_affected=0)
-            row = None
-            if command.request_id is not None:
-                row = RequestRow(
-                    command.client, command.request_id, digest, res.encode_results([result])
-                )
-            temp = self.database.temp_path("load")
-            started = asyncio.get_running_loop().time()
-            try:
-                await asyncio.to_thread(loads.copy_to, load.sha256, temp)
-                loaded = await self.database.load_sqlite_file(
-                    temp, index=entry.index, request=row, only_above=True
-                )
-            finally:
-                await asyncio.shield(asyncio.to_thread(temp.unlink, True))
-            self.log.info(
-                "replicated_load_applied", index=entry.index, sha256=load.sha256[:16], bytes=load.size_bytes,
-                took_ms=round((asyncio.get_running_loop().time() - started) * 1000, 1), skipped=not loaded,
-            )  # fmt: skip
-            # Not loaded: the database already held this index (an installed snapshot holds the load).
-            outcome = Applied((result,), entry.index) if loaded else None
-        loads.mark_applied(load.sha256, entry.index)
+        outcome = await self.file_loads.apply(entry, command)
         self.applied_index = max(self.applied_index, entry.index)
         self._answer_applied(entry, outcome)
         self._serve_confirmed()
 
-    async def _fetch_load_file(self, load: statemachine.LoadFile) -> None:
-        """Fetch a staged file this node missed, from the leader or any member. After a failure the next
-        attempt waits, doubling from FILE_FETCH_RETRY_FIRST_S up to FILE_FETCH_RETRY_MAX_S (the applier
-        retries every APPLY_RETRY_S; between fetches it is told the last failure again, which its log
-        line already named)."""
-        now = asyncio.get_running_loop().time()
-        backoff = self._file_fetch_backoff
-        if backoff is not None and backoff[0] == load.sha256 and now < backoff[1]:
-            raise staged_loads.StagedFileMissing(backoff[3])
-        try:
-            source = await staged_loads.fetch(
-                self.snapshots.loads, load.sha256, load.size_bytes, self._load_sources(),
-                sign_headers=self._sign_headers(), log=self.log, rate=self.snapshots.rate,
-            )  # fmt: skip
-        except staged_loads.StagedFileMissing as exc:
-            delay = FILE_FETCH_RETRY_FIRST_S
-            if backoff is not None and backoff[0] == load.sha256:
-                delay = min(2 * backoff[2], FILE_FETCH_RETRY_MAX_S)
-            reason = f"load file {load.sha256[:12]}... is missing here and no member served it yet"
-            self._file_fetch_backoff = (load.sha256, now + delay, delay, reason)
-            self.log.warning("staged_load_fetch_failed", sha256=load.sha256[:16], reason=str(exc)[:300],
-                             next_in_s=delay)  # fmt: skip
-            raise staged_loads.StagedFileMissing(reason) from None
-        self._file_fetch_backoff = None
-        self.log.info("staged_load_fetched", sha256=load.sha256[:16], bytes=load.size_bytes, via=source)
-
-    async def _stored_request(self, client: str, request_id: str) -> tuple[int, bytes, bytes] | None:
-        def lookup(job: Any) -> tuple[int, bytes, bytes] | None:
-            ops = self.database._ops(job)
-            table = statemachine.REQUESTS_TABLE
-            if not ops.internal("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (table,)):
-                return None
-            rows = ops.internal(
-                f"SELECT idx, digest, results FROM {table} WHERE client = ? AND request_id = ?",
-                (client, request_id),
-            )
-            return (int(rows[0][0]), bytes(rows[0][1]), bytes(rows[0][2])) if rows else None
-
-        return await self.database._write(lookup)
-
-    def _sign_headers(self) -> transfer.SignHeaders:
-        if self.snapshots.sign_headers is None:
-            raise errors.Unavailable("replication has not started: no peer signer yet")
-        return self.snapshots.sign_headers
-
-    def _load_sources(self) -> list[str]:
-        """Where a missing staged file may be: the leader first, then every other member."""
-        s = self.state
-        if s is None:
-            return []
-        order = [machine.status(s).leader, *sorted(s.config.voters), *sorted(s.config.learners)]
-        urls: list[str] = []
-        for identity in order:
-            url = None if identity is None or identity == self.identity else self.url_of(identity)
-            if url is not None and url not in urls:
-                urls.append(url)
-        return urls
-
     async def stage_load(self, sender: Endpoint, sha256: str, size_bytes: int) -> None:
-        """``POST /cluster/replication/stage``: hold the file durably (pulled from ``sender``, the leader
-        staging a load) before answering. One download at a time; a file already held answers at once."""
-        loads = self.snapshots.loads
-        if loads.has(sha256, size_bytes):
-            return
-        async with self._stage_lock:
-            if loads.has(sha256, size_bytes):
-                return
-            free = await asyncio.to_thread(free_bytes, self.data_dir)
-            if free < STAGE_SPACE_FACTOR * size_bytes:
-                raise errors.InsufficientStorage(
-                    f"DATA_DIR has {free} bytes free; staging a {size_bytes}-byte load file needs about "
-                    f"{STAGE_SPACE_FACTOR * size_bytes}"
-                )
-            await staged_loads.fetch(
-                loads, sha256, size_bytes, [sender.url], sign_headers=self._sign_headers(), log=self.log,
-                rate=self.snapshots.rate,
-            )  # fmt: skip
-            self.log.info("staged_load_received", sha256=sha256[:16], bytes=size_bytes, source=str(sender))
+        """``POST /cluster/replication/stage``: see :meth:`FileLoads.stage`."""
+        await self.file_loads.stage(sender, sha256, size_bytes)
 
     async def _prune_staged_loads(self) -> None:
         """Staged files whose entry the log no longer holds are not needed again (module doc of
         ``staged_loads``)."""
         if self._asynclog is None:
             return
-        memory_base = self.applied_index - self.options.keep_applied
-        for sha256 in self.snapshots.loads.removable(self._asynclog.first_index, memory_base):
-            await asyncio.to_thread(self.snapshots.loads.remove, sha256)
-            self.log.info("staged_load_removed", sha256=sha256[:16])
+        await self.file_loads.prune(self._asynclog.first_index, self.applied_index - self.options.keep_applied)
 
     def _serve_confirmed(self) -> None:
         if self._confirmed:
