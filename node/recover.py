@@ -31,15 +31,11 @@ import uuid
 from pathlib import Path
 from typing import TextIO
 
-from node.actors.replicator import (
-    from_log_entry,
-    load_core_hard_state,
-    save_core_hard_state,
-    to_log_entry,
-)
 from node.core.replication import recovery
 from node.core.replication.messages import LogId
+from node.replication.codec import from_log_entry, to_log_entry
 from node.storage import statemachine
+from node.storage.corestate import load_core_hard_state, save_core_hard_state
 from node.storage.dirlock import DataDirInUse, lock_data_dir
 from node.storage.identity import IDENTITY_FILE_NAME, IdentityError, load_or_create_identity
 from node.storage.log import LOG_DIR_NAME, DurableLog, LogError

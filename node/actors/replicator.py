@@ -25,7 +25,9 @@ Apply: committed entries go, in order, to the applier task, which gives each run
 ``Database.apply(last index, all their commands)``: one SQLite transaction whose applied index moves to the
 last entry, so a run is applied all or nothing (a later entry can never be recorded while an earlier one
 failed). A failed apply is retried (the replica reports the entries as not applied meanwhile): a local
-failure is never a result.
+failure is never a result. A file load (``LoadFile``: /db/load of an SQLite file) replaces the whole
+database, so it applies alone; staging, fetching, applying and pruning those files is
+:mod:`node.replication.file_loads`.
 
 Clients: ``submit`` answers when the entry is applied (the real results), as discarded when the entry
 applied at its index has another epoch (a leader change overwrote it), at once with the core's reason when
@@ -40,18 +42,11 @@ Bounded queues and their overflow policies:
 * Readys waiting for their writes (the completer's queue): ``MAX_UNSYNCED_READYS``; beyond it the loop
   waits (backpressure).
 
-Start-up integrity (``_open_storage``): the database's ``quick_check`` and the log's recovery (every
-checksum) run side by side, then the identity and the hard state are read and the entries to restore. If
-any of them is damaged (the database fails its check, the log raises LogCorrupt at open or when read, the
-hard state or the identity is unreadable), everything that carries the replicated state is moved into
-``DATA_DIR/quarantine/<UTC time>/`` as one event (``REPLICATED_STATE_NAMES``, durable renames, finished at
-the next start after a crash: :mod:`node.storage.quarantine`), one ``data_quarantined`` error line says
-what and where, and the node starts again empty under a new identity: the leader adds it as a learner and
-promotes it once caught up, so it never counts toward a quorum with promises it lost; the old identity is
-reaped after ``reap_timeout_s``. While a quarantine is kept and the node holds no replicated state, it
-only ever joins a cluster, never bootstraps one (``rejoin_only``): alone, it stays not ready and serves
-nothing rather than an empty database in place of the data it lost, until an operator removes the
-quarantine.
+Start-up integrity and quarantine (:mod:`node.replication.startup`, read its docstring): before the core
+state is built, the database and the log are checked and the identity and hard state read; damaged
+replicated state is quarantined as one event and the node starts again empty under a new identity, and
+while a quarantine is kept and the node holds no replicated state it only rejoins a cluster, never
+bootstraps one (``rejoin_only``).
 
 Formation and merge: the rules are pure, in ``node.core.replication.formation`` (read its docstring);
 this actor gathers the facts and acts. An empty node waits ``FORMATION_WINDOW`` (plus at most one more
@@ -72,49 +67,36 @@ import contextlib
 import itertools
 import os
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from node import errors
 from node.core import membership as m
 from node.core.ids import Endpoint
 from node.core.replication import formation, machine
 from node.core.replication import messages as msg
-from node.replication import codec, staged_loads
+from node.replication import codec
 from node.replication import snapshot_transfer as transfer
+from node.replication.codec import from_log_entry, to_log_entry
+from node.replication.file_loads import FileLoads, load_sources
 from node.replication.snapshotting import Snapshots
+from node.replication.startup import Restore, StorageOpener, read_restore
 from node.replication.transport import ReplicationTransport
 from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
-from node.storage import quarantine, statemachine
-from node.storage import results as res
+from node.storage import corestate, statemachine
 from node.storage.asynclog import AsyncLog
-from node.storage.durable import (
-    FramedFileError,
-    decode_framed,
-    encode_framed,
-    free_bytes,
-    is_disk_full,
-    write_atomic,
-)
-from node.storage.hardstate import HARD_STATE_FILE_NAME
-from node.storage.identity import IDENTITY_FILE_NAME, IdentityError, load_or_create_identity, read_identity
+from node.storage.corestate import REPLICATION_STATE_FILE
+from node.storage.durable import is_disk_full
 from node.storage.log import (
-    LOG_DIR_NAME,
     DurableLog,
     LogCompacted,
-    LogCorrupt,
     LogDiskFull,
-    LogEntry,
     LogError,
     LogIOError,
 )
-from node.storage.snapshots import SNAPSHOT_DIR_NAME
-from node.storage.sqlite import DB_FILE_NAMES, ApplyFailed, Database, RequestRow
-from node.storage.sqlite import State as DbState
+from node.storage.sqlite import ApplyFailed, Database
 from node.storage.statemachine import Applied
 
 TICK_S = 0.01
@@ -138,99 +120,7 @@ INLINE_DECODE_BYTES = 64 << 10
 MAX_UNSYNCED_READYS = 1024
 REFUSED_HOLD_S = 2.0
 
-# A node staging a load file wants about this many times its size free: the staged file and the copy a
-# load swaps in (plus the old database until the swap).
-STAGE_SPACE_FACTOR = 2
-# A load file this node lacks when its entry is due: fetched again after a pause doubling up to the max.
-FILE_FETCH_RETRY_FIRST_S = 0.5
-FILE_FETCH_RETRY_MAX_S = 8.0
 
-REPLICATION_STATE_FILE = "replication-state"
-_STATE_MAGIC = b"TNREPST\x00"
-_STATE_VERSION = 1
-
-# Everything in DATA_DIR that carries this node's replicated state, in the order a quarantine moves it: the
-# identity last, so that until the very end the node is still the old member with all of its state, and a
-# crash in between is finished at the next start (node.storage.quarantine). The peer incarnation stays: it
-# must keep increasing whatever the identity (node.runtime.incarnation).
-REPLICATED_STATE_NAMES = (
-    *DB_FILE_NAMES, LOG_DIR_NAME, SNAPSHOT_DIR_NAME, REPLICATION_STATE_FILE, HARD_STATE_FILE_NAME,
-    IDENTITY_FILE_NAME,
-)  # fmt: skip
-QUARANTINE_ADVICE = (
-    "the node rejoins its cluster as a new member (a learner until it has caught up, then a voter); the "
-    "leader removes the old identity once it has been silent for the reap timeout (60 s; until then it "
-    "counts as a silent voter: DELETE /cluster/voters/<old identity> removes it at once); check the "
-    "quarantined copy, and remove it to free its space once it is no longer needed"
-)
-
-
-# --- the core's hard state on disk ---------------------------------------------------------------------------
-# The core's HardState holds the configuration history (voters AND learners, with their log indices), which
-# node.storage.hardstate's record has no room for; it gets its own framed, versioned, atomically replaced file.
-
-
-def encode_core_hard_state(hard: msg.HardState, identity: str) -> bytes:
-    body = {
-        "identity": identity,
-        "epoch": hard.epoch,
-        "promised_to": hard.promised_to,
-        "configs": [[i, c.encode().decode()] for i, c in hard.configs],
-        "cluster": hard.cluster,
-    }
-    return encode_framed(_STATE_MAGIC, _STATE_VERSION, orjson.dumps(body))
-
-
-def decode_core_hard_state(data: bytes) -> tuple[str, msg.HardState]:
-    """(identity of the node that wrote it, hard state)."""
-    _, raw = decode_framed(data, _STATE_MAGIC, frozenset({_STATE_VERSION}))
-    body = orjson.loads(raw)
-    configs = tuple((int(i), msg.Config.decode(c.encode())) for i, c in body["configs"])
-    cluster = body.get("cluster", "")  # absent in files written before clusters were named
-    if not isinstance(cluster, str):
-        raise ValueError("cluster must be a string")
-    return str(body["identity"]), msg.HardState(int(body["epoch"]), body["promised_to"], configs, cluster)
-
-
-def save_core_hard_state(directory: Path, hard: msg.HardState, identity: str) -> None:
-    """Blocking: durable when it returns (temp file, fsync, rename, fsync the directory)."""
-    write_atomic(directory / REPLICATION_STATE_FILE, encode_core_hard_state(hard, identity))
-
-
-def load_core_hard_state(directory: Path, identity: str) -> msg.HardState | None:
-    """Blocking. None if never saved; a damaged file, or one another node wrote (a copied DATA_DIR file),
-    raises: never read as 'no promise made'."""
-    path = directory / REPLICATION_STATE_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        owner, hard = decode_core_hard_state(data)
-    except (FramedFileError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise HardStateDamaged(f"{path} is unreadable: {exc}") from exc
-    if owner != identity:
-        raise RuntimeError(f"{path} belongs to node {owner}, not to this node ({identity})")
-    return hard
-
-
-class HardStateDamaged(RuntimeError):
-    """The core hard-state file exists but cannot be read: what this node promised is lost."""
-
-
-class _Damaged(Exception):
-    """Start-up found replicated state it cannot trust; ``str()`` says what (for the log line)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Restore:
-    """What the durable state holds at start, read before the core state is built from it."""
-
-    hard: msg.HardState | None
-    applied: int
-    last: tuple[int, int]  # the log's (epoch, index)
-    base_epoch: int = 0
-    entries: tuple[msg.Entry, ...] = ()
 
 
 def _remove_durably(path: Path) -> None:
@@ -242,22 +132,6 @@ def _remove_durably(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _what_failed(exc: BaseException) -> str:
-    if isinstance(exc, LogCorrupt):
-        return "log"
-    if isinstance(exc, IdentityError):
-        return "identity"
-    return "hard state"
-
-
-def to_log_entry(entry: msg.Entry) -> LogEntry:
-    return LogEntry(entry.epoch, entry.index, codec.KIND_CODES[entry.kind], entry.payload)
-
-
-def from_log_entry(entry: LogEntry) -> msg.Entry:
-    return msg.Entry(entry.epoch, entry.index, codec.KINDS_BY_CODE[entry.kind], entry.payload)
 
 
 # --- client-facing errors -----------------------------------------------------------------------------------
@@ -441,12 +315,20 @@ class Replicator:
         # the data it lost, silently). Why, for /readyz and data calls, until it is a member.
         self.rejoin_only: str | None = None
         self._rejoin_logged = False
+        # Start-up integrity and quarantine: see node.replication.startup.
+        self._opener = StorageOpener(
+            data_dir=data_dir, database=database, snapshots=self.snapshots, log=log,
+            log_segment_bytes=log_segment_bytes, read_bytes=LOG_READ_BYTES, adopt=self._adopt_storage,
+            hold=self._set_rejoin_only,
+        )  # fmt: skip
         self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
-        # One staged-load download at a time (POST /cluster/replication/stage).
-        self._stage_lock = asyncio.Lock()
-        # After a failed fetch of a missing load file: (sha256, next attempt at, delay, reason).
-        self._file_fetch_backoff: tuple[str, float, float, str] | None = None
+        # Staged SQLite-file loads (applying, fetching a missed file, staging, pruning): see
+        # node.replication.file_loads.
+        self.file_loads = FileLoads(
+            data_dir=data_dir, database=database, snapshots=self.snapshots, log=log,
+            sources=lambda: load_sources(self.state, self.identity, self.url_of),
+        )  # fmt: skip
 
     # --- what other components ask ---------------------------------------------------------------------
 
@@ -646,7 +528,7 @@ class Replicator:
     async def run(self, stop: asyncio.Event) -> None:
         self.database.announce_check()  # before the first await: no data call sees "not open" meanwhile
         try:
-            restore = await self._open_storage(stop)
+            restore = await self._opener.open(stop)
             if restore is None:
                 return  # stopping, or a database that cannot be opened (the node stays not ready)
             assert self.identity is not None and self._asynclog is not None
@@ -680,154 +562,12 @@ class Replicator:
             if self._asynclog is not None:
                 await self._asynclog.close()
 
-    # --- start-up: integrity, quarantine ------------------------------------------------------------------
-
-    async def _open_storage(self, stop: asyncio.Event) -> _Restore | None:
-        """Open the database (``quick_check``) and the log (every checksum), load the identity and read what
-        the core is restored from. If any of it is damaged, move the whole replicated state aside as one
-        event (:mod:`node.storage.quarantine`) and start again as a new, empty node: a new identity, so the
-        cluster adds it as a learner and it counts toward no quorum before it has caught up (it lost what
-        it promised and acknowledged). None: stopping, or the database cannot be opened for another reason.
-
-        A crash in the middle of a quarantine is finished here first, before anything opens those files."""
-        finished = await asyncio.to_thread(quarantine.finish_pending, self.data_dir)
-        if finished is not None:
-            self.log.error(
-                "data_quarantined", path=str(finished.path), moved=list(finished.moved),
-                damaged="(a quarantine a crash interrupted, finished now)", advice=QUARANTINE_ADVICE,
-            )  # fmt: skip
-        kept = await asyncio.to_thread(quarantine.usage, self.data_dir)
-        if kept.events:
-            self.log.warning(
-                "quarantined_data_kept", path=str(self.data_dir / quarantine.QUARANTINE_DIR),
-                events=kept.events, size_bytes=kept.size_bytes,
-                advice="damaged state moved aside earlier; check it and remove it to free its space",
-            )  # fmt: skip
-            # Set before the database opens, so that not one read serves the empty copy of a node whose
-            # data was quarantined (cleared below if this node holds replicated state after all).
-            self._hold_for_rejoin()
-        try:
-            restore = await self._open_checked(stop)
-        except _Damaged as damage:
-            await self._quarantine_state(str(damage))
-            self._hold_for_rejoin()
-            try:
-                restore = await self._open_checked(stop)
-            except _Damaged as again:
-                # A new, empty state failing its checks means the disk or the filesystem is failing: exit.
-                raise RuntimeError(f"DATA_DIR is damaged again right after a quarantine: {again}") from None
-        if restore is None or restore.hard is not None or restore.last[1] > 0:
-            self.rejoin_only = None  # a member with its own state: an old quarantine changes nothing
-        return restore
-
-    def _hold_for_rejoin(self) -> None:
-        where = self.data_dir / quarantine.QUARANTINE_DIR
-        self.rejoin_only = (
-            f"this node's damaged data was moved to {where}; it joins a cluster that holds the data "
-            "and never starts an empty cluster of its own in its place; with no cluster to rejoin, "
-            "remove that directory to start empty, then load a backup"
-        )
-
-    async def _open_checked(self, stop: asyncio.Event) -> _Restore | None:
-        """One attempt of :meth:`_open_storage`: raises _Damaged (the database and log closed again)."""
-        segment = {} if self._log_segment_bytes is None else {"segment_bytes": self._log_segment_bytes}
-        log = AsyncLog(lambda: DurableLog.open(self.data_dir / LOG_DIR_NAME, **segment))
-        # The database's check and the log's recovery each read a whole file: side by side.
-        started, opened = await asyncio.gather(self._start_database(stop), log.start(), return_exceptions=True)
-        if opened is None:
-            self._asynclog = log  # closed by run() whatever happens next
-        if isinstance(started, BaseException):
-            raise started  # Database.start reports bad files in its state: this is a bug or a cancellation
-        if isinstance(opened, BaseException) and not isinstance(opened, LogCorrupt):
-            raise opened  # not damage (a newer format, an I/O error): the node exits as before
-        damage: list[str] = []
-        await self._wait_database(stop)
-        if stop.is_set():
-            return None
-        if self.database.state == DbState.CORRUPT:
-            damage.append(f"database: {self.database.state_detail}")
-        elif not self.database.is_open:
-            return None  # failed for another reason: logged by the database; not ready until a restart
-        if isinstance(opened, LogCorrupt):
-            damage.append(f"log: {opened}")
-        if not damage:
-            try:
-                self.identity = await asyncio.to_thread(load_or_create_identity, self.data_dir)
-                return await self._read_restore()
-            except (LogCorrupt, HardStateDamaged, IdentityError) as exc:
-                damage.append(f"{_what_failed(exc)}: {exc}")
-        await self._close_storage()
-        raise _Damaged("; ".join(damage))
-
-    async def _start_database(self, stop: asyncio.Event) -> None:
-        """Start the database unless someone did (the in-process tests start it themselves)."""
-        if not self.database.started and not stop.is_set():
-            await self.database.start()
-
-    async def _close_storage(self) -> None:
-        log, self._asynclog = self._asynclog, None
-        if log is not None:
-            await log.close()
-        await self.database.close()
-        self.database.announce_check()  # it opens again, empty, right after the quarantine
-        self.identity = None
-
-    async def _quarantine_state(self, damage: str) -> None:
-        try:
-            old_identity = await asyncio.to_thread(read_identity, self.data_dir)
-        except IdentityError:
-            old_identity = None
-        moved = await asyncio.to_thread(quarantine.quarantine, self.data_dir, REPLICATED_STATE_NAMES, damage)
-        kept = await asyncio.to_thread(quarantine.usage, self.data_dir)
-        self.log.error(
-            "data_quarantined", path=str(moved.path), damaged=damage, moved=list(moved.moved),
-            size_bytes=moved.size_bytes, old_identity=old_identity, quarantine_events=kept.events,
-            quarantine_bytes=kept.size_bytes, advice=QUARANTINE_ADVICE,
-        )  # fmt: skip
-
-    async def _wait_database(self, stop: asyncio.Event) -> None:
-        """Until the database is open or found corrupt. Bounded by the process's life."""
-        logged = False
-        while not stop.is_set() and not self.database.is_open and self.database.state != DbState.CORRUPT:
-            if self.database.state == DbState.FAILED and not logged:
-                logged = True
-                self.log.error("replication_waits_for_database", state=self.database.state)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
-                    await stop.wait()
-
-    async def _read_restore(self) -> _Restore:
-        """Read what the core is restored from (raises LogCorrupt, HardStateDamaged)."""
-        assert self._asynclog is not None and self.identity is not None
-        hard = await asyncio.to_thread(load_core_hard_state, self.data_dir, self.identity)
-        applied = await self.database.applied_index()
-        self.snapshots.alog = self._asynclog
-        await self.snapshots.open()  # (again after a quarantine or a resync: it only reads the directory)
-        await self.snapshots.repair_log(applied)  # an install cut short between database and log
-        last_epoch, last_index = self._asynclog.last
-        first_index = self._asynclog.first_index
-        if (hard is None and (last_index == 0 or last_epoch == 0)) or not first_index - 1 <= applied <= last_index:
-            return _Restore(hard, applied, (last_epoch, last_index))  # refused or formed: _start_state
-        if hard is not None and not hard.cluster and last_index and first_index == 1:
-            # Written before clusters were named: every member derives the same name from entry 1.
-            first = await self._asynclog.read(1, LOG_READ_BYTES)
-            if first:
-                hard = replace(hard, cluster=machine.legacy_cluster(from_log_entry(first[0])))
-        base_epoch = await self._asynclog.epoch_at(applied) if applied else 0
-        entries: list[msg.Entry] = []
-        index = applied + 1
-        while index <= last_index:
-            chunk = await self._asynclog.read(index, LOG_READ_BYTES)
-            if not chunk:
-                break
-            entries.extend(from_log_entry(e) for e in chunk)
-            index = chunk[-1].index + 1
-        return _Restore(hard, applied, (last_epoch, last_index), base_epoch, tuple(entries))
-
-    async def _start_state(self, stop: asyncio.Event, restore: _Restore | None = None) -> None:
+    async def _start_state(self, stop: asyncio.Event, restore: Restore | None = None) -> None:
         assert self._asynclog is not None and self.identity is not None
         if restore is None:
-            restore = await self._read_restore()
+            restore = await read_restore(
+                self.data_dir, self._asynclog, self.identity, self.database, self.snapshots, LOG_READ_BYTES
+            )
         hard, applied = restore.hard, restore.applied
         last_epoch, last_index = restore.last
         if hard is None and (last_index == 0 or last_epoch == 0):
@@ -956,6 +696,13 @@ class Replicator:
         self.log.info("replication_bootstrapped", voters=1, identity=self.identity, cluster=cluster)
         await self._carry_out([ready])
         await self._drain()  # a bootstrap is durable before anything else runs
+
+    def _adopt_storage(self, alog: AsyncLog | None, identity: str | None) -> None:
+        """What the StorageOpener opened (None: closed again for a quarantine)."""
+        self._asynclog, self.identity = alog, identity
+
+    def _set_rejoin_only(self, reason: str | None) -> None:
+        self.rejoin_only = reason
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -1227,7 +974,8 @@ class Replicator:
                 self._hard_writes += 1
                 hard = ready.hard_state
                 write = _queued(
-                    alog.run_future, lambda _log, h=hard: save_core_hard_state(self.data_dir, h, identity)
+                    alog.run_future,
+                    lambda _log, h=hard: corestate.save_core_hard_state(self.data_dir, h, identity),
                 )
                 write.add_done_callback(self._hard_write_done)
                 writes.append(write)
@@ -1578,144 +1326,23 @@ class Replicator:
         return len(run)
 
     async def _apply_file(self, entry: msg.Entry, command: statemachine.Command) -> None:
-        """Apply a file load (``LoadFile``) at ``entry.index``: the staged file (fetched first from a member
-        that holds it, if this node missed the staging) is copied, stamped with the index and the load's
-        request ID and swapped in, the same on every replica. A retry of a load already applied (its request
-        ID is in the database) loads nothing again and answers the first outcome. Any failure raises: the
+        """Apply a file load (``LoadFile``): see node.replication.file_loads. Any failure raises: the
         applier retries it (a local failure is never a result)."""
-        load = command.load
-        assert isinstance(load, statemachine.LoadFile)
-        loads = self.snapshots.loads
-        if not loads.has(load.sha256, load.size_bytes):
-            await self._fetch_load_file(load)
-        digest = statemachine.digest(command)
-        stored = None
-        if command.request_id is not None:
-            stored = await self._stored_request(command.client, command.request_id)
-        if stored is not None:
-            idx, stored_digest, data = stored
-            if stored_digest != digest:
-                why = f"request id {command.request_id!r} was already used for a different request"
-                outcome = Applied((res.failed(why),), idx, True)
-            else:
-                outcome = Applied(tuple(res.decode_results(data)), idx, True)
-            # Only the entry's index is recorded as applied: the load itself happened before.
-            await self.database.apply_entries([statemachine.Entry(entry.index, ())])
-        else:
-            result = res.StatementResult(rows_affected=0)
-            row = None
-            if command.request_id is not None:
-                row = RequestRow(
-                    command.client, command.request_id, digest, res.encode_results([result])
-                )
-            temp = self.database.temp_path("load")
-            started = asyncio.get_running_loop().time()
-            try:
-                await asyncio.to_thread(loads.copy_to, load.sha256, temp)
-                loaded = await self.database.load_sqlite_file(
-                    temp, index=entry.index, request=row, only_above=True
-                )
-            finally:
-                await asyncio.shield(asyncio.to_thread(temp.unlink, True))
-            self.log.info(
-                "replicated_load_applied", index=entry.index, sha256=load.sha256[:16], bytes=load.size_bytes,
-                took_ms=round((asyncio.get_running_loop().time() - started) * 1000, 1), skipped=not loaded,
-            )  # fmt: skip
-            # Not loaded: the database already held this index (an installed snapshot holds the load).
-            outcome = Applied((result,), entry.index) if loaded else None
-        loads.mark_applied(load.sha256, entry.index)
+        outcome = await self.file_loads.apply(entry, command)
         self.applied_index = max(self.applied_index, entry.index)
         self._answer_applied(entry, outcome)
         self._serve_confirmed()
 
-    async def _fetch_load_file(self, load: statemachine.LoadFile) -> None:
-        """Fetch a staged file this node missed, from the leader or any member. After a failure the next
-        attempt waits, doubling from FILE_FETCH_RETRY_FIRST_S up to FILE_FETCH_RETRY_MAX_S (the applier
-        retries every APPLY_RETRY_S; between fetches it is told the last failure again, which its log
-        line already named)."""
-        now = asyncio.get_running_loop().time()
-        backoff = self._file_fetch_backoff
-        if backoff is not None and backoff[0] == load.sha256 and now < backoff[1]:
-            raise staged_loads.StagedFileMissing(backoff[3])
-        try:
-            source = await staged_loads.fetch(
-                self.snapshots.loads, load.sha256, load.size_bytes, self._load_sources(),
-                sign_headers=self._sign_headers(), log=self.log, rate=self.snapshots.rate,
-            )  # fmt: skip
-        except staged_loads.StagedFileMissing as exc:
-            delay = FILE_FETCH_RETRY_FIRST_S
-            if backoff is not None and backoff[0] == load.sha256:
-                delay = min(2 * backoff[2], FILE_FETCH_RETRY_MAX_S)
-            reason = f"load file {load.sha256[:12]}... is missing here and no member served it yet"
-            self._file_fetch_backoff = (load.sha256, now + delay, delay, reason)
-            self.log.warning("staged_load_fetch_failed", sha256=load.sha256[:16], reason=str(exc)[:300],
-                             next_in_s=delay)  # fmt: skip
-            raise staged_loads.StagedFileMissing(reason) from None
-        self._file_fetch_backoff = None
-        self.log.info("staged_load_fetched", sha256=load.sha256[:16], bytes=load.size_bytes, via=source)
-
-    async def _stored_request(self, client: str, request_id: str) -> tuple[int, bytes, bytes] | None:
-        def lookup(job: Any) -> tuple[int, bytes, bytes] | None:
-            ops = self.database._ops(job)
-            table = statemachine.REQUESTS_TABLE
-            if not ops.internal("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (table,)):
-                return None
-            rows = ops.internal(
-                f"SELECT idx, digest, results FROM {table} WHERE client = ? AND request_id = ?",
-                (client, request_id),
-            )
-            return (int(rows[0][0]), bytes(rows[0][1]), bytes(rows[0][2])) if rows else None
-
-        return await self.database._write(lookup)
-
-    def _sign_headers(self) -> transfer.SignHeaders:
-        if self.snapshots.sign_headers is None:
-            raise errors.Unavailable("replication has not started: no peer signer yet")
-        return self.snapshots.sign_headers
-
-    def _load_sources(self) -> list[str]:
-        """Where a missing staged file may be: the leader first, then every other member."""
-        s = self.state
-        if s is None:
-            return []
-        order = [machine.status(s).leader, *sorted(s.config.voters), *sorted(s.config.learners)]
-        urls: list[str] = []
-        for identity in order:
-            url = None if identity is None or identity == self.identity else self.url_of(identity)
-            if url is not None and url not in urls:
-                urls.append(url)
-        return urls
-
     async def stage_load(self, sender: Endpoint, sha256: str, size_bytes: int) -> None:
-        """``POST /cluster/replication/stage``: hold the file durably (pulled from ``sender``, the leader
-        staging a load) before answering. One download at a time; a file already held answers at once."""
-        loads = self.snapshots.loads
-        if loads.has(sha256, size_bytes):
-            return
-        async with self._stage_lock:
-            if loads.has(sha256, size_bytes):
-                return
-            free = await asyncio.to_thread(free_bytes, self.data_dir)
-            if free < STAGE_SPACE_FACTOR * size_bytes:
-                raise errors.InsufficientStorage(
-                    f"DATA_DIR has {free} bytes free; staging a {size_bytes}-byte load file needs about "
-                    f"{STAGE_SPACE_FACTOR * size_bytes}"
-                )
-            await staged_loads.fetch(
-                loads, sha256, size_bytes, [sender.url], sign_headers=self._sign_headers(), log=self.log,
-                rate=self.snapshots.rate,
-            )  # fmt: skip
-            self.log.info("staged_load_received", sha256=sha256[:16], bytes=size_bytes, source=str(sender))
+        """``POST /cluster/replication/stage``: see :meth:`FileLoads.stage`."""
+        await self.file_loads.stage(sender, sha256, size_bytes)
 
     async def _prune_staged_loads(self) -> None:
         """Staged files whose entry the log no longer holds are not needed again (module doc of
         ``staged_loads``)."""
         if self._asynclog is None:
             return
-        memory_base = self.applied_index - self.options.keep_applied
-        for sha256 in self.snapshots.loads.removable(self._asynclog.first_index, memory_base):
-            await asyncio.to_thread(self.snapshots.loads.remove, sha256)
-            self.log.info("staged_load_removed", sha256=sha256[:16])
+        await self.file_loads.prune(self._asynclog.first_index, self.applied_index - self.options.keep_applied)
 
     def _serve_confirmed(self) -> None:
         if self._confirmed:

@@ -44,6 +44,7 @@ import orjson
 
 from node.core.replication import messages as msg
 from node.core.sqlreq import Statement, WriteCommand
+from node.storage.log import LogEntry
 from node.storage.statemachine import Command, LoadChunk, LoadEnd, LoadFile
 
 BATCH_VERSION = 1
@@ -82,6 +83,14 @@ _KINDS = {k.value: k for k in msg.Kind}
 # The durable log stores a kind as a number; these numbers are part of the log format (never reuse one).
 KIND_CODES = {msg.Kind.COMMAND: 1, msg.Kind.EPOCH_START: 2, msg.Kind.CONFIG: 3}
 KINDS_BY_CODE = {code: kind for kind, code in KIND_CODES.items()}
+
+
+def to_log_entry(entry: msg.Entry) -> LogEntry:
+    return LogEntry(entry.epoch, entry.index, KIND_CODES[entry.kind], entry.payload)
+
+
+def from_log_entry(entry: LogEntry) -> msg.Entry:
+    return msg.Entry(entry.epoch, entry.index, KINDS_BY_CODE[entry.kind], entry.payload)
 
 
 def _b64(data: bytes) -> str:

@@ -32,7 +32,7 @@ class ReplicatedNodeService:
     """What the data routes (node.http.db.DbRoutes) call with REPLICATION=on: writes, reads and loads go
     through replication; what is this node's own — whether its apply pipeline is stalled — comes from the
     local service, which also closes the database at shutdown (the Replicator opens and checks it at start,
-    see Replicator._open_storage)."""
+    see node.replication.startup)."""
 
     def __init__(self, local: Any, replication: Replication) -> None:
         self._local = local

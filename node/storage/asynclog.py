@@ -29,7 +29,7 @@ How the Replicator uses it (the order is the protocol; see the rules in :mod:`no
 * At start: ``AsyncLog(lambda: DurableLog.open(DATA_DIR / "log", reserve_bytes=...))`` beside the database's
   check, then ``load_or_create_identity(DATA_DIR)`` and the hard state; :class:`LogCorrupt` means quarantine
   the whole replicated state (log, database, hard state, identity: one event) and rejoin the cluster as a new
-  member (``Replicator._open_storage``); :class:`LogVersionError` means refuse to start. Compare
+  member (``node.replication.startup``); :class:`LogVersionError` means refuse to start. Compare
   ``sqlite_version_at(i)`` with the running SQLite before applying entry ``i``.
 * Before sending any message of a new epoch, or a promise: ``await save_hard_state(...)``.
 * Leader: number the client commands (indices from ``last``), send them to followers from memory, and

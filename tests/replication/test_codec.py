@@ -11,15 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.actors.replicator import (
+from node.core.replication import messages as msg
+from node.core.sqlreq import Statement, WriteCommand
+from node.replication import codec
+from node.storage.corestate import (
     decode_core_hard_state,
     encode_core_hard_state,
     load_core_hard_state,
     save_core_hard_state,
 )
-from node.core.replication import messages as msg
-from node.core.sqlreq import Statement, WriteCommand
-from node.replication import codec
 from node.storage.statemachine import Command
 
 n = st.integers(0, 2**63 - 1)
@@ -152,7 +152,7 @@ def test_core_hard_state_round_trips_with_learners():
 
 
 def test_a_hard_state_file_from_before_clusters_were_named_reads_as_without_one():
-    from node.actors import replicator
+    from node.storage import corestate
     from node.storage.durable import encode_framed
 
     old = {
@@ -161,13 +161,13 @@ def test_a_hard_state_file_from_before_clusters_were_named_reads_as_without_one(
         "promised_to": None,
         "configs": [[1, msg.Config(frozenset({"a"})).encode().decode()]],
     }
-    data = encode_framed(replicator._STATE_MAGIC, replicator._STATE_VERSION, orjson.dumps(old))
+    data = encode_framed(corestate._STATE_MAGIC, corestate._STATE_VERSION, orjson.dumps(old))
     assert decode_core_hard_state(data) == (
         "me",
         msg.HardState(4, None, ((1, msg.Config(frozenset({"a"}))),), ""),
     )
     with pytest.raises(ValueError, match="cluster"):
-        decode_core_hard_state(encode_framed(replicator._STATE_MAGIC, 1, orjson.dumps({**old, "cluster": 5})))
+        decode_core_hard_state(encode_framed(corestate._STATE_MAGIC, 1, orjson.dumps({**old, "cluster": 5})))
 
 
 def test_a_hard_state_written_by_another_node_is_refused(tmp_path):

@@ -22,6 +22,7 @@ from node.core.replication import machine
 from node.core.replication import messages as msg
 from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
+from node.storage import corestate
 from node.storage import log as logmod
 from node.storage.asynclog import AsyncLog
 from node.storage.log import DurableLog
@@ -149,7 +150,7 @@ async def test_a_hard_state_write_on_a_full_disk_sends_nothing_and_resyncs(tmp_p
     Ready is sent (no ack of an epoch the disk does not hold), the state is rebuilt from the disk, and the
     same heartbeat is answered once space returns."""
     monkeypatch.setattr(replicator_module, "LOG_FAILURE_BACKOFF_S", 0.0)
-    real_save = replicator_module.save_core_hard_state
+    real_save = corestate.save_core_hard_state
     full = {"on": False}
 
     def save(directory, hard, identity):
@@ -157,7 +158,7 @@ async def test_a_hard_state_write_on_a_full_disk_sends_nothing_and_resyncs(tmp_p
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(directory, hard, identity)
 
-    monkeypatch.setattr(replicator_module, "save_core_hard_state", save)
+    monkeypatch.setattr(corestate, "save_core_hard_state", save)
     r = Replicator(
         me=Endpoint.parse("127.0.0.2:4001"), data_dir=tmp_path, database=NoDatabase(), views=LatestCell(),
         secret="s" * 32, formation_window_s=0, log=nodelog.get_logger(),

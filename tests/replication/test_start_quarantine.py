@@ -21,13 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node import errors
-from node.actors.replicator import REPLICATION_STATE_FILE, Replicator
+from node.actors.replicator import Replicator
 from node.core.ids import Endpoint
 from node.core.sqlreq import DbRequest, Flags, Level, Statement
 from node.replication.service import ReplicatedDataService
 from node.runtime.mailbox import LatestCell
 from node.service import WriteRequest
 from node.storage import quarantine
+from node.storage.corestate import REPLICATION_STATE_FILE
 from node.storage.identity import IDENTITY_FILE_NAME, read_identity
 from node.storage.log import LOG_DIR_NAME, SEGMENT_SUFFIX
 from node.storage.sqlite import DB_FILE_NAME, Database, Limits

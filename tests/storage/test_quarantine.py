@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.actors.replicator import REPLICATED_STATE_NAMES
+from node.replication.startup import REPLICATED_STATE_NAMES
 from node.storage import durable
 from node.storage import quarantine as q
 
