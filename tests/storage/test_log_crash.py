@@ -64,15 +64,17 @@ def payload(index: int) -> bytes:
 def run_and_kill(
     code: str, args: list[str], lines_before_kill: int, timeout_s: float = 60
 ) -> tuple[str, list[str]]:
-    """Start the child, read ``lines_before_kill`` lines after its ready line, SIGKILL it mid-stream."""
+    """Start the child, read ``lines_before_kill`` lines after its ready line, SIGKILL it mid-stream. The
+    lines returned include those still in the pipe at the kill: the child may have run ahead of the reader
+    (on a loaded machine, many steps), and every line it printed was printed after its step was durable."""
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + timeout_s
+    lines: list[str] = []
     try:
         ready = proc.stdout.readline()
         assert ready.startswith("ready"), proc.stderr.read()
-        lines: list[str] = []
         for _ in range(min(lines_before_kill, MAX_LINES)):
             line = proc.stdout.readline()
             assert line, f"child ended early: {proc.stderr.read()}"
@@ -81,6 +83,8 @@ def run_and_kill(
     finally:
         proc.kill()  # SIGKILL: no cleanup, no flush, no close
         proc.wait(timeout=30)
+        rest = proc.stdout.read()  # what it printed before it died, not read yet
+        lines.extend(line.strip() for line in rest.splitlines() if line.strip())
         proc.stdout.close()
         proc.stderr.close()
     return ready, lines
