@@ -150,15 +150,7 @@ class ReplicationRoutes:
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
         """A snapshot file for a peer (``node.replication.snapshot_transfer``): signed over the path, the
         sender and the Range header, replay-guarded in its own window; then the sender streams it."""
-        claimed = request.headers.get(snapshot_transfer.SENDER_HEADER)
-        if claimed is None:
-            raise errors.Unauthorized(
-                f"snapshot requests must name their sender ({snapshot_transfer.SENDER_HEADER}) and be signed"
-            )
-        try:
-            sender = Endpoint.parse(claimed)
-        except InvalidAddress as exc:
-            raise errors.BadRequest(f"malformed {snapshot_transfer.SENDER_HEADER}: {exc}") from None
+        sender = _claimed_sender(request, "snapshot")
         signed = snapshot_transfer.signed_content(request.headers.get("Range"))
         path = request.path
         self._verify_peer(
@@ -172,15 +164,7 @@ class ReplicationRoutes:
         the file from the sender and answers 200 only once it holds it durably."""
         limit = staged_loads.MAX_STAGE_BODY_BYTES
         raw = await read_body(request, limit=limit, timeout_s=self._read_timeout_s)
-        claimed = request.headers.get(snapshot_transfer.SENDER_HEADER)
-        if claimed is None:
-            raise errors.Unauthorized(
-                f"stage requests must name their sender ({snapshot_transfer.SENDER_HEADER}) and be signed"
-            )
-        try:
-            sender = Endpoint.parse(claimed)
-        except InvalidAddress as exc:
-            raise errors.BadRequest(f"malformed {snapshot_transfer.SENDER_HEADER}: {exc}") from None
+        sender = _claimed_sender(request, "stage")
         self._verify_peer(
             request, staged_loads.STAGE_PATH, sender, raw, self._stage_guard, "stage request", "its body"
         )
@@ -260,6 +244,19 @@ class ReplicationRoutes:
         if key not in self._rejected and len(self._rejected) < 1024:
             self._rejected.add(key)
             self._log.warning("peer_rejected", peer=str(sender), path=PATH, reason=reason)
+
+
+def _claimed_sender(request: web.Request, kind: str) -> Endpoint:
+    """The sender a snapshot or stage request names (its signature is checked against it next)."""
+    claimed = request.headers.get(snapshot_transfer.SENDER_HEADER)
+    if claimed is None:
+        raise errors.Unauthorized(
+            f"{kind} requests must name their sender ({snapshot_transfer.SENDER_HEADER}) and be signed"
+        )
+    try:
+        return Endpoint.parse(claimed)
+    except InvalidAddress as exc:
+        raise errors.BadRequest(f"malformed {snapshot_transfer.SENDER_HEADER}: {exc}") from None
 
 
 class ForwardingMiddleware:

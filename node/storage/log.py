@@ -902,16 +902,15 @@ def _create_segment(directory: Path, first_index: int, prev_epoch: int, sqlite_v
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
+    return _empty_segment(path, fd, header, sqlite_version, first_index, prev_epoch)
+
+
+def _empty_segment(
+    path: Path, fd: int, header: bytes, sqlite_version: str, first_index: int, prev_epoch: int
+) -> _Segment:
+    """The open segment just created at ``path`` holding only its ``header``."""
     return _Segment(
-        path,
-        fd,
-        FORMAT_VERSION,
-        sqlite_version,
-        first_index,
-        prev_epoch,
-        len(header),
-        array("Q"),
-        len(header),
+        path, fd, FORMAT_VERSION, sqlite_version, first_index, prev_epoch, len(header), array("Q"), len(header)
     )
 
 
@@ -935,17 +934,7 @@ def _create_segment_atomically(
         os.close(fd)
         temp.unlink(missing_ok=True)
         raise
-    return _Segment(
-        path,
-        fd,
-        FORMAT_VERSION,
-        sqlite_version,
-        first_index,
-        prev_epoch,
-        len(header),
-        array("Q"),
-        len(header),
-    )
+    return _empty_segment(path, fd, header, sqlite_version, first_index, prev_epoch)
 
 
 def _remove_temp_segments(directory: Path) -> None:
