@@ -12,8 +12,10 @@ is a recorder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+from collections.abc import AsyncIterator
 
 from node.actors import replicator as replicator_module
 from node.actors.replicator import Replicator
@@ -69,15 +71,10 @@ class FailingSync:
         _REAL_FDATASYNC(fd)
 
 
-def append(epoch: int, prev: msg.LogId, first: int, count: int, commit: int, seq: int) -> msg.Receive:
-    entries = tuple(msg.Entry(epoch, i, msg.Kind.COMMAND, b"x%d" % i) for i in range(first, first + count))
-    return msg.Receive("leader", msg.Append(epoch, prev, entries, commit, seq), "c")
-
-
-async def test_a_follower_whose_log_write_fails_acks_nothing_and_resyncs_from_its_disk(tmp_path, monkeypatch):
-    monkeypatch.setattr(replicator_module, "LOG_FAILURE_BACKOFF_S", 0.0)
-    sync = FailingSync()
-    monkeypatch.setattr(logmod.os, "fdatasync", sync)
+@contextlib.asynccontextmanager
+async def follower(tmp_path) -> AsyncIterator[tuple[Replicator, Recorder, asyncio.Task]]:
+    """The real Replicator as member "me" of a bootstrapped 3-voter cluster "c" (its log on disk, its
+    completer running), sending into a Recorder; the completer and the log are closed afterwards."""
     r = Replicator(
         me=Endpoint.parse("127.0.0.2:4001"), data_dir=tmp_path, database=NoDatabase(), views=LatestCell(),
         secret="s" * 32, formation_window_s=0, log=nodelog.get_logger(),
@@ -87,19 +84,41 @@ async def test_a_follower_whose_log_write_fails_acks_nothing_and_resyncs_from_it
     r.transport = net = Recorder()
     r._asynclog = AsyncLog(lambda: DurableLog.open(tmp_path / "log"))
     await r._asynclog.start()
-    stop = asyncio.Event()
     completer = asyncio.create_task(r._completer())
     try:
         r.state, ready = machine.bootstrap("me", VOTERS, r.options, "c")
         await r._carry_out([ready])
         await r._drain()
+        yield r, net, completer
+    finally:
+        completer.cancel()
+        await asyncio.gather(completer, return_exceptions=True)
+        await r._asynclog.close()
+
+
+async def carry(r: Replicator, inp: msg.Input) -> None:
+    """Step one input and carry its Ready out to the end (a hang would be a defect: fail, do not wait)."""
+    assert r.state is not None
+    r.state, ready = machine.step(r.state, inp, 1.0)
+    async with asyncio.timeout(10):
+        await r._carry_out([ready])
+        await r._drain()
+
+
+def append(epoch: int, prev: msg.LogId, first: int, count: int, commit: int, seq: int) -> msg.Receive:
+    entries = tuple(msg.Entry(epoch, i, msg.Kind.COMMAND, b"x%d" % i) for i in range(first, first + count))
+    return msg.Receive("leader", msg.Append(epoch, prev, entries, commit, seq), "c")
+
+
+async def test_a_follower_whose_log_write_fails_acks_nothing_and_resyncs_from_its_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(replicator_module, "LOG_FAILURE_BACKOFF_S", 0.0)
+    sync = FailingSync()
+    monkeypatch.setattr(logmod.os, "fdatasync", sync)
+    async with follower(tmp_path) as (r, net, completer):
+        stop = asyncio.Event()
 
         async def step(inp: msg.Input) -> None:
-            assert r.state is not None
-            r.state, ready = machine.step(r.state, inp, 1.0)
-            async with asyncio.timeout(10):  # a hang would be a defect: fail, do not wait
-                await r._carry_out([ready])
-                await r._drain()
+            await carry(r, inp)
 
         # Entries 2-3 arrive while the disk is full: no ack, the node is not ready, and it does not exit.
         sync.fail = 1
@@ -123,10 +142,6 @@ async def test_a_follower_whose_log_write_fails_acks_nothing_and_resyncs_from_it
         assert [a.match for a in net.acks()] == [4]
         assert r.log_write_problem is None
         assert [e.index for e in await r._asynclog.read(1, 1 << 20)] == [1, 2, 3, 4]
-    finally:
-        completer.cancel()
-        await asyncio.gather(completer, return_exceptions=True)
-        await r._asynclog.close()
 
 
 async def test_a_failure_that_leaves_the_log_in_doubt_still_stops_the_node(tmp_path):
@@ -159,28 +174,11 @@ async def test_a_hard_state_write_on_a_full_disk_sends_nothing_and_resyncs(tmp_p
         real_save(directory, hard, identity)
 
     monkeypatch.setattr(corestate, "save_core_hard_state", save)
-    r = Replicator(
-        me=Endpoint.parse("127.0.0.2:4001"), data_dir=tmp_path, database=NoDatabase(), views=LatestCell(),
-        secret="s" * 32, formation_window_s=0, log=nodelog.get_logger(),
-    )  # fmt: skip
-    r.identity = "me"
-    r.identities = {LEADER: "leader"}
-    r.transport = net = Recorder()
-    r._asynclog = AsyncLog(lambda: DurableLog.open(tmp_path / "log"))
-    await r._asynclog.start()
-    stop = asyncio.Event()
-    completer = asyncio.create_task(r._completer())
-    try:
-        r.state, ready = machine.bootstrap("me", VOTERS, r.options, "c")
-        await r._carry_out([ready])
-        await r._drain()
+    async with follower(tmp_path) as (r, net, completer):
+        stop = asyncio.Event()
 
         async def step(inp: msg.Input) -> None:
-            assert r.state is not None
-            r.state, ready = machine.step(r.state, inp, 1.0)
-            async with asyncio.timeout(10):
-                await r._carry_out([ready])
-                await r._drain()
+            await carry(r, inp)
 
         beat = msg.Receive("leader", msg.Heartbeat(5, 1, 1), "c")
         full["on"] = True
@@ -194,7 +192,3 @@ async def test_a_hard_state_write_on_a_full_disk_sends_nothing_and_resyncs(tmp_p
         await step(beat)
         assert [type(m).__name__ for _, m in net.sent] == ["HeartbeatAck"]
         assert r.state.hard.epoch == 5
-    finally:
-        completer.cancel()
-        await asyncio.gather(completer, return_exceptions=True)
-        await r._asynclog.close()
