@@ -30,10 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import cluster_bench as cb  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its threads so far (Linux /proc), in seconds."""
+def cpu_seconds(pid: int, which: str = "both") -> float:
+    """User + system (or ``which`` = "user" / "system" alone) CPU time of a process and all its threads so
+    far (Linux /proc), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]), int(fields[12])
+    ticks = {"both": user + system, "user": user, "system": system}[which]
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def top_functions(raw: Path, limit: int = 25) -> str:
@@ -85,6 +88,19 @@ async def amain(args: argparse.Namespace) -> int:
             if not cb.tn_ok(200, created):
                 raise RuntimeError(f"could not create the table: {created!r}")
             target = cb.tn_target(c.nodes[leader].url, token)
+            # What the nodes cost with no client at all (heartbeats, probes, timers): the floor under every
+            # CPU-per-write figure below.
+            pids = {ip: node.proc.pid for ip, node in c.nodes.items()}
+            idle_before = {ip: cpu_seconds(pid) for ip, pid in pids.items()}
+            await asyncio.sleep(args.idle)
+            print(
+                "idle: CPU ms/s "
+                + ", ".join(
+                    f"{'leader' if ip == leader else ip} {1000 * (cpu_seconds(pid) - idle_before[ip]) / args.idle:.0f}"
+                    for ip, pid in pids.items()
+                ),
+                flush=True,
+            )
             for clients in args.clients:
                 spies: list[tuple[subprocess.Popen, Path]] = []
                 if args.py_spy:
@@ -101,6 +117,7 @@ async def amain(args: argparse.Namespace) -> int:
                         spies.append((spy, path))
                 pids = {ip: node.proc.pid for ip, node in c.nodes.items()}
                 cpu_before = {ip: cpu_seconds(pid) for ip, pid in pids.items()}
+                sys_before = {ip: cpu_seconds(pid, "system") for ip, pid in pids.items()}
                 stats = await cb.drive(session, target, clients, args.warmup, args.seconds, 1_000_000)
                 # CPU per write is what a loaded machine cannot hide: scheduling delays inflate latency, not it.
                 writes = max(1, round(stats.writes_per_s * (args.seconds + args.warmup)))
@@ -108,10 +125,16 @@ async def amain(args: argparse.Namespace) -> int:
                     ("leader" if ip == leader else ip): 1000 * (cpu_seconds(pid) - cpu_before[ip]) / writes
                     for ip, pid in pids.items()
                 }
+                sys_ms = {
+                    ("leader" if ip == leader else ip): 1000
+                    * (cpu_seconds(pid, "system") - sys_before[ip])
+                    / writes
+                    for ip, pid in pids.items()
+                }
                 print(
-                    f"{clients:>3} clients: {stats.writes_per_s:8.0f} writes/s  p50 {stats.p50_ms} ms  "
-                    f"p99 {stats.p99_ms} ms  errors {stats.errors}  CPU ms/write (approx.) "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items()),
+                    f"{clients:>3} clients: {stats.writes_per_s:8.0f} writes/s  p50 {stats.p50_ms:.2f} ms  "
+                    f"p99 {stats.p99_ms:.2f} ms  errors {stats.errors}  CPU ms/write (approx., of it system) "
+                    + ", ".join(f"{k} {v:.2f} ({sys_ms[k]:.2f})" for k, v in cpu_ms.items()),
                     flush=True,
                 )
                 for spy, path in spies:
@@ -134,6 +157,7 @@ def main() -> int:
     parser.add_argument("--clients", type=cb.parse_client_counts, default=(1, 32))
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--idle", type=float, default=3.0, help="seconds of no load measured first (3)")
     parser.add_argument("--py-spy", default=None, help="py-spy binary: sample every node while the load runs")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "replication-profile")
     parser.add_argument("--top", action="store_true", help="print the hottest functions of each profile")
