@@ -40,11 +40,10 @@ from node.core.sqlreq import (
     DbRequest,
     Flags,
     decode_text,
-    parse_flags,
     parse_statements,
     parse_text_statement,
 )
-from node.http.common import EXTRA_HEADERS, json_response, parse_json, read_body
+from node.http.common import EXTRA_HEADERS, json_response, parse_json, read_body, request_flags
 from node.http.render import INLINE_RENDER_CELLS, cells, render_results
 from node.runtime.mailbox import LatestCell
 from node.service import LocalDataService, LogBackedDataService, WriteOutcome, WriteRequest
@@ -156,7 +155,7 @@ class DbRoutes:
     async def _write(self, request: web.Request, *, unified: bool) -> web.Response:
         started = time.perf_counter()
         self._authorize(request, auth.Role.WRITE)
-        flags = parse_flags(request.query)
+        flags = request_flags(request)
         request_id = _request_id(request)
         db_request = await self._request(request, flags)
         write = WriteRequest(db_request.statements, flags.transaction, unified, request_id)
@@ -179,7 +178,7 @@ class DbRoutes:
     async def query(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         self._authorize(request, auth.Role.READ)
-        flags = parse_flags(request.query)
+        flags = request_flags(request)
         if request.method == "GET":
             sql = request.query.get("q", "")
             if not sql.strip():
@@ -232,7 +231,7 @@ class DbRoutes:
         an SQLite file is checked and renamed into place, a dump is split and run as one transaction."""
         started = time.perf_counter()
         self._authorize(request, auth.Role.ADMIN)
-        flags = parse_flags(request.query)
+        flags = request_flags(request)
         request_id = _request_id(request)
         client = client_key(request.headers.get("Authorization"))
         path = self._db.temp_path("upload")

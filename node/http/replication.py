@@ -44,8 +44,8 @@ from aiohttp import web
 from node import auth, errors
 from node.core import peerauth
 from node.core.ids import Endpoint, InvalidAddress
-from node.core.sqlreq import Level, parse_flags
-from node.http.common import EXTRA_HEADERS, json_response, read_body
+from node.core.sqlreq import Level
+from node.http.common import EXTRA_HEADERS, json_response, read_body, request_flags
 from node.replication import codec, snapshot_transfer, staged_loads
 from node.replication.service import ANSWERED_EPOCH
 from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
@@ -317,7 +317,7 @@ class ForwardingMiddleware:
             role = auth.Role.ADMIN
         elif role is None or request.method not in ("GET", "POST"):
             return await handler(request)
-        flags = parse_flags(request.query)
+        flags = request_flags(request)
         needs_leader = request.path != "/db/query" or flags.level is not Level.NONE
         leader = self._replicator.leader_endpoint() if needs_leader else None
         if leader is None or FORWARDED_HEADER in request.headers:
