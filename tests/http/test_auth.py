@@ -407,3 +407,86 @@ def test_refused_tokens_are_never_cached_and_the_cache_is_bounded(monkeypatch):
         auth.verify_jwt(t, SECRET, now=1000)
     assert len(auth._verified) == 8
     assert list(auth._verified) == [(SECRET, t) for t in tokens[-8:]]  # least recently used went first
+
+
+# --- the cache of authenticated Authorization headers -------------------------------------------------------
+
+
+def _answer(header: str, secret: str, now: float):
+    try:
+        principal = auth.authenticate(header, secret, now=now)
+    except errors.Unauthorized as exc:
+        return ("401", str(exc))
+    return principal
+
+
+def _fresh_answer(header: str, secret: str, now: float):
+    saved = dict(auth._authenticated)
+    auth._authenticated.clear()
+    try:
+        return _answer(header, secret, now)
+    finally:
+        auth._authenticated.clear()
+        auth._authenticated.update(saved)
+
+
+_times = st.integers(900, 1100) | st.floats(900, 1100, allow_nan=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    iat=_times,
+    exp=_times,
+    nbf=st.none() | _times,
+    basic=st.booleans(),
+    compact=st.booleans(),
+    nows=st.lists(st.integers(800, 1200) | st.floats(800, 1200, allow_nan=False), min_size=1, max_size=8),
+)
+def test_a_cached_header_answers_exactly_as_a_fresh_check_at_every_time(iat, exp, nbf, basic, compact, nows):
+    """Whatever the claims and the order of the clock readings, the cached answer is the uncached one: a
+    header cached while valid is refused once expired (or before iat/nbf), with the same 401."""
+    if compact:
+        token = auth.mint_compact(SECRET, auth.Role.WRITE, now=int(exp) - 10, ttl_s=10)
+        header = "Basic " + base64.b64encode(f"u:{token}".encode()).decode()
+    else:
+        claims = {"sub": "s", "role": "write", "iat": iat, "exp": exp}
+        if nbf is not None:
+            claims["nbf"] = nbf
+        token = jwt.encode(claims, SECRET, algorithm="HS256")
+        header = ("Basic " + base64.b64encode(f"u:{token}".encode()).decode()) if basic else f"Bearer {token}"
+    auth._authenticated.clear()
+    for now in nows:
+        assert _answer(header, SECRET, now) == _fresh_answer(header, SECRET, now)
+        assert _answer(header, SECRET + "-other", now) == _fresh_answer(header, SECRET + "-other", now)
+
+
+def test_an_expired_header_is_refused_even_though_it_is_cached():
+    header = "Bearer " + auth.mint_jwt(SECRET, auth.Role.WRITE, now=1000, ttl_s=60)
+    auth._authenticated.clear()
+    assert auth.authenticate(header, SECRET, now=1000).role is auth.Role.WRITE
+    assert (SECRET, header) in auth._authenticated
+    with pytest.raises(errors.Unauthorized, match="expired"):
+        auth.authenticate(header, SECRET, now=1000 + 60 + auth.LEEWAY_S)
+    with pytest.raises(errors.Unauthorized, match="not valid yet"):
+        auth.authenticate(header, SECRET, now=1000 - auth.LEEWAY_S - 1)
+    with pytest.raises(errors.Unauthorized, match="signature"):
+        auth.authenticate(header, SECRET + "x", now=1000)  # the same header under a rotated secret
+
+
+def test_refused_headers_are_never_cached_and_the_header_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(auth, "AUTHENTICATED_CACHE_ENTRIES", 8)
+    auth._authenticated.clear()
+    for bad in ("Bearer x.y.z", "Basic !!!", "Token abc", "Bearer " + "a" * 5000):
+        with pytest.raises(errors.Unauthorized):
+            auth.authenticate(bad, SECRET, now=1000)
+    assert not auth._authenticated
+    headers = [
+        "Bearer " + auth.mint_jwt(SECRET, auth.Role.READ, now=1000, ttl_s=60, subject=f"s{i}")
+        for i in range(20)
+    ]
+    for h in headers:
+        auth.authenticate(h, SECRET, now=1000)
+    assert list(auth._authenticated) == [(SECRET, h) for h in headers[-8:]]  # least recently used went first
+    long_header = "Bearer " + auth.mint_jwt(SECRET, auth.Role.READ, now=1000, ttl_s=60, subject="x" * 1200)
+    assert auth.authenticate(long_header, SECRET, now=1000).role is auth.Role.READ
+    assert (SECRET, long_header) not in auth._authenticated
