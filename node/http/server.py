@@ -272,6 +272,9 @@ class GuardedRequestHandler(web.RequestHandler):
         "_write_timeout_s",
         "_node_log",
         "_head_timer",
+        "_head_armed",
+        "_head_deadline",
+        "_head_timer_at",
         "_stall_timer",
         "_head_bytes",
         "_counted",
@@ -293,6 +296,9 @@ class GuardedRequestHandler(web.RequestHandler):
         self._write_timeout_s = write_timeout_s
         self._node_log = log
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_armed = False
+        self._head_deadline = 0.0  # loop time at which an armed header timer fires
+        self._head_timer_at = 0.0  # the deadline the scheduled _head_timer was scheduled for
         self._stall_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._counted = False
@@ -316,7 +322,7 @@ class GuardedRequestHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is not None:
+        if self._head_armed:
             self._head_bytes += len(data)
         super().data_received(data)
 
@@ -336,10 +342,12 @@ class GuardedRequestHandler(web.RequestHandler):
     # --- hooks --------------------------------------------------------------------------------------------
 
     def head_complete(self) -> None:
-        """A request head has been parsed and handed to the application: stop the header timer."""
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        """A request head has been parsed and handed to the application: stop the header timer.
+
+        Disarmed, not cancelled: the scheduled handle stays and does nothing when it fires (or is moved to
+        the next deadline if the timer was armed again meanwhile). Cancelling and scheduling a handle per
+        request cost more than the rest of the guard (see :meth:`_arm_head_timer`)."""
+        self._head_armed = False
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -391,13 +399,31 @@ class GuardedRequestHandler(web.RequestHandler):
     # --- timers -------------------------------------------------------------------------------------------
 
     def _arm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        """Start the header timer: it fires ``header_timeout_s`` from now unless :meth:`head_complete` runs.
+
+        One handle per connection at a time: a new one is scheduled only when none is pending; a pending
+        one scheduled for an earlier deadline moves itself on when it fires (:meth:`_head_timer_fired`).
+        On a keep-alive connection this replaces a cancel and a call_later per request by two assignments."""
         self._head_bytes = 0
-        self._head_timer = asyncio.get_running_loop().call_later(self._header_timeout_s, self._head_timed_out)
+        self._head_armed = True
+        loop = asyncio.get_running_loop()
+        self._head_deadline = loop.time() + self._header_timeout_s
+        if self._head_timer is None:
+            self._head_timer_at = self._head_deadline
+            self._head_timer = loop.call_at(self._head_deadline, self._head_timer_fired)
+
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        if not self._head_armed:
+            return  # a head arrived since: nothing to time out until the timer is armed again
+        if self._head_deadline > self._head_timer_at:  # armed again after this handle was scheduled
+            self._head_timer_at = self._head_deadline
+            self._head_timer = asyncio.get_running_loop().call_at(self._head_deadline, self._head_timer_fired)
+            return
+        self._head_timed_out()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
+        self._head_armed = False
         transport = self.transport
         if transport is None:
             return

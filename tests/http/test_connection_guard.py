@@ -465,6 +465,40 @@ async def test_a_kept_alive_connection_gets_the_header_timeout_after_each_respon
         writer.close()
 
 
+async def _one_exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"GET /accessors HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(
+        next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[
+            1
+        ]
+    )
+    await reader.readexactly(length)
+
+
+async def test_the_header_timer_counts_from_the_last_response_not_from_the_first(node_http):
+    """The header timer is re-armed lazily (one handle per connection): a connection busy for longer than
+    the header timeout is never cut, and an idle one is closed a full timeout after its last response."""
+    timeout_s = node_http.api.limits.header_read_timeout_s
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", node_http.port)
+    try:
+        started = loop.time()
+        for _ in range(200):  # bounded; about 2.5 timeouts of steady requests on one connection
+            if loop.time() - started > 2.5 * timeout_s:
+                break
+            await _one_exchange(reader, writer)
+            await asyncio.sleep(timeout_s / 5)
+        await _one_exchange(reader, writer)
+        last_answer = loop.time()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # idle: closed, with nothing sent
+        assert loop.time() - last_answer >= timeout_s * 0.9
+    finally:
+        writer.close()
+
+
 def non_reading_socket(port: int) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
