@@ -393,9 +393,14 @@ class ForwardingMiddleware:
                     )
             raise errors.Unavailable(f"the leader {leader} did not answer the forwarded request in time")
         finally:
-            if not exchange.done():
+            if exchange.done():
+                # Its outcome was returned or raised above; marked retrieved in case this coroutine was
+                # cancelled just as it finished. (A gather here would cost the answer a loop iteration.)
+                if not exchange.cancelled():
+                    exchange.exception()
+            else:
                 exchange.cancel()
-            await asyncio.gather(exchange, return_exceptions=True)
+                await asyncio.gather(exchange, return_exceptions=True)
 
     async def _exchange(
         self,
