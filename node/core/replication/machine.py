@@ -9,6 +9,7 @@ the shell and freezes the result. The output order in ``Ready`` is the protocol:
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -372,6 +373,10 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
     return s.finish()
 
 
+_STATE_FIELDS = tuple(State.__dataclass_fields__)
+_state_values = operator.attrgetter(*_STATE_FIELDS)  # every State field of an object, in field order
+
+
 class _Step:
     """Mutable working copy of one State for the duration of one step."""
 
@@ -379,8 +384,8 @@ class _Step:
         self.st = st
         self.now = now
         self.o = st.options
-        for name in State.__dataclass_fields__:
-            setattr(self, name, getattr(st, name))
+        # Every State field, in one C-level copy (a setattr/getattr loop was a fifth of a step).
+        self.__dict__.update(zip(_STATE_FIELDS, _state_values(st)))
         self.progress = dict(st.progress)
         self.departing = dict(st.departing)
         self.log: tuple[Entry, ...] | list[Entry] = st.log  # copied on first write (it can hold thousands)
@@ -797,11 +802,12 @@ class _Step:
         if self.role != LEADER or sender not in self.progress:
             return
         p = self.progress[sender]
-        p = replace(p, last_ack_s=self.now, acked_seq=max(p.acked_seq, m.seq))
+        acked = {"last_ack_s": self.now, "acked_seq": max(p.acked_seq, m.seq)}
         if isinstance(m, AppendAck):
             moved = m.match > p.match
             p = replace(
                 p,
+                **acked,
                 match=max(p.match, m.match),
                 next=max(p.next, m.match + 1),
                 inflight=max(0, p.inflight - 1),
@@ -809,15 +815,18 @@ class _Step:
                 last_progress_s=self.now if moved else p.last_progress_s,
                 offered_s=NEVER if moved else p.offered_s,
             )
-        elif isinstance(m, AppendReject):
-            if m.rejected > p.match:  # a reject about what is already matched is an old, reordered one
-                p = replace(
-                    p,
-                    next=max(p.match + 1, min(m.rejected, m.hint + 1)),
-                    inflight=0,
-                    probing=True,
-                    last_progress_s=self.now,
-                )
+        elif isinstance(m, AppendReject) and m.rejected > p.match:
+            # (a reject about what is already matched is an old, reordered one)
+            p = replace(
+                p,
+                **acked,
+                next=max(p.match + 1, min(m.rejected, m.hint + 1)),
+                inflight=0,
+                probing=True,
+                last_progress_s=self.now,
+            )
+        else:
+            p = replace(p, **acked)
         self.progress[sender] = p
         if isinstance(m, AppendAck):
             self.advance_commit()
@@ -865,9 +874,12 @@ class _Step:
             prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             batch = self.entries_from(p.next)
             self.send(peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
-            if p.inflight == 0:
-                p = replace(p, last_progress_s=self.now)
-            p = replace(p, next=p.next + len(batch), inflight=p.inflight + 1)
+            p = replace(
+                p,
+                next=p.next + len(batch),
+                inflight=p.inflight + 1,
+                last_progress_s=self.now if p.inflight == 0 else p.last_progress_s,
+            )
             if p.probing:
                 break
         self.progress[peer] = p
@@ -1169,10 +1181,10 @@ class _Step:
                 else:
                     self.send_fetch()
             return
-        if self.stopping or self.me not in self.config.voters or self.highest_healthy_voter() != self.me:
-            return
         if self.leader not in (None, self.me) and self.now - self.leader_contact_s < self.o.lease_s:
             return  # a leader is alive: it hands over to us (planned handover) instead of being deposed
+        if self.stopping or self.me not in self.config.voters or self.highest_healthy_voter() != self.me:
+            return
         self.start_campaign(handover=False)
 
     def maintain_leader(self) -> None:
@@ -1268,6 +1280,16 @@ class _Step:
         if self.hard.configs[-1][0] > self.commit:
             return
         now, o = self.now, self.o
+        if (
+            not cfg.learners
+            and not cfg.removed
+            and self.view.keys() == cfg.members
+            and all(now - p.last_ack_s <= o.reap_timeout_s for p in self.progress.values())
+        ):
+            # The steady state, checked on every step of a leader: every member is in the view (none
+            # replaced, no new node, no removal to forget), no learner, no silent member. Nothing below
+            # could find a change.
+            return
         change: Config | None = None
         for v in sorted(cfg.members - {self.me}):
             successor = self.replaced_by(v)
@@ -1380,13 +1402,15 @@ class _Step:
             truncate_from = self.dirty if self.dirty <= st.last.index else None
             append = tuple(self.log[self.dirty - self.base.index - 1 :])
         self.trim()
-        values = {name: getattr(self, name) for name in State.__dataclass_fields__}
-        values["log"] = tuple(self.log) if isinstance(self.log, list) else self.log
-        values["progress"] = MappingProxyType(self.progress)
-        values["departing"] = MappingProxyType(self.departing)
-        new = State(**values)
+        # The working copy is done with: freeze its fields in place and build the State from them in field
+        # order (one C-level read of every field, a positional call).
+        if isinstance(self.log, list):
+            self.log = tuple(self.log)
+        self.progress = MappingProxyType(self.progress)  # type: ignore[assignment]
+        self.departing = MappingProxyType(self.departing)  # type: ignore[assignment]
+        new = State(*_state_values(self))
         ready = Ready(
-            hard_state=self.hard if self.hard != st.hard else None,
+            hard_state=self.hard if self.hard is not st.hard and self.hard != st.hard else None,
             truncate_from=truncate_from,
             append=append or (),
             messages=tuple(self.out_messages),
