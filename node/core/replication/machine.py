@@ -385,7 +385,7 @@ class _Step:
         self.now = now
         self.o = st.options
         # Every State field, in one C-level copy (a setattr/getattr loop was a fifth of a step).
-        self.__dict__.update(zip(_STATE_FIELDS, _state_values(st)))
+        self.__dict__.update(zip(_STATE_FIELDS, _state_values(st), strict=True))
         self.progress = dict(st.progress)
         self.departing = dict(st.departing)
         self.log: tuple[Entry, ...] | list[Entry] = st.log  # copied on first write (it can hold thousands)
