@@ -92,6 +92,8 @@ class SimNode:
     view: dict[str, int] | None = None  # last view given
     pending: list[Ready] = field(default_factory=list)  # group commit: Readys not yet carried out
     unsynced: list[tuple[float, Ready]] = field(default_factory=list)  # pipelined: (due, Ready) in order
+    # (the State a step made, machine.next_deadline of it): a Tick before that time must change nothing
+    deadline: tuple[object, float] = (None, float("-inf"))
 
     @property
     def alive(self) -> bool:
@@ -332,10 +334,24 @@ class RepSim:
         node = self.nodes[name]
         if node.state is None:
             return None
-        node.state, ready = machine.step(node.state, inp, self.now)
+        before = node.state
+        node.state, ready = machine.step(before, inp, self.now)
         self.steps += 1
+        self.check_deadline(name, before, inp, ready)
+        node.deadline = (node.state, machine.next_deadline(node.state, self.now))
         self._process(name, ready)
         return ready
+
+    def check_deadline(self, name: str, before: machine.State, inp: object, ready: Ready) -> None:
+        """A shell ticks only at ``next_deadline``: every Tick before it must be a no-op, or skipping it
+        would lose (or delay) what it did. Checked on every Tick of every simulation."""
+        made, deadline = self.nodes[name].deadline
+        if not isinstance(inp, Tick) or made is not before or self.now >= deadline:
+            return
+        if not ready.empty or self.nodes[name].state != before:
+            raise InvariantViolated(
+                f"{name}: a Tick at {self.now} before next_deadline {deadline} changed something: {ready} {before}"
+            )
 
     def _process(self, name: str, ready: Ready) -> None:
         if self.pipelined:
