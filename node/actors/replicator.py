@@ -990,7 +990,12 @@ class Replicator:
         assert self._asynclog is not None and self.transport is not None
         alog, identity = self._asynclog, self.identity
         assert identity is not None
+        # Persisted only counts for a leader, for entries of the epoch it leads (``machine.persisted``). A node
+        # that is not leading after these steps either never led the epochs of these entries or stepped down
+        # from it, and epochs only grow: its Persisted could never count, so a follower skips that step (and
+        # the loop round it costs) for every batch it appends.
         pipelined = self.options.pipelined
+        persist_steps = pipelined and self.state is not None and self.state.role == machine.LEADER
         for ready in readys:
             # Futures (not coroutines): each request is in the log's queue when this returns, so the log
             # thread sees them in Ready order.
@@ -1034,7 +1039,7 @@ class Replicator:
             for fetch in ready.fetch_snapshot:
                 self.snapshots.fetch(fetch.source, fetch.snapshot)
             if writes or late or ready.apply or ready.read_log:
-                appended = ready.append[-1].id if ready.append and pipelined else None
+                appended = ready.append[-1].id if ready.append and persist_steps else None
                 await self._queue_unsynced(_Unsynced(writes, late, ready.apply, ready.read_log, appended))
 
     def _feed_snapshot(self, inp: msg.Input) -> None:

@@ -94,6 +94,9 @@ class SimNode:
     unsynced: list[tuple[float, Ready]] = field(default_factory=list)  # pipelined: (due, Ready) in order
     # (the State a step made, machine.next_deadline of it): a Tick before that time must change nothing
     deadline: tuple[object, float] = (None, float("-inf"))
+    # Pipelined: the last LogId of Readys carried out while the node was not leading. The Replicator feeds
+    # no Persisted for those (it could never count): feeding it here must change nothing.
+    appended_not_leading: set[LogId] = field(default_factory=set)
 
     @property
     def alive(self) -> bool:
@@ -187,6 +190,7 @@ class RepSim:
         if pipelined:
             self.options = replace(self.options, pipelined=True)
         self.lost_unsynced = 0  # pipelined: queued writes lost in crashes (the harness really tests that)
+        self.persisted_checks = 0  # Persisted inputs of non-leaders' appends checked to be no-ops
         self.write_delay_s: dict[str, float] = {}  # pipelined: a slow disk (extra seconds per log write)
         self.now = 0.0
         self.tick_s = tick_s
@@ -338,6 +342,7 @@ class RepSim:
         node.state, ready = machine.step(before, inp, self.now)
         self.steps += 1
         self.check_deadline(name, before, inp, ready)
+        self.check_persisted(name, before, inp, ready)
         node.deadline = (node.state, machine.next_deadline(node.state, self.now))
         self._process(name, ready)
         return ready
@@ -352,6 +357,16 @@ class RepSim:
             raise InvariantViolated(
                 f"{name}: a Tick at {self.now} before next_deadline {deadline} changed something: {ready} {before}"
             )
+
+    def check_persisted(self, name: str, before: machine.State, inp: object, ready: Ready) -> None:
+        """The Replicator skips Persisted for appends carried out while not leading: it must be a no-op."""
+        node = self.nodes[name]
+        if not isinstance(inp, Persisted) or inp.last not in node.appended_not_leading:
+            return
+        node.appended_not_leading.discard(inp.last)
+        self.persisted_checks += 1
+        if not ready.empty or node.state != before:
+            raise InvariantViolated(f"{name}: Persisted({inp.last}) of a non-leader's append changed something")
 
     def _process(self, name: str, ready: Ready) -> None:
         if self.pipelined:
@@ -435,6 +450,8 @@ class RepSim:
                 self.crash(name)
                 self.repairs.append((self.now + self.rng.uniform(0.1, 1.0), "restart", name, name))
                 return
+        if ready.append and node.state is not None and node.state.role != machine.LEADER:
+            node.appended_not_leading.add(ready.append[-1].id)
         early_sends = [] if ready.hard_state is not None else [s for s in ready.messages if early(s.message)]
         self.inv.check_sends(name, d.hard, d.log, early_sends)
         for send in early_sends:
