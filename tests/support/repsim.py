@@ -191,6 +191,7 @@ class RepSim:
             self.options = replace(self.options, pipelined=True)
         self.lost_unsynced = 0  # pipelined: queued writes lost in crashes (the harness really tests that)
         self.persisted_checks = 0  # Persisted inputs of non-leaders' appends checked to be no-ops
+        self.commit_checked: dict[str, LogId] = {}  # pipelined: the last commit checked durable, per leader
         self.write_delay_s: dict[str, float] = {}  # pipelined: a slow disk (extra seconds per log write)
         self.now = 0.0
         self.tick_s = tick_s
@@ -507,7 +508,12 @@ class RepSim:
             entry = (
                 state.log[state.commit - state.base.index - 1] if state.commit > state.base.index else None
             )
-            if entry is not None and entry.epoch == leader_epoch:
+            # Checked once per committed entry, under the configuration it was committed in: a membership
+            # change made later (one voter less, effective at once) may leave an entry that a majority of
+            # the old voters held on fewer of the new ones; every majority of the new voters still meets
+            # every majority of the old ones (one change at a time), so that is no loss.
+            if entry is not None and entry.epoch == leader_epoch and self.commit_checked.get(name) != entry.id:
+                self.commit_checked[name] = entry.id
                 holders = [
                     v for v in state.config.voters
                     if len(self.nodes[v].durable.log) >= entry.index
