@@ -714,8 +714,12 @@ class Replicator:
     # --- the loop ---------------------------------------------------------------------------------------
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
-        """The loop sleeps until its next input or timer: a stop must wake it too."""
+        """The loop sleeps until its next input or timer: a stop must wake it too. One TICK_S after the
+        signal, as the fixed tick did: stopping at once (0.1 ms after a write's answer) closed the database
+        while the applier's last write job still ran on its thread, leaving the WAL uncheckpointed
+        (tests/replication/test_start_quarantine found it)."""
         await stop.wait()
+        await asyncio.sleep(TICK_S)
         self._wake.set()
 
     async def _loop(self, stop: asyncio.Event) -> None:
