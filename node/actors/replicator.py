@@ -1,7 +1,9 @@
 """The Replicator: the shell around the pure replication core (``node.core.replication``).
 
 It owns the core's State and is the only code that steps it. Inputs, fed one at a time with the loop clock:
-``Tick`` every ``TICK_S``, ``ViewChanged`` when the membership view (or what we know of identities) changes,
+``Tick`` when the core has a timer due (``machine.next_deadline``: a leader's next heartbeat, a lease running
+out...; at least ``TICK_S`` after the previous step, at most ``MAX_TICK_S``) and no other input came meanwhile
+(every step runs the core's timers), ``ViewChanged`` when the membership view (or what we know of identities) changes,
 ``Receive`` for every authenticated peer message, ``Submit`` and ``Read`` batched from clients, ``LogRead``
 answering the core's ``ReadLog``, ``Stop`` at shutdown.
 
@@ -99,7 +101,11 @@ from node.storage.log import (
 from node.storage.sqlite import ApplyFailed, Database
 from node.storage.statemachine import Applied
 
+# Ticks: never sooner than TICK_S after the previous step (work a step leaves for the next one is done one
+# tick later, as with a fixed tick), never later than MAX_TICK_S (a bound, should a timer ever be missed).
+# A fixed 10 ms tick cost an idle node ~100 core steps and loop rounds a second.
 TICK_S = 0.01
+MAX_TICK_S = 0.25
 MAX_INBOX = 8192
 MAX_PENDING_CLIENTS = 4096
 MAX_APPLY_BACKLOG = 8192
@@ -549,12 +555,13 @@ class Replicator:
                 snapshots = tg.create_task(self.snapshots.run(), name="replication-snapshots")
                 watcher = tg.create_task(self._watch_views(), name="replication-views")
                 completer = tg.create_task(self._completer(), name="replication-completer")
+                stopper = tg.create_task(self._wake_on(stop), name="replication-stop")
                 if not stop.is_set():
                     await self._start_state(stop, restore)
                 applier = tg.create_task(self._applier(), name="replication-applier")
                 if self.state is not None:
                     await self._loop(stop)
-                for task in (transport, watcher, applier, completer, snapshots):
+                for task in (transport, watcher, applier, completer, snapshots, stopper):
                     task.cancel()
         finally:
             self.done.set()
@@ -706,17 +713,38 @@ class Replicator:
 
     # --- the loop ---------------------------------------------------------------------------------------
 
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        """The loop sleeps until its next input or timer: a stop must wake it too. One TICK_S after the
+        signal, as the fixed tick did: stopping at once (0.1 ms after a write's answer) closed the database
+        while the applier's last write job still ran on its thread, leaving the WAL uncheckpointed
+        (tests/replication/test_start_quarantine found it)."""
+        await stop.wait()
+        await asyncio.sleep(TICK_S)
+        self._wake.set()
+
     async def _loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
         next_reform = loop.time() + REFORM_CHECK_S
         stop_sent_at: float | None = None
         led_at_stop = False
+        stepped: machine.State | None = None  # the State the last step made (next_tick is its deadline)
+        stepped_at = 0.0
+        deadline_due = False  # next_tick is still to be worked out from (stepped, stepped_at)
         while True:
             if self._log_failure is not None and not stop.is_set():
                 await self._resync(stop)
                 continue
             now = loop.time()
+            if self.state is not stepped:
+                next_tick = now  # replaced outside the loop's steps (resync, bootstrap, dissolve): tick it
+                deadline_due = False
+            elif deadline_due and not self._has_inputs():
+                # Only when the loop is about to sleep (or tick): under load the next round's inputs run
+                # the core's timers anyway, and the deadline of every intermediate State is not needed.
+                deadline_due = False
+                deadline = machine.next_deadline(stepped, stepped_at)
+                next_tick = min(max(deadline, stepped_at + TICK_S), stepped_at + MAX_TICK_S)
             if stop.is_set() and stop_sent_at is None:
                 stop_sent_at = now
                 self._stop_requested = True
@@ -734,10 +762,15 @@ class Replicator:
                 )  # fmt: skip
                 return
             if not self._has_inputs():
+                wake_at = min(next_tick, next_reform)
+                if stop_sent_at is not None:
+                    wake_at = min(wake_at, now + TICK_S)  # the handover budget is checked above
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, next_tick - now)):
-                        await self._wake.wait()
+                timer = loop.call_at(wake_at, self._wake.set)  # no timeout context: no exception a tick
+                try:
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
                 now = loop.time()
             inputs: list[msg.Input] = []
             if self._persisted:
@@ -768,15 +801,18 @@ class Replicator:
                 self._reads = []
             inputs.extend(self._removals)
             self._removals = []
-            if now >= next_tick:
-                inputs.append(msg.Tick())
-                next_tick = now + TICK_S
+            if not inputs and not deadline_due and now >= next_tick:
+                inputs.append(msg.Tick())  # (any other input runs the core's timers as well)
             readys = []
             assert self.state is not None
+            step_at = now
             for inp in inputs:
-                self.state, ready = machine.step(self.state, inp, loop.time())
+                step_at = loop.time()
+                self.state, ready = machine.step(self.state, inp, step_at)
                 if not ready.empty:
                     readys.append(ready)
+            if inputs:
+                stepped, stepped_at, deadline_due = self.state, step_at, True
             self.snapshots.cluster = self.state.hard.cluster
             if readys:
                 await self._carry_out(readys)
@@ -965,7 +1001,12 @@ class Replicator:
         assert self._asynclog is not None and self.transport is not None
         alog, identity = self._asynclog, self.identity
         assert identity is not None
+        # Persisted only counts for a leader, for entries of the epoch it leads (``machine.persisted``). A node
+        # that is not leading after these steps either never led the epochs of these entries or stepped down
+        # from it, and epochs only grow: its Persisted could never count, so a follower skips that step (and
+        # the loop round it costs) for every batch it appends.
         pipelined = self.options.pipelined
+        persist_steps = pipelined and self.state is not None and self.state.role == machine.LEADER
         for ready in readys:
             # Futures (not coroutines): each request is in the log's queue when this returns, so the log
             # thread sees them in Ready order.
@@ -1009,7 +1050,7 @@ class Replicator:
             for fetch in ready.fetch_snapshot:
                 self.snapshots.fetch(fetch.source, fetch.snapshot)
             if writes or late or ready.apply or ready.read_log:
-                appended = ready.append[-1].id if ready.append and pipelined else None
+                appended = ready.append[-1].id if ready.append and persist_steps else None
                 await self._queue_unsynced(_Unsynced(writes, late, ready.apply, ready.read_log, appended))
 
     def _feed_snapshot(self, inp: msg.Input) -> None:

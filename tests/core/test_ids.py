@@ -88,3 +88,24 @@ def test_node_id_of_any_text_is_an_id_or_invalid_address(text):
         assert 0 <= node_id_from_ipv4(text) <= 65535
     except InvalidAddress:
         pass
+
+
+@given(st.ip_addresses(v=4), st.integers(1, 65535))
+def test_cached_node_id_equals_the_parsed_one(address, port):
+    """Endpoint.node_id is cached per host: it must give what parsing gives, every time."""
+    endpoint = Endpoint(str(address), port)
+    assert endpoint.node_id == node_id_from_ipv4(str(address)) == address.packed[2] * 256 + address.packed[3]
+    assert endpoint.node_id == endpoint.node_id
+
+
+@given(st.text(max_size=20))
+def test_cached_node_id_never_caches_a_failure(host):
+    """A host that is not an address raises each time (a failure is not remembered as an ID)."""
+    try:
+        expected = node_id_from_ipv4(host)
+    except InvalidAddress:
+        for _ in range(2):
+            with pytest.raises(InvalidAddress):
+                Endpoint(host, 80).node_id  # noqa: B018
+    else:
+        assert Endpoint(host, 80).node_id == expected

@@ -92,6 +92,11 @@ class SimNode:
     view: dict[str, int] | None = None  # last view given
     pending: list[Ready] = field(default_factory=list)  # group commit: Readys not yet carried out
     unsynced: list[tuple[float, Ready]] = field(default_factory=list)  # pipelined: (due, Ready) in order
+    # (the State a step made, machine.next_deadline of it): a Tick before that time must change nothing
+    deadline: tuple[object, float] = (None, float("-inf"))
+    # Pipelined: the last LogId of Readys carried out while the node was not leading. The Replicator feeds
+    # no Persisted for those (it could never count): feeding it here must change nothing.
+    appended_not_leading: set[LogId] = field(default_factory=set)
 
     @property
     def alive(self) -> bool:
@@ -185,6 +190,8 @@ class RepSim:
         if pipelined:
             self.options = replace(self.options, pipelined=True)
         self.lost_unsynced = 0  # pipelined: queued writes lost in crashes (the harness really tests that)
+        self.persisted_checks = 0  # Persisted inputs of non-leaders' appends checked to be no-ops
+        self.commit_checked: dict[str, LogId] = {}  # pipelined: the last commit checked durable, per leader
         self.write_delay_s: dict[str, float] = {}  # pipelined: a slow disk (extra seconds per log write)
         self.now = 0.0
         self.tick_s = tick_s
@@ -332,10 +339,35 @@ class RepSim:
         node = self.nodes[name]
         if node.state is None:
             return None
-        node.state, ready = machine.step(node.state, inp, self.now)
+        before = node.state
+        node.state, ready = machine.step(before, inp, self.now)
         self.steps += 1
+        self.check_deadline(name, before, inp, ready)
+        self.check_persisted(name, before, inp, ready)
+        node.deadline = (node.state, machine.next_deadline(node.state, self.now))
         self._process(name, ready)
         return ready
+
+    def check_deadline(self, name: str, before: machine.State, inp: object, ready: Ready) -> None:
+        """A shell ticks only at ``next_deadline``: every Tick before it must be a no-op, or skipping it
+        would lose (or delay) what it did. Checked on every Tick of every simulation."""
+        made, deadline = self.nodes[name].deadline
+        if not isinstance(inp, Tick) or made is not before or self.now >= deadline:
+            return
+        if not ready.empty or self.nodes[name].state != before:
+            raise InvariantViolated(
+                f"{name}: a Tick at {self.now} before next_deadline {deadline} changed something: {ready} {before}"
+            )
+
+    def check_persisted(self, name: str, before: machine.State, inp: object, ready: Ready) -> None:
+        """The Replicator skips Persisted for appends carried out while not leading: it must be a no-op."""
+        node = self.nodes[name]
+        if not isinstance(inp, Persisted) or inp.last not in node.appended_not_leading:
+            return
+        node.appended_not_leading.discard(inp.last)
+        self.persisted_checks += 1
+        if not ready.empty or node.state != before:
+            raise InvariantViolated(f"{name}: Persisted({inp.last}) of a non-leader's append changed something")
 
     def _process(self, name: str, ready: Ready) -> None:
         if self.pipelined:
@@ -419,6 +451,8 @@ class RepSim:
                 self.crash(name)
                 self.repairs.append((self.now + self.rng.uniform(0.1, 1.0), "restart", name, name))
                 return
+        if ready.append and node.state is not None and node.state.role != machine.LEADER:
+            node.appended_not_leading.add(ready.append[-1].id)
         early_sends = [] if ready.hard_state is not None else [s for s in ready.messages if early(s.message)]
         self.inv.check_sends(name, d.hard, d.log, early_sends)
         for send in early_sends:
@@ -474,7 +508,12 @@ class RepSim:
             entry = (
                 state.log[state.commit - state.base.index - 1] if state.commit > state.base.index else None
             )
-            if entry is not None and entry.epoch == leader_epoch:
+            # Checked once per committed entry, under the configuration it was committed in: a membership
+            # change made later (one voter less, effective at once) may leave an entry that a majority of
+            # the old voters held on fewer of the new ones; every majority of the new voters still meets
+            # every majority of the old ones (one change at a time), so that is no loss.
+            if entry is not None and entry.epoch == leader_epoch and self.commit_checked.get(name) != entry.id:
+                self.commit_checked[name] = entry.id
                 holders = [
                     v for v in state.config.voters
                     if len(self.nodes[v].durable.log) >= entry.index

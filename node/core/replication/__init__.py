@@ -63,8 +63,9 @@ Wiring (what the shell, the Replicator actor, does; ``tests/support/repsim.py`` 
 * Start: a first cluster member calls ``bootstrap(identity, voters)``, a later node ``joiner(identity)``; a
   restart calls ``restore(identity, hard_state, base, entries_above_base, applied_index)`` with what the
   durable log and the state machine hold (base = the applied entry's LogId).
-* Feed one input at a time, each with the loop clock's ``now``: ``Tick`` every few milliseconds (at least
-  as often as ``heartbeat_s``), ``ViewChanged`` whenever the membership view changes, ``Receive`` for every
+* Feed one input at a time, each with the loop clock's ``now``: ``Tick`` when a timer is due
+  (``machine.next_deadline(state, now_of_its_step)``: a Tick before it changes nothing; or simply every few
+  milliseconds), ``ViewChanged`` whenever the membership view changes, ``Receive`` for every
   authenticated peer message, ``Submit``/``Read`` batched from clients, ``LogRead`` answering ``ReadLog``,
   ``Stop`` on SIGTERM. Carry out each Ready in its order (see ``messages.Ready``); several Readys may be
   combined into one fsync if all their writes complete before any of their sends, applies and replies.

@@ -9,6 +9,7 @@ the shell and freezes the result. The output order in ``Ready`` is the protocol:
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -332,6 +333,103 @@ def pick_donor(me: str, mine: LogId, promises: tuple[tuple[str, LogId], ...]) ->
     return best
 
 
+# --- rules shared by the step and next_deadline (on a State or a _Step: the same fields) -----------------
+
+
+def _healthy(s: State | _Step, who: str) -> bool:
+    """In the view and not shutting down (a leaving leader told us so in its TakeOver)."""
+    return who in s.view and who not in s.departing
+
+
+def _highest_healthy_voter(s: State | _Step) -> str | None:
+    voters = [v for v in s.config.voters if _healthy(s, v) or v == s.me]
+    return max(voters, key=lambda v: (s.view.get(v, -1), v)) if voters else None
+
+
+def _campaign_due(s: State | _Step, now: float) -> bool:
+    """A non-leader without a campaign starts one: it is the highest healthy voter and no leader is alive
+    (a live leader hands over to it, planned, instead of being deposed)."""
+    if s.leader not in (None, s.me) and now - s.leader_contact_s < s.options.lease_s:
+        return False
+    return not s.stopping and s.me in s.config.voters and _highest_healthy_voter(s) == s.me
+
+
+def _handover_target(s: State | _Step, now: float) -> str | None:
+    """The voter a leader hands over to now (see maintain_handover): the highest-ID voter that is healthy
+    and answering, if it outranks this node (any, when stopping); None outside the retry pause's end."""
+    answering = [
+        v
+        for v in s.config.voters
+        if v != s.me
+        and _healthy(s, v)
+        and v in s.progress
+        and now - s.progress[v].last_ack_s <= s.options.lease_s
+    ]
+    if not answering or now < s.handover_retry_s:
+        return None
+    best = max(answering, key=lambda v: (s.view.get(v, -1), v))
+    if s.stopping or (s.view.get(best, -1), best) > (s.view.get(s.me, -1), s.me):
+        return best
+    return None
+
+
+def _read_confirmed(s: State | _Step, r: PendingRead) -> bool:
+    """A majority answered a heartbeat round sent after the read arrived, and the view change is over."""
+    cfg = s.config
+    votes = sum(1 for v in cfg.voters if v == s.me or (v in s.progress and s.progress[v].acked_seq >= r.seq))
+    return votes >= quorum(cfg) and s.commit >= s.epoch_start
+
+
+# --- timers -------------------------------------------------------------------------------------------------
+
+
+def next_deadline(state: State, now: float) -> float:
+    """The earliest time (at or after ``now``, the time of the step that made ``state``) at which a ``Tick``
+    could change anything; ``inf`` if none. Before it, a Tick is a no-op (the same State, an empty Ready):
+    every timer of ``_Step.maintain`` compares the step's time with a time in the State, and this lists
+    them all. So a shell need not tick on a fixed period: ticking at this time (or later) behaves as ticking
+    all along. The simulation checks that every Tick before it changes nothing.
+
+    Each timer is a pair (x, d) of a comparison ``now - x`` against ``d`` that may still change its result
+    (``now - x <= d``, written as the step writes it, so float rounding agrees with the step); it is due at
+    ``x + d``, given a little early (``_EARLY_S``) so rounding never makes the tick late."""
+    o = state.options
+    # Work a step leaves for the next one: a campaign that timed out is only retried by the next step; a
+    # membership change made by maintain_membership can change the handover target and the read quorum
+    # (both checked before it).
+    if state.role == LEADER:
+        if _handover_target(state, now) != state.handover_to or any(
+            _read_confirmed(state, r) for r in state.reads
+        ):
+            return now
+    elif state.campaign is None and _campaign_due(state, now):
+        return now
+    timers = [(until_s, 0.0) for until_s in state.departing.values()]  # a departing mark expires
+    timers.append((state.snapshot_retry_s, 0.0))  # snapshot_due: the pause after a failed snapshot ends
+    if state.role == LEADER:
+        timers.append((state.heartbeat_sent_s, o.heartbeat_s))  # heartbeats, resends, snapshot offers
+        for p in state.progress.values():
+            # The lease of each member's last answer (quorum, writable, handover target, replacement)
+            # and its reaping.
+            timers.append((p.last_ack_s, o.lease_s))
+            timers.append((p.last_ack_s, o.reap_timeout_s))
+        timers.extend((r.at_s, o.lease_s) for r in state.reads)  # a read not confirmed within the lease
+        timers.append((state.handover_retry_s, 0.0))
+        if state.handover_to is not None:
+            timers.append((state.handover_since_s, o.handover_timeout_s))
+            timers.append((state.takeover_sent_s, o.heartbeat_s))
+    elif state.campaign is not None:
+        timers.append((state.campaign.started_s, o.election_timeout_s))
+        timers.append((state.campaign.sent_s, o.resend_s))
+    elif state.leader not in (None, state.me):
+        timers.append((state.leader_contact_s, o.lease_s))  # the leader's lease runs out: campaign
+    due = [x + d for x, d in timers if now - x <= d]
+    return max(now, min(due) - _EARLY_S) if due else float("inf")
+
+
+_EARLY_S = 1e-6
+
+
 # --- the step -----------------------------------------------------------------------------------------------
 
 
@@ -372,6 +470,10 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
     return s.finish()
 
 
+_STATE_FIELDS = tuple(State.__dataclass_fields__)
+_state_values = operator.attrgetter(*_STATE_FIELDS)  # every State field of an object, in field order
+
+
 class _Step:
     """Mutable working copy of one State for the duration of one step."""
 
@@ -379,8 +481,8 @@ class _Step:
         self.st = st
         self.now = now
         self.o = st.options
-        for name in State.__dataclass_fields__:
-            setattr(self, name, getattr(st, name))
+        # Every State field, in one C-level copy (a setattr/getattr loop was a fifth of a step).
+        self.__dict__.update(zip(_STATE_FIELDS, _state_values(st), strict=True))
         self.progress = dict(st.progress)
         self.departing = dict(st.departing)
         self.log: tuple[Entry, ...] | list[Entry] = st.log  # copied on first write (it can hold thousands)
@@ -511,12 +613,10 @@ class _Step:
         return self.view.get(who, -1)
 
     def healthy(self, who: str) -> bool:
-        """In the view and not shutting down (a leaving leader told us so in its TakeOver)."""
-        return who in self.view and who not in self.departing
+        return _healthy(self, who)
 
     def highest_healthy_voter(self) -> str | None:
-        voters = [v for v in self.config.voters if self.healthy(v) or v == self.me]
-        return max(voters, key=lambda v: (self.node_id(v), v)) if voters else None
+        return _highest_healthy_voter(self)
 
     def reachable_voters(self) -> int:
         """Voters this node can count on now: itself, plus (as leader) voters healthy in the view that
@@ -797,11 +897,12 @@ class _Step:
         if self.role != LEADER or sender not in self.progress:
             return
         p = self.progress[sender]
-        p = replace(p, last_ack_s=self.now, acked_seq=max(p.acked_seq, m.seq))
+        acked = {"last_ack_s": self.now, "acked_seq": max(p.acked_seq, m.seq)}
         if isinstance(m, AppendAck):
             moved = m.match > p.match
             p = replace(
                 p,
+                **acked,
                 match=max(p.match, m.match),
                 next=max(p.next, m.match + 1),
                 inflight=max(0, p.inflight - 1),
@@ -809,15 +910,18 @@ class _Step:
                 last_progress_s=self.now if moved else p.last_progress_s,
                 offered_s=NEVER if moved else p.offered_s,
             )
-        elif isinstance(m, AppendReject):
-            if m.rejected > p.match:  # a reject about what is already matched is an old, reordered one
-                p = replace(
-                    p,
-                    next=max(p.match + 1, min(m.rejected, m.hint + 1)),
-                    inflight=0,
-                    probing=True,
-                    last_progress_s=self.now,
-                )
+        elif isinstance(m, AppendReject) and m.rejected > p.match:
+            # (a reject about what is already matched is an old, reordered one)
+            p = replace(
+                p,
+                **acked,
+                next=max(p.match + 1, min(m.rejected, m.hint + 1)),
+                inflight=0,
+                probing=True,
+                last_progress_s=self.now,
+            )
+        else:
+            p = replace(p, **acked)
         self.progress[sender] = p
         if isinstance(m, AppendAck):
             self.advance_commit()
@@ -865,9 +969,12 @@ class _Step:
             prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             batch = self.entries_from(p.next)
             self.send(peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
-            if p.inflight == 0:
-                p = replace(p, last_progress_s=self.now)
-            p = replace(p, next=p.next + len(batch), inflight=p.inflight + 1)
+            p = replace(
+                p,
+                next=p.next + len(batch),
+                inflight=p.inflight + 1,
+                last_progress_s=self.now if p.inflight == 0 else p.last_progress_s,
+            )
             if p.probing:
                 break
         self.progress[peer] = p
@@ -1169,11 +1276,8 @@ class _Step:
                 else:
                     self.send_fetch()
             return
-        if self.stopping or self.me not in self.config.voters or self.highest_healthy_voter() != self.me:
-            return
-        if self.leader not in (None, self.me) and self.now - self.leader_contact_s < self.o.lease_s:
-            return  # a leader is alive: it hands over to us (planned handover) instead of being deposed
-        self.start_campaign(handover=False)
+        if _campaign_due(self, self.now):
+            self.start_campaign(handover=False)
 
     def maintain_leader(self) -> None:
         now, o = self.now, self.o
@@ -1200,14 +1304,9 @@ class _Step:
     def confirm_reads(self) -> None:
         if not self.reads:
             return
-        cfg, keep = self.config, []
+        keep = []
         for r in self.reads:
-            votes = sum(
-                1
-                for v in cfg.voters
-                if v == self.me or (v in self.progress and self.progress[v].acked_seq >= r.seq)
-            )
-            if votes >= quorum(cfg) and self.commit >= self.epoch_start:
+            if _read_confirmed(self, r):
                 self.out_replies.append(ReadConfirmed(r.read_id, r.index))
             elif self.now - r.at_s > self.o.lease_s:
                 reason = self.no_quorum_reason() or "no majority confirmed the read within the lease"
@@ -1222,20 +1321,7 @@ class _Step:
         follower; then writes stop (``draining``), it receives the rest, and gets TakeOver. A handover that
         does not finish within handover_timeout_s of the stop is abandoned (writes resume)."""
         now, o = self.now, self.o
-        cfg = self.config
-        answering = [
-            v
-            for v in cfg.voters
-            if v != self.me
-            and self.healthy(v)
-            and v in self.progress
-            and now - self.progress[v].last_ack_s <= o.lease_s
-        ]
-        target = None
-        if answering and now >= self.handover_retry_s:
-            best = max(answering, key=lambda v: (self.node_id(v), v))
-            if self.stopping or (self.node_id(best), best) > (self.node_id(self.me), self.me):
-                target = best
+        target = _handover_target(self, now)
         if target != self.handover_to:
             if target is not None:
                 self.fact("handover_started", epoch=self.hard.epoch, to=target)
@@ -1268,6 +1354,16 @@ class _Step:
         if self.hard.configs[-1][0] > self.commit:
             return
         now, o = self.now, self.o
+        if (
+            not cfg.learners
+            and not cfg.removed
+            and self.view.keys() == cfg.members
+            and all(now - p.last_ack_s <= o.reap_timeout_s for p in self.progress.values())
+        ):
+            # The steady state, checked on every step of a leader: every member is in the view (none
+            # replaced, no new node, no removal to forget), no learner, no silent member. Nothing below
+            # could find a change.
+            return
         change: Config | None = None
         for v in sorted(cfg.members - {self.me}):
             successor = self.replaced_by(v)
@@ -1380,13 +1476,15 @@ class _Step:
             truncate_from = self.dirty if self.dirty <= st.last.index else None
             append = tuple(self.log[self.dirty - self.base.index - 1 :])
         self.trim()
-        values = {name: getattr(self, name) for name in State.__dataclass_fields__}
-        values["log"] = tuple(self.log) if isinstance(self.log, list) else self.log
-        values["progress"] = MappingProxyType(self.progress)
-        values["departing"] = MappingProxyType(self.departing)
-        new = State(**values)
+        # The working copy is done with: freeze its fields in place and build the State from them in field
+        # order (one C-level read of every field, a positional call).
+        if isinstance(self.log, list):
+            self.log = tuple(self.log)
+        self.progress = MappingProxyType(self.progress)  # type: ignore[assignment]
+        self.departing = MappingProxyType(self.departing)  # type: ignore[assignment]
+        new = State(*_state_values(self))
         ready = Ready(
-            hard_state=self.hard if self.hard != st.hard else None,
+            hard_state=self.hard if self.hard is not st.hard and self.hard != st.hard else None,
             truncate_from=truncate_from,
             append=append or (),
             messages=tuple(self.out_messages),
