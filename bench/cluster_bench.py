@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the figures (default: cluster_bench.json in the temp dir)",
     )
     parser.add_argument("--logs", type=Path, default=None, help="keep node/etcd logs here (default: temp)")
+    parser.add_argument(
+        "--log-level", default="warning", help="the nodes' LOG_LEVEL (warning; info shows every election)"
+    )
     return parser
 
 
@@ -206,6 +209,24 @@ def count_changes(observations: Iterable[object]) -> int:
 def is_replicated(status: Mapping[str, Any] | None) -> bool:
     """Replication is wired once /cluster/status reports a commit index."""
     return isinstance(status, Mapping) and "commit_index" in status
+
+
+def settled(statuses: Sequence[object], size: int) -> bool:
+    """Every member answered, all name the same leader and epoch, and the cluster has ``size`` voters.
+
+    The throughput phases start only then: a cluster starting from nothing forms in steps (one node
+    bootstraps after its formation window, the others join as learners and are promoted), and each step
+    changes what a member reports. Counted during a phase, those steps read as leader changes that load
+    never caused."""
+    if len(statuses) != size or not all(isinstance(st, Mapping) for st in statuses):
+        return False
+    views = {(st.get("leader_id"), st.get("epoch")) for st in statuses}  # type: ignore[union-attr]
+    if len(views) != 1 or next(iter(views))[0] is None:
+        return False
+    return all(
+        sum(1 for n in st.get("nodes") or () if isinstance(n, Mapping) and n.get("voter") is True) == size
+        for st in statuses  # type: ignore[union-attr]
+    )
 
 
 def etcd_put_body(key: bytes, value: bytes) -> bytes:
@@ -582,6 +603,18 @@ async def tn_wait_writable(session: Any, base_url: str, timeout_s: float) -> boo
     return False
 
 
+async def tn_wait_settled(session: Any, base_urls: Sequence[str], timeout_s: float) -> bool:
+    """Until every member's ``/cluster/status`` is :func:`settled` (bounded by ``timeout_s``)."""
+    for _ in range(int(timeout_s / 0.1) + 1):
+        statuses = await asyncio.gather(
+            *(get_json(session, "GET", f"{url}/cluster/status", timeout_s=0.5) for url in base_urls)
+        )
+        if settled(statuses, len(base_urls)):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
 def tn_target(base_url: str, token: str) -> Target:
     return Target(
         system=TN,
@@ -597,7 +630,7 @@ async def bench_talentnest(session: Any, args: argparse.Namespace, log_dir: Path
     from tests.support.cluster import Cluster, node_id
 
     result: dict[str, Any] = {}
-    env = {"LOG_LEVEL": "warning", "REPLICATION": args.replication}
+    env = {"LOG_LEVEL": args.log_level, "REPLICATION": args.replication}
     with Cluster(log_dir / "talentnest", size=3, env=env) as c:
         formed = await asyncio.to_thread(c.start_all, FORM_DEADLINE_S)
         token = auth.mint_jwt(
@@ -633,6 +666,12 @@ async def bench_talentnest(session: Any, args: argparse.Namespace, log_dir: Path
                 await asyncio.sleep(0.2)
             if not tn_ok(200, created):
                 raise RuntimeError(f"could not create the bench table on {ip}: {created!r}")
+        if replicated and not await tn_wait_settled(
+            session, [n.url for n in c.nodes.values()], FORM_DEADLINE_S
+        ):
+            raise RuntimeError(
+                f"the cluster did not settle (one leader and epoch, 3 voters) in {FORM_DEADLINE_S} s"
+            )
         targets = {
             "leader": tn_target(c.nodes[leader].url, token),
             "follower": tn_target(c.nodes[follower].url, token),

@@ -180,6 +180,33 @@ def test_initial_cluster_and_replication_detection():
     assert not cb.is_replicated(None)
 
 
+def _status(leader: object, epoch: object, voters: int, size: int = 3) -> dict:
+    nodes = [{"id": i, "voter": i < voters} for i in range(size)]
+    return {"leader_id": leader, "epoch": epoch, "nodes": nodes}
+
+
+def test_settled_needs_one_view_and_every_voter():
+    """The phases start only once formation is over (a learner's promotion changes what members report)."""
+    assert cb.settled([_status(4, 1, 3)] * 3, 3)
+    assert not cb.settled([_status(4, 1, 3)] * 2, 3)  # a member missing
+    assert not cb.settled([_status(4, 1, 3), _status(4, 1, 3), None], 3)  # one did not answer
+    assert not cb.settled([_status(4, 1, 3), _status(4, 1, 3), _status(4, 0, 3)], 3)  # another epoch
+    assert not cb.settled([_status(4, 1, 3), _status(4, 1, 3), _status(3, 1, 3)], 3)  # another leader
+    assert not cb.settled([_status(4, 1, 2)] * 3, 3)  # a learner not promoted yet
+    assert not cb.settled([_status(None, 1, 3)] * 3, 3)  # no leader
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 3)), min_size=3, max_size=3))
+def test_settled_is_agreement_on_a_full_voter_set(views):
+    statuses = [_status(leader or None, epoch, voters) for leader, epoch, voters in views]
+    expected = (
+        len({(leader, epoch) for leader, epoch, _ in views}) == 1
+        and views[0][0] != 0
+        and all(voters == 3 for _, _, voters in views)
+    )
+    assert cb.settled(statuses, 3) is expected
+
+
 # --- verdicts and the table -------------------------------------------------------------------------------
 
 
