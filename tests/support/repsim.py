@@ -503,7 +503,26 @@ class RepSim:
             self.input(name, Persisted(last))
         state = node.state
         if state is not None and state.writable and any(f.event == "writable_changed" for f in ready.facts):
-            self.inv.check_writable(name, d.log)
+            self.inv.check_writable(name, self._log_once_written(name))
+
+    def _log_once_written(self, name: str) -> list[Entry]:
+        """Pipelined: the log as it will be once the queued writes (installs, truncations, appends) are
+        durable, in order. A leader may become writable while its own copies are still being written (on a
+        slow disk, even a snapshot install): what it commits is on a majority of disks without it, and it
+        serves, applies and acks only what is durable. What it must hold is every committed entry in the
+        log it leads from, which is this one."""
+        d = self.nodes[name].durable
+        log = list(d.log)
+        for _, queued in self.nodes[name].unsynced:
+            if queued.install is not None:
+                sid = queued.install.snapshot
+                held = d.snapshots.get(sid.index)
+                if held is not None and held[0] == sid:
+                    log = list(held[2]) + log[sid.index :] if queued.install.keep_log else list(held[2])
+            if queued.truncate_from is not None:
+                del log[queued.truncate_from - 1 :]
+            log.extend(queued.append)
+        return log
 
     def _record(self, name: str) -> None:
         """Pipelined: an entry a leader commits is on the disks of a majority of voters (its own copy counts

@@ -707,6 +707,10 @@ class _Step:
             self.campaign = replace(c, started_s=self.now)
             self.fetch_snapshot(sender, m.snapshot)
             return
+        if isinstance(m, SnapshotOffer) and m.epoch == epoch and self.hard.promised_to == self.me:
+            # We took this epoch, so only we lead it: an offer in it is our donor's, late or duplicated
+            # after our view change moved on (it is no leader's word, and must not make us follow it).
+            return
         if isinstance(m, Append | Heartbeat | SnapshotOffer):
             if self.handover_candidate_of(sender, m.epoch):
                 pass  # the leader that asked us to take over, still in its epoch: keep the campaign
