@@ -94,6 +94,7 @@ class SimNode:
     view: dict[str, int] | None = None  # last view given
     pending: list[Ready] = field(default_factory=list)  # group commit: Readys not yet carried out
     unsynced: list[tuple[float, Ready]] = field(default_factory=list)  # pipelined: (due, Ready) in order
+    carrying: Ready | None = None  # pipelined: the Ready with hard state whose earlier writes are completing
     # (the State a step made, machine.next_deadline of it): a Tick before that time must change nothing
     deadline: tuple[object, float] = (None, float("-inf"))
     # Pipelined: the last LogId of Readys carried out while the node was not leading. The Replicator feeds
@@ -458,7 +459,13 @@ class RepSim:
             # What they report (Persisted) reaches the core only after this Ready is carried out, as in the
             # Replicator, whose loop takes one input at a time: fed now, it would make the core's next Ready
             # overtake this one (an apply queued ahead of an earlier apply).
-            persisted = self._complete(name, everything=True, feed=False)
+            # This Ready's own install or truncation is not queued yet, but the state already reflects it:
+            # while the earlier writes complete, the disk's suffix it replaces is not valid (see _record).
+            node.carrying = ready
+            try:
+                persisted = self._complete(name, everything=True, feed=False)
+            finally:
+                node.carrying = None
             if node.state is None:
                 return
             d.hard = ready.hard_state
@@ -534,7 +541,8 @@ class RepSim:
         if state is None:
             return
         durable = len(node.durable.log)
-        for _, queued in node.unsynced:  # a queued truncation will replace the disk's suffix: not yet valid
+        waiting = [queued for _, queued in node.unsynced] + ([node.carrying] if node.carrying else [])
+        for queued in waiting:  # a queued truncation will replace the disk's suffix: not yet valid
             if queued.truncate_from is not None:
                 durable = min(durable, queued.truncate_from - 1)
             if queued.install is not None:  # a queued install replaces the disk's log: nothing new is valid
