@@ -59,17 +59,18 @@ def follower(
     nbytes=st.integers(0, 1000),
     applied_bytes=st.integers(0, 2000),
     pending=st.booleans(),
+    asked=st.integers(0, 500),
 )
 def test_a_snapshot_is_due_exactly_when_a_threshold_is_passed(
-    applied, snap, entries, nbytes, applied_bytes, pending
+    applied, snap, entries, nbytes, applied_bytes, pending, asked
 ):
-    snap = min(snap, applied)
+    snap, asked = min(snap, applied), min(asked, applied)
     options = machine.Options(snapshot_entries=entries, snapshot_bytes=nbytes)
     state = replace(
         follower(2, 1, options=options), applied=applied, snapshot=LogId(1, snap) if snap else LogId(0, 0),
-        applied_bytes=applied_bytes, snapshot_pending=pending,
+        applied_bytes=applied_bytes, snapshot_pending=pending, snapshot_asked_at=asked,
     )  # fmt: skip
-    since = applied - snap
+    since = applied - max(snap, asked)  # counted from the newest snapshot, or the last ask if later
     expected = entries > 0 and not pending and since > 0 and (since >= entries or applied_bytes >= nbytes)
     assert machine.snapshot_due(state, 10.0) == expected
 
@@ -87,6 +88,21 @@ def test_a_failed_snapshot_is_retried_only_after_the_retry_pause():
     assert not ready.take_snapshot
     state, ready = machine.step(state, Tick(), 32.0)
     assert ready.take_snapshot
+
+
+def test_a_snapshot_older_than_what_was_applied_at_the_ask_is_not_asked_again_at_once():
+    """Regression: a pipelined shell applies only once the log writes are durable, so on a slow disk its
+    database (what it snapshots) was at 12 when the core, at 20, asked. The core asked again at once, and
+    the shell took the same snapshot again, over and over (the simulation recursed without end)."""
+    state = replace(follower(30, 20), options=machine.Options(snapshot_entries=3))
+    state, ready = machine.step(state, Tick(), 1.0)
+    assert ready.take_snapshot and state.snapshot_asked_at == 20
+    state, ready = machine.step(state, SnapshotTaken(LogId(2, 12), 5), 1.1)
+    assert state.snapshot == LogId(2, 12) and not ready.take_snapshot
+    state, ready = machine.step(state, Tick(), 1.2)
+    assert not ready.take_snapshot
+    state, ready = machine.step(state, Receive("c", Heartbeat(2, 23, 2, LogId(2, 30)), "cl"), 1.3)
+    assert state.applied == 23 and ready.take_snapshot  # due again once 3 more were applied
 
 
 def test_a_taken_snapshot_moves_the_first_index_forward_only():

@@ -7,7 +7,9 @@ follows the Ready order exactly: persist, then send, then apply, then replies; a
 as a new input.
 
 Snapshots (``Ready.take_snapshot``) copy a node's applied entries and compact its log: entries below its
-``first_index`` stay in the list (so the invariants can index it) but reading one is a violation. A
+``first_index`` stay in the list (so the invariants can index it) but cannot be read. A core asking for one
+it knows compacted is a violation; a read that a compaction overtook (pipelined: the read waits for the
+Ready's writes, the snapshot does not) is answered short, as the Replicator answers it. A
 ``fetch_snapshot`` copies the source's snapshot after a random transfer time if the source runs and both
 links work (else nothing: the leader offers again); ``install`` replaces the log and the applied history
 by the snapshot's, as the real shell replaces the SQLite file and resets the log.
@@ -92,6 +94,7 @@ class SimNode:
     view: dict[str, int] | None = None  # last view given
     pending: list[Ready] = field(default_factory=list)  # group commit: Readys not yet carried out
     unsynced: list[tuple[float, Ready]] = field(default_factory=list)  # pipelined: (due, Ready) in order
+    carrying: Ready | None = None  # pipelined: the Ready with hard state whose earlier writes are completing
     # (the State a step made, machine.next_deadline of it): a Tick before that time must change nothing
     deadline: tuple[object, float] = (None, float("-inf"))
     # Pipelined: the last LogId of Readys carried out while the node was not leading. The Replicator feeds
@@ -219,6 +222,9 @@ class RepSim:
         self.transfers: list[tuple[float, str, str, LogId]] = []  # (due, receiver, source, snapshot)
         self.installs = 0
         self.snapshots_taken = 0
+        # ReadLogs answered short: compacted between the core's request and the shell's read (as in the
+        # Replicator, whose snapshot taker compacts while its completer still holds the read).
+        self.short_reads = 0
         names = [f"node-{i}" for i in range(1, voters + 1)]
         for i, name in enumerate(names, start=1):
             state, ready = machine.bootstrap(name, frozenset(names), self.options)
@@ -342,11 +348,23 @@ class RepSim:
         before = node.state
         node.state, ready = machine.step(before, inp, self.now)
         self.steps += 1
+        self.check_read_log(name, ready)
         self.check_deadline(name, before, inp, ready)
         self.check_persisted(name, before, inp, ready)
         node.deadline = (node.state, machine.next_deadline(node.state, self.now))
         self._process(name, ready)
         return ready
+
+    def check_read_log(self, name: str, ready: Ready) -> None:
+        """A core never asks for an entry it already knows compacted (below its own ``first_index``, which
+        every SnapshotTaken and install moves): the shell would have to answer with nothing. A compaction
+        the core has not heard of yet may still overtake the read (see ``_read_log``)."""
+        state = self.nodes[name].state
+        for request in ready.read_log:
+            if state is not None and request.first < state.first_index:
+                raise InvariantViolated(
+                    f"{name} asks for entry {request.first}, compacted (its log starts at {state.first_index})"
+                )
 
     def check_deadline(self, name: str, before: machine.State, inp: object, ready: Ready) -> None:
         """A shell ticks only at ``next_deadline``: every Tick before it must be a no-op, or skipping it
@@ -441,7 +459,13 @@ class RepSim:
             # What they report (Persisted) reaches the core only after this Ready is carried out, as in the
             # Replicator, whose loop takes one input at a time: fed now, it would make the core's next Ready
             # overtake this one (an apply queued ahead of an earlier apply).
-            persisted = self._complete(name, everything=True, feed=False)
+            # This Ready's own install or truncation is not queued yet, but the state already reflects it:
+            # while the earlier writes complete, the disk's suffix it replaces is not valid (see _record).
+            node.carrying = ready
+            try:
+                persisted = self._complete(name, everything=True, feed=False)
+            finally:
+                node.carrying = None
             if node.state is None:
                 return
             d.hard = ready.hard_state
@@ -486,7 +510,26 @@ class RepSim:
             self.input(name, Persisted(last))
         state = node.state
         if state is not None and state.writable and any(f.event == "writable_changed" for f in ready.facts):
-            self.inv.check_writable(name, d.log)
+            self.inv.check_writable(name, self._log_once_written(name))
+
+    def _log_once_written(self, name: str) -> list[Entry]:
+        """Pipelined: the log as it will be once the queued writes (installs, truncations, appends) are
+        durable, in order. A leader may become writable while its own copies are still being written (on a
+        slow disk, even a snapshot install): what it commits is on a majority of disks without it, and it
+        serves, applies and acks only what is durable. What it must hold is every committed entry in the
+        log it leads from, which is this one."""
+        d = self.nodes[name].durable
+        log = list(d.log)
+        for _, queued in self.nodes[name].unsynced:
+            if queued.install is not None:
+                sid = queued.install.snapshot
+                held = d.snapshots.get(sid.index)
+                if held is not None and held[0] == sid:
+                    log = list(held[2]) + log[sid.index :] if queued.install.keep_log else list(held[2])
+            if queued.truncate_from is not None:
+                del log[queued.truncate_from - 1 :]
+            log.extend(queued.append)
+        return log
 
     def _record(self, name: str) -> None:
         """Pipelined: an entry a leader commits is on the disks of a majority of voters (its own copy counts
@@ -498,7 +541,8 @@ class RepSim:
         if state is None:
             return
         durable = len(node.durable.log)
-        for _, queued in node.unsynced:  # a queued truncation will replace the disk's suffix: not yet valid
+        waiting = [queued for _, queued in node.unsynced] + ([node.carrying] if node.carrying else [])
+        for queued in waiting:  # a queued truncation will replace the disk's suffix: not yet valid
             if queued.truncate_from is not None:
                 durable = min(durable, queued.truncate_from - 1)
             if queued.install is not None:  # a queued install replaces the disk's log: nothing new is valid
@@ -588,9 +632,14 @@ class RepSim:
             d.log.append(entry)
 
     def _read_log(self, name: str, first: int, last: int) -> tuple[Entry, ...]:
+        """The Replicator's ``_read_range``: a read that starts below the log's first index (a snapshot was
+        taken and the log compacted after the core asked, before the read ran: the pipelined shell reads
+        once the Ready's writes are durable, the taker compacts meanwhile) stops at ``LogCompacted`` and
+        answers with nothing; the core learns the new first index from SnapshotTaken."""
         d = self.nodes[name].durable
         if first < d.first_index:
-            raise InvariantViolated(f"{name} reads entry {first}, compacted (log starts at {d.first_index})")
+            self.short_reads += 1
+            return ()
         return tuple(d.log[first - 1 : last])
 
     def _background(self, name: str, ready: Ready) -> None:

@@ -164,6 +164,10 @@ class State:
     first_index: int = 1  # the durable log starts here; entries below were compacted into ``snapshot``
     snapshot_pending: bool = False  # a take_snapshot was asked and its SnapshotTaken has not come back
     snapshot_retry_s: float = NEVER  # after a failed snapshot: none before this time
+    # ``applied`` when the last take_snapshot was asked. The shell snapshots what its database holds, which
+    # may be less (a pipelined shell applies only once the log writes are durable): a snapshot that comes
+    # back older is not asked again before more is applied, so a slow disk does not get copy after copy.
+    snapshot_asked_at: int = 0
     applied_bytes: int = 0  # payload bytes applied since ``snapshot`` (a threshold; 0 again after restarts)
     # The node ID each member was last seen healthy at (volatile; members and the view only): a voter gone
     # from the view whose node ID a new identity now answers at was replaced (see maintain_membership).
@@ -319,7 +323,7 @@ def snapshot_due(state: State | _Step, now: float) -> bool:
     o = state.options
     if o.snapshot_entries <= 0 or state.snapshot_pending or now < state.snapshot_retry_s:
         return False
-    since = state.applied - state.snapshot.index
+    since = state.applied - max(state.snapshot.index, state.snapshot_asked_at)
     return since > 0 and (since >= o.snapshot_entries or state.applied_bytes >= o.snapshot_bytes)
 
 
@@ -703,6 +707,10 @@ class _Step:
             self.campaign = replace(c, started_s=self.now)
             self.fetch_snapshot(sender, m.snapshot)
             return
+        if isinstance(m, SnapshotOffer) and m.epoch == epoch and self.hard.promised_to == self.me:
+            # We took this epoch, so only we lead it: an offer in it is our donor's, late or duplicated
+            # after our view change moved on (it is no leader's word, and must not make us follow it).
+            return
         if isinstance(m, Append | Heartbeat | SnapshotOffer):
             if self.handover_candidate_of(sender, m.epoch):
                 pass  # the leader that asked us to take over, still in its epoch: keep the campaign
@@ -879,6 +887,7 @@ class _Step:
     def snapshot_taken(self, inp: SnapshotTaken) -> None:
         self.snapshot_pending = False
         if inp.snapshot is None:
+            self.snapshot_asked_at = 0  # nothing was taken: the retry is due on what is applied already
             self.snapshot_retry_s = self.now + self.o.snapshot_retry_s
             self.fact("snapshot_failed", retry_in_s=self.o.snapshot_retry_s)
             return
@@ -1252,6 +1261,8 @@ class _Step:
         self.apply_committed()
         if snapshot_due(self, self.now):
             self.snapshot_pending = True
+            self.snapshot_asked_at = self.applied
+            self.applied_bytes = 0  # counted again from this ask (see snapshot_asked_at)
             self.out_take_snapshot = True
             self.fact("snapshot_due", applied=self.applied, since=self.applied - self.snapshot.index)
         writable = (

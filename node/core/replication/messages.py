@@ -277,7 +277,11 @@ class Read:
 
 @dataclass(frozen=True, slots=True)
 class LogRead:
-    """The shell's answer to a ReadLog action: entries first..last from the durable log (inclusive)."""
+    """The shell's answer to a ReadLog action: entries first..last from the durable log (inclusive), or a
+    prefix of them, possibly none: the log may have been compacted after the core asked (a snapshot taken
+    meanwhile) and the shell then stops at the first index it no longer holds. The core sends what came
+    back and asks again from where it stopped; SnapshotTaken tells it the new first index, and a member
+    still needing compacted entries is offered the snapshot."""
 
     request: ReadLog
     entries: tuple[Entry, ...]
