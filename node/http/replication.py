@@ -67,8 +67,6 @@ _LEADER_PATHS = {
 }  # fmt: skip
 # /db/load is forwarded as a stream (its body may be hundreds of MiB): never buffered here.
 _STREAMED_PATHS = frozenset({"/db/load"})
-# Bound of the forwarding middleware's endpoint -> node ID text cache (a cluster has a few members).
-NODE_ID_CACHE_ENTRIES = 64
 VOTERS_PREFIX = "/cluster/voters/"  # DELETE: an operator's membership change, carried out by the leader
 
 
@@ -275,10 +273,6 @@ class ForwardingMiddleware:
     ) -> None:
         self._replicator = replicator
         self._me = me
-        # The node IDs named in X-TalentNest-Node, as text: deriving one parses an IPv4 address (tens of
-        # microseconds), and every answered data request names one. Endpoints are few (the cluster's
-        # members); the cache is cleared whenever it reaches NODE_ID_CACHE_ENTRIES.
-        self._node_ids: dict[Endpoint, str] = {}
         self._me_text = str(me)
         self._secret = jwt_secret
         self._max_body = max_body_bytes
@@ -286,14 +280,6 @@ class ForwardingMiddleware:
         self._timeout = aiohttp.ClientTimeout(total=forward_timeout_s)
         self._load_timeout = aiohttp.ClientTimeout(total=load_forward_timeout_s)
         self._session: aiohttp.ClientSession | None = None
-
-    def _node_id_text(self, endpoint: Endpoint) -> str:
-        text = self._node_ids.get(endpoint)
-        if text is None:
-            if len(self._node_ids) >= NODE_ID_CACHE_ENTRIES:
-                self._node_ids.clear()
-            text = self._node_ids[endpoint] = str(endpoint.node_id)
-        return text
 
     async def close(self) -> None:
         if self._session is not None:
@@ -322,7 +308,7 @@ class ForwardingMiddleware:
         leader = self._replicator.leader_endpoint() if needs_leader else None
         if leader is None or FORWARDED_HEADER in request.headers:
             response = await handler(request)
-            response.headers[NODE_HEADER] = self._node_id_text(self._me)
+            response.headers[NODE_HEADER] = str(self._me.node_id)
             epoch = ANSWERED_EPOCH.get()
             if epoch is not None:
                 response.headers[EPOCH_HEADER] = str(epoch)
@@ -334,7 +320,7 @@ class ForwardingMiddleware:
             return json_response(
                 {"leader": leader.url},
                 status=301,
-                headers={"Location": location, NODE_HEADER: self._node_id_text(leader)},
+                headers={"Location": location, NODE_HEADER: str(leader.node_id)},
             )
         return await self._forward(request, leader)
 
@@ -353,12 +339,12 @@ class ForwardingMiddleware:
                 status=307,
                 headers={
                     "Location": f"{leader.url}{request.path_qs}",
-                    NODE_HEADER: self._node_id_text(leader),
+                    NODE_HEADER: str(leader.node_id),
                 },
             )
         # The backup streams (its headers are sent before the handler returns): it adds these itself.
         request[EXTRA_HEADERS] = {
-            NODE_HEADER: self._node_id_text(self._me),
+            NODE_HEADER: str(self._me.node_id),
             LEADER_HEADER: "true" if self._replicator.is_leader() else "false",
         }
         return await handler(request)
@@ -418,7 +404,7 @@ class ForwardingMiddleware:
             ) as resp:  # fmt: skip
                 content = await resp.read()
                 out = {h: resp.headers[h] for h in _RETURNED_HEADERS if h in resp.headers}
-                out.setdefault(NODE_HEADER, self._node_id_text(leader))
+                out.setdefault(NODE_HEADER, str(leader.node_id))
                 return web.Response(status=resp.status, body=content, headers=out)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise errors.Unavailable(

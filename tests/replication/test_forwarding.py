@@ -122,23 +122,16 @@ def test_a_forwarded_request_always_ends_with_the_leaders_answer_or_a_503(answer
         assert status == 200 or (status == 503 and body["code"] == "outcome_unknown"), body
 
 
-def _middleware() -> ForwardingMiddleware:
-    return ForwardingMiddleware(
-        replicator=FakeReplicator(None), me=Endpoint("127.0.0.2", 3000), jwt_secret=SECRET,
-        max_body_bytes=1 << 20, body_read_timeout_s=5,
-    )  # fmt: skip
-
-
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(1, 65535)), max_size=300))
 def test_the_cached_node_id_text_is_always_the_endpoints_own_and_the_cache_stays_bounded(hosts):
-    """X-TalentNest-Node is derived once per endpoint and cached: whatever endpoints come and go (more than
-    the bound), each answer is the endpoint's own node ID and the cache never grows past its bound."""
-    from node.http.replication import NODE_ID_CACHE_ENTRIES
+    """X-TalentNest-Node is derived from the endpoint's node ID, parsed once per host and cached
+    (node.core.ids): whatever endpoints come and go (more than the bound), each answer is the endpoint's own
+    node ID and the cache never grows past its bound."""
+    from node.core import ids
 
-    forwarding = _middleware()
     for c, d, port in hosts:
         endpoint = Endpoint(f"10.1.{c}.{d}", port)
-        assert forwarding._node_id_text(endpoint) == str(endpoint.node_id) == str(c * 256 + d)
-        assert forwarding._node_id_text(endpoint) == str(c * 256 + d)  # a cached answer
-        assert len(forwarding._node_ids) <= NODE_ID_CACHE_ENTRIES
+        assert str(endpoint.node_id) == str(ids.node_id_from_ipv4(endpoint.host)) == str(c * 256 + d)
+        assert str(endpoint.node_id) == str(c * 256 + d)  # a cached answer
+        assert ids._cached_node_id.cache_info().currsize <= ids.MAX_CACHED_NODE_IDS
