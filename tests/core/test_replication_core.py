@@ -153,8 +153,22 @@ def test_a_handover_prepare_is_granted_within_the_lease_and_non_voters_are_refus
     state, _ = machine.step(state, Receive("c", Heartbeat(2, 1, 1)), 10.0)
     _, ready = machine.step(state, Receive("b", Prepare(3, LogId(0, 1), handover=True)), 10.1)
     assert [s.message for s in ready.messages] == [Promise(3, LogId(0, 1))]
-    _, ready = machine.step(state, Receive("x", Prepare(3, LogId(0, 1))), 20.0)
+    _, ready = machine.step(state, Receive("x", Prepare(3, LogId(0, 0))), 20.0)
     assert [s.message for s in ready.messages] == [Refuse(3, 2, "not-a-voter")]
+
+
+def test_a_candidate_outside_our_configuration_is_judged_by_its_log():
+    """A voter promoted by a CONFIG entry we lack (our log is behind its) gets our promise; a non-voter
+    whose log is behind ours does not. Handover prepares follow the same rule."""
+    state = follower(epoch=2, entries=(Entry(2, 2, Kind.EPOCH_START),), commit=2)
+    for last, handover in ((LogId(0, 1), False), (LogId(1, 9), False), (LogId(2, 1), True)):
+        new, ready = machine.step(state, Receive("x", Prepare(3, last, handover)), 20.0)
+        assert [s.message for s in ready.messages] == [Refuse(3, 2, "not-a-voter")]
+        assert ready.hard_state is None and new.hard.epoch == 2
+    for last in (LogId(2, 2), LogId(2, 3), LogId(3, 1)):
+        new, ready = machine.step(state, Receive("x", Prepare(3, last)), 20.0)
+        assert [s.message for s in ready.messages] == [Promise(3, LogId(2, 2))]
+        assert ready.hard_state == HardState(3, "x", state.hard.configs)
 
 
 def test_a_pipelined_single_voter_commits_only_what_it_reported_durable():

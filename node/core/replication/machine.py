@@ -783,12 +783,35 @@ class _Step:
             and epoch == self.hard.epoch < c.epoch
         )
 
+    def may_lead(self, candidate: str, last: LogId) -> bool:
+        """Membership check of a Prepare: ``candidate`` (its log ending at ``last``) may get our promise if
+        it is a voter of our configuration, or if its log is at least as up to date as ours (the order of
+        ``LogId``: last epoch, then last index).
+
+        Why the second case (liveness): a configuration takes effect when appended, so the members of one
+        cluster can hold different ones for a while. A learner promoted by a CONFIG entry that reached the
+        leader and some members, but not us (we crashed, or lost the Append, before that leader died), is a
+        voter only in the logs holding that entry. Those members defer to it as their highest-ID voter;
+        judged by our configuration alone it never got our promise, so with us needed for its majority
+        nobody ever led. A log at least as up to date as ours is the one a view change would keep over
+        ours, so the candidate is judged by the configuration of its log, not by our older one.
+
+        Why it is safe: the promise rule itself is unchanged (one candidate per epoch, durable before the
+        Promise leaves, the lease), and the candidate still counts only voters of its own configuration
+        toward its majority (``on_promise``) and takes every entry it lacks from the most advanced promiser
+        before serving. It also ends a voter of the log it serves: a donor other than itself holds a
+        strictly more advanced log (ties go to the candidate, ``pick_donor``), so that donor promised
+        because the candidate is a voter of the donor's configuration, which it then takes with the log.
+        A learner or a removed node whose log is behind ours is still refused, so it cannot move the
+        epoch."""
+        return candidate in self.config.voters or last >= self.last_id
+
     def on_prepare(self, sender: str, m: Prepare) -> None:
         epoch, h = self.hard.epoch, self.hard
         if m.epoch < epoch or (m.epoch == epoch and h.promised_to != sender):
             self.send(sender, Refuse(m.epoch, epoch, "stale"))
             return
-        if sender not in self.config.voters:
+        if not self.may_lead(sender, m.last):
             self.send(sender, Refuse(m.epoch, epoch, "not-a-voter"))
             return
         if m.epoch > epoch and not m.handover:
