@@ -162,11 +162,11 @@ def test_a_candidate_outside_our_configuration_is_judged_by_its_log():
     whose log is behind ours does not. Handover prepares follow the same rule."""
     state = follower(epoch=2, entries=(Entry(2, 2, Kind.EPOCH_START),), commit=2)
     for last, handover in ((LogId(0, 1), False), (LogId(1, 9), False), (LogId(2, 1), True)):
-        new, ready = machine.step(state, Receive("x", Prepare(3, last, handover)), 20.0)
+        new, ready = machine.step(state, Receive("x", Prepare(3, last, handover)), 0.1)
         assert [s.message for s in ready.messages] == [Refuse(3, 2, "not-a-voter")]
         assert ready.hard_state is None and new.hard.epoch == 2
     for last in (LogId(2, 2), LogId(2, 3), LogId(3, 1)):
-        new, ready = machine.step(state, Receive("x", Prepare(3, last)), 20.0)
+        new, ready = machine.step(state, Receive("x", Prepare(3, last)), 0.1)
         assert [s.message for s in ready.messages] == [Promise(3, LogId(2, 2))]
         assert ready.hard_state == HardState(3, "x", state.hard.configs)
 
@@ -303,14 +303,21 @@ def test_removed_identities_round_trip_and_an_empty_set_encodes_as_before(voters
 
 @given(st.lists(st.sampled_from([Tick(), VIEW, Submit((("r", b"x"),))]), max_size=30), st.floats(0, 5))
 def test_any_sequence_of_local_inputs_on_a_lone_follower_keeps_it_quiet_or_campaigning(inputs, dt):
-    """A follower that is not the highest voter never sends anything but answers; whatever it is fed."""
+    """A follower that is not the highest voter sends nothing, whatever it is fed, until it has deferred
+    for a lease plus one election timeout per voter above it (two here) with no leader heard; from then on
+    it only asks for promises (the end of deference: see machine._campaign_due)."""
     state = follower("a")
+    o = state.options
+    patience_s = o.lease_s + 2 * o.election_timeout_s
     now = 0.0
     for inp in inputs:
         now += dt
         state, ready = machine.step(state, inp, now)
         assert ready.append == () and ready.hard_state is None
-        assert ready.messages == ()
+        if now < patience_s:
+            assert ready.messages == ()
+        else:
+            assert all(isinstance(s.message, Prepare) for s in ready.messages)
 
 
 def _restarted_follower(epoch: int, last: int, applied: int) -> machine.State:

@@ -7,6 +7,9 @@ simulation checks safety after every step; ``settle_and_check_liveness`` then re
 every link and expects one writable leader that commits, with every log converged.
 """
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.sim.test_replication_random import settle_and_check_liveness
 from tests.support.repsim import RepSim
 
@@ -32,3 +35,69 @@ def test_a_promoted_joiner_leads_after_the_voters_without_its_promotion_restart(
     assert all("node-4" not in sim.nodes[n].durable.hard.configs[-1][1].voters for n in ("node-1", "node-2"))
     settle_and_check_liveness(sim)
     assert sim.writable() == ["node-4"]  # the highest-ID voter leads, its promotion committed everywhere
+
+
+def newest_config_index(sim: RepSim) -> int:
+    return max(sim.state(n).hard.configs[-1][0] for n in sim.alive())
+
+
+def lacking_newest_config(sim: RepSim) -> list[str]:
+    """Live voters of the first configuration (not the joiner) whose log lacks the newest CONFIG entry
+    any live node holds."""
+    newest = newest_config_index(sim)
+    return [n for n in sim.alive() if n != "node-4" and sim.state(n).hard.configs[-1][0] < newest]
+
+
+ACTIONS = st.one_of(
+    st.tuples(st.just("crash"), st.sampled_from(NAMES)),
+    st.tuples(st.just("restart"), st.sampled_from(NAMES)),
+    st.tuples(st.just("crash_lacking"), st.just("")),
+    st.tuples(st.just("crash_holding"), st.just("")),
+    st.tuples(st.just("run"), st.sampled_from(["0.005", "0.01", "0.05", "0.2", "0.6"])),
+)
+
+
+def run_schedule(sim: RepSim, actions: list[tuple[str, str]]) -> None:
+    for action, arg in actions:
+        if action == "crash" and sim.nodes[arg].alive:
+            sim.crash(arg)
+        elif action == "restart" and not sim.nodes[arg].alive:
+            sim.restart(arg)
+        elif action == "crash_lacking" and sim.alive():
+            for name in lacking_newest_config(sim):
+                sim.crash(name)
+        elif action == "crash_holding" and sim.alive():
+            # The other side: crash the nodes that hold the newest entry, except one.
+            newest = newest_config_index(sim)
+            holding = [n for n in sim.alive() if sim.state(n).hard.configs[-1][0] == newest]
+            for name in holding[1:]:
+                sim.crash(name)
+        elif action == "run":
+            sim.run(float(arg))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    seed=st.integers(0, 2**16),
+    pipelined=st.booleans(),
+    lossy=st.booleans(),
+    warmup_ticks=st.integers(0, 6),
+    actions=st.lists(ACTIONS, min_size=1, max_size=12),
+)
+def test_generated_crashes_around_a_promotion_leave_a_leader(seed, pipelined, lossy, warmup_ticks, actions):
+    """The whole class: 3 voters and a joiner that becomes a learner and is promoted; the schedule starts a
+    generated number of ticks after the promotion is proposed (so it may have reached anything from one
+    node to all of them) and then crashes and restarts nodes, in particular the ones whose log lacks the
+    newest configuration (or all but one of those that hold it), with runs of 5 ms to 0.6 s between. Once
+    every node is back, one leader must be writable and every log converge."""
+    loss = 0.05 if lossy else 0.0
+    sim = RepSim(3, joiners=1, seed=seed, drop=loss, duplicate=loss, pipelined=pipelined)
+
+    def promotion_proposed() -> bool:
+        return any("node-4" in sim.state(n).config.voters for n in sim.alive())
+
+    assert sim.run_until(promotion_proposed, 5), sim.describe()
+    for _ in range(warmup_ticks):
+        sim.tick()
+    run_schedule(sim, actions)
+    settle_and_check_liveness(sim)
