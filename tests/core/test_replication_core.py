@@ -153,8 +153,22 @@ def test_a_handover_prepare_is_granted_within_the_lease_and_non_voters_are_refus
     state, _ = machine.step(state, Receive("c", Heartbeat(2, 1, 1)), 10.0)
     _, ready = machine.step(state, Receive("b", Prepare(3, LogId(0, 1), handover=True)), 10.1)
     assert [s.message for s in ready.messages] == [Promise(3, LogId(0, 1))]
-    _, ready = machine.step(state, Receive("x", Prepare(3, LogId(0, 1))), 20.0)
+    _, ready = machine.step(state, Receive("x", Prepare(3, LogId(0, 0))), 20.0)
     assert [s.message for s in ready.messages] == [Refuse(3, 2, "not-a-voter")]
+
+
+def test_a_candidate_outside_our_configuration_is_judged_by_its_log():
+    """A voter promoted by a CONFIG entry we lack (our log is behind its) gets our promise; a non-voter
+    whose log is behind ours does not. Handover prepares follow the same rule."""
+    state = follower(epoch=2, entries=(Entry(2, 2, Kind.EPOCH_START),), commit=2)
+    for last, handover in ((LogId(0, 1), False), (LogId(1, 9), False), (LogId(2, 1), True)):
+        new, ready = machine.step(state, Receive("x", Prepare(3, last, handover)), 0.1)
+        assert [s.message for s in ready.messages] == [Refuse(3, 2, "not-a-voter")]
+        assert ready.hard_state is None and new.hard.epoch == 2
+    for last in (LogId(2, 2), LogId(2, 3), LogId(3, 1)):
+        new, ready = machine.step(state, Receive("x", Prepare(3, last)), 0.1)
+        assert [s.message for s in ready.messages] == [Promise(3, LogId(2, 2))]
+        assert ready.hard_state == HardState(3, "x", state.hard.configs)
 
 
 def test_a_pipelined_single_voter_commits_only_what_it_reported_durable():
@@ -289,14 +303,21 @@ def test_removed_identities_round_trip_and_an_empty_set_encodes_as_before(voters
 
 @given(st.lists(st.sampled_from([Tick(), VIEW, Submit((("r", b"x"),))]), max_size=30), st.floats(0, 5))
 def test_any_sequence_of_local_inputs_on_a_lone_follower_keeps_it_quiet_or_campaigning(inputs, dt):
-    """A follower that is not the highest voter never sends anything but answers; whatever it is fed."""
+    """A follower that is not the highest voter sends nothing, whatever it is fed, until it has deferred
+    for a lease plus one election timeout per voter above it (two here) with no leader heard; from then on
+    it only asks for promises (the end of deference: see machine._campaign_due)."""
     state = follower("a")
+    o = state.options
+    patience_s = o.lease_s + 2 * o.election_timeout_s
     now = 0.0
     for inp in inputs:
         now += dt
         state, ready = machine.step(state, inp, now)
         assert ready.append == () and ready.hard_state is None
-        assert ready.messages == ()
+        if now < patience_s:
+            assert ready.messages == ()
+        else:
+            assert all(isinstance(s.message, Prepare) for s in ready.messages)
 
 
 def _restarted_follower(epoch: int, last: int, applied: int) -> machine.State:
@@ -424,3 +445,49 @@ def test_a_cluster_named_before_names_existed_is_derived_from_entry_1_alike_on_e
     assert machine.legacy_cluster(first_a) == machine.legacy_cluster(first_b) != ""
     assert machine.legacy_cluster(other) not in ("", machine.legacy_cluster(first_a))
     assert machine.legacy_cluster(cmd(1, 1)) == "" and machine.legacy_cluster(cmd(1, 2)) == ""
+
+
+def test_a_voter_stops_deferring_to_a_higher_voter_that_never_leads():
+    """Deference ends (machine._campaign_due): "b" defers to "c" while no leader is heard, for a lease plus
+    one election timeout per node above it in the view (one: "c"); then it campaigns itself. "a" waits one
+    election timeout longer. A Tick before the end changes nothing, and next_deadline names the end."""
+    o = machine.Options()
+    for me, above in (("b", 1), ("a", 2)):
+        state = follower(me)  # its view (at 0.0) shows a, b and c healthy; no leader heard
+        end_s = o.lease_s + above * o.election_timeout_s
+        assert state.deferred_s == 0.0
+        assert machine.next_deadline(state, 0.0) == pytest.approx(end_s, abs=1e-5)
+        same, ready = machine.step(state, Tick(), end_s - 0.01)
+        assert ready.empty and same == state
+        state, ready = machine.step(state, Tick(), end_s)
+        assert state.role == machine.CANDIDATE and state.deferred_s == machine.NEVER
+        assert sorted(s.to for s in ready.messages if isinstance(s.message, Prepare)) == sorted(VOTERS - {me})
+        expired = [f for f in ready.facts if f.event == "deference_expired"]
+        assert [dict(f.fields)["deferred_to"] for f in expired] == ["c"]
+
+
+def test_a_voter_that_hears_a_leader_or_loses_sight_of_the_higher_voter_does_not_defer():
+    state = follower("b")
+    heard, _ = machine.step(state, Receive("c", Heartbeat(1, 1, 1)), 0.1)
+    assert heard.deferred_s == machine.NEVER  # a live leader: nothing to wait for
+    alone, ready = machine.step(state, ViewChanged({"a": 1, "b": 2}), 0.1)
+    assert alone.role == machine.CANDIDATE  # now the highest healthy voter: campaigns at once
+    assert "deference_expired" not in [f.event for f in ready.facts]
+
+
+def test_a_node_that_promised_lets_that_campaign_run_for_an_election_timeout():
+    """Even the highest voter: having promised "b" (healthy) a higher epoch than its own campaign's, "c"
+    steps down and starts no campaign of its own for an election timeout; a candidate gone from the view
+    is not waited for."""
+    o = machine.Options()
+    state = follower("c")
+    assert state.role == machine.CANDIDATE  # the highest healthy voter campaigns at once
+    promised, ready = machine.step(state, Receive("b", Prepare(5, LogId(0, 1))), 0.0)
+    assert ready.messages[0].message == Promise(5, LogId(0, 1)) and promised.role == machine.FOLLOWER
+    assert machine.next_deadline(promised, 0.0) == pytest.approx(o.election_timeout_s, abs=1e-5)
+    same, ready = machine.step(promised, Tick(), o.election_timeout_s - 0.01)
+    assert ready.empty and same == promised
+    later, _ = machine.step(promised, Tick(), o.election_timeout_s)
+    assert later.role == machine.CANDIDATE and later.campaign.epoch == 6
+    gone, _ = machine.step(promised, ViewChanged({"a": 1, "c": 3}), 0.1)
+    assert gone.role == machine.CANDIDATE

@@ -146,7 +146,7 @@ def pipelined_schedule(seed: int) -> RepSim:
 
 @pytest.mark.parametrize("seed", range(16))
 def test_random_fault_schedules_with_frequent_snapshots_pipelined(seed):
-    """Seeds 6004, 6007, 6011, 6012 and 6015 each meet a read that a compaction overtook (see below)."""
+    """Seeds 6000, 6005, 6011 and 6012 each meet a read that a compaction overtook (see below)."""
     sim = pipelined_schedule(6000 + seed)
     assert sim.snapshots_taken > 0
     settle_and_check_liveness(sim)
@@ -157,8 +157,9 @@ def test_a_read_log_overtaken_by_a_compaction_is_answered_short_and_the_member_s
     started at 74; the pipelined shell reads only once the Ready's writes are durable, and a snapshot taken
     meanwhile compacted the log to 99. The Replicator then gets LogCompacted and answers with no entries;
     the simulation used to call that read a violation. The core, told of the compaction by SnapshotTaken,
-    offers the member its snapshot instead."""
-    sim = pipelined_schedule(6004)
+    offers the member its snapshot instead. (Seed 6000 meets it now: the end of deference changed the
+    schedules' elections.)"""
+    sim = pipelined_schedule(6000)
     settle_and_check_liveness(sim)  # the short read happens while it settles
     assert sim.short_reads >= 1
 
@@ -177,9 +178,10 @@ def test_a_core_asking_for_entries_it_knows_compacted_is_caught():
     sim.check_read_log(leader, Ready(read_log=(replace(below, first=state.first_index),)))  # held: fine
 
 
-def slow_disk_schedule(seed: int, slow: str, delay_s: float) -> RepSim:
+def slow_disk_schedule(seed: int, slow: str, delay_s: float, joiners: int = 0) -> RepSim:
     sim = RepSim(
-        3, seed=seed, options=SMALL, drop=0.05, duplicate=0.05, view_lag_s=0.3, pipelined=True,
+        3, joiners=joiners, seed=seed, options=SMALL, drop=0.05, duplicate=0.05, view_lag_s=0.3,
+        pipelined=True,
     )  # fmt: skip
     sim.write_delay_s[slow] = delay_s
     for _ in range(1000):
@@ -214,12 +216,12 @@ def test_a_follower_installing_on_a_slow_disk_is_not_judged_by_the_log_it_replac
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     seed=st.integers(0, 2**32), slow=st.sampled_from(["node-1", "node-2", "node-3"]),
-    delay_s=st.sampled_from([0.0, 0.05, 0.3]),
+    delay_s=st.sampled_from([0.0, 0.05, 0.3]), joiners=st.integers(0, 1),
 )  # fmt: skip
-def test_generated_pipelined_schedules_with_snapshots_and_a_slow_disk(seed, slow, delay_s):
+def test_generated_pipelined_schedules_with_snapshots_and_a_slow_disk(seed, slow, delay_s, joiners):
     """The whole class: generated fault schedules on the pipelined shell, snapshots every 12 entries, one
     node's disk slow. Reads then wait behind slow writes while snapshots compact the log (answered short),
-    and applies wait too, so a snapshot comes back older than what the core asked at. Three voters only:
-    a joiner promoted just before both other voters crash can leave the pipelined cluster without a
-    leader, a separate defect this test is not about."""
-    settle_and_check_liveness(slow_disk_schedule(seed, slow, delay_s))
+    and applies wait too, so a snapshot comes back older than what the core asked at. With or without a
+    joiner, which is added, promoted and then leads by handover while the faults go on (a promotion that
+    only some members hold when the others crash: see test_replication_promotion)."""
+    settle_and_check_liveness(slow_disk_schedule(seed, slow, delay_s, joiners))

@@ -11,6 +11,10 @@ Protocol rules (what the README's design section quotes):
   node's membership view (``ViewChanged``: persistent identity -> current numeric ID; IDs follow addresses,
   identities never change, and the log, promises and configuration speak only of identities). Learners never
   campaign. A candidate does not depose a leader it still hears from: that leader hands over instead.
+  Members may disagree on who is a voter while a CONFIG entry is not yet everywhere, so deference ends: a
+  voter that has deferred to a higher one for a lease plus one election timeout per node ranked above it
+  in its view, hearing no leader, campaigns itself (and then hands over to the highest voter, planned);
+  a node that promised an epoch to a healthy candidate lets that campaign run for an election timeout.
 * **Epochs.** Taking epoch e needs promises from a majority of voters (the candidate's own promise counts
   only if it has not promised e to anyone else). A promise is durable (Ready.hard_state) before it is sent,
   and the new leader's epoch is durable before any message of that epoch is sent. Messages from lower epochs
@@ -37,7 +41,9 @@ Protocol rules (what the README's design section quotes):
   numbered after it; once a majority of voters answered that round (or a later one), the read is confirmed
   at that index and served when applied. Only a writable leader accepts reads.
 * **Membership.** Voters and learners live in the log (``CONFIG`` entries), take effect when appended, and
-  change one at a time: a new change only after the previous one is committed. The leader adds a healthy
+  change one at a time: a new change only after the previous one is committed. A voter promises to a
+  candidate outside its own configuration when the candidate's log is at least as up to date as its own
+  (the candidate may hold a promotion the voter lacks); the candidate counts only its own voters. The leader adds a healthy
   unknown node as a learner, promotes a learner that has every committed entry and answers, and removes a
   voter (or learner) silent for ``reap_timeout_s``. A fresh cluster starts from ``bootstrap`` (the same
   committed entry 1 on every first member); a later node starts as ``joiner`` and waits to be added.

@@ -172,6 +172,11 @@ class State:
     # The node ID each member was last seen healthy at (volatile; members and the view only): a voter gone
     # from the view whose node ID a new identity now answers at was replaced (see maintain_membership).
     last_ids: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # Leader choice when members disagree on who is a voter (volatile; see _campaign_due): since when this
+    # voter defers to a higher-ID healthy voter while it hears no leader (NEVER: it does not defer), and
+    # when it last promised a new epoch to another candidate.
+    deferred_s: float = NEVER
+    promised_s: float = NEVER
 
     @property
     def config(self) -> Config:
@@ -350,12 +355,72 @@ def _highest_healthy_voter(s: State | _Step) -> str | None:
     return max(voters, key=lambda v: (s.view.get(v, -1), v)) if voters else None
 
 
+def _leader_alive(s: State | _Step, now: float) -> bool:
+    return s.leader not in (None, s.me) and now - s.leader_contact_s < s.options.lease_s
+
+
+def _deferring(s: State | _Step, now: float) -> bool:
+    """A voter that would campaign but for a higher-ID healthy voter: it waits for that one to lead."""
+    return (
+        s.role != LEADER
+        and s.campaign is None
+        and not s.stopping
+        and s.me in s.config.voters
+        and not _leader_alive(s, now)
+        and _highest_healthy_voter(s) != s.me
+    )
+
+
+def _deference_s(s: State | _Step) -> float:
+    """How long a voter defers before it campaigns itself: a lease plus one election timeout per node of
+    its view ranked above it. Ranked in the view, not among the voters of its configuration (which is
+    what the members disagree on), so two deferring voters with one view never wait equally long and
+    campaign against each other: the next in rank tries first, the others promise to it. The highest-ID
+    voter, when it can win, leads within an election timeout, well before this."""
+    mine = (s.view.get(s.me, -1), s.me)
+    above = sum(1 for who, nid in s.view.items() if _healthy(s, who) and (nid, who) > mine)
+    return s.options.lease_s + above * s.options.election_timeout_s
+
+
+def _letting_campaign_run(s: State | _Step, now: float) -> bool:
+    """We promised our epoch to another candidate, still healthy, less than an election timeout ago."""
+    candidate = s.hard.promised_to
+    return (
+        candidate not in (None, s.me)
+        and _healthy(s, candidate)
+        and now - s.promised_s < s.options.election_timeout_s
+    )
+
+
 def _campaign_due(s: State | _Step, now: float) -> bool:
     """A non-leader without a campaign starts one: it is the highest healthy voter and no leader is alive
-    (a live leader hands over to it, planned, instead of being deposed)."""
-    if s.leader not in (None, s.me) and now - s.leader_contact_s < s.options.lease_s:
+    (a live leader hands over to it, planned, instead of being deposed); or it has deferred to a higher
+    one for ``_deference_s`` and still hears no leader. Not within an election timeout of promising its
+    epoch to another candidate that is still healthy: that campaign runs first.
+
+    Why deference must end (liveness): who is a voter is read from each node's own log, and the logs
+    disagree about a CONFIG entry until it is committed and delivered. A learner promoted by an entry that
+    reached some members but not itself (it crashed, or lost the Append, before the leader died) is the
+    highest-ID voter for them, and a learner for itself: it never campaigns, and without this rule they
+    would wait for it for ever. Or the highest voter campaigns and cannot win (the voters it needs hold an
+    older configuration and a log ahead of its own, ``may_lead``). So a deferring voter campaigns itself
+    in the end, the next in rank first. The pause after a promise keeps the candidates from deposing each
+    other: the highest voter, refused by the others, would otherwise campaign again at once and end every
+    campaign of the one that can win.
+
+    Why it is safe: only who campaigns changes. A candidate still needs promises from a majority of the
+    voters of its configuration, one per epoch, refused within a live leader's lease (so a leader that
+    merely cannot be heard by this node is not deposed), and takes every entry it lacks from the most
+    advanced promiser before it serves; so it never leads behind. Once it leads, the highest-ID healthy
+    voter gets the lead by the planned handover (after it has the whole log, as a voter of the leader's
+    configuration), so the documented leader rule holds again."""
+    if _leader_alive(s, now) or s.stopping or s.me not in s.config.voters:
         return False
-    return not s.stopping and s.me in s.config.voters and _highest_healthy_voter(s) == s.me
+    if _letting_campaign_run(s, now):
+        return False
+    if _highest_healthy_voter(s) == s.me:
+        return True
+    return s.deferred_s != NEVER and now - s.deferred_s >= _deference_s(s)
 
 
 def _handover_target(s: State | _Step, now: float) -> str | None:
@@ -425,8 +490,12 @@ def next_deadline(state: State, now: float) -> float:
     elif state.campaign is not None:
         timers.append((state.campaign.started_s, o.election_timeout_s))
         timers.append((state.campaign.sent_s, o.resend_s))
-    elif state.leader not in (None, state.me):
-        timers.append((state.leader_contact_s, o.lease_s))  # the leader's lease runs out: campaign
+    else:
+        if _leader_alive(state, now):
+            timers.append((state.leader_contact_s, o.lease_s))  # the leader's lease runs out: campaign
+        else:
+            timers.append((state.deferred_s, _deference_s(state)))  # deferred long enough: campaign
+            timers.append((state.promised_s, o.election_timeout_s))  # the pause after a promise ends
     due = [x + d for x, d in timers if now - x <= d]
     return max(now, min(due) - _EARLY_S) if due else float("inf")
 
@@ -783,12 +852,35 @@ class _Step:
             and epoch == self.hard.epoch < c.epoch
         )
 
+    def may_lead(self, candidate: str, last: LogId) -> bool:
+        """Membership check of a Prepare: ``candidate`` (its log ending at ``last``) may get our promise if
+        it is a voter of our configuration, or if its log is at least as up to date as ours (the order of
+        ``LogId``: last epoch, then last index).
+
+        Why the second case (liveness): a configuration takes effect when appended, so the members of one
+        cluster can hold different ones for a while. A learner promoted by a CONFIG entry that reached the
+        leader and some members, but not us (we crashed, or lost the Append, before that leader died), is a
+        voter only in the logs holding that entry. Those members defer to it as their highest-ID voter;
+        judged by our configuration alone it never got our promise, so with us needed for its majority
+        nobody ever led. A log at least as up to date as ours is the one a view change would keep over
+        ours, so the candidate is judged by the configuration of its log, not by our older one.
+
+        Why it is safe: the promise rule itself is unchanged (one candidate per epoch, durable before the
+        Promise leaves, the lease), and the candidate still counts only voters of its own configuration
+        toward its majority (``on_promise``) and takes every entry it lacks from the most advanced promiser
+        before serving. It also ends a voter of the log it serves: a donor other than itself holds a
+        strictly more advanced log (ties go to the candidate, ``pick_donor``), so that donor promised
+        because the candidate is a voter of the donor's configuration, which it then takes with the log.
+        A learner or a removed node whose log is behind ours is still refused, so it cannot move the
+        epoch."""
+        return candidate in self.config.voters or last >= self.last_id
+
     def on_prepare(self, sender: str, m: Prepare) -> None:
         epoch, h = self.hard.epoch, self.hard
         if m.epoch < epoch or (m.epoch == epoch and h.promised_to != sender):
             self.send(sender, Refuse(m.epoch, epoch, "stale"))
             return
-        if sender not in self.config.voters:
+        if not self.may_lead(sender, m.last):
             self.send(sender, Refuse(m.epoch, epoch, "not-a-voter"))
             return
         if m.epoch > epoch and not m.handover:
@@ -807,6 +899,7 @@ class _Step:
                 self.step_down(f"promised epoch {m.epoch} to {sender}")
             self.set_epoch(m.epoch, sender)
             self.leader = None
+            self.promised_s = self.now
             self.fact("epoch_promised", epoch=m.epoch, candidate=sender, handover=m.handover)
         self.send(sender, Promise(m.epoch, self.last_id))
 
@@ -960,9 +1053,15 @@ class _Step:
 
     def replicate(self, peer: str) -> None:
         """Pipeline Appends to ``peer`` up to the in-flight window (one at a time while probing); entries
-        older than the in-memory window are read from disk first (ReadLog)."""
+        older than the in-memory window are read from disk first (ReadLog).
+
+        While probing, nothing more is sent until the Append in flight is answered (or given up on after
+        ``resend_s``): a second one, above it, would be rejected with the follower's last index as hint,
+        and that reject would move ``next`` back up past where the probe had got to. A batch read from
+        disk ends at the in-memory window, so the next batch could always be sent at once, and a follower
+        with a divergent suffix reaching below the window was probed up and down for ever."""
         p = self.progress.get(peer)
-        if p is None or p.reading:
+        if p is None or p.reading or (p.probing and p.inflight > 0):
             return
         while p.next <= self.last_index and p.inflight < self.o.max_inflight:
             if p.next - 1 < self.base.index:
@@ -1258,6 +1357,10 @@ class _Step:
             self.maintain_leader()
         else:
             self.maintain_other()
+        if not _deferring(self, self.now):
+            self.deferred_s = NEVER
+        elif self.deferred_s == NEVER:
+            self.deferred_s = self.now
         self.apply_committed()
         if snapshot_due(self, self.now):
             self.snapshot_pending = True
@@ -1288,6 +1391,10 @@ class _Step:
                     self.send_fetch()
             return
         if _campaign_due(self, self.now):
+            highest = self.highest_healthy_voter()
+            if highest != self.me:
+                waited_s = round(self.now - self.deferred_s, 6)
+                self.fact("deference_expired", deferred_to=highest, waited_s=waited_s)
             self.start_campaign(handover=False)
 
     def maintain_leader(self) -> None:
