@@ -189,6 +189,17 @@ def _queued(queue: Any, *args: Any) -> asyncio.Future:
         return failed
 
 
+def _write_timed_out(future: asyncio.Future, timeout_s: float) -> None:
+    """``submit``'s deadline: the write is still in the log (or on its way there), so its outcome is unknown."""
+    if not future.done():
+        future.set_exception(
+            OutcomeUnknown(
+                f"the write was not committed within {timeout_s:g} s; it may still be applied: retry with the "
+                "same X-Request-Id"
+            )
+        )
+
+
 def rejection_error(code: str, reason: str, leader_url: str | None) -> errors.NodeError:
     if code == "unknown":
         return UnknownMember(reason)
@@ -463,21 +474,21 @@ class Replicator:
         if self.state is None:
             raise errors.Unavailable("replication is starting (forming or joining a cluster)")
         rid = f"w{next(self._ids)}"
-        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future())
         if command is not None:
             waiter.payload, waiter.command = payload, decoded_form(command)
         self._waiters[rid] = waiter
         self._submits.append((rid, payload))
         self._wake.set()
+        # The deadline fails the waiter's future itself: what asyncio.timeout did (this task cancelled, the
+        # cancellation turned into TimeoutError, then into this answer) for a timer and a context object on
+        # every write.
+        timer = loop.call_later(timeout_s, _write_timed_out, waiter.future, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await waiter.future
-        except TimeoutError:
-            raise OutcomeUnknown(
-                f"the write was not committed within {timeout_s:g} s; it may still be applied: retry with the "
-                "same X-Request-Id"
-            ) from None
+            return await waiter.future
         finally:
+            timer.cancel()
             self._waiters.pop(rid, None)
             if waiter.index and self._by_index.get(waiter.index, (None,))[0] == rid:
                 del self._by_index[waiter.index]

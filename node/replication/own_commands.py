@@ -24,28 +24,35 @@ from typing import Any
 from node.core.sqlreq import Statement, WriteCommand
 from node.storage.statemachine import Command
 
-_PLAIN = (str, int, bool, bytes, type(None))  # a parameter value the codec gives back as it was
+_PLAIN = frozenset({str, int, bool, bytes, type(None)})  # parameter values the codec gives back as they were
 
 
-def _plain(value: Any) -> bool:
-    kind = type(value)
-    if kind is float:
-        return math.isfinite(value)  # orjson writes the shortest repr: a finite float reads back equal
-    return kind in _PLAIN
+def _plain_values(values: Any) -> bool:
+    """Every value one the codec gives back unchanged (inlined: this runs for every value of every write)."""
+    plain = _PLAIN
+    for value in values:
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):  # orjson writes the shortest repr: a finite float reads back equal
+                return False
+        elif kind not in plain:
+            return False
+    return True
 
 
 def _decoded_params(params: Any) -> tuple[bool, Any]:
     """(ok, params as ``decode_command`` builds them): positional values a tuple, named ones a dict."""
     if params is None:
         return True, None
+    kind = type(params)
+    if kind is tuple or kind is list:
+        if not _plain_values(params):
+            return False, None
+        return True, params if kind is tuple else tuple(params)
     if isinstance(params, Mapping):
-        if not all(type(k) is str and _plain(v) for k, v in params.items()):
+        if not all(type(k) is str for k in params) or not _plain_values(params.values()):
             return False, None
-        return True, params if type(params) is dict else dict(params)
-    if type(params) is tuple or type(params) is list:
-        if not all(_plain(v) for v in params):
-            return False, None
-        return True, params if type(params) is tuple else tuple(params)
+        return True, params if kind is dict else dict(params)
     return False, None
 
 

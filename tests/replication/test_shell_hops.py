@@ -191,3 +191,33 @@ async def _carry_out_in_order(items, order, backlog: int, tmp_path) -> None:
         replicator_module.MAX_APPLY_BACKLOG = old_backlog
         completer.cancel()
         await asyncio.gather(completer, return_exceptions=True)
+
+
+# --- submit's deadline (a timer on the waiter's future, not asyncio.timeout) --------------------------------
+
+
+async def test_a_write_not_applied_in_time_is_answered_outcome_unknown_and_forgotten(tmp_path):
+    async with follower(tmp_path) as (r, _net, _completer):
+        # Nobody steps the submit (no loop runs): it waits until its deadline.
+        async with asyncio.timeout(10):
+            try:
+                await r.submit(b"{}", 0.05)
+            except replicator_module.OutcomeUnknown as exc:
+                assert "not committed within 0.05 s" in str(exc)
+            else:
+                raise AssertionError("a write nobody committed was answered")
+        assert r._waiters == {} and r._by_index == {}
+
+
+async def test_a_cancelled_write_is_forgotten_and_its_deadline_cancelled(tmp_path):
+    async with follower(tmp_path) as (r, _net, _completer):
+        task = asyncio.create_task(r.submit(b"{}", 3600))
+        await until(lambda: bool(r._waiters), "the write to wait")
+        (waiter,) = r._waiters.values()
+        task.cancel()
+        await asyncio.wait([task])
+        assert task.cancelled() and waiter.future.cancelled()
+        assert r._waiters == {}
+        # The timer is gone: the loop holds no handle that would fire in an hour.
+        scheduled = [h for h in asyncio.get_running_loop()._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        assert all(h.when() - asyncio.get_running_loop().time() < 600 for h in scheduled)
