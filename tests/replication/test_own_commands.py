@@ -180,3 +180,45 @@ async def test_kept_commands_go_with_their_waiters(tmp_path, monkeypatch):
         r._installed(msg.InstallSnapshot(msg.LogId(1, 2), r.state.config))
         assert r._own_command(entry) is None
         assert decodes == []
+
+
+class _Net:
+    """A transport for a cluster of one: nothing to send, nobody refused."""
+
+    def send(self, *_args, **_kwargs) -> None:
+        pass
+
+    def recently_refused(self, *_args) -> bool:
+        return False
+
+    def ping(self, *_args) -> None:
+        pass
+
+
+async def test_a_leader_applies_its_own_writes_without_decoding_them(tmp_path, monkeypatch):
+    """End to end through the real core and log (a cluster of one): the core keeps the payload object it
+    was given, so the kept command is found for every write and nothing is decoded."""
+    decodes = _counting_decode(monkeypatch)
+    async with follower(tmp_path) as (r, _net, _completer):
+        database = RecordingDatabase()
+        r.database, r.transport = database, _Net()
+        r.state, _ = machine.bootstrap("me", frozenset({"me"}), r.options, "c")
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(r._loop(stop)), asyncio.create_task(r._applier())]
+        try:
+            async with asyncio.timeout(10):
+                for _ in range(1000):  # bounded; the timeout bounds it in time
+                    if r.state.role == machine.LEADER and r.state.writable:
+                        break
+                    await asyncio.sleep(0.01)
+                written = [_command(n) for n in range(1, 6)]
+                answers = await asyncio.gather(*(r.submit(p, 10, command=c) for c, p in written))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        applied = [c for _, commands in database.applied for c in commands]
+        assert [a[1] for a in answers] == sorted(a[1] for a in answers)
+        assert len(applied) == 5 and all(a is c for a, (c, _) in zip(applied, written, strict=True))
+        assert decodes == []
+        assert r._by_index == {} and r._waiters == {}  # nothing kept once answered
