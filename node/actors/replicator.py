@@ -13,9 +13,12 @@ log's thread (hard state saved atomically and fsynced, truncate, append + fsync:
 one fsync) and the loop goes on stepping inputs while they run. Messages that ``messages.early`` allows
 (Appends, heartbeats, their acks) are sent at once, unless a hard-state write is still running (then they
 wait like the rest); replies and facts are handled at once. Everything else of a Ready (AppendAcks and the
-other late messages, applies, ``read_log``) goes to the completer, which carries the Readys out in order,
-each once its writes and all earlier ones are durable, and then steps ``Persisted`` for its append (a leader
-counts its own copy toward the majority only then). So a leader's Appends are on the wire while its own
+other late messages, applies, ``read_log``) goes to the completer's queue, whose Readys are carried out in
+order, each once its writes and all earlier ones are durable, and then ``Persisted`` is stepped for its
+append (a leader counts its own copy toward the majority only then). Who carries them out costs hand-offs,
+not order (``_advance``): the writes' done callbacks, or ``_carry_out`` itself for a Ready without writes
+behind an empty queue (the commit an ack brings), and the completer task only for what needs waiting (a
+log read, a full apply backlog) or may stop the node (a failed write). So a leader's Appends are on the wire while its own
 fsync runs, a follower keeps receiving while it fsyncs, and concurrent writes share fsyncs.
 A log append or truncate that fails cleanly (disk full, an I/O error the log undid) stops everything of that
 Ready and of every later one from going out (no ack for what the disk does not hold) and the core is
