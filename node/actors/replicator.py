@@ -18,8 +18,9 @@ order, each once its writes and all earlier ones are durable, and then ``Persist
 append (a leader counts its own copy toward the majority only then). Who carries them out costs hand-offs,
 not order (``_advance``): the writes' done callbacks, or ``_carry_out`` itself for a Ready without writes
 behind an empty queue (the commit an ack brings), and the completer task only for what needs waiting (a
-log read, a full apply backlog) or may stop the node (a failed write). So a leader's Appends are on the wire while its own
-fsync runs, a follower keeps receiving while it fsyncs, and concurrent writes share fsyncs.
+log read, a full apply backlog) or may stop the node (a failed write). So a leader's Appends are on the
+wire while its own fsync runs, a follower keeps receiving while it fsyncs, and concurrent writes share
+fsyncs.
 A log append or truncate that fails cleanly (disk full, an I/O error the log undid) stops everything of that
 Ready and of every later one from going out (no ack for what the disk does not hold) and the core is
 rebuilt from what is durable (``restore``, as at a restart) after LOG_FAILURE_BACKOFF_S, without exiting:
@@ -193,12 +194,12 @@ def _queued(queue: Any, *args: Any) -> asyncio.Future:
 
 
 def _write_timed_out(future: asyncio.Future, timeout_s: float) -> None:
-    """``submit``'s deadline: the write is still in the log (or on its way there), so its outcome is unknown."""
+    """``submit``'s deadline: the write is in the log (or on its way there), so its outcome is unknown."""
     if not future.done():
         future.set_exception(
             OutcomeUnknown(
-                f"the write was not committed within {timeout_s:g} s; it may still be applied: retry with the "
-                "same X-Request-Id"
+                f"the write was not committed within {timeout_s:g} s; it may still be applied: retry with "
+                "the same X-Request-Id"
             )
         )
 

@@ -124,7 +124,7 @@ async def test_a_failure_in_a_write_callback_stops_the_node_through_the_complete
         assert isinstance(completer.exception(), RuntimeError)
 
 
-# --- the whole class: any mix of Readys, writes finishing in any order, the applier full at times -------------
+# --- the whole class: any mix of Readys, writes finishing in any order, the applier full at times ------
 
 _items = st.lists(
     st.tuples(st.integers(0, 2), st.booleans()),  # (writes of the Ready, whether it applies something)
@@ -219,5 +219,6 @@ async def test_a_cancelled_write_is_forgotten_and_its_deadline_cancelled(tmp_pat
         assert task.cancelled() and waiter.future.cancelled()
         assert r._waiters == {}
         # The timer is gone: the loop holds no handle that would fire in an hour.
-        scheduled = [h for h in asyncio.get_running_loop()._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
-        assert all(h.when() - asyncio.get_running_loop().time() < 600 for h in scheduled)
+        loop = asyncio.get_running_loop()
+        scheduled = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        assert all(h.when() - loop.time() < 600 for h in scheduled)
