@@ -13,10 +13,14 @@ log's thread (hard state saved atomically and fsynced, truncate, append + fsync:
 one fsync) and the loop goes on stepping inputs while they run. Messages that ``messages.early`` allows
 (Appends, heartbeats, their acks) are sent at once, unless a hard-state write is still running (then they
 wait like the rest); replies and facts are handled at once. Everything else of a Ready (AppendAcks and the
-other late messages, applies, ``read_log``) goes to the completer, which carries the Readys out in order,
-each once its writes and all earlier ones are durable, and then steps ``Persisted`` for its append (a leader
-counts its own copy toward the majority only then). So a leader's Appends are on the wire while its own
-fsync runs, a follower keeps receiving while it fsyncs, and concurrent writes share fsyncs.
+other late messages, applies, ``read_log``) goes to the completer's queue, whose Readys are carried out in
+order, each once its writes and all earlier ones are durable, and then ``Persisted`` is stepped for its
+append (a leader counts its own copy toward the majority only then). Who carries them out costs hand-offs,
+not order (``_advance``): the writes' done callbacks, or ``_carry_out`` itself for a Ready without writes
+behind an empty queue (the commit an ack brings), and the completer task only for what needs waiting (a
+log read, a full apply backlog) or may stop the node (a failed write). So a leader's Appends are on the
+wire while its own fsync runs, a follower keeps receiving while it fsyncs, and concurrent writes share
+fsyncs.
 A log append or truncate that fails cleanly (disk full, an I/O error the log undid) stops everything of that
 Ready and of every later one from going out (no ack for what the disk does not hold) and the core is
 rebuilt from what is durable (``restore``, as at a restart) after LOG_FAILURE_BACKOFF_S, without exiting:
@@ -82,6 +86,7 @@ from node.replication import codec
 from node.replication import snapshot_transfer as transfer
 from node.replication.codec import from_log_entry, to_log_entry
 from node.replication.file_loads import FileLoads, load_sources
+from node.replication.own_commands import decoded_form
 from node.replication.snapshotting import Snapshots
 from node.replication.startup import Restore, StorageOpener, read_restore
 from node.replication.transport import ReplicationTransport
@@ -188,6 +193,17 @@ def _queued(queue: Any, *args: Any) -> asyncio.Future:
         return failed
 
 
+def _write_timed_out(future: asyncio.Future, timeout_s: float) -> None:
+    """``submit``'s deadline: the write is in the log (or on its way there), so its outcome is unknown."""
+    if not future.done():
+        future.set_exception(
+            OutcomeUnknown(
+                f"the write was not committed within {timeout_s:g} s; it may still be applied: retry with "
+                "the same X-Request-Id"
+            )
+        )
+
+
 def rejection_error(code: str, reason: str, leader_url: str | None) -> errors.NodeError:
     if code == "unknown":
         return UnknownMember(reason)
@@ -221,6 +237,10 @@ class _Waiter:
     epoch: int = 0
     index: int = 0
     kind: msg.Kind = msg.Kind.COMMAND  # the entry kind it waits for (CONFIG: an operator's removal)
+    # The payload submitted and its command as decoding it gives (None: not known, decode): the applier
+    # uses the command for the entry at ``index`` only if that entry holds this very payload object.
+    payload: bytes | None = None
+    command: statemachine.Command | None = None
 
 
 class Replicator:
@@ -304,6 +324,8 @@ class Replicator:
         self._unsynced_room.set()
         self._unsynced_empty = asyncio.Event()
         self._unsynced_empty.set()
+        self._completer_busy = False  # the completer task is carrying out the head item (see _advance)
+        self._advance_failure: Exception | None = None  # raised in a write's done callback, for the task
         self._hard_writes = 0  # hard-state writes running: no message leaves before they are durable
         self._persisted: list[msg.Persisted] = []
         self.applied_index = 0
@@ -444,27 +466,33 @@ class Replicator:
         if self.done.is_set():
             raise errors.Unavailable("this node is shutting down; retry on another node")
 
-    async def submit(self, payload: bytes, timeout_s: float) -> tuple[int, int, Applied | None]:
-        """Append a command as leader and wait for its apply: (epoch, index, outcome)."""
+    async def submit(
+        self, payload: bytes, timeout_s: float, command: statemachine.Command | None = None
+    ) -> tuple[int, int, Applied | None]:
+        """Append a command as leader and wait for its apply: (epoch, index, outcome). ``command``: what
+        ``payload`` encodes, if the caller has it: the applier then need not decode it back (see
+        node.replication.own_commands; it is used only in the form decoding gives, else decoded)."""
         if len(self._submits) + len(self._reads) >= MAX_PENDING_CLIENTS:
             raise errors.Busy("replication queue is full; retry shortly")
         self._refuse_when_done()
         if self.state is None:
             raise errors.Unavailable("replication is starting (forming or joining a cluster)")
         rid = f"w{next(self._ids)}"
-        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future())
+        if command is not None:
+            waiter.payload, waiter.command = payload, decoded_form(command)
         self._waiters[rid] = waiter
         self._submits.append((rid, payload))
         self._wake.set()
+        # The deadline fails the waiter's future itself: what asyncio.timeout did (this task cancelled, the
+        # cancellation turned into TimeoutError, then into this answer) for a timer and a context object on
+        # every write.
+        timer = loop.call_later(timeout_s, _write_timed_out, waiter.future, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await waiter.future
-        except TimeoutError:
-            raise OutcomeUnknown(
-                f"the write was not committed within {timeout_s:g} s; it may still be applied: retry with the "
-                "same X-Request-Id"
-            ) from None
+            return await waiter.future
         finally:
+            timer.cancel()
             self._waiters.pop(rid, None)
             if waiter.index and self._by_index.get(waiter.index, (None,))[0] == rid:
                 del self._by_index[waiter.index]
@@ -564,6 +592,7 @@ class Replicator:
                 for task in (transport, watcher, applier, completer, snapshots, stopper):
                     task.cancel()
         finally:
+            self._completer_busy = True  # the loop is over: nothing more is carried out (see _advance)
             self.done.set()
             self._fail_all(errors.Unavailable("the node is shutting down"))
             if self._asynclog is not None:
@@ -1101,42 +1130,106 @@ class Replicator:
             await self._unsynced_room.wait()
         self._unsynced.append(item)
         self._unsynced_empty.clear()
-        self._unsynced_wake.set()
+        for write in item.writes:
+            write.add_done_callback(self._write_done)
+        # A Ready without writes (the commit of an ack: apply and messages only) behind nothing is carried out
+        # here and now: see _advance for why the order is the completer's.
+        self._advance()
 
     async def _drain(self) -> None:
         """Wait until every queued Ready is carried out (its writes durable, its sends and applies done)."""
         await self._unsynced_empty.wait()
 
+    def _write_done(self, _write: asyncio.Future) -> None:
+        """A log write finished (a done callback, on the loop): carry out what it held up. A failure here is
+        the completer task's to raise, so that the node stops as it would have in the task."""
+        try:
+            self._advance()
+        except Exception as exc:  # noqa: BLE001 - re-raised by the completer task
+            self._advance_failure = self._advance_failure or exc
+            self._unsynced_wake.set()
+
+    def _advance(self) -> None:
+        """Carry out, in order, the queued Readys (the completer's queue, ``_unsynced``) whose writes are all
+        durable, as far as that needs no waiting; leave the rest to the completer task.
+
+        Why the order is exactly the one ``messages.Ready`` (c, d) and the completer task give: items are only
+        ever carried out from the head of the one FIFO queue they were put in, in Ready order, each only once
+        every write of it is done (and the log thread runs writes in queue order, so every earlier Ready's
+        writes are durable too), and never while the completer task is carrying out the head itself
+        (``_completer_busy``: it pops its item only when done with it). So this does what the completer would
+        do next, only without the two wake-ups (write done -> completer task -> loop) it cost: a Ready
+        without writes behind an empty queue goes out at once, and a write's done callback sends the acks,
+        queues the applies and feeds ``Persisted`` back to the loop directly. What needs waiting (a log
+        read, the applier's backlog full) or may have to stop the node (a failed or cancelled write) is the
+        completer task's, in the same place of the order."""
+        unsynced = self._unsynced
+        while unsynced and not self._completer_busy:
+            item = unsynced[0]
+            for write in item.writes:
+                if not write.done():
+                    return  # its done callback (_write_done) comes back here
+            if (
+                item.read_log
+                or (item.apply and len(self._apply_queue) >= MAX_APPLY_BACKLOG)
+                or any(w.cancelled() or w.exception() is not None for w in item.writes)
+            ):
+                self._unsynced_wake.set()
+                return
+            unsynced.popleft()
+            self._unsynced_room.set()
+            if self._log_failure is not None:
+                continue  # dropped, as the completer drops it (see there)
+            if item.writes:
+                self.log_write_problem = None  # the log takes writes again
+            for send in item.messages:
+                self._send(send)
+            if item.apply:
+                self._apply_queue.extend(item.apply)
+                self._apply_wake.set()
+            if item.appended is not None:
+                self._persisted.append(msg.Persisted(item.appended))
+                self._wake.set()
+        if not unsynced:
+            self._unsynced_empty.set()
+
     async def _completer(self) -> None:
-        """Carry out, in order, what each Ready left for after its writes (see ``_carry_out``). Every write of
-        an item is awaited to its end (none is left running unobserved), then the first failure propagates:
-        the node restarts from what is durable."""
+        """Carry out, in order, what each Ready left for after its writes (see ``_carry_out``) when that needs
+        waiting or may stop the node; the rest is carried out by ``_advance`` without this task. Every write
+        of an item is awaited to its end (none is left running unobserved), then the first failure
+        propagates: the node restarts from what is durable."""
         while True:
-            if not self._unsynced:
-                self._unsynced_empty.set()
+            if self._advance_failure is not None:
+                raise self._advance_failure
+            self._advance()
+            if not self._unsynced or not all(w.done() for w in self._unsynced[0].writes):
+                # Nothing queued, or the head's writes still run: their done callbacks carry it out, or wake
+                # this task for what it must do itself.
                 self._unsynced_wake.clear()
                 await self._unsynced_wake.wait()
                 continue
-            item = self._unsynced[0]
-            if not all(w.done() for w in item.writes):
-                # Only wait when there is something to wait for: the items a group commit finished are then
-                # carried out in one go, so their acks leave together (one frame per peer).
-                await asyncio.wait(item.writes)
-            failure: BaseException | None = None
-            for write in item.writes:
-                if write.cancelled():
-                    raise errors.Unavailable("a log write was cancelled; what it wrote is unknown")
-                failure = failure or write.exception()
-            if failure is not None and not self._recoverable(failure):
-                raise failure
-            self._unsynced.popleft()
-            self._unsynced_room.set()
-            if failure is not None:
-                self._log_write_failed(failure)
-            if self._log_failure is not None:
-                # Nothing of this Ready goes out, nor of any Ready queued after it: their acks would claim
-                # entries the disk does not hold. The loop rebuilds the state from the disk (_resync).
-                continue
+            self._completer_busy = True
+            try:
+                await self._complete_head()
+            finally:
+                self._completer_busy = False
+
+    async def _complete_head(self) -> None:
+        """The completer task's part: the head item, whose writes are all done (some may have failed). It is
+        popped only at the end, so that ``_advance`` never carries out a later item meanwhile."""
+        item = self._unsynced[0]
+        failure: BaseException | None = None
+        for write in item.writes:
+            if write.cancelled():
+                raise errors.Unavailable("a log write was cancelled; what it wrote is unknown")
+            failure = failure or write.exception()
+        if failure is not None and not self._recoverable(failure):
+            raise failure
+        if failure is not None:
+            self._log_write_failed(failure)
+        if self._log_failure is None:
+            # (Otherwise nothing of this Ready goes out, nor of any Ready queued after it: their acks would
+            # claim entries the disk does not hold. The loop rebuilds the state from the disk: _resync.)
             if item.writes:
                 self.log_write_problem = None  # the log takes writes again
             for send in item.messages:
@@ -1150,6 +1243,8 @@ class Replicator:
                 self._persisted.append(msg.Persisted(item.appended))
             if item.read_log or item.appended is not None:
                 self._wake.set()
+        self._unsynced.popleft()
+        self._unsynced_room.set()
 
     def _recoverable(self, failure: BaseException) -> bool:
         """A log write that failed without leaving the log in doubt (disk full, an I/O error undone), or an
@@ -1331,11 +1426,18 @@ class Replicator:
         """Apply the run (or its first part, up to a file load, or the file load alone); returns how many of
         its entries were applied: the caller queues the others again, in order."""
         commands_of: list[tuple[msg.Entry, int]] = []  # (entry, number of commands)
+        # The commands this node submitted itself are known (see _own_command); only the others are decoded.
+        decoded: list[statemachine.Command | None] = [self._own_command(e) for e in run]
+        missing = [i for i, e in enumerate(run) if e.kind is msg.Kind.COMMAND and decoded[i] is None]
+        if missing:
 
-        def decode() -> list:
-            return [codec.decode_command(e.payload) if e.kind is msg.Kind.COMMAND else None for e in run]
+            def decode() -> list[statemachine.Command]:
+                return [codec.decode_command(run[i].payload) for i in missing]
 
-        decoded = decode() if size <= INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
+            missing_bytes = sum(len(run[i].payload) for i in missing)
+            found = decode() if missing_bytes <= INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
+            for i, command in zip(missing, found, strict=True):
+                decoded[i] = command
         # A file load is a barrier: it replaces the whole database, so it never shares a run.
         file_at = next(
             (i for i, c in enumerate(decoded) if c is not None and isinstance(c.load, statemachine.LoadFile)),
@@ -1365,6 +1467,21 @@ class Replicator:
             self._answer_applied(entry, outcome)
         self._serve_confirmed()
         return len(run)
+
+    def _own_command(self, entry: msg.Entry) -> statemachine.Command | None:
+        """The command of ``entry`` if this node submitted it and still waits for it (the waiter holds it,
+        in the form decoding gives), else None. Bounded and cleared with the waiters: each is dropped when
+        its client is answered or gives up, on step-down (_settle_lost_quorum), on a snapshot install, a
+        resync or a dissolve. Used only when the entry holds the very payload object submitted: an entry
+        of another leader at that index (a truncation replaced it), or one read back from the disk, is
+        decoded."""
+        if entry.kind is not msg.Kind.COMMAND:
+            return None
+        held = self._by_index.get(entry.index)
+        if held is None:
+            return None
+        waiter = held[1]
+        return waiter.command if waiter.payload is entry.payload else None
 
     async def _apply_file(self, entry: msg.Entry, command: statemachine.Command) -> None:
         """Apply a file load (``LoadFile``): see node.replication.file_loads. Any failure raises: the

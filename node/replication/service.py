@@ -237,21 +237,22 @@ class ReplicatedDataService:
         time_ns, seed = self._wall_clock_ns(), self._seeds()
         db_request = DbRequest(request.statements, Flags(transaction=request.transaction))
 
-        def prepare() -> bytes:
+        def prepare() -> tuple[Command, bytes]:
             write = stamp_write(db_request, time_ns=time_ns, seed=seed)
             command = Command(
                 write, unified=request.unified, client=client, request_id=request.request_id,
                 sqlite_version=self.database.sqlite_version,
             )  # fmt: skip
-            return codec.encode_command(command)
+            return command, codec.encode_command(command)
 
         # Stamping and encoding are per-character work: a large write is prepared off the event loop; a small
         # one (the common single INSERT) costs less than the two thread switches of moving it there.
         if _inline_size(request) <= INLINE_PREPARE_BYTES:
-            payload = prepare()
+            command, payload = prepare()
         else:
-            payload = await asyncio.to_thread(prepare)
-        epoch, index, applied = await self.replicator.submit(payload, WRITE_WAIT_S)
+            command, payload = await asyncio.to_thread(prepare)
+        # The command too: this leader applies it without decoding its own payload back (own_commands).
+        epoch, index, applied = await self.replicator.submit(payload, WRITE_WAIT_S, command=command)
         ANSWERED_EPOCH.set(epoch)
         assert applied is not None
         return WriteOutcome(applied.results, epoch, applied.index, applied.duplicate, applied.committed)

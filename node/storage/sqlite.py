@@ -483,7 +483,11 @@ class Database:
             self._write_jobs.append(job)
         writer.executor.submit(self._run_job, writer, job, fn, *args)
         try:
-            return await asyncio.shield(job.future)
+            # Awaited directly, not through asyncio.shield: the shield's outer future cost one more loop
+            # round between the thread's result and this task (on every write and every apply). Cancelling
+            # this task now cancels job.future, which only the loop side looks at: the thread's settle
+            # ignores a future already done, and the job itself runs or is dropped as below.
+            return await job.future
         except asyncio.CancelledError:
             # The client went away. A write that has not started is dropped; one that runs finishes (bounded
             # by its step budget): its outcome must not depend on a client's connection.

@@ -38,7 +38,7 @@ class StandIn:
     def status(self) -> None:
         return None
 
-    async def submit(self, payload: bytes, timeout_s: float):
+    async def submit(self, payload: bytes, timeout_s: float, command=None):
         number = len(self.payloads)
         self.payloads.append(payload)
         if number == self.fail_at and not self.committed:

@@ -30,7 +30,7 @@ class _Replicator:
     def awaiting_rejoin(self) -> str | None:
         return None
 
-    async def submit(self, payload: bytes, timeout_s: float):
+    async def submit(self, payload: bytes, timeout_s: float, command=None):
         self.submitted += 1
         raise errors.Unavailable("stop here: the write got past the reserve check")
 

@@ -181,6 +181,44 @@ async def test_a_cancelled_queued_write_never_runs(tmp_path):
         await database.close()
 
 
+async def test_a_cancelled_running_write_finishes_and_its_result_is_dropped_quietly(tmp_path):
+    """The write path awaits the job's future itself (no shield): cancelling the waiter cancels that future,
+    and the thread's result, arriving later, must be ignored without an error, the job having run to its
+    end (its outcome does not depend on the client's connection)."""
+    database = await open_database(tmp_path)
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    release = threading.Event()
+    started: list[str] = []
+    finished: list[str] = []
+
+    def job_fn(job):
+        _blocking(release, started, "w")(job, None)
+        database._ops(job).internal("CREATE TABLE kept (x)", ())
+        finished.append("w")
+        return "w"
+
+    try:
+        running = asyncio.create_task(database._write(job_fn))
+        await wait_for(lambda: started == ["w"], "the write to run")
+        running.cancel()
+        await asyncio.wait([running])
+        assert running.cancelled()
+        release.set()
+        # The writer takes the next job only after the cancelled one ended: its table is there.
+        assert await database._write(lambda job: database._ops(job).internal(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'kept'", ()
+        )) == [(1,)]  # fmt: skip
+        assert finished == ["w"]
+        # The cancelled job's late result was delivered before this one's (one thread, in order): quietly.
+        assert errors == []
+    finally:
+        release.set()
+        loop.set_exception_handler(None)
+        await database.close()
+
+
 LOOP_INSERT = (
     "INSERT INTO t SELECT n FROM (WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r WHERE n < {n}) "
     "SELECT n FROM r)"
