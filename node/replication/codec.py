@@ -122,8 +122,9 @@ class EntryCache:
 
     Bounded in two generations: new items go to the young one; when it holds ``max_entries`` items or
     ``max_bytes`` of base64 text it becomes the old one and the old one is dropped, so at most twice the
-    bounds are kept (an insert costs no eviction walk). It only has to span the moments between the Appends
-    of one round to the followers. Each item keeps its entry alive, so an ``id`` in the cache cannot belong
+    bounds are kept (an insert costs no eviction walk): with the defaults at most 1024 entries, 4 MiB of
+    base64 and the 3 MiB of payloads it encodes. It only has to span the moments between the Appends of one
+    round to the followers. Each item keeps its entry alive, so an ``id`` in the cache cannot belong
     to another object; an entry larger than an eighth of ``max_bytes`` is encoded but not kept (a catch-up
     of large entries read from disk would only push out the useful ones). Not thread-safe: the transport
     uses it from the event loop only."""

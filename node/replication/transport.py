@@ -172,7 +172,7 @@ class ReplicationTransport:
         self._identity = identity
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._send_timeout_s = timeout_s
-        self._me_identity, self._me_text = identity, str(me)
+        self._me_text = str(me)
         # The same entries go to every follower: each is encoded once (see codec.EntryCache).
         self._entries = codec.EntryCache()
         self._learn = learn
@@ -272,7 +272,7 @@ class ReplicationTransport:
 
     async def _send_frame(self, peer: _Peer, batch: list[msg.Message], cluster: str) -> bool:
         """Send the batch as one frame of the peer's stream (opened if need be); False if it was not sent."""
-        body = codec.encode_batch(self._me_identity, self._me_text, batch, cluster, cache=self._entries)
+        body = codec.encode_batch(self._identity, self._me_text, batch, cluster, cache=self._entries)
         async with peer.ws_lock:
             ws = peer.ws if peer.ws is not None and not peer.ws.closed else await self._open_stream(peer)
             if ws is None or peer.mac is None:
@@ -352,7 +352,7 @@ class ReplicationTransport:
 
     async def _post(self, endpoint: Endpoint, batch: list[msg.Message], cluster: str = "") -> bool:
         assert self._session is not None and self._signer is not None
-        body = codec.encode_batch(self._me_identity, self._me_text, batch, cluster, cache=self._entries)
+        body = codec.encode_batch(self._identity, self._me_text, batch, cluster, cache=self._entries)
         headers = {
             "Content-Type": "application/json",
             peerauth.HEADER: self._signer.next_header(PATH, 0, body),
