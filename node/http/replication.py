@@ -18,7 +18,8 @@ opening request is authenticated as a batch is (the signature over the path, the
 the hello itself, replay-guarded in this route's own window), else 401/400 before the upgrade. Every frame
 must then carry the next number and a MAC bound to that opening, and a batch naming the hello's sender;
 the first frame that does not closes the stream (code 1008) and changes nothing. This side sends, as text
-frames, what a POST answer says (identity, member, cluster facts): at the opening and whenever it changes.
+frames, what a POST answer says (identity, member, cluster facts): at the opening and whenever it changes
+(looked at on a frame, at most every ``FACTS_CHECK_S``).
 
 Forwarding (``ForwardingMiddleware``): a data request that needs the leader (every write; reads at every
 level but ``none``) reaching a follower that knows a healthy leader is sent on, server-side, to that
@@ -54,6 +55,9 @@ from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
 # base64 in JSON), or one larger message.
 MAX_BATCH_BYTES = 64 << 20
 INLINE_DECODE_BYTES = 64 << 10
+# How often a stream's receiver looks whether its facts (identity, member, cluster) changed and sends them:
+# at the opening, then on a frame at least this long after the last look (frames come with every heartbeat).
+FACTS_CHECK_S = 0.01
 NODE_HEADER = "X-TalentNest-Node"
 EPOCH_HEADER = "X-TalentNest-Epoch"
 FORWARDED_HEADER = "X-TalentNest-Forwarded"
@@ -192,15 +196,21 @@ class ReplicationRoutes:
         await ws.prepare(request)
         told: dict[str, Any] | None = None
         expected = 1
+        loop = asyncio.get_running_loop()
+        check_at = 0.0
+        replicator, binary = self._replicator, aiohttp.WSMsgType.BINARY
         try:
             while True:
-                if self._replicator.identity is not None:
+                # The facts are looked at (a dict built from the replicator's state) at most every
+                # FACTS_CHECK_S, not before every frame: under load frames come every millisecond or so.
+                if replicator.identity is not None and loop.time() >= check_at:
+                    check_at = loop.time() + FACTS_CHECK_S
                     answer = self._answer()
                     if answer != told:
                         told = answer
                         await ws.send_str(orjson.dumps(answer).decode())
                 frame = await ws.receive()
-                if frame.type is not aiohttp.WSMsgType.BINARY:
+                if frame.type is not binary:
                     break  # closed, closing, an error, or a text frame (never sent by a sender)
                 try:
                     body = codec.decode_frame(mac, expected, frame.data)
@@ -215,8 +225,8 @@ class ReplicationRoutes:
                     await ws.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"bad frame")
                     break
                 expected += 1
-                if self._replicator.identity is not None:
-                    self._replicator.receive(identity, sender, batch.messages, batch.cluster)
+                if replicator.identity is not None:
+                    replicator.receive(identity, sender, batch.messages, batch.cluster)
         finally:
             if not ws.closed:
                 with contextlib.suppress(Exception):

@@ -30,13 +30,12 @@ an empty command.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import dataclasses
 import hashlib
 import hmac
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import apsw
@@ -94,31 +93,98 @@ def from_log_entry(entry: LogEntry) -> msg.Entry:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")  # base64.b64encode without its layer
 
 
 def _unb64(text: Any) -> bytes:
     if not isinstance(text, str):
         raise CodecError("expected base64 text")
     try:
-        return base64.b64decode(text, validate=True)
+        # What base64.b64decode(text, validate=True) does on Python 3.11+, without its two Python layers.
+        return binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise CodecError(f"bad base64: {exc}") from None
 
 
-def _value(v: Any) -> Any:
-    if isinstance(v, msg.LogId):
-        return [v.epoch, v.index]
-    if isinstance(v, msg.Entry):
-        return [v.epoch, v.index, v.kind.value, _b64(v.payload)]
-    if isinstance(v, tuple):
-        return [_value(x) for x in v]
-    return v
+_KIND_TEXT = {kind: kind.value for kind in msg.Kind}  # Enum.value is a descriptor call: slow per entry
 
 
-def encode_message(m: msg.Message) -> list[Any]:
-    tag = _TAGS[type(m)]
-    return [tag, {name: _value(getattr(m, name)) for name in type(m).__dataclass_fields__}]
+def _entry_out(e: msg.Entry) -> list[Any]:
+    return [e.epoch, e.index, _KIND_TEXT[e.kind], _b64(e.payload)]
+
+
+class EntryCache:
+    """Entries already encoded, by identity: a leader sends the same Entry objects to every follower (the
+    core's in-memory window), so each is encoded (its payload's base64, most of the cost) once, not once per
+    peer. It hands out the JSON-ready list ``[epoch, index, kind, payload base64]``, the very list
+    ``encode_batch`` would build, so a batch's bytes are the same with or without it; the lists are never
+    changed after they are made.
+
+    Bounded in two generations: new items go to the young one; when it holds ``max_entries`` items or
+    ``max_bytes`` of base64 text it becomes the old one and the old one is dropped, so at most twice the
+    bounds are kept (an insert costs no eviction walk): with the defaults at most 1024 entries, 4 MiB of
+    base64 and the 3 MiB of payloads it encodes. It only has to span the moments between the Appends of one
+    round to the followers. Each item keeps its entry alive, so an ``id`` in the cache cannot belong
+    to another object; an entry larger than an eighth of ``max_bytes`` is encoded but not kept (a catch-up
+    of large entries read from disk would only push out the useful ones). Not thread-safe: the transport
+    uses it from the event loop only."""
+
+    def __init__(self, max_entries: int = 512, max_bytes: int = 2 << 20) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._max_item_bytes = max_bytes // 8
+        self._young: dict[int, tuple[msg.Entry, list[Any]]] = {}
+        self._old: dict[int, tuple[msg.Entry, list[Any]]] = {}
+        self._young_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
+
+    def encoded(self, entry: msg.Entry) -> list[Any]:
+        """The entry as ``encode_batch`` writes it (do not change the list: it is shared)."""
+        key = id(entry)
+        hit = self._young.get(key) or self._old.get(key)
+        if hit is not None and hit[0] is entry:
+            return hit[1]
+        text = _b64(entry.payload)
+        out = [entry.epoch, entry.index, _KIND_TEXT[entry.kind], text]
+        size = len(text)
+        if size <= self._max_item_bytes:
+            if len(self._young) >= self._max_entries or self._young_bytes + size > self._max_bytes:
+                self._old, self._young, self._young_bytes = self._young, {}, 0
+            self._young[key] = (entry, out)
+            self._young_bytes += size
+        return out
+
+
+def _logid_out(v: msg.LogId, _cache: EntryCache | None) -> list[int]:
+    return [v.epoch, v.index]
+
+
+def _entries_out(v: tuple[msg.Entry, ...], cache: EntryCache | None) -> list[Any]:
+    if cache is None:
+        return [_entry_out(e) for e in v]
+    encoded = cache.encoded
+    return [encoded(e) for e in v]
+
+
+# How each field is written (by name, as it is read: see _FIELD_PARSERS); any other field as it is.
+_FIELD_WRITERS = {"last": _logid_out, "prev": _logid_out, "snapshot": _logid_out, "entries": _entries_out}
+_WRITERS = {
+    cls: (tag, tuple((name, _FIELD_WRITERS.get(name)) for name in cls.__dataclass_fields__))
+    for cls, tag in _TAGS.items()
+}
+
+
+def encode_message(m: msg.Message, cache: EntryCache | None = None) -> list[Any]:
+    tag, fields = _WRITERS[type(m)]
+    return [
+        tag,
+        {
+            name: getattr(m, name) if write is None else write(getattr(m, name), cache)
+            for name, write in fields
+        },
+    ]
 
 
 class Batch(NamedTuple):
@@ -129,13 +195,20 @@ class Batch(NamedTuple):
 
 
 def encode_batch(
-    sender: str, address: str, messages: list[msg.Message] | tuple[msg.Message, ...], cluster: str = ""
+    sender: str,
+    address: str,
+    messages: list[msg.Message] | tuple[msg.Message, ...],
+    cluster: str = "",
+    *,
+    cache: EntryCache | None = None,
 ) -> bytes:
+    """The batch's bytes; with ``cache``, entries it already holds are not encoded again (the bytes are the
+    same either way)."""
     body = {
         "v": BATCH_VERSION,
         "from": sender,
         "addr": address,
-        "msgs": [encode_message(m) for m in messages],
+        "msgs": [encode_message(m, cache) for m in messages],
     }
     if cluster:
         body["cluster"] = cluster
@@ -155,15 +228,16 @@ def _logid(v: Any, name: str) -> msg.LogId:
 
 
 def _entry(v: Any) -> msg.Entry:
-    if not isinstance(v, list) or len(v) != 4 or v[2] not in _KINDS:
+    kind = _KINDS.get(v[2]) if isinstance(v, list) and len(v) == 4 and isinstance(v[2], str) else None
+    if kind is None:
         raise CodecError("an entry must be [epoch, index, kind, payload]")
-    return msg.Entry(_int(v[0], "epoch"), _int(v[1], "index"), _KINDS[v[2]], _unb64(v[3]))
+    return msg.Entry(_int(v[0], "epoch"), _int(v[1], "index"), kind, _unb64(v[3]))
 
 
 def _entries(v: Any) -> tuple[msg.Entry, ...]:
     if not isinstance(v, list):
         raise CodecError("entries must be a list")
-    return tuple(_entry(e) for e in v)
+    return tuple([_entry(e) for e in v])
 
 
 def _str(v: Any, name: str) -> str:
@@ -188,19 +262,44 @@ _FIELD_PARSERS = {
 }  # fmt: skip
 
 
+class _Reader(NamedTuple):
+    """How one message type is read: its class, its fields with their parsers (in order), every field name
+    and the required ones. Fields with a default were added later (a compatible extension): a sender may
+    omit them."""
+
+    cls: type
+    fields: tuple[tuple[str, Callable[[Any, str], Any]], ...]
+    names: frozenset[str]
+    required: frozenset[str]
+
+
+_READERS = {
+    tag: _Reader(
+        cls,
+        tuple((name, _FIELD_PARSERS[name]) for name in cls.__dataclass_fields__),
+        frozenset(cls.__dataclass_fields__),
+        frozenset(n for n, f in cls.__dataclass_fields__.items() if f.default is dataclasses.MISSING),
+    )
+    for tag, cls in _TYPES.items()
+}
+
+
 def decode_message(item: Any) -> msg.Message:
-    if not isinstance(item, list) or len(item) != 2 or item[0] not in _TYPES or not isinstance(item[1], dict):
+    if not isinstance(item, list) or len(item) != 2:
         raise CodecError("a message must be [known type, {fields}]")
-    cls = _TYPES[item[0]]
-    body: dict[str, Any] = item[1]
-    names = cls.__dataclass_fields__
-    # Fields with a default were added later (a compatible extension): a sender may omit them.
-    required = {n for n, f in names.items() if f.default is dataclasses.MISSING}
-    if not required <= set(body) <= set(names):
+    tag, body = item
+    reader = _READERS.get(tag) if isinstance(tag, str) else None
+    if reader is None or not isinstance(body, dict):
+        raise CodecError("a message must be [known type, {fields}]")
+    keys = body.keys()
+    if keys == reader.names:  # every field: the common case, read in field order
+        return reader.cls(*[parse(body[name], name) for name, parse in reader.fields])
+    if not reader.required <= keys <= reader.names:
         raise CodecError(
-            f"{item[0]} needs the fields {sorted(required)} (optional: {sorted(set(names) - required)})"
+            f"{tag} needs the fields {sorted(reader.required)} "
+            f"(optional: {sorted(reader.names - reader.required)})"
         )
-    return cls(**{name: _FIELD_PARSERS[name](body[name], name) for name in names if name in body})
+    return reader.cls(**{name: parse(body[name], name) for name, parse in reader.fields if name in body})
 
 
 def decode_batch(data: bytes) -> Batch:

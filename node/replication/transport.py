@@ -47,7 +47,7 @@ import asyncio
 import collections
 import contextlib
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import aiohttp
@@ -82,7 +82,12 @@ class _Peer:
         # (the sender's cluster when the message was made, message): a batch holds one cluster's messages.
         self.queue: collections.deque[tuple[str, msg.Message]] = collections.deque()
         self.ping = False
-        self.wake = asyncio.Event()
+        # Workers with nothing to do wait on a future each (oldest first); new work wakes ONE of them, and
+        # none while one already woken has not yet taken the queue. Why not one Event for all: it woke every
+        # worker for every batch, and all but one found the queue empty again (a wasted task step per batch
+        # and peer, most of the time with the stream, where a frame is written without waiting).
+        self.idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.waking = False
         self.tasks: list[asyncio.Task] = []
         # The stream to this peer (None while closed), its frame MAC and last frame number; one writer at
         # a time (frames must leave in their numbered order).
@@ -102,7 +107,30 @@ class _Peer:
                 self.queue.popleft()
             stats["dropped"] += 1
         self.queue.append((cluster, message))
-        self.wake.set()
+        self.wake_one()
+
+    def wake_one(self) -> None:
+        """Hand the queue to one idle worker, unless one was already woken for it."""
+        if self.waking:
+            return
+        while self.idle:
+            waiter = self.idle.popleft()
+            if not waiter.done():  # a worker cancelled while idle left its future behind, cancelled
+                waiter.set_result(None)
+                self.waking = True
+                return
+
+    async def wait_for_work(self) -> None:
+        """Wait until :meth:`wake_one` picks this worker (the caller then looks at the queue again)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.idle.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.waking = False  # woken, then cancelled before it ran: let the next put wake another
+            raise
+        self.waking = False
 
     def take(self) -> tuple[str, list[msg.Message]]:
         """The next batch: up to MAX_BATCH_MESSAGES queued messages of one cluster, in queue order, with at
@@ -143,6 +171,10 @@ class ReplicationTransport:
         self._me = me
         self._identity = identity
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._send_timeout_s = timeout_s
+        self._me_text = str(me)
+        # The same entries go to every follower: each is encoded once (see codec.EntryCache).
+        self._entries = codec.EntryCache()
         self._learn = learn
         self._log = log
         self._signer: peerauth.Signer | None = None
@@ -224,13 +256,12 @@ class ReplicationTransport:
         """Send an empty batch soon, to learn the peer's identity from its answer."""
         peer = self._peer(endpoint)
         peer.ping = True
-        peer.wake.set()
+        peer.wake_one()
 
     async def _worker(self, peer: _Peer) -> None:
         while True:
             if not peer.queue and not peer.ping:
-                peer.wake.clear()
-                await peer.wake.wait()
+                await peer.wait_for_work()
                 continue
             cluster, batch = peer.take()
             peer.ping = False
@@ -241,7 +272,7 @@ class ReplicationTransport:
 
     async def _send_frame(self, peer: _Peer, batch: list[msg.Message], cluster: str) -> bool:
         """Send the batch as one frame of the peer's stream (opened if need be); False if it was not sent."""
-        body = codec.encode_batch(self._identity, str(self._me), batch, cluster)
+        body = codec.encode_batch(self._identity, self._me_text, batch, cluster, cache=self._entries)
         async with peer.ws_lock:
             ws = peer.ws if peer.ws is not None and not peer.ws.closed else await self._open_stream(peer)
             if ws is None or peer.mac is None:
@@ -249,8 +280,7 @@ class ReplicationTransport:
             peer.frame_seq += 1
             frame = codec.encode_frame(peer.mac, peer.frame_seq, body)
             try:
-                async with asyncio.timeout(self._timeout.total):
-                    await ws.send_bytes(frame)
+                await send_within(ws.send_bytes(frame), self._send_timeout_s)
             except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
                 self._close_stream(peer, f"send failed: {exc!r}"[:200])
                 return False
@@ -322,7 +352,7 @@ class ReplicationTransport:
 
     async def _post(self, endpoint: Endpoint, batch: list[msg.Message], cluster: str = "") -> bool:
         assert self._session is not None and self._signer is not None
-        body = codec.encode_batch(self._identity, str(self._me), batch, cluster)
+        body = codec.encode_batch(self._identity, self._me_text, batch, cluster, cache=self._entries)
         headers = {
             "Content-Type": "application/json",
             peerauth.HEADER: self._signer.next_header(PATH, 0, body),
@@ -369,6 +399,50 @@ def _is_refused(exc: BaseException) -> bool:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return exc.os_error.errno == errno.ECONNREFUSED
     return isinstance(exc, ConnectionRefusedError)
+
+
+async def send_within(send: Coroutine[Any, Any, None], timeout_s: float) -> None:
+    """Run ``send`` (a stream write, not yet started), raising TimeoutError if it has not finished within
+    ``timeout_s`` (it is then cancelled, as ``asyncio.timeout`` would).
+
+    Why not ``asyncio.timeout`` around every write: a frame is almost always written at once (aiohttp hands
+    it to the socket and waits only when the socket's buffer is full: flow control), yet the timeout context
+    costs a timer on the loop per frame, about as much as the write itself. So the write runs one step
+    first; only if it has to wait (the only way a write to a stuck peer can hang) does the rest of it run
+    under the timeout. Both start at once, so a stuck peer is detected in the same time as before."""
+    try:
+        waiting = send.send(None)
+    except StopIteration:
+        return
+    async with asyncio.timeout(timeout_s):
+        await _Rest(send, waiting)
+
+
+class _Rest:
+    """Awaitable: the rest of a coroutine already run up to its first wait (``waiting``, what it yielded),
+    driven as ``await`` would drive it (results and exceptions, cancellation included, passed through)."""
+
+    __slots__ = ("_coro", "_waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
+        self._coro, self._waiting = coro, waiting
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self._coro, self._waiting
+        while True:
+            try:
+                try:
+                    sent = yield value
+                except GeneratorExit:
+                    coro.close()
+                    raise
+                # Cancellation (the timeout's) or anything else thrown in: passed on to the write.
+                except BaseException as exc:  # noqa: BLE001
+                    value = coro.throw(exc)
+                else:
+                    value = coro.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 async def _close_quietly(ws: aiohttp.ClientWebSocketResponse) -> None:

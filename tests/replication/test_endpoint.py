@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
@@ -98,6 +99,19 @@ async def test_unsigned_and_foreign_key_batches_are_refused(endpoint):
     foreign = peerauth.Signer(peerauth.derive_key("x" * 32), SENDER, 5)
     resp = await client.post(PATH, data=BATCH, headers=signed(foreign, BATCH))
     assert resp.status == 401
+    assert replicator.received == []
+
+
+async def test_a_batch_with_a_list_as_message_type_is_a_400_not_a_500(endpoint):
+    # Regression: an unhashable message type (or entry kind) raised TypeError out of the decoder: a batch
+    # anyone could POST (it is decoded before its signature is checked) was answered 500.
+    client, replicator = endpoint
+    for msgs in ([[[1], {}]], [["append", {"epoch": 1, "prev": [0, 0], "entries": [[1, 1, [2], ""]]}]]):
+        body = codec.encode_batch("peer-identity", SENDER, []).replace(
+            b'"msgs":[]', b'"msgs":' + orjson.dumps(msgs)
+        )
+        resp = await client.post(PATH, data=body, headers={"Content-Type": "application/json"})
+        assert resp.status == 400 and (await resp.json())["code"] == "bad_request"
     assert replicator.received == []
 
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from node.core import peerauth
 from node.core.replication import messages as msg
+from node.http import replication as replication_http
 from node.http.replication import ReplicationRoutes
 from node.http.server import HttpApi
 from node.replication import codec
@@ -195,3 +196,63 @@ async def test_a_refused_peer_is_noted_until_anything_works_with_it_again():
     transport.note_alive(peer)
     transport.note_alive(peer)
     assert not transport.recently_refused(peer, now, 2.0) and changes == [peer, peer]
+
+
+class CountingReplicator(FakeReplicator):
+    """Counts how often the stream builds its facts, which a test changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+        self.leader: str | None = None
+
+    @property
+    def cluster_facts(self) -> dict:
+        self.looks += 1
+        return {"leader": self.leader, "leader_id": 0, "data": False, "name": ""}
+
+
+@pytest.fixture
+async def counting_endpoint():
+    replicator = CountingReplicator()
+    api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
+    ReplicationRoutes(
+        replicator=replicator, secret=SECRET, log=nodelog.get_logger(), body_read_timeout_s=5
+    ).add_to(api.app)
+    async with TestClient(TestServer(api.app)) as client:
+        yield client, replicator
+
+
+async def delivered(client: TestClient, replicator: FakeReplicator, count: int) -> None:
+    for _ in range(200):  # bounded: each round trip lets the handler run
+        if len(replicator.received) >= count:
+            return
+        await client.get("/nowhere")
+    raise AssertionError(f"{len(replicator.received)} of {count} frames delivered")
+
+
+async def test_the_facts_are_not_rebuilt_for_every_frame(counting_endpoint, monkeypatch):
+    monkeypatch.setattr(replication_http, "FACTS_CHECK_S", 3600.0)
+    client, replicator = counting_endpoint
+    headers, mac = opening()
+    ws = await client.ws_connect(STREAM_PATH, headers=headers)
+    assert (await ws.receive(timeout=5)).type is aiohttp.WSMsgType.TEXT  # at the opening
+    for seq in range(1, 21):
+        await ws.send_bytes(codec.encode_frame(mac, seq, BATCH))
+    await delivered(client, replicator, 20)
+    assert replicator.looks == 1
+    await ws.close()
+
+
+async def test_changed_facts_are_sent_on_the_next_frame_once_the_check_is_due(counting_endpoint, monkeypatch):
+    monkeypatch.setattr(replication_http, "FACTS_CHECK_S", 0.0)
+    client, replicator = counting_endpoint
+    headers, mac = opening()
+    ws = await client.ws_connect(STREAM_PATH, headers=headers)
+    first = await ws.receive(timeout=5)
+    assert '"leader":null' in first.data
+    replicator.leader = "new-leader"
+    await ws.send_bytes(codec.encode_frame(mac, 1, BATCH))
+    changed = await ws.receive(timeout=5)
+    assert changed.type is aiohttp.WSMsgType.TEXT and '"leader":"new-leader"' in changed.data
+    await ws.close()
