@@ -361,20 +361,45 @@ def _campaign_due(s: State | _Step, now: float) -> bool:
 def _handover_target(s: State | _Step, now: float) -> str | None:
     """The voter a leader hands over to now (see maintain_handover): the highest-ID voter that is healthy
     and answering, if it outranks this node (any, when stopping); None outside the retry pause's end."""
-    answering = [
-        v
-        for v in s.config.voters
-        if v != s.me
-        and _healthy(s, v)
-        and v in s.progress
-        and now - s.progress[v].last_ack_s <= s.options.lease_s
-    ]
-    if not answering or now < s.handover_retry_s:
+    if now < s.handover_retry_s:
         return None
-    best = max(answering, key=lambda v: (s.view.get(v, -1), v))
-    if s.stopping or (s.view.get(best, -1), best) > (s.view.get(s.me, -1), s.me):
-        return best
-    return None
+    # One pass, no list (this runs twice per leader step: maintain_handover and next_deadline). Unless
+    # stopping, only voters that outrank this node can be the answer: the best answering voter is returned
+    # only if it outranks us, and then it is also the best of those that do. Ranks (view ID, identity) are
+    # unique, so the order of ``voters`` cannot change the result.
+    me, view, progress, departing = s.me, s.view, s.progress, s.departing
+    lease_s = s.options.lease_s
+    best: str | None = None
+    best_rank = None if s.stopping else (view.get(me, -1), me)
+    for v in s.config.voters:
+        nid = view.get(v)
+        if nid is None or v == me or v in departing:  # not healthy (or ourselves)
+            continue
+        rank = (nid, v)
+        if best_rank is not None and rank <= best_rank:
+            continue
+        p = progress.get(v)
+        if p is not None and now - p.last_ack_s <= lease_s:
+            best, best_rank = v, rank
+    return best
+
+
+def _reachable_voters(s: State | _Step, now: float) -> int:
+    """What ``_Step.reachable_voters`` counts (from scratch; the step keeps the result while it holds)."""
+    count = 0
+    me, view = s.me, s.view
+    leading = s.role == LEADER
+    progress, lease_s = s.progress, s.options.lease_s
+    for v in s.config.voters:
+        if v == me:
+            count += 1
+        elif v in view:
+            if not leading:
+                count += 1
+            else:
+                p = progress.get(v)
+                count += p is not None and now - p.last_ack_s <= lease_s
+    return count
 
 
 def _read_confirmed(s: State | _Step, r: PendingRead) -> bool:
@@ -401,34 +426,50 @@ def next_deadline(state: State, now: float) -> float:
     # Work a step leaves for the next one: a campaign that timed out is only retried by the next step; a
     # membership change made by maintain_membership can change the handover target and the read quorum
     # (both checked before it).
-    if state.role == LEADER:
-        if _handover_target(state, now) != state.handover_to or any(
-            _read_confirmed(state, r) for r in state.reads
+    leading = state.role == LEADER
+    if leading:
+        if _handover_target(state, now) != state.handover_to or (
+            state.reads and any(_read_confirmed(state, r) for r in state.reads)
         ):
             return now
     elif state.campaign is None and _campaign_due(state, now):
         return now
-    timers = [(until_s, 0.0) for until_s in state.departing.values()]  # a departing mark expires
-    timers.append((state.snapshot_retry_s, 0.0))  # snapshot_due: the pause after a failed snapshot ends
-    if state.role == LEADER:
-        timers.append((state.heartbeat_sent_s, o.heartbeat_s))  # heartbeats, resends, snapshot offers
+    # The earliest due time, kept as it goes (the shell asks this once per idle loop round: no list of
+    # pairs). ``_due`` keeps the step's comparison and sum, so the result is the same float.
+    due = float("inf")
+    for until_s in state.departing.values():
+        due = _due(due, now, until_s, 0.0)  # a departing mark expires
+    due = _due(due, now, state.snapshot_retry_s, 0.0)  # snapshot_due: the pause after a failed snapshot ends
+    if leading:
+        due = _due(due, now, state.heartbeat_sent_s, o.heartbeat_s)  # heartbeats, resends, snapshot offers
+        lease_s, reap_s = o.lease_s, o.reap_timeout_s
         for p in state.progress.values():
             # The lease of each member's last answer (quorum, writable, handover target, replacement)
             # and its reaping.
-            timers.append((p.last_ack_s, o.lease_s))
-            timers.append((p.last_ack_s, o.reap_timeout_s))
-        timers.extend((r.at_s, o.lease_s) for r in state.reads)  # a read not confirmed within the lease
-        timers.append((state.handover_retry_s, 0.0))
+            x = p.last_ack_s
+            if now - x <= lease_s and x + lease_s < due:
+                due = x + lease_s
+            if now - x <= reap_s and x + reap_s < due:
+                due = x + reap_s
+        for r in state.reads:
+            due = _due(due, now, r.at_s, o.lease_s)  # a read not confirmed within the lease
+        due = _due(due, now, state.handover_retry_s, 0.0)
         if state.handover_to is not None:
-            timers.append((state.handover_since_s, o.handover_timeout_s))
-            timers.append((state.takeover_sent_s, o.heartbeat_s))
+            due = _due(due, now, state.handover_since_s, o.handover_timeout_s)
+            due = _due(due, now, state.takeover_sent_s, o.heartbeat_s)
     elif state.campaign is not None:
-        timers.append((state.campaign.started_s, o.election_timeout_s))
-        timers.append((state.campaign.sent_s, o.resend_s))
+        due = _due(due, now, state.campaign.started_s, o.election_timeout_s)
+        due = _due(due, now, state.campaign.sent_s, o.resend_s)
     elif state.leader not in (None, state.me):
-        timers.append((state.leader_contact_s, o.lease_s))  # the leader's lease runs out: campaign
-    due = [x + d for x, d in timers if now - x <= d]
-    return max(now, min(due) - _EARLY_S) if due else float("inf")
+        due = _due(due, now, state.leader_contact_s, o.lease_s)  # the leader's lease runs out: campaign
+    return max(now, due - _EARLY_S) if due != float("inf") else float("inf")
+
+
+def _due(due: float, now: float, x: float, d: float) -> float:
+    """``min(due, x + d)`` if the timer (x, d) may still change its comparison at or after ``now``."""
+    if now - x <= d and x + d < due:
+        return x + d
+    return due
 
 
 _EARLY_S = 1e-6
@@ -499,6 +540,9 @@ class _Step:
         self.out_install: InstallSnapshot | None = None
         self.out_take_snapshot = False
         self.out_fetch: list[FetchSnapshot] = []
+        # reachable_voters, computed once for as long as what it reads is unchanged (see there).
+        self._reachable_key: tuple[HardState, Mapping[str, int], str] | None = None
+        self._reachable = 0
 
     # ---- log helpers
 
@@ -624,23 +668,26 @@ class _Step:
 
     def reachable_voters(self) -> int:
         """Voters this node can count on now: itself, plus (as leader) voters healthy in the view that
-        answered within the lease, or (otherwise) voters healthy in the view."""
-        count = 0
-        for v in self.config.voters:
-            if v == self.me:
-                count += 1
-            elif v in self.view:
-                if self.role != LEADER:
-                    count += 1
-                else:
-                    p = self.progress.get(v)
-                    count += p is not None and self.now - p.last_ack_s <= self.o.lease_s
+        answered within the lease, or (otherwise) voters healthy in the view.
+
+        Asked two or three times per step (submit, maintain_leader, maintain), so the count is kept while
+        what it reads is unchanged: the configuration (in ``hard``, replaced whenever it changes), the view
+        (replaced, never mutated), the role, and the members' ``last_ack_s``. Only ``on_ack`` changes a
+        ``last_ack_s`` of a member already in ``progress`` (and clears the key); members enter and leave
+        ``progress`` only with a configuration or role change. ``now`` is fixed for the step."""
+        key = self._reachable_key
+        if key is not None and key[0] is self.hard and key[1] is self.view and key[2] == self.role:
+            return self._reachable
+        count = _reachable_voters(self, self.now)
+        self._reachable_key, self._reachable = (self.hard, self.view, self.role), count
         return count
 
     def no_quorum_reason(self) -> str | None:
-        n, q = len(self.config.voters), quorum(self.config)
         reachable = self.reachable_voters()
-        return None if reachable >= q else f"no quorum: {reachable} of {n} voters reachable"
+        cfg = self.config
+        if reachable >= quorum(cfg):
+            return None
+        return f"no quorum: {reachable} of {len(cfg.voters)} voters reachable"
 
     # ---- role changes
 
@@ -906,32 +953,40 @@ class _Step:
         if self.role != LEADER or sender not in self.progress:
             return
         p = self.progress[sender]
-        acked = {"last_ack_s": self.now, "acked_seq": max(p.acked_seq, m.seq)}
+        now, acked_seq = self.now, max(p.acked_seq, m.seq)
+        # Direct constructor calls (fields in declaration order): dataclasses.replace was most of an ack.
         if isinstance(m, AppendAck):
             moved = m.match > p.match
-            p = replace(
-                p,
-                **acked,
-                match=max(p.match, m.match),
-                next=max(p.next, m.match + 1),
-                inflight=max(0, p.inflight - 1),
-                probing=False,
-                last_progress_s=self.now if moved else p.last_progress_s,
-                offered_s=NEVER if moved else p.offered_s,
+            p = Progress(
+                max(p.next, m.match + 1),  # next
+                max(p.match, m.match),  # match
+                max(0, p.inflight - 1),  # inflight
+                now,  # last_ack_s
+                now if moved else p.last_progress_s,  # last_progress_s
+                acked_seq,
+                False,  # probing
+                p.reading,
+                NEVER if moved else p.offered_s,  # offered_s
             )
         elif isinstance(m, AppendReject) and m.rejected > p.match:
             # (a reject about what is already matched is an old, reordered one)
-            p = replace(
-                p,
-                **acked,
-                next=max(p.match + 1, min(m.rejected, m.hint + 1)),
-                inflight=0,
-                probing=True,
-                last_progress_s=self.now,
+            p = Progress(
+                max(p.match + 1, min(m.rejected, m.hint + 1)),  # next
+                p.match,
+                0,  # inflight
+                now,  # last_ack_s
+                now,  # last_progress_s
+                acked_seq,
+                True,  # probing
+                p.reading,
+                p.offered_s,
             )
         else:
-            p = replace(p, **acked)
+            p = Progress(
+                p.next, p.match, p.inflight, now, p.last_progress_s, acked_seq, p.probing, p.reading, p.offered_s
+            )
         self.progress[sender] = p
+        self._reachable_key = None  # last_ack_s moved (see reachable_voters)
         if isinstance(m, AppendAck):
             self.advance_commit()
         if not isinstance(m, HeartbeatAck):
@@ -978,11 +1033,16 @@ class _Step:
             prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             batch = self.entries_from(p.next)
             self.send(peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
-            p = replace(
-                p,
-                next=p.next + len(batch),
-                inflight=p.inflight + 1,
-                last_progress_s=self.now if p.inflight == 0 else p.last_progress_s,
+            p = Progress(  # a direct call, fields in declaration order (replace is several times slower)
+                p.next + len(batch),  # next
+                p.match,
+                p.inflight + 1,  # inflight
+                p.last_ack_s,
+                self.now if p.inflight == 0 else p.last_progress_s,  # last_progress_s
+                p.acked_seq,
+                p.probing,
+                p.reading,
+                p.offered_s,
             )
             if p.probing:
                 break
@@ -1251,9 +1311,10 @@ class _Step:
         self.heartbeat_sent_s = self.now
 
     def maintain(self) -> None:
-        for who, until_s in list(self.departing.items()):
-            if until_s <= self.now or who not in self.view:
-                del self.departing[who]
+        if self.departing:
+            for who, until_s in list(self.departing.items()):
+                if until_s <= self.now or who not in self.view:
+                    del self.departing[who]
         if self.role == LEADER:
             self.maintain_leader()
         else:
@@ -1467,6 +1528,8 @@ class _Step:
             self.applied = self.commit
             # Config history below the commit index: only the latest committed one is still needed.
             configs = self.hard.configs
+            if len(configs) < 2 or configs[1][0] > self.commit:
+                return  # at most one committed configuration: nothing to prune (the usual case)
             committed = [c for c in configs if c[0] <= self.commit]
             pruned = (*committed[-1:], *(c for c in configs if c[0] > self.commit))
             if pruned != configs:
@@ -1478,7 +1541,10 @@ class _Step:
         if new_base > self.base.index:
             cut = new_base - self.base.index
             self.base = self.log[cut - 1].id
-            del self.writable_log()[:cut]
+            if isinstance(self.log, list):
+                del self.log[:cut]
+            else:
+                self.log = self.log[cut:]  # one copy, not a list and then a tuple again
 
     def finish(self) -> tuple[State, Ready]:
         st = self.st
