@@ -543,6 +543,7 @@ class _Step:
         # reachable_voters, computed once for as long as what it reads is unchanged (see there).
         self._reachable_key: tuple[HardState, Mapping[str, int], str] | None = None
         self._reachable = 0
+        self._no_quorum: str | None = None
 
     # ---- log helpers
 
@@ -561,7 +562,7 @@ class _Step:
 
     @property
     def config(self) -> Config:
-        return self.hard.config
+        return self.hard.configs[-1][1]  # HardState.config, without a second property call (~9 per step)
 
     def epoch_at(self, index: int) -> int | None:
         if index == 0:
@@ -676,18 +677,25 @@ class _Step:
         ``last_ack_s`` of a member already in ``progress`` (and clears the key); members enter and leave
         ``progress`` only with a configuration or role change. ``now`` is fixed for the step."""
         key = self._reachable_key
-        if key is not None and key[0] is self.hard and key[1] is self.view and key[2] == self.role:
-            return self._reachable
-        count = _reachable_voters(self, self.now)
-        self._reachable_key, self._reachable = (self.hard, self.view, self.role), count
-        return count
+        if key is None or key[0] is not self.hard or key[1] is not self.view or key[2] != self.role:
+            self._count_reachable()
+        return self._reachable
 
     def no_quorum_reason(self) -> str | None:
-        reachable = self.reachable_voters()
+        key = self._reachable_key
+        if key is None or key[0] is not self.hard or key[1] is not self.view or key[2] != self.role:
+            self._count_reachable()
+        return self._no_quorum
+
+    def _count_reachable(self) -> None:
+        """Count the reachable voters from scratch and keep the count and no_quorum_reason's answer."""
+        reachable = _reachable_voters(self, self.now)
         cfg = self.config
-        if reachable >= quorum(cfg):
-            return None
-        return f"no quorum: {reachable} of {len(cfg.voters)} voters reachable"
+        self._reachable = reachable
+        self._no_quorum = (
+            None if reachable >= quorum(cfg) else f"no quorum: {reachable} of {len(cfg.voters)} voters reachable"
+        )
+        self._reachable_key = (self.hard, self.view, self.role)
 
     # ---- role changes
 
@@ -999,13 +1007,19 @@ class _Step:
         (``Persisted``); otherwise all of them (the shell persisted every earlier Ready before this input, and
         this Ready's appends are persisted before its commits are applied or sent)."""
         cfg = self.config
-        mine = min(self.durable, self.last_index) if self.o.pipelined else self.last_index
-        matches = sorted(
-            (mine if v == self.me else self.progress[v].match if v in self.progress else 0)
-            for v in cfg.voters
-        )
+        last = self.log[-1].index if self.log else self.base.index
+        mine = min(self.durable, last) if self.o.pipelined else last
+        me, progress = self.me, self.progress
+        matches = []
+        for v in cfg.voters:
+            if v == me:
+                matches.append(mine)
+            else:
+                p = progress.get(v)
+                matches.append(p.match if p is not None else 0)
         if not matches:
             return
+        matches.sort()
         q = quorum(cfg)
         if q > len(matches):
             return
@@ -1558,19 +1572,22 @@ class _Step:
         if isinstance(self.log, list):
             self.log = tuple(self.log)
         self.progress = MappingProxyType(self.progress)  # type: ignore[assignment]
-        self.departing = MappingProxyType(self.departing)  # type: ignore[assignment]
+        # Nobody departing before or after (the usual case): keep the State's own empty mapping.
+        self.departing = (  # type: ignore[assignment]
+            MappingProxyType(self.departing) if self.departing or st.departing else st.departing
+        )
         new = State(*_state_values(self))
-        ready = Ready(
-            hard_state=self.hard if self.hard is not st.hard and self.hard != st.hard else None,
-            truncate_from=truncate_from,
-            append=append or (),
-            messages=tuple(self.out_messages),
-            read_log=tuple(self.out_read_log),
-            apply=tuple(self.out_apply),
-            replies=tuple(self.out_replies),
-            facts=tuple(self.out_facts),
-            install=self.out_install,
-            take_snapshot=self.out_take_snapshot,
-            fetch_snapshot=tuple(self.out_fetch),
+        ready = Ready(  # positional, in Ready's field order (a keyword call costs more on every step)
+            self.hard if self.hard is not st.hard and self.hard != st.hard else None,  # hard_state
+            truncate_from,
+            append or (),  # append
+            tuple(self.out_messages),  # messages
+            tuple(self.out_apply),  # apply
+            tuple(self.out_replies),  # replies
+            tuple(self.out_read_log),  # read_log
+            tuple(self.out_facts),  # facts
+            self.out_install,  # install
+            self.out_take_snapshot,  # take_snapshot
+            tuple(self.out_fetch),  # fetch_snapshot
         )
         return new, ready
