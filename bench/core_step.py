@@ -84,7 +84,9 @@ def run(writes: int, options: machine.Options, step_s: float) -> tuple[int, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--writes", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--step-ms", type=float, default=0.3, help="simulated time between writes")
@@ -95,7 +97,9 @@ def main() -> None:
     for _ in range(args.rounds):
         steps, elapsed = run(args.writes, options, args.step_ms / 1000)
         per_step_us.append(elapsed / steps * 1e6)
-        print(f"{steps} steps in {elapsed:.3f} s: {steps / elapsed:,.0f} steps/s, {per_step_us[-1]:.2f} us/step")
+        print(
+            f"{steps} steps in {elapsed:.3f} s: {steps / elapsed:,.0f} steps/s, {per_step_us[-1]:.2f} us/step"
+        )
     best, median = min(per_step_us), statistics.median(per_step_us)
     print(f"best {best:.2f} us/step, median {median:.2f} us/step ({1e6 / median:,.0f} steps/s)")
 

@@ -693,7 +693,9 @@ class _Step:
         cfg = self.config
         self._reachable = reachable
         self._no_quorum = (
-            None if reachable >= quorum(cfg) else f"no quorum: {reachable} of {len(cfg.voters)} voters reachable"
+            None
+            if reachable >= quorum(cfg)
+            else f"no quorum: {reachable} of {len(cfg.voters)} voters reachable"
         )
         self._reachable_key = (self.hard, self.view, self.role)
 
@@ -991,7 +993,15 @@ class _Step:
             )
         else:
             p = Progress(
-                p.next, p.match, p.inflight, now, p.last_progress_s, acked_seq, p.probing, p.reading, p.offered_s
+                p.next,
+                p.match,
+                p.inflight,
+                now,
+                p.last_progress_s,
+                acked_seq,
+                p.probing,
+                p.reading,
+                p.offered_s,
             )
         self.progress[sender] = p
         self._reachable_key = None  # last_ack_s moved (see reachable_voters)
