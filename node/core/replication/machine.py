@@ -515,6 +515,7 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
     return s.finish()
 
 
+_NOTHING = Ready()  # the Ready of a step with nothing to do (frozen: one instance serves every such step)
 _STATE_FIELDS = tuple(State.__dataclass_fields__)
 _state_values = operator.attrgetter(*_STATE_FIELDS)  # every State field of an object, in field order
 
@@ -1587,8 +1588,23 @@ class _Step:
             MappingProxyType(self.departing) if self.departing or st.departing else st.departing
         )
         new = State(*_state_values(self))
+        hard = self.hard if self.hard is not st.hard and self.hard != st.hard else None
+        if (
+            hard is None
+            and truncate_from is None
+            and not append
+            and not self.out_messages
+            and not self.out_apply
+            and not self.out_replies
+            and not self.out_read_log
+            and not self.out_facts
+            and self.out_install is None
+            and not self.out_take_snapshot
+            and not self.out_fetch
+        ):
+            return new, _NOTHING  # about half a leader's steps (an ack that commits nothing, a Persisted)
         ready = Ready(  # positional, in Ready's field order (a keyword call costs more on every step)
-            self.hard if self.hard is not st.hard and self.hard != st.hard else None,  # hard_state
+            hard,  # hard_state
             truncate_from,
             append or (),  # append
             tuple(self.out_messages),  # messages
