@@ -515,6 +515,7 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
     return s.finish()
 
 
+_ACKS = (AppendAck, AppendReject, HeartbeatAck)
 _NOTHING = Ready()  # the Ready of a step with nothing to do (frozen: one instance serves every such step)
 _STATE_FIELDS = tuple(State.__dataclass_fields__)
 _state_values = operator.attrgetter(*_STATE_FIELDS)  # every State field of an object, in field order
@@ -759,6 +760,11 @@ class _Step:
             if isinstance(m, Append | Heartbeat | Fetch | TakeOver):
                 self.send(sender, Stale(epoch))
             return
+        # A leader's most frequent input goes straight to on_ack (none of the branches below is about acks).
+        if isinstance(m, _ACKS):
+            if m.epoch == epoch:
+                self.on_ack(sender, m)
+            return  # a higher epoch: answers to requests we never sent in that epoch
         if isinstance(m, SnapshotOffer) and self.from_donor(sender, m.epoch):
             c = self.campaign
             assert c is not None
