@@ -1218,10 +1218,20 @@ class _Step:
             self.out_replies.extend(SubmitRejected(rid, code, reason, leader) for rid, _ in inp.commands)
             return
         epoch = self.hard.epoch
+        first = self.last_index + 1
+        # What ``append`` does for each (no CONFIG among them), with one copy of the log for the whole batch
+        # instead of a list copy now and a tuple copy in finish (the log holds keep_applied entries and more).
+        entries, replies, index = [], self.out_replies, first
         for rid, payload in inp.commands:
-            index = self.last_index + 1
-            self.append(Entry(epoch, index, Kind.COMMAND, payload))
-            self.out_replies.append(SubmitAccepted(rid, epoch, index))
+            entries.append(Entry(epoch, index, Kind.COMMAND, payload))
+            replies.append(SubmitAccepted(rid, epoch, index))
+            index += 1
+        if entries:
+            if isinstance(self.log, list):
+                self.log.extend(entries)
+            else:
+                self.log = (*self.log, *entries)
+            self.dirty = first if self.dirty is None else min(self.dirty, first)
         for peer in sorted(self.progress):
             self.replicate(peer)
         self.advance_commit()
