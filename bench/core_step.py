@@ -7,7 +7,7 @@ noise of HTTP, threads and sockets (``replication_profile.py`` measures the whol
 
     .venv/bin/python bench/core_step.py --writes 20000 --rounds 5
 
-Each write is: Submit (one command), Persisted (the pipelined leader's own log write ended), AppendAck from
+Each write is: Submit (one command, or ``--batch`` of them), Persisted (the pipelined leader's own log write ended), AppendAck from
 each follower, and next_deadline after every step (the loop asks it once per idle round); every 50 ms of
 simulated time a heartbeat round is answered (HeartbeatAck) and a Tick is stepped. Time is thread CPU time.
 """
@@ -56,8 +56,9 @@ def leader(options: machine.Options) -> tuple[machine.State, float]:
     return state, now
 
 
-def run(writes: int, options: machine.Options, step_s: float) -> tuple[int, float]:
-    """Steps ``writes`` writes; returns (steps, thread CPU seconds spent in step + next_deadline)."""
+def run(writes: int, options: machine.Options, step_s: float, batch: int = 1) -> tuple[int, float]:
+    """Steps ``writes`` Submits of ``batch`` commands each (many clients: the replicator batches their
+    writes into one Submit); returns (steps, thread CPU seconds spent in step + next_deadline)."""
     state, now = leader(options)
     epoch, cluster = state.hard.epoch, state.hard.cluster
     step, deadline = machine.step, machine.next_deadline
@@ -67,8 +68,8 @@ def run(writes: int, options: machine.Options, step_s: float) -> tuple[int, floa
     started = time.thread_time()
     for i in range(writes):
         now += step_s
-        inputs: list[object] = [Submit(((f"r{i}", payload),))]
-        index = state.last.index + 1
+        inputs: list[object] = [Submit(tuple((f"r{i}.{j}", payload) for j in range(batch)))]
+        index = state.last.index + batch
         inputs.append(Persisted(LogId(epoch, index)))
         inputs.extend(Receive(peer, AppendAck(epoch, index, state.seq), cluster) for peer in PEERS)
         if now >= next_heartbeat_s:
@@ -90,12 +91,13 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--step-ms", type=float, default=0.3, help="simulated time between writes")
+    parser.add_argument("--batch", type=int, default=1, help="commands per Submit (32 clients: about 20-40)")
     args = parser.parse_args()
     options = machine.Options(pipelined=True)
-    run(min(2000, args.writes), options, args.step_ms / 1000)  # warm-up
+    run(min(2000, args.writes), options, args.step_ms / 1000, args.batch)  # warm-up
     per_step_us = []
     for _ in range(args.rounds):
-        steps, elapsed = run(args.writes, options, args.step_ms / 1000)
+        steps, elapsed = run(args.writes, options, args.step_ms / 1000, args.batch)
         per_step_us.append(elapsed / steps * 1e6)
         print(
             f"{steps} steps in {elapsed:.3f} s: {steps / elapsed:,.0f} steps/s, {per_step_us[-1]:.2f} us/step"
