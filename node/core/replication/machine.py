@@ -426,20 +426,45 @@ def _campaign_due(s: State | _Step, now: float) -> bool:
 def _handover_target(s: State | _Step, now: float) -> str | None:
     """The voter a leader hands over to now (see maintain_handover): the highest-ID voter that is healthy
     and answering, if it outranks this node (any, when stopping); None outside the retry pause's end."""
-    answering = [
-        v
-        for v in s.config.voters
-        if v != s.me
-        and _healthy(s, v)
-        and v in s.progress
-        and now - s.progress[v].last_ack_s <= s.options.lease_s
-    ]
-    if not answering or now < s.handover_retry_s:
+    if now < s.handover_retry_s:
         return None
-    best = max(answering, key=lambda v: (s.view.get(v, -1), v))
-    if s.stopping or (s.view.get(best, -1), best) > (s.view.get(s.me, -1), s.me):
-        return best
-    return None
+    # One pass, no list (this runs twice per leader step: maintain_handover and next_deadline). Unless
+    # stopping, only voters that outrank this node can be the answer: the best answering voter is returned
+    # only if it outranks us, and then it is also the best of those that do. Ranks (view ID, identity) are
+    # unique, so the order of ``voters`` cannot change the result.
+    me, view, progress, departing = s.me, s.view, s.progress, s.departing
+    lease_s = s.options.lease_s
+    best: str | None = None
+    best_rank = None if s.stopping else (view.get(me, -1), me)
+    for v in s.config.voters:
+        nid = view.get(v)
+        if nid is None or v == me or v in departing:  # not healthy (or ourselves)
+            continue
+        rank = (nid, v)
+        if best_rank is not None and rank <= best_rank:
+            continue
+        p = progress.get(v)
+        if p is not None and now - p.last_ack_s <= lease_s:
+            best, best_rank = v, rank
+    return best
+
+
+def _reachable_voters(s: State | _Step, now: float) -> int:
+    """What ``_Step.reachable_voters`` counts (from scratch; the step keeps the result while it holds)."""
+    count = 0
+    me, view = s.me, s.view
+    leading = s.role == LEADER
+    progress, lease_s = s.progress, s.options.lease_s
+    for v in s.config.voters:
+        if v == me:
+            count += 1
+        elif v in view:
+            if not leading:
+                count += 1
+            else:
+                p = progress.get(v)
+                count += p is not None and now - p.last_ack_s <= lease_s
+    return count
 
 
 def _read_confirmed(s: State | _Step, r: PendingRead) -> bool:
@@ -466,38 +491,53 @@ def next_deadline(state: State, now: float) -> float:
     # Work a step leaves for the next one: a campaign that timed out is only retried by the next step; a
     # membership change made by maintain_membership can change the handover target and the read quorum
     # (both checked before it).
-    if state.role == LEADER:
-        if _handover_target(state, now) != state.handover_to or any(
-            _read_confirmed(state, r) for r in state.reads
+    leading = state.role == LEADER
+    if leading:
+        if _handover_target(state, now) != state.handover_to or (
+            state.reads and any(_read_confirmed(state, r) for r in state.reads)
         ):
             return now
     elif state.campaign is None and _campaign_due(state, now):
         return now
-    timers = [(until_s, 0.0) for until_s in state.departing.values()]  # a departing mark expires
-    timers.append((state.snapshot_retry_s, 0.0))  # snapshot_due: the pause after a failed snapshot ends
-    if state.role == LEADER:
-        timers.append((state.heartbeat_sent_s, o.heartbeat_s))  # heartbeats, resends, snapshot offers
+    # The earliest due time, kept as it goes (the shell asks this once per idle loop round: no list of
+    # pairs). ``_due`` keeps the step's comparison and sum, so the result is the same float.
+    due = float("inf")
+    for until_s in state.departing.values():
+        due = _due(due, now, until_s, 0.0)  # a departing mark expires
+    due = _due(due, now, state.snapshot_retry_s, 0.0)  # snapshot_due: the pause after a failed snapshot ends
+    if leading:
+        due = _due(due, now, state.heartbeat_sent_s, o.heartbeat_s)  # heartbeats, resends, snapshot offers
+        lease_s, reap_s = o.lease_s, o.reap_timeout_s
         for p in state.progress.values():
             # The lease of each member's last answer (quorum, writable, handover target, replacement)
             # and its reaping.
-            timers.append((p.last_ack_s, o.lease_s))
-            timers.append((p.last_ack_s, o.reap_timeout_s))
-        timers.extend((r.at_s, o.lease_s) for r in state.reads)  # a read not confirmed within the lease
-        timers.append((state.handover_retry_s, 0.0))
+            x = p.last_ack_s
+            if now - x <= lease_s and x + lease_s < due:
+                due = x + lease_s
+            if now - x <= reap_s and x + reap_s < due:
+                due = x + reap_s
+        for r in state.reads:
+            due = _due(due, now, r.at_s, o.lease_s)  # a read not confirmed within the lease
+        due = _due(due, now, state.handover_retry_s, 0.0)
         if state.handover_to is not None:
-            timers.append((state.handover_since_s, o.handover_timeout_s))
-            timers.append((state.takeover_sent_s, o.heartbeat_s))
+            due = _due(due, now, state.handover_since_s, o.handover_timeout_s)
+            due = _due(due, now, state.takeover_sent_s, o.heartbeat_s)
     elif state.campaign is not None:
-        timers.append((state.campaign.started_s, o.election_timeout_s))
-        timers.append((state.campaign.sent_s, o.resend_s))
+        due = _due(due, now, state.campaign.started_s, o.election_timeout_s)
+        due = _due(due, now, state.campaign.sent_s, o.resend_s)
+    elif _leader_alive(state, now):
+        due = _due(due, now, state.leader_contact_s, o.lease_s)  # the leader's lease runs out: campaign
     else:
-        if _leader_alive(state, now):
-            timers.append((state.leader_contact_s, o.lease_s))  # the leader's lease runs out: campaign
-        else:
-            timers.append((state.deferred_s, _deference_s(state)))  # deferred long enough: campaign
-            timers.append((state.promised_s, o.election_timeout_s))  # the pause after a promise ends
-    due = [x + d for x, d in timers if now - x <= d]
-    return max(now, min(due) - _EARLY_S) if due else float("inf")
+        due = _due(due, now, state.deferred_s, _deference_s(state))  # deferred long enough: campaign
+        due = _due(due, now, state.promised_s, o.election_timeout_s)  # the pause after a promise ends
+    return max(now, due - _EARLY_S) if due != float("inf") else float("inf")
+
+
+def _due(due: float, now: float, x: float, d: float) -> float:
+    """``min(due, x + d)`` if the timer (x, d) may still change its comparison at or after ``now``."""
+    if now - x <= d and x + d < due:
+        return x + d
+    return due
 
 
 _EARLY_S = 1e-6
@@ -543,6 +583,8 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
     return s.finish()
 
 
+_ACKS = (AppendAck, AppendReject, HeartbeatAck)
+_NOTHING = Ready()  # the Ready of a step with nothing to do (frozen: one instance serves every such step)
 _STATE_FIELDS = tuple(State.__dataclass_fields__)
 _state_values = operator.attrgetter(*_STATE_FIELDS)  # every State field of an object, in field order
 
@@ -568,6 +610,10 @@ class _Step:
         self.out_install: InstallSnapshot | None = None
         self.out_take_snapshot = False
         self.out_fetch: list[FetchSnapshot] = []
+        # reachable_voters, computed once for as long as what it reads is unchanged (see there).
+        self._reachable_key: tuple[HardState, Mapping[str, int], str] | None = None
+        self._reachable = 0
+        self._no_quorum: str | None = None
 
     # ---- log helpers
 
@@ -586,7 +632,7 @@ class _Step:
 
     @property
     def config(self) -> Config:
-        return self.hard.config
+        return self.hard.configs[-1][1]  # HardState.config, without a second property call (~9 per step)
 
     def epoch_at(self, index: int) -> int | None:
         if index == 0:
@@ -693,23 +739,35 @@ class _Step:
 
     def reachable_voters(self) -> int:
         """Voters this node can count on now: itself, plus (as leader) voters healthy in the view that
-        answered within the lease, or (otherwise) voters healthy in the view."""
-        count = 0
-        for v in self.config.voters:
-            if v == self.me:
-                count += 1
-            elif v in self.view:
-                if self.role != LEADER:
-                    count += 1
-                else:
-                    p = self.progress.get(v)
-                    count += p is not None and self.now - p.last_ack_s <= self.o.lease_s
-        return count
+        answered within the lease, or (otherwise) voters healthy in the view.
+
+        Asked two or three times per step (submit, maintain_leader, maintain), so the count is kept while
+        what it reads is unchanged: the configuration (in ``hard``, replaced whenever it changes), the view
+        (replaced, never mutated), the role, and the members' ``last_ack_s``. Only ``on_ack`` changes a
+        ``last_ack_s`` of a member already in ``progress`` (and clears the key); members enter and leave
+        ``progress`` only with a configuration or role change. ``now`` is fixed for the step."""
+        key = self._reachable_key
+        if key is None or key[0] is not self.hard or key[1] is not self.view or key[2] != self.role:
+            self._count_reachable()
+        return self._reachable
 
     def no_quorum_reason(self) -> str | None:
-        n, q = len(self.config.voters), quorum(self.config)
-        reachable = self.reachable_voters()
-        return None if reachable >= q else f"no quorum: {reachable} of {n} voters reachable"
+        key = self._reachable_key
+        if key is None or key[0] is not self.hard or key[1] is not self.view or key[2] != self.role:
+            self._count_reachable()
+        return self._no_quorum
+
+    def _count_reachable(self) -> None:
+        """Count the reachable voters from scratch and keep the count and no_quorum_reason's answer."""
+        reachable = _reachable_voters(self, self.now)
+        cfg = self.config
+        self._reachable = reachable
+        self._no_quorum = (
+            None
+            if reachable >= quorum(cfg)
+            else f"no quorum: {reachable} of {len(cfg.voters)} voters reachable"
+        )
+        self._reachable_key = (self.hard, self.view, self.role)
 
     # ---- role changes
 
@@ -770,6 +828,11 @@ class _Step:
             if isinstance(m, Append | Heartbeat | Fetch | TakeOver):
                 self.send(sender, Stale(epoch))
             return
+        # A leader's most frequent input goes straight to on_ack (none of the branches below is about acks).
+        if isinstance(m, _ACKS):
+            if m.epoch == epoch:
+                self.on_ack(sender, m)
+            return  # a higher epoch: answers to requests we never sent in that epoch
         if isinstance(m, SnapshotOffer) and self.from_donor(sender, m.epoch):
             c = self.campaign
             assert c is not None
@@ -999,32 +1062,48 @@ class _Step:
         if self.role != LEADER or sender not in self.progress:
             return
         p = self.progress[sender]
-        acked = {"last_ack_s": self.now, "acked_seq": max(p.acked_seq, m.seq)}
+        now, acked_seq = self.now, max(p.acked_seq, m.seq)
+        # Direct constructor calls (fields in declaration order): dataclasses.replace was most of an ack.
         if isinstance(m, AppendAck):
             moved = m.match > p.match
-            p = replace(
-                p,
-                **acked,
-                match=max(p.match, m.match),
-                next=max(p.next, m.match + 1),
-                inflight=max(0, p.inflight - 1),
-                probing=False,
-                last_progress_s=self.now if moved else p.last_progress_s,
-                offered_s=NEVER if moved else p.offered_s,
+            p = Progress(
+                max(p.next, m.match + 1),  # next
+                max(p.match, m.match),  # match
+                max(0, p.inflight - 1),  # inflight
+                now,  # last_ack_s
+                now if moved else p.last_progress_s,  # last_progress_s
+                acked_seq,
+                False,  # probing
+                p.reading,
+                NEVER if moved else p.offered_s,  # offered_s
             )
         elif isinstance(m, AppendReject) and m.rejected > p.match:
             # (a reject about what is already matched is an old, reordered one)
-            p = replace(
-                p,
-                **acked,
-                next=max(p.match + 1, min(m.rejected, m.hint + 1)),
-                inflight=0,
-                probing=True,
-                last_progress_s=self.now,
+            p = Progress(
+                max(p.match + 1, min(m.rejected, m.hint + 1)),  # next
+                p.match,
+                0,  # inflight
+                now,  # last_ack_s
+                now,  # last_progress_s
+                acked_seq,
+                True,  # probing
+                p.reading,
+                p.offered_s,
             )
         else:
-            p = replace(p, **acked)
+            p = Progress(
+                p.next,
+                p.match,
+                p.inflight,
+                now,
+                p.last_progress_s,
+                acked_seq,
+                p.probing,
+                p.reading,
+                p.offered_s,
+            )
         self.progress[sender] = p
+        self._reachable_key = None  # last_ack_s moved (see reachable_voters)
         if isinstance(m, AppendAck):
             self.advance_commit()
         if not isinstance(m, HeartbeatAck):
@@ -1037,13 +1116,19 @@ class _Step:
         (``Persisted``); otherwise all of them (the shell persisted every earlier Ready before this input, and
         this Ready's appends are persisted before its commits are applied or sent)."""
         cfg = self.config
-        mine = min(self.durable, self.last_index) if self.o.pipelined else self.last_index
-        matches = sorted(
-            (mine if v == self.me else self.progress[v].match if v in self.progress else 0)
-            for v in cfg.voters
-        )
+        last = self.log[-1].index if self.log else self.base.index
+        mine = min(self.durable, last) if self.o.pipelined else last
+        me, progress = self.me, self.progress
+        matches = []
+        for v in cfg.voters:
+            if v == me:
+                matches.append(mine)
+            else:
+                p = progress.get(v)
+                matches.append(p.match if p is not None else 0)
         if not matches:
             return
+        matches.sort()
         q = quorum(cfg)
         if q > len(matches):
             return
@@ -1077,11 +1162,16 @@ class _Step:
             prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             batch = self.entries_from(p.next)
             self.send(peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
-            p = replace(
-                p,
-                next=p.next + len(batch),
-                inflight=p.inflight + 1,
-                last_progress_s=self.now if p.inflight == 0 else p.last_progress_s,
+            p = Progress(  # a direct call, fields in declaration order (replace is several times slower)
+                p.next + len(batch),  # next
+                p.match,
+                p.inflight + 1,  # inflight
+                p.last_ack_s,
+                self.now if p.inflight == 0 else p.last_progress_s,  # last_progress_s
+                p.acked_seq,
+                p.probing,
+                p.reading,
+                p.offered_s,
             )
             if p.probing:
                 break
@@ -1226,10 +1316,20 @@ class _Step:
             self.out_replies.extend(SubmitRejected(rid, code, reason, leader) for rid, _ in inp.commands)
             return
         epoch = self.hard.epoch
+        first = self.last_index + 1
+        # What ``append`` does for each (no CONFIG among them), with one copy of the log for the whole batch
+        # instead of a list copy now and a tuple copy in finish (the log holds keep_applied entries and more).
+        entries, replies, index = [], self.out_replies, first
         for rid, payload in inp.commands:
-            index = self.last_index + 1
-            self.append(Entry(epoch, index, Kind.COMMAND, payload))
-            self.out_replies.append(SubmitAccepted(rid, epoch, index))
+            entries.append(Entry(epoch, index, Kind.COMMAND, payload))
+            replies.append(SubmitAccepted(rid, epoch, index))
+            index += 1
+        if entries:
+            if isinstance(self.log, list):
+                self.log.extend(entries)
+            else:
+                self.log = (*self.log, *entries)
+            self.dirty = first if self.dirty is None else min(self.dirty, first)
         for peer in sorted(self.progress):
             self.replicate(peer)
         self.advance_commit()
@@ -1350,9 +1450,10 @@ class _Step:
         self.heartbeat_sent_s = self.now
 
     def maintain(self) -> None:
-        for who, until_s in list(self.departing.items()):
-            if until_s <= self.now or who not in self.view:
-                del self.departing[who]
+        if self.departing:
+            for who, until_s in list(self.departing.items()):
+                if until_s <= self.now or who not in self.view:
+                    del self.departing[who]
         if self.role == LEADER:
             self.maintain_leader()
         else:
@@ -1574,6 +1675,8 @@ class _Step:
             self.applied = self.commit
             # Config history below the commit index: only the latest committed one is still needed.
             configs = self.hard.configs
+            if len(configs) < 2 or configs[1][0] > self.commit:
+                return  # at most one committed configuration: nothing to prune (the usual case)
             committed = [c for c in configs if c[0] <= self.commit]
             pruned = (*committed[-1:], *(c for c in configs if c[0] > self.commit))
             if pruned != configs:
@@ -1585,7 +1688,10 @@ class _Step:
         if new_base > self.base.index:
             cut = new_base - self.base.index
             self.base = self.log[cut - 1].id
-            del self.writable_log()[:cut]
+            if isinstance(self.log, list):
+                del self.log[:cut]
+            else:
+                self.log = self.log[cut:]  # one copy, not a list and then a tuple again
 
     def finish(self) -> tuple[State, Ready]:
         st = self.st
@@ -1599,19 +1705,37 @@ class _Step:
         if isinstance(self.log, list):
             self.log = tuple(self.log)
         self.progress = MappingProxyType(self.progress)  # type: ignore[assignment]
-        self.departing = MappingProxyType(self.departing)  # type: ignore[assignment]
+        # Nobody departing before or after (the usual case): keep the State's own empty mapping.
+        self.departing = (  # type: ignore[assignment]
+            MappingProxyType(self.departing) if self.departing or st.departing else st.departing
+        )
         new = State(*_state_values(self))
-        ready = Ready(
-            hard_state=self.hard if self.hard is not st.hard and self.hard != st.hard else None,
-            truncate_from=truncate_from,
-            append=append or (),
-            messages=tuple(self.out_messages),
-            read_log=tuple(self.out_read_log),
-            apply=tuple(self.out_apply),
-            replies=tuple(self.out_replies),
-            facts=tuple(self.out_facts),
-            install=self.out_install,
-            take_snapshot=self.out_take_snapshot,
-            fetch_snapshot=tuple(self.out_fetch),
+        hard = self.hard if self.hard is not st.hard and self.hard != st.hard else None
+        if (
+            hard is None
+            and truncate_from is None
+            and not append
+            and not self.out_messages
+            and not self.out_apply
+            and not self.out_replies
+            and not self.out_read_log
+            and not self.out_facts
+            and self.out_install is None
+            and not self.out_take_snapshot
+            and not self.out_fetch
+        ):
+            return new, _NOTHING  # about half a leader's steps (an ack that commits nothing, a Persisted)
+        ready = Ready(  # positional, in Ready's field order (a keyword call costs more on every step)
+            hard,  # hard_state
+            truncate_from,
+            append or (),  # append
+            tuple(self.out_messages),  # messages
+            tuple(self.out_apply),  # apply
+            tuple(self.out_replies),  # replies
+            tuple(self.out_read_log),  # read_log
+            tuple(self.out_facts),  # facts
+            self.out_install,  # install
+            self.out_take_snapshot,  # take_snapshot
+            tuple(self.out_fetch),  # fetch_snapshot
         )
         return new, ready
