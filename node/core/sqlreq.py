@@ -141,8 +141,14 @@ def stamp_write(request: DbRequest, *, time_ns: int, seed: int) -> WriteCommand:
 
     The SQL is rewritten here, once, so that the command that travels is the one every copy executes.
     """
-    statements = tuple(Statement(rewrite_time_keywords(s.sql), s.params) for s in request.statements)
+    statements = tuple(_stamped(s) for s in request.statements)
     return WriteCommand(statements, request.flags.transaction, time_ns, seed & INT64_MAX)
+
+
+def _stamped(statement: Statement) -> Statement:
+    """The statement with its time keywords rewritten: the same (immutable) value when it has none."""
+    sql = rewrite_time_keywords(statement.sql)
+    return statement if sql is statement.sql else Statement(sql, statement.params)
 
 
 # --- flags ---------------------------------------------------------------------------------------------------
