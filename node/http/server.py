@@ -353,7 +353,7 @@ class GuardedRequestHandler(web.RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        if isinstance(resp, web.HTTPException) and resp.status >= 400 and not resp.prepared:
+        if resp.status >= 400 and isinstance(resp, web.HTTPException) and not resp.prepared:
             # Raised before the middleware could see it (an Expect the route does not take, 417).
             resp = json_response(
                 error_body(resp.status, message=resp.reason), status=resp.status, headers=_kept_headers(resp)
