@@ -86,7 +86,7 @@ async def serve(port: int, leader_port: int | None, bare: bool) -> None:
         replicator=Replicator(), me=Endpoint("127.0.0.1", port), jwt_secret=SECRET, max_body_bytes=1 << 20,
         body_read_timeout_s=10,
     )  # fmt: skip
-    api.app.middlewares.append(forwarding.middleware())
+    api.route_through(forwarding.handle)  # as node.replication.wiring does
     await api.start()
     await asyncio.Event().wait()
 

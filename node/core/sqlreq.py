@@ -141,8 +141,14 @@ def stamp_write(request: DbRequest, *, time_ns: int, seed: int) -> WriteCommand:
 
     The SQL is rewritten here, once, so that the command that travels is the one every copy executes.
     """
-    statements = tuple(Statement(rewrite_time_keywords(s.sql), s.params) for s in request.statements)
+    statements = tuple(_stamped(s) for s in request.statements)
     return WriteCommand(statements, request.flags.transaction, time_ns, seed & INT64_MAX)
+
+
+def _stamped(statement: Statement) -> Statement:
+    """The statement with its time keywords rewritten: the same (immutable) value when it has none."""
+    sql = rewrite_time_keywords(statement.sql)
+    return statement if sql is statement.sql else Statement(sql, statement.params)
 
 
 # --- flags ---------------------------------------------------------------------------------------------------
@@ -205,6 +211,8 @@ def parse_flags(query: Mapping[str, str]) -> Flags:
 
 _HEX_LITERAL = re.compile(r"[xX]'((?:[0-9a-fA-F]{2})*)'")
 _TWO_63 = float(1 << 63)
+_HEX_PREFIXES = ("x'", "X'")  # a string that may be an SQLite hex literal (a BLOB)
+_NAME_PREFIXES = (":", "@", "$")
 
 
 class _HugeFloat(Exception):
@@ -280,12 +288,107 @@ def parse_statements(body: Any, *, max_statements: int, raw: bytes | None = None
     such an integer is refused (400) instead of stored as a REAL, whatever its size. Requests without such
     a value pay nothing for it.
     """
+    if type(body) is list and 0 < len(body) <= max_statements:
+        fast = _fast_statements(body)
+        if fast is not None:
+            return fast
     if raw is not None:
         try:
             return _statements(body, max_statements, huge_floats=False)
         except _HugeFloat:
             body = exact_json(raw)
     return _statements(body, max_statements, huge_floats=True)
+
+
+def _plain(raw: Any) -> bool:
+    """True for a value :func:`_value` takes as it is, without a conversion or an error: a string that is
+    no hex literal, an integer within 64 bits, a float below 2^63 in size (not NaN), null."""
+    kind = type(raw)
+    if kind is str:
+        return raw[:2] not in _HEX_PREFIXES
+    if kind is int:
+        return INT64_MIN <= raw <= INT64_MAX
+    if kind is float:
+        return -_TWO_63 < raw < _TWO_63
+    return raw is None
+
+
+def _checked_parameters(sql: str) -> Parameters:
+    """:func:`sql_parameters`, remembered by SQL text for the fast path (a dict lookup instead of a regex
+    search and an LRU call): at most :data:`_FAST_CACHE_ENTRIES` texts of up to ``_CACHED_SQL_CHARS``."""
+    found = _fast_parameters.get(sql)
+    if found is None:
+        found = sql_parameters(sql)
+        if len(sql) <= _CACHED_SQL_CHARS:
+            if len(_fast_parameters) >= _FAST_CACHE_ENTRIES:
+                _fast_parameters.clear()
+            _fast_parameters[sql] = found
+    return found
+
+
+def _fast_statement(item: Any) -> Statement | None:
+    """One statement of the common shapes, checked exactly as :func:`_statement` checks it; None whenever
+    the general path might answer otherwise (it then gives the value or the error, with its wording)."""
+    if type(item) is str:
+        sql = item
+        rest: list[Any] = []
+    elif type(item) is list and item and type(item[0]) is str:
+        sql = item[0]
+        rest = item[1:]
+    else:
+        return None
+    if "\x00" in sql or not sql.strip():
+        return None
+    found = _checked_parameters(sql)
+    if found.unsupported:
+        return None
+    if not rest:
+        return None if found.count else Statement(sql)
+    if len(rest) == 1 and type(rest[0]) is dict:
+        if found.positional:
+            return None
+        named: dict[str, Value] = {}
+        for key, raw in rest[0].items():
+            if type(key) is not str or not _plain(raw):
+                return None
+            name = key[1:] if key[:1] in _NAME_PREFIXES else key
+            if not name or name in named:
+                return None
+            named[name] = raw
+        return Statement(sql, MappingProxyType(named)) if found.names == named.keys() else None
+    if found.named or len(rest) != found.count:
+        return None
+    for raw in rest:
+        kind = type(raw)
+        if kind is str:
+            if raw[:2] in _HEX_PREFIXES:
+                return None
+        elif kind is int:
+            if not INT64_MIN <= raw <= INT64_MAX:
+                return None
+        elif kind is float:
+            if not -_TWO_63 < raw < _TWO_63:
+                return None
+        elif raw is not None:
+            return None
+    return Statement(sql, tuple(rest))
+
+
+def _fast_statements(body: list[Any]) -> tuple[Statement, ...] | None:
+    """The statements of a body made only of the common shapes (SQL strings; [sql, values...] and
+    [sql, {name: value}] with plain values that fit their parameters), or None to take the general path.
+
+    Writes are almost always of these shapes, and the general path spends most of its time formatting the
+    positions it would name in an error that does not come. This path formats nothing and never raises:
+    anything unusual or wrong goes to the general path, so the results and the errors are the same
+    (tests/core/test_sqlreq_fast.py checks that on generated bodies)."""
+    statements = []
+    for item in body:
+        statement = _fast_statement(item)
+        if statement is None:
+            return None
+        statements.append(statement)
+    return tuple(statements)
 
 
 def _statements(body: Any, max_statements: int, *, huge_floats: bool) -> tuple[Statement, ...]:
@@ -450,6 +553,10 @@ _NO_PARAMETERS = Parameters()
 
 # SQL up to this length has its scan remembered: clients send the same few statements again and again.
 _CACHED_SQL_CHARS = 2048
+# Texts the fast path remembers the scan of (see _checked_parameters); emptied when full: at most ~2 MiB of keys
+# at _CACHED_SQL_CHARS each, and clients send a few statements again and again.
+_FAST_CACHE_ENTRIES = 1024
+_fast_parameters: dict[str, Parameters] = {}
 
 
 def sql_parameters(sql: str) -> Parameters:

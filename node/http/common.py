@@ -43,8 +43,9 @@ DEFAULT_BUFFERED_RESPONSE_BYTES = 64 << 20
 
 # Headers a middleware asks a streaming handler to send with its answer (set before it prepares it).
 EXTRA_HEADERS = "talentnest_extra_headers"
-# A request's parsed query flags, kept on the request by the first to ask (the forwarding middleware, then the
-# handler): parsing them twice per request was 5% of a busy leader's handler time.
+# A request's parsed query flags, kept on the request by the first to ask (the forwarding layer, then the
+# handler) when its query string is too long for the cache below: parsing them twice per request was 5% of
+# a busy leader's handler time.
 FLAGS_KEY = web.RequestKey("talentnest_flags", Flags)
 # Parsed flags by query string, for the few query strings clients repeat (usually ""). Only query strings up
 # to FLAGS_CACHE_QUERY_CHARS characters are kept, only ones that parsed (a bad one is refused every time),
@@ -99,16 +100,18 @@ def json_response(
 def request_flags(request: web.Request) -> Flags:
     """:func:`parse_flags` of the request's query: the same value (or the same 400), parsed once per request
     and once per distinct (short) query string."""
-    flags = request.get(FLAGS_KEY)
-    if flags is None:
-        query_string = request.query_string
-        flags = _flags_by_query.get(query_string)
-        if flags is None:
-            flags = parse_flags(request.query)  # raises for a bad value: never cached
-            if len(query_string) <= FLAGS_CACHE_QUERY_CHARS:
-                if len(_flags_by_query) >= FLAGS_CACHE_ENTRIES:
-                    _flags_by_query.clear()
-                _flags_by_query[query_string] = flags
+    query_string = request.query_string
+    flags = _flags_by_query.get(query_string)  # the common case: one dict lookup, nothing kept on the request
+    if flags is not None:
+        return flags
+    if FLAGS_KEY in request:  # a query string too long to cache, parsed once for this request already
+        return request[FLAGS_KEY]
+    flags = parse_flags(request.query)  # raises for a bad value: never cached
+    if len(query_string) <= FLAGS_CACHE_QUERY_CHARS:
+        if len(_flags_by_query) >= FLAGS_CACHE_ENTRIES:
+            _flags_by_query.clear()
+        _flags_by_query[query_string] = flags
+    else:
         request[FLAGS_KEY] = flags
     return flags
 
@@ -168,13 +171,41 @@ def is_client_input_error(exc: BaseException) -> bool:
     return any(module == name or module.startswith(name + ".") for name in _REQUEST_PARSERS)
 
 
-def make_error_middleware(log: Any):
-    """Every failure becomes a JSON error with the right status; nothing a client sends crashes the node."""
+class InnerLayer:
+    """A layer the error middleware runs around the handler in its own coroutine (``around(request,
+    handler)``), or none. Settable until the application starts (the node's forwarding is known only once
+    replication is wired).
+
+    Each aiohttp middleware is one more coroutine per request, and the node's front (head complete, errors,
+    forwarding) ran as three: one layer for all of them is a measurable part of a write's CPU (see
+    bench/http_layer.py)."""
+
+    __slots__ = ("around",)
+
+    def __init__(self) -> None:
+        self.around: Callable[[web.Request, Handler], Awaitable[web.StreamResponse]] | None = None
+
+
+def make_error_middleware(
+    log: Any,
+    *,
+    first: Callable[[web.Request], None] | None = None,
+    inner: InnerLayer | None = None,
+):
+    """Every failure becomes a JSON error with the right status; nothing a client sends crashes the node.
+
+    ``first`` is called with every request before anything else (it must not raise); ``inner`` is a layer
+    run inside the error handling, around the handler: both in this one coroutine, as if they were the
+    middlewares before and after this one."""
+    layer = inner if inner is not None else InnerLayer()
 
     @web.middleware
     async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if first is not None:
+            first(request)
         try:
-            response = await handler(request)
+            around = layer.around
+            response = await (handler(request) if around is None else around(request, handler))
             if _should_stream(response):
                 return await _stream_response(request, response)
             return response

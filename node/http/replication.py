@@ -306,22 +306,25 @@ class ForwardingMiddleware:
         return forwarding
 
     async def handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path == "/db/backup" and "leader" in request.query:
+        path = request.path
+        if path == "/db/backup" and "leader" in request.query:
             return await self._backup_from_leader(request, handler)
-        role = _LEADER_PATHS.get(request.path)
-        if request.method == "DELETE" and request.path.startswith(VOTERS_PREFIX):
+        role = _LEADER_PATHS.get(path)
+        method = request.method
+        if method == "DELETE" and path.startswith(VOTERS_PREFIX):
             role = auth.Role.ADMIN
-        elif role is None or request.method not in ("GET", "POST"):
+        elif role is None or method not in ("GET", "POST"):
             return await handler(request)
         flags = request_flags(request)
-        needs_leader = request.path != "/db/query" or flags.level is not Level.NONE
+        needs_leader = path != "/db/query" or flags.level is not Level.NONE
         leader = self._replicator.leader_endpoint() if needs_leader else None
         if leader is None or FORWARDED_HEADER in request.headers:
             response = await handler(request)
-            response.headers[NODE_HEADER] = str(self._me.node_id)
+            headers = response.headers
+            headers[NODE_HEADER] = str(self._me.node_id)
             epoch = ANSWERED_EPOCH.get()
             if epoch is not None:
-                response.headers[EPOCH_HEADER] = str(epoch)
+                headers[EPOCH_HEADER] = str(epoch)
             return response
         # Authenticate here too: a follower must not relay requests for anyone who can reach it.
         auth.authenticate(request.headers.get("Authorization"), self._secret, now=time.time()).require(role)

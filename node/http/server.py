@@ -18,9 +18,9 @@ all in this module, close those gaps without patching aiohttp:
   (the answer to a request aiohttp's parser rejected). No private attribute is read or written.
   tests/http/test_connection_guard.py pins the signatures, so an aiohttp upgrade that changes them fails
   the tests rather than silently dropping a guard.
-* :func:`_head_complete_middleware` (the outermost middleware) tells the handler that aiohttp has parsed
-  a complete request head and handed it over: that is where the header timer stops. A middleware runs
-  for every routed request, including 404s and 405s.
+* :func:`_head_complete`, run first by the node's one middleware (the error middleware), tells the
+  handler that aiohttp has parsed a complete request head and handed it over: that is where the header
+  timer stops. A middleware runs for every routed request, including 404s and 405s.
 
 Timers on each connection:
 
@@ -54,6 +54,7 @@ from aiohttp import http_exceptions, web
 from node.http.common import (
     RESPONSE_BUDGET,
     WRITE_TIMEOUT_S,
+    InnerLayer,
     ResponseBudget,
     error_body,
     json_response,
@@ -352,7 +353,7 @@ class GuardedRequestHandler(web.RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        if isinstance(resp, web.HTTPException) and resp.status >= 400 and not resp.prepared:
+        if resp.status >= 400 and isinstance(resp, web.HTTPException) and not resp.prepared:
             # Raised before the middleware could see it (an Expect the route does not take, 417).
             resp = json_response(
                 error_body(resp.status, message=resp.reason), status=resp.status, headers=_kept_headers(resp)
@@ -451,12 +452,11 @@ def _kept_headers(resp: web.StreamResponse) -> dict[str, str]:
     }
 
 
-@web.middleware
-async def _head_complete_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+def _head_complete(request: web.BaseRequest) -> None:
+    """Run first by the node's middleware, for every routed request (404s and 405s included)."""
     protocol = request.protocol
     if isinstance(protocol, GuardedRequestHandler):
         protocol.head_complete()
-    return await handler(request)
 
 
 # --- the site: our own accept loop -------------------------------------------------------------------------
@@ -565,8 +565,10 @@ class HttpApi:
         self.connection_limits = connection_limits(fd_limit(), self.limits.max_client_connections)
         self.guard = ConnectionGuard(self.connection_limits, is_peer, log)
         self.budget = ResponseBudget(self.limits.max_buffered_response_bytes)
+        self._inner = InnerLayer()
         self.app = web.Application(
-            middlewares=[_head_complete_middleware, make_error_middleware(log)],
+            # One middleware: head complete, errors and (with replication) forwarding in one coroutine.
+            middlewares=[make_error_middleware(log, first=_head_complete, inner=self._inner)],
             client_max_size=max_body_bytes,
             handler_args={},
         )
@@ -579,6 +581,14 @@ class HttpApi:
     @property
     def port(self) -> int:
         return self._site.port if self._site is not None else self._port
+
+    def route_through(self, around: Callable[[web.Request, Any], Any]) -> None:
+        """Run ``around(request, handler)`` inside the error handling, around every handler (the forwarding
+        of node.http.replication): what an innermost middleware would do, without a coroutine of its own.
+        Before :meth:`start` only, once."""
+        if self._inner.around is not None or self._runner is not None:
+            raise RuntimeError("route_through must be called once, before the server starts")
+        self._inner.around = around
 
     async def start(self) -> None:
         """Bind and start serving; raises OSError if the address is taken."""

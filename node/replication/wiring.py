@@ -87,8 +87,9 @@ class Replication:
             max_body_bytes=config.db_max_body_bytes, body_read_timeout_s=config.body_read_timeout_s,
             load_forward_timeout_s=load_answer_within_s(config.body_read_timeout_s, config.db_max_load_bytes),
         )  # fmt: skip
-        # Innermost middleware: inside the error middleware, so its NodeErrors render as JSON.
-        node.http.app.middlewares.append(self.forwarding.middleware())
+        # Inside the error handling, so its NodeErrors render as JSON; in the same coroutine (no middleware
+        # of its own).
+        node.http.route_through(self.forwarding.handle)
         self._node = node
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -65,7 +65,7 @@ async def run_case(answer_after_s: float | None, lose_after_s: float | None) -> 
         forward_timeout_s=5,
     )
     api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
-    api.app.middlewares.append(forwarding.middleware())
+    api.route_through(forwarding.handle)  # as node.replication.wiring does
 
     async def lose() -> None:
         if lose_after_s is not None:

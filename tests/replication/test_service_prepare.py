@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.core.sqlreq import Statement
-from node.replication.service import INLINE_PREPARE_BYTES, _inline_size
+from node.core.sqlreq import DbRequest, Flags, Statement, rewrite_time_keywords, stamp_write
+from node.replication.service import INLINE_PREPARE_BYTES, SEED_BATCH, UrandomSeeds, _inline_size
 from node.service import WriteRequest
 
 values = st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=3000), st.binary(max_size=3000))
@@ -38,3 +38,24 @@ def test_only_writes_that_are_small_in_every_part_are_inline(stmts):
         assert len(vals) <= 64
         size += sum(len(v) for v in vals if isinstance(v, str | bytes))
     assert size <= INLINE_PREPARE_BYTES
+
+
+def test_seeds_are_63_bit_and_refilled_batch_after_batch():
+    """Seeds come from os.urandom SEED_BATCH at a time: every one fits 63 bits (as WriteCommand keeps it),
+    the batch is refilled when spent, and they are not one value repeated."""
+    seeds = UrandomSeeds()
+    drawn = [seeds() for _ in range(3 * SEED_BATCH + 1)]
+    assert all(0 <= seed < 1 << 63 for seed in drawn)
+    assert len(set(drawn)) > 3 * SEED_BATCH - 3  # 64 random bits: a repeat is all but impossible
+    assert len(seeds._left) == SEED_BATCH - 1  # bounded: one batch at most, refilled only when empty
+
+
+@given(statements)
+def test_stamping_keeps_statements_without_time_keywords_and_rewrites_the_others(stmts):
+    """Property: a stamped statement is the rewrite of the original's SQL with the same values, and the very
+    same value when the rewrite changed nothing (no copy per write)."""
+    write = stamp_write(DbRequest(tuple(stmts), Flags()), time_ns=1, seed=2)
+    for original, stamped in zip(stmts, write.statements, strict=True):
+        assert stamped == Statement(rewrite_time_keywords(original.sql), original.params)
+        if "current_" not in original.sql.lower():
+            assert stamped is original
