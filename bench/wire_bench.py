@@ -28,14 +28,12 @@ sys.path.insert(0, os.getcwd())
 
 from aiohttp import web  # noqa: E402
 
+from bench.codec_bench import command_payload  # noqa: E402
 from node.core.ids import Endpoint  # noqa: E402
 from node.core.replication import messages as msg  # noqa: E402
-from node.core.sqlreq import Statement, WriteCommand  # noqa: E402
 from node.http.replication import ReplicationRoutes  # noqa: E402
-from node.replication import codec  # noqa: E402
 from node.replication.transport import ReplicationTransport  # noqa: E402
 from node.runtime import logging as nodelog  # noqa: E402
-from node.storage.statemachine import Command  # noqa: E402
 
 SECRET = "b" * 32
 
@@ -55,13 +53,6 @@ class Follower:
         self.appends += sum(1 for m in messages if isinstance(m, msg.Append))
         self.arrived.set()
 
-
-def payload(n: int) -> bytes:
-    write = WriteCommand(
-        (Statement("INSERT INTO bench (client, n, payload) VALUES (?, ?, ?)", (n % 32, n, "x" * 100)),),
-        False, 1_764_000_000_000_000_000 + n, 0x5EED + n,
-    )  # fmt: skip
-    return codec.encode_command(Command(write, client="bench", request_id=f"req-{n}"))
 
 
 async def start_follower(ip: str, identity: str) -> tuple[web.AppRunner, Follower, Endpoint]:
@@ -100,7 +91,7 @@ async def measure(mode: str, writes: int, rounds: int) -> float:
     runner = asyncio.ensure_future(transport.run())
     index = 0
     per_entry = 32 if mode == "32 entries" else 1
-    payloads = [payload(n) for n in range(64)]  # made beforehand: only the wire is measured
+    payloads = [command_payload(n) for n in range(64)]  # made beforehand: only the wire is measured
     in_flight = 32 if mode == "32 in flight" else 1
 
     async def send(n: int) -> None:

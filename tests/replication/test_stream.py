@@ -6,6 +6,7 @@ closes the stream (or refuses the opening) without delivering a message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import aiohttp
@@ -30,15 +31,21 @@ MESSAGES = [msg.Heartbeat(3, 7, 1), msg.AppendAck(3, 7, 2)]
 BATCH = codec.encode_batch("peer-identity", SENDER, MESSAGES, "cluster-a")
 
 
-@pytest.fixture
-async def endpoint():
-    replicator = FakeReplicator()
+@contextlib.asynccontextmanager
+async def serving(replicator):
+    """A test client of the replication routes in front of ``replicator``."""
     api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
     ReplicationRoutes(
         replicator=replicator, secret=SECRET, log=nodelog.get_logger(), body_read_timeout_s=5
     ).add_to(api.app)
     async with TestClient(TestServer(api.app)) as client:
         yield client, replicator
+
+
+@pytest.fixture
+async def endpoint():
+    async with serving(FakeReplicator()) as served:
+        yield served
 
 
 def opening(key: bytes = KEY, hello: bytes = HELLO) -> tuple[dict[str, str], codec.FrameMac]:
@@ -214,13 +221,8 @@ class CountingReplicator(FakeReplicator):
 
 @pytest.fixture
 async def counting_endpoint():
-    replicator = CountingReplicator()
-    api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
-    ReplicationRoutes(
-        replicator=replicator, secret=SECRET, log=nodelog.get_logger(), body_read_timeout_s=5
-    ).add_to(api.app)
-    async with TestClient(TestServer(api.app)) as client:
-        yield client, replicator
+    async with serving(CountingReplicator()) as served:
+        yield served
 
 
 async def delivered(client: TestClient, replicator: FakeReplicator, count: int) -> None:
