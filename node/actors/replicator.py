@@ -115,6 +115,13 @@ MAX_INBOX = 8192
 MAX_PENDING_CLIENTS = 4096
 MAX_APPLY_BACKLOG = 8192
 MAX_APPLY_RUN = 512  # entries per Database.apply call
+# A follower gathers committed entries into larger apply runs: it applies once FOLLOWER_APPLY_BATCH entries
+# wait, or FOLLOWER_APPLY_DELAY_S after the first of them was handed to the applier, whichever comes first
+# (at once while a linearizable read waits on the applied index, or once it leads). Its database lags the
+# commit by that much more; in exchange one transaction serves several writes instead of one each, which
+# on a machine the nodes share is CPU taken from the leader's critical path (see _gather_applies).
+FOLLOWER_APPLY_BATCH = 64
+FOLLOWER_APPLY_DELAY_S = 0.02
 MAX_APPLY_RUN_BYTES = 8 << 20
 LOG_READ_BYTES = 4 << 20
 APPLY_RETRY_S = 0.5
@@ -1336,6 +1343,7 @@ class Replicator:
                     future.set_result(self.applied_index)
                 else:
                     self._confirmed.append((reply.index, future))
+                    self._apply_wake.set()  # a follower gathering applies (_gather_applies) applies now
         elif isinstance(reply, msg.ReadRejected):
             future = self._read_waiters.get(reply.read_id)
             if future is not None and not future.done():
@@ -1380,12 +1388,47 @@ class Replicator:
         self._apply_queue.extend(entries)
         self._apply_wake.set()
 
+    def _apply_may_wait(self) -> bool:
+        """Whether the applier may hold committed entries back to gather a larger run: only a follower, and
+        only while no linearizable read waits for the applied index to reach its confirmed one."""
+        state = self.state
+        return (
+            state is not None
+            and state.role != machine.LEADER
+            and not self._confirmed
+            and len(self._apply_queue) < FOLLOWER_APPLY_BATCH
+        )
+
+    async def _gather_applies(self) -> None:
+        """Wait until ``_apply_may_wait`` no longer holds or FOLLOWER_APPLY_DELAY_S have passed. Woken by every
+        hand-off to the applier (``_apply_wake``): new entries, a read confirmed, a role change's first
+        commit; the delay is a timer that sets the same event.
+
+        Why a follower waits: it learns that entries are committed one message after their Append, so at one
+        client it applies one entry per write, each a transaction of its own, at the moment the leader
+        applies and answers the next write on the same cores. Measured with bench/replication_profile.py
+        (3 nodes on 2 cores, runs alternated with the previous code): CPU per write of each follower relative
+        to the leader's fell from 0.58-0.62 to 0.47-0.48 at one client and from 0.46-0.47 to 0.42-0.43 at 32.
+        What is committed is decided by the log alone: the delay changes only how soon a follower's own copy
+        shows it."""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(FOLLOWER_APPLY_DELAY_S, self._apply_wake.set)
+        deadline = loop.time() + FOLLOWER_APPLY_DELAY_S
+        try:
+            while self._apply_may_wait() and loop.time() < deadline:
+                self._apply_wake.clear()
+                await self._apply_wake.wait()
+        finally:
+            timer.cancel()
+
     async def _applier(self) -> None:
         while True:
             if not self._apply_queue:
                 self._apply_wake.clear()
                 await self._apply_wake.wait()
                 continue
+            if self._apply_may_wait():
+                await self._gather_applies()
             run: list[msg.Entry] = []
             size = 0
             while self._apply_queue and len(run) < MAX_APPLY_RUN and size < MAX_APPLY_RUN_BYTES:
