@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node import errors
+from node.storage import sqlite
 from node.storage.sqlite import DB_FILE_NAME, Database, Limits
 
 GATE_S = 30.0  # a gated job waits at most this long (a test that forgot to open the gate fails, not hangs)
@@ -132,21 +133,88 @@ async def test_every_job_accepted_before_close_has_settled_when_close_returns(tm
     assert running.result() == 1
 
 
+class _ObservedLock(asyncio.Lock):
+    """An asyncio.Lock that says when someone waits for it (close() behind a snapshot copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contended = asyncio.Event()
+
+    async def acquire(self) -> bool:
+        if self.locked():
+            self.contended.set()
+        return await super().acquire()
+
+
+def _held_copy(gate: threading.Event, opened: threading.Event):
+    """Stands in for _SnapshotCopier.run: a copy holding its read connection (and a read transaction) on
+    node.db until ``gate`` opens."""
+
+    def run(copier) -> int:
+        conn = apsw.Connection(str(copier.db.path), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT count(*) FROM t").fetchall()
+            opened.set()
+            assert gate.wait(GATE_S), "the test never opened the gate"
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return 0
+
+    return run
+
+
+async def _closed_or_waiting(closing: asyncio.Task, lock: _ObservedLock) -> None:
+    """Until close() waits behind the copy (the fix) or has finished with the copy's connection open."""
+    contended = asyncio.create_task(lock.contended.wait())
+    await asyncio.wait({closing, contended}, timeout=BOUND_S, return_when=asyncio.FIRST_COMPLETED)
+    contended.cancel()
+    assert closing.done() or lock.contended.is_set(), "close() neither finished nor waited"
+
+
+async def test_close_waits_for_a_snapshot_copy_connection_before_closing_the_writer(tmp_path, monkeypatch):
+    """A snapshot copy reads node.db on a connection of its own; while it is open the writer's close is not
+    the last one and SQLite keeps the WAL. Before: close() did not wait for it (the node's Replicator may
+    still be copying a snapshot when the database closes)."""
+    database = await _open(tmp_path)
+    await database._write(_insert_job(database, 5))
+    gate, opened = threading.Event(), threading.Event()
+    monkeypatch.setattr(sqlite._SnapshotCopier, "run", _held_copy(gate, opened))
+    lock = database._swap_lock = _ObservedLock()
+    copying = asyncio.create_task(database.copy_for_snapshot(tmp_path / "copy.db"))
+    try:
+        await wait_for(opened.is_set, "the copy to open its connection")
+        closing = asyncio.create_task(database.close())
+        await _closed_or_waiting(closing, lock)
+        gate.set()
+        await asyncio.wait_for(closing, BOUND_S)
+        assert await asyncio.wait_for(copying, BOUND_S) == 0
+    finally:
+        gate.set()
+        await database.close()
+    assert not _wal(tmp_path).exists(), "close() left the WAL: a copy's connection was still open"
+    assert await asyncio.to_thread(_rows_in_file, tmp_path) == [5]
+
+
 JOB_KINDS = ("fast", "slow", "fail")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(
     kinds=st.lists(st.sampled_from(JOB_KINDS), min_size=1, max_size=10),
+    copy=st.booleans(),
     data=st.data(),
 )
-def test_close_at_any_point_settles_every_accepted_write_and_checkpoints(tmp_path_factory, kinds, data):
+def test_close_at_any_point_settles_every_accepted_write_and_checkpoints(
+    tmp_path_factory, monkeypatch, kinds, copy, data
+):
     """N write jobs (fast, slow: held on a gate after COMMIT, failing: rolled back) and a close() at a random
     point: at once, or once job ``m`` has started on the writer thread; slow jobs are released before or
-    after it began, more jobs are submitted after it began. Every job accepted before the close settles with
-    its result, its own exception or the shutdown refusal (queued when the shutdown began: never ran); none
-    hangs; close returns; no WAL is left; reopened, the database holds exactly the writes whose jobs
-    returned."""
+    after it began, more jobs are submitted after it began, and a snapshot copy may hold its own connection
+    meanwhile. Every job accepted before the close settles with its result, its own exception or the
+    shutdown refusal (queued when the shutdown began: never ran); none hangs; close returns; no WAL is left;
+    reopened, the database holds exactly the writes whose jobs returned."""
     close_at = data.draw(st.integers(0, len(kinds)), label="jobs submitted before close")
     started_job = data.draw(
         st.none() | st.integers(0, close_at - 1) if close_at else st.none(),
@@ -156,13 +224,20 @@ def test_close_at_any_point_settles_every_accepted_write_and_checkpoints(tmp_pat
     # The jobs before ``started_job`` must be able to end, or it never starts: their gates open early.
     late = [flag and (started_job is None or k >= started_job) for k, flag in enumerate(released_late)]
     path = tmp_path_factory.mktemp("close")
+    copy_gate, copy_opened = threading.Event(), threading.Event()
+    monkeypatch.setattr(sqlite._SnapshotCopier, "run", _held_copy(copy_gate, copy_opened))
 
     async def run() -> set[int]:
         database = await _open(path)
+        lock = database._swap_lock = _ObservedLock()
         gates = [threading.Event() for _ in kinds]
         started = [threading.Event() for _ in kinds]
         accepted: list[asyncio.Task] = []
+        copying: asyncio.Task | None = None
         try:
+            if copy:
+                copying = asyncio.create_task(database.copy_for_snapshot(path / "copy.db"))
+                await wait_for(copy_opened.is_set, "the copy to open its connection")
             for gate, is_late in zip(gates, late, strict=True):
                 if not is_late:
                     gate.set()
@@ -179,11 +254,15 @@ def test_close_at_any_point_settles_every_accepted_write_and_checkpoints(tmp_pat
                     await database._write(_insert_job(database, k, fail=kinds[k] == "fail"))
             for gate in gates:
                 gate.set()
+            if copying is not None:
+                await _closed_or_waiting(closing, lock)
+                copy_gate.set()
+                assert await asyncio.wait_for(copying, BOUND_S) == 0
             await asyncio.wait_for(closing, BOUND_S)
             done, pending = await asyncio.wait(accepted, timeout=BOUND_S) if accepted else (set(), set())
             assert not pending, "an accepted job never settled"
         finally:
-            for gate in gates:
+            for gate in (*gates, copy_gate):
                 gate.set()
             await database.close()
         committed: set[int] = set()
