@@ -399,20 +399,48 @@ class Database:
                 job.future.set_exception(shutting())
 
     async def close(self) -> None:
+        """Stop serving and close every connection, the writer last, so that its close checkpoints the WAL
+        into node.db and removes it (a stopped node leaves one self-contained file).
+
+        Which writes finish: :meth:`begin_shutdown` (run here if the owner has not) is the cut-off. From it on
+        new writes are refused (503 "shutting down"), jobs still queued then are refused as well (nothing of
+        them ran: the log holds what they would have applied), and the job running on the writer is
+        interrupted at its next progress check (it rolls back), or ends with its own result if it has no
+        statement left to run. Close waits for that job with no time limit, and that is bounded: an
+        interrupted job ends within ``PROGRESS_STEPS`` VM steps plus what SQLite cannot interrupt (an fsync,
+        the check of a file being loaded, about 1 s/GB). A timer would not shorten the stop anyway: the
+        connection belongs to the writer thread and cannot be closed under it, and the process waits for that
+        thread at exit. The close job is queued behind every job the writer accepted (one thread, in order),
+        so when this returns each of them has ended and its future is settled (``settle`` is called on the
+        thread before the close job starts, and the loop runs those callbacks in order).
+
+        A snapshot copy (a connection of its own) and a swap are waited for too (they hold ``_swap_lock``
+        until their thread has ended, and stop at their next progress check now): while another connection
+        is open the writer's close is not the last one and leaves the WAL.
+        """
         if self._writer is None:
             return
         self.begin_shutdown()
         loop = asyncio.get_running_loop()
-        writer, readers, scheduler = self._writer, self._readers, self._scheduler
-        if scheduler is not None:
-            await scheduler.pause()
-        for slot in readers:
-            await loop.run_in_executor(slot.executor, _close_conn, slot)
-        await loop.run_in_executor(writer.executor, self._close_writer)
-        for slot in (writer, *readers):
-            slot.executor.shutdown(wait=False)
-        self._writer, self._readers, self._scheduler = None, [], None
-        self.state = State.CLOSED
+        async with self._swap_lock:
+            writer, readers, scheduler = self._writer, self._readers, self._scheduler
+            if writer is None:
+                return  # another close() finished while this one waited for the lock
+            if scheduler is not None:
+                await scheduler.pause()
+            for slot in readers:
+                await loop.run_in_executor(slot.executor, _close_conn, slot)
+            wal_kept = await loop.run_in_executor(writer.executor, self._shut_writer)
+            for slot in (writer, *readers):
+                slot.executor.shutdown(wait=False)
+            self._writer, self._readers, self._scheduler = None, [], None
+            self.state = State.CLOSED
+        if wal_kept:
+            self._emit(
+                "warning", "database_wal_kept", path=str(self.path),
+                detail="the WAL was not checkpointed at close (another connection had the file open); "
+                "the next start recovers it",
+            )  # fmt: skip
 
     def snapshot(self) -> dict[str, int]:
         """Counts for diagnostics and tests: jobs running on a connection thread, reads and writes waiting."""
@@ -757,11 +785,23 @@ class Database:
             slot.conn = self._connect(slot, "PRAGMA query_only=ON")
 
     def _close_writer(self) -> None:
+        """Writer thread: close the write connection. As the last connection to the file, its close
+        checkpoints the WAL into node.db and deletes it: a stop and a swap (:meth:`_replace_file`) rely on
+        that, so an interrupt left pending by :meth:`begin_shutdown` is cleared first."""
         if self._writer is not None:
+            if self._writer.conn is not None:
+                _clear_interrupt(self._writer.conn)
             _close_conn(self._writer)
         if self._clock_db is not None:
             self._clock_db.close()
             self._clock_db = None
+
+    def _shut_writer(self) -> bool:
+        """Writer thread, at close: close the writer; True if a WAL is still beside node.db (it was not
+        checkpointed: another connection had the file open)."""
+        had_conn = self._writer is not None and self._writer.conn is not None
+        self._close_writer()
+        return had_conn and Path(f"{self.path}-wal").exists()
 
     def _quarantine(self) -> Path:
         target = self.data_dir / QUARANTINE_DIR / event_stamp()
@@ -1368,6 +1408,22 @@ def _internal_name(name: str | None) -> bool:
 def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _clear_interrupt(conn: apsw.Connection) -> None:
+    """Forget an interrupt that no statement consumed, so that closing ``conn`` checkpoints the WAL.
+
+    :meth:`Database.begin_shutdown` interrupts the writer while a job runs on it. If that job was between
+    statements at that moment (in Python code, or just ending after its COMMIT), SQLite keeps the interrupt
+    pending until a statement starts; the checkpoint that closing the last connection runs honours it and
+    gives up silently, leaving the WAL beside node.db (a swap would then delete that WAL by hand). SQLite
+    clears a pending interrupt whenever a statement starts with none running, so one trivial statement does,
+    with the progress handler removed first (it stops every statement while shutting down)."""
+    if not conn.is_interrupted:
+        return
+    conn.set_progress_handler(None)
+    with contextlib.suppress(apsw.Error):
+        conn.execute("SELECT 1").fetchall()
 
 
 def _close_conn(slot: _Slot) -> None:
