@@ -270,6 +270,22 @@ def ensure_schema(ops: Ops) -> None:
         ops.internal(sql)
 
 
+# The objects SCHEMA creates, by name: when all are there (every apply but a database's first), one lookup
+# replaces SCHEMA's statements and the applied index's own table check.
+_SCHEMA_NAMES = (STATE_TABLE, REQUESTS_TABLE, f"{REQUESTS_TABLE}_seq", LOADS_TABLE)
+
+
+def _schema_and_applied(ops: Ops) -> int:
+    """``ensure_schema`` then ``applied_index``, in two statements instead of six when the schema is there."""
+    found = ops.internal(
+        "SELECT count(*) FROM sqlite_schema WHERE name IN (?, ?, ?, ?)", _SCHEMA_NAMES
+    )[0][0]
+    if found != len(_SCHEMA_NAMES):
+        ensure_schema(ops)
+    rows = ops.internal(f"SELECT value FROM {STATE_TABLE} WHERE key = ?", (APPLIED_KEY,))
+    return int(rows[0][0]) if rows else 0
+
+
 def set_applied(ops: Ops, index: int) -> None:
     ops.internal(f"INSERT OR REPLACE INTO {STATE_TABLE}(key, value) VALUES(?, ?)", (APPLIED_KEY, index))
 
@@ -316,22 +332,27 @@ def _attempt(
 ) -> list[list[Applied] | None]:
     ops.internal("BEGIN IMMEDIATE")
     try:
-        ensure_schema(ops)
-        applied = applied_index(ops)
+        applied = _schema_and_applied(ops)
         out: list[list[Applied] | None] = []
-        seq = ops.internal(f"SELECT max(seq) FROM {REQUESTS_TABLE}")[0][0] or 0
+        # The highest request-ID sequence number, read only once a command of the group names a request ID
+        # (None: none did, nothing is recorded, and the window's DELETE below would find nothing new).
+        seq: int | None = None
         for e, entry in enumerate(entries):
             if entry.index <= applied:
                 out.append(None)
                 continue
             outcomes = []
             for c, command in enumerate(entry.commands):
-                applied_one, recorded = _command(ops, command, entry.index, seq, (e, c), fixed)
-                seq += recorded
+                if seq is None and command.request_id is not None:
+                    seq = ops.internal(f"SELECT max(seq) FROM {REQUESTS_TABLE}")[0][0] or 0
+                applied_one, recorded = _command(ops, command, entry.index, seq or 0, (e, c), fixed)
+                if recorded:
+                    assert seq is not None  # recorded only for a command with a request ID
+                    seq += recorded
                 outcomes.append(applied_one)
             applied = entry.index
             out.append(outcomes)
-        if seq > REQUEST_ID_WINDOW:
+        if seq is not None and seq > REQUEST_ID_WINDOW:
             ops.internal(f"DELETE FROM {REQUESTS_TABLE} WHERE seq <= ?", (seq - REQUEST_ID_WINDOW,))
         set_applied(ops, applied)
         try:
