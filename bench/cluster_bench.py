@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-etcd", action="store_true", help="measure Talent Nest only")
     parser.add_argument("--skip-failover", action="store_true", help="throughput phases only")
     parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure both systems this many times, alternating which goes first (1; failover: round 1)",
+    )  # fmt: skip
+    parser.add_argument(
         "--replication",
         choices=("on", "off"),
         default="on",
@@ -134,6 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--max-requests must be >= 1 and --trials in 0..100")
     if not 0 < args.failover_deadline <= 600:
         parser.error("--failover-deadline must be in (0, 600]")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be in 1..20")
     if args.require_etcd and args.skip_etcd:
         parser.error("--require-etcd and --skip-etcd contradict each other")
     return args
@@ -918,6 +924,29 @@ def build_rows(
     ]
 
 
+def median_rows(rounds: Sequence[Sequence[Row]]) -> list[Row]:
+    """One row per (path, clients): the round whose TN/etcd ratio is the median of that row's rounds (the
+    lower middle one for an even count), so its figures and its ratio come from the same moment. Rounds
+    exist because the machine's speed drifts by tens of percent within minutes: a ratio is only fair
+    between phases run close together, and alternating which system goes first cancels a steady drift."""
+    out = []
+    for position, first in enumerate(rounds[0]):
+        candidates = [r[position] for r in rounds]
+        measured = sorted((row for row in candidates if row.ratio is not None), key=lambda row: row.ratio)
+        out.append(measured[(len(measured) - 1) // 2] if measured else first)
+    return out
+
+
+def format_rounds(rounds: Sequence[Sequence[Row]]) -> str:
+    """Each row's TN/etcd ratio in every round, and the median the table and the musts use."""
+    lines = ["TN/etcd ratio per round (the table above shows the median round of each row):"]
+    for position, row in enumerate(rounds[0]):
+        ratios = [r[position].ratio for r in rounds]
+        cells = "  ".join(_fmt(x, ".2f", 5) for x in ratios)
+        lines.append(f"  {row.path:<9} {row.clients:>3} clients: {cells}")
+    return "\n".join(lines)
+
+
 def report_json(
     args: argparse.Namespace,
     rows: Sequence[Row],
@@ -983,19 +1012,44 @@ async def amain(args: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     tn: dict[str, Any] = {}
     etcd: dict[str, Any] = {}
+    rounds: list[list[Row]] = []
+    changes: dict[str, int | None] = {"tn": None, "etcd": None}
     try:
         connector = aiohttp.TCPConnector(limit=3 * FAILOVER_MAX_IN_FLIGHT + 100, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            tn = await bench_talentnest(session, args, log_dir)
-            if etcd_bin is not None:
-                from tests.support.cluster import pick_subnet
+            for number in range(args.rounds):
+                # Failover trials in the first round only (they restart members; the ratio rounds need not).
+                round_args = args
+                if number > 0:
+                    round_args = argparse.Namespace(**{**vars(args), "skip_failover": True})
+                order = ("tn", "etcd") if number % 2 == 0 else ("etcd", "tn")
+                if args.rounds > 1:
+                    print(f"round {number + 1}/{args.rounds}: {' then '.join(order)}", flush=True)
+                results: dict[str, dict[str, Any]] = {"tn": {}, "etcd": {}}
+                for system in order:
+                    if system == "tn":
+                        results["tn"] = await bench_talentnest(session, round_args, log_dir)
+                    elif etcd_bin is not None:
+                        from tests.support.cluster import pick_subnet
 
-                etcd = await bench_etcd(session, args, log_dir, etcd_bin, pick_subnet())
+                        results["etcd"] = await bench_etcd(
+                            session, round_args, log_dir, etcd_bin, pick_subnet()
+                        )
+                for system, got in results.items():
+                    seen = got.get("leader_changes")
+                    if seen is not None:
+                        changes[system] = (changes[system] or 0) + seen
+                if number == 0:
+                    tn, etcd = results["tn"], results["etcd"]
+                phases = (results["tn"].get("phases", {}), results["etcd"].get("phases", {}))
+                rounds.append(build_rows(args.clients, *phases))
     finally:
         tmp.cleanup()
 
     replicated = bool(tn.get("replicated"))
-    rows = build_rows(args.clients, tn.get("phases", {}), etcd.get("phases", {}))
+    tn = {**tn, "leader_changes": changes["tn"]}
+    etcd = {**etcd, "leader_changes": changes["etcd"]} if etcd else etcd
+    rows = median_rows(rounds)
     musts = evaluate_musts(rows, tn.get("failover"), etcd.get("failover"))
     print()
     print(
@@ -1004,6 +1058,9 @@ async def amain(args: argparse.Namespace) -> int:
         + ("" if replicated else "\n" + PRE_REPLICATION_LABEL)
     )
     print(format_table(rows))
+    if len(rounds) > 1:
+        print()
+        print(format_rounds(rounds))
     print()
     print(format_failover(tn.get("failover"), etcd.get("failover")))
     print()
@@ -1011,6 +1068,9 @@ async def amain(args: argparse.Namespace) -> int:
     print()
     print(format_musts(musts, replicated))
     document = report_json(args, rows, tn, etcd, musts, replicated, etcd_skipped)
+    document["rounds"] = [
+        [{"path": r.path, "clients": r.clients, "ratio": r.ratio} for r in one] for one in rounds
+    ]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nfigures written to {args.json}")

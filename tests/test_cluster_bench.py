@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "cluster_bench.py"
@@ -58,6 +58,8 @@ def test_arguments_are_parsed():
         ["--trials", "-1"],
         ["--max-requests", "0"],
         ["--require-etcd", "--skip-etcd"],
+        ["--rounds", "0"],
+        ["--rounds", "21"],
     ],
 )
 def test_bad_arguments_are_refused(argv):
@@ -263,3 +265,28 @@ def test_failover_and_leader_change_lines():
     assert "[met" in cb.format_leader_changes(0, 0)
     assert "[missed" in cb.format_leader_changes(0, 2)
     assert "etcd not measured" in cb.format_leader_changes(0, None)
+
+
+def test_the_median_round_of_each_row_is_reported_whole():
+    rounds = [_rows(leader32=90.0, leader1=40.0), _rows(leader32=120.0, leader1=60.0), _rows(110.0, 30.0)]
+    rows = cb.median_rows(rounds)
+    # Each row is the round with that row's median ratio, figures and ratio from the same round.
+    assert rows[0].tn.writes_per_s == 40.0 and rows[0].ratio == pytest.approx(0.40)
+    assert rows[1].tn.writes_per_s == 110.0 and rows[1].ratio == pytest.approx(1.10)
+    assert rows[2].etcd is None and rows[2].ratio is None  # never measured on both: the first round's row
+    # An even count takes the lower middle round (the musts are judged on the less favourable one).
+    assert cb.median_rows(rounds[:2])[1].tn.writes_per_s == 90.0
+    text = cb.format_rounds(rounds)
+    assert "0.90   1.20   1.10" in text and text.count("\n") == 3
+
+
+@settings(max_examples=100, deadline=None)
+@given(ratios=st.lists(st.floats(0.01, 10.0, allow_nan=False), min_size=1, max_size=9))
+def test_the_reported_ratio_is_a_median_of_the_rounds(ratios):
+    rounds = [[cb.Row("leader", 32, _stats(100.0 * r), _stats(100.0))] for r in ratios]
+    (row,) = cb.median_rows(rounds)
+    got = row.ratio
+    assert got in [cb.Row("leader", 32, _stats(100.0 * r), _stats(100.0)).ratio for r in ratios]
+    below = sum(1 for r in rounds if r[0].ratio < got)
+    above = sum(1 for r in rounds if r[0].ratio > got)
+    assert below <= (len(ratios) - 1) // 2 and above <= len(ratios) // 2
