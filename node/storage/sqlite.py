@@ -696,12 +696,15 @@ class Database:
     async def _swap_in(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` (which replaces node.db, see :meth:`_replace_file`) on the writer with every reader
         closed, then reopen the readers on the new file."""
-        scheduler = self._scheduler
-        assert scheduler is not None and self._writer is not None
         # Readers must close before the swap: a last connection closing on the old file would delete the new
         # file's -wal by name. One swap at a time: another swap's readers must not reopen mid-swap, and no
         # snapshot copy may hold a connection to the old file.
         async with self._swap_lock:
+            # Checked again here, under the lock close() takes too: the caller checked before its file copy,
+            # and a stop may have closed the database during it (503, nothing swapped).
+            self.require_ready()
+            scheduler = self._scheduler
+            assert scheduler is not None and self._writer is not None
             return await self._swap_in_locked(scheduler, fn, *args)
 
     async def _swap_in_locked(self, scheduler: ReadScheduler, fn: Callable[..., Any], *args: Any) -> Any:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 
 import apsw
 import pytest
 
 from node import errors
 from node.core import sqlreq as q
+from node.storage import sqlite as sqlite_module
 from node.storage import statemachine as sm
 from node.storage.durable import free_bytes
 from node.storage.sqlite import Database, Limits, SnapshotIndexMismatch, file_applied_index
@@ -295,3 +297,78 @@ async def test_install_snapshot_on_a_full_disk_changes_nothing(tmp_path):
             assert not [p for p in (disk / "data").iterdir() if p.name.startswith(".tmp-")]
         finally:
             await database.close()
+
+
+# --- a stop during a swap's preparation: 503, nothing swapped (not an assertion error) -----------------------
+
+
+async def test_a_database_closed_while_an_install_copies_its_file_answers_503_and_swaps_nothing(
+    tmp_path, monkeypatch
+):
+    """Regression: install_snapshot checked the database before copying the snapshot file, not after; a stop
+    that closed the database during the copy met an assertion in the swap instead of the shutdown's 503."""
+    snapshot = tmp_path / "snap.db"
+    await make_snapshot(snapshot, "new", 10, index=20, request_ids=[])
+    copying, release = threading.Event(), threading.Event()
+    real_copy = sqlite_module._copy_snapshot_file
+
+    def gated_copy(source, target, index):
+        copying.set()
+        assert release.wait(30), "the test never released the copy"
+        real_copy(source, target, index)
+
+    monkeypatch.setattr(sqlite_module, "_copy_snapshot_file", gated_copy)
+    database = await opened(tmp_path / "data")
+    await database.apply(1, [write("CREATE TABLE m (marker TEXT, n INTEGER)")])
+    await database.apply(2, [write("INSERT INTO m VALUES ('old', 1)")])
+    install = asyncio.create_task(database.install_snapshot(snapshot, 20))
+    try:
+        # The copy runs on a worker thread: wait for it there, bounded (a threading.Event, not the loop's).
+        assert await asyncio.to_thread(copying.wait, 30), "the install never started its copy"
+        async with asyncio.timeout(30):
+            await database.close()
+    finally:
+        release.set()
+    with pytest.raises(errors.Unavailable, match="shutting down"):
+        async with asyncio.timeout(30):
+            await install
+    assert file_rows(tmp_path / "data" / "node.db", "SELECT marker FROM m") == [("old",)]
+    assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("kind", ["install", "load"])
+async def test_a_swap_waiting_for_another_while_the_database_closes_answers_503(tmp_path, kind):
+    """The class: whatever a swap waited for (its own copy, another swap or snapshot copy holding the lock),
+    it checks the database again once it may swap."""
+    snapshot = tmp_path / "snap.db"
+    await make_snapshot(snapshot, "new", 10, index=20, request_ids=[])
+    database = await opened(tmp_path / "data")
+    await database.apply(1, [write("CREATE TABLE m (marker TEXT, n INTEGER)")])
+    await database.apply(2, [write("INSERT INTO m VALUES ('old', 1)")])
+    upload = tmp_path / "upload.db"
+    upload.write_bytes(snapshot.read_bytes())
+    await database._swap_lock.acquire()  # another swap (or a snapshot copy) is running
+    try:
+        swap = asyncio.create_task(
+            database.install_snapshot(snapshot, 20)
+            if kind == "install"
+            else database.load_sqlite_file(upload, index=3)
+        )
+        for _ in range(200):  # until the swap waits for the lock (bounded)
+            if database._swap_lock._waiters:
+                break
+            await asyncio.sleep(0.005)
+        assert database._swap_lock._waiters, "the swap never reached the lock"
+        closing = asyncio.create_task(database.close())
+        for _ in range(200):  # until close has begun the shutdown and waits for the lock too
+            if len(database._swap_lock._waiters) >= 2:
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        database._swap_lock.release()
+    with pytest.raises(errors.Unavailable, match="shutting down"):
+        async with asyncio.timeout(30):
+            await swap
+    async with asyncio.timeout(30):
+        await closing
+    assert file_rows(tmp_path / "data" / "node.db", "SELECT marker FROM m") == [("old",)]
