@@ -115,6 +115,7 @@ MAX_INBOX = 8192
 MAX_PENDING_CLIENTS = 4096
 MAX_APPLY_BACKLOG = 8192
 MAX_APPLY_RUN = 512  # entries per Database.apply call
+MAX_APPLY_RUN_BYTES = 8 << 20
 # A follower gathers committed entries into larger apply runs: it applies once FOLLOWER_APPLY_BATCH entries
 # wait, or FOLLOWER_APPLY_DELAY_S after the first of them was handed to the applier, whichever comes first
 # (at once while a linearizable read waits on the applied index, or once it leads). Its database lags the
@@ -122,7 +123,6 @@ MAX_APPLY_RUN = 512  # entries per Database.apply call
 # on a machine the nodes share is CPU taken from the leader's critical path (see _gather_applies).
 FOLLOWER_APPLY_BATCH = 64
 FOLLOWER_APPLY_DELAY_S = 0.02
-MAX_APPLY_RUN_BYTES = 8 << 20
 LOG_READ_BYTES = 4 << 20
 APPLY_RETRY_S = 0.5
 APPLY_FAILURE_LOG_S = 30.0  # the same apply failure is logged again at most this often (it is retried)

@@ -88,15 +88,20 @@ STATE_TABLE = INTERNAL_PREFIX + "state"
 REQUESTS_TABLE = INTERNAL_PREFIX + "requests"
 LOADS_TABLE = INTERNAL_PREFIX + "loads"  # chunks of a replicated /db/load not yet ended (see LoadChunk)
 APPLIED_KEY = "applied_index"
-SCHEMA = (
-    f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
-    f"CREATE TABLE IF NOT EXISTS {REQUESTS_TABLE} (client TEXT NOT NULL, request_id TEXT NOT NULL, "
-    "idx INTEGER NOT NULL, seq INTEGER NOT NULL, digest BLOB NOT NULL, results BLOB NOT NULL, "
-    "PRIMARY KEY (client, request_id)) WITHOUT ROWID",
-    f"CREATE INDEX IF NOT EXISTS {REQUESTS_TABLE}_seq ON {REQUESTS_TABLE}(seq)",
-    f"CREATE TABLE IF NOT EXISTS {LOADS_TABLE} (load_id TEXT NOT NULL, seq INTEGER NOT NULL, "
-    "data BLOB NOT NULL, PRIMARY KEY (load_id, seq)) WITHOUT ROWID",
-)  # WITHOUT ROWID: writing them never moves last_insert_rowid, which clients see.
+REQUESTS_SEQ_INDEX = REQUESTS_TABLE + "_seq"
+# (name, statement) of every internal object; an apply looks the names up once to skip the statements.
+_SCHEMA_OBJECTS = (
+    (STATE_TABLE, f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (key TEXT PRIMARY KEY, value INTEGER NOT NULL) "
+     "WITHOUT ROWID"),
+    (REQUESTS_TABLE, f"CREATE TABLE IF NOT EXISTS {REQUESTS_TABLE} (client TEXT NOT NULL, "
+     "request_id TEXT NOT NULL, idx INTEGER NOT NULL, seq INTEGER NOT NULL, digest BLOB NOT NULL, "
+     "results BLOB NOT NULL, PRIMARY KEY (client, request_id)) WITHOUT ROWID"),
+    (REQUESTS_SEQ_INDEX, f"CREATE INDEX IF NOT EXISTS {REQUESTS_SEQ_INDEX} ON {REQUESTS_TABLE}(seq)"),
+    (LOADS_TABLE, f"CREATE TABLE IF NOT EXISTS {LOADS_TABLE} (load_id TEXT NOT NULL, seq INTEGER NOT NULL, "
+     "data BLOB NOT NULL, PRIMARY KEY (load_id, seq)) WITHOUT ROWID"),
+)  # fmt: skip
+# WITHOUT ROWID: writing them never moves last_insert_rowid, which clients see.
+SCHEMA = tuple(sql for _, sql in _SCHEMA_OBJECTS)
 
 
 class Mode:
@@ -270,17 +275,15 @@ def ensure_schema(ops: Ops) -> None:
         ops.internal(sql)
 
 
-# The objects SCHEMA creates, by name: when all are there (every apply but a database's first), one lookup
+# When every object SCHEMA creates is there (every apply but a database's first), one lookup of their names
 # replaces SCHEMA's statements and the applied index's own table check.
-_SCHEMA_NAMES = (STATE_TABLE, REQUESTS_TABLE, f"{REQUESTS_TABLE}_seq", LOADS_TABLE)
+_SCHEMA_NAMES = tuple(name for name, _ in _SCHEMA_OBJECTS)
+_SCHEMA_LOOKUP = f"SELECT count(*) FROM sqlite_schema WHERE name IN ({', '.join('?' * len(_SCHEMA_NAMES))})"
 
 
 def _schema_and_applied(ops: Ops) -> int:
     """``ensure_schema`` then ``applied_index``, in two statements instead of six when the schema is there."""
-    found = ops.internal(
-        "SELECT count(*) FROM sqlite_schema WHERE name IN (?, ?, ?, ?)", _SCHEMA_NAMES
-    )[0][0]
-    if found != len(_SCHEMA_NAMES):
+    if ops.internal(_SCHEMA_LOOKUP, _SCHEMA_NAMES)[0][0] != len(_SCHEMA_NAMES):
         ensure_schema(ops)
     rows = ops.internal(f"SELECT value FROM {STATE_TABLE} WHERE key = ?", (APPLIED_KEY,))
     return int(rows[0][0]) if rows else 0
