@@ -10,7 +10,7 @@ checked is which runs the applier forms and when, not SQLite.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -25,6 +25,7 @@ from node.core.replication import machine
 from node.core.replication import messages as msg
 from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
+from tests.support.wait import until
 
 
 def entries(first: int, count: int) -> list[msg.Entry]:
@@ -72,15 +73,6 @@ async def spin(rounds: int = 50) -> None:
     """Let every ready task run several times (no time passes that a timer of seconds could notice)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        for _ in range(int(timeout_s / 0.005) + 1):
-            if predicate():
-                return
-            await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_a_follower_holds_a_few_entries_back_and_applies_them_in_one_run(tmp_path, monkeypatch):

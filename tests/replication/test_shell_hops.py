@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +23,7 @@ from node.core.replication import messages as msg
 from node.runtime import logging as nodelog
 from node.runtime.mailbox import LatestCell
 from tests.replication.test_log_write_failure import LEADER, Recorder, append, carry, follower
+from tests.support.wait import until
 
 
 def heartbeat(prev: msg.LogId, commit: int, seq: int) -> msg.Receive:
@@ -36,16 +36,6 @@ async def step(r: Replicator, inp: msg.Input) -> None:
     r.state, ready = machine.step(r.state, inp, 1.0)
     async with asyncio.timeout(10):
         await r._carry_out([ready])
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` on the loop (other tasks run between polls) until it holds; bounded in time."""
-    async with asyncio.timeout(timeout_s):
-        for _ in range(int(timeout_s / 0.005) + 1):
-            if predicate():
-                return
-            await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def applying(r: Replicator) -> list[int]:

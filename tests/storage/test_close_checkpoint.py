@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import apsw
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 from node import errors
 from node.storage import sqlite
 from node.storage.sqlite import DB_FILE_NAME, Database, Limits
+from tests.support.wait import until
 
 GATE_S = 30.0  # a gated job waits at most this long (a test that forgot to open the gate fails, not hangs)
 BOUND_S = 30.0  # every await on the database is bounded by this
@@ -30,18 +30,6 @@ BOUND_S = 30.0  # every await on the database is bounded by this
 
 class JobFailed(Exception):
     """A job's own failure: its awaiting caller must receive exactly this."""
-
-
-async def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
-    """Poll a condition another thread sets, bounded in time and count."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / 0.005) + 1):
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.005)
-    assert predicate(), f"timed out waiting for {what}"
 
 
 def _wal(path: Path) -> Path:
@@ -91,15 +79,28 @@ def _insert_job(database: Database, k: int, *, fail: bool = False, gate: threadi
     return fn
 
 
+async def _held_write(database: Database, k: int, gate: threading.Event) -> asyncio.Task:
+    """A write job of ``k``, started on the writer thread and held on ``gate`` after its COMMIT."""
+    started = threading.Event()
+    running = asyncio.create_task(database._write(_insert_job(database, k, gate=gate, started=started)))
+    await until(started.is_set, "the write job to start on the writer thread")
+    return running
+
+
+async def _begun_close(database: Database) -> asyncio.Task:
+    """close() as a task, once it has begun the shutdown (it may still wait for the writer)."""
+    closing = asyncio.create_task(database.close())
+    await until(lambda: database._closing, "close() to begin the shutdown")
+    return closing
+
+
 async def test_close_waits_for_the_running_write_and_checkpoints_the_wal(tmp_path):
     database = await _open(tmp_path)
-    gate, started = threading.Event(), threading.Event()
+    gate = threading.Event()
     try:
-        running = asyncio.create_task(database._write(_insert_job(database, 7, gate=gate, started=started)))
-        await wait_for(started.is_set, "the write job to start on the writer thread")
-        await wait_for(lambda: database.snapshot()["write_running"] == 1, "the job to hold the writer")
-        closing = asyncio.create_task(database.close())
-        await wait_for(lambda: database._closing, "close() to begin the shutdown")
+        running = await _held_write(database, 7, gate)
+        await until(lambda: database.snapshot()["write_running"] == 1, "the job to hold the writer")
+        closing = await _begun_close(database)
         # Refused with the existing error once the close began, and never run.
         with pytest.raises(errors.Unavailable, match="shutting down"):
             await database._write(_insert_job(database, 8))
@@ -117,12 +118,10 @@ async def test_close_waits_for_the_running_write_and_checkpoints_the_wal(tmp_pat
 
 async def test_every_job_accepted_before_close_has_settled_when_close_returns(tmp_path):
     database = await _open(tmp_path)
-    gate, started = threading.Event(), threading.Event()
+    gate = threading.Event()
     try:
-        running = asyncio.create_task(database._write(_insert_job(database, 1, gate=gate, started=started)))
-        await wait_for(started.is_set, "the write job to start")
-        closing = asyncio.create_task(database.close())
-        await wait_for(lambda: database._closing, "close() to begin the shutdown")
+        running = await _held_write(database, 1, gate)
+        closing = await _begun_close(database)
         gate.set()
         await asyncio.wait_for(closing, BOUND_S)
         # Settled by the time close() returned: its outcome arrived before the close job's (one thread).
@@ -184,7 +183,7 @@ async def test_close_waits_for_a_snapshot_copy_connection_before_closing_the_wri
     lock = database._swap_lock = _ObservedLock()
     copying = asyncio.create_task(database.copy_for_snapshot(tmp_path / "copy.db"))
     try:
-        await wait_for(opened.is_set, "the copy to open its connection")
+        await until(opened.is_set, "the copy to open its connection")
         closing = asyncio.create_task(database.close())
         await _closed_or_waiting(closing, lock)
         gate.set()
@@ -237,7 +236,7 @@ def test_close_at_any_point_settles_every_accepted_write_and_checkpoints(
         try:
             if copy:
                 copying = asyncio.create_task(database.copy_for_snapshot(path / "copy.db"))
-                await wait_for(copy_opened.is_set, "the copy to open its connection")
+                await until(copy_opened.is_set, "the copy to open its connection")
             for gate, is_late in zip(gates, late, strict=True):
                 if not is_late:
                     gate.set()
@@ -246,9 +245,8 @@ def test_close_at_any_point_settles_every_accepted_write_and_checkpoints(
                                  started=started[k])  # fmt: skip
                 accepted.append(asyncio.create_task(database._write(fn)))
             if started_job is not None:
-                await wait_for(started[started_job].is_set, f"job {started_job} to start")
-            closing = asyncio.create_task(database.close())
-            await wait_for(lambda: database._closing, "close() to begin the shutdown")
+                await until(started[started_job].is_set, f"job {started_job} to start")
+            closing = await _begun_close(database)
             for k in range(close_at, len(kinds)):
                 with pytest.raises(errors.Unavailable, match="shutting down"):
                     await database._write(_insert_job(database, k, fail=kinds[k] == "fail"))

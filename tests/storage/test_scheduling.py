@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 from node.core import sqlreq as q
 from node.storage.sqlite import Database, Limits
 from tests.support.dbapi import execute, query
+from tests.support.wait import until
 
 RUNAWAY = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT count(*) FROM r"
 
@@ -24,18 +24,6 @@ def _read(*sqls: str, **flags) -> q.DbRequest:
 def _command(*sqls: str, transaction: bool = False) -> q.WriteCommand:
     request = q.DbRequest(tuple(q.Statement(s) for s in sqls), q.Flags(transaction=transaction))
     return q.stamp_write(request, time_ns=1_700_000_000_000_000_000, seed=3)
-
-
-async def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
-    """Poll a condition another thread sets, bounded in time and count."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / 0.005) + 1):
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.005)
-    assert predicate(), f"timed out waiting for {what}"
 
 
 def _blocking(release: threading.Event, started: list[str], name: str):
@@ -58,8 +46,8 @@ async def test_a_runaway_read_request_does_not_delay_another_clients_select_1(tm
     try:
         # Client A: one request of twelve runaway statements, and more of them queued behind its cap.
         runaway = [asyncio.create_task(query(database, _read(*[RUNAWAY] * 12), client="A")) for _ in range(6)]
-        await wait_for(lambda: database.snapshot()["reads_running"] == 2, "A to hold its two readers")
-        await wait_for(lambda: database.snapshot()["reads_waiting"] == 4, "A's backlog to queue")
+        await until(lambda: database.snapshot()["reads_running"] == 2, "A to hold its two readers")
+        await until(lambda: database.snapshot()["reads_waiting"] == 4, "A's backlog to queue")
         # Client B is served by a free reader while all of A's work is still running or waiting.
         result = await asyncio.wait_for(query(database, _read("SELECT 1"), client="B"), timeout=60)
         assert result == [{"columns": ["1"], "types": [""], "values": [[1]]}]
@@ -67,7 +55,7 @@ async def test_a_runaway_read_request_does_not_delay_another_clients_select_1(tm
         for task in runaway:
             task.cancel()
         await asyncio.gather(*runaway, return_exceptions=True)
-        await wait_for(lambda: database.snapshot()["reads_running"] == 0, "cancelled reads to stop")
+        await until(lambda: database.snapshot()["reads_running"] == 0, "cancelled reads to stop")
     finally:
         await database.close()
 
@@ -93,15 +81,15 @@ async def test_per_client_cap_and_a_waiting_client_gets_the_next_free_reader(tmp
             asyncio.create_task(database._read("A", _blocking(release_a[i], started, f"A{i}")))
             for i in range(2)
         ]
-        await wait_for(lambda: len(started) == 2, "A to hold both readers")
+        await until(lambda: len(started) == 2, "A to hold both readers")
         backlog_release = threading.Event()
         a_backlog = [
             asyncio.create_task(database._read("A", _blocking(backlog_release, started, f"A-queued-{i}")))
             for i in range(5)
         ]
-        await wait_for(lambda: database.snapshot()["reads_waiting"] == 5, "A's backlog")
+        await until(lambda: database.snapshot()["reads_waiting"] == 5, "A's backlog")
         b = asyncio.create_task(database._read("B", lambda job, slot: started.append("B")))
-        await wait_for(lambda: database.snapshot()["reads_waiting"] == 6, "B to wait")
+        await until(lambda: database.snapshot()["reads_waiting"] == 6, "B to wait")
         release_a[0].set()  # one reader becomes free: it goes to B, not to A's older backlog
         await asyncio.wait_for(b, timeout=30)
         assert sorted(started[:2]) == ["A0", "A1"] and started[2] == "B"
@@ -123,7 +111,7 @@ async def test_a_client_holds_at_most_its_cap(tmp_path):
         tasks = [
             asyncio.create_task(database._read("A", _blocking(release, started, f"A{i}"))) for i in range(3)
         ]
-        await wait_for(lambda: database.snapshot()["reads_waiting"] == 2, "two of A's reads to wait")
+        await until(lambda: database.snapshot()["reads_waiting"] == 2, "two of A's reads to wait")
         assert started == ["A0"] and database.snapshot()["reads_running"] == 1
         release.set()
         assert sorted(await asyncio.gather(*tasks)) == ["A0", "A1", "A2"]
@@ -138,10 +126,10 @@ async def test_a_cancelled_queued_read_never_runs_and_a_running_one_is_interrupt
     started: list[str] = []
     try:
         holder = asyncio.create_task(database._read("A", _blocking(release, started, "holder")))
-        await wait_for(lambda: started == ["holder"], "the reader to be held")
+        await until(lambda: started == ["holder"], "the reader to be held")
         queued = asyncio.create_task(database._read("B", _blocking(release, started, "queued")))
         after = asyncio.create_task(database._read("C", _blocking(release, started, "after")))
-        await wait_for(lambda: database.snapshot()["reads_waiting"] == 2, "two reads to wait")
+        await until(lambda: database.snapshot()["reads_waiting"] == 2, "two reads to wait")
         queued.cancel()
         await asyncio.wait([queued])
         release.set()
@@ -150,9 +138,9 @@ async def test_a_cancelled_queued_read_never_runs_and_a_running_one_is_interrupt
         assert queued.cancelled()
 
         running = asyncio.create_task(query(database, _read(RUNAWAY), client="A"))
-        await wait_for(lambda: database.snapshot()["reads_running"] == 1, "the runaway read to run")
+        await until(lambda: database.snapshot()["reads_running"] == 1, "the runaway read to run")
         running.cancel()
-        await wait_for(lambda: database.snapshot()["reads_running"] == 0, "the cancelled read to stop")
+        await until(lambda: database.snapshot()["reads_running"] == 0, "the cancelled read to stop")
         assert (await query(database, _read("SELECT 2"), client="A"))[0]["values"] == [[2]]
     finally:
         release.set()
@@ -166,10 +154,10 @@ async def test_a_cancelled_queued_write_never_runs(tmp_path):
     try:
         await execute(database, _command("CREATE TABLE t (x)"), q.Flags())
         holder = asyncio.create_task(database._write(lambda job: _blocking(release, started, "w")(job, None)))
-        await wait_for(lambda: started == ["w"], "the writer to be held")
+        await until(lambda: started == ["w"], "the writer to be held")
         dropped = asyncio.create_task(execute(database, _command("INSERT INTO t VALUES (1)"), q.Flags()))
         kept = asyncio.create_task(execute(database, _command("INSERT INTO t VALUES (2)"), q.Flags()))
-        await wait_for(lambda: database.snapshot()["writes_queued"] == 3, "two writes to queue")
+        await until(lambda: database.snapshot()["writes_queued"] == 3, "two writes to queue")
         dropped.cancel()
         await asyncio.wait([dropped])  # the cancellation is handled before the writer frees up
         release.set()
@@ -201,7 +189,7 @@ async def test_a_cancelled_running_write_finishes_and_its_result_is_dropped_quie
 
     try:
         running = asyncio.create_task(database._write(job_fn))
-        await wait_for(lambda: started == ["w"], "the write to run")
+        await until(lambda: started == ["w"], "the write to run")
         running.cancel()
         await asyncio.wait([running])
         assert running.cancelled()

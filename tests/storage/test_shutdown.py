@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +12,7 @@ from node import errors
 from node.core import sqlreq as q
 from node.storage.sqlite import Database, Limits
 from tests.support.dbapi import execute, query
+from tests.support.wait import until
 
 # A recursive CTE that counts to a billion: runs for minutes unless interrupted.
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000) SELECT max(x) FROM c"
@@ -30,18 +30,6 @@ def _write(sql: str) -> q.WriteCommand:
     return q.stamp_write(_query(sql), time_ns=1, seed=1)
 
 
-async def wait_for(predicate, what: str, timeout_s: float = 10.0) -> None:
-    """Poll a condition set by another thread, bounded in time and count."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / 0.01) + 1):
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.01)
-    assert predicate(), f"timed out waiting for {what}"
-
-
 async def test_begin_shutdown_interrupts_running_work_and_refuses_the_backlog(tmp_path):
     database = Database(
         tmp_path,
@@ -52,7 +40,7 @@ async def test_begin_shutdown_interrupts_running_work_and_refuses_the_backlog(tm
     await execute(database, _write("CREATE TABLE t(x)"), q.Flags())
     running = asyncio.create_task(query(database, _query(ENDLESS), client="a"))
     writing = asyncio.create_task(execute(database, _write(ENDLESS_WRITE), q.Flags()))
-    await wait_for(
+    await until(
         lambda: database.snapshot()["reads_running"] == 1 and database.snapshot()["write_running"] == 1,
         "the endless read and write to run",
     )
@@ -61,7 +49,7 @@ async def test_begin_shutdown_interrupts_running_work_and_refuses_the_backlog(tm
     queued += [
         asyncio.create_task(execute(database, _write("INSERT INTO t VALUES(1)"), q.Flags())) for _ in range(40)
     ]
-    await wait_for(lambda: database.snapshot()["reads_waiting"] == 150, "the reads to queue")
+    await until(lambda: database.snapshot()["reads_waiting"] == 150, "the reads to queue")
     assert database.snapshot()["writes_queued"] == 41  # the running one stays listed until it ends
 
     database.begin_shutdown()

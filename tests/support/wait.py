@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -44,3 +45,26 @@ def wait_until(
         return value
     detail = "" if describe is None else f"; last state: {describe()}"
     raise WaitTimeout(f"timed out after {timeout_s:g} s waiting for {what}{detail}")
+
+
+async def until(
+    predicate: Callable[[], T], what: str = "condition", timeout_s: float = 10.0, interval_s: float = 0.005
+) -> T:
+    """:func:`wait_until` for a test on the event loop: the loop runs other tasks (and the done callbacks of
+    other threads' work) between polls. Returns the predicate's truthy value; raises WaitTimeout naming
+    ``what`` after ``timeout_s`` (the predicate is tried once more at the deadline), bounded in count too."""
+    if timeout_s <= 0 or interval_s <= 0:
+        raise ValueError("timeout_s and interval_s must be positive")
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / interval_s) + 2):
+        value = predicate()
+        if value:
+            return value
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        await asyncio.sleep(min(interval_s, remaining))
+    value = predicate()
+    if value:
+        return value
+    raise WaitTimeout(f"timed out after {timeout_s:g} s waiting for {what}")
