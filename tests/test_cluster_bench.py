@@ -290,3 +290,23 @@ def test_the_reported_ratio_is_a_median_of_the_rounds(ratios):
     below = sum(1 for r in rounds if r[0].ratio < got)
     above = sum(1 for r in rounds if r[0].ratio > got)
     assert below <= (len(ratios) - 1) // 2 and above <= len(ratios) // 2
+
+
+# --- interpreter ----------------------------------------------------------------------------------------------
+
+
+def test_the_report_names_the_interpreter_that_ran_the_nodes():
+    info = cb.interpreter()
+    assert info["executable"] == str(Path(sys.executable).resolve())
+    # This process's own memory map decides the build: a libpython mapped from a shared object, or not.
+    mapped = "libpython" in Path("/proc/self/maps").read_text()
+    assert info["libpython_shared"] is mapped
+    line = cb.format_interpreter(info)
+    assert info["executable"] in line and info["python"] in line
+    assert ("libpython shared" in line) is mapped
+
+
+@pytest.mark.parametrize(("shared", "text"), [(True, "shared"), (False, "linked in"), (None, "unknown")])
+def test_the_interpreter_line_says_each_build(shared, text):
+    line = cb.format_interpreter({"executable": "/x/python", "python": "3.11.2", "libpython_shared": shared})
+    assert line.startswith("interpreter: /x/python (Python 3.11.2, ") and text in line
