@@ -252,11 +252,14 @@ class Node:
                 await asyncio.wait([discoverer, health])
                 await self._say_goodbye()
             finally:
-                if self.http is not None:
-                    await self.http.stop()
-                if self.data_service is not None:
-                    # After HTTP (requests in flight finish first); the database closes before the log.
-                    await self.data_service.close()
+                try:
+                    if self.http is not None:
+                        await self.http.stop()
+                finally:
+                    # After HTTP (requests in flight finish first); the database closes before the log. Even
+                    # if HTTP's stop failed: the next Node of a restart opens these files again.
+                    if self.data_service is not None:
+                        await self.data_service.close()
             elector.cancel()
         self.log.info("node_stopped")
 

@@ -196,9 +196,18 @@ class StorageOpener:
         segment = {} if self._log_segment_bytes is None else {"segment_bytes": self._log_segment_bytes}
         log = AsyncLog(lambda: DurableLog.open(self.data_dir / LOG_DIR_NAME, **segment))
         # The database's check and the log's recovery each read a whole file: side by side.
-        started, opened = await asyncio.gather(
-            self._start_database(stop), log.start(), return_exceptions=True
-        )
+        try:
+            started, opened = await asyncio.gather(
+                self._start_database(stop), log.start(), return_exceptions=True
+            )
+        except asyncio.CancelledError:
+            # The node failed or stops meanwhile. The log may have opened while the database was still
+            # being checked, and nobody else knows of it yet: close it here (a no-op if it did not open),
+            # or its thread and segment files outlive this node, and a node restarted in this process
+            # (node.runtime.restart) opens the same files a second time. The database is closed by its
+            # owner, the node's data service.
+            await log.close()
+            raise
         if opened is None:
             self._set(log, None)  # closed by the Replicator's run() whatever happens next
         if isinstance(started, BaseException):
