@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from node import errors
 from node.core.replication import machine
 from node.core.replication import messages as msg
 from node.replication.codec import from_log_entry
@@ -186,7 +187,9 @@ class StorageOpener:
                 restore = await self._open_checked(stop)
             except _Damaged as again:
                 # A new, empty state failing its checks means the disk or the filesystem is failing: exit.
-                raise RuntimeError(f"DATA_DIR is damaged again right after a quarantine: {again}") from None
+                raise errors.RefusedToRun(
+                    f"DATA_DIR is damaged again right after a quarantine: {again}"
+                ) from None
         if restore is None or restore.hard is not None or restore.last[1] > 0:
             self._hold(None)  # a member with its own state: an old quarantine changes nothing
         return restore

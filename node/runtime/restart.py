@@ -28,7 +28,10 @@ The backoff between a failure and the next start:
   the same loop; the consecutive-failure ``attempt`` starts again at 1 too.
 
 Only a node whose start-up completed (``node.started``) is restarted: a start-up failure (the port in use,
-DATA_DIR unusable or held by another process) exits as before, since a restart would not fix it. A
+DATA_DIR unusable or held by another process) exits as before, since a restart would not fix it; so does a
+failure that is a refusal of what DATA_DIR holds (:class:`node.errors.RefusedToRun`: data written without
+replication, another node's hard-state file, a log in a newer format), found by the Replicator after
+``started``, which a restart would only repeat every 30 s while the process looked alive. A
 SIGTERM/SIGINT during the wait ends the process at once with status 0; one that came before the failure
 (a node that failed while it stopped) is not restarted either and exits with the failure's status.
 """
@@ -41,6 +44,8 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
+
+from node.errors import RefusedToRun
 
 RESTART_FIRST_DELAY_S = 1.0
 RESTART_MAX_DELAY_S = 30.0
@@ -77,15 +82,23 @@ async def _run_once(
     stop: asyncio.Event,
     report: Callable[[Exception, RunnableNode], int],
 ) -> tuple[int | None, bool]:
-    """One Node's life: (None, True) after a clean stop, else (the failure's exit status, whether its start-up
-    had completed). Only this frame refers to the Node, so nothing of it outlives its run (the wait after
-    a failure holds neither the Node nor the exception's traceback)."""
+    """One Node's life: (None, False) after a clean stop, else (the failure's exit status, whether a restart
+    may help: its start-up had completed and it is no refusal of what DATA_DIR holds). Only this frame refers
+    to the Node, so nothing of it outlives its run (the wait after a failure holds neither the Node nor the
+    exception's traceback)."""
     async with new_node() as node:
         try:
             await node.run(stop)
         except Exception as exc:  # noqa: BLE001 - the node failed: report it, the caller decides what next
-            return report(exc, node), node.started.is_set()
-    return None, True
+            return report(exc, node), node.started.is_set() and not _refusal(exc)
+    return None, False
+
+
+def _refusal(exc: Exception) -> bool:
+    """Whether ``exc``, or any exception in it (TaskGroups nest them), is a RefusedToRun."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(lambda e: isinstance(e, RefusedToRun)) is not None
+    return isinstance(exc, RefusedToRun)
 
 
 async def run_restarting(
@@ -99,9 +112,9 @@ async def run_restarting(
     pause: Callable[[asyncio.Event, float], Awaitable[bool]] = wait_for_stop,
 ) -> int:
     """Run a Node from ``new_node()`` until ``stop``; after a failure ``report`` logs it (``node_crashed``)
-    and says the exit status, then (``restart``, start-up completed, no stop yet) ``node_restarting`` is
-    logged and, after the backoff (``pause``, which returns True if ``stop`` came meanwhile), a fresh Node
-    runs. Returns the process's exit status.
+    and says the exit status, then (``restart``, start-up completed, no refusal, no stop yet)
+    ``node_restarting`` is logged and, after the backoff (``pause``, which returns True if ``stop`` came
+    meanwhile), a fresh Node runs. Returns the process's exit status.
 
     Not bounded in count, on purpose: a node restarts as often as it fails, at most once every
     RESTART_MAX_DELAY_S once failures repeat; a stop ends the loop within one backoff or one Node's stop.
@@ -110,10 +123,10 @@ async def run_restarting(
     attempt = 0
     while True:
         began = monotonic()
-        code, started = await _run_once(new_node, stop, report)
+        code, may_help = await _run_once(new_node, stop, report)
         if code is None:
             return EXIT_OK
-        if not restart or not started or stop.is_set():
+        if not restart or not may_help or stop.is_set():
             return code
         ran_s = monotonic() - began
         reset = delay_s is None or ran_s >= RESTART_RESET_AFTER_S

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from node.__main__ import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _report_failure
 from node.config import Config
+from node.errors import RefusedToRun
 from node.runtime.restart import (
     RESTART_FIRST_DELAY_S,
     RESTART_MAX_DELAY_S,
@@ -34,9 +35,10 @@ CONFIG = Config(jwt_secret="x" * 32)
 
 # What one fake Node does: fail after its start-up completed ("crash"), fail before ("early": an ordinary
 # error; "port": the listening socket, an OSError), stop cleanly on a signal ("clean"), or fail while it
-# stops after a signal ("stop_crash"). "crash_then_signal": fail, then a signal comes during the wait.
+# stops after a signal ("stop_crash"), or refuse what DATA_DIR holds after start-up ("refused": RefusedToRun
+# nested in TaskGroups, as the Replicator raises it). "crash_then_signal": fail, then a signal during the wait.
 CRASHES = ("crash", "crash_then_signal")
-ENDINGS = ("clean", "early", "port", "stop_crash", "crash_then_signal")
+ENDINGS = ("clean", "early", "port", "stop_crash", "refused", "crash_then_signal")
 
 
 class RecordingLog:
@@ -98,6 +100,9 @@ class FakeNode:
         if self.kind == "port":
             raise ExceptionGroup("unhandled errors in a TaskGroup", [OSError(98, "address already in use")])
         self.started.set()
+        if self.kind == "refused":
+            refusal = RefusedToRun("DATA_DIR holds a database written without replication")
+            raise ExceptionGroup("unhandled errors in a TaskGroup", [ExceptionGroup("inner", [refusal])])
         if self.kind in CRASHES:
             raise ExceptionGroup("unhandled errors in a TaskGroup", [RuntimeError("log segment is damaged")])
         stop.set()  # a signal; the node stops
@@ -176,6 +181,17 @@ async def test_a_failure_before_start_up_completed_is_not_restarted():
     code, script, log = await _run([("crash", 5.0), ("port", 0.1), ("clean", 1.0)])
     assert code == EXIT_USAGE and script.built == 2
     assert log.events() == ["node_crashed", "node_restarting", "startup_failed"]
+
+
+async def test_a_refusal_of_what_data_dir_holds_is_not_restarted_even_after_start_up():
+    """Data written without replication, another node's hard-state file, a newer log format: found by the
+    Replicator after ``started``; a restart would only find it again every 30 s. Exit 1 as before."""
+    code, script, log = await _run([("refused", 0.5), ("clean", 1.0)])
+    assert code == EXIT_FAILED and script.built == 1 and script.pauses == []
+    assert log.events() == ["node_crashed"]
+    assert "written without replication" in log.events("node_crashed")[0]["error"]
+    code, script, log = await _run([("crash", 3.0), ("refused", 0.5), ("clean", 1.0)])
+    assert code == EXIT_FAILED and script.built == 2 and script.pauses == [1.0]
 
 
 async def test_a_node_that_fails_while_it_stops_is_not_restarted():

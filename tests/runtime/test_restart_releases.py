@@ -209,7 +209,8 @@ async def test_threads_and_file_descriptors_stay_bounded_over_several_crashes(tm
     assert all(m["threads"] <= base_threads + executor_cap for m in measured), (base_threads, measured)
     # (The connection threads end just after their close job: Database.close does not join them.)
     await until(lambda: not _node_threads(), "the last Node's threads to end", RELEASE_BOUND_S, 0.01)
-    # And nothing refers to a Node once its run is over (no registry, task, callback or cache keeps it: aiohttp's
-    # middleware cache did, see node.http.server._forget_middleware_chains): its memory is given back too.
+    # And nothing refers to a Node once its run is over (no registry, task, callback or cache keeps it:
+    # aiohttp's middleware cache did, see node.http.server._forget_middleware_chains): its memory is given
+    # back too.
     gc.collect()
     assert [i for i, ref in enumerate(refs) if ref() is not None] == []
