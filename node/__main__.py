@@ -1,9 +1,10 @@
 """Command line: ``python -m node`` runs the daemon (console script: ``talentnest-node``).
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT, also during the wait before a restart), 1 if the node
-failed while running and is not restarted in the process (RESTART_ON_CRASH=off, or it failed while stopping;
-see node.runtime.restart), 2 if it could not start (bad configuration, an address that gives no node ID, a
-port already in use, DATA_DIR in use by another process). ``recover`` (after the permanent loss of a majority) has its own statuses: see ``node.recover``.
+failed while running and is not restarted in the process (RESTART_ON_CRASH=off, a refusal of what DATA_DIR
+holds, or a failure while stopping; see node.runtime.restart), 2 if it could not start (bad configuration, an
+address that gives no node ID, a port already in use, DATA_DIR in use by another process). ``recover``
+(after the permanent loss of a majority) has its own statuses: see ``node.recover``.
 """
 
 from __future__ import annotations
