@@ -1,8 +1,10 @@
 """Command line: ``python -m node`` runs the daemon (console script: ``talentnest-node``).
 
-Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 if the node failed while running, 2 if it could not
-start (bad configuration, an address that gives no node ID, a port already in use, DATA_DIR in use by another
-process). ``recover`` (after the permanent loss of a majority) has its own statuses: see ``node.recover``.
+Exit status: 0 after a clean stop (SIGTERM/SIGINT, also during the wait before a restart), 1 if the node
+failed while running and is not restarted in the process (RESTART_ON_CRASH=off, a refusal of what DATA_DIR
+holds, or a failure while stopping; see node.runtime.restart), 2 if it could not start (bad configuration, an
+address that gives no node ID, a port already in use, DATA_DIR in use by another process). ``recover``
+(after the permanent loss of a majority) has its own statuses: see ``node.recover``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from node import __version__, auth
 from node.config import Config, ConfigError
@@ -25,6 +27,7 @@ from node.runtime import logging as nodelog
 from node.runtime.clock import LoopClock
 from node.runtime.netinfo import detect_advertise_address
 from node.runtime.resolver import AiodnsResolver
+from node.runtime.restart import run_restarting
 from node.runtime.transport import HttpTransport
 from node.supervisor import Node
 
@@ -187,16 +190,23 @@ async def _serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async with HttpTransport(secret=config.jwt_secret, probe_timeout_s=config.probe_timeout_s) as transport:
-        node = Node(config, me=me, clock=LoopClock(), resolver=resolver, transport=transport, log=log)
-        try:
-            await node.run(stop)
-        except Exception as exc:  # noqa: BLE001 - the node failed: report it and exit non-zero
-            return _report_failure(exc, node, config, log)
-    return EXIT_OK
+    @contextlib.asynccontextmanager
+    async def new_node() -> AsyncIterator[Node]:
+        # A peer transport of its own for each Node: a failed Node's connections, signed with its
+        # incarnation, are closed with it before the next one starts.
+        transport = HttpTransport(secret=config.jwt_secret, probe_timeout_s=config.probe_timeout_s)
+        async with transport:
+            yield Node(config, me=me, clock=LoopClock(), resolver=resolver, transport=transport, log=log)
+
+    # A node that fails after its start-up completed is built again in this process (RESTART_ON_CRASH,
+    # node.runtime.restart): with a plain `docker run` nothing else would start it again.
+    return await run_restarting(
+        new_node, stop, restart=config.restart_on_crash,
+        report=lambda exc, node: _report_failure(exc, node, config, log), log=log,
+    )  # fmt: skip
 
 
-def _report_failure(exc: Exception, node: Node, config: Config, log) -> int:
+def _report_failure(exc: Exception, node: Any, config: Config, log) -> int:
     errors = list(exc.exceptions) if isinstance(exc, BaseExceptionGroup) else [exc]
     if not node.started.is_set() and all(isinstance(e, OSError) for e in errors):
         # Before start-up completed an OSError is the listening socket: say which, exit as a start-up failure.

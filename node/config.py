@@ -71,6 +71,12 @@ class Config:
     # Directory for the node's durable state (the SQLite database).
     data_dir: Path = field(default_factory=lambda: Path("data"))
     log_level: str = "info"
+    # "on" (the default): a node that fails after its start-up completed (an error none of its parts handles,
+    # such as a log record found damaged while it is read) is built again in the same process after a
+    # backoff (1 s doubling to 30 s), and its start-up checks quarantine what is damaged; the documented
+    # `docker run` has no restart policy, so an exit would leave the node down for good. "off": exit 1 at
+    # the first such failure, for a supervisor (systemd, Kubernetes, --restart) that prefers to restart it.
+    restart_on_crash: bool = True
 
     # --- data API -----------------------------------------------------------------------------------------
     # Largest request body /db/execute, /db/query and /db/request accept; larger answers 413.
@@ -326,6 +332,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "shutdown_grace_s": ("SHUTDOWN_GRACE", _positive_seconds),
     "data_dir": ("DATA_DIR", _path),
     "log_level": ("LOG_LEVEL", _log_level),
+    "restart_on_crash": ("RESTART_ON_CRASH", lambda raw: _on_off(raw)),
     "db_max_body_bytes": ("DB_MAX_BODY_BYTES", _positive_int),
     "db_max_load_bytes": ("DB_MAX_LOAD_BYTES", _positive_int),
     "db_max_statements": ("DB_MAX_STATEMENTS", _positive_int),
@@ -366,6 +373,13 @@ def _replication(raw: str) -> str:
     if value not in ("off", "on"):
         raise ValueError(f"must be 'off' or 'on', not {raw!r}")
     return value
+
+
+def _on_off(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("off", "on"):
+        raise ValueError(f"must be 'on' or 'off', not {raw!r}")
+    return value == "on"
 
 
 def _event_loop(raw: str) -> str:

@@ -9,6 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 
+class RefusedToRun(RuntimeError):
+    """Not an HTTP error: the node refuses to run on what it found in DATA_DIR (data written without
+    replication, another node's hard-state file, a log in a newer format, a database and log that do not fit
+    together, a state damaged again right after a quarantine). A restart in the same process would find the
+    same (node.runtime.restart does not restart after it): the process exits 1, and the message says what an
+    operator must do."""
+
+
 class NodeError(Exception):
     status = 500
     code = "internal_error"

@@ -14,8 +14,13 @@ will probe us at once). Stop order is the reverse, with the goodbye in the middl
 4. close the database, then the log (every applied entry is already durable in it), cancel what is left.
 
 All tasks belong to one ``asyncio.TaskGroup``. If any actor raises, the group cancels the rest and the
-exception propagates out of :meth:`Node.run`: the process exits non-zero and the container runtime restarts
-it, rather than leaving a node half alive.
+exception propagates out of :meth:`Node.run`, rather than leaving a node half alive. On that path too the
+Node gives back everything it holds before ``run`` returns: HTTP stops listening, the database and then the
+log are closed (their threads end), every task has ended (the TaskGroup waits for them), and the DATA_DIR
+lock is released last. Then ``python -m node`` builds a fresh Node in the same process after a backoff, whose
+start-up checks quarantine whatever is damaged (RESTART_ON_CRASH, node.runtime.restart); with
+RESTART_ON_CRASH=off the process exits 1 instead, for a supervisor that restarts it (the documented
+``docker run`` has no restart policy, so nothing else would).
 """
 
 from __future__ import annotations
@@ -180,7 +185,8 @@ class Node:
         if self.http is not None:
             # First, before anything in DATA_DIR is read or written: one process per DATA_DIR (a second node
             # on the same volume, or `recover` while this one runs, is refused; node.storage.dirlock). Held
-            # until the process exits; an OSError here is a start-up failure (exit 2) that names the holder.
+            # until this run ends (run's finally; a restart in the same process takes it again); an OSError
+            # here is a start-up failure (exit 2) that names the holder.
             self._dir_lock = await asyncio.to_thread(lock_data_dir, self.config.data_dir)
             now_ms = time.time_ns() // 1_000_000
             self.incarnation = await asyncio.to_thread(next_incarnation, self.config.data_dir, now_ms)
@@ -246,11 +252,14 @@ class Node:
                 await asyncio.wait([discoverer, health])
                 await self._say_goodbye()
             finally:
-                if self.http is not None:
-                    await self.http.stop()
-                if self.data_service is not None:
-                    # After HTTP (requests in flight finish first); the database closes before the log.
-                    await self.data_service.close()
+                try:
+                    if self.http is not None:
+                        await self.http.stop()
+                finally:
+                    # After HTTP (requests in flight finish first); the database closes before the log. Even
+                    # if HTTP's stop failed: the next Node of a restart opens these files again.
+                    if self.data_service is not None:
+                        await self.data_service.close()
             elector.cancel()
         self.log.info("node_stopped")
 

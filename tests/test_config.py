@@ -134,3 +134,11 @@ def test_snapshot_transfer_defaults_and_limits():
         Config.from_env({**SECRET, "SNAPSHOT_RATE_BYTES_S": "1000"})
     assert any("SNAPSHOT_RATE_BYTES_S" in p for p in info.value.problems)
     assert any("SNAPSHOT_MAX_SENDS" in p for p in info.value.problems)
+
+
+def test_restart_on_crash_is_on_by_default_and_takes_on_or_off():
+    assert Config.from_env(SECRET).restart_on_crash is True
+    assert Config.from_env({**SECRET, "RESTART_ON_CRASH": " OFF "}).restart_on_crash is False
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({**SECRET, "RESTART_ON_CRASH": "yes"})
+    assert info.value.problems == ["RESTART_ON_CRASH='yes': must be 'on' or 'off', not 'yes'"]

@@ -617,7 +617,7 @@ class Replicator:
             if applied or last_index:
                 # Data written without replication (its own log's entries carry epoch 0): refuse to pretend
                 # it is a replicated history, or the node would follow no one for ever.
-                raise RuntimeError(
+                raise errors.RefusedToRun(
                     f"DATA_DIR holds a database written without replication (applied index {applied}, "
                     f"log up to {last_index}); "
                     "start with REPLICATION=off, or load a backup into an empty replicated cluster"
@@ -625,10 +625,12 @@ class Replicator:
             await self._form(stop)
             return
         if applied > last_index:
-            raise RuntimeError(f"the database applied index {applied} is beyond the log's last {last_index}")
+            raise errors.RefusedToRun(
+                f"the database applied index {applied} is beyond the log's last {last_index}"
+            )
         first_index = self._asynclog.first_index
         if applied < first_index - 1:
-            raise RuntimeError(
+            raise errors.RefusedToRun(
                 f"the database applied index {applied} is below the log's first entry {first_index}: the "
                 "entries between are compacted away (an older copy of the database?)"
             )

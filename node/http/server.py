@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import http_exceptions, web
+from aiohttp import http_exceptions, web, web_app
 
 from node.http.common import (
     RESPONSE_BUDGET,
@@ -642,3 +642,16 @@ class HttpApi:
             await runner.cleanup()
             self._site = None
         self.guard.close()
+        _forget_middleware_chains()
+
+
+def _forget_middleware_chains() -> None:
+    """aiohttp keeps each handler's middleware chain in a process-wide cache (an LRU of 1024) keyed by the
+    bound handler, so a stopped app's routes, and through them the whole Node (its replication state, its
+    closed database objects), stay in memory. A node restarted in the same process after a failure
+    (node.runtime.restart) must not carry the failed Nodes along: forget them. The next requests build the
+    chains again (one call per route). Private to aiohttp, hence looked up defensively."""
+    cache = getattr(web_app, "_cached_build_middleware", None)
+    clear = getattr(cache, "cache_clear", None)
+    if clear is not None:
+        clear()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from node import errors
 from node.core.replication import machine
 from node.core.replication import messages as msg
 from node.replication.codec import from_log_entry
@@ -186,7 +187,9 @@ class StorageOpener:
                 restore = await self._open_checked(stop)
             except _Damaged as again:
                 # A new, empty state failing its checks means the disk or the filesystem is failing: exit.
-                raise RuntimeError(f"DATA_DIR is damaged again right after a quarantine: {again}") from None
+                raise errors.RefusedToRun(
+                    f"DATA_DIR is damaged again right after a quarantine: {again}"
+                ) from None
         if restore is None or restore.hard is not None or restore.last[1] > 0:
             self._hold(None)  # a member with its own state: an old quarantine changes nothing
         return restore
@@ -196,9 +199,18 @@ class StorageOpener:
         segment = {} if self._log_segment_bytes is None else {"segment_bytes": self._log_segment_bytes}
         log = AsyncLog(lambda: DurableLog.open(self.data_dir / LOG_DIR_NAME, **segment))
         # The database's check and the log's recovery each read a whole file: side by side.
-        started, opened = await asyncio.gather(
-            self._start_database(stop), log.start(), return_exceptions=True
-        )
+        try:
+            started, opened = await asyncio.gather(
+                self._start_database(stop), log.start(), return_exceptions=True
+            )
+        except asyncio.CancelledError:
+            # The node failed or stops meanwhile. The log may have opened while the database was still
+            # being checked, and nobody else knows of it yet: close it here (a no-op if it did not open),
+            # or its thread and segment files outlive this node, and a node restarted in this process
+            # (node.runtime.restart) opens the same files a second time. The database is closed by its
+            # owner, the node's data service.
+            await log.close()
+            raise
         if opened is None:
             self._set(log, None)  # closed by the Replicator's run() whatever happens next
         if isinstance(started, BaseException):

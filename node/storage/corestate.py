@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 
 from node.core.replication import messages as msg
+from node.errors import RefusedToRun
 from node.storage.durable import FramedFileError, decode_framed, encode_framed, write_atomic
 
 REPLICATION_STATE_FILE = "replication-state"
@@ -65,5 +66,5 @@ def load_core_hard_state(directory: Path, identity: str) -> msg.HardState | None
     except (FramedFileError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise HardStateDamaged(f"{path} is unreadable: {exc}") from exc
     if owner != identity:
-        raise RuntimeError(f"{path} belongs to node {owner}, not to this node ({identity})")
+        raise RefusedToRun(f"{path} belongs to node {owner}, not to this node ({identity})")
     return hard

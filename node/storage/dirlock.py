@@ -1,9 +1,11 @@
-"""One process at a time in a DATA_DIR: an exclusive ``flock`` on ``DATA_DIR/lock``, held for the process's life.
+"""One process at a time in a DATA_DIR: an exclusive ``flock`` on ``DATA_DIR/lock``, held while a node runs.
 
 Why: two processes writing one log, hard state and database (a second node started on the same volume, or
 ``python -m node recover`` run while the node still serves) would interleave appends and atomic replaces
 and leave a replica that contradicts what it acknowledged. The node takes the lock before it touches
-anything in DATA_DIR and keeps it until it exits; ``recover`` takes the same lock and refuses to run while
+anything in DATA_DIR and keeps it until its run ends (a node restarted in the same process after a failure,
+node.runtime.restart, releases it and takes it again: ``flock`` locks belong to an open file, so even the
+same process could not take it twice); ``recover`` takes the same lock and refuses to run while
 the node holds it.
 
 ``flock`` rather than a pid file: the kernel releases it when the process ends however it ends (SIGKILL,

@@ -121,6 +121,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.errors import RefusedToRun
 from node.storage.durable import (
     TEMP_SUFFIX,
     crash_point,
@@ -200,8 +201,9 @@ class LogCorrupt(LogError):
         self.reason = reason
 
 
-class LogVersionError(LogError):
-    """A segment was written in a format version this release does not read (refused, never guessed)."""
+class LogVersionError(LogError, RefusedToRun):
+    """A segment was written in a format version this release does not read (refused, never guessed); a
+    restart in the same process would only refuse it again (node.runtime.restart)."""
 
 
 class LogDiskFull(LogError):
