@@ -25,7 +25,8 @@ A log append or truncate that fails cleanly (disk full, an I/O error the log und
 Ready and of every later one from going out (no ack for what the disk does not hold) and the core is
 rebuilt from what is durable (``restore``, as at a restart) after LOG_FAILURE_BACKOFF_S, without exiting:
 /readyz says why, a follower is caught up by its leader once space returns. Any other write failure (the
-hard state, a log left in doubt) raises: the node exits non-zero and restarts from what is durable.
+hard state, a log left in doubt) raises: the Node fails and is started again from what is durable
+(in the same process, node.runtime.restart; or by the node's supervisor with RESTART_ON_CRASH=off).
 
 Apply: committed entries go, in order, to the applier task, which gives each run of them to
 ``Database.apply(last index, all their commands)``: one SQLite transaction whose applied index moves to the
