@@ -39,6 +39,7 @@ from node.core.election import Leadership
 from node.core.sqlreq import (
     DbRequest,
     Flags,
+    Statement,
     decode_text,
     parse_statements,
     parse_text_statement,
@@ -150,11 +151,14 @@ class DbRoutes:
         return await asyncio.to_thread(self._parse, raw, flags, text=text)
 
     def _parse(self, raw: bytes, flags: Flags, *, text: bool) -> DbRequest:
+        return DbRequest(self._statements(raw, text=text), flags)
+
+    def _statements(self, raw: bytes, *, text: bool) -> tuple[Statement, ...]:
         if text:
-            return DbRequest(parse_text_statement(decode_text(raw)), flags)
+            return parse_text_statement(decode_text(raw))
         body = parse_json(raw, expected="a JSON array of statements")
         # raw too: an integer beyond 64 bits is decoded again exactly, to be refused rather than stored as REAL.
-        return DbRequest(parse_statements(body, max_statements=self._max_statements, raw=raw), flags)
+        return parse_statements(body, max_statements=self._max_statements, raw=raw)
 
     def _respond(
         self,
@@ -190,10 +194,10 @@ class DbRoutes:
         # of reading and parsing it in general (the same checks, the same answers: see body_at_hand).
         raw = body_at_hand(request, limit=self._max_body)
         if raw is not None and len(raw) <= INLINE_PARSE_BYTES:
-            db_request = self._parse(raw, flags, text=_is_text(request))
+            statements = self._statements(raw, text=_is_text(request))
         else:
-            db_request = await self._request(request, flags, raw)
-        write = WriteRequest(db_request.statements, flags.transaction, unified, request_id)
+            statements = (await self._request(request, flags, raw)).statements
+        write = WriteRequest(statements, flags.transaction, unified, request_id)
         # Replication seam: the service forwards to the leader (or answers 301) when this node is a follower.
         outcome: WriteOutcome = await self._service.submit(write, client_key(authorization))
         # The results exist only after the write's log entry was fsynced and then applied: answering now
