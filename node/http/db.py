@@ -39,11 +39,19 @@ from node.core.election import Leadership
 from node.core.sqlreq import (
     DbRequest,
     Flags,
+    Statement,
     decode_text,
     parse_statements,
     parse_text_statement,
 )
-from node.http.common import EXTRA_HEADERS, json_response, parse_json, read_body, request_flags
+from node.http.common import (
+    EXTRA_HEADERS,
+    body_at_hand,
+    json_response,
+    parse_json,
+    read_body,
+    request_flags,
+)
 from node.http.render import INLINE_RENDER_CELLS, cells, render_results
 from node.runtime.mailbox import LatestCell
 from node.service import LocalDataService, LogBackedDataService, WriteOutcome, WriteRequest
@@ -131,11 +139,11 @@ class DbRoutes:
         principal.require(role)
         return principal
 
-    async def _request(self, request: web.Request, flags: Flags) -> DbRequest:
-        raw = await read_body(request, limit=self._max_body, timeout_s=self._read_timeout_s)
-        # The header as clients almost always send it needs no parse (aiohttp's costs more than the JSON's).
-        raw_type = request.headers.get("Content-Type")
-        text = False if raw_type == "application/json" else request.content_type == "text/plain"
+    async def _request(self, request: web.Request, flags: Flags, raw: bytes | None = None) -> DbRequest:
+        """The request's statements; ``raw`` is its body if the caller already has it (:func:`body_at_hand`)."""
+        if raw is None:
+            raw = await read_body(request, limit=self._max_body, timeout_s=self._read_timeout_s)
+        text = _is_text(request)
         if len(raw) <= INLINE_PARSE_BYTES:
             return self._parse(raw, flags, text=text)
         # Decoding and checking a body of megabytes takes tens of milliseconds of CPU: off the event loop, so
@@ -143,11 +151,14 @@ class DbRoutes:
         return await asyncio.to_thread(self._parse, raw, flags, text=text)
 
     def _parse(self, raw: bytes, flags: Flags, *, text: bool) -> DbRequest:
+        return DbRequest(self._statements(raw, text=text), flags)
+
+    def _statements(self, raw: bytes, *, text: bool) -> tuple[Statement, ...]:
         if text:
-            return DbRequest(parse_text_statement(decode_text(raw)), flags)
+            return parse_text_statement(decode_text(raw))
         body = parse_json(raw, expected="a JSON array of statements")
         # raw too: an integer beyond 64 bits is decoded again exactly, to be refused rather than stored as REAL.
-        return DbRequest(parse_statements(body, max_statements=self._max_statements, raw=raw), flags)
+        return parse_statements(body, max_statements=self._max_statements, raw=raw)
 
     def _respond(
         self,
@@ -174,18 +185,27 @@ class DbRoutes:
 
     async def _write(self, request: web.Request, *, unified: bool) -> web.Response:
         started = time.perf_counter()
-        self._authorize(request, auth.Role.WRITE)
+        authorization = request.headers.get("Authorization")  # looked up once: the token, then the client key
+        principal = auth.authenticate(authorization, self._secret, now=self._wall_clock_ns() / 1e9)
+        principal.require(auth.Role.WRITE)
         flags = request_flags(request)
         request_id = _request_id(request)
-        db_request = await self._request(request, flags)
-        write = WriteRequest(db_request.statements, flags.transaction, unified, request_id)
+        # A small body that came with its head (the common write) is parsed here, without the two coroutines
+        # of reading and parsing it in general (the same checks, the same answers: see body_at_hand).
+        raw = body_at_hand(request, limit=self._max_body)
+        if raw is not None and len(raw) <= INLINE_PARSE_BYTES:
+            statements = self._statements(raw, text=_is_text(request))
+        else:
+            statements = (await self._request(request, flags, raw)).statements
+        write = WriteRequest(statements, flags.transaction, unified, request_id)
         # Replication seam: the service forwards to the leader (or answers 301) when this node is a follower.
-        outcome: WriteOutcome = await self._service.submit(
-            write, client_key(request.headers.get("Authorization"))
-        )
+        outcome: WriteOutcome = await self._service.submit(write, client_key(authorization))
         # The results exist only after the write's log entry was fsynced and then applied: answering now
-        # acknowledges only durable writes.
-        results = await self._render(outcome.results, flags, unified=unified)
+        # acknowledges only durable writes. Few results are rendered here, without a coroutine for it.
+        if cells(outcome.results) <= INLINE_RENDER_CELLS:
+            results = render_results(outcome.results, flags, unified=unified)
+        else:
+            results = await asyncio.to_thread(render_results, outcome.results, flags, unified=unified)
         # The index names a stored write only: after a failed group COMMIT nothing was stored.
         headers = {INDEX_HEADER: str(outcome.index)} if outcome.committed else None
         return self._respond(results, flags, started, headers)
@@ -372,6 +392,14 @@ class DbRoutes:
         if free >= reserve:
             return None
         return f"{free} bytes free in DATA_DIR, LOG_RESERVE_BYTES is {reserve}: writes are refused"
+
+
+def _is_text(request: web.Request) -> bool:
+    """Whether a body is a plain-text statement (text/plain) rather than JSON. The header as clients almost
+    always send it needs no parse (aiohttp's costs more than the JSON's)."""
+    if request.headers.get("Content-Type") == "application/json":
+        return False
+    return request.content_type == "text/plain"
 
 
 def _request_id(request: web.Request) -> str | None:

@@ -29,7 +29,12 @@ INLINE_RENDER_CELLS = 2_000
 
 def cells(results: Sequence[StatementResult]) -> int:
     """How much rendering work ``results`` are: the values that may need converting."""
-    return sum(len(r.rows) * max(1, len(r.columns or ())) for r in results)
+    total = 0
+    for result in results:  # a loop, not sum() over a generator: this runs for every write's results
+        rows = result.rows
+        if rows:
+            total += len(rows) * max(1, len(result.columns or ()))
+    return total
 
 
 def render_results(results: Sequence[StatementResult], flags: Flags, *, unified: bool = False) -> list[dict]:

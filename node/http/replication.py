@@ -284,6 +284,7 @@ class ForwardingMiddleware:
         self._replicator = replicator
         self._me = me
         self._me_text = str(me)
+        self._node_text = str(me.node_id)  # X-TalentNest-Node of every answer this node gives: built once
         self._secret = jwt_secret
         self._max_body = max_body_bytes
         self._read_timeout_s = body_read_timeout_s
@@ -321,7 +322,7 @@ class ForwardingMiddleware:
         if leader is None or FORWARDED_HEADER in request.headers:
             response = await handler(request)
             headers = response.headers
-            headers[NODE_HEADER] = str(self._me.node_id)
+            headers[NODE_HEADER] = self._node_text
             epoch = ANSWERED_EPOCH.get()
             if epoch is not None:
                 headers[EPOCH_HEADER] = str(epoch)
@@ -357,7 +358,7 @@ class ForwardingMiddleware:
             )
         # The backup streams (its headers are sent before the handler returns): it adds these itself.
         request[EXTRA_HEADERS] = {
-            NODE_HEADER: str(self._me.node_id),
+            NODE_HEADER: self._node_text,
             LEADER_HEADER: "true" if self._replicator.is_leader() else "false",
         }
         return await handler(request)
