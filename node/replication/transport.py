@@ -197,6 +197,11 @@ class _Peer:
         most MAX_BATCH_PAYLOAD_BYTES of entry payloads (unless its first message alone has more)."""
         if not self.queue:
             return "", []
+        if (
+            len(self.queue) == 1
+        ):  # the usual case at low load: its first message always goes, whatever its size
+            cluster, message = self.queue.popleft()
+            return cluster, [message]
         cluster = self.queue[0][0]
         batch: list[msg.Message] = []
         payload_bytes = 0
