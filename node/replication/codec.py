@@ -106,11 +106,12 @@ def _unb64(text: Any) -> bytes:
         raise CodecError(f"bad base64: {exc}") from None
 
 
-_KIND_TEXT = {kind: kind.value for kind in msg.Kind}  # Enum.value is a descriptor call: slow per entry
+# A kind's text is its ``_value_`` (the member's value as the enum stores it): ``Enum.value`` is a descriptor
+# call and a dict keyed by the member calls Enum.__hash__, a Python function, per entry.
 
 
 def _entry_out(e: msg.Entry) -> list[Any]:
-    return [e.epoch, e.index, _KIND_TEXT[e.kind], _b64(e.payload)]
+    return [e.epoch, e.index, e.kind._value_, _b64(e.payload)]
 
 
 class EntryCache:
@@ -147,7 +148,7 @@ class EntryCache:
         if hit is not None and hit[0] is entry:
             return hit[1]
         text = _b64(entry.payload)
-        out = [entry.epoch, entry.index, _KIND_TEXT[entry.kind], text]
+        out = [entry.epoch, entry.index, entry.kind._value_, text]
         size = len(text)
         if size <= self._max_item_bytes:
             if len(self._young) >= self._max_entries or self._young_bytes + size > self._max_bytes:

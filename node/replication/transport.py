@@ -4,6 +4,10 @@ Why not one HTTP request per message: a leader sends heartbeats to every member 
 milliseconds and Appends for every client batch; a request each would cost a round trip each. Instead each
 peer has one bounded queue and ``WORKERS_PER_PEER`` workers; a worker takes everything queued (up to
 ``MAX_BATCH_MESSAGES``) and sends it as one batch, so batches are pipelined and their size follows the load.
+When the peer's stream is open and no write to it is under way, what was queued in a loop step is written
+at the end of that step by a callback instead (no worker task is woken: see ``_flush``); a write that has
+to wait for the socket goes on in a task that holds the peer's write lock, and the workers take over
+behind it, so frames always leave in queue order.
 
 How a batch travels: on the peer's **stream** when one is open (``GET /cluster/replication/stream``, a
 WebSocket: one long-lived connection per peer and direction, each batch one binary frame, answered by
