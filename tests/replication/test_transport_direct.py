@@ -252,3 +252,31 @@ async def test_a_waiter_handed_the_lock_then_cancelled_before_it_ran_passes_it_o
     assert lock.locked()
     lock.release()
     assert not lock.locked()
+
+
+def test_a_send_with_no_loop_running_only_queues_the_message():
+    """Outside a running loop nothing can be written: the message waits in the queue for the workers."""
+    t = transport()
+    t.send(PEER, msg.HeartbeatAck(1, 1))
+    peer = t._peers[PEER]
+    assert [m for _, m in peer.queue] == [msg.HeartbeatAck(1, 1)]
+    assert not peer.flush_due and t._due == []
+
+
+async def test_a_stream_that_is_not_open_leaves_the_queue_to_a_woken_worker():
+    t = transport()
+    sent: list[int] = []
+
+    async def send_frame(peer: _Peer, batch: list, cluster: str) -> bool:
+        sent.extend(m.seq for m in batch)
+        return True
+
+    t._send_frame = send_frame  # type: ignore[method-assign]
+    async with asyncio.TaskGroup() as tg:
+        t._group = tg
+        peer = t._peer(PEER)  # no stream (peer.ws is None)
+        await settle(lambda: len(peer.idle) == 2, "the workers idle")
+        t.send(PEER, msg.HeartbeatAck(1, 1))
+        t.send(PEER, msg.HeartbeatAck(1, 2))
+        await settle(lambda: sent == [1, 2], "the worker's frame")
+        await stop(t, peer)
