@@ -345,9 +345,9 @@ class ReplicationTransport:
         """End of the loop step in which messages were queued: write each peer's queue to its stream at once
         when the stream is open and no write to it is under way; else hand it to a worker as before.
 
-        Why: waking a worker task for every batch (its future, its step, the write lock, the timeout
-        wrapper: a few task hops per frame) cost about as much as the frame itself when the stream takes
-        frames without waiting, which it does unless its socket's buffer is full. Messages queued in one
+        Why: waking a worker task for every batch (its future, its task step, the write lock, the timeout
+        wrapper: a few task hops per frame) was a large share of the sender's CPU per frame, although the
+        stream takes a frame without waiting unless its socket's buffer is full. Messages queued in one
         step still go together (this runs after the step, once per peer). Never blocks: a write that has
         to wait (flow control) goes on in a task of its own that holds the peer's write lock, so frames
         leave in queue order and the workers take over behind it."""
