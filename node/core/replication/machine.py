@@ -430,25 +430,44 @@ def _handover_target(s: State | _Step, now: float) -> str | None:
     and answering, if it outranks this node (any, when stopping); None outside the retry pause's end."""
     if now < s.handover_retry_s:
         return None
-    # One pass, no list (this runs twice per leader step: maintain_handover and next_deadline). Unless
-    # stopping, only voters that outrank this node can be the answer: the best answering voter is returned
-    # only if it outranks us, and then it is also the best of those that do. Ranks (view ID, identity) are
-    # unique, so the order of ``voters`` cannot change the result.
-    me, view, progress, departing = s.me, s.view, s.progress, s.departing
-    lease_s = s.options.lease_s
-    best: str | None = None
-    best_rank = None if s.stopping else (view.get(me, -1), me)
-    for v in s.config.voters:
-        nid = view.get(v)
-        if nid is None or v == me or v in departing:  # not healthy (or ourselves)
-            continue
-        rank = (nid, v)
-        if best_rank is not None and rank <= best_rank:
+    # This runs twice per leader step (maintain_handover and next_deadline). The voters that could be the
+    # answer, best first, depend only on the configuration, the view and whether we stop
+    # (``_handover_candidates``, kept while those are unchanged); what is left per call is who of them is
+    # departing or silent. The first candidate that is neither is the best answering voter: unless
+    # stopping, every candidate outranks this node, as the answer must.
+    departing, progress, lease_s = s.departing, s.progress, s.options.lease_s
+    for v in _handover_candidates(s.config.voters, s.view, s.me, bool(s.stopping)):
+        if v in departing:  # not healthy
             continue
         p = progress.get(v)
         if p is not None and now - p.last_ack_s <= lease_s:
-            best, best_rank = v, rank
-    return best
+            return v
+    return None
+
+
+# The last answer of _handover_candidates and what it was computed from: (voters, a copy of the view, me,
+# stopping, answer). One entry: a process runs one node, whose configuration and view change rarely.
+# Memoisation of a pure function (the answer is a function of the key alone), so the core stays pure.
+_candidates_memo: list[tuple[frozenset[str], dict[str, int], str, bool, tuple[str, ...]]] = [
+    (frozenset(), {}, "", False, ())
+]
+
+
+def _handover_candidates(
+    voters: frozenset[str], view: Mapping[str, int], me: str, stopping: bool
+) -> tuple[str, ...]:
+    """The voters other than ``me`` that are in the view, by rank (view ID, identity) from the highest;
+    unless ``stopping``, only those that outrank ``me``. Ranks are unique (identities are), so the order
+    is total and does not depend on the order of ``voters``."""
+    memo = _candidates_memo[0]
+    # The view is compared by value (the memo holds a copy), so a mapping changed in place is not missed.
+    if memo[0] is voters and memo[2] == me and memo[3] == stopping and view == memo[1]:
+        return memo[4]
+    mine = (view.get(me, -1), me)
+    ranked = sorted(((view[v], v) for v in voters if v != me and v in view), reverse=True)
+    answer = tuple(rank[1] for rank in ranked if stopping or rank > mine)
+    _candidates_memo[0] = (voters, dict(view), me, stopping, answer)
+    return answer
 
 
 def _reachable_voters(s: State | _Step, now: float) -> int:
@@ -589,6 +608,7 @@ _ACKS = (AppendAck, AppendReject, HeartbeatAck)
 _NOTHING = Ready()  # the Ready of a step with nothing to do (frozen: one instance serves every such step)
 _STATE_FIELDS = tuple(State.__dataclass_fields__)
 _state_values = operator.attrgetter(*_STATE_FIELDS)  # every State field of an object, in field order
+_LAST_ACK = operator.attrgetter("last_ack_s")
 _discard = deque(maxlen=0).extend  # runs an iterator to its end, keeping nothing
 
 
@@ -773,7 +793,8 @@ class _Step:
         Asked two or three times per step (submit, maintain_leader, maintain), so the count is kept while
         what it reads is unchanged: the configuration (in ``hard``, replaced whenever it changes), the view
         (replaced, never mutated), the role, and the members' ``last_ack_s``. Only ``on_ack`` changes a
-        ``last_ack_s`` of a member already in ``progress`` (and clears the key); members enter and leave
+        ``last_ack_s`` of a member already in ``progress`` (and clears the key when that can change the
+        count); members enter and leave
         ``progress`` only with a configuration or role change. ``now`` is fixed for the step."""
         key = self._reachable_key
         if key is None or key[0] is not self.hard or key[1] is not self.view or key[2] != self.role:
@@ -1092,6 +1113,12 @@ class _Step:
             return
         p = self.progress[sender]
         now, acked_seq = self.now, max(p.acked_seq, m.seq)
+        lease_s = self.o.lease_s
+        # The reachable count (see reachable_voters) reads the sender only through ``now - last_ack_s <=
+        # lease_s``, which this ack moves from the old answer's time to ``now``: the count (and the
+        # no-quorum reason) can only change when that comparison does (a member back within its lease).
+        if (now - p.last_ack_s <= lease_s) != (now - now <= lease_s):
+            self._reachable_key = None
         # Direct constructor calls (fields in declaration order): dataclasses.replace was most of an ack.
         if isinstance(m, AppendAck):
             moved = m.match > p.match
@@ -1132,7 +1159,6 @@ class _Step:
                 p.offered_s,
             )
         self.progress[sender] = p
-        self._reachable_key = None  # last_ack_s moved (see reachable_voters)
         if isinstance(m, AppendAck):
             self.advance_commit()
         if not isinstance(m, HeartbeatAck):
@@ -1148,13 +1174,9 @@ class _Step:
         last = self.log[-1].index if self.log else self.base.index
         mine = min(self.durable, last) if self.o.pipelined else last
         me, progress = self.me, self.progress
-        matches = []
-        for v in cfg.voters:
-            if v == me:
-                matches.append(mine)
-            else:
-                p = progress.get(v)
-                matches.append(p.match if p is not None else 0)
+        matches = [
+            mine if v == me else (p.match if (p := progress.get(v)) is not None else 0) for v in cfg.voters
+        ]
         if not matches:
             return
         matches.sort()
@@ -1487,11 +1509,13 @@ class _Step:
             self.maintain_leader()
         else:
             self.maintain_other()
-        if not _deferring(self, self.now):
+        # A leader never defers (the first test of _deferring): skip the call.
+        if self.role == LEADER or not _deferring(self, self.now):
             self.deferred_s = NEVER
         elif self.deferred_s == NEVER:
             self.deferred_s = self.now
-        self.apply_committed()
+        if self.commit > self.applied:  # apply_committed's own first test, without the call
+            self.apply_committed()
         if snapshot_due(self, self.now):
             self.snapshot_pending = True
             self.snapshot_asked_at = self.applied
@@ -1537,7 +1561,8 @@ class _Step:
                     # Lost appends (or acks): go back to what is known to match and send again.
                     self.progress[peer] = replace(p, next=p.match + 1, inflight=0, last_progress_s=now)
                 self.replicate(peer)
-        self.confirm_reads()
+        if self.reads:  # confirm_reads' own first test, without the call
+            self.confirm_reads()
         self.maintain_handover()
         if self.writable_now() and self.handover_to is None:
             self.maintain_membership()
@@ -1605,8 +1630,10 @@ class _Step:
         if (
             not cfg.learners
             and not cfg.removed
-            and self.view.keys() == cfg.members
-            and all(now - p.last_ack_s <= o.reap_timeout_s for p in self.progress.values())
+            and self.view.keys() == cfg.voters  # cfg.members, which is cfg.voters without learners
+            # Every member answered within reap_timeout_s: ``now - x`` only grows as x falls (rounding is
+            # monotonic), so it holds for all of them if it holds for the oldest answer.
+            and (not self.progress or now - min(map(_LAST_ACK, self.progress.values())) <= o.reap_timeout_s)
         ):
             # The steady state, checked on every step of a leader: every member is in the view (none
             # replaced, no new node, no removal to forget), no learner, no silent member. Nothing below
