@@ -615,20 +615,19 @@ _discard = deque(maxlen=0).extend  # runs an iterator to its end, keeping nothin
 def _slot_builder(cls: type) -> Callable[[Sequence[object]], object]:
     """``cls(*values)`` for a frozen, slotted dataclass, without its generated ``__init__``: that one sets
     each field with a Python-level ``object.__setattr__`` (the frozen guard), which for State's 40 fields
-    was a tenth of a leader's step. This sets the same slots through their descriptors in one C-level
-    pass. Only for classes whose ``__init__`` does nothing else: every field an init field, no
+    was a tenth of a leader's step. This sets the same slots through their descriptors (bound ``__set__``
+    of each, called by ``map``: no Python frame per field). Only for classes whose ``__init__`` does nothing else: every field an init field, no
     ``__post_init__`` (checked here, so a later change to the class cannot silently skip its own code).
     ``values`` must hold every field, in field order (a short sequence would leave slots unset)."""
     names = [f.name for f in fields(cls)]
     if not all(f.init for f in fields(cls)) or hasattr(cls, "__post_init__") or "__dict__" in dir(cls):
         raise TypeError(f"{cls.__name__}: not a plain frozen slotted dataclass")
-    slots = [cls.__dict__[name] for name in names]
-    set_slot = type(slots[0]).__set__  # member_descriptor.__set__(descriptor, obj, value)
+    setters = [cls.__dict__[name].__set__ for name in names]  # each: (obj, value) -> sets that slot
     new = object.__new__
 
     def build(values: Sequence[object]) -> object:
         obj = new(cls)
-        _discard(map(set_slot, slots, repeat(obj), values))
+        _discard(map(operator.call, setters, repeat(obj), values))
         return obj
 
     return build
@@ -638,15 +637,30 @@ _new_state: Callable[[Sequence[object]], State] = _slot_builder(State)  # type: 
 _new_ready: Callable[[Sequence[object]], Ready] = _slot_builder(Ready)  # type: ignore[assignment]
 
 
+# The State the last finish built and its step's attributes then (all of new's fields, and the
+# working attributes that __init__ sets again). One entry: a node steps the State its last step returned.
+# A memo of the State's fields (immutable values, the dict never changed once stored), so the core stays
+# pure: a step from any other State, or on another thread, takes the State's own fields.
+_last_finished: list[tuple[State | None, dict[str, object]]] = [(None, {})]
+
+
 class _Step:
     """Mutable working copy of one State for the duration of one step."""
 
     def __init__(self, st: State, now: float) -> None:
+        # Every State field. When ``st`` is the State the last step's finish built, the finished step's
+        # attributes hold every field of it (the very objects: the State was built from them), so one
+        # copy of that dict does it; otherwise, one C-level copy from ``st`` (a setattr/getattr loop was a
+        # fifth of a step; filling a dict field by field is still a tenth). Every other attribute of the
+        # copied dict is set again below, so nothing of the last step's working state is carried over.
+        last = _last_finished[0]
+        if last[0] is st:
+            self.__dict__.update(last[1])
+        else:
+            self.__dict__.update(zip(_STATE_FIELDS, _state_values(st), strict=True))
         self.st = st
         self.now = now
         self.o = st.options
-        # Every State field, in one C-level copy (a setattr/getattr loop was a fifth of a step).
-        self.__dict__.update(zip(_STATE_FIELDS, _state_values(st), strict=True))
         self.progress = dict(st.progress)
         self.departing = dict(st.departing)
         self.log: tuple[Entry, ...] | list[Entry] = st.log  # copied on first write (it can hold thousands)
@@ -793,8 +807,7 @@ class _Step:
         Asked two or three times per step (submit, maintain_leader, maintain), so the count is kept while
         what it reads is unchanged: the configuration (in ``hard``, replaced whenever it changes), the view
         (replaced, never mutated), the role, and the members' ``last_ack_s``. Only ``on_ack`` changes a
-        ``last_ack_s`` of a member already in ``progress`` (and clears the key when that can change the
-        count); members enter and leave
+        ``last_ack_s`` of a member already in ``progress`` (and clears the key); members enter and leave
         ``progress`` only with a configuration or role change. ``now`` is fixed for the step."""
         key = self._reachable_key
         if key is None or key[0] is not self.hard or key[1] is not self.view or key[2] != self.role:
@@ -1113,12 +1126,6 @@ class _Step:
             return
         p = self.progress[sender]
         now, acked_seq = self.now, max(p.acked_seq, m.seq)
-        lease_s = self.o.lease_s
-        # The reachable count (see reachable_voters) reads the sender only through ``now - last_ack_s <=
-        # lease_s``, which this ack moves from the old answer's time to ``now``: the count (and the
-        # no-quorum reason) can only change when that comparison does (a member back within its lease).
-        if (now - p.last_ack_s <= lease_s) != (now - now <= lease_s):
-            self._reachable_key = None
         # Direct constructor calls (fields in declaration order): dataclasses.replace was most of an ack.
         if isinstance(m, AppendAck):
             moved = m.match > p.match
@@ -1159,6 +1166,7 @@ class _Step:
                 p.offered_s,
             )
         self.progress[sender] = p
+        self._reachable_key = None  # last_ack_s moved (see reachable_voters)
         if isinstance(m, AppendAck):
             self.advance_commit()
         if not isinstance(m, HeartbeatAck):
@@ -1766,6 +1774,8 @@ class _Step:
             MappingProxyType(self.departing) if self.departing or st.departing else st.departing
         )
         new = _new_state(_state_values(self))
+        # For the next step from ``new`` (see __init__): a copy, so this step's object cannot change it.
+        _last_finished[0] = (new, self.__dict__.copy())
         hard = self.hard if self.hard is not st.hard and self.hard != st.hard else None
         if (
             hard is None
