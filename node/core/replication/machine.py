@@ -435,8 +435,15 @@ def _handover_target(s: State | _Step, now: float) -> str | None:
     # (``_handover_candidates``, kept while those are unchanged); what is left per call is who of them is
     # departing or silent. The first candidate that is neither is the best answering voter: unless
     # stopping, every candidate outranks this node, as the answer must.
+    # The configuration read as HardState.config reads it, without its two property calls (State.config).
+    voters, view, me, stopping = s.hard.configs[-1][1].voters, s.view, s.me, bool(s.stopping)
+    memo = _candidates_memo[0]  # _handover_candidates' own test, without the call when it holds
+    if memo[0] is voters and memo[2] == me and memo[3] == stopping and view == memo[1]:
+        candidates = memo[4]
+    else:
+        candidates = _handover_candidates(voters, view, me, stopping)
     departing, progress, lease_s = s.departing, s.progress, s.options.lease_s
-    for v in _handover_candidates(s.config.voters, s.view, s.me, bool(s.stopping)):
+    for v in candidates:
         if v in departing:  # not healthy
             continue
         p = progress.get(v)
@@ -476,7 +483,7 @@ def _reachable_voters(s: State | _Step, now: float) -> int:
     me, view = s.me, s.view
     leading = s.role == LEADER
     progress, lease_s = s.progress, s.options.lease_s
-    for v in s.config.voters:
+    for v in s.hard.configs[-1][1].voters:  # s.config.voters, without its property calls
         if v == me:
             count += 1
         elif v in view:
@@ -525,9 +532,14 @@ def next_deadline(state: State, now: float) -> float:
     due = float("inf")
     for until_s in state.departing.values():
         due = _due(due, now, until_s, 0.0)  # a departing mark expires
-    due = _due(due, now, state.snapshot_retry_s, 0.0)  # snapshot_due: the pause after a failed snapshot ends
+    # snapshot_due: the pause after a failed snapshot ends (``_due`` written out: asked on every loop round)
+    x = state.snapshot_retry_s
+    if now - x <= 0.0 and x + 0.0 < due:
+        due = x + 0.0
     if leading:
-        due = _due(due, now, state.heartbeat_sent_s, o.heartbeat_s)  # heartbeats, resends, snapshot offers
+        x, d = state.heartbeat_sent_s, o.heartbeat_s  # heartbeats, resends, snapshot offers (``_due``)
+        if now - x <= d and x + d < due:
+            due = x + d
         lease_s, reap_s = o.lease_s, o.reap_timeout_s
         for p in state.progress.values():
             # The lease of each member's last answer (quorum, writable, handover target, replacement)
@@ -539,7 +551,9 @@ def next_deadline(state: State, now: float) -> float:
                 due = x + reap_s
         for r in state.reads:
             due = _due(due, now, r.at_s, o.lease_s)  # a read not confirmed within the lease
-        due = _due(due, now, state.handover_retry_s, 0.0)
+        x = state.handover_retry_s  # ``_due`` written out
+        if now - x <= 0.0 and x + 0.0 < due:
+            due = x + 0.0
         if state.handover_to is not None:
             due = _due(due, now, state.handover_since_s, o.handover_timeout_s)
             due = _due(due, now, state.takeover_sent_s, o.heartbeat_s)
