@@ -653,6 +653,7 @@ def _slot_builder(cls: type) -> Callable[[Sequence[object]], object]:
 
 _new_state: Callable[[Sequence[object]], State] = _slot_builder(State)  # type: ignore[assignment]
 _new_ready: Callable[[Sequence[object]], Ready] = _slot_builder(Ready)  # type: ignore[assignment]
+_new_progress: Callable[[Sequence[object]], Progress] = _slot_builder(Progress)  # type: ignore[assignment]
 
 
 # The State the last finish built and its step's attributes then (all of new's fields, and the
@@ -1144,44 +1145,50 @@ class _Step:
             return
         p = self.progress[sender]
         now, acked_seq = self.now, max(p.acked_seq, m.seq)
-        # Direct constructor calls (fields in declaration order): dataclasses.replace was most of an ack.
+        # Built from all fields in declaration order (_slot_builder): dataclasses.replace was most of an ack.
         if isinstance(m, AppendAck):
             moved = m.match > p.match
-            p = Progress(
-                max(p.next, m.match + 1),  # next
-                max(p.match, m.match),  # match
-                max(0, p.inflight - 1),  # inflight
-                now,  # last_ack_s
-                now if moved else p.last_progress_s,  # last_progress_s
-                acked_seq,
-                False,  # probing
-                p.reading,
-                NEVER if moved else p.offered_s,  # offered_s
+            p = _new_progress(
+                (
+                    max(p.next, m.match + 1),  # next
+                    max(p.match, m.match),  # match
+                    max(0, p.inflight - 1),  # inflight
+                    now,  # last_ack_s
+                    now if moved else p.last_progress_s,  # last_progress_s
+                    acked_seq,
+                    False,  # probing
+                    p.reading,
+                    NEVER if moved else p.offered_s,  # offered_s
+                )
             )
         elif isinstance(m, AppendReject) and m.rejected > p.match:
             # (a reject about what is already matched is an old, reordered one)
-            p = Progress(
-                max(p.match + 1, min(m.rejected, m.hint + 1)),  # next
-                p.match,
-                0,  # inflight
-                now,  # last_ack_s
-                now,  # last_progress_s
-                acked_seq,
-                True,  # probing
-                p.reading,
-                p.offered_s,
+            p = _new_progress(
+                (
+                    max(p.match + 1, min(m.rejected, m.hint + 1)),  # next
+                    p.match,
+                    0,  # inflight
+                    now,  # last_ack_s
+                    now,  # last_progress_s
+                    acked_seq,
+                    True,  # probing
+                    p.reading,
+                    p.offered_s,
+                )
             )
         else:
-            p = Progress(
-                p.next,
-                p.match,
-                p.inflight,
-                now,
-                p.last_progress_s,
-                acked_seq,
-                p.probing,
-                p.reading,
-                p.offered_s,
+            p = _new_progress(
+                (
+                    p.next,
+                    p.match,
+                    p.inflight,
+                    now,
+                    p.last_progress_s,
+                    acked_seq,
+                    p.probing,
+                    p.reading,
+                    p.offered_s,
+                )
             )
         self.progress[sender] = p
         self._reachable_key = None  # last_ack_s moved (see reachable_voters)
@@ -1239,16 +1246,18 @@ class _Step:
             prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             batch = self.entries_from(p.next)
             self.send(peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
-            p = Progress(  # a direct call, fields in declaration order (replace is several times slower)
-                p.next + len(batch),  # next
-                p.match,
-                p.inflight + 1,  # inflight
-                p.last_ack_s,
-                self.now if p.inflight == 0 else p.last_progress_s,  # last_progress_s
-                p.acked_seq,
-                p.probing,
-                p.reading,
-                p.offered_s,
+            p = _new_progress(  # fields in declaration order (replace is several times slower)
+                (
+                    p.next + len(batch),  # next
+                    p.match,
+                    p.inflight + 1,  # inflight
+                    p.last_ack_s,
+                    self.now if p.inflight == 0 else p.last_progress_s,  # last_progress_s
+                    p.acked_seq,
+                    p.probing,
+                    p.reading,
+                    p.offered_s,
+                )
             )
             if p.probing:
                 break
@@ -1779,11 +1788,13 @@ class _Step:
         st = self.st
         truncate_from = append = None
         if self.dirty is not None:
-            truncate_from = self.dirty if self.dirty <= st.last.index else None
+            # st.last.index, without the two property calls and the LogId they build
+            last = st.log[-1].index if st.log else st.base.index
+            truncate_from = self.dirty if self.dirty <= last else None
             append = tuple(self.log[self.dirty - self.base.index - 1 :])
         self.trim()
         # The working copy is done with: freeze its fields in place and build the State from them in field
-        # order (one C-level read of every field, a positional call).
+        # order (one C-level read of every field, one C-level pass setting the slots: _slot_builder).
         if isinstance(self.log, list):
             self.log = tuple(self.log)
         self.progress = MappingProxyType(self.progress)  # type: ignore[assignment]
