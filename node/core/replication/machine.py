@@ -633,10 +633,12 @@ _discard = deque(maxlen=0).extend  # runs an iterator to its end, keeping nothin
 def _slot_builder(cls: type) -> Callable[[Sequence[object]], object]:
     """``cls(*values)`` for a frozen, slotted dataclass, without its generated ``__init__``: that one sets
     each field with a Python-level ``object.__setattr__`` (the frozen guard), which for State's 40 fields
-    was a tenth of a leader's step. This sets the same slots through their descriptors (bound ``__set__``
-    of each, called by ``map``: no Python frame per field). Only for classes whose ``__init__`` does nothing else: every field an init field, no
-    ``__post_init__`` (checked here, so a later change to the class cannot silently skip its own code).
-    ``values`` must hold every field, in field order (a short sequence would leave slots unset)."""
+    was a tenth of a leader's step. This sets the same slots through their descriptors (the bound
+    ``__set__`` of each, called by ``map``: no Python frame per field). Only for classes whose ``__init__``
+    does nothing else: every field an init field, no ``__post_init__`` (checked here, so a later change to
+    the class cannot silently skip its own code). ``values`` must hold every field, in field order (a short
+    sequence would leave slots unset; the callers pass State's own attrgetter or a literal tuple checked by
+    test_direct_constructor_calls_follow_the_field_order)."""
     names = [f.name for f in fields(cls)]
     if not all(f.init for f in fields(cls)) or hasattr(cls, "__post_init__") or "__dict__" in dir(cls):
         raise TypeError(f"{cls.__name__}: not a plain frozen slotted dataclass")
