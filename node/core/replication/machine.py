@@ -430,51 +430,25 @@ def _handover_target(s: State | _Step, now: float) -> str | None:
     and answering, if it outranks this node (any, when stopping); None outside the retry pause's end."""
     if now < s.handover_retry_s:
         return None
-    # This runs twice per leader step (maintain_handover and next_deadline). The voters that could be the
-    # answer, best first, depend only on the configuration, the view and whether we stop
-    # (``_handover_candidates``, kept while those are unchanged); what is left per call is who of them is
-    # departing or silent. The first candidate that is neither is the best answering voter: unless
-    # stopping, every candidate outranks this node, as the answer must.
-    # The configuration read as HardState.config reads it, without its two property calls (State.config).
-    voters, view, me, stopping = s.hard.configs[-1][1].voters, s.view, s.me, bool(s.stopping)
-    memo = _candidates_memo[0]  # _handover_candidates' own test, without the call when it holds
-    if memo[0] is voters and memo[2] == me and memo[3] == stopping and view == memo[1]:
-        candidates = memo[4]
-    else:
-        candidates = _handover_candidates(voters, view, me, stopping)
-    departing, progress, lease_s = s.departing, s.progress, s.options.lease_s
-    for v in candidates:
-        if v in departing:  # not healthy
+    # One pass, no list (this runs twice per leader step: maintain_handover and next_deadline). Unless
+    # stopping, only voters that outrank this node can be the answer: the best answering voter is returned
+    # only if it outranks us, and then it is also the best of those that do. Ranks (view ID, identity) are
+    # unique, so the order of ``voters`` cannot change the result.
+    me, view, progress, departing = s.me, s.view, s.progress, s.departing
+    lease_s = s.options.lease_s
+    best: str | None = None
+    best_rank = None if s.stopping else (view.get(me, -1), me)
+    for v in s.hard.configs[-1][1].voters:  # s.config.voters, without its two property calls
+        nid = view.get(v)
+        if nid is None or v == me or v in departing:  # not healthy (or ourselves)
+            continue
+        rank = (nid, v)
+        if best_rank is not None and rank <= best_rank:
             continue
         p = progress.get(v)
         if p is not None and now - p.last_ack_s <= lease_s:
-            return v
-    return None
-
-
-# The last answer of _handover_candidates and what it was computed from: (voters, a copy of the view, me,
-# stopping, answer). One entry: a process runs one node, whose configuration and view change rarely.
-# Memoisation of a pure function (the answer is a function of the key alone), so the core stays pure.
-_candidates_memo: list[tuple[frozenset[str], dict[str, int], str, bool, tuple[str, ...]]] = [
-    (frozenset(), {}, "", False, ())
-]
-
-
-def _handover_candidates(
-    voters: frozenset[str], view: Mapping[str, int], me: str, stopping: bool
-) -> tuple[str, ...]:
-    """The voters other than ``me`` that are in the view, by rank (view ID, identity) from the highest;
-    unless ``stopping``, only those that outrank ``me``. Ranks are unique (identities are), so the order
-    is total and does not depend on the order of ``voters``."""
-    memo = _candidates_memo[0]
-    # The view is compared by value (the memo holds a copy), so a mapping changed in place is not missed.
-    if memo[0] is voters and memo[2] == me and memo[3] == stopping and view == memo[1]:
-        return memo[4]
-    mine = (view.get(me, -1), me)
-    ranked = sorted(((view[v], v) for v in voters if v != me and v in view), reverse=True)
-    answer = tuple(rank[1] for rank in ranked if stopping or rank > mine)
-    _candidates_memo[0] = (voters, dict(view), me, stopping, answer)
-    return answer
+            best, best_rank = v, rank
+    return best
 
 
 def _reachable_voters(s: State | _Step, now: float) -> int:
@@ -658,30 +632,15 @@ _new_ready: Callable[[Sequence[object]], Ready] = _slot_builder(Ready)  # type: 
 _new_progress: Callable[[Sequence[object]], Progress] = _slot_builder(Progress)  # type: ignore[assignment]
 
 
-# The State the last finish built and its step's attributes then (all of new's fields, and the
-# working attributes that __init__ sets again). One entry: a node steps the State its last step returned.
-# A memo of the State's fields (immutable values, the dict never changed once stored), so the core stays
-# pure: a step from any other State, or on another thread, takes the State's own fields.
-_last_finished: list[tuple[State | None, dict[str, object]]] = [(None, {})]
-
-
 class _Step:
     """Mutable working copy of one State for the duration of one step."""
 
     def __init__(self, st: State, now: float) -> None:
-        # Every State field. When ``st`` is the State the last step's finish built, the finished step's
-        # attributes hold every field of it (the very objects: the State was built from them), so one
-        # copy of that dict does it; otherwise, one C-level copy from ``st`` (a setattr/getattr loop was a
-        # fifth of a step; filling a dict field by field is still a tenth). Every other attribute of the
-        # copied dict is set again below, so nothing of the last step's working state is carried over.
-        last = _last_finished[0]
-        if last[0] is st:
-            self.__dict__.update(last[1])
-        else:
-            self.__dict__.update(zip(_STATE_FIELDS, _state_values(st), strict=True))
         self.st = st
         self.now = now
         self.o = st.options
+        # Every State field, in one C-level copy (a setattr/getattr loop was a fifth of a step).
+        self.__dict__.update(zip(_STATE_FIELDS, _state_values(st), strict=True))
         self.progress = dict(st.progress)
         self.departing = dict(st.departing)
         self.log: tuple[Entry, ...] | list[Entry] = st.log  # copied on first write (it can hold thousands)
@@ -1805,8 +1764,6 @@ class _Step:
             MappingProxyType(self.departing) if self.departing or st.departing else st.departing
         )
         new = _new_state(_state_values(self))
-        # For the next step from ``new`` (see __init__): a copy, so this step's object cannot change it.
-        _last_finished[0] = (new, self.__dict__.copy())
         hard = self.hard if self.hard is not st.hard and self.hard != st.hard else None
         if (
             hard is None
