@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from itertools import repeat
 from types import MappingProxyType
 
 from node.core.replication.messages import (
@@ -436,7 +438,7 @@ def _handover_target(s: State | _Step, now: float) -> str | None:
     lease_s = s.options.lease_s
     best: str | None = None
     best_rank = None if s.stopping else (view.get(me, -1), me)
-    for v in s.config.voters:
+    for v in s.hard.configs[-1][1].voters:  # s.config.voters, without its two property calls
         nid = view.get(v)
         if nid is None or v == me or v in departing:  # not healthy (or ourselves)
             continue
@@ -455,7 +457,7 @@ def _reachable_voters(s: State | _Step, now: float) -> int:
     me, view = s.me, s.view
     leading = s.role == LEADER
     progress, lease_s = s.progress, s.options.lease_s
-    for v in s.config.voters:
+    for v in s.hard.configs[-1][1].voters:  # s.config.voters, without its property calls
         if v == me:
             count += 1
         elif v in view:
@@ -504,9 +506,14 @@ def next_deadline(state: State, now: float) -> float:
     due = float("inf")
     for until_s in state.departing.values():
         due = _due(due, now, until_s, 0.0)  # a departing mark expires
-    due = _due(due, now, state.snapshot_retry_s, 0.0)  # snapshot_due: the pause after a failed snapshot ends
+    # snapshot_due: the pause after a failed snapshot ends (``_due`` written out: asked on every loop round)
+    x = state.snapshot_retry_s
+    if now - x <= 0.0 and x + 0.0 < due:
+        due = x + 0.0
     if leading:
-        due = _due(due, now, state.heartbeat_sent_s, o.heartbeat_s)  # heartbeats, resends, snapshot offers
+        x, d = state.heartbeat_sent_s, o.heartbeat_s  # heartbeats, resends, snapshot offers (``_due``)
+        if now - x <= d and x + d < due:
+            due = x + d
         lease_s, reap_s = o.lease_s, o.reap_timeout_s
         for p in state.progress.values():
             # The lease of each member's last answer (quorum, writable, handover target, replacement)
@@ -518,7 +525,9 @@ def next_deadline(state: State, now: float) -> float:
                 due = x + reap_s
         for r in state.reads:
             due = _due(due, now, r.at_s, o.lease_s)  # a read not confirmed within the lease
-        due = _due(due, now, state.handover_retry_s, 0.0)
+        x = state.handover_retry_s  # ``_due`` written out
+        if now - x <= 0.0 and x + 0.0 < due:
+            due = x + 0.0
         if state.handover_to is not None:
             due = _due(due, now, state.handover_since_s, o.handover_timeout_s)
             due = _due(due, now, state.takeover_sent_s, o.heartbeat_s)
@@ -548,9 +557,17 @@ _EARLY_S = 1e-6
 
 def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
     s = _Step(state, now)
+    # A leader's inputs first (acks, Persisted, Submit, Tick): the input classes are unrelated (each
+    # derives from object alone), so the order of the tests cannot change which branch an input takes.
     if isinstance(inp, Receive):
-        if s.same_cluster(inp.sender, inp.message, inp.cluster):
+        cluster = inp.cluster
+        # same_cluster's first test (the same cluster, or none named), without the call when it holds.
+        if not cluster or cluster == s.hard.cluster or s.same_cluster(inp.sender, inp.message, cluster):
             s.receive(inp.sender, inp.message)
+    elif isinstance(inp, Persisted):
+        s.persisted(inp.last)
+    elif isinstance(inp, Submit):
+        s.submit(inp)
     elif isinstance(inp, Tick):
         pass
     elif isinstance(inp, ViewChanged):
@@ -558,16 +575,12 @@ def step(state: State, inp: Input, now: float) -> tuple[State, Ready]:
         members = s.hard.config.members
         kept = {who: nid for who, nid in s.last_ids.items() if who in members and who not in inp.healthy}
         s.last_ids = MappingProxyType({**kept, **inp.healthy})
-    elif isinstance(inp, Submit):
-        s.submit(inp)
     elif isinstance(inp, Read):
         s.read(inp)
     elif isinstance(inp, LogRead):
         s.log_read(inp)
     elif isinstance(inp, RemoveMember):
         s.remove_member(inp)
-    elif isinstance(inp, Persisted):
-        s.persisted(inp.last)
     elif isinstance(inp, SnapshotTaken):
         s.snapshot_taken(inp)
     elif isinstance(inp, SnapshotFetched):
@@ -587,6 +600,36 @@ _ACKS = (AppendAck, AppendReject, HeartbeatAck)
 _NOTHING = Ready()  # the Ready of a step with nothing to do (frozen: one instance serves every such step)
 _STATE_FIELDS = tuple(State.__dataclass_fields__)
 _state_values = operator.attrgetter(*_STATE_FIELDS)  # every State field of an object, in field order
+_LAST_ACK = operator.attrgetter("last_ack_s")
+_discard = deque(maxlen=0).extend  # runs an iterator to its end, keeping nothing
+
+
+def _slot_builder(cls: type) -> Callable[[Sequence[object]], object]:
+    """``cls(*values)`` for a frozen, slotted dataclass, without its generated ``__init__``: that one sets
+    each field with a Python-level ``object.__setattr__`` (the frozen guard), which for State's 40 fields
+    was a tenth of a leader's step. This sets the same slots through their descriptors (the bound
+    ``__set__`` of each, called by ``map``: no Python frame per field). Only for classes whose ``__init__``
+    does nothing else: every field an init field, no ``__post_init__`` (checked here, so a later change to
+    the class cannot silently skip its own code). ``values`` must hold every field, in field order (a short
+    sequence would leave slots unset; the callers pass State's own attrgetter or a literal tuple checked by
+    test_direct_constructor_calls_follow_the_field_order)."""
+    names = [f.name for f in fields(cls)]
+    if not all(f.init for f in fields(cls)) or hasattr(cls, "__post_init__") or "__dict__" in dir(cls):
+        raise TypeError(f"{cls.__name__}: not a plain frozen slotted dataclass")
+    setters = [cls.__dict__[name].__set__ for name in names]  # each: (obj, value) -> sets that slot
+    new = object.__new__
+
+    def build(values: Sequence[object]) -> object:
+        obj = new(cls)
+        _discard(map(operator.call, setters, repeat(obj), values))
+        return obj
+
+    return build
+
+
+_new_state: Callable[[Sequence[object]], State] = _slot_builder(State)  # type: ignore[assignment]
+_new_ready: Callable[[Sequence[object]], Ready] = _slot_builder(Ready)  # type: ignore[assignment]
+_new_progress: Callable[[Sequence[object]], Progress] = _slot_builder(Progress)  # type: ignore[assignment]
 
 
 class _Step:
@@ -1063,44 +1106,50 @@ class _Step:
             return
         p = self.progress[sender]
         now, acked_seq = self.now, max(p.acked_seq, m.seq)
-        # Direct constructor calls (fields in declaration order): dataclasses.replace was most of an ack.
+        # Built from all fields in declaration order (_slot_builder): dataclasses.replace was most of an ack.
         if isinstance(m, AppendAck):
             moved = m.match > p.match
-            p = Progress(
-                max(p.next, m.match + 1),  # next
-                max(p.match, m.match),  # match
-                max(0, p.inflight - 1),  # inflight
-                now,  # last_ack_s
-                now if moved else p.last_progress_s,  # last_progress_s
-                acked_seq,
-                False,  # probing
-                p.reading,
-                NEVER if moved else p.offered_s,  # offered_s
+            p = _new_progress(
+                (
+                    max(p.next, m.match + 1),  # next
+                    max(p.match, m.match),  # match
+                    max(0, p.inflight - 1),  # inflight
+                    now,  # last_ack_s
+                    now if moved else p.last_progress_s,  # last_progress_s
+                    acked_seq,
+                    False,  # probing
+                    p.reading,
+                    NEVER if moved else p.offered_s,  # offered_s
+                )
             )
         elif isinstance(m, AppendReject) and m.rejected > p.match:
             # (a reject about what is already matched is an old, reordered one)
-            p = Progress(
-                max(p.match + 1, min(m.rejected, m.hint + 1)),  # next
-                p.match,
-                0,  # inflight
-                now,  # last_ack_s
-                now,  # last_progress_s
-                acked_seq,
-                True,  # probing
-                p.reading,
-                p.offered_s,
+            p = _new_progress(
+                (
+                    max(p.match + 1, min(m.rejected, m.hint + 1)),  # next
+                    p.match,
+                    0,  # inflight
+                    now,  # last_ack_s
+                    now,  # last_progress_s
+                    acked_seq,
+                    True,  # probing
+                    p.reading,
+                    p.offered_s,
+                )
             )
         else:
-            p = Progress(
-                p.next,
-                p.match,
-                p.inflight,
-                now,
-                p.last_progress_s,
-                acked_seq,
-                p.probing,
-                p.reading,
-                p.offered_s,
+            p = _new_progress(
+                (
+                    p.next,
+                    p.match,
+                    p.inflight,
+                    now,
+                    p.last_progress_s,
+                    acked_seq,
+                    p.probing,
+                    p.reading,
+                    p.offered_s,
+                )
             )
         self.progress[sender] = p
         self._reachable_key = None  # last_ack_s moved (see reachable_voters)
@@ -1119,13 +1168,9 @@ class _Step:
         last = self.log[-1].index if self.log else self.base.index
         mine = min(self.durable, last) if self.o.pipelined else last
         me, progress = self.me, self.progress
-        matches = []
-        for v in cfg.voters:
-            if v == me:
-                matches.append(mine)
-            else:
-                p = progress.get(v)
-                matches.append(p.match if p is not None else 0)
+        matches = [
+            mine if v == me else (p.match if (p := progress.get(v)) is not None else 0) for v in cfg.voters
+        ]
         if not matches:
             return
         matches.sort()
@@ -1162,16 +1207,18 @@ class _Step:
             prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             batch = self.entries_from(p.next)
             self.send(peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
-            p = Progress(  # a direct call, fields in declaration order (replace is several times slower)
-                p.next + len(batch),  # next
-                p.match,
-                p.inflight + 1,  # inflight
-                p.last_ack_s,
-                self.now if p.inflight == 0 else p.last_progress_s,  # last_progress_s
-                p.acked_seq,
-                p.probing,
-                p.reading,
-                p.offered_s,
+            p = _new_progress(  # fields in declaration order (replace is several times slower)
+                (
+                    p.next + len(batch),  # next
+                    p.match,
+                    p.inflight + 1,  # inflight
+                    p.last_ack_s,
+                    self.now if p.inflight == 0 else p.last_progress_s,  # last_progress_s
+                    p.acked_seq,
+                    p.probing,
+                    p.reading,
+                    p.offered_s,
+                )
             )
             if p.probing:
                 break
@@ -1458,11 +1505,13 @@ class _Step:
             self.maintain_leader()
         else:
             self.maintain_other()
-        if not _deferring(self, self.now):
+        # A leader never defers (the first test of _deferring): skip the call.
+        if self.role == LEADER or not _deferring(self, self.now):
             self.deferred_s = NEVER
         elif self.deferred_s == NEVER:
             self.deferred_s = self.now
-        self.apply_committed()
+        if self.commit > self.applied:  # apply_committed's own first test, without the call
+            self.apply_committed()
         if snapshot_due(self, self.now):
             self.snapshot_pending = True
             self.snapshot_asked_at = self.applied
@@ -1508,7 +1557,8 @@ class _Step:
                     # Lost appends (or acks): go back to what is known to match and send again.
                     self.progress[peer] = replace(p, next=p.match + 1, inflight=0, last_progress_s=now)
                 self.replicate(peer)
-        self.confirm_reads()
+        if self.reads:  # confirm_reads' own first test, without the call
+            self.confirm_reads()
         self.maintain_handover()
         if self.writable_now() and self.handover_to is None:
             self.maintain_membership()
@@ -1576,8 +1626,10 @@ class _Step:
         if (
             not cfg.learners
             and not cfg.removed
-            and self.view.keys() == cfg.members
-            and all(now - p.last_ack_s <= o.reap_timeout_s for p in self.progress.values())
+            and self.view.keys() == cfg.voters  # cfg.members, which is cfg.voters without learners
+            # Every member answered within reap_timeout_s: ``now - x`` only grows as x falls (rounding is
+            # monotonic), so it holds for all of them if it holds for the oldest answer.
+            and (not self.progress or now - min(map(_LAST_ACK, self.progress.values())) <= o.reap_timeout_s)
         ):
             # The steady state, checked on every step of a leader: every member is in the view (none
             # replaced, no new node, no removal to forget), no learner, no silent member. Nothing below
@@ -1697,11 +1749,13 @@ class _Step:
         st = self.st
         truncate_from = append = None
         if self.dirty is not None:
-            truncate_from = self.dirty if self.dirty <= st.last.index else None
+            # st.last.index, without the two property calls and the LogId they build
+            last = st.log[-1].index if st.log else st.base.index
+            truncate_from = self.dirty if self.dirty <= last else None
             append = tuple(self.log[self.dirty - self.base.index - 1 :])
         self.trim()
         # The working copy is done with: freeze its fields in place and build the State from them in field
-        # order (one C-level read of every field, a positional call).
+        # order (one C-level read of every field, one C-level pass setting the slots: _slot_builder).
         if isinstance(self.log, list):
             self.log = tuple(self.log)
         self.progress = MappingProxyType(self.progress)  # type: ignore[assignment]
@@ -1709,7 +1763,7 @@ class _Step:
         self.departing = (  # type: ignore[assignment]
             MappingProxyType(self.departing) if self.departing or st.departing else st.departing
         )
-        new = State(*_state_values(self))
+        new = _new_state(_state_values(self))
         hard = self.hard if self.hard is not st.hard and self.hard != st.hard else None
         if (
             hard is None
@@ -1725,17 +1779,19 @@ class _Step:
             and not self.out_fetch
         ):
             return new, _NOTHING  # about half a leader's steps (an ack that commits nothing, a Persisted)
-        ready = Ready(  # positional, in Ready's field order (a keyword call costs more on every step)
-            hard,  # hard_state
-            truncate_from,
-            append or (),  # append
-            tuple(self.out_messages),  # messages
-            tuple(self.out_apply),  # apply
-            tuple(self.out_replies),  # replies
-            tuple(self.out_read_log),  # read_log
-            tuple(self.out_facts),  # facts
-            self.out_install,  # install
-            self.out_take_snapshot,  # take_snapshot
-            tuple(self.out_fetch),  # fetch_snapshot
+        ready = _new_ready(
+            (  # in Ready's field order
+                hard,  # hard_state
+                truncate_from,
+                append or (),  # append
+                tuple(self.out_messages),  # messages
+                tuple(self.out_apply),  # apply
+                tuple(self.out_replies),  # replies
+                tuple(self.out_read_log),  # read_log
+                tuple(self.out_facts),  # facts
+                self.out_install,  # install
+                self.out_take_snapshot,  # take_snapshot
+                tuple(self.out_fetch),  # fetch_snapshot
+            )
         )
         return new, ready
