@@ -42,6 +42,7 @@ import apsw
 import orjson
 
 from node.core.replication import messages as msg
+from node.core.slots import slot_setters
 from node.core.sqlreq import Statement, WriteCommand
 from node.storage.log import LogEntry
 from node.storage.statemachine import Command, LoadChunk, LoadEnd, LoadFile
@@ -340,24 +341,16 @@ _READERS = {
 # ``__init__``, which for a frozen dataclass sets every field through ``object.__setattr__`` (about three
 # times what setting its slots directly costs). These readers check the very conditions the generic one
 # checks (exact field set, integer ranges, LogId and entry shapes, base64) inline and build the values by
-# their slots; anything they do not accept goes to the generic reader, which accepts it or says why not,
+# their slots (node.core.slots); anything they do not accept goes to the generic reader, which accepts it or says why not,
 # so what is accepted and refused is unchanged (the tests compare both readers on any JSON).
 
 _new = object.__new__
-
-
-def _slot_setters(cls: type) -> tuple[Callable[[Any, Any], None], ...]:
-    """The slot setters of a frozen, slotted dataclass, in field order (``__post_init__`` would be skipped:
-    none of these classes has one, which the tests check)."""
-    return tuple(cls.__dict__[name].__set__ for name in cls.__dataclass_fields__)
-
-
-_LOGID_EPOCH, _LOGID_INDEX = _slot_setters(msg.LogId)
-_ENTRY_EPOCH, _ENTRY_INDEX, _ENTRY_KIND, _ENTRY_PAYLOAD = _slot_setters(msg.Entry)
-_APPEND_EPOCH, _APPEND_PREV, _APPEND_ENTRIES, _APPEND_COMMIT, _APPEND_SEQ = _slot_setters(msg.Append)
-_ACK_EPOCH, _ACK_MATCH, _ACK_SEQ = _slot_setters(msg.AppendAck)
-_HB_EPOCH, _HB_COMMIT, _HB_SEQ, _HB_PREV = _slot_setters(msg.Heartbeat)
-_HB_ACK_EPOCH, _HB_ACK_SEQ = _slot_setters(msg.HeartbeatAck)
+_LOGID_EPOCH, _LOGID_INDEX = slot_setters(msg.LogId)
+_ENTRY_EPOCH, _ENTRY_INDEX, _ENTRY_KIND, _ENTRY_PAYLOAD = slot_setters(msg.Entry)
+_APPEND_EPOCH, _APPEND_PREV, _APPEND_ENTRIES, _APPEND_COMMIT, _APPEND_SEQ = slot_setters(msg.Append)
+_ACK_EPOCH, _ACK_MATCH, _ACK_SEQ = slot_setters(msg.AppendAck)
+_HB_EPOCH, _HB_COMMIT, _HB_SEQ, _HB_PREV = slot_setters(msg.Heartbeat)
+_HB_ACK_EPOCH, _HB_ACK_SEQ = slot_setters(msg.HeartbeatAck)
 _a2b_base64 = binascii.a2b_base64
 
 

@@ -1,7 +1,7 @@
 """The core step's cheaper paths give what the plain ones give, and a step keeps nothing between calls.
 
 ``node/core/replication/machine.py`` builds State, Ready and Progress through their slot descriptors
-(``_slot_builder``), checks the membership steady state on the oldest answer only and finds the handover
+(``node.core.slots``), checks the membership steady state on the oldest answer only and finds the handover
 target in one pass; each is pinned here by a property against its plain form (``test_step_reference``
 compares whole steps against a plain reference).
 
@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.core import replication
+from node.core import replication, slots
 from node.core.replication import machine
 from node.core.replication.machine import LEADER, NEVER, Progress, State
 from node.core.replication.messages import Config, HardState, Ready, Tick
@@ -261,7 +261,7 @@ PROGRESS_VALUES = st.tuples(
 @given(PROGRESS_VALUES)
 def test_the_slot_builder_equals_the_constructor(values):
     """A builder's object is the constructor's: equal, same hash, same repr, still frozen."""
-    built, made = machine._slot_builder(Progress)(values), Progress(*values)
+    built, made = slots.slot_builder(Progress)(values), Progress(*values)
     assert (
         type(built) is Progress and built == made and hash(built) == hash(made) and repr(built) == repr(made)
     )
@@ -295,4 +295,6 @@ def test_the_slot_builder_refuses_classes_whose_init_does_more():
 
     for cls in (Checked, Derived, Unslotted):
         with pytest.raises(TypeError):
-            machine._slot_builder(cls)
+            slots.slot_builder(cls)
+        with pytest.raises(TypeError):  # the codec's per-field setters are refused alike
+            slots.slot_setters(cls)

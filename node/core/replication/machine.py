@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
-from itertools import repeat
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from node.core.replication.messages import (
@@ -60,6 +58,7 @@ from node.core.replication.messages import (
     Tick,
     ViewChanged,
 )
+from node.core.slots import slot_builder
 
 FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
 NEVER = float("-inf")
@@ -601,35 +600,13 @@ _NOTHING = Ready()  # the Ready of a step with nothing to do (frozen: one instan
 _STATE_FIELDS = tuple(State.__dataclass_fields__)
 _state_values = operator.attrgetter(*_STATE_FIELDS)  # every State field of an object, in field order
 _LAST_ACK = operator.attrgetter("last_ack_s")
-_discard = deque(maxlen=0).extend  # runs an iterator to its end, keeping nothing
 
 
-def _slot_builder(cls: type) -> Callable[[Sequence[object]], object]:
-    """``cls(*values)`` for a frozen, slotted dataclass, without its generated ``__init__``: that one sets
-    each field with a Python-level ``object.__setattr__`` (the frozen guard), which for State's 40 fields
-    was a tenth of a leader's step. This sets the same slots through their descriptors (the bound
-    ``__set__`` of each, called by ``map``: no Python frame per field). Only for classes whose ``__init__``
-    does nothing else: every field an init field, no ``__post_init__`` (checked here, so a later change to
-    the class cannot silently skip its own code). ``values`` must hold every field, in field order (a short
-    sequence would leave slots unset; the callers pass State's own attrgetter or a literal tuple checked by
-    test_direct_constructor_calls_follow_the_field_order)."""
-    names = [f.name for f in fields(cls)]
-    if not all(f.init for f in fields(cls)) or hasattr(cls, "__post_init__") or "__dict__" in dir(cls):
-        raise TypeError(f"{cls.__name__}: not a plain frozen slotted dataclass")
-    setters = [cls.__dict__[name].__set__ for name in names]  # each: (obj, value) -> sets that slot
-    new = object.__new__
-
-    def build(values: Sequence[object]) -> object:
-        obj = new(cls)
-        _discard(map(operator.call, setters, repeat(obj), values))
-        return obj
-
-    return build
-
-
-_new_state: Callable[[Sequence[object]], State] = _slot_builder(State)  # type: ignore[assignment]
-_new_ready: Callable[[Sequence[object]], Ready] = _slot_builder(Ready)  # type: ignore[assignment]
-_new_progress: Callable[[Sequence[object]], Progress] = _slot_builder(Progress)  # type: ignore[assignment]
+# Every field, in field order, set through the slots (node.core.slots): the callers pass State's own
+# attrgetter or a literal tuple checked by test_direct_constructor_calls_follow_the_field_order.
+_new_state: Callable[[Sequence[object]], State] = slot_builder(State)
+_new_ready: Callable[[Sequence[object]], Ready] = slot_builder(Ready)
+_new_progress: Callable[[Sequence[object]], Progress] = slot_builder(Progress)
 
 
 class _Step:
@@ -1106,7 +1083,7 @@ class _Step:
             return
         p = self.progress[sender]
         now, acked_seq = self.now, max(p.acked_seq, m.seq)
-        # Built from all fields in declaration order (_slot_builder): dataclasses.replace was most of an ack.
+        # Built from all fields in declaration order (node.core.slots): dataclasses.replace was most of an ack.
         if isinstance(m, AppendAck):
             moved = m.match > p.match
             p = _new_progress(
@@ -1755,7 +1732,7 @@ class _Step:
             append = tuple(self.log[self.dirty - self.base.index - 1 :])
         self.trim()
         # The working copy is done with: freeze its fields in place and build the State from them in field
-        # order (one C-level read of every field, one C-level pass setting the slots: _slot_builder).
+        # order (one C-level read of every field, one C-level pass setting the slots: node.core.slots).
         if isinstance(self.log, list):
             self.log = tuple(self.log)
         self.progress = MappingProxyType(self.progress)  # type: ignore[assignment]
