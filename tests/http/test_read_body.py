@@ -4,34 +4,23 @@ under the time limit. Both give the same bytes, and the same 413 past the limit.
 from __future__ import annotations
 
 import asyncio
-from unittest import mock
 
 import pytest
-from aiohttp.streams import StreamReader
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node import errors
 from node.http.common import read_body
+from tests.support.bodies import arriving_body
 
 
 def _request(chunks: list[bytes], *, arrived: bool, declared: bool):
-    reader = StreamReader(mock.Mock(), 1 << 16, loop=asyncio.get_running_loop())
     total = sum(len(c) for c in chunks)
     headers = {"Content-Length": str(total)} if declared else {}
-    request = make_mocked_request("POST", "/db/execute", headers=headers, payload=reader)
-
-    def feed() -> None:
-        for chunk in chunks:
-            reader.feed_data(chunk)
-        reader.feed_eof()
-
-    if arrived:
-        feed()
-    else:
-        asyncio.get_running_loop().call_soon(feed)
-    return request
+    return make_mocked_request(
+        "POST", "/db/execute", headers=headers, payload=arriving_body(chunks, arrived=arrived)
+    )
 
 
 async def _outcome(chunks: list[bytes], limit: int, *, arrived: bool, declared: bool):

@@ -25,6 +25,7 @@ from node.http.render import cells
 from node.runtime.mailbox import LatestCell
 from node.service import WriteOutcome
 from node.storage.results import StatementResult
+from tests.support.bodies import arriving_body
 from tests.support.dbapi import QuietLog
 
 SECRET = "s" * 32
@@ -45,21 +46,6 @@ class EchoService:
         return WriteOutcome(results, 2, 17)
 
 
-def _reader(chunks: list[bytes], *, arrived: bool) -> StreamReader:
-    reader = StreamReader(mock.Mock(), 1 << 16, loop=asyncio.get_running_loop())
-
-    def feed() -> None:
-        for chunk in chunks:
-            reader.feed_data(chunk)
-        reader.feed_eof()
-
-    if arrived:
-        feed()
-    else:
-        asyncio.get_running_loop().call_soon(feed)
-    return reader
-
-
 async def _answer(
     body: bytes, *, arrived: bool, content_type: str, path: str = "/db/execute", pieces: int = 3
 ):
@@ -78,7 +64,7 @@ async def _answer(
             "Content-Type": content_type,
             "Content-Length": str(len(body)),
         },
-        payload=_reader(chunks, arrived=arrived),
+        payload=arriving_body(chunks, arrived=arrived),
         app=web.Application(),
     )
     handler = routes.execute if path == "/db/execute" else routes.unified

@@ -6,7 +6,7 @@ interleaving of sends, waits and workers; a failed write loses nothing; the writ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -74,6 +74,23 @@ def attach(t: ReplicationTransport, stream: FakeStream) -> _Peer:
     peer = t._peer(PEER)
     peer.ws, peer.mac = stream, codec.FrameMac(KEY, ME, 1, 1)  # type: ignore[assignment]
     return peer
+
+
+def posts_only(t: ReplicationTransport, on_post: Callable[[], None] = lambda: None) -> list[int]:
+    """No stream is opened again and what would be POSTed is recorded instead (its numbers, in order):
+    the fate of a batch whose stream write failed."""
+    posted: list[int] = []
+
+    async def post(endpoint: Endpoint, batch: list, cluster: str = "") -> bool:
+        posted.extend(m.seq for m in batch)
+        on_post()
+        return True
+
+    async def no_stream(peer: _Peer) -> None:
+        return None
+
+    t._post, t._open_stream = post, no_stream  # type: ignore[method-assign, assignment]
+    return posted
 
 
 async def settle(done, what: str) -> None:
@@ -156,16 +173,7 @@ async def test_messages_queued_in_one_step_go_as_one_frame_written_at_the_end_of
 async def test_a_write_that_fails_at_once_closes_the_stream_and_its_messages_are_posted_in_order():
     t = transport()
     stream = FakeStream(iter(()), fail_at=2)
-    posted: list[int] = []
-
-    async def post(endpoint: Endpoint, batch: list, cluster: str = "") -> bool:
-        posted.extend(m.seq for m in batch)
-        return True
-
-    async def no_stream(peer: _Peer) -> None:
-        return None
-
-    t._post, t._open_stream = post, no_stream  # type: ignore[method-assign, assignment]
+    posted = posts_only(t)
     async with asyncio.TaskGroup() as tg:
         t._group = tg
         peer = attach(t, stream)
@@ -183,18 +191,8 @@ async def test_a_write_that_fails_at_once_closes_the_stream_and_its_messages_are
 async def test_a_write_that_waits_past_the_peer_timeout_closes_the_stream_and_its_batch_is_posted():
     t = transport(timeout_s=0.05)
     stream = FakeStream(iter([10**9]))  # the first write waits (practically) forever
-    posted: list[int] = []
     first_posted = asyncio.Event()
-
-    async def post(endpoint: Endpoint, batch: list, cluster: str = "") -> bool:
-        posted.extend(m.seq for m in batch)
-        first_posted.set()
-        return True
-
-    async def no_stream(peer: _Peer) -> None:
-        return None
-
-    t._post, t._open_stream = post, no_stream  # type: ignore[method-assign, assignment]
+    posted = posts_only(t, first_posted.set)
     async with asyncio.TaskGroup() as tg:
         t._group = tg
         peer = attach(t, stream)

@@ -37,8 +37,8 @@ from tests.sim.test_step_reference import (
     leader_inputs,
     leader_state,
     reference_handover_target,
+    run_schedule,
 )
-from tests.support.repsim import RepSim
 
 _step = machine.step
 
@@ -121,27 +121,8 @@ def test_a_step_keeps_nothing_between_calls(data, shapes):
 def test_simulated_steps_keep_nothing_between_calls(schedule, seed):
     """Random fault schedules on generated cluster shapes (leaders, followers, candidates, joiners, all in
     one process): every step of every node, stepped again in a shuffled order, gives its first result."""
-    options = (
-        machine.Options(
-            keep_applied=3, max_batch_entries=2, max_inflight=2, snapshot_entries=20, snapshot_trailing=4
-        )
-        if schedule["small_window"]
-        else machine.Options()
-    )
     with recording() as calls:
-        sim = RepSim(
-            schedule["voters"],
-            joiners=schedule["joiners"],
-            seed=schedule["seed"],
-            options=options,
-            drop=0.05,
-            duplicate=0.05,
-            view_lag_s=0.3,
-            pipelined=schedule["pipelined"],
-            group_commit=schedule["group_commit"] and not schedule["pipelined"],
-        )
-        for _ in range(schedule["ticks"]):
-            sim.random_fault(p_fault=schedule["p_fault"])
+        run_schedule(schedule)
     assert len({c.state.me for c in calls}) >= 2  # steps of several nodes, interleaved
     replay(calls, shuffled(len(calls), seed))
 

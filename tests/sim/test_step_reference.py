@@ -378,11 +378,9 @@ SCHEDULES = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(SCHEDULES)
-def test_simulated_schedules_step_like_the_reference(schedule):
-    """Random fault schedules (crashes, cuts, ID changes, stops, drops, duplicates, writes) on generated
-    cluster shapes: every core step of every node equals the reference step."""
+def run_schedule(schedule: dict) -> RepSim:
+    """A simulation of one of SCHEDULES: its cluster shape and options, drops, duplicates and lagging views,
+    then its ticks of random faults (crashes, cuts, ID changes, stops, writes)."""
     options = (
         machine.Options(
             keep_applied=3, max_batch_entries=2, max_inflight=2, snapshot_entries=20, snapshot_trailing=4
@@ -390,20 +388,29 @@ def test_simulated_schedules_step_like_the_reference(schedule):
         if schedule["small_window"]
         else machine.Options()
     )
+    sim = RepSim(
+        schedule["voters"],
+        joiners=schedule["joiners"],
+        seed=schedule["seed"],
+        options=options,
+        drop=0.05,
+        duplicate=0.05,
+        view_lag_s=0.3,
+        pipelined=schedule["pipelined"],
+        group_commit=schedule["group_commit"] and not schedule["pipelined"],
+    )
+    for _ in range(schedule["ticks"]):
+        sim.random_fault(p_fault=schedule["p_fault"])
+    return sim
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(SCHEDULES)
+def test_simulated_schedules_step_like_the_reference(schedule):
+    """Random fault schedules (crashes, cuts, ID changes, stops, drops, duplicates, writes) on generated
+    cluster shapes: every core step of every node equals the reference step."""
     with comparing() as compared:
-        sim = RepSim(
-            schedule["voters"],
-            joiners=schedule["joiners"],
-            seed=schedule["seed"],
-            options=options,
-            drop=0.05,
-            duplicate=0.05,
-            view_lag_s=0.3,
-            pipelined=schedule["pipelined"],
-            group_commit=schedule["group_commit"] and not schedule["pipelined"],
-        )
-        for _ in range(schedule["ticks"]):
-            sim.random_fault(p_fault=schedule["p_fault"])
+        run_schedule(schedule)
     assert compared.steps > schedule["ticks"]
     assert compared.deadlines > 0
 
