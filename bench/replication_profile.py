@@ -111,7 +111,7 @@ async def amain(args: argparse.Namespace) -> int:
                             subprocess.Popen,
                             [args.py_spy, "record", "--format", "raw", "--rate", "250", "--nonblocking",
                              "--duration", str(int(args.seconds + args.warmup)), "--pid",
-                             str(node.proc.pid), "--output", str(path)],
+                             str(node.proc.pid), "--output", str(path), *(["--gil"] * args.gil)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )  # fmt: skip
                         spies.append((spy, path))
@@ -160,6 +160,11 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=3.0, help="seconds of no load measured first (3)")
     parser.add_argument("--py-spy", default=None, help="py-spy binary: sample every node while the load runs")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "replication-profile")
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only the thread holding the GIL: where Python CPU goes, waits and syscalls left out",
+    )
     parser.add_argument("--top", action="store_true", help="print the hottest functions of each profile")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

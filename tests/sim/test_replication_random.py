@@ -286,10 +286,12 @@ def test_commit_without_a_majority_is_caught(monkeypatch):
 
 
 def test_the_schedules_really_inject_faults():
-    """Guard against a harness that silently stopped doing anything: count what one schedule did."""
+    """Guard against a harness that silently stopped doing anything: count what a few schedules did (six:
+    since the leader holds a log's open tail while an Append is unanswered, the first four truncate a
+    divergent suffix once between them, the first six four times)."""
     events: list[str] = []
     torn = 0
-    for seed in SEEDS[:4]:
+    for seed in SEEDS[:6]:
         sim = RepSim(3, joiners=1 if seed % 2 else 0, seed=seed, drop=0.05, duplicate=0.05, view_lag_s=0.3)
         for _ in range(TICKS):
             sim.random_fault(p_fault=0.01)

@@ -182,8 +182,10 @@ class ReferenceStep(machine._Step):
                 self.out_read_log.append(machine.ReadLog(peer, "append", self.hard.epoch, first, last))
                 p = replace(p, reading=True)
                 break
-            prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             batch = self.entries_from(p.next)
+            if p.inflight and p.next > p.match + 1 and p.next + len(batch) > self.last_index:
+                break
+            prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             self.send(peer, machine.Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
             p = replace(
                 p,

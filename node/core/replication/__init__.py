@@ -56,8 +56,9 @@ Protocol rules (what the README's design section quotes):
   in a new epoch, and a hard state with a fresh cluster name, so no node holding the old history is ever
   heard again; it then leads alone and commits its whole log. Unsafe by nature (see ``recovery``).
 * **Group commit.** ``Submit`` carries many commands: one Ready, one append, one fsync. Appends are
-  pipelined: up to ``max_inflight`` unacknowledged batches per follower; lost ones are resent after
-  ``resend_s`` from the last matching index.
+  pipelined: up to ``max_inflight`` unacknowledged full batches per follower, while the log's open tail (a
+  batch reaching its end) waits for the Append in flight to be answered, so that writes arriving meanwhile
+  travel together; lost ones are resent after ``resend_s`` from the last matching index.
 * **Catch-up and memory.** A follower that rejects an Append returns a hint (its last index, or the last
   index whose epoch is not newer than the leader's); the leader backs off to it and probes one batch at a
   time. Only ``keep_applied`` applied entries (plus all unapplied ones) stay in memory; older ones are read

