@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,25 @@ class PhaseStats:
     writes_per_s: float
     p50_ms: float | None
     p99_ms: float | None
+    # CPU per write during the phase (warm-up included, over its writes): the system's three processes
+    # together, and this client. On a saturated machine throughput is what the two sum to.
+    server_cpu_ms: float | None = None
+    client_cpu_ms: float | None = None
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU of a process and its threads so far (Linux /proc), None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_write_ms(before: float | None, after: float | None, writes: float) -> float | None:
+    if before is None or after is None or writes <= 0:
+        return None
+    return 1000 * (after - before) / writes
 
 
 def summarize(latencies_s: Iterable[float], errors: int, elapsed_s: float) -> PhaseStats:
@@ -567,21 +586,36 @@ async def run_phases(
     counts: Sequence[int],
     args: argparse.Namespace,
     label: str,
+    pids: Sequence[int] = (),
 ) -> dict[tuple[str, int], PhaseStats]:
+    """Each path at each client count; ``pids`` (the system's processes) for its CPU per write."""
     out: dict[tuple[str, int], PhaseStats] = {}
+
+    def server_cpu_s() -> float | None:
+        readings = [process_cpu_s(pid) for pid in pids]
+        return None if not readings or None in readings else sum(r for r in readings if r is not None)
+
     async with asyncio.TaskGroup() as tg:
         tg.create_task(watch.run())
         try:
             for path, target in targets.items():
                 for clients in counts:
+                    server_before, client_before = server_cpu_s(), time.process_time()
                     stats = await drive(
                         session, target, clients, args.warmup, args.seconds, args.max_requests
+                    )
+                    writes = stats.writes_per_s * (args.warmup + args.seconds)  # approx.: warm-up included
+                    stats = replace(
+                        stats,
+                        server_cpu_ms=cpu_per_write_ms(server_before, server_cpu_s(), writes),
+                        client_cpu_ms=cpu_per_write_ms(client_before, time.process_time(), writes),
                     )
                     out[(path, clients)] = stats
                     print(
                         f"  {label:<11} {path:<8} {clients:>3} clients: {stats.writes_per_s:8.0f} writes/s  "
                         f"p50 {_fmt(stats.p50_ms, '.2f', 7)} ms  p99 {_fmt(stats.p99_ms, '.2f', 7)} ms  "
-                        f"errors {stats.errors}",
+                        f"errors {stats.errors}  CPU ms/write: servers {_fmt(stats.server_cpu_ms, '.2f', 4)}, "
+                        f"client {_fmt(stats.client_cpu_ms, '.2f', 4)}",
                         flush=True,
                     )
         finally:
@@ -683,7 +717,8 @@ async def bench_talentnest(session: Any, args: argparse.Namespace, log_dir: Path
             "follower": tn_target(c.nodes[follower].url, token),
         }
         watch = LeaderWatch(session, tn_probe, [c.nodes[ip].url for ip in c.ips])
-        result["phases"] = await run_phases(session, targets, watch, args.clients, args, "Talent Nest")
+        pids = [n.proc.pid for n in c.nodes.values() if n.proc is not None]
+        result["phases"] = await run_phases(session, targets, watch, args.clients, args, "Talent Nest", pids)
         result["leader_changes"] = watch.changes()
 
         trials: list[float | None] = []
@@ -871,7 +906,8 @@ async def bench_etcd(session: Any, args: argparse.Namespace, log_dir: Path, bina
             )
             targets = {"leader": etcd_target(leader.client_url), "follower": etcd_target(follower.client_url)}
             watch = LeaderWatch(session, etcd_probe, [m.client_url for m in ec.members])
-            result["phases"] = await run_phases(session, targets, watch, args.clients, args, "etcd")
+            pids = [m.proc.pid for m in ec.members if m.proc is not None]
+            result["phases"] = await run_phases(session, targets, watch, args.clients, args, "etcd", pids)
             result["leader_changes"] = watch.changes()
 
             trials: list[float | None] = []

@@ -12,7 +12,10 @@ import base64
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -310,3 +313,26 @@ def test_the_report_names_the_interpreter_that_ran_the_nodes():
 def test_the_interpreter_line_says_each_build(shared, text):
     line = cb.format_interpreter({"executable": "/x/python", "python": "3.11.2", "libpython_shared": shared})
     assert line.startswith("interpreter: /x/python (Python 3.11.2, ") and text in line
+
+
+# --- CPU per write ------------------------------------------------------------------------------------------
+
+
+def test_a_processes_cpu_is_read_and_a_gone_one_is_unknown():
+    before = cb.process_cpu_s(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # burn a little CPU: the reading must move
+        pass
+    after = cb.process_cpu_s(os.getpid())
+    assert before is not None and after is not None and after > before
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert cb.process_cpu_s(gone.pid) is None
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "writes", "want"),
+    [(1.0, 1.5, 1000, 0.5), (None, 1.5, 1000, None), (1.0, None, 1000, None), (1.0, 1.5, 0, None)],
+)
+def test_cpu_per_write_is_milliseconds_per_write_or_unknown(before, after, writes, want):
+    assert cb.cpu_per_write_ms(before, after, writes) == want
