@@ -7,7 +7,8 @@ index are both stored or neither is, and an entry whose index is at or below the
 (its result is ``None``): applying twice is impossible, whatever replays it.
 
 Inside the transaction every command has a savepoint, and so does every statement of a command without the
-``transaction`` flag, so one client's failing statement never undoes another client's work:
+``transaction`` flag (for a command of one statement its command's savepoint is the statement's), so one
+client's failing statement never undoes another client's work:
 
 * a command with ``transaction``: its statements run until the first error; on an error (or when a deferred
   foreign key is still violated at its end, which a COMMIT would have refused) the command's savepoint is
@@ -407,6 +408,8 @@ def _command(
         results = _end_load(ops, command.load, where, fixed)
     elif command.write.transaction:
         results = _transaction(ops, command, where, fixed)
+    elif len(command.write.statements) == 1:
+        results = [_single(ops, command, where, fixed)]
     else:
         results = _autocommit(ops, command, where, fixed)
     ops.internal("RELEASE tn_command")
@@ -544,6 +547,19 @@ def _transaction(ops: Ops, command: Command, where: tuple[int, int], fixed: dict
         return results
     ops.internal("ROLLBACK TO tn_command")
     return r.rolled_back(results, len(statements), failure)
+
+
+def _single(ops: Ops, command: Command, where: tuple[int, int], fixed: dict) -> r.StatementResult:
+    """The one statement of a command without the transaction flag (most writes): ``_autocommit`` with the
+    command's savepoint serving as the statement's. Nothing runs between the two savepoints' starts nor
+    between their ends, so rolling back to ``tn_command`` undoes exactly what rolling back to
+    ``tn_statement`` would (the deferred foreign key count included), and one savepoint pair is saved."""
+    result, _ = _run(ops, command.mode, command.write.statements[0], (*where, 1), fixed)
+    if result.error is None and ops.deferred_fk_pending():
+        result = r.failed("FOREIGN KEY constraint failed", time_s=result.time_s)
+    if result.error is not None:
+        ops.internal("ROLLBACK TO tn_command")
+    return result
 
 
 def _autocommit(ops: Ops, command: Command, where: tuple[int, int], fixed: dict) -> list[r.StatementResult]:
