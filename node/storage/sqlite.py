@@ -293,6 +293,8 @@ class Database:
         self._rng: random.Random | None = None
         self._now_ns: int | None = None
         self._now_text: str | None = None
+        # The write connection on which the node's own tables were all seen committed (see _WriterOps).
+        self._schema_conn: apsw.Connection | None = None
         self._temp_seq = 0
         # The SQLite this process runs: replicated commands stamped under another one are refused.
         self.sqlite_version = apsw.sqlite_lib_version()
@@ -781,6 +783,7 @@ class Database:
     def _open_writer(self) -> None:
         slot = self._writer
         assert slot is not None
+        self._schema_conn = None
         self._clock_db = apsw.Connection(":memory:")
         slot.conn = self._connect(slot, "PRAGMA journal_mode=WAL")
         for name in TIME_FUNCTIONS:
@@ -1387,6 +1390,16 @@ class _WriterOps:
             return cursor.execute(sql, params).fetchall()
         finally:
             slot.internal = False
+
+    @property
+    def schema_ready(self) -> bool:
+        """The node's own tables were all seen committed on this connection (statemachine skips its lookup).
+        A swap opens another connection, so a swapped-in file is looked at again."""
+        return self.slot.conn is not None and self.db._schema_conn is self.slot.conn
+
+    @schema_ready.setter
+    def schema_ready(self, ready: bool) -> None:
+        self.db._schema_conn = self.slot.conn if ready else None
 
     def message(self, exc: BaseException) -> str:
         return _message(exc)
