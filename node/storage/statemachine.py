@@ -7,8 +7,8 @@ index are both stored or neither is, and an entry whose index is at or below the
 (its result is ``None``): applying twice is impossible, whatever replays it.
 
 Inside the transaction every command has a savepoint, and so does every statement of a command without the
-``transaction`` flag (for a command of one statement its command's savepoint is the statement's), so one
-client's failing statement never undoes another client's work:
+``transaction`` flag (the first one's is its command's: nothing runs between them), so one client's failing
+statement never undoes another client's work:
 
 * a command with ``transaction``: its statements run until the first error; on an error (or when a deferred
   foreign key is still violated at its end, which a COMMIT would have refused) the command's savepoint is
@@ -426,8 +426,6 @@ def _command(
         results = _end_load(ops, command.load, where, fixed)
     elif command.write.transaction:
         results = _transaction(ops, command, where, fixed)
-    elif len(command.write.statements) == 1:
-        results = [_single(ops, command, where, fixed)]
     else:
         results = _autocommit(ops, command, where, fixed)
     ops.internal("RELEASE tn_command")
@@ -567,19 +565,6 @@ def _transaction(ops: Ops, command: Command, where: tuple[int, int], fixed: dict
     return r.rolled_back(results, len(statements), failure)
 
 
-def _single(ops: Ops, command: Command, where: tuple[int, int], fixed: dict) -> r.StatementResult:
-    """The one statement of a command without the transaction flag (most writes): ``_autocommit`` with the
-    command's savepoint serving as the statement's. Nothing runs between the two savepoints' starts nor
-    between their ends, so rolling back to ``tn_command`` undoes exactly what rolling back to
-    ``tn_statement`` would (the deferred foreign key count included), and one savepoint pair is saved."""
-    result, _ = _run(ops, command.mode, command.write.statements[0], (*where, 1), fixed)
-    if result.error is None and ops.deferred_fk_pending():
-        result = r.failed("FOREIGN KEY constraint failed", time_s=result.time_s)
-    if result.error is not None:
-        ops.internal("ROLLBACK TO tn_command")
-    return result
-
-
 def _autocommit(ops: Ops, command: Command, where: tuple[int, int], fixed: dict) -> list[r.StatementResult]:
     results: list[r.StatementResult] = []
     stopped: str | None = None
@@ -587,14 +572,20 @@ def _autocommit(ops: Ops, command: Command, where: tuple[int, int], fixed: dict)
         if stopped is not None:
             results.append(r.not_run(stopped))
             continue
-        ops.internal("SAVEPOINT tn_statement")
+        # The first statement's savepoint is the command's own: nothing ran since it began, so rolling back
+        # to it undoes exactly what a savepoint of the statement's would (the deferred foreign key count
+        # included). One savepoint pair less per command, and a one-statement command (most writes) has one.
+        first = number == 1
+        if not first:
+            ops.internal("SAVEPOINT tn_statement")
         result, stops = _run(ops, command.mode, statement, (*where, number), fixed)
         if result.error is None and ops.deferred_fk_pending():
             # What this statement's own COMMIT would have answered; its changes are undone below.
             result = r.failed("FOREIGN KEY constraint failed", time_s=result.time_s)
         if result.error is not None:
-            ops.internal("ROLLBACK TO tn_statement")
-        ops.internal("RELEASE tn_statement")
+            ops.internal("ROLLBACK TO tn_command" if first else "ROLLBACK TO tn_statement")
+        if not first:
+            ops.internal("RELEASE tn_statement")
         results.append(result)
         if stops:
             stopped = result.error

@@ -137,3 +137,27 @@ async def test_a_single_statement_over_the_budget_fails_alone(tmp_path):
         assert await _rows(database, "SELECT x FROM t ORDER BY x") == [[1], [2]]
     finally:
         await database.close()
+
+
+async def test_a_failing_first_statement_undoes_only_itself_and_later_ones_run(tmp_path):
+    database = await _fresh(tmp_path)
+    try:
+        (outcomes,) = await database.apply_entries([sm.Entry(2, (
+            _command(["INSERT INTO t VALUES (1)"]),
+            _command([
+                "INSERT INTO t VALUES (10); INSERT INTO child VALUES (97)",  # deferred FK: fails, undone whole
+                "INSERT INTO t VALUES (11)",
+                "INSERT INTO t VALUES (12); INSERT INTO nowhere VALUES (1)",
+                "INSERT INTO t VALUES (13)",
+            ]),
+            _command(["INSERT INTO t VALUES (20); INSERT INTO nowhere VALUES (1)", "INSERT INTO t VALUES (21)"]),
+        ))])  # fmt: skip
+        first, mixed, failing_first = (o.results for o in outcomes)
+        assert first[0].ok
+        assert [r.error for r in mixed][:2] == ["FOREIGN KEY constraint failed", None]
+        assert "no such table: nowhere" in mixed[2].error and mixed[3].ok
+        assert "no such table: nowhere" in failing_first[0].error and failing_first[1].ok
+        assert await _rows(database, "SELECT x FROM t ORDER BY x") == [[1], [11], [13], [21]]
+        assert await _rows(database, "SELECT p FROM child") == []
+    finally:
+        await database.close()
