@@ -77,7 +77,7 @@ from typing import Any, TypeVar
 import apsw
 
 from node import errors
-from node.core.sqlreq import DbRequest, Statement, WriteCommand, rewrite_time_keywords
+from node.core.sqlreq import DbRequest, Statement, WriteCommand, rewrite_time_keywords, utc_text
 from node.storage import pragmas, statemachine
 from node.storage import results as res
 from node.storage.dump import dump_statements
@@ -286,8 +286,15 @@ class Database:
         self.disk_full = False  # the last write failed with SQLITE_FULL and none has succeeded since
         # Touched only on the writer thread.
         self._clock_db: apsw.Connection | None = None
-        self._rng = random.Random()
+        # The running command's seed and time (None: no command runs, random() and 'now' are the real ones).
+        # Its random.Random and its time text are made only when SQL first asks for them (random(),
+        # randomblob(), a date function): most writes call none, and seeding costs more than the INSERT.
+        self._seed: int | None = None
+        self._rng: random.Random | None = None
+        self._now_ns: int | None = None
         self._now_text: str | None = None
+        # The write connection on which the node's own tables were all seen committed (see _WriterOps).
+        self._schema_conn: apsw.Connection | None = None
         self._temp_seq = 0
         # The SQLite this process runs: replicated commands stamped under another one are refused.
         self.sqlite_version = apsw.sqlite_lib_version()
@@ -776,6 +783,7 @@ class Database:
     def _open_writer(self) -> None:
         slot = self._writer
         assert slot is not None
+        self._schema_conn = None
         self._clock_db = apsw.Connection(":memory:")
         slot.conn = self._connect(slot, "PRAGMA journal_mode=WAL")
         for name in TIME_FUNCTIONS:
@@ -880,17 +888,35 @@ class Database:
 
     # Deterministic replacements, used on the write connection only.
 
+    def _stamp(self, seed: int | None, time_ns: int | None) -> None:
+        """What random() and 'now' answer from here on: the command's seed and time (None: the real ones)."""
+        self._seed, self._rng = seed, None
+        self._now_ns, self._now_text = time_ns, None
+
+    def _command_rng(self) -> random.Random:
+        rng = self._rng
+        if rng is None:
+            # Seeded at the first use, before any other draw: the same values as seeding at the command's
+            # start, since nothing else draws from it.
+            rng = self._rng = random.Random(self._seed)
+        return rng
+
     def _fn_random(self) -> int:
-        return self._rng.getrandbits(64) - (1 << 63)
+        return self._command_rng().getrandbits(64) - (1 << 63)
 
     def _fn_randomblob(self, n: Any) -> bytes:
         size = max(1, int(n)) if isinstance(n, int | float) else 1
         if size > self.limits.max_result_bytes:
             raise apsw.TooBigError("string or blob too big")
-        return self._rng.randbytes(size)
+        return self._command_rng().randbytes(size)
 
     def _fn_time(self, name: str, *args: Any) -> Any:
-        now = self._now_text or _now_text(time.time_ns())
+        now = self._now_text
+        if now is None:
+            if self._now_ns is not None:
+                now = self._now_text = utc_text(self._now_ns)
+            else:
+                now = _now_text(time.time_ns())
         if not args and name != "strftime":
             args = (now,)
         elif name == "strftime" and len(args) == 1:
@@ -938,8 +964,7 @@ class Database:
                 _finish(other, exc=_settled_error(exc))
             raise exc from None
         finally:
-            self._rng = random.Random()
-            self._now_text = None
+            self._stamp(None, None)
         full = slot.full or (done.commit_error is not None and is_disk_full(done.commit_error))
         if full:
             self.disk_full = True
@@ -978,8 +1003,7 @@ class Database:
             self.disk_full = self.disk_full or is_disk_full(exc)
             raise ApplyFailed(f"applying the log failed: {_message(exc)}") from None
         finally:
-            self._rng = random.Random()
-            self._now_text = None
+            self._stamp(None, None)
         if not done.committed:
             self.disk_full = self.disk_full or slot.full or is_disk_full(done.commit_error)
             raise ApplyFailed(f"applying the log failed: COMMIT failed: {_message(done.commit_error)}")
@@ -1265,8 +1289,7 @@ class Database:
         statement has the write step budget (deterministic); any other refused pragma is a 400 naming it."""
         slot = self._writer
         assert slot is not None and slot.conn is not None
-        self._rng = random.Random(seed)
-        self._now_text = WriteCommand((), False, time_ns, seed).now_text
+        self._stamp(seed, time_ns)
         try:
             # A load is not in the log (only its marker is), so the log cannot replay it: its COMMIT must be
             # durable by itself before it is acknowledged (FULL fsyncs the WAL), whatever SYNCHRONOUS says.
@@ -1284,8 +1307,7 @@ class Database:
                 self._internal_sql(slot, "PRAGMA foreign_keys=ON")
             with contextlib.suppress(apsw.Error):
                 self._internal_sql(slot, f"PRAGMA synchronous={statemachine.SYNCHRONOUS}")
-            self._rng = random.Random()
-            self._now_text = None
+            self._stamp(None, None)
 
     def _load_dump_statements(self, slot: _Slot, job: _Job, source: Path, index: int) -> int:
         conn = slot.conn
@@ -1349,19 +1371,35 @@ class Database:
 class _WriterOps:
     """The write connection as :mod:`node.storage.statemachine` uses it (writer thread only)."""
 
-    __slots__ = ("db", "job", "slot")
+    __slots__ = ("cursor", "db", "job", "slot")
 
     def __init__(self, db: Database, slot: _Slot, job: _Job) -> None:
         self.db, self.slot, self.job = db, slot, job
+        self.cursor: apsw.Cursor | None = None
 
     def internal(self, sql: str, params: tuple = ()) -> list[tuple]:
-        conn = self.slot.conn
+        slot = self.slot
+        conn = slot.conn
         assert conn is not None
-        self.slot.internal = True
+        # One cursor for all of them: a new cursor per statement costs as much as running a SAVEPOINT.
+        cursor = self.cursor
+        if cursor is None or cursor.connection is not conn:
+            cursor = self.cursor = conn.cursor()
+        slot.internal = True
         try:
-            return conn.execute(sql, params).fetchall()
+            return cursor.execute(sql, params).fetchall()
         finally:
-            self.slot.internal = False
+            slot.internal = False
+
+    @property
+    def schema_ready(self) -> bool:
+        """The node's own tables were all seen committed on this connection (statemachine skips its lookup).
+        A swap opens another connection, so a swapped-in file is looked at again."""
+        return self.slot.conn is not None and self.db._schema_conn is self.slot.conn
+
+    @schema_ready.setter
+    def schema_ready(self, ready: bool) -> None:
+        self.db._schema_conn = self.slot.conn if ready else None
 
     def message(self, exc: BaseException) -> str:
         return _message(exc)
@@ -1375,8 +1413,7 @@ class _WriterOps:
 
     def start_command(self, write: WriteCommand) -> None:
         # One budget, one byte limit, one seed and one time per command: its outcome is its own.
-        self.db._rng = random.Random(write.seed)
-        self.db._now_text = write.now_text
+        self.db._stamp(write.seed, write.time_ns)
         self.job.steps, self.job.over_budget = 0, False
         self.job.bytes_left = self.db.limits.max_result_bytes
 

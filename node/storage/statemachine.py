@@ -7,7 +7,8 @@ index are both stored or neither is, and an entry whose index is at or below the
 (its result is ``None``): applying twice is impossible, whatever replays it.
 
 Inside the transaction every command has a savepoint, and so does every statement of a command without the
-``transaction`` flag, so one client's failing statement never undoes another client's work:
+``transaction`` flag (the first one's is its command's: nothing runs between them), so one client's failing
+statement never undoes another client's work:
 
 * a command with ``transaction``: its statements run until the first error; on an error (or when a deferred
   foreign key is still violated at its end, which a COMMIT would have refused) the command's savepoint is
@@ -218,7 +219,11 @@ class Fixed:
 
 
 class Ops(Protocol):
-    """What applying needs from the write connection (implemented by the database's writer thread)."""
+    """What applying needs from the write connection (implemented by the database's writer thread).
+
+    Optional: a writable ``schema_ready`` attribute, to remember that the node's own tables exist (see
+    ``_schema_and_applied``).
+    """
 
     def internal(self, sql: str, params: tuple = ()) -> list[tuple]: ...
     def message(self, exc: BaseException) -> str: ...
@@ -282,9 +287,18 @@ _SCHEMA_LOOKUP = f"SELECT count(*) FROM sqlite_schema WHERE name IN ({', '.join(
 
 
 def _schema_and_applied(ops: Ops) -> int:
-    """``ensure_schema`` then ``applied_index``, in two statements instead of six when the schema is there."""
-    if ops.internal(_SCHEMA_LOOKUP, _SCHEMA_NAMES)[0][0] != len(_SCHEMA_NAMES):
-        ensure_schema(ops)
+    """``ensure_schema`` then ``applied_index``, in two statements instead of six when the schema is there.
+
+    Run first in a transaction, so the lookup sees committed objects. An ``ops`` with a ``schema_ready``
+    attribute remembers that it saw all of them (on its connection): nothing drops them (user SQL may not
+    name them), so later applies skip the lookup, a scan of the whole schema, the dearest statement of a
+    small group after its COMMIT.
+    """
+    if not getattr(ops, "schema_ready", False):
+        if ops.internal(_SCHEMA_LOOKUP, _SCHEMA_NAMES)[0][0] != len(_SCHEMA_NAMES):
+            ensure_schema(ops)
+        elif hasattr(ops, "schema_ready"):
+            ops.schema_ready = True  # type: ignore[attr-defined]
     rows = ops.internal(f"SELECT value FROM {STATE_TABLE} WHERE key = ?", (APPLIED_KEY,))
     return int(rows[0][0]) if rows else 0
 
@@ -310,7 +324,12 @@ def apply(ops: Ops, entries: Sequence[Entry]) -> Group:
     result says it was rolled back; an exception from ``ops`` (shutdown) propagates, nothing applied.
     """
     fixed: dict[tuple[int, int, int], Fixed] = {}
-    bound = 2 + sum(len(c.write.statements) + (c.load is not None) for e in entries for c in e.commands)
+    try:
+        return _attempt(ops, entries, fixed)
+    except _Lost as lost:
+        fixed[lost.where] = lost.fixed
+    # Rare: counted only now, not for every group.
+    bound = 1 + sum(len(c.write.statements) + (c.load is not None) for e in entries for c in e.commands)
     for _ in range(bound):
         try:
             return _attempt(ops, entries, fixed)
@@ -553,14 +572,20 @@ def _autocommit(ops: Ops, command: Command, where: tuple[int, int], fixed: dict)
         if stopped is not None:
             results.append(r.not_run(stopped))
             continue
-        ops.internal("SAVEPOINT tn_statement")
+        # The first statement's savepoint is the command's own: nothing ran since it began, so rolling back
+        # to it undoes exactly what a savepoint of the statement's would (the deferred foreign key count
+        # included). One savepoint pair less per command, and a one-statement command (most writes) has one.
+        first = number == 1
+        if not first:
+            ops.internal("SAVEPOINT tn_statement")
         result, stops = _run(ops, command.mode, statement, (*where, number), fixed)
         if result.error is None and ops.deferred_fk_pending():
             # What this statement's own COMMIT would have answered; its changes are undone below.
             result = r.failed("FOREIGN KEY constraint failed", time_s=result.time_s)
         if result.error is not None:
-            ops.internal("ROLLBACK TO tn_statement")
-        ops.internal("RELEASE tn_statement")
+            ops.internal("ROLLBACK TO tn_command" if first else "ROLLBACK TO tn_statement")
+        if not first:
+            ops.internal("RELEASE tn_statement")
         results.append(result)
         if stops:
             stopped = result.error
