@@ -777,16 +777,18 @@ class DurableLog:
         return bisect.bisect_right(self._firsts, index) - 1
 
     def _validate(self, entries: Sequence[LogEntry], last_index: int, last_epoch: int) -> None:
+        max_payload = self.max_payload_bytes
         for e in entries:
-            if not isinstance(e.index, int) or e.index != last_index + 1:
-                raise ValueError(f"entry index {e.index} does not follow {last_index}")
-            if not isinstance(e.epoch, int) or not last_epoch <= e.epoch <= MAX_U63:
-                raise ValueError(f"entry {e.index} epoch {e.epoch} is below {last_epoch} or out of range")
-            if not isinstance(e.kind, int) or not 0 <= e.kind <= MAX_KIND:
-                raise ValueError(f"entry {e.index} kind {e.kind} is not in [0, {MAX_KIND}]")
-            if not isinstance(e.payload, bytes) or len(e.payload) > self.max_payload_bytes:
-                raise ValueError(f"entry {e.index} payload is not bytes of at most {self.max_payload_bytes}")
-            last_index, last_epoch = e.index, e.epoch
+            index, epoch, kind, payload = e.index, e.epoch, e.kind, e.payload
+            if not isinstance(index, int) or index != last_index + 1:
+                raise ValueError(f"entry index {index} does not follow {last_index}")
+            if not isinstance(epoch, int) or not last_epoch <= epoch <= MAX_U63:
+                raise ValueError(f"entry {index} epoch {epoch} is below {last_epoch} or out of range")
+            if not isinstance(kind, int) or not 0 <= kind <= MAX_KIND:
+                raise ValueError(f"entry {index} kind {kind} is not in [0, {MAX_KIND}]")
+            if not isinstance(payload, bytes) or len(payload) > max_payload:
+                raise ValueError(f"entry {index} payload is not bytes of at most {max_payload}")
+            last_index, last_epoch = index, epoch
 
     def _write(self, entries: list[LogEntry]) -> None:
         if not entries:
