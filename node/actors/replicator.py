@@ -85,7 +85,8 @@ from node.core.replication import formation, machine
 from node.core.replication import messages as msg
 from node.replication import codec
 from node.replication import snapshot_transfer as transfer
-from node.replication.codec import from_log_entry, to_log_entry
+from node.replication.codec import from_log_entry, to_log_entries
+from node.replication.codec import to_log_entry as to_log_entry  # re-exported: callers import it from here
 from node.replication.file_loads import FileLoads, load_sources
 from node.replication.own_commands import decoded_form
 from node.replication.snapshotting import Snapshots
@@ -1070,7 +1071,7 @@ class Replicator:
             if ready.append:
                 if not self.holds_data and any(e.kind is msg.Kind.COMMAND for e in ready.append):
                     self.holds_data = True
-                entries = [to_log_entry(e) for e in ready.append]
+                entries = to_log_entries(ready.append)
                 writes.append(_queued(alog.append_and_sync_future, entries))
             late = list(ready.messages)
             if pipelined and self._hard_writes == 0:

@@ -35,7 +35,7 @@ import dataclasses
 import hashlib
 import hmac
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import apsw
@@ -85,8 +85,29 @@ KIND_CODES = {msg.Kind.COMMAND: 1, msg.Kind.EPOCH_START: 2, msg.Kind.CONFIG: 3}
 KINDS_BY_CODE = {code: kind for kind, code in KIND_CODES.items()}
 
 
+_LOG_EPOCH, _LOG_INDEX, _LOG_KIND, _LOG_PAYLOAD = slot_setters(LogEntry)
+# By the kind's ``_value_``: a dict keyed by the member calls Enum.__hash__, a Python function, per entry.
+_KIND_CODES_BY_VALUE = {kind._value_: code for kind, code in KIND_CODES.items()}
+
+
 def to_log_entry(entry: msg.Entry) -> LogEntry:
-    return LogEntry(entry.epoch, entry.index, KIND_CODES[entry.kind], entry.payload)
+    return to_log_entries((entry,))[0]
+
+
+def to_log_entries(entries: Iterable[msg.Entry]) -> list[LogEntry]:
+    """The entries as the durable log stores them. Built by their slots (node.core.slots), not through the
+    frozen dataclass's ``__init__``: a follower converts every entry it appends, and that ``__init__`` was
+    most of the conversion. The objects are the same (the tests compare them)."""
+    out = []
+    codes, new, cls = _KIND_CODES_BY_VALUE, object.__new__, LogEntry
+    for e in entries:
+        entry = new(cls)
+        _LOG_EPOCH(entry, e.epoch)
+        _LOG_INDEX(entry, e.index)
+        _LOG_KIND(entry, codes[e.kind._value_])
+        _LOG_PAYLOAD(entry, e.payload)
+        out.append(entry)
+    return out
 
 
 def from_log_entry(entry: LogEntry) -> msg.Entry:
@@ -756,6 +777,17 @@ def encode_command(command: Command) -> bytes:
     return orjson.dumps(body)
 
 
+# Why the values below are built by their slots (node.core.slots): a follower decodes every entry it applies,
+# and the frozen dataclasses' ``__init__`` (a Python-level ``object.__setattr__`` per field) was more than
+# half of the decoding after orjson. The objects are the same (the tests compare them with the constructors).
+_STATEMENT_SQL, _STATEMENT_PARAMS = slot_setters(Statement)
+_WRITE_STATEMENTS, _WRITE_TX, _WRITE_TIME, _WRITE_SEED = slot_setters(WriteCommand)
+_CMD_WRITE, _CMD_UNIFIED, _CMD_CLIENT, _CMD_RID, _CMD_SQLITE, _CMD_LOAD = slot_setters(Command)
+# The values ``_unparam`` returns unchanged, by exact type (what orjson makes of JSON scalars): the others
+# (objects, lists, and anything a subclass could be) go through it.
+_PLAIN_PARAMS = frozenset({str, int, float, bool, type(None)})
+
+
 def decode_command(data: bytes) -> Command:
     try:
         body = orjson.loads(data)
@@ -764,26 +796,37 @@ def decode_command(data: bytes) -> Command:
     if not isinstance(body, dict) or body.get("v") not in COMMAND_VERSIONS:
         raise CodecError("unknown command version")
     version = body["v"]
+    plain, new = _PLAIN_PARAMS, _new
     try:
         statements = []
         for sql, params in body["stmts"]:
             if not isinstance(sql, str):
                 raise CodecError("sql must be text")
             if isinstance(params, dict):
-                params = {str(k): _unparam(v) for k, v in params.items()}
+                params = {str(k): v if type(v) in plain else _unparam(v) for k, v in params.items()}
             elif isinstance(params, list):
-                params = tuple(_unparam(v) for v in params)
+                params = tuple([v if type(v) in plain else _unparam(v) for v in params])
             elif params is not None:
                 raise CodecError("params must be a list, an object or null")
-            statements.append(Statement(sql, params))
-        tx, time_ns, seed, unified, client, rid = (body[k] for k in ("tx", "t", "seed", "u", "c", "rid"))
+            statement = new(Statement)
+            _STATEMENT_SQL(statement, sql)
+            _STATEMENT_PARAMS(statement, params)
+            statements.append(statement)
+        # In this order: a command missing several of them is refused naming the first.
+        tx, time_ns, seed, unified, client, rid = (
+            body["tx"], body["t"], body["seed"], body["u"], body["c"], body["rid"]
+        )  # fmt: skip
         if not isinstance(tx, bool) or not isinstance(unified, bool):
             raise CodecError("tx and u must be booleans")
         if type(time_ns) is not int or type(seed) is not int:
             raise CodecError("t and seed must be integers")
         if not isinstance(client, str) or not (rid is None or isinstance(rid, str)):
             raise CodecError("c must be text and rid text or null")
-        write = WriteCommand(tuple(statements), tx, time_ns, seed)
+        write = new(WriteCommand)
+        _WRITE_STATEMENTS(write, tuple(statements))
+        _WRITE_TX(write, tx)
+        _WRITE_TIME(write, time_ns)
+        _WRITE_SEED(write, seed)
         sqlite_version: str | None = None
         load: LoadChunk | LoadEnd | LoadFile | None = None
         if version >= 2:
@@ -794,9 +837,14 @@ def decode_command(data: bytes) -> Command:
                 if statements:
                     raise CodecError("a load command carries no statements of its own")
                 load = _load_part(body["load"])
-        return Command(
-            write, unified=unified, client=client, request_id=rid, sqlite_version=sqlite_version, load=load
-        )
+        command = new(Command)
+        _CMD_WRITE(command, write)
+        _CMD_UNIFIED(command, unified)
+        _CMD_CLIENT(command, client)
+        _CMD_RID(command, rid)
+        _CMD_SQLITE(command, sqlite_version)
+        _CMD_LOAD(command, load)
+        return command
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, CodecError):
             raise

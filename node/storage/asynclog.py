@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import operator
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ T = TypeVar("T")
 DEFAULT_MAX_PENDING_REQUESTS = 4096
 DEFAULT_MAX_PENDING_BYTES = 64 << 20
 DEFAULT_MAX_BATCH_BYTES = 16 << 20
+
+_payload = operator.attrgetter("payload")
 
 
 class LogBusy(LogError):
@@ -99,11 +102,19 @@ class AsyncLog:
         # Shared with the log thread, under _lock: the queue, its byte count, the batch the thread runs, and
         # whether the thread is to stop once the queue is empty.
         self._lock = threading.Lock()
-        self._nonempty = threading.Condition(self._lock)
+        # The log thread sleeps on _wakeup (held while it sleeps; released once to wake it) rather than on a
+        # Condition: a Condition's wait and notify are Python code with a fresh lock per wait, paid for every
+        # request that finds the thread idle; acquiring and releasing one lock are single C calls.
+        self._wakeup = threading.Lock()
+        self._wakeup.acquire()
         self._queue: collections.deque[_Request] = collections.deque()
         self._pending_bytes = 0
         self._running: list[_Request] = []
         self._stop_thread = False
+        # True (under _lock) from when the log thread found nothing to do until a waker clears it and releases
+        # _wakeup: exactly one release per sleep, so _wakeup is never released twice (a request queued while
+        # the thread runs a batch needs no wake-up at all).
+        self._thread_idle = False
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -137,7 +148,7 @@ class AsyncLog:
             self._closing = True
             with self._lock:
                 self._stop_thread = True  # if the open succeeded after all (start() was cancelled)
-                self._nonempty.notify()
+                self._wake_thread()
             await asyncio.to_thread(self._thread.join)  # returns at once: nothing was queued
             raise
         self._worker = asyncio.create_task(self._watch(), name="durable-log")
@@ -147,7 +158,7 @@ class AsyncLog:
         self._closing = True
         with self._lock:
             self._stop_thread = True
-            self._nonempty.notify()
+            self._wake_thread()
         worker, self._worker = self._worker, None
         try:
             if worker is not None:
@@ -172,7 +183,7 @@ class AsyncLog:
     def append_and_sync_future(self, entries: Sequence[LogEntry]) -> asyncio.Future:
         """Queue an append at once (the log thread may start on it before the caller's next await) and return
         the future of its durable last index. Raises LogBusy or LogClosed at once if it was not accepted."""
-        nbytes = sum(RECORD_OVERHEAD_BYTES + len(e.payload) for e in entries)
+        nbytes = RECORD_OVERHEAD_BYTES * len(entries) + sum(map(len, map(_payload, entries)))
         assert self._loop is not None
         return self._enqueue(_Request(self._loop.create_future(), entries=entries, nbytes=nbytes))
 
@@ -236,7 +247,7 @@ class AsyncLog:
                 )
             self._queue.append(request)
             self._pending_bytes += request.nbytes
-            self._nonempty.notify()
+            self._wake_thread()
         self.stats["requests"] += 1
         return request.future
 
@@ -253,10 +264,16 @@ class AsyncLog:
                 waiting = [*self._running, *self._queue]
                 self._queue.clear()
                 self._pending_bytes = 0
-                self._nonempty.notify()
+                self._wake_thread()
             for r in waiting:
                 _settle(r, exc=closed)
             raise
+
+    def _wake_thread(self) -> None:
+        """Under _lock: wake the log thread if it sleeps (there is something new for it to look at)."""
+        if self._thread_idle:
+            self._thread_idle = False
+            self._wakeup.release()
 
     def _settle_batch(self, batch: list[_Request], outcomes: list[tuple[Any, BaseException | None]]) -> None:
         if batch[0].entries is not None:
@@ -287,11 +304,15 @@ class AsyncLog:
         self._post(_set_result, opened, None)
         try:
             while True:
-                with self._nonempty:
-                    while not self._queue and not self._stop_thread:
-                        self._nonempty.wait()
+                with self._lock:
+                    sleep = self._thread_idle = not self._queue and not self._stop_thread
+                if sleep:
+                    self._wakeup.acquire()  # until a waker cleared _thread_idle and released it
+                with self._lock:
                     if not self._queue:
-                        break  # asked to stop, and nothing left
+                        if self._stop_thread:
+                            break  # asked to stop, and nothing left
+                        continue
                     batch = self._running = self._take_batch()
                 outcomes = self._execute(batch)
                 with self._lock:

@@ -59,6 +59,10 @@ def crc32c(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     return google_crc32c.extend(initial, data if isinstance(data, bytes) else bytes(data))
 
 
+# The C function itself, for hot loops that pass only ``bytes`` (no wrapper frame per call).
+crc32c_extend = google_crc32c.extend
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True for the errors a full disk (or an exhausted quota) raises."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

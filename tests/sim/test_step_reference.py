@@ -3,7 +3,8 @@
 ``machine.step`` keeps derived values for the length of a step (the reachable-voter count and the no-quorum
 reason), builds Progress and Ready by direct constructor calls, skips work that cannot change anything
 (config pruning with one committed configuration, an empty departing set) and computes the handover target
-and ``next_deadline`` in one pass. ``ReferenceStep`` below is the plain form of every one of those functions
+and ``next_deadline`` in one pass, and appends a received batch with ``append_all`` (its per-entry lookups
+done once). ``ReferenceStep`` below is the plain form of every one of those functions
 (recomputed from scratch at every use, ``dataclasses.replace``, keyword ``Ready``), swapped in for
 ``machine._Step``; every step of a simulation is run both ways and must give the same State and Ready, and
 ``next_deadline`` and the handover target must agree with their plain forms. A cached value that a later
@@ -239,6 +240,10 @@ class ReferenceStep(machine._Step):
             pruned = (*committed[-1:], *(c for c in configs if c[0] > self.commit))
             if pruned != configs:
                 self.hard = replace(self.hard, configs=pruned)
+
+    def append_all(self, entries) -> None:
+        for entry in entries:
+            self.append(entry)
 
     def trim(self) -> None:
         new_base = self.applied - self.o.keep_applied

@@ -222,3 +222,26 @@ async def test_open_failure_propagates_and_leaves_no_thread(tmp_path):
     with pytest.raises(logmod.LogCorrupt):
         await log.start()
     assert not any(t.name.startswith("durable-log") for t in threading.enumerate())
+
+
+async def test_requests_wake_the_thread_whether_it_sleeps_or_runs(opener):
+    """The log thread sleeps only with nothing queued and is woken exactly once per sleep: requests queued
+    one at a time (each finding it asleep), in bursts (most finding it busy) and mixed with calls all
+    complete, in order, and close() wakes a sleeping thread."""
+    async with AsyncLog(opener) as alog:
+        index = 0
+        for burst in [1, 1, 5, 1, 17, 2, 1, 64, 1, 3] * 5:
+            futures, indices = [], []
+            for _ in range(burst):
+                index += 1
+                indices.append(index)
+                futures.append(alog.append_and_sync_future([entry(index)]))
+            futures.append(alog.run_future(lambda log: log.last()))
+            done = await asyncio.wait_for(asyncio.gather(*futures), GATE_TIMEOUT_S)
+            synced = done[:-1]  # each the durable index after its batch: at least its own, in order
+            assert all(s >= i for s, i in zip(synced, indices, strict=True)) and synced == sorted(synced)
+            assert synced[-1] == index and done[-1] == (1, index)
+            # Let the thread go back to sleep before the next burst (it has nothing left to do).
+            await wait_for(lambda: alog._thread_idle, "the log thread to sleep")
+        assert alog.stats["requests"] == index + 50
+    assert alog._thread is not None and not alog._thread.is_alive()

@@ -707,6 +707,25 @@ class _Step:
                 self.hard, configs=(*self.hard.configs, (entry.index, Config.decode(entry.payload)))
             )
 
+    def append_all(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
+        """:meth:`append` of each entry in turn (the same checks, the same state after each), with the
+        lookups it repeats per entry done once: a follower appends every entry it receives through here."""
+        log = self.writable_log()
+        last = self.last_index
+        first = None
+        for entry in entries:
+            if entry.index != last + 1:
+                raise AssertionError(f"append of {entry.index} after {last}")
+            log.append(entry)
+            last = entry.index
+            if first is None:
+                first = last
+                self.dirty = first if self.dirty is None else min(self.dirty, first)
+            if entry.kind is Kind.CONFIG:
+                self.hard = replace(
+                    self.hard, configs=(*self.hard.configs, (entry.index, Config.decode(entry.payload)))
+                )
+
     def committed_conflict(self, entries: tuple[Entry, ...] | list[Entry]) -> int | None:
         """The first index at or below our commit where ``entries`` differ from our (in-memory) log. A real
         leader's committed entries equal ours, so this means another cluster's history (two separately
@@ -730,8 +749,7 @@ class _Step:
                 if self.epoch_at(e.index) == e.epoch:
                     continue
                 self.truncate(e.index)
-            for rest in entries[i:]:
-                self.append(rest)
+            self.append_all(entries[i:])
             return
 
     # ---- output helpers
