@@ -793,9 +793,10 @@ def decode_command(data: bytes) -> Command:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise CodecError(f"not JSON: {exc}") from None
-    if not isinstance(body, dict) or body.get("v") not in COMMAND_VERSIONS:
+    version = body.get("v") if isinstance(body, dict) else None
+    # type() first: an unhashable "v" (a list, an object) must be refused, not raise TypeError at the lookup.
+    if type(version) is not int or version not in COMMAND_VERSIONS:
         raise CodecError("unknown command version")
-    version = body["v"]
     plain, new = _PLAIN_PARAMS, _new
     try:
         statements = []

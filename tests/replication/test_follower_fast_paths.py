@@ -19,14 +19,15 @@ from tests.replication.test_codec import command, entry, json_value
 
 
 def reference_decode_command(data: bytes) -> Command:
-    """decode_command as it was before it built its values by their slots (every check unchanged)."""
+    """decode_command as it was before it built its values by their slots (every check unchanged, but the
+    version's: an integer, so that an unhashable one is refused, not a TypeError; see the test below)."""
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise codec.CodecError(f"not JSON: {exc}") from None
-    if not isinstance(body, dict) or body.get("v") not in codec.COMMAND_VERSIONS:
+    version = body.get("v") if isinstance(body, dict) else None
+    if type(version) is not int or version not in codec.COMMAND_VERSIONS:
         raise codec.CodecError("unknown command version")
-    version = body["v"]
     try:
         statements = []
         for sql, params in body["stmts"]:
@@ -139,3 +140,37 @@ def test_every_kind_has_its_log_code():
     for kind in msg.Kind:
         (converted,) = codec.to_log_entries([msg.Entry(1, 2, kind, b"p")])
         assert converted.kind == codec.KIND_CODES[kind]
+
+
+@given(command, st.sampled_from([[1], {"v": 1}, [], True, False, 1.0, "1", None]))
+def test_a_version_that_is_not_an_integer_is_refused_as_unknown(cmd, version):
+    """Regression: a list or an object as "v" raised TypeError (unhashable) out of decode_command, which
+    the applier does not catch; true passed for version 1."""
+    body = orjson.loads(codec.encode_command(cmd))
+    body["v"] = version
+    try:
+        codec.decode_command(orjson.dumps(body))
+    except codec.CodecError as exc:
+        assert str(exc) == "unknown command version"
+    else:
+        raise AssertionError(f"version {version!r} was accepted")
+
+
+@given(command, st.dictionaries(body_field, json_value | st.lists(statement, max_size=3), max_size=4))
+def test_whatever_a_command_holds_decoding_raises_nothing_but_a_codec_error(cmd, changes):
+    """The class of the regression above: the applier catches CodecError (the entry is refused, the node
+    keeps running); any other exception out of decode_command would end its applier task."""
+    body = orjson.loads(codec.encode_command(cmd))
+    body.update(changes)
+    try:
+        codec.decode_command(json.dumps(body).encode())
+    except codec.CodecError:
+        pass
+
+
+@given(st.binary(max_size=64) | json_value.map(lambda v: json.dumps(v).encode()))
+def test_bytes_that_are_no_command_raise_only_a_codec_error(data):
+    try:
+        codec.decode_command(data)
+    except codec.CodecError:
+        pass
