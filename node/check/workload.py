@@ -32,6 +32,10 @@ from node.check.history import Op
 
 DEFINITE_FAILURES = frozenset({"no_quorum", "not_leader", "not_writable", "busy"})
 FAILURE_BACKOFF_S = 0.1
+# Reading a node's copy of the set: pages below a node's 10,000-row limit per result, and a bound on them
+# (far above what a run's max_ops can insert).
+CONTENTS_PAGE_ROWS = 5_000
+CONTENTS_MAX_PAGES = 1_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,19 +145,32 @@ class Client:
             await asyncio.sleep(0.2)
 
     async def contents(self, url: str, table: str) -> Any:
-        """Both tables as seen by one node (``level=none``: this node's own copy), or None when unreachable."""
-        answer = await self.call(
-            url,
-            "/db/query?level=none",
-            [f"SELECT v FROM {table}_set ORDER BY v", f"SELECT k, v FROM {table}_reg ORDER BY k"],
-        )
-        if answer.outcome != "ok" or _statement_error(answer.body):
-            return None
-        results = answer.body["results"]
-        return {
-            "set": [row[0] for row in results[0].get("values", [])],
-            "reg": [list(row) for row in results[1].get("values", [])],
-        }
+        """Both tables as seen by one node (``level=none``: this node's own copy), or None when unreachable.
+
+        The set is read in pages of CONTENTS_PAGE_ROWS, after the last value of the page before: a node
+        answers at most 10,000 rows per result (``result too large``), and a run acknowledges more values
+        than that. Read once the workload has stopped; a node still catching up between two pages shows
+        fewer values than the others and is read again."""
+        values: list[Any] = []
+        registers: list[list[Any]] | None = None
+        for _ in range(CONTENTS_MAX_PAGES):
+            after = f"WHERE v > {int(values[-1])} " if values else ""  # an integer (the set's values are)
+            statements: list[Any] = [
+                f"SELECT v FROM {table}_set {after}ORDER BY v LIMIT {CONTENTS_PAGE_ROWS}"
+            ]
+            if registers is None:
+                statements.append(f"SELECT k, v FROM {table}_reg ORDER BY k")
+            answer = await self.call(url, "/db/query?level=none", statements)
+            if answer.outcome != "ok" or _statement_error(answer.body):
+                return None
+            results = answer.body["results"]
+            page = [row[0] for row in results[0].get("values", [])]
+            values += page
+            if registers is None:
+                registers = [list(row) for row in results[1].get("values", [])]
+            if len(page) < CONTENTS_PAGE_ROWS:
+                return {"set": values, "reg": registers}
+        return None
 
 
 def classify(status: int, body: Any, headers: Any) -> Answer:

@@ -26,6 +26,18 @@ def report_dir() -> Path:
     return Path(os.environ.get("FAULTS_REPORT_DIR") or ROOT / ".faults")
 
 
+def keep_evidence(cluster: FaultCluster, fault: str, contents: dict[str, Any]) -> None:
+    """Each node's log (``<fault>.<container>.log``) and the contents each node's copy held at the end
+    (``<fault>.contents.json``) into the report folder; best effort: a node gone says so in its file."""
+    folder = report_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{fault}.contents.json").write_text(json.dumps(contents, indent=1, sort_keys=True, default=str))
+    for name in cluster.slots.values():
+        result = cluster.docker("logs", name, check=False)
+        text = result.stdout + result.stderr if result.returncode == 0 else f"docker logs failed: {result.stderr}"
+        (folder / f"{fault}.{name}.log").write_text(text)
+
+
 def record(fault: str, verdict: dict[str, Any], history_jsonl: str) -> None:
     ROWS.append((fault, verdict))
     folder = report_dir()

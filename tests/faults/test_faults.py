@@ -28,7 +28,7 @@ from node import auth
 from node.check import history, report
 from node.check.checkers import Isolation
 from node.check.workload import Client, Recorder, Workload, WorkloadConfig
-from tests.faults.conftest import record
+from tests.faults.conftest import keep_evidence, record
 from tests.faults.harness import FaultCluster, wait_for
 
 LONG = os.environ.get("FAULTS", "short").strip().lower() == "long"
@@ -123,6 +123,10 @@ def run_fault(
         isolations=isolations,
     )
     record(fault, verdict, history.dump_jsonl(recorder.ops))
+    if not verdict["valid"]:
+        # The evidence a failed verdict needs and the containers lose at teardown: each node's own log, and
+        # what each node's copy held at the end.
+        keep_evidence(cluster, fault, contents)
     return verdict
 
 
