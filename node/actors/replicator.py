@@ -86,7 +86,6 @@ from node.core.replication import messages as msg
 from node.replication import codec
 from node.replication import snapshot_transfer as transfer
 from node.replication.codec import from_log_entry, to_log_entries
-from node.replication.codec import to_log_entry as to_log_entry  # re-exported: callers import it from here
 from node.replication.file_loads import FileLoads, load_sources
 from node.replication.own_commands import decoded_form
 from node.replication.snapshotting import Snapshots

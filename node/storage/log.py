@@ -151,7 +151,6 @@ _SEG_HEAD = struct.Struct("<8sHHQQB")
 _CRC = struct.Struct("<I")
 _REC_PREFIX = struct.Struct("<II")  # crc32c, body length
 _REC_BODY_HEAD = struct.Struct("<QQH")  # epoch, index, kind
-_LEN = struct.Struct("<I")
 _REC_HEAD = struct.Struct("<IQQH")  # body length, epoch, index, kind: what the CRC covers before the payload
 _INDEX = struct.Struct("<Q")
 RECORD_OVERHEAD_BYTES = _REC_PREFIX.size + _REC_BODY_HEAD.size  # 26
@@ -281,17 +280,10 @@ def encode_segment_header(first_index: int, prev_epoch: int, sqlite_version: str
     return head + _CRC.pack(crc32c(head))
 
 
-def encode_record(entry: LogEntry) -> bytes:
-    body_head = _REC_BODY_HEAD.pack(entry.epoch, entry.index, entry.kind)
-    length = _LEN.pack(_MIN_BODY + len(entry.payload))
-    checksum = crc32c(entry.payload, crc32c(length + body_head))
-    return _CRC.pack(checksum) + length + body_head + entry.payload
-
-
 def encode_records(entries: Sequence[LogEntry]) -> bytes:
-    """``b"".join(encode_record(e) for e in entries)``, built with one struct call and two checksum calls per
-    entry and no intermediate record: every entry an append writes goes through it. The payloads must be
-    ``bytes`` (what :meth:`DurableLog._validate` checks before any write)."""
+    """The entries' records, one after another (the format is in the module docstring), built with one struct
+    call and two checksum calls per entry and no intermediate record: every entry an append writes goes
+    through it. The payloads must be ``bytes`` (what :meth:`DurableLog._validate` checks before any write)."""
     parts: list[bytes] = []
     add = parts.extend
     pack_head, pack_crc, extend = _REC_HEAD.pack, _CRC.pack, crc32c_extend

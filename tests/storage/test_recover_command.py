@@ -16,10 +16,10 @@ import apsw
 import pytest
 
 from node.__main__ import main
-from node.actors.replicator import from_log_entry, to_log_entry
 from node.core.replication import machine, recovery
 from node.core.replication.messages import Config, Entry, HardState, Kind, LogId, ViewChanged
 from node.recover import CONFIRM_FLAG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, recover
+from node.replication.codec import from_log_entry, to_log_entry
 from node.storage import statemachine
 from node.storage.corestate import REPLICATION_STATE_FILE, load_core_hard_state, save_core_hard_state
 from node.storage.dirlock import LOCK_FILE_NAME, lock_data_dir
