@@ -29,22 +29,11 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from bench.codec_bench import ADDRESS, CLUSTER, SENDER, command_payload  # noqa: E402 - the same traffic
 from node.core.replication import messages as msg  # noqa: E402
-from node.core.sqlreq import Statement, WriteCommand  # noqa: E402
 from node.replication import codec  # noqa: E402
 from node.storage.asynclog import AsyncLog  # noqa: E402
 from node.storage.log import DurableLog  # noqa: E402
-from node.storage.statemachine import Command  # noqa: E402
-
-SENDER, ADDRESS, CLUSTER = "4f1c2a9e-identity-of-the-leader", "127.0.9.2:4001", "log1-" + "c" * 32
-
-
-def command_payload(n: int) -> bytes:
-    write = WriteCommand(
-        (Statement("INSERT INTO bench (client, n, payload) VALUES (?, ?, ?)", (n % 32, n, "x" * 100)),),
-        False, 1_764_000_000_000_000_000 + n, 0x5EED + n,
-    )  # fmt: skip
-    return codec.encode_command(Command(write, client="bench", request_id=f"req-{n}"))
 
 
 class Frames:

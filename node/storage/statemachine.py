@@ -324,19 +324,19 @@ def apply(ops: Ops, entries: Sequence[Entry]) -> Group:
     result says it was rolled back; an exception from ``ops`` (shutdown) propagates, nothing applied.
     """
     fixed: dict[tuple[int, int, int], Fixed] = {}
-    try:
-        return _attempt(ops, entries, fixed)
-    except _Lost as lost:
-        fixed[lost.where] = lost.fixed
-    # Rare: counted only now, not for every group.
-    bound = 1 + sum(len(c.write.statements) + (c.load is not None) for e in entries for c in e.commands)
-    for _ in range(bound):
+    retries: int | None = None  # counted at the first retry only: most groups never need one
+    while True:
         try:
             return _attempt(ops, entries, fixed)
         except _Lost as lost:
             if lost.where in fixed:  # cannot happen: a fixed statement does not run again
                 break
             fixed[lost.where] = lost.fixed
+        if retries is None:
+            retries = 1 + sum(len(c.write.statements) + (c.load is not None) for e in entries for c in e.commands)
+        retries -= 1
+        if retries < 0:
+            break
     raise RuntimeError("the transaction was rolled back more times than it has statements")
 
 

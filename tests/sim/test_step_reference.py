@@ -26,7 +26,9 @@ from node.core.replication.machine import LEADER, NEVER, Progress, State, _healt
 from node.core.replication.messages import (
     AppendAck,
     AppendReject,
+    Config,
     HeartbeatAck,
+    Kind,
     LogId,
     Persisted,
     Promise,
@@ -240,6 +242,16 @@ class ReferenceStep(machine._Step):
             pruned = (*committed[-1:], *(c for c in configs if c[0] > self.commit))
             if pruned != configs:
                 self.hard = replace(self.hard, configs=pruned)
+
+    def append(self, entry) -> None:
+        if entry.index != self.last_index + 1:
+            raise AssertionError(f"append of {entry.index} after {self.last_index}")
+        self.writable_log().append(entry)
+        self.dirty = entry.index if self.dirty is None else min(self.dirty, entry.index)
+        if entry.kind is Kind.CONFIG:
+            self.hard = replace(
+                self.hard, configs=(*self.hard.configs, (entry.index, Config.decode(entry.payload)))
+            )
 
     def append_all(self, entries) -> None:
         for entry in entries:

@@ -8,29 +8,16 @@ import random
 from node.core import sqlreq as q
 from node.storage import results as res
 from node.storage import statemachine as sm
-from node.storage.sqlite import Database, Limits
+from node.storage.sqlite import Database
+from tests.storage import test_statemachine as base
+from tests.storage.test_statemachine import TIME_NS, _command
 from tests.support.dbapi import query
 
-SCHEMA = (
-    "CREATE TABLE parent (id INTEGER PRIMARY KEY)",
-    "CREATE TABLE t (x INTEGER UNIQUE)",
-    "CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)",
-    "CREATE TABLE r (n INTEGER PRIMARY KEY, v)",
-)
-TIME_NS = 1_700_000_000_000_000_000
-
-
-def _command(sqls, *, seed=5, time_ns=TIME_NS, client="", request_id=None) -> sm.Command:
-    request = q.DbRequest(tuple(q.Statement(s) for s in sqls), q.Flags())
-    write = q.stamp_write(request, time_ns=time_ns, seed=seed)
-    return sm.Command(write, client=client, request_id=request_id)
+SCHEMA = (*base.SCHEMA, "CREATE TABLE r (n INTEGER PRIMARY KEY, v)")
 
 
 async def _fresh(path) -> Database:
-    database = Database(path, limits=Limits(write_step_budget=200_000), queue_size=64)
-    await database.open()
-    await database.apply_entries([sm.Entry(1, (_command(SCHEMA),))])
-    return database
+    return await base._fresh(path, schema=SCHEMA)
 
 
 async def _rows(database: Database, sql: str) -> list:

@@ -45,17 +45,22 @@ STATEMENTS = [
 ]
 
 
-def _command(sqls, *, transaction=False, seed=5, unified=False, client="", request_id=None) -> sm.Command:
+TIME_NS = 1_700_000_000_000_000_000
+
+
+def _command(
+    sqls, *, transaction=False, seed=5, time_ns=TIME_NS, unified=False, client="", request_id=None
+) -> sm.Command:
     request = q.DbRequest(tuple(q.Statement(s) for s in sqls), q.Flags(transaction=transaction))
-    write = q.stamp_write(request, time_ns=1_700_000_000_000_000_000, seed=seed)
+    write = q.stamp_write(request, time_ns=time_ns, seed=seed)
     return sm.Command(write, unified=unified, client=client, request_id=request_id)
 
 
-async def _fresh(path, **limits) -> Database:
+async def _fresh(path, schema=SCHEMA, **limits) -> Database:
     database = Database(path, limits=Limits(write_step_budget=200_000, **limits), queue_size=64)
     await database.open()
-    (schema,) = await database.apply(1, [_command(SCHEMA)])
-    assert all(r.ok for r in schema.results)
+    (created,) = await database.apply(1, [_command(schema)])
+    assert all(r.ok for r in created.results)
     return database
 
 

@@ -698,18 +698,11 @@ class _Step:
         self.fact("log_truncated", from_index=index)
 
     def append(self, entry: Entry) -> None:
-        if entry.index != self.last_index + 1:
-            raise AssertionError(f"append of {entry.index} after {self.last_index}")
-        self.writable_log().append(entry)
-        self.dirty = entry.index if self.dirty is None else min(self.dirty, entry.index)
-        if entry.kind is Kind.CONFIG:
-            self.hard = replace(
-                self.hard, configs=(*self.hard.configs, (entry.index, Config.decode(entry.payload)))
-            )
+        self.append_all((entry,))
 
     def append_all(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
-        """:meth:`append` of each entry in turn (the same checks, the same state after each), with the
-        lookups it repeats per entry done once: a follower appends every entry it receives through here."""
+        """Append each entry in turn, each after the last one; the lookups done once per batch, not per entry:
+        a follower appends every entry it receives through here."""
         log = self.writable_log()
         last = self.last_index
         first = None
