@@ -38,12 +38,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def serve(port: int, leader_port: int | None, bare: bool) -> None:
+async def serve(port: int, leader_port: int | None, bare: bool, fast: bool) -> None:
     """The server process: what a node's HTTP layer does for a write, with the data service faked."""
     from aiohttp import web
 
     from node.core.ids import Endpoint
-    from node.http.db import DbRoutes
+    from node.http.db import DbRoutes, ExecuteFastRoute
     from node.http.replication import ForwardingMiddleware
     from node.http.server import HttpApi
     from node.replication.service import ANSWERED_EPOCH
@@ -78,15 +78,18 @@ async def serve(port: int, leader_port: int | None, bare: bool) -> None:
             return None if leader_port is None else Endpoint("127.0.0.1", leader_port)
 
     api = HttpApi(host="127.0.0.1", port=port, log=nodelog.get_logger())
-    DbRoutes(
+    routes = DbRoutes(
         service=Service(), jwt_secret=SECRET, decisions=LatestCell(), max_body_bytes=1 << 20,
         max_load_bytes=1 << 30, max_statements=1000, body_read_timeout_s=10,
-    ).add_to(api.app)  # fmt: skip
+    )  # fmt: skip
+    routes.add_to(api.app)
     forwarding = ForwardingMiddleware(
         replicator=Replicator(), me=Endpoint("127.0.0.1", port), jwt_secret=SECRET, max_body_bytes=1 << 20,
         body_read_timeout_s=10,
     )  # fmt: skip
     api.route_through(forwarding.handle)  # as node.replication.wiring does
+    if fast:
+        api.fast_path(forwarding.fast_route(ExecuteFastRoute(routes)))  # as node.supervisor does
     await api.start()
     await asyncio.Event().wait()
 
@@ -127,12 +130,14 @@ async def load(port: int, pid: int, seconds: float, clients: int) -> tuple[float
     return done / elapsed, cpu / max(1, done) * 1e6
 
 
-def spawn(port: int, leader_port: int | None = None, bare: bool = False) -> subprocess.Popen:
+def spawn(port: int, leader_port: int | None = None, bare: bool = False, fast: bool = True) -> subprocess.Popen:
     args = [sys.executable, __file__, "--serve", str(port)]
     if leader_port is not None:
         args += ["--leader-port", str(leader_port)]
     if bare:
         args.append("--bare")
+    if not fast:
+        args.append("--no-fast")
     env = {**os.environ, "LOG_LEVEL": "warning"}
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -144,19 +149,24 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18470)
     parser.add_argument("--bare", action="store_true", help="also measure a plain aiohttp handler")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-fast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--leader-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        asyncio.run(serve(args.serve, args.leader_port, args.bare))
+        asyncio.run(serve(args.serve, args.leader_port, args.bare, not args.no_fast))
         return
-    leader_port, follower_port, bare_port = args.port, args.port + 1, args.port + 2
-    procs = [spawn(leader_port), spawn(follower_port, leader_port)]
+    leader_port, follower_port, slow_port, bare_port = (args.port + i for i in range(4))
+    procs = [spawn(leader_port), spawn(follower_port, leader_port), spawn(slow_port, fast=False)]
     if args.bare:
         procs.append(spawn(bare_port, bare=True))
     try:
-        phases = [("leader", leader_port, procs[0]), ("follower (forwards)", follower_port, procs[1])]
+        phases = [
+            ("leader", leader_port, procs[0]),
+            ("follower (forwards)", follower_port, procs[1]),
+            ("leader, no fast path", slow_port, procs[2]),
+        ]
         if args.bare:
-            phases.append(("bare aiohttp", bare_port, procs[2]))
+            phases.append(("bare aiohttp", bare_port, procs[3]))
         for name, port, proc in phases:
             rate, us = asyncio.run(load(port, proc.pid, args.seconds, args.clients))
             print(f"{name:20s} {args.clients:3d} clients: {rate:7.0f} req/s  server CPU {us:6.0f} us/request")

@@ -138,6 +138,9 @@ class Config:
     replication: str = "on"
     # "uvloop" (the default; asyncio's own loop if uvloop is not installed) or "asyncio".
     event_loop: str = "uvloop"
+    # "on" (the default): a whole, plain ``POST /db/execute`` this node answers itself is read and answered
+    # without aiohttp's request machinery (node/http/fastpath.py); "off": every request goes through aiohttp.
+    http_fast_path: bool = True
     # Seconds an empty node with REPLICATION=on looks for peers before it forms a cluster or joins one. 0
     # for a node known to be alone (a laptop's `python -m node` then accepts writes at once). Longer than
     # DNS needs to list every replica started together.
@@ -353,6 +356,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "replication": ("REPLICATION", lambda raw: _replication(raw)),
     "formation_window_s": ("FORMATION_WINDOW", lambda raw: _non_negative_seconds(raw)),
     "event_loop": ("EVENT_LOOP", lambda raw: _event_loop(raw)),
+    "http_fast_path": ("HTTP_FAST_PATH", lambda raw: _on_off(raw)),
     "snapshot_rate_bytes_s": ("SNAPSHOT_RATE_BYTES_S", lambda raw: _snapshot_rate(raw)),
     "snapshot_max_sends": ("SNAPSHOT_MAX_SENDS", _positive_int),
     "snapshot_entries": ("SNAPSHOT_ENTRIES", _non_negative_int),

@@ -37,7 +37,7 @@ from node.core import election
 from node.core import membership as m
 from node.core.ids import Endpoint
 from node.http.cluster import ClusterRoutes
-from node.http.db import DbRoutes
+from node.http.db import DbRoutes, ExecuteFastRoute
 from node.http.server import HttpApi, HttpLimits, view_hosts
 from node.runtime.clock import Clock
 from node.runtime.incarnation import next_incarnation
@@ -165,7 +165,7 @@ class Node:
                 self.cluster_routes.replication_status = self.replication.status_fields
                 self.cluster_routes.remove_member = self.replication.remove_member
         if self.http is not None and served is not None:
-            DbRoutes(
+            routes = DbRoutes(
                 service=served,
                 jwt_secret=config.jwt_secret,
                 decisions=self.decisions,
@@ -174,7 +174,14 @@ class Node:
                 max_statements=config.db_max_statements,
                 body_read_timeout_s=config.body_read_timeout_s,
                 log_reserve_bytes=config.log_reserve_bytes,
-            ).add_to(self.http.app)
+            )
+            routes.add_to(self.http.app)
+            # Plain writes this node answers itself skip aiohttp's request machinery (node/http/fastpath.py);
+            # with replication behind the forwarding layer's rule (a follower's writes take aiohttp's path).
+            fast: Any = ExecuteFastRoute(routes)
+            if self.replication is not None:
+                fast = self.replication.forwarding.fast_route(fast)
+            self.http.fast_path(fast)
 
     async def _begin_incarnation(self) -> None:
         """Allocate this start's peer-message incarnation before any peer message goes out or comes in.

@@ -20,13 +20,14 @@ import ctypes.util
 import sys
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any
 
 import orjson
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestPayloadError
+from yarl import URL
 
 from node import errors
 from node.core.sqlreq import Flags, parse_flags
@@ -106,13 +107,27 @@ def request_flags(request: web.Request) -> Flags:
         return flags
     if FLAGS_KEY in request:  # a query string too long to cache, parsed once for this request already
         return request[FLAGS_KEY]
-    flags = parse_flags(request.query)  # raises for a bad value: never cached
+    flags = _parse_and_keep(query_string, request.query)
+    if len(query_string) > FLAGS_CACHE_QUERY_CHARS:
+        request[FLAGS_KEY] = flags
+    return flags
+
+
+def query_flags(query_string: str) -> Flags:
+    """:func:`request_flags` for a query string alone (the write fast path, node.http.fastpath), parsed into
+    the same multidict aiohttp would give (``URL.build(..., encoded=True).query``)."""
+    flags = _flags_by_query.get(query_string)
+    if flags is not None:
+        return flags
+    return _parse_and_keep(query_string, URL.build(path="/", query_string=query_string, encoded=True).query)
+
+
+def _parse_and_keep(query_string: str, query: Mapping[str, str]) -> Flags:
+    flags = parse_flags(query)  # raises for a bad value: never cached
     if len(query_string) <= FLAGS_CACHE_QUERY_CHARS:
         if len(_flags_by_query) >= FLAGS_CACHE_ENTRIES:
             _flags_by_query.clear()
         _flags_by_query[query_string] = flags
-    else:
-        request[FLAGS_KEY] = flags
     return flags
 
 
@@ -232,13 +247,19 @@ def make_error_middleware(
             log.debug("request_aborted", path=request.path, reason=type(exc).__name__)
             raise
         except Exception as exc:  # noqa: BLE001 - the one place that turns a bug into a 500, not a dead node
-            if is_client_input_error(exc):
-                log.debug("request_malformed", path=request.path, reason=type(exc).__name__)
-                return error_response(errors.BadRequest(f"malformed request: {_describe(exc)}"))
-            log.exception("request_failed", method=request.method, path=request.path)
-            return error_response(errors.NodeError("internal error; see the node's log"))
+            return error_response(unexpected_error(exc, log, method=request.method, path=request.path))
 
     return error_middleware
+
+
+def unexpected_error(exc: Exception, log: Any, *, method: str, path: str) -> errors.NodeError:
+    """What a handler's exception that is no NodeError answers: a 400 when the client's input caused it
+    (:func:`is_client_input_error`), else a 500 with the traceback in the log. Call it in the except block."""
+    if is_client_input_error(exc):
+        log.debug("request_malformed", path=path, reason=type(exc).__name__)
+        return errors.BadRequest(f"malformed request: {_describe(exc)}")
+    log.exception("request_failed", method=method, path=path)
+    return errors.NodeError("internal error; see the node's log")
 
 
 def body_at_hand(request: web.Request, *, limit: int) -> bytes | None:
@@ -348,9 +369,7 @@ async def send_bytes(
     timeout_s = request.config_dict.get(WRITE_TIMEOUT_S, DEFAULT_WRITE_TIMEOUT_S)
     size = len(data)
     if budget is not None and not budget.try_reserve(size):
-        raise errors.Busy(
-            "the node is holding as many large responses as it may (MAX_BUFFERED_RESPONSE_BYTES); retry shortly"
-        )
+        raise budget_full()
     try:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = size
@@ -369,9 +388,21 @@ async def send_bytes(
         return response
     finally:
         if budget is not None:
-            budget.release(size)
-            if size >= TRIM_AFTER_BYTES:
-                _malloc_trim.soon()
+            release_response(budget, size)
+
+
+def budget_full() -> errors.Busy:
+    """The 503 (with Retry-After) a large response gets when the response budget cannot hold it."""
+    return errors.Busy(
+        "the node is holding as many large responses as it may (MAX_BUFFERED_RESPONSE_BYTES); retry shortly"
+    )
+
+
+def release_response(budget: ResponseBudget, size: int) -> None:
+    """Give back ``size`` bytes of the response budget once a large body is written out (or abandoned)."""
+    budget.release(size)
+    if size >= TRIM_AFTER_BYTES:
+        _malloc_trim.soon()
 
 
 def parse_json(raw: bytes, *, expected: str = "JSON") -> Any:

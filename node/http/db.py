@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from node import auth, errors
@@ -49,9 +50,11 @@ from node.http.common import (
     body_at_hand,
     json_response,
     parse_json,
+    query_flags,
     read_body,
     request_flags,
 )
+from node.http.fastpath import FastRequest
 from node.http.render import INLINE_RENDER_CELLS, cells, render_results
 from node.runtime.mailbox import LatestCell
 from node.service import LocalDataService, LogBackedDataService, WriteOutcome, WriteRequest
@@ -189,7 +192,7 @@ class DbRoutes:
         principal = auth.authenticate(authorization, self._secret, now=self._wall_clock_ns() / 1e9)
         principal.require(auth.Role.WRITE)
         flags = request_flags(request)
-        request_id = _request_id(request)
+        request_id = _request_id(request.headers.get(REQUEST_ID_HEADER))
         # A small body that came with its head (the common write) is parsed here, without the two coroutines
         # of reading and parsing it in general (the same checks, the same answers: see body_at_hand).
         raw = body_at_hand(request, limit=self._max_body)
@@ -197,6 +200,40 @@ class DbRoutes:
             statements = self._statements(raw, text=_is_text(request))
         else:
             statements = (await self._request(request, flags, raw)).statements
+        body, headers = await self._commit(statements, flags, unified, request_id, authorization, started)
+        return json_response(body, headers=headers, pretty=flags.pretty)
+
+    async def fast_execute(self, request: FastRequest) -> tuple[int, dict[str, str] | None, bytes]:
+        """``POST /db/execute`` taken by the fast path (node.http.fastpath): :meth:`execute`'s checks in its
+        order, its answer as (status, headers, JSON body). Its body is whole at hand already."""
+        started = time.perf_counter()
+        authorization = request.headers.get("authorization")
+        principal = auth.authenticate(authorization, self._secret, now=self._wall_clock_ns() / 1e9)
+        principal.require(auth.Role.WRITE)
+        flags = query_flags(request.query_string)
+        request_id = _request_id(request.headers.get("x-request-id"))
+        raw = request.body
+        if len(raw) > self._max_body:
+            raise errors.PayloadTooLarge(
+                f"request body of {len(raw)} bytes exceeds the limit of {self._max_body}", limit=self._max_body
+            )
+        if len(raw) <= INLINE_PARSE_BYTES:
+            statements = self._statements(raw, text=request.text)
+        else:
+            statements = await asyncio.to_thread(self._statements, raw, text=request.text)
+        body, headers = await self._commit(statements, flags, False, request_id, authorization, started)
+        return 200, headers, orjson.dumps(body, option=orjson.OPT_INDENT_2 if flags.pretty else 0)
+
+    async def _commit(
+        self,
+        statements: tuple[Statement, ...],
+        flags: Flags,
+        unified: bool,
+        request_id: str | None,
+        authorization: str | None,
+        started: float,
+    ) -> tuple[dict[str, Any], dict[str, str] | None]:
+        """Submit a parsed write and render its answer: the JSON body and the headers of a 200."""
         write = WriteRequest(statements, flags.transaction, unified, request_id)
         # Replication seam: the service forwards to the leader (or answers 301) when this node is a follower.
         outcome: WriteOutcome = await self._service.submit(write, client_key(authorization))
@@ -206,9 +243,11 @@ class DbRoutes:
             results = render_results(outcome.results, flags, unified=unified)
         else:
             results = await asyncio.to_thread(render_results, outcome.results, flags, unified=unified)
+        body: dict[str, Any] = {"results": results}
+        if flags.timings:
+            body["time"] = time.perf_counter() - started
         # The index names a stored write only: after a failed group COMMIT nothing was stored.
-        headers = {INDEX_HEADER: str(outcome.index)} if outcome.committed else None
-        return self._respond(results, flags, started, headers)
+        return body, ({INDEX_HEADER: str(outcome.index)} if outcome.committed else None)
 
     # --- handlers ------------------------------------------------------------------------------------------
 
@@ -272,7 +311,7 @@ class DbRoutes:
         started = time.perf_counter()
         self._authorize(request, auth.Role.ADMIN)
         flags = request_flags(request)
-        request_id = _request_id(request)
+        request_id = _request_id(request.headers.get(REQUEST_ID_HEADER))
         client = client_key(request.headers.get("Authorization"))
         path = self._db.temp_path("upload")
         try:
@@ -394,6 +433,19 @@ class DbRoutes:
         return f"{free} bytes free in DATA_DIR, LOG_RESERVE_BYTES is {reserve}: writes are refused"
 
 
+class ExecuteFastRoute:
+    """The write fast path's route (node.http.fastpath) on a node that answers every write itself
+    (REPLICATION=off): :meth:`DbRoutes.fast_execute`. With replication the forwarding layer wraps it."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self, routes: DbRoutes) -> None:
+        self.answer = routes.fast_execute
+
+    def claim(self, request: FastRequest) -> bool:
+        return True
+
+
 def _is_text(request: web.Request) -> bool:
     """Whether a body is a plain-text statement (text/plain) rather than JSON. The header as clients almost
     always send it needs no parse (aiohttp's costs more than the JSON's)."""
@@ -402,8 +454,8 @@ def _is_text(request: web.Request) -> bool:
     return request.content_type == "text/plain"
 
 
-def _request_id(request: web.Request) -> str | None:
-    value = request.headers.get(REQUEST_ID_HEADER)
+def _request_id(value: str | None) -> str | None:
+    """The X-Request-Id header's value checked, or None when the request has none."""
     if value is None:
         return None
     if not valid_request_id(value):

@@ -46,7 +46,8 @@ from node import auth, errors
 from node.core import peerauth
 from node.core.ids import Endpoint, InvalidAddress
 from node.core.sqlreq import Level
-from node.http.common import EXTRA_HEADERS, json_response, read_body, request_flags
+from node.http.common import EXTRA_HEADERS, json_response, query_flags, read_body, request_flags
+from node.http.fastpath import FastRequest, FastRoute
 from node.replication import codec, snapshot_transfer, staged_loads
 from node.replication.service import ANSWERED_EPOCH
 from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
@@ -61,6 +62,7 @@ FACTS_CHECK_S = 0.01
 NODE_HEADER = "X-TalentNest-Node"
 EPOCH_HEADER = "X-TalentNest-Epoch"
 FORWARDED_HEADER = "X-TalentNest-Forwarded"
+_FORWARDED_KEY = FORWARDED_HEADER.lower()  # as node.http.fastpath keys headers
 LEADER_HEADER = "X-TalentNest-Leader"
 _FORWARDED_REQUEST_HEADERS = ("Authorization", "X-Request-Id", "Content-Type")
 _RETURNED_HEADERS = ("Content-Type", "X-TalentNest-Index", EPOCH_HEADER, NODE_HEADER, "Retry-After")
@@ -269,6 +271,33 @@ def _claimed_sender(request: web.Request, kind: str) -> Endpoint:
         raise errors.BadRequest(f"malformed {snapshot_transfer.SENDER_HEADER}: {exc}") from None
 
 
+class LeaderFastRoute:
+    """The write fast path's route (node.http.fastpath) with replication: what :meth:`ForwardingMiddleware.
+    handle` does with a ``POST /db/execute`` this node answers itself (it knows no other leader, or the
+    request was forwarded to it), with the same headers. A request to forward or redirect is not claimed:
+    aiohttp's path does that."""
+
+    __slots__ = ("_inner", "_replicator", "_node_text")
+
+    def __init__(self, inner: FastRoute, replicator: Any, node_text: str) -> None:
+        self._inner = inner
+        self._replicator = replicator
+        self._node_text = node_text
+
+    def claim(self, request: FastRequest) -> bool:
+        return _FORWARDED_KEY in request.headers or self._replicator.leader_endpoint() is None
+
+    async def answer(self, request: FastRequest) -> tuple[int, dict[str, str] | None, bytes]:
+        query_flags(request.query_string)  # as handle(): a bad flag is a 400 before the token is looked at
+        status, headers, body = await self._inner.answer(request)
+        headers = dict(headers) if headers else {}
+        headers[NODE_HEADER] = self._node_text
+        epoch = ANSWERED_EPOCH.get()
+        if epoch is not None:
+            headers[EPOCH_HEADER] = str(epoch)
+        return status, headers, body
+
+
 class ForwardingMiddleware:
     def __init__(
         self,
@@ -296,6 +325,10 @@ class ForwardingMiddleware:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def fast_route(self, inner: FastRoute) -> LeaderFastRoute:
+        """``inner`` (the local write route of the fast path) behind this layer's rule: see LeaderFastRoute."""
+        return LeaderFastRoute(inner, self._replicator, self._node_text)
 
     def middleware(self) -> Any:
         """The aiohttp middleware (a plain decorated function: aiohttp takes nothing else as new-style)."""

@@ -13,9 +13,13 @@ all in this module, close those gaps without patching aiohttp:
   lets several accept batches of descriptors pile up before the first is closed.
 * :class:`GuardedRequestHandler` subclasses ``web.RequestHandler`` (exported by ``aiohttp.web``) and is
   made by the site's protocol factory. It overrides only asyncio's protocol callbacks (``connection_made``,
-  ``connection_lost``, ``data_received``, ``pause_writing``, ``resume_writing``) and two public,
-  long-standing methods of the handler: ``finish_response`` (the end of each response) and ``handle_error``
-  (the answer to a request aiohttp's parser rejected). No private attribute is read or written.
+  ``connection_lost``, ``data_received``, ``pause_writing``, ``resume_writing``) and three public,
+  long-standing methods of the handler: ``finish_response`` (the end of each response), ``handle_error``
+  (the answer to a request aiohttp's parser rejected) and ``shutdown`` (which first lets a fast-path
+  answer in flight finish). No private attribute is read or written. It also carries the write fast path
+  (:mod:`node.http.fastpath`): a connection's plain ``POST /db/execute`` requests are answered without
+  aiohttp's request machinery until its first request the fast path does not take; from then on every
+  byte goes to aiohttp, which therefore always starts at a request boundary.
   tests/http/test_connection_guard.py pins the signatures, so an aiohttp upgrade that changes them fails
   the tests rather than silently dropping a guard.
 * :func:`_head_complete`, run first by the node's one middleware (the error middleware), tells the
@@ -51,15 +55,21 @@ from typing import Any
 import orjson
 from aiohttp import http_exceptions, web, web_app
 
+from node import errors
 from node.http.common import (
     RESPONSE_BUDGET,
+    STREAM_THRESHOLD_BYTES,
     WRITE_TIMEOUT_S,
     InnerLayer,
     ResponseBudget,
+    budget_full,
     error_body,
     json_response,
     make_error_middleware,
+    release_response,
+    unexpected_error,
 )
+from node.http.fastpath import FastRequest, FastRoute, HttpDate, parse_request, response_bytes
 
 # Cap on request bodies for endpoints that do not set their own (the cluster endpoints take tiny JSON).
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -83,6 +93,9 @@ ACCEPT_RETRY_S = 0.25
 EVENT_LOG_INTERVAL_S = 10.0
 # aiohttp's own keep-alive close, a backstop behind the header timer (which closes idle connections first).
 KEEPALIVE_BACKSTOP_S = 5.0
+# Bytes a fast-path connection may send ahead while its request is answered (pipelining) before this node
+# stops reading from it until the answer is out.
+FAST_PENDING_BYTES = 256 << 10
 
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
@@ -119,6 +132,7 @@ class HttpLimits:
     max_client_connections: int | None = None
     response_write_timeout_s: float = 30.0
     max_buffered_response_bytes: int = 64 << 20
+    fast_path: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> HttpLimits:
@@ -127,6 +141,7 @@ class HttpLimits:
             max_client_connections=config.max_client_connections,
             response_write_timeout_s=config.response_write_timeout_s,
             max_buffered_response_bytes=config.max_buffered_response_bytes,
+            fast_path=config.http_fast_path,
         )
 
 
@@ -241,6 +256,9 @@ class ConnectionGuard:
         self.accept_failed = EventCounter("accept_failed", log, "error")
         self.header_timeouts = EventCounter("header_timeouts", log)
         self.slow_readers = EventCounter("slow_readers_dropped", log)
+        # Requests answered by the write fast path, and connections it gave to aiohttp (node.http.fastpath).
+        self.fast_requests = 0
+        self.fast_handoffs = 0
 
     def privileged(self, ip: str) -> bool:
         if ip.startswith("::ffff:"):  # an IPv4 client of a dual-stack socket (HOST=::)
@@ -279,6 +297,14 @@ class GuardedRequestHandler(web.RequestHandler):
         "_stall_timer",
         "_head_bytes",
         "_counted",
+        "_fast",
+        "_fast_buf",
+        "_fast_task",
+        "_fast_paused",
+        "_fast_stopping",
+        "_fast_held",
+        "_date",
+        "_budget",
     )
 
     def __init__(
@@ -289,9 +315,22 @@ class GuardedRequestHandler(web.RequestHandler):
         header_timeout_s: float,
         write_timeout_s: float,
         log: Any,
+        fast: FastRoute | None = None,
+        date: HttpDate | None = None,
+        budget: ResponseBudget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
+        # The write fast path (node.http.fastpath) until the connection's first request it does not take;
+        # from then on aiohttp reads everything the connection sends.
+        self._fast = fast
+        self._fast_buf = b""  # bytes after the request being answered (a pipelining client's next ones)
+        self._fast_task: asyncio.Task[None] | None = None  # the fast request being answered, at most one
+        self._fast_paused = False  # reading paused: FAST_PENDING_BYTES arrived while a request was answered
+        self._fast_stopping = False  # the server shuts down: no fast request is started any more
+        self._fast_held = 0  # response budget held by a large fast answer until the transport drains
+        self._date = date or HttpDate()
+        self._budget = budget
         self._guard = guard
         self._header_timeout_s = header_timeout_s
         self._write_timeout_s = write_timeout_s
@@ -317,6 +356,10 @@ class GuardedRequestHandler(web.RequestHandler):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._stall_timer = None
+        self._fast_buf = b""
+        if self._fast_task is not None:
+            self._fast_task.cancel()  # as aiohttp cancels its handler (handler_cancellation)
+        self._release_held()
         if self._counted:
             self._counted = False
             self._guard.active -= 1
@@ -325,7 +368,12 @@ class GuardedRequestHandler(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_armed:
             self._head_bytes += len(data)
-        super().data_received(data)
+        if self._fast is None:
+            super().data_received(data)
+        elif self._fast_task is not None or self._fast_stopping:
+            self._fast_queue(data)
+        else:
+            self._fast_take(self._fast_buf + data if self._fast_buf else data)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -338,7 +386,103 @@ class GuardedRequestHandler(web.RequestHandler):
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+        self._release_held()
         super().resume_writing()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 - aiohttp's signature
+        """aiohttp's graceful close, after the fast request being answered (if any) got its answer, within
+        the same timeout; bytes sent after it are not read, as aiohttp reads no request after a shutdown."""
+        self._fast_stopping = True
+        task = self._fast_task
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+        await super().shutdown(timeout)
+
+    # --- the write fast path (node.http.fastpath) ---------------------------------------------------------
+
+    def _fast_take(self, buf: bytes) -> None:
+        """Answer the request at the start of ``buf`` on the fast path, or give ``buf`` and the rest of the
+        connection to aiohttp (a request not taken, not whole yet, or not this node's to answer)."""
+        fast = self._fast
+        request = parse_request(buf) if fast is not None else None
+        if fast is None or request is None or not fast.claim(request):
+            self._guard.fast_handoffs += 1
+            self._fast_off(buf)
+            return
+        self._guard.fast_requests += 1
+        self._head_armed = False  # a whole head arrived: what head_complete does for aiohttp's requests
+        self._fast_buf = buf[request.size :]
+        self._fast_task = asyncio.get_running_loop().create_task(self._fast_answer(fast, request))
+
+    def _fast_queue(self, data: bytes) -> None:
+        """Keep bytes that came while a fast request is answered; past FAST_PENDING_BYTES stop reading."""
+        if self._fast_stopping:
+            return
+        self._fast_buf += data
+        transport = self.transport
+        if len(self._fast_buf) > FAST_PENDING_BYTES and not self._fast_paused and transport is not None:
+            self._fast_paused = True
+            transport.pause_reading()
+
+    def _fast_off(self, buf: bytes) -> None:
+        self._fast = None
+        self._fast_buf = b""
+        self._fast_resume_reading()
+        if buf:
+            super().data_received(buf)
+
+    def _fast_resume_reading(self) -> None:
+        if self._fast_paused:
+            self._fast_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    async def _fast_answer(self, fast: FastRoute, request: FastRequest) -> None:
+        try:
+            try:
+                status, headers, body = await fast.answer(request)
+            except errors.NodeError as exc:
+                status, headers, body = exc.status, exc.headers(), orjson.dumps(exc.body())
+            except (ConnectionResetError, TimeoutError) as exc:
+                self._node_log.debug("request_aborted", path="/db/execute", reason=type(exc).__name__)
+                self.force_close()  # what aiohttp does with a handler that raises them
+                return
+            except Exception as exc:  # noqa: BLE001 - as the error middleware: a 500, never a dead node
+                error = unexpected_error(exc, self._node_log, method="POST", path="/db/execute")
+                status, headers, body = error.status, error.headers(), orjson.dumps(error.body())
+            self._fast_write(status, headers, body)
+        finally:
+            self._fast_task = None
+        if self._fast_stopping or self.transport is None:
+            return
+        buf, self._fast_buf = self._fast_buf, b""
+        self._fast_resume_reading()
+        if buf:
+            self._head_bytes += len(buf)  # part of a next request came: a header timeout answers 408
+            self._fast_take(buf)
+
+    def _fast_write(self, status: int, headers: dict[str, str] | None, body: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        large = len(body) > STREAM_THRESHOLD_BYTES and self._budget is not None
+        if large and not self._budget.try_reserve(len(body)):
+            error = budget_full()  # as the aiohttp path answers a large body the budget cannot hold
+            status, headers, body = error.status, error.headers(), orjson.dumps(error.body())
+            large = False
+        transport.write(response_bytes(status, headers, body, self._date(), content_type="application/json"))
+        if large:
+            # Held while the body waits in the transport's buffer beyond its high-water mark (the client is
+            # slow to read): released when it drains (resume_writing) or the connection goes.
+            self._fast_held += len(body)
+            if self._stall_timer is None:
+                self._release_held()
+        self._arm_head_timer()
+
+    def _release_held(self) -> None:
+        held, self._fast_held = self._fast_held, 0
+        if held and self._budget is not None:
+            release_response(self._budget, held)
 
     # --- hooks --------------------------------------------------------------------------------------------
 
@@ -576,6 +720,7 @@ class HttpApi:
         self.app[WRITE_TIMEOUT_S] = self.limits.response_write_timeout_s
         self._runner: web.AppRunner | None = None
         self._site: GuardedSite | None = None
+        self._fast: FastRoute | None = None
         self.ready = asyncio.Event()
 
     @property
@@ -590,6 +735,14 @@ class HttpApi:
             raise RuntimeError("route_through must be called once, before the server starts")
         self._inner.around = around
 
+    def fast_path(self, route: FastRoute) -> None:
+        """Answer whole, plain ``POST /db/execute`` requests through ``route`` without aiohttp's request
+        machinery (node.http.fastpath), unless HTTP_FAST_PATH is off. Before :meth:`start` only."""
+        if self._runner is not None:
+            raise RuntimeError("fast_path must be called before the server starts")
+        if self.limits.fast_path:
+            self._fast = route
+
     async def start(self) -> None:
         """Bind and start serving; raises OSError if the address is taken."""
         runner = web.AppRunner(
@@ -601,6 +754,7 @@ class HttpApi:
         assert server is not None
         loop = asyncio.get_running_loop()
         limits = self.limits
+        date = HttpDate()
 
         def protocol() -> GuardedRequestHandler:
             return GuardedRequestHandler(
@@ -610,6 +764,9 @@ class HttpApi:
                 header_timeout_s=limits.header_read_timeout_s,
                 write_timeout_s=limits.response_write_timeout_s,
                 log=self._log,
+                fast=self._fast,
+                date=date,
+                budget=self.budget,
                 keepalive_timeout=limits.header_read_timeout_s + KEEPALIVE_BACKSTOP_S,
                 access_log=None,
             )

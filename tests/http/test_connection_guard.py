@@ -211,6 +211,8 @@ def test_the_aiohttp_hooks_the_server_overrides_still_exist_with_their_signature
         "exc",
         "message",
     ]
+    assert list(inspect.signature(base.shutdown).parameters) == ["self", "timeout"]  # the fast path waits
+    assert inspect.iscoroutinefunction(base.shutdown)
     for name in (
         "connection_made",
         "connection_lost",
