@@ -350,6 +350,12 @@ class GuardedRequestHandler(web.RequestHandler):
         self._counted = True
         self._arm_head_timer()
         super().connection_made(transport)
+        if self._fast is not None:
+            # aiohttp starts its keep-alive timer now, and when it fires it closes a connection on which
+            # it has seen no request, however busy the fast path keeps it. The header timer bounds this
+            # connection already (armed above, and after every answer); aiohttp starts its own again
+            # after its first answer, once it has the connection. keep_alive() is its public switch.
+            self.keep_alive(True)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         for timer in (self._head_timer, self._stall_timer):

@@ -220,6 +220,7 @@ def test_the_aiohttp_hooks_the_server_overrides_still_exist_with_their_signature
         "pause_writing",
         "resume_writing",
         "force_close",
+        "keep_alive",
     ):
         assert callable(getattr(base, name)), name
     assert "handler_cancellation" in inspect.signature(web.Server).parameters

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from node import auth
 from node.core.ids import Endpoint
+from node.http import server as server_module
 from node.http.db import DbRoutes, ExecuteFastRoute
 from node.http.fastpath import MAX_BODY_BYTES, HttpDate, parse_request
 from node.http.replication import ForwardingMiddleware
@@ -420,6 +421,28 @@ async def test_an_idle_connection_after_a_fast_answer_is_closed_by_the_header_ti
         async with asyncio.timeout(10):
             assert await conn.reader.read() == b""  # closed by the node, nothing more sent
         assert server.api.guard.fast_requests == 1
+        await conn.close()
+    finally:
+        await server.api.stop()
+        await server.database.close()
+
+
+async def test_a_busy_fast_connection_outlives_aiohttps_keep_alive_timer(tmp_path, monkeypatch):
+    """aiohttp arms a keep-alive timer when a connection opens and closes the connection when it fires if
+    it has seen no request: on a connection the fast path keeps busy it must not fire."""
+    monkeypatch.setattr(server_module, "KEEPALIVE_BACKSTOP_S", 0.0)  # aiohttp's timer = the header timeout
+    server = await start_server(tmp_path, "busy", fast=True, limits=HttpLimits(header_read_timeout_s=0.3))
+    try:
+        conn = await Connection.open(server.port)
+        await conn.send(request('["CREATE TABLE b (v)"]'))
+        assert (await conn.response())[0] == 200
+        ends = time.monotonic() + 1.5  # five header timeouts, bounded in count too
+        for n in range(10_000):
+            if time.monotonic() > ends:
+                break
+            await conn.send(request(f'["INSERT INTO b VALUES({n})"]'))
+            assert (await conn.response())[0] == 200, n
+        assert server.api.guard.fast_requests > 1 and server.api.guard.fast_handoffs == 0
         await conn.close()
     finally:
         await server.api.stop()
