@@ -112,6 +112,17 @@ def test_anything_unusual_is_left_to_aiohttp(raw):
     assert parse_request(raw) is None
 
 
+def test_a_head_longer_than_the_limit_is_left_to_aiohttp():
+    from node.http.fastpath import MAX_HEAD_BYTES
+
+    def with_header(size: int) -> bytes:
+        return request("[]", headers={"X-Pad": "p" * size})
+
+    fits = next(n for n in range(MAX_HEAD_BYTES, 0, -1) if len(with_header(n)) - 2 <= MAX_HEAD_BYTES)
+    assert parse_request(with_header(fits)) is not None
+    assert parse_request(with_header(fits + 1)) is None
+
+
 def test_every_prefix_of_a_request_is_not_taken_and_the_whole_is():
     raw = request('[["INSERT INTO t VALUES(?)", 1]]', query="?pretty")
     for cut in range(len(raw)):
