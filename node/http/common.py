@@ -262,15 +262,18 @@ def unexpected_error(exc: Exception, log: Any, *, method: str, path: str) -> err
     return errors.NodeError("internal error; see the node's log")
 
 
+def declared_too_large(declared: int, limit: int) -> errors.PayloadTooLarge:
+    """The 413 for a body whose announced length (Content-Length) is over ``limit``."""
+    return errors.PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit)
+
+
 def body_at_hand(request: web.Request, *, limit: int) -> bytes | None:
     """The whole body if it has already arrived (with the head, as a small write's does), else None and
     nothing consumed; 413 as :func:`read_body` answers it. Without an await: a caller that gets the body
     here runs no coroutine, timer or iterator for it (together a few microseconds of a small write)."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise errors.PayloadTooLarge(
-            f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit
-        )
+        raise declared_too_large(declared, limit)
     content = request.content
     if content.is_eof() and content.exception() is None:
         whole = content.read_nowait()

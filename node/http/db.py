@@ -48,6 +48,7 @@ from node.core.sqlreq import (
 from node.http.common import (
     EXTRA_HEADERS,
     body_at_hand,
+    declared_too_large,
     json_response,
     parse_json,
     query_flags,
@@ -213,10 +214,8 @@ class DbRoutes:
         flags = query_flags(request.query_string)
         request_id = _request_id(request.headers.get("x-request-id"))
         raw = request.body
-        if len(raw) > self._max_body:
-            raise errors.PayloadTooLarge(
-                f"request body of {len(raw)} bytes exceeds the limit of {self._max_body}", limit=self._max_body
-            )
+        if len(raw) > self._max_body:  # its Content-Length, as the aiohttp path checks it
+            raise declared_too_large(len(raw), self._max_body)
         if len(raw) <= INLINE_PARSE_BYTES:
             statements = self._statements(raw, text=request.text)
         else:
@@ -337,9 +336,7 @@ class DbRoutes:
         limit = self._max_load
         declared = request.content_length
         if declared is not None and declared > limit:
-            raise errors.PayloadTooLarge(
-                f"request body of {declared} bytes exceeds the limit of {limit}", limit=limit
-            )
+            raise declared_too_large(declared, limit)
         head = b""
         blank = True
         size = 0
