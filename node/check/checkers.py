@@ -299,13 +299,18 @@ def check_isolated_acks(ops: Iterable[Op], isolations: Iterable[Isolation]) -> t
 @dataclasses.dataclass(frozen=True, slots=True)
 class Availability:
     first_write_s: float | None  # from ``since`` to the end of the first acknowledged write started after it
-    longest_gap_s: float  # longest stretch in [since, until] without an acknowledged write ending
+    # Longest stretch in [since, until] without an acknowledged write ending, while writes were tried: a
+    # workload that stopped issuing (its operation cap reached) before ``until`` is not a gap after that.
+    longest_gap_s: float
 
 
 def availability(ops: Iterable[Op], since: float, until: float) -> Availability:
+    ops = list(ops)
     writes = [op for op in ops if op.outcome == "ok" and op.f in WRITE_KINDS and op.end is not None]
     after = [op.end for op in writes if op.start >= since and op.end is not None]
     first = (min(after) - since) if after else None
+    last_try = max((op.end or op.start for op in ops if op.f in WRITE_KINDS), default=until)
+    until = max(since, min(until, last_try))
     ends = sorted(op.end for op in writes if op.end is not None and since <= op.end <= until)
     marks = [since, *ends, until]
     gap = max((b - a for a, b in zip(marks, marks[1:], strict=False)), default=0.0)

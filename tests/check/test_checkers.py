@@ -159,6 +159,15 @@ def test_availability_measures_first_write_and_longest_gap():
     assert a.longest_gap_s == pytest.approx(6)
 
 
+def test_availability_counts_no_gap_after_the_workload_stopped_trying():
+    """A workload that reached its operation cap stops issuing before the run ends: the stretch after its
+    last attempt is no unavailability. Failed attempts that go on until the end are."""
+    done_early = [op("add", 1, 2, value=1), op("add", 2, 3, value=2)]
+    assert checkers.availability(done_early, since=0, until=30).longest_gap_s == pytest.approx(2)
+    failing = [*done_early, op("add", 4, 5, value=3, outcome="failed"), op("add", 29, 30, value=4, outcome="failed")]
+    assert checkers.availability(failing, since=0, until=30).longest_gap_s == pytest.approx(27)
+
+
 def test_history_round_trips_and_refuses_nonsense():
     ops = [w(1, 0, 1), cas(1, 2, True, 1, 2), w(3, 4, None, "unknown")]
     assert load_jsonl(dump_jsonl(ops)) == ops

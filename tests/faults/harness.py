@@ -218,8 +218,9 @@ class FaultCluster:
                 self._iptables(s, "-D", chain, flag, ip, "-j", "DROP")
 
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):  # noqa: ANN001, ANN201
-    """Poll until ``predicate()`` is truthy (returned) — AssertionError naming ``what`` after the deadline."""
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2, describe=None):  # noqa: ANN001, ANN201
+    """Poll until ``predicate()`` is truthy (returned) — AssertionError naming ``what`` after the deadline,
+    with ``describe()`` (what is still wrong) if given, else the predicate's last value."""
     deadline = time.monotonic() + timeout_s
     last = None
     while True:
@@ -227,5 +228,6 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):  
         if last:
             return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}; last: {last!r}")
+            detail = describe() if describe is not None else last
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}; last: {detail!r}")
         time.sleep(interval_s)

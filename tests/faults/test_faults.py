@@ -101,6 +101,7 @@ def run_fault(
                         lambda: cluster.healthy(final_slots) is None,
                         HEAL_S,
                         f"the cluster to heal after {fault}",
+                        describe=lambda: cluster.healthy(final_slots),
                     )
                     await asyncio.sleep(TAIL_S)
                 finally:
@@ -110,7 +111,16 @@ def run_fault(
             contents, converge_s = await report.converge(client, urls, workload.table, 60)
             return contents, converge_s
 
-    contents, converge_s = asyncio.run(main())
+    try:
+        contents, converge_s = asyncio.run(main())
+    except BaseException as exc:
+        # A fault script or a heal that never finished: the nodes' logs and views are the evidence, and the
+        # containers lose them at teardown.
+        keep_evidence(
+            cluster, fault,
+            {"error": repr(exc)[:2000], "status": {s: cluster.status(s) for s in final_slots}},
+        )  # fmt: skip
+        raise
     starts = [t for t, what in recorder.marks if what.startswith("fault:")]
     ends = [t for t, what in recorder.marks if what == "workload_end"]
     verdict = report.judge(
@@ -294,7 +304,11 @@ def test_a_new_empty_node_with_the_highest_address_joins_under_load(trio: FaultC
         time.sleep(WORKLOAD_S / 4)
         rec.mark(f"fault: new node slot {newcomer}")
         trio.run(newcomer)
-        wait_for(lambda: trio.healthy([1, 2, 3, newcomer]) is None, HEAL_S, "the newcomer to join and lead")
+        slots = [1, 2, 3, newcomer]
+        wait_for(
+            lambda: trio.healthy(slots) is None, HEAL_S, "the newcomer to join and lead",
+            describe=lambda: trio.healthy(slots),
+        )  # fmt: skip
         rec.mark("healed: newcomer leads")
         return []
 
