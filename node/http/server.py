@@ -315,9 +315,9 @@ class GuardedRequestHandler(web.RequestHandler):
         header_timeout_s: float,
         write_timeout_s: float,
         log: Any,
+        date: HttpDate,
+        budget: ResponseBudget,
         fast: FastRoute | None = None,
-        date: HttpDate | None = None,
-        budget: ResponseBudget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
@@ -329,7 +329,7 @@ class GuardedRequestHandler(web.RequestHandler):
         self._fast_paused = False  # reading paused: FAST_PENDING_BYTES arrived while a request was answered
         self._fast_stopping = False  # the server shuts down: no fast request is started any more
         self._fast_held = 0  # response budget held by a large fast answer until the transport drains
-        self._date = date or HttpDate()
+        self._date = date
         self._budget = budget
         self._guard = guard
         self._header_timeout_s = header_timeout_s
@@ -444,6 +444,9 @@ class GuardedRequestHandler(web.RequestHandler):
                 self.transport.resume_reading()
 
     async def _fast_answer(self, fast: FastRoute, request: FastRequest) -> None:
+        """The task of one fast request, owned by this connection (cancelled when it goes, awaited by
+        :meth:`shutdown`). It ends with no exception but a cancellation: whatever fails after the answer was
+        chosen (writing it, taking the next request) is logged here and closes the connection."""
         try:
             try:
                 status, headers, body = await fast.answer(request)
@@ -457,21 +460,25 @@ class GuardedRequestHandler(web.RequestHandler):
                 error = unexpected_error(exc, self._node_log, method="POST", path="/db/execute")
                 status, headers, body = error.status, error.headers(), orjson.dumps(error.body())
             self._fast_write(status, headers, body)
+            if self._fast_stopping or self.transport is None:
+                return
+            buf, self._fast_buf = self._fast_buf, b""
+            self._fast_resume_reading()
+            if buf:
+                self._head_bytes += len(buf)  # part of a next request came: a header timeout answers 408
+                self._fast_take(buf)
+        except Exception:  # noqa: BLE001 - nobody awaits this task: its failure is observed here
+            self._node_log.exception("request_failed", method="POST", path="/db/execute")
+            self.force_close()
         finally:
-            self._fast_task = None
-        if self._fast_stopping or self.transport is None:
-            return
-        buf, self._fast_buf = self._fast_buf, b""
-        self._fast_resume_reading()
-        if buf:
-            self._head_bytes += len(buf)  # part of a next request came: a header timeout answers 408
-            self._fast_take(buf)
+            if self._fast_task is asyncio.current_task():  # not the next request's task, taken above
+                self._fast_task = None
 
     def _fast_write(self, status: int, headers: dict[str, str] | None, body: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        large = len(body) > STREAM_THRESHOLD_BYTES and self._budget is not None
+        large = len(body) > STREAM_THRESHOLD_BYTES
         if large and not self._budget.try_reserve(len(body)):
             error = budget_full()  # as the aiohttp path answers a large body the budget cannot hold
             status, headers, body = error.status, error.headers(), orjson.dumps(error.body())
@@ -487,7 +494,7 @@ class GuardedRequestHandler(web.RequestHandler):
 
     def _release_held(self) -> None:
         held, self._fast_held = self._fast_held, 0
-        if held and self._budget is not None:
+        if held:
             release_response(self._budget, held)
 
     # --- hooks --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -200,9 +201,11 @@ class Server:
         return self.api.port
 
 
-async def start_server(
+@contextlib.asynccontextmanager
+async def serving(
     tmp_path, name: str, *, fast: bool, service_factory=EpochService, limits: HttpLimits | None = None
-) -> Server:
+) -> AsyncIterator[Server]:
+    """A started server (HttpApi, the forwarding layer, a real database), stopped and closed on exit."""
     database = Database(tmp_path / name, limits=Limits(max_result_rows=50), queue_size=8)
     await database.open()
     service = service_factory(database)
@@ -232,20 +235,18 @@ async def start_server(
     )  # fmt: skip
     api.route_through(forwarding.handle)
     api.fast_path(forwarding.fast_route(ExecuteFastRoute(routes)))  # as node.supervisor wires it
-    await api.start()
-    return Server(api, database, service, replicator)
+    try:
+        await api.start()
+        yield Server(api, database, service, replicator)
+    finally:
+        await api.stop()
+        await database.close()
 
 
 @pytest.fixture
 async def pair(tmp_path):
-    fast = await start_server(tmp_path, "fast", fast=True)
-    slow = await start_server(tmp_path, "slow", fast=False)
-    try:
+    async with serving(tmp_path, "fast", fast=True) as fast, serving(tmp_path, "slow", fast=False) as slow:
         yield fast, slow
-    finally:
-        for server in (fast, slow):
-            await server.api.stop()
-            await server.database.close()
 
 
 class Connection:
@@ -424,8 +425,7 @@ async def test_a_follower_leaves_writes_to_aiohttps_forwarding(pair):
 
 
 async def test_an_idle_connection_after_a_fast_answer_is_closed_by_the_header_timer(tmp_path):
-    server = await start_server(tmp_path, "idle", fast=True, limits=HttpLimits(header_read_timeout_s=0.3))
-    try:
+    async with serving(tmp_path, "idle", fast=True, limits=HttpLimits(header_read_timeout_s=0.3)) as server:
         conn = await Connection.open(server.port)
         await conn.send(request('["CREATE TABLE i (v)"]'))
         assert (await conn.response())[0] == 200
@@ -433,17 +433,13 @@ async def test_an_idle_connection_after_a_fast_answer_is_closed_by_the_header_ti
             assert await conn.reader.read() == b""  # closed by the node, nothing more sent
         assert server.api.guard.fast_requests == 1
         await conn.close()
-    finally:
-        await server.api.stop()
-        await server.database.close()
 
 
 async def test_a_busy_fast_connection_outlives_aiohttps_keep_alive_timer(tmp_path, monkeypatch):
     """aiohttp arms a keep-alive timer when a connection opens and closes the connection when it fires if
     it has seen no request: on a connection the fast path keeps busy it must not fire."""
     monkeypatch.setattr(server_module, "KEEPALIVE_BACKSTOP_S", 0.0)  # aiohttp's timer = the header timeout
-    server = await start_server(tmp_path, "busy", fast=True, limits=HttpLimits(header_read_timeout_s=0.3))
-    try:
+    async with serving(tmp_path, "busy", fast=True, limits=HttpLimits(header_read_timeout_s=0.3)) as server:
         conn = await Connection.open(server.port)
         await conn.send(request('["CREATE TABLE b (v)"]'))
         assert (await conn.response())[0] == 200
@@ -455,9 +451,6 @@ async def test_a_busy_fast_connection_outlives_aiohttps_keep_alive_timer(tmp_pat
             assert (await conn.response())[0] == 200, n
         assert server.api.guard.fast_requests > 1 and server.api.guard.fast_handoffs == 0
         await conn.close()
-    finally:
-        await server.api.stop()
-        await server.database.close()
 
 
 def gated(gate: asyncio.Event):
@@ -466,38 +459,34 @@ def gated(gate: asyncio.Event):
 
 async def test_a_client_that_goes_away_cancels_its_fast_request(tmp_path):
     gate = asyncio.Event()
-    server = await start_server(tmp_path, "gone", fast=True, service_factory=gated(gate))
-    try:
-        conn = await Connection.open(server.port)
-        await conn.send(request('["CREATE TABLE g (v)"]'))
-        await until(lambda: server.api.guard.fast_requests == 1, "the request is taken")
-        await conn.close()
-        await until(lambda: server.service.cancelled == 1, "the waiting write is cancelled")
-        await until(lambda: server.api.guard.active == 0, "the connection is gone")
-    finally:
-        gate.set()
-        await server.api.stop()
-        await server.database.close()
+    async with serving(tmp_path, "gone", fast=True, service_factory=gated(gate)) as server:
+        try:
+            conn = await Connection.open(server.port)
+            await conn.send(request('["CREATE TABLE g (v)"]'))
+            await until(lambda: server.api.guard.fast_requests == 1, "the request is taken")
+            await conn.close()
+            await until(lambda: server.service.cancelled == 1, "the waiting write is cancelled")
+            await until(lambda: server.api.guard.active == 0, "the connection is gone")
+        finally:
+            gate.set()
 
 
 async def test_shutdown_lets_the_fast_request_in_flight_answer(tmp_path):
     gate = asyncio.Event()
-    server = await start_server(tmp_path, "stop", fast=True, service_factory=gated(gate))
-    try:
-        conn = await Connection.open(server.port)
-        await conn.send(request('["CREATE TABLE s (v)"]'))
-        await until(lambda: server.api.guard.fast_requests == 1, "the request is taken")
-        stopping = asyncio.create_task(server.api.stop())
-        await asyncio.sleep(0)
-        gate.set()
-        status, _, body = await conn.response()
-        assert status == 200 and orjson.loads(body) == {"results": [{}]}
-        await stopping
-        await conn.close()
-    finally:
-        gate.set()
-        await server.api.stop()
-        await server.database.close()
+    async with serving(tmp_path, "stop", fast=True, service_factory=gated(gate)) as server:
+        try:
+            conn = await Connection.open(server.port)
+            await conn.send(request('["CREATE TABLE s (v)"]'))
+            await until(lambda: server.api.guard.fast_requests == 1, "the request is taken")
+            stopping = asyncio.create_task(server.api.stop())
+            await asyncio.sleep(0)
+            gate.set()
+            status, _, body = await conn.response()
+            assert status == 200 and orjson.loads(body) == {"results": [{}]}
+            await stopping
+            await conn.close()
+        finally:
+            gate.set()
 
 
 class BigAnswerService:
@@ -511,11 +500,10 @@ class BigAnswerService:
 
 
 async def test_a_large_fast_answer_holds_the_response_budget_until_written(tmp_path):
-    server = await start_server(
+    async with serving(
         tmp_path, "big", fast=True, service_factory=BigAnswerService,
         limits=HttpLimits(max_buffered_response_bytes=400 << 10),
-    )  # fmt: skip
-    try:
+    ) as server:  # fmt: skip
         reader_conn = await Connection.open(server.port)
         await reader_conn.send(request('["SELECT 1"]'))
         status, _, body = await reader_conn.response()
@@ -534,6 +522,3 @@ async def test_a_large_fast_answer_holds_the_response_budget_until_written(tmp_p
         await stuck.close()
         await until(lambda: server.api.budget.in_use_bytes == 0, "a closed connection gives its bytes back")
         await reader_conn.close()
-    finally:
-        await server.api.stop()
-        await server.database.close()
