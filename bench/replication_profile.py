@@ -8,6 +8,7 @@ flamegraph.pl or ``--top`` (a short table of the hottest functions, by own and b
 
     .venv/bin/python bench/replication_profile.py --clients 1,32 --seconds 8
     .venv/bin/python bench/replication_profile.py --clients 32 --py-spy /path/to/py-spy --out /tmp/prof --top
+    .venv/bin/python bench/replication_profile.py --clients 32 --via follower   # writes forwarded by a follower
 
 Every loop is bounded in time; every process started is killed and the data directories removed at the end.
 """
@@ -87,7 +88,9 @@ async def amain(args: argparse.Namespace) -> int:
                 await asyncio.sleep(0.2)
             if not cb.tn_ok(200, created):
                 raise RuntimeError(f"could not create the table: {created!r}")
-            target = cb.tn_target(c.nodes[leader].url, token)
+            # The follower path: the same writes sent to the lowest node, which forwards them to the leader.
+            entry = leader if args.via == "leader" else min(ip for ip in c.nodes if ip != leader)
+            target = cb.tn_target(c.nodes[entry].url, token)
             # What the nodes cost with no client at all (heartbeats, probes, timers): the floor under every
             # CPU-per-write figure below.
             pids = {ip: node.proc.pid for ip, node in c.nodes.items()}
@@ -105,7 +108,7 @@ async def amain(args: argparse.Namespace) -> int:
                 spies: list[tuple[subprocess.Popen, Path]] = []
                 if args.py_spy:
                     for ip, node in c.nodes.items():
-                        role = "leader" if ip == leader else "follower"
+                        role = "leader" if ip == leader else "entry" if ip == entry else "follower"
                         path = out / f"{role}-{ip}-{clients}c.txt"
                         spy = await asyncio.to_thread(
                             subprocess.Popen,
@@ -165,6 +168,10 @@ def main() -> int:
         action="store_true",
         help="sample only the thread holding the GIL: where Python CPU goes, waits and syscalls left out",
     )
+    parser.add_argument(
+        "--via", choices=("leader", "follower"), default="leader",
+        help="send the writes to the leader (default) or to a follower, which forwards them",
+    )  # fmt: skip
     parser.add_argument("--top", action="store_true", help="print the hottest functions of each profile")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
