@@ -46,8 +46,17 @@ from node import auth, errors
 from node.core import peerauth
 from node.core.ids import Endpoint, InvalidAddress
 from node.core.sqlreq import Level
-from node.http.common import EXTRA_HEADERS, json_response, query_flags, read_body, request_flags
+from node.http import forwarder as forwarding
+from node.http.common import (
+    EXTRA_HEADERS,
+    declared_too_large,
+    json_response,
+    query_flags,
+    read_body,
+    request_flags,
+)
 from node.http.fastpath import FastRequest, FastRoute
+from node.http.forwarder import Forwarder
 from node.replication import codec, snapshot_transfer, staged_loads
 from node.replication.service import ANSWERED_EPOCH
 from node.replication.transport import HELLO_HEADER, PATH, STREAM_PATH
@@ -66,6 +75,12 @@ _FORWARDED_KEY = FORWARDED_HEADER.lower()  # as node.http.fastpath keys headers
 LEADER_HEADER = "X-TalentNest-Leader"
 _FORWARDED_REQUEST_HEADERS = ("Authorization", "X-Request-Id", "Content-Type")
 _RETURNED_HEADERS = ("Content-Type", "X-TalentNest-Index", EPOCH_HEADER, NODE_HEADER, "Retry-After")
+# The same, as the fast path's forwarder reads and writes them (header names lower-cased in what it reads).
+_FORWARDED_REQUEST_KEYS = tuple((name, name.lower()) for name in _FORWARDED_REQUEST_HEADERS)
+_RETURNED_KEYS = tuple((name, name.lower()) for name in _RETURNED_HEADERS)
+# A write body up to this size is forwarded by the fast path's forwarder (larger ones through aiohttp): what
+# the forwarder holds in memory at once stays within MAX_BUSY times this.
+FAST_FORWARD_MAX_BODY = 64 << 10
 LEADER_WATCH_S = 0.05  # how often a forwarded request checks that its leader is still followed
 _LEADER_PATHS = {
     "/db/execute": auth.Role.WRITE, "/db/request": auth.Role.WRITE, "/db/query": auth.Role.READ,
@@ -273,22 +288,49 @@ def _claimed_sender(request: web.Request, kind: str) -> Endpoint:
 
 class LeaderFastRoute:
     """The write fast path's route (node.http.fastpath) with replication: what :meth:`ForwardingMiddleware.
-    handle` does with a ``POST /db/execute`` this node answers itself (it knows no other leader, or the
-    request was forwarded to it), with the same headers. A request to forward or redirect is not claimed:
-    aiohttp's path does that."""
+    handle` does with a ``POST /db/execute``, with the same answers. One this node answers itself (it knows
+    no other leader, or the request was forwarded to it) goes to ``inner``. One for the leader is sent on
+    by ``forwarder`` (node.http.forwarder) when there is one, the body is at most FAST_FORWARD_MAX_BODY
+    bytes and the forwarder has room; a redirect (``redirect`` anywhere in the query) and anything else is
+    not claimed: aiohttp's path does it."""
 
-    __slots__ = ("_inner", "_replicator", "_node_text")
+    __slots__ = ("_inner", "_replicator", "_node_text", "_forwarder", "_secret", "_me_text", "_max_body")
 
-    def __init__(self, inner: FastRoute, replicator: Any, node_text: str) -> None:
+    def __init__(
+        self,
+        inner: FastRoute,
+        replicator: Any,
+        node_text: str,
+        forwarder: Forwarder | None = None,
+        secret: str = "",
+        me_text: str = "",
+        max_body: int = 0,
+    ) -> None:
         self._inner = inner
         self._replicator = replicator
         self._node_text = node_text
+        self._forwarder = forwarder
+        self._secret = secret
+        self._me_text = me_text
+        self._max_body = max_body
 
     def claim(self, request: FastRequest) -> bool:
-        return _FORWARDED_KEY in request.headers or self._replicator.leader_endpoint() is None
+        if _FORWARDED_KEY in request.headers or self._replicator.leader_endpoint() is None:
+            return True
+        forwarder = self._forwarder
+        return (
+            forwarder is not None
+            and forwarder.has_room()
+            and len(request.body) <= FAST_FORWARD_MAX_BODY
+            and "redirect" not in request.query_string
+        )
 
     async def answer(self, request: FastRequest) -> tuple[int, dict[str, str] | None, bytes]:
         query_flags(request.query_string)  # as handle(): a bad flag is a 400 before the token is looked at
+        leader = None if _FORWARDED_KEY in request.headers else self._replicator.leader_endpoint()
+        if leader is not None and self._forwarder is not None:
+            return await self._forward(request, leader, self._forwarder)
+        # This node answers (no leader known any more, or forwarded here; as handle() does).
         status, headers, body = await self._inner.answer(request)
         headers = dict(headers) if headers else {}
         headers[NODE_HEADER] = self._node_text
@@ -296,6 +338,54 @@ class LeaderFastRoute:
         if epoch is not None:
             headers[EPOCH_HEADER] = str(epoch)
         return status, headers, body
+
+    async def _forward(
+        self, request: FastRequest, leader: Endpoint, forwarder: Forwarder
+    ) -> tuple[int, dict[str, str] | None, bytes]:
+        """What ForwardingMiddleware._forward does, over the forwarder: the client's Authorization,
+        X-Request-Id and content type, the query string and the body go to the leader; its status, body and
+        returned headers come back."""
+        # Authenticate here too: a follower must not relay requests for anyone who can reach it.
+        auth.authenticate(request.headers.get("authorization"), self._secret, now=time.time()).require(
+            auth.Role.WRITE
+        )
+        if len(request.body) > self._max_body:  # its Content-Length, as _forward's read_body checks it
+            raise declared_too_large(len(request.body), self._max_body)
+        query = request.query_string
+        head = [f"POST /db/execute{'?' if query else ''}{query} HTTP/1.1\r\nHost: {leader}\r\n"]
+        for name, key in _FORWARDED_REQUEST_KEYS:
+            value = request.headers.get(key)
+            if value is not None:
+                head.append(f"{name}: {value}\r\n")
+        head.append(f"{FORWARDED_HEADER}: {self._me_text}\r\nContent-Length: {len(request.body)}\r\n\r\n")
+        raw = "".join(head).encode("latin-1") + request.body
+
+        def still_leader() -> bool:
+            return self._replicator.leader_endpoint() == leader
+
+        try:
+            status, answer_headers, body = await forwarder.exchange(leader, raw, still_leader)
+        except forwarding.Unreachable as exc:
+            raise errors.Unavailable(
+                f"the leader {leader} could not be reached to forward the request: {str(exc)[:200]}"
+            ) from None
+        except forwarding.NoAnswer:
+            raise errors.Unavailable(
+                f"the leader {leader} did not answer the forwarded request in time"
+            ) from None
+        except forwarding.LeaderLost:
+            raise ForwardOutcomeUnknown(
+                f"the leader {leader} was lost while it handled the forwarded request; it may or may "
+                "not have been applied (retry with the same X-Request-Id)"
+            ) from None
+        except forwarding.Broken as exc:
+            raise ForwardOutcomeUnknown(
+                f"the connection to the leader {leader} broke before its whole answer ({str(exc)[:200]}); the "
+                "request may or may not have been applied (retry with the same X-Request-Id)"
+            ) from None
+        out = {name: answer_headers[key] for name, key in _RETURNED_KEYS if key in answer_headers}
+        out.setdefault(NODE_HEADER, str(leader.node_id))
+        return status, out, body
 
 
 class ForwardingMiddleware:
@@ -320,15 +410,28 @@ class ForwardingMiddleware:
         self._timeout = aiohttp.ClientTimeout(total=forward_timeout_s)
         self._load_timeout = aiohttp.ClientTimeout(total=load_forward_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._forwarder: Forwarder | None = None
 
     async def close(self) -> None:
+        if self._forwarder is not None:
+            self._forwarder.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def fast_route(self, inner: FastRoute) -> LeaderFastRoute:
         """``inner`` (the local write route of the fast path) behind this layer's rule: see LeaderFastRoute."""
-        return LeaderFastRoute(inner, self._replicator, self._node_text)
+        if self._forwarder is None:
+            self._forwarder = Forwarder(timeout_s=self._timeout.total or 0.0, watch_s=LEADER_WATCH_S)
+        return LeaderFastRoute(
+            inner,
+            self._replicator,
+            self._node_text,
+            self._forwarder,
+            self._secret,
+            self._me_text,
+            self._max_body,
+        )
 
     def middleware(self) -> Any:
         """The aiohttp middleware (a plain decorated function: aiohttp takes nothing else as new-style)."""

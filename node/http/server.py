@@ -483,7 +483,11 @@ class GuardedRequestHandler(web.RequestHandler):
             error = budget_full()  # as the aiohttp path answers a large body the budget cannot hold
             status, headers, body = error.status, error.headers(), orjson.dumps(error.body())
             large = False
-        transport.write(response_bytes(status, headers, body, self._date(), content_type="application/json"))
+        content_type = "application/json"
+        if headers and "Content-Type" in headers:  # a forwarded answer's own (node.http.forwarder)
+            headers = dict(headers)
+            content_type = headers.pop("Content-Type")
+        transport.write(response_bytes(status, headers, body, self._date(), content_type=content_type))
         if large:
             # Held while the body waits in the transport's buffer beyond its high-water mark (the client is
             # slow to read): released when it drains (resume_writing) or the connection goes.

@@ -240,6 +240,7 @@ async def serving(
         yield Server(api, database, service, replicator)
     finally:
         await api.stop()
+        await forwarding.close()
         await database.close()
 
 
@@ -398,7 +399,8 @@ async def test_pipelined_requests_are_answered_in_order_across_the_handoff(pair)
     assert fast.api.guard.fast_requests == 3 and fast.api.guard.fast_handoffs == 1
 
 
-async def test_a_follower_leaves_writes_to_aiohttps_forwarding(pair):
+async def test_a_follower_leaves_redirects_to_aiohttp(pair):
+    """(Writes a follower forwards: tests/http/test_fast_forward.py.)"""
     fast, slow = pair
     for server in pair:
         server.replicator.leader = Endpoint("127.0.0.9", 4001)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
+import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,9 +38,22 @@ def token() -> str:
     return auth.mint_jwt(SECRET, auth.Role.ADMIN, now=time.time(), ttl_s=600)
 
 
-async def run_case(answer_after_s: float | None, lose_after_s: float | None) -> tuple[int, dict, float]:
+class LocalRouteUnused:
+    """The fast path's local route: never asked here (every request is forwarded)."""
+
+    def claim(self, request: object) -> bool:
+        raise AssertionError("the local route was asked to claim")
+
+    async def answer(self, request: object) -> tuple[int, dict[str, str] | None, bytes]:
+        raise AssertionError("a forwarded request was answered locally")
+
+
+async def run_case(
+    answer_after_s: float | None, lose_after_s: float | None, fast: bool = False
+) -> tuple[int, dict, float]:
     """A leader that answers after answer_after_s (None: never) and a follower whose view drops that leader
-    lose_after_s after the leader received the request (None: never). Returns the client's status, body and time to the answer."""
+    lose_after_s after the leader received the request (None: never), forwarding through aiohttp or (fast)
+    through the write fast path's forwarder. Returns the client's status, body and time to the answer."""
     release = asyncio.Event()
     arrived = asyncio.Event()
 
@@ -66,6 +81,8 @@ async def run_case(answer_after_s: float | None, lose_after_s: float | None) -> 
     )
     api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
     api.route_through(forwarding.handle)  # as node.replication.wiring does
+    if fast:
+        api.fast_path(forwarding.fast_route(LocalRouteUnused()))  # as node.supervisor wires it
 
     async def lose() -> None:
         if lose_after_s is not None:
@@ -73,46 +90,52 @@ async def run_case(answer_after_s: float | None, lose_after_s: float | None) -> 
             await asyncio.sleep(lose_after_s)
             replicator.leader = None
 
+    await api.start()  # its own server (the fast path lives in its connection handler)
     try:
-        async with TestClient(TestServer(api.app)) as client, asyncio.TaskGroup() as tasks:
+        async with aiohttp.ClientSession() as client, asyncio.TaskGroup() as tasks:
             tasks.create_task(lose())
             started = time.monotonic()
             resp = await client.post(
-                "/db/execute",
+                f"http://127.0.0.1:{api.port}/db/execute",
                 json=[["INSERT INTO t VALUES (1)"]],
                 headers={"Authorization": f"Bearer {token()}"},
             )
             body = await resp.json()
+            assert api.guard.fast_requests == (1 if fast else 0)  # the path the case is about was taken
             return resp.status, body, time.monotonic() - started
     finally:
         release.set()
+        await api.stop()
         await forwarding.close()
         await leader_server.close()
 
 
-async def test_a_leader_lost_mid_request_answers_503_outcome_unknown_not_after_the_forward_timeout():
-    status, body, took_s = await run_case(answer_after_s=None, lose_after_s=0.2)
+@pytest.mark.parametrize("fast", [False, True])
+async def test_a_leader_lost_mid_request_answers_503_outcome_unknown_not_after_the_forward_timeout(fast):
+    status, body, took_s = await run_case(answer_after_s=None, lose_after_s=0.2, fast=fast)
     assert status == 503 and body["code"] == "outcome_unknown", body
     assert "X-Request-Id" in body["error"]
     assert took_s < 4.0  # liveness: well before the 5 s forward timeout (not a speed assertion)
 
 
-async def test_a_leader_that_answers_is_passed_through():
-    status, body, _ = await run_case(answer_after_s=0.1, lose_after_s=None)
+@pytest.mark.parametrize("fast", [False, True])
+async def test_a_leader_that_answers_is_passed_through(fast):
+    status, body, _ = await run_case(answer_after_s=0.1, lose_after_s=None, fast=fast)
     assert status == 200 and body == {"results": [{"rows_affected": 1}]}
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     answer_after_s=st.one_of(st.none(), st.floats(0.0, 0.4)),
     lose_after_s=st.one_of(st.none(), st.floats(0.0, 0.4)),
+    fast=st.booleans(),
 )
-def test_a_forwarded_request_always_ends_with_the_leaders_answer_or_a_503(answer_after_s, lose_after_s):
+def test_a_forwarded_request_always_ends_with_the_leaders_answer_or_a_503(answer_after_s, lose_after_s, fast):
     """Whatever the order of the leader's answer and its loss: the client gets the leader's 200 (answered
     before the loss was seen) or 503 (outcome_unknown), never a hang past the forward timeout."""
     if answer_after_s is None and lose_after_s is None:
         lose_after_s = 0.1  # a leader that never answers and is never lost is the forward timeout's case
-    status, body, took_s = asyncio.run(run_case(answer_after_s, lose_after_s))
+    status, body, took_s = asyncio.run(run_case(answer_after_s, lose_after_s, fast))
     assert took_s < 4.0
     if lose_after_s is None or (answer_after_s is not None and answer_after_s + 0.2 < lose_after_s):
         assert status == 200, body
