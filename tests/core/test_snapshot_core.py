@@ -124,11 +124,11 @@ def test_compaction_keeps_the_trailing_entries_and_at_least_the_snapshots_own(in
 # --- leader: tail or snapshot -------------------------------------------------------------------------------
 
 
-def leader_with_compacted_log(first_index: int, snapshot: LogId) -> machine.State:
+def leader_with_compacted_log(first_index: int, snapshot: LogId, trailing: int = 10_000) -> machine.State:
     """Node "c" leads epoch 3 of a log 1..40 whose durable part starts at ``first_index``."""
     entries = (Entry(0, 1, Kind.CONFIG, CONFIG.encode()), *(cmd(2, i) for i in range(2, 41)))
     hard = HardState(2, None, ((1, CONFIG),), "cl")
-    options = machine.Options(keep_applied=4, snapshot_entries=0)
+    options = machine.Options(keep_applied=4, snapshot_entries=0, snapshot_trailing=trailing)
     base = entries[35]
     state = machine.restore(
         "c", hard, base.id, entries[36:], 36, options, snapshot=snapshot, first_index=first_index
@@ -172,6 +172,26 @@ def test_a_member_whose_next_entry_was_compacted_is_offered_the_snapshot_and_not
     assert "a" not in machine.status(state).snapshotting
     reads = [r for r in ready.read_log if r.peer == "a"]
     assert reads and reads[0].first == 32
+
+
+@given(hint=st.integers(1, 35), trailing=st.integers(1, 40))
+def test_a_member_further_behind_the_snapshot_than_the_trailing_entries_gets_it_though_the_log_has_them(
+    hint, trailing
+):
+    """The log drops whole segments only, so it may hold every entry since the first: a member further
+    below the newest snapshot than ``snapshot_trailing`` gets the snapshot anyway (read back a batch a round
+    trip, a long history took a new node minutes); one within it gets the tail from the durable log."""
+    state = leader_with_compacted_log(first_index=1, snapshot=LogId(2, 32), trailing=trailing)
+    state, ready = behind(state, hint, 1.0)
+    reads = [r.first for r in ready.read_log if r.peer == "a"]
+    if 32 - hint > trailing:
+        assert offers_to(ready) == [LogId(2, 32)] and reads == []
+        assert "a" in machine.status(state).snapshotting
+        # Installed: from the snapshot's index on it is within the trailing entries: the tail, no new offer.
+        state, ready = machine.step(state, Receive("a", AppendAck(state.hard.epoch, 32, 0), "cl"), 1.1)
+        assert offers_to(ready) == [] and [r.first for r in ready.read_log if r.peer == "a"] == [32]
+    else:
+        assert offers_to(ready) == [] and reads == [hint]
 
 
 def test_a_member_at_or_above_the_first_index_gets_the_log_tail():

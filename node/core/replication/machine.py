@@ -1194,8 +1194,13 @@ class _Step:
             return
         while p.next <= self.last_index and p.inflight < self.o.max_inflight:
             if p.next - 1 < self.base.index:
+                # Compacted away, or further behind the newest snapshot than the log is meant to keep below
+                # it (snapshot_trailing): the member gets the snapshot. The log drops whole segments only, so
+                # it may still hold far more; read back and sent max_batch_entries a round trip, those took a
+                # new node minutes on a cluster with a long history (a newcomer under load was not caught up
+                # 90 s after joining), where a snapshot takes seconds.
                 start = self.disk_start(p.next)
-                if start is None:  # compacted away: the member needs a snapshot
+                if start is None or self.snapshot.index - (p.next - 1) > max(1, self.o.snapshot_trailing):
                     p = self.offer_snapshot(peer, p)
                     break
                 first = start[0]
