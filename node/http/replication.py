@@ -286,11 +286,29 @@ def _claimed_sender(request: web.Request, kind: str) -> Endpoint:
         raise errors.BadRequest(f"malformed {snapshot_transfer.SENDER_HEADER}: {exc}") from None
 
 
+# The errors of a forwarded request, the same from aiohttp's path (ForwardingMiddleware) and the fast one.
+def _unreachable(leader: Endpoint, exc: BaseException) -> errors.Unavailable:
+    return errors.Unavailable(
+        f"the leader {leader} could not be reached to forward the request: {str(exc)[:200]}"
+    )
+
+
+def _no_answer(leader: Endpoint) -> errors.Unavailable:
+    return errors.Unavailable(f"the leader {leader} did not answer the forwarded request in time")
+
+
+def _leader_lost(leader: Endpoint) -> ForwardOutcomeUnknown:
+    return ForwardOutcomeUnknown(
+        f"the leader {leader} was lost while it handled the forwarded request; it may or may "
+        "not have been applied (retry with the same X-Request-Id)"
+    )
+
+
 class LeaderFastRoute:
     """The write fast path's route (node.http.fastpath) with replication: what :meth:`ForwardingMiddleware.
     handle` does with a ``POST /db/execute``, with the same answers. One this node answers itself (it knows
     no other leader, or the request was forwarded to it) goes to ``inner``. One for the leader is sent on
-    by ``forwarder`` (node.http.forwarder) when there is one, the body is at most FAST_FORWARD_MAX_BODY
+    by ``forwarder`` (node.http.forwarder) when the body is at most FAST_FORWARD_MAX_BODY
     bytes and the forwarder has room; a redirect (``redirect`` anywhere in the query) and anything else is
     not claimed: aiohttp's path does it."""
 
@@ -301,10 +319,10 @@ class LeaderFastRoute:
         inner: FastRoute,
         replicator: Any,
         node_text: str,
-        forwarder: Forwarder | None = None,
-        secret: str = "",
-        me_text: str = "",
-        max_body: int = 0,
+        forwarder: Forwarder,
+        secret: str,
+        me_text: str,
+        max_body: int,
     ) -> None:
         self._inner = inner
         self._replicator = replicator
@@ -317,10 +335,8 @@ class LeaderFastRoute:
     def claim(self, request: FastRequest) -> bool:
         if _FORWARDED_KEY in request.headers or self._replicator.leader_endpoint() is None:
             return True
-        forwarder = self._forwarder
         return (
-            forwarder is not None
-            and forwarder.has_room()
+            self._forwarder.has_room()
             and len(request.body) <= FAST_FORWARD_MAX_BODY
             and "redirect" not in request.query_string
         )
@@ -328,8 +344,8 @@ class LeaderFastRoute:
     async def answer(self, request: FastRequest) -> tuple[int, dict[str, str] | None, bytes]:
         query_flags(request.query_string)  # as handle(): a bad flag is a 400 before the token is looked at
         leader = None if _FORWARDED_KEY in request.headers else self._replicator.leader_endpoint()
-        if leader is not None and self._forwarder is not None:
-            return await self._forward(request, leader, self._forwarder)
+        if leader is not None:
+            return await self._forward(request, leader)
         # This node answers (no leader known any more, or forwarded here; as handle() does).
         status, headers, body = await self._inner.answer(request)
         headers = dict(headers) if headers else {}
@@ -340,7 +356,7 @@ class LeaderFastRoute:
         return status, headers, body
 
     async def _forward(
-        self, request: FastRequest, leader: Endpoint, forwarder: Forwarder
+        self, request: FastRequest, leader: Endpoint
     ) -> tuple[int, dict[str, str] | None, bytes]:
         """What ForwardingMiddleware._forward does, over the forwarder: the client's Authorization,
         X-Request-Id and content type, the query string and the body go to the leader; its status, body and
@@ -364,20 +380,13 @@ class LeaderFastRoute:
             return self._replicator.leader_endpoint() == leader
 
         try:
-            status, answer_headers, body = await forwarder.exchange(leader, raw, still_leader)
+            status, answer_headers, body = await self._forwarder.exchange(leader, raw, still_leader)
         except forwarding.Unreachable as exc:
-            raise errors.Unavailable(
-                f"the leader {leader} could not be reached to forward the request: {str(exc)[:200]}"
-            ) from None
+            raise _unreachable(leader, exc) from None
         except forwarding.NoAnswer:
-            raise errors.Unavailable(
-                f"the leader {leader} did not answer the forwarded request in time"
-            ) from None
+            raise _no_answer(leader) from None
         except forwarding.LeaderLost:
-            raise ForwardOutcomeUnknown(
-                f"the leader {leader} was lost while it handled the forwarded request; it may or may "
-                "not have been applied (retry with the same X-Request-Id)"
-            ) from None
+            raise _leader_lost(leader) from None
         except forwarding.Broken as exc:
             raise ForwardOutcomeUnknown(
                 f"the connection to the leader {leader} broke before its whole answer ({str(exc)[:200]}); the "
@@ -523,11 +532,8 @@ class ForwardingMiddleware:
                 if done:
                     return exchange.result()
                 if self._replicator.leader_endpoint() != leader:
-                    raise ForwardOutcomeUnknown(
-                        f"the leader {leader} was lost while it handled the forwarded request; it may or may "
-                        "not have been applied (retry with the same X-Request-Id)"
-                    )
-            raise errors.Unavailable(f"the leader {leader} did not answer the forwarded request in time")
+                    raise _leader_lost(leader)
+            raise _no_answer(leader)
         finally:
             if exchange.done():
                 # Its outcome was returned or raised above; marked retrieved in case this coroutine was
@@ -557,6 +563,4 @@ class ForwardingMiddleware:
                 out.setdefault(NODE_HEADER, str(leader.node_id))
                 return web.Response(status=resp.status, body=content, headers=out)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise errors.Unavailable(
-                f"the leader {leader} could not be reached to forward the request: {str(exc)[:200]}"
-            ) from None
+            raise _unreachable(leader, exc) from None

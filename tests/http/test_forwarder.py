@@ -169,13 +169,19 @@ async def test_an_answer_with_connection_close_is_not_kept():
         assert lead.connections == 2 and forwarder.idle_connections == 0
 
 
-async def test_a_connection_the_leader_closed_while_idle_is_not_used():
-    async def one_then_close(reader, writer):
+def reply_once(answer: bytes):
+    """A script that answers one request with ``answer`` and closes the connection."""
+
+    async def script(reader, writer) -> None:
         await read_request(reader)
-        writer.write(ANSWER)
+        writer.write(answer)
         await writer.drain()
 
-    async with leader(one_then_close) as lead:
+    return script
+
+
+async def test_a_connection_the_leader_closed_while_idle_is_not_used():
+    async with leader(reply_once(ANSWER)) as lead:
         forwarder = Forwarder(timeout_s=5, watch_s=0.05)
         assert (await forwarder.exchange(lead.endpoint, REQUEST, always))[0] == 200
         await until(lambda: lead.closed == 1)
@@ -237,12 +243,7 @@ async def test_a_large_answer_in_many_pieces_is_read_whole():
     ],
 )
 async def test_an_answer_cut_or_unreadable_breaks_the_exchange_and_the_connection(answer, reason):
-    async def reply_then_close(reader, writer):
-        await read_request(reader)
-        writer.write(answer)
-        await writer.drain()
-
-    async with leader(reply_then_close) as lead:
+    async with leader(reply_once(answer)) as lead:
         forwarder = Forwarder(timeout_s=5, watch_s=0.05)
         with pytest.raises(Broken, match=reason):
             await forwarder.exchange(lead.endpoint, REQUEST, always)
