@@ -178,13 +178,16 @@ def test_sigterm_with_a_backlog_of_slow_queries_exits_in_2_s_and_answers_every_c
     node = c.nodes[c.ips[0]]
 
     def ready() -> bool:
+        # /readyz with its leader check, not ?noleader: the backlog is of weak reads, which this node serves
+        # only once it leads. A node ready but not yet leading answers them 503 not_leader at once, and they
+        # never reach the database queue this test is about.
         try:
-            with urllib.request.urlopen(f"{node.url}/readyz?noleader", timeout=1) as resp:
+            with urllib.request.urlopen(f"{node.url}/readyz", timeout=1) as resp:
                 return resp.status == 200
         except OSError:
             return False
 
-    wait_until(ready, 20, what="the database to be ready", describe=node.tail)
+    wait_until(ready, 20, what="the node to lead with its database ready", describe=node.tail)
     tokens = [auth.mint_jwt(c.jwt_secret, auth.Role.READ, now=time.time(), ttl_s=600 + i) for i in range(3)]
     backlog = [_send_query(node, tokens[i % 2], RUNAWAY_QUERY) for i in range(250)]
     # Barrier: a third client's SELECT 1 is answered once a reader frees; by then the node has parsed the
