@@ -9,6 +9,10 @@ flamegraph.pl or ``--top`` (a short table of the hottest functions, by own and b
     .venv/bin/python bench/replication_profile.py --clients 1,32 --seconds 8
     .venv/bin/python bench/replication_profile.py --clients 32 --py-spy /path/to/py-spy --out /tmp/prof --top
     .venv/bin/python bench/replication_profile.py --clients 32 --via follower   # writes forwarded by a follower
+    .venv/bin/python bench/replication_profile.py --clients 32 --timeline       # latency stage by stage
+
+``--timeline`` installs ``bench/write_timeline.py`` in the nodes and prints, for each client count, where a
+write's latency goes between the request read and the answer written (see that module for the stages).
 
 Every loop is bounded in time; every process started is killed and the data directories removed at the end.
 """
@@ -20,6 +24,7 @@ import asyncio
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cluster_bench as cb  # noqa: E402
+from bench import write_timeline  # noqa: E402
 
 
 def cpu_seconds(pid: int, which: str = "both") -> float:
@@ -62,14 +68,29 @@ def top_functions(raw: Path, limit: int = 25) -> str:
     return "\n".join(lines)
 
 
-async def amain(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    env = {"LOG_LEVEL": "warning", "REPLICATION": "on"}
+    hooks = Path(tempfile.mkdtemp(prefix="write-timeline-"))
+    timeline = hooks / "dumps"
+    if args.timeline:
+        timeline.mkdir()
+        repo = Path(__file__).resolve().parents[1]
+        (hooks / "sitecustomize.py").write_text(write_timeline.sitecustomize_source(repo))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+        env["TN_TIMELINE_DIR"] = str(timeline)
+    try:
+        return asyncio.run(amain(args, env, timeline if args.timeline else None))
+    finally:
+        shutil.rmtree(hooks, ignore_errors=True)
+
+
+async def amain(args: argparse.Namespace, env: dict[str, str], timeline: Path | None) -> int:
     import aiohttp
 
     from node import auth
     from tests.support.cluster import Cluster
 
     out: Path = args.out
-    env = {"LOG_LEVEL": "warning", "REPLICATION": "on"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         with tempfile.TemporaryDirectory() as tmp, Cluster(Path(tmp), size=3, env=env) as c:
             await asyncio.to_thread(c.start_all, cb.FORM_DEADLINE_S)
@@ -121,6 +142,7 @@ async def amain(args: argparse.Namespace) -> int:
                 pids = {ip: node.proc.pid for ip, node in c.nodes.items()}
                 cpu_before = {ip: cpu_seconds(pid) for ip, pid in pids.items()}
                 sys_before = {ip: cpu_seconds(pid, "system") for ip, pid in pids.items()}
+                measured_from = time.time() + args.warmup
                 stats = await cb.drive(session, target, clients, args.warmup, args.seconds, 1_000_000)
                 # CPU per write is what a loaded machine cannot hide: scheduling delays inflate latency, not it.
                 writes = max(1, round(stats.writes_per_s * (args.seconds + args.warmup)))
@@ -140,6 +162,9 @@ async def amain(args: argparse.Namespace) -> int:
                     + ", ".join(f"{k} {v:.2f} ({sys_ms[k]:.2f})" for k, v in cpu_ms.items()),
                     flush=True,
                 )
+                if timeline is not None:
+                    await asyncio.sleep(2 * write_timeline.DUMP_EVERY_S)  # every node's last dump is written
+                    print(_timeline_table(timeline, pids, leader, entry, clients, measured_from), flush=True)
                 for spy, path in spies:
                     try:
                         await asyncio.to_thread(spy.wait, 30)
@@ -153,6 +178,24 @@ async def amain(args: argparse.Namespace) -> int:
                 if isinstance(st, dict):
                     print(ip, json.dumps(st.get("replication_stats")), flush=True)
     return 0
+
+
+def _timeline_table(
+    directory: Path, pids: dict[str, int], leader: str, entry: str, clients: int, since: float
+) -> str:
+    """The leader's stages and turn-around, and every follower's append-to-ack, of the measured period."""
+    dumps = write_timeline.read_dumps(directory)
+    columns = write_timeline.merge([d for d in dumps if d.get("pid") == pids[leader]], since)
+    others = [d for d in dumps if d.get("pid") != pids[leader]]
+    columns[write_timeline.FOLLOWER] = write_timeline.merge(others, since)[write_timeline.FOLLOWER]
+    via = (
+        ""
+        if entry == leader
+        else " (requests forwarded by a follower: the leader's stages start at its read)"
+    )
+    return write_timeline.format_table(
+        write_timeline.summarize(columns), f"write timeline, {clients} clients, on the leader{via}:"
+    )
 
 
 def main() -> int:
@@ -173,9 +216,13 @@ def main() -> int:
         help="send the writes to the leader (default) or to a follower, which forwards them",
     )  # fmt: skip
     parser.add_argument("--top", action="store_true", help="print the hottest functions of each profile")
+    parser.add_argument(
+        "--timeline", action="store_true",
+        help="time each write's stages inside the nodes (bench/write_timeline.py) and print where latency goes",
+    )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(amain(args))
+    return run(args)
 
 
 if __name__ == "__main__":
