@@ -130,7 +130,9 @@ async def load(port: int, pid: int, seconds: float, clients: int) -> tuple[float
     return done / elapsed, cpu / max(1, done) * 1e6
 
 
-def spawn(port: int, leader_port: int | None = None, bare: bool = False, fast: bool = True) -> subprocess.Popen:
+def spawn(
+    port: int, leader_port: int | None = None, bare: bool = False, fast: bool = True
+) -> subprocess.Popen:
     args = [sys.executable, __file__, "--serve", str(port)]
     if leader_port is not None:
         args += ["--leader-port", str(leader_port)]

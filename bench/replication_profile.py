@@ -70,16 +70,17 @@ def top_functions(raw: Path, limit: int = 25) -> str:
 
 def run(args: argparse.Namespace) -> int:
     env = {"LOG_LEVEL": "warning", "REPLICATION": "on"}
+    if not args.timeline:
+        return asyncio.run(amain(args, env, None))
     hooks = Path(tempfile.mkdtemp(prefix="write-timeline-"))
     timeline = hooks / "dumps"
-    if args.timeline:
-        timeline.mkdir()
-        repo = Path(__file__).resolve().parents[1]
-        (hooks / "sitecustomize.py").write_text(write_timeline.sitecustomize_source(repo))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
-        env["TN_TIMELINE_DIR"] = str(timeline)
+    timeline.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    (hooks / "sitecustomize.py").write_text(write_timeline.sitecustomize_source(repo))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH", "")) if p)
+    env["TN_TIMELINE_DIR"] = str(timeline)
     try:
-        return asyncio.run(amain(args, env, timeline if args.timeline else None))
+        return asyncio.run(amain(args, env, timeline))
     finally:
         shutil.rmtree(hooks, ignore_errors=True)
 

@@ -54,7 +54,6 @@ class Follower:
         self.arrived.set()
 
 
-
 async def start_follower(ip: str, identity: str) -> tuple[web.AppRunner, Follower, Endpoint]:
     follower = Follower(identity)
     app = web.Application()

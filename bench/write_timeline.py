@@ -217,9 +217,10 @@ class _Recorder:
                 TURNAROUND: self.turnaround,
                 FOLLOWER: self.follower,
             }
+            rows = len(self.writes) + len(self.turnaround) + len(self.follower)
             self.writes, self.turnaround, self.follower = [], [], []
-            self.kept += sum(len(v) for v in data.values() if isinstance(v, list))
-        if any(isinstance(v, list) and v for v in data.values()):
+            self.kept += rows
+        if rows:
             with self.path.open("a") as out:
                 out.write(json.dumps(data) + "\n")
 
@@ -246,11 +247,7 @@ def install(directory: str | os.PathLike[str]) -> _Recorder:
 
     rec = _Recorder(Path(directory))
     clock, wall = time.perf_counter, time.time
-    found = {(m, c, name): _lookup(m, c, name) for m, c, name in HOOKS}
-
-    def patch(key: tuple[str, str, str], make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-        owner, original = found[key]
-        setattr(owner, key[2], make(original))
+    found = [_lookup(*hook) for hook in HOOKS]  # every one before any is wrapped
 
     def submit(original: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -350,13 +347,9 @@ def install(directory: str | os.PathLike[str]) -> _Recorder:
 
         return wrapped
 
-    patch(HOOKS[0], submit)
-    patch(HOOKS[1], receive)
-    patch(HOOKS[2], send)
-    patch(HOOKS[3], queue_unsynced)
-    patch(HOOKS[4], apply_entries)
-    patch(HOOKS[5], fast_take)
-    patch(HOOKS[6], fast_write)
+    shims = (submit, receive, send, queue_unsynced, apply_entries, fast_take, fast_write)  # HOOKS' order
+    for (_, _, method), (owner, original), make in zip(HOOKS, found, shims, strict=True):
+        setattr(owner, method, make(original))
 
     def dumper() -> None:
         while True:

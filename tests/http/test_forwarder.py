@@ -263,6 +263,17 @@ async def test_a_leader_that_never_answers_ends_in_no_answer_at_the_timeout():
         await until(lambda: lead.closed == 1)  # the connection was closed, not left to answer later
 
 
+async def _leader_lost_once(
+    forwarder: Forwarder, endpoint: Endpoint, reached: asyncio.Event
+) -> asyncio.Future:
+    """An exchange with ``endpoint`` that is followed as leader until ``reached`` is set, and not after."""
+    followed = [True]
+    exchange = asyncio.ensure_future(forwarder.exchange(endpoint, REQUEST, lambda: followed[0]))
+    await asyncio.wait_for(reached.wait(), 5)
+    followed[0] = False
+    return exchange
+
+
 async def test_a_leader_no_longer_followed_ends_the_wait_as_leader_lost():
     arrived = asyncio.Event()
 
@@ -271,12 +282,9 @@ async def test_a_leader_no_longer_followed_ends_the_wait_as_leader_lost():
         arrived.set()
         await reader.read(1)
 
-    followed = [True]
     async with leader(silent) as lead:
         forwarder = Forwarder(timeout_s=30, watch_s=0.05)
-        exchange = asyncio.ensure_future(forwarder.exchange(lead.endpoint, REQUEST, lambda: followed[0]))
-        await asyncio.wait_for(arrived.wait(), 5)
-        followed[0] = False
+        exchange = await _leader_lost_once(forwarder, lead.endpoint, arrived)
         with pytest.raises(fw.LeaderLost):
             await asyncio.wait_for(exchange, 5)  # liveness: long before the 30 s timeout
         await until(lambda: lead.closed == 1)  # its connection is not kept for another request
@@ -300,15 +308,9 @@ async def test_a_connection_attempt_to_a_lost_leader_ends_when_it_is_no_longer_f
         started.set()
         await asyncio.sleep(30)
 
-    followed = [True]
     forwarder = Forwarder(timeout_s=30, watch_s=0.05)
-    loop = asyncio.get_running_loop()
-    monkeypatch.setattr(loop, "create_connection", never_connects)
-    exchange = asyncio.ensure_future(
-        forwarder.exchange(Endpoint("127.0.0.1", 9), REQUEST, lambda: followed[0])
-    )
-    await asyncio.wait_for(started.wait(), 5)
-    followed[0] = False
+    monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", never_connects)
+    exchange = await _leader_lost_once(forwarder, Endpoint("127.0.0.1", 9), started)
     with pytest.raises(fw.Unreachable, match="lost before a connection"):
         await asyncio.wait_for(exchange, 5)  # liveness: long before the 30 s timeout
     assert forwarder.has_room() and forwarder._busy == 0
