@@ -333,7 +333,9 @@ def apply(ops: Ops, entries: Sequence[Entry]) -> Group:
                 break
             fixed[lost.where] = lost.fixed
         if retries is None:
-            retries = 1 + sum(len(c.write.statements) + (c.load is not None) for e in entries for c in e.commands)
+            retries = 1 + sum(
+                len(c.write.statements) + (c.load is not None) for e in entries for c in e.commands
+            )
         retries -= 1
         if retries < 0:
             break
@@ -408,8 +410,13 @@ def _command(
     key = (command.client, command.request_id)
     want = digest(command) if command.request_id is not None else b""
     if command.request_id is not None:
+        # Only the IDs inside the window as of this command: the group's end prunes the older ones, and
+        # without this bound a group would still see them where a group ending just before it would not,
+        # so replicas that group entries differently (a follower gathers larger runs) could disagree.
         rows = ops.internal(
-            f"SELECT idx, digest, results FROM {REQUESTS_TABLE} WHERE client = ? AND request_id = ?", key
+            f"SELECT idx, digest, results FROM {REQUESTS_TABLE} WHERE client = ? AND request_id = ? "
+            "AND seq > ?",
+            (*key, seq - REQUEST_ID_WINDOW),
         )
         if rows:
             if isinstance(command.load, LoadEnd):
@@ -436,8 +443,8 @@ def _command(
     data = r.encode_results(results)
     if len(data) > MAX_KEPT_RESULT_BYTES:
         data = r.encode_results([_without_rows(x) for x in results])
-    ops.internal(
-        f"INSERT INTO {REQUESTS_TABLE}(client, request_id, idx, seq, digest, results) "
+    ops.internal(  # REPLACE: a row of the same ID still there is outside the window (pruned at the group's end)
+        f"INSERT OR REPLACE INTO {REQUESTS_TABLE}(client, request_id, idx, seq, digest, results) "
         "VALUES(?, ?, ?, ?, ?, ?)",
         (*key, index, seq + 1, want, data),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -184,18 +185,25 @@ async def _grouped_and_alone(base, commands) -> tuple[list, list]:
 
 COMMANDS = st.lists(
     st.tuples(
-        st.lists(st.sampled_from(STATEMENTS), min_size=1, max_size=4), st.booleans(), st.integers(0, 3)
+        st.lists(st.sampled_from(STATEMENTS), min_size=1, max_size=4),
+        st.booleans(),
+        st.integers(0, 3),
+        st.none() | st.sampled_from(("a", "b", "c")),  # request IDs: retries, reuses, and a window of 1
     ),
     min_size=1,
-    max_size=6,
+    max_size=8,
 )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(commands=COMMANDS)
 def test_a_group_gives_each_command_what_it_would_get_alone(tmp_path_factory, commands):
-    built = [_command(sqls, transaction=tx, seed=seed) for sqls, tx, seed in commands]
-    grouped, alone = asyncio.run(_grouped_and_alone(tmp_path_factory.mktemp("group"), built))
+    built = [
+        _command(sqls, transaction=tx, seed=seed, client="c", request_id=rid)
+        for sqls, tx, seed, rid in commands
+    ]
+    with mock.patch.object(sm, "REQUEST_ID_WINDOW", 1):
+        grouped, alone = asyncio.run(_grouped_and_alone(tmp_path_factory.mktemp("group"), built))
     assert grouped == alone
 
 
@@ -292,6 +300,33 @@ async def test_request_ids_are_forgotten_in_apply_order_beyond_the_window(tmp_pa
         assert kept.duplicate and kept.index == 6
     finally:
         await database.close()
+
+
+async def test_the_request_id_window_does_not_depend_on_how_entries_are_grouped(tmp_path, monkeypatch):
+    """A retry just past the window: forgotten whether the entries before it were applied one by one (each
+    group prunes the window at its end) or together with it in one group (pruned only after it)."""
+    monkeypatch.setattr(sm, "REQUEST_ID_WINDOW", 3)
+    entries = [
+        sm.Entry(2 + i, (_command([f"INSERT INTO t VALUES ({i})"], client="c", request_id=f"id{i}"),))
+        for i in range(5)
+    ]
+    entries += [
+        sm.Entry(7, (_command(["INSERT INTO t VALUES (0)"], client="c", request_id="id0"),)),  # forgotten
+        sm.Entry(8, (_command(["INSERT INTO t VALUES (4)"], client="c", request_id="id4"),)),  # kept
+    ]
+    seen = []
+    for grouping in ([entries], [[e] for e in entries]):
+        database = await _fresh(tmp_path / f"g{len(grouping)}")
+        try:
+            outcomes = [o for group in grouping for o in await database.apply_entries(group)]
+            seen.append(([(a.duplicate, a.index, _timeless(a.results)) for o in outcomes for a in o],
+                         await _state(database)))  # fmt: skip
+        finally:
+            await database.close()
+    assert seen[0] == seen[1]
+    forgotten, kept = seen[0][0][5:]
+    assert not forgotten[0] and "UNIQUE constraint failed" in forgotten[2][0].error
+    assert kept[:2] == (True, 6)
 
 
 async def test_user_sql_cannot_touch_the_nodes_own_tables(tmp_path):
