@@ -124,6 +124,12 @@ MAX_APPLY_RUN_BYTES = 8 << 20
 # on a machine the nodes share is CPU taken from the leader's critical path (see _gather_applies).
 FOLLOWER_APPLY_BATCH = 64
 FOLLOWER_APPLY_DELAY_S = 0.02
+# A leader runs its own entries in SQLite while their Append is on its way (see _stage_sent), and only
+# COMMITs that transaction once the log has committed them: the apply overlaps the followers' round trip.
+STAGE_OWN_ENTRIES = True
+# When the log has committed only the first entries of a staged group (the leader's own fsync or an ack
+# covered part of it), the applier waits this long at most for the rest before it applies them as usual.
+STAGED_WAIT_S = 0.02
 LOG_READ_BYTES = 4 << 20
 APPLY_RETRY_S = 0.5
 APPLY_FAILURE_LOG_S = 30.0  # the same apply failure is logged again at most this often (it is retried)
@@ -251,6 +257,17 @@ class _Waiter:
     command: statemachine.Command | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A leader's own entries run in a transaction left open (Database.stage_entries): committed only if the
+    log commits entries holding these very payloads at these indices, right after the applied index."""
+
+    token: object
+    first: int
+    payloads: tuple[bytes, ...]
+    outcomes: tuple[tuple[Applied, ...], ...]
+
+
 class Replicator:
     def __init__(
         self,
@@ -325,6 +342,10 @@ class Replicator:
         self._apply_wake = asyncio.Event()
         self._apply_room = asyncio.Event()
         self._apply_room.set()
+        self._sent_through = 0  # the highest index this node has sent in an Append (as leader)
+        self._staged: _Staged | None = None
+        self._staged_wait_until: float | None = None  # loop time: a partly committed staged group waits
+        self._stage_refused_at = 0  # staging from this index gave nothing: not tried again there
         # Pipelined Readys waiting for their writes, in order (the completer's queue), and what it feeds back.
         self._unsynced: collections.deque[_Unsynced] = collections.deque()
         self._unsynced_wake = asyncio.Event()
@@ -357,7 +378,10 @@ class Replicator:
             log_segment_bytes=log_segment_bytes, read_bytes=LOG_READ_BYTES, adopt=self._adopt_storage,
             hold=self._set_rejoin_only,
         )  # fmt: skip
-        self.stats = {"dropped_inbox": 0, "apply_failures": 0, "unroutable": 0}
+        self.stats = {
+            "dropped_inbox": 0, "apply_failures": 0, "unroutable": 0,
+            "staged": 0, "staged_committed": 0, "staged_dropped": 0,
+        }  # fmt: skip
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
         # Staged SQLite-file loads (applying, fetching a missed file, staging, pruning): see
         # node.replication.file_loads.
@@ -947,6 +971,7 @@ class Replicator:
         self._waiters.clear()
         self._by_index.clear()
         self._confirmed.clear()
+        self._staged = None  # rolled back by the next job on the writer
         await self.database._write(lambda job: statemachine.set_applied(self.database._ops(job), 0))
         await asyncio.to_thread(_remove_durably, self.data_dir / REPLICATION_STATE_FILE)
         await self.snapshots.forget_all()
@@ -1131,6 +1156,11 @@ class Replicator:
         endpoint = self.endpoint_of(send.to)
         if endpoint is not None:
             self.transport.send(endpoint, send.message, send.cluster)
+            message = send.message
+            if type(message) is msg.Append and message.entries:
+                self._sent_through = max(self._sent_through, message.entries[-1].index)
+                if self._staged is None:
+                    self._apply_wake.set()  # the applier may stage them (_stage_sent)
         else:
             self.stats["unroutable"] += 1  # no address known for that identity yet: the core resends
 
@@ -1293,6 +1323,7 @@ class Replicator:
         self._waiters.clear()
         self._by_index.clear()
         self._confirmed.clear()
+        self._staged = None  # rolled back by the next job on the writer
         self._submits.clear()
         self._reads.clear()
         await self._drain()
@@ -1435,8 +1466,12 @@ class Replicator:
     async def _applier(self) -> None:
         while True:
             if not self._apply_queue:
+                if self._staged is None and await self._stage_sent():
+                    continue
                 self._apply_wake.clear()
                 await self._apply_wake.wait()
+                continue
+            if self._staged is not None and await self._finish_staged():
                 continue
             if self._apply_may_wait():
                 await self._gather_applies()
@@ -1475,6 +1510,110 @@ class Replicator:
                     )  # fmt: skip
                 self._apply_queue.extendleft(reversed(run))
                 await asyncio.sleep(APPLY_RETRY_S)
+
+    def _stageable(self) -> list[tuple[int, bytes, statemachine.Command]]:
+        """The entries a leader may stage now: its own plain writes right after the applied index, as far as
+        they are sent in an Append (those commit together; staging one not yet sent would hold the answers
+        of the ones before it until it commits too). Stops at anything else (a load, a configuration entry,
+        another node's entry), which is applied after its commit as usual."""
+        s = self.state
+        first = self.applied_index + 1
+        if (
+            not STAGE_OWN_ENTRIES or s is None or s.role != machine.LEADER or not s.writable
+            or first > self._sent_through or first == self._stage_refused_at
+        ):  # fmt: skip
+            return []
+        picked: list[tuple[int, bytes, statemachine.Command]] = []
+        size = 0
+        index = first
+        last = min(self._sent_through, first + MAX_APPLY_RUN - 1)
+        while index <= last and size < MAX_APPLY_RUN_BYTES:
+            held = self._by_index.get(index)
+            if held is None:
+                break
+            waiter = held[1]
+            command, payload = waiter.command, waiter.payload
+            if waiter.kind is not msg.Kind.COMMAND or command is None or payload is None:
+                break
+            if command.load is not None:
+                break
+            picked.append((index, payload, command))
+            size += len(payload)
+            index += 1
+        return picked
+
+    async def _stage_sent(self) -> bool:
+        """Leader, nothing committed waiting: run the entries ``_stageable`` picks in a transaction left open
+        (see Database.stage_entries), so that their apply overlaps the followers' round trip and only the
+        COMMIT waits for the log's commit. True if something was staged."""
+        picked = self._stageable()
+        if not picked:
+            return False
+        first = picked[0][0]
+        try:
+            staged = await self.database.stage_entries([statemachine.Entry(i, (c,)) for i, _, c in picked])
+        except (errors.NodeError, OSError, ApplyFailed):
+            staged = None  # applied after the commit instead, where a failure is retried and reported
+        if staged is None:
+            self._stage_refused_at = first
+            return False
+        self.stats["staged"] += 1
+        token, outcomes = staged
+        self._staged = _Staged(token, first, tuple(p for _, p, _ in picked), tuple(outcomes))
+        return True
+
+    async def _finish_staged(self) -> bool:
+        """Committed entries wait and a group is staged: COMMIT it if they begin with exactly its entries
+        (same indices, the very payloads it ran), answer them, and return True; otherwise forget it (the
+        next apply rolls it back on the writer) and return False, and the entries are applied as usual."""
+        staged = self._staged
+        assert staged is not None
+        self._staged = None
+        queue = self._apply_queue
+        count = len(staged.payloads)
+        head = itertools.islice(queue, count)  # it may hold fewer: see below
+        if staged.first != self.applied_index + 1 or any(
+            e.index != staged.first + k or e.payload is not p
+            for k, (e, p) in enumerate(zip(head, staged.payloads, strict=False))
+        ):
+            self.stats["staged_dropped"] += 1
+            self._staged_wait_until = None
+            return False
+        if len(queue) < count:
+            # Only its first entries are committed yet; the rest were sent with them and commit at the
+            # next ack or fsync, unless this node stops leading: then, or after STAGED_WAIT_S, apply as usual.
+            s, now = self.state, asyncio.get_running_loop().time()
+            if self._staged_wait_until is None:
+                self._staged_wait_until = now + STAGED_WAIT_S
+            if s is None or s.role != machine.LEADER or not s.writable or now >= self._staged_wait_until:
+                self.stats["staged_dropped"] += 1
+                self._staged_wait_until = None
+                return False
+            self._staged = staged
+            self._apply_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._staged_wait_until - now):
+                    await self._apply_wake.wait()
+            return True
+        self._staged_wait_until = None
+        run = [queue.popleft() for _ in range(count)]
+        self._apply_room.set()
+        self.snapshots.record_configs(run)
+        try:
+            committed = await self.database.commit_staged(staged.token)
+        except (errors.NodeError, OSError, ApplyFailed):
+            committed = False  # nothing applied: applied as usual, where a failure is retried and reported
+        if not committed:
+            self.stats["staged_dropped"] += 1
+            queue.extendleft(reversed(run))
+            return False
+        self.stats["staged_committed"] += 1
+        self.applied_index = max(self.applied_index, run[-1].index)
+        for entry, outcome in zip(run, staged.outcomes, strict=True):
+            self._answer_applied(entry, outcome[0])
+        self._serve_confirmed()
+        await self._prune_staged_loads()
+        return True
 
     async def _apply_run(self, run: list[msg.Entry], size: int) -> int:
         """Apply the run (or its first part, up to a file load, or the file load alone); returns how many of

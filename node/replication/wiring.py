@@ -180,7 +180,9 @@ class Replication:
             # Identities removed by DELETE /cluster/voters and not re-added while they stay in the view.
             "removed_identities": sorted(status.removed),
             # Counters for operators: messages dropped by a full inbox or peer queue, failed peer batches,
-            # sends to identities with no known address, apply attempts that failed and are being retried.
+            # sends to identities with no known address, apply attempts that failed and are being retried,
+            # groups a leader staged (applied before their commit, see Replicator._stage_sent), committed
+            # and dropped.
             "replication_stats": {
                 **self.replicator.stats,
                 **(self.replicator.transport.stats if self.replicator.transport is not None else {}),

@@ -251,6 +251,10 @@ class _Slot:
                 conn.interrupt()  # thread-safe by SQLite's contract
 
 
+# A staged group (Database.stage_entries): its token and, per entry, its commands' outcomes.
+Staged = tuple[object, list[tuple[Applied, ...]]]
+
+
 class Database:
     def __init__(
         self,
@@ -300,6 +304,10 @@ class Database:
         self.sqlite_version = apsw.sqlite_lib_version()
         # Why the last apply was refused (a command of another SQLite version); None once one applies.
         self.apply_refused: str | None = None
+        # The group stage_entries left open on the writer (its token), or None. Writer thread only: every
+        # other writer job rolls it back before it runs (_run_job), so nothing ever runs inside it.
+        self._staged: object | None = None
+        self._staged_ok = False  # a statement of the staged group succeeded (a full disk has room again)
 
     # --- life cycle (event loop side) ----------------------------------------------------------------------
 
@@ -575,6 +583,8 @@ class Database:
         if job.timeout_s:
             job.deadline = time.monotonic() + job.timeout_s
         try:
+            if slot.writer and self._staged is not None and fn != self._commit_staged:
+                self._drop_staged()
             result = fn(job, *args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting handler, which maps it
             job.settle(exc=_settled_error(exc))
@@ -615,6 +625,24 @@ class Database:
         already durable in the log and will be applied (see node.service). ``starting``: during the replay
         at start, before the database serves."""
         return await self._write(self._apply_entries, tuple(entries), starting=starting)
+
+    async def stage_entries(self, entries: Sequence[Entry]) -> Staged | None:
+        """Run log entries not yet committed, the ones right after the applied index, in one transaction left
+        open (:func:`node.storage.statemachine.stage`): a token and per entry its commands' outcomes, or None
+        when nothing is left open (not the next entries, a local failure: the entries are then applied the
+        usual way once committed). At most one group is staged: staging another, or any other write job,
+        rolls it back first. Nothing of it is visible before :meth:`commit_staged`."""
+        return await self._write(self._stage_entries, tuple(entries))
+
+    async def commit_staged(self, token: object) -> bool:
+        """COMMIT the group staged under ``token``, once the log has committed exactly its entries; False if
+        it is no longer open (another write job rolled it back: apply its entries the usual way). Raises
+        :class:`ApplyFailed` if the COMMIT fails (nothing applied)."""
+        return await self._write(self._commit_staged, token)
+
+    async def drop_staged(self) -> None:
+        """Roll back a staged group (the entries it ran will not commit as they are)."""
+        await self._write(lambda job: None)  # any writer job other than a commit rolls it back first
 
     async def applied_index(self, *, starting: bool = False) -> int:
         """The index of the last entry applied (0 for none), as stored with the data."""
@@ -798,10 +826,13 @@ class Database:
     def _close_writer(self) -> None:
         """Writer thread: close the write connection. As the last connection to the file, its close
         checkpoints the WAL into node.db and deletes it: a stop and a swap (:meth:`_replace_file`) rely on
-        that, so an interrupt left pending by :meth:`begin_shutdown` is cleared first."""
+        that, so an interrupt left pending by :meth:`begin_shutdown` is cleared first (and a staged group is
+        rolled back: its entries are in the log)."""
         if self._writer is not None:
             if self._writer.conn is not None:
                 _clear_interrupt(self._writer.conn)
+                with contextlib.suppress(apsw.Error):
+                    self._drop_staged()
             _close_conn(self._writer)
         if self._clock_db is not None:
             self._clock_db.close()
@@ -1012,6 +1043,52 @@ class Database:
         elif any(x.ok for entry in done.outcomes if entry for a in entry for x in a.results):
             self.disk_full = False
         return list(done.outcomes)
+
+    def _stage_entries(self, job: _Job, entries: tuple[Entry, ...]) -> Staged | None:
+        """On the writer thread: see :meth:`stage_entries`."""
+        slot = self._writer
+        assert slot is not None
+        slot.full = False
+        self._refuse_foreign_version(entries)
+        try:
+            staged = statemachine.stage(self._ops(job), entries)
+        except apsw.Error as exc:
+            if isinstance(exc, apsw.InterruptError) and self._closing:
+                raise _ShuttingDown() from None
+            return None  # rolled back; the entries are applied after their commit, where a failure is retried
+        finally:
+            self._stamp(None, None)
+        if staged is None:
+            return None
+        token = self._staged = object()
+        self._staged_ok = any(x.ok for entry in staged for a in entry for x in a.results)
+        return token, list(staged)
+
+    def _commit_staged(self, job: _Job, token: object) -> bool:
+        """On the writer thread: see :meth:`commit_staged`."""
+        slot = self._writer
+        assert slot is not None and slot.conn is not None
+        if self._staged is not token or not slot.conn.in_transaction:
+            self._drop_staged()
+            return False
+        self._staged = None
+        try:
+            statemachine.commit_staged(self._ops(job))
+        except apsw.Error as exc:
+            self.disk_full = self.disk_full or slot.full or is_disk_full(exc)
+            raise ApplyFailed(f"applying the log failed: COMMIT failed: {_message(exc)}") from None
+        if slot.full:
+            self.disk_full = True
+        elif self._staged_ok:
+            self.disk_full = False
+        return True
+
+    def _drop_staged(self) -> None:
+        """On the writer thread: roll back the staged group, if any."""
+        self._staged = None
+        slot = self._writer
+        if slot is not None:
+            self._rollback_if_open(slot)
 
     def _take_followers(self, job: _Job) -> list[_Job]:
         """The entry jobs queued right after ``job`` (up to a barrier: any other write job), now started."""

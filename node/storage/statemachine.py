@@ -323,11 +323,47 @@ def apply(ops: Ops, entries: Sequence[Entry]) -> Group:
     write cannot be separated. When the COMMIT itself fails nothing was applied and every statement's
     result says it was rolled back; an exception from ``ops`` (shutdown) propagates, nothing applied.
     """
+    group = _run_group(ops, entries, commit=True)
+    assert isinstance(group, Group)
+    return group
+
+
+def stage(ops: Ops, entries: Sequence[Entry]) -> tuple[tuple[Applied, ...], ...] | None:
+    """Run ``entries`` as :func:`apply` would, but leave their transaction open, uncommitted: per entry its
+    commands' outcomes, or None (nothing left open) unless the first entry is the one right after the
+    applied index.
+
+    A leader runs its own entries this way while their Append is on its way to the followers, and commits
+    (:func:`commit_staged`) once the log has committed exactly these entries, or rolls back. The outcomes
+    are the ones :func:`apply` gives the same entries: both run them on the same state (the applied index
+    is checked inside the transaction), and an entry's outcome does not depend on how entries are grouped
+    (see ``test_a_group_gives_each_command_what_it_would_get_alone``). Nothing of a staged group is visible
+    to another connection before its COMMIT.
+    """
+    if not entries:
+        return None
+    out = _run_group(ops, entries, commit=False)
+    assert not isinstance(out, Group)
+    return out
+
+
+def commit_staged(ops: Ops) -> None:
+    """COMMIT the group :func:`stage` left open; raises (and rolls back: nothing applied) if it fails."""
+    try:
+        ops.internal("COMMIT")
+    finally:
+        if ops.in_transaction():
+            ops.internal("ROLLBACK")
+
+
+def _run_group(
+    ops: Ops, entries: Sequence[Entry], *, commit: bool
+) -> Group | tuple[tuple[Applied, ...], ...] | None:
     fixed: dict[tuple[int, int, int], Fixed] = {}
     retries: int | None = None  # counted at the first retry only: most groups never need one
     while True:
         try:
-            return _attempt(ops, entries, fixed)
+            return _attempt(ops, entries, fixed, commit=commit)
         except _Lost as lost:
             if lost.where in fixed:  # cannot happen: a fixed statement does not run again
                 break
@@ -352,11 +388,15 @@ class _Lost(Exception):
 
 
 def _attempt(
-    ops: Ops, entries: Sequence[Entry], fixed: dict[tuple[int, int, int], Fixed]
-) -> list[list[Applied] | None]:
+    ops: Ops, entries: Sequence[Entry], fixed: dict[tuple[int, int, int], Fixed], *, commit: bool
+) -> Group | tuple[tuple[Applied, ...], ...] | None:
+    """One try at the group; ``commit`` False: :func:`stage`'s, which leaves the transaction open on success."""
     ops.internal("BEGIN IMMEDIATE")
+    keep_open = False
     try:
         applied = _schema_and_applied(ops)
+        if not commit and applied != entries[0].index - 1:
+            return None  # not the next entries: staging them would not give apply's outcomes
         out: list[list[Applied] | None] = []
         # The highest request-ID sequence number, read only once a command of the group names a request ID
         # (None: none did, nothing is recorded, and the window's DELETE below would find nothing new).
@@ -379,6 +419,9 @@ def _attempt(
         if seq is not None and seq > REQUEST_ID_WINDOW:
             ops.internal(f"DELETE FROM {REQUESTS_TABLE} WHERE seq <= ?", (seq - REQUEST_ID_WINDOW,))
         set_applied(ops, applied)
+        if not commit:
+            keep_open = True
+            return tuple(tuple(o) for o in out if o is not None)
         try:
             ops.internal("COMMIT")
         except Exception as exc:  # noqa: BLE001 - a failed COMMIT is every command's answer
@@ -395,7 +438,7 @@ def _attempt(
             return Group(failed_outcomes, False, exc)
         return Group(tuple(None if o is None else tuple(o) for o in out), True)
     finally:
-        if ops.in_transaction():
+        if not keep_open and ops.in_transaction():
             ops.internal("ROLLBACK")
 
 

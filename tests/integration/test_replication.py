@@ -100,6 +100,55 @@ def test_three_nodes_form_one_cluster_and_a_write_through_a_follower_reaches_eve
     assert status == 301 and headers["Location"].startswith(base(c, highest))
 
 
+def test_concurrent_writes_through_the_leader_are_staged_and_every_node_ends_identical(make_cluster):
+    """The leader runs its own writes while their Append travels (staged) and commits them after the log
+    did; each client gets its own statement's result, and every node holds the same rows, including values
+    only the leader's stamp decides (random())."""
+    c: Cluster = make_cluster(env=ENV)
+    form(c)
+    tok = token(c)
+    highest = c.ips[-1]
+    wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
+    leader = base(c, highest)
+    assert call(f"{leader}/db/execute", [["CREATE TABLE t (v INTEGER UNIQUE, r INTEGER)"]], tok)[0] == 200
+    answers: dict[int, tuple[int, dict]] = {}
+
+    def client(k: int) -> None:
+        for n in range(25):  # bounded: 8 clients x 25 writes, one duplicate each
+            v = k * 100 + n
+            status, _, body = call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?, random())", v]], tok)
+            answers[v] = (status, body)
+        status, _, body = call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?, 0)", k * 100]], tok)
+        answers[-1 - k] = (status, body)
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    for v, (status, body) in answers.items():
+        assert status == 200, (v, body)
+        result = body["results"][0]
+        if v >= 0:
+            assert result.get("rows_affected") == 1 and "error" not in result, (v, result)
+        else:
+            assert "UNIQUE constraint failed" in result["error"], (
+                v,
+                result,
+            )  # its own failure, no one else's
+    stats = c.nodes[highest].status()["replication_stats"]
+    assert stats["staged_committed"] > 0, stats
+
+    def rows(ip: str) -> list | None:
+        status, _, body = call(f"{base(c, ip)}/db/query?level=none&q=SELECT+v,r+FROM+t+ORDER+BY+v", token=tok)
+        return body["results"][0].get("values") if status == 200 else None
+
+    wait_until(lambda: len(rows(highest) or []) == 200, 10, what="200 rows on the leader")
+    for ip in c.ips:
+        wait_until(lambda ip=ip: rows(ip) == rows(highest), 10, what=f"the leader's rows on {ip}")
+
+
 def test_kill_9_of_the_leader_under_writes_loses_no_acknowledged_write(make_cluster):
     c: Cluster = make_cluster(env=ENV)
     form(c)

@@ -183,6 +183,23 @@ async def _grouped_and_alone(base, commands) -> tuple[list, list]:
         await alone.close()
 
 
+async def _staged_then_committed(base, commands) -> tuple[list, list, list]:
+    """Per command its results and the final state, staged (one entry per command) then committed; and the
+    state another connection saw while the group was staged."""
+    database = await _fresh(base / "staged")
+    try:
+        before = await _state(database)
+        token, outcomes = await database.stage_entries(
+            [sm.Entry(2 + i, (command,)) for i, command in enumerate(commands)]
+        )
+        during = await _state(database)  # a reader: nothing staged is visible
+        assert await database.commit_staged(token)
+        assert await database.applied_index() == 1 + len(commands)
+        return [_timeless(o.results) for (o,) in outcomes] + [await _state(database)], during, before
+    finally:
+        await database.close()
+
+
 COMMANDS = st.lists(
     st.tuples(
         st.lists(st.sampled_from(STATEMENTS), min_size=1, max_size=4),
@@ -204,7 +221,53 @@ def test_a_group_gives_each_command_what_it_would_get_alone(tmp_path_factory, co
     ]
     with mock.patch.object(sm, "REQUEST_ID_WINDOW", 1):
         grouped, alone = asyncio.run(_grouped_and_alone(tmp_path_factory.mktemp("group"), built))
+        staged, during, before = asyncio.run(_staged_then_committed(tmp_path_factory.mktemp("staged"), built))
     assert grouped == alone
+    assert staged == alone  # a leader's staged group answers and stores what an apply after commit would
+    assert during == before
+
+
+async def test_any_other_write_rolls_a_staged_group_back(tmp_path):
+    database = await _fresh(tmp_path)
+    try:
+        token, _ = await database.stage_entries([sm.Entry(2, (_command(["INSERT INTO t VALUES (7)"]),))])
+        # Another leader's entry 2 committed instead (this node lost the lead): applied as usual.
+        (other,) = await database.apply(2, [_command(["INSERT INTO t VALUES (8)"])])
+        assert other.results[0].ok
+        assert not await database.commit_staged(token)  # rolled back: nothing of it was applied
+        assert (await _state(database))[0] == [[8]]
+        assert await database.applied_index() == 2
+    finally:
+        await database.close()
+
+
+async def test_staging_runs_only_the_entries_right_after_the_applied_index(tmp_path):
+    database = await _fresh(tmp_path)
+    try:
+        insert = _command(["INSERT INTO t VALUES (7)"])
+        assert await database.stage_entries([sm.Entry(3, (insert,))]) is None  # entry 2 is not applied
+        assert await database.stage_entries([sm.Entry(1, (insert,))]) is None  # applied already
+        token, _ = await database.stage_entries([sm.Entry(2, (insert,))])
+        again, _ = await database.stage_entries([sm.Entry(2, (insert,))])  # replaces the first
+        assert await database.commit_staged(again)
+        assert not await database.commit_staged(token)  # replaced, so rolled back: never committed
+        assert (await _state(database))[0] == [[7]]
+        assert await database.applied_index() == 2
+    finally:
+        await database.close()
+
+
+async def test_a_staged_group_is_gone_after_a_close(tmp_path):
+    database = await _fresh(tmp_path)
+    await database.stage_entries([sm.Entry(2, (_command(["INSERT INTO t VALUES (7)"]),))])
+    await database.close()
+    database = Database(tmp_path, limits=Limits(write_step_budget=200_000), queue_size=64)
+    await database.open()
+    try:
+        assert await database.applied_index() == 1
+        assert (await _state(database))[0] == []
+    finally:
+        await database.close()
 
 
 async def test_concurrent_entries_are_grouped_and_applied_in_order(tmp_path):
