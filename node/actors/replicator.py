@@ -1618,7 +1618,6 @@ class Replicator:
     async def _apply_run(self, run: list[msg.Entry], size: int) -> int:
         """Apply the run (or its first part, up to a file load, or the file load alone); returns how many of
         its entries were applied: the caller queues the others again, in order."""
-        commands_of: list[tuple[msg.Entry, int]] = []  # (entry, number of commands)
         # The commands this node submitted itself are known (see _own_command); only the others are decoded.
         decoded: list[statemachine.Command | None] = [self._own_command(e) for e in run]
         missing = [i for i, e in enumerate(run) if e.kind is msg.Kind.COMMAND and decoded[i] is None]
@@ -1641,23 +1640,19 @@ class Replicator:
             return 1
         if file_at is not None:
             run, decoded = run[:file_at], decoded[:file_at]
-        commands = [c for c in decoded if c is not None]
         # Before the apply: a snapshot copied right after it must find the configuration of its index.
         self.snapshots.record_configs(run)
-        for entry, command in zip(run, decoded, strict=True):
-            commands_of.append((entry, 0 if command is None else 1))
-        last = run[-1].index
+        # One statemachine entry per log entry, at its own index (a configuration entry has no command): a
+        # command's outcome and its stored request ID name the index of its own entry, on every replica
+        # however it groups its runs, as a leader's staged group does (_stage_sent).
         # apply_entries raises (ApplyFailed) when the COMMIT fails: the run is retried, never answered as
         # rolled back while its entries are committed in the log (a restart would apply them after all).
-        (outcomes,) = await self.database.apply_entries([statemachine.Entry(last, tuple(commands))])
-        self.applied_index = max(self.applied_index, last)
-        position = 0
-        for entry, count in commands_of:
-            outcome = None
-            if count:
-                outcome = outcomes[position] if outcomes is not None else None
-                position += 1
-            self._answer_applied(entry, outcome)
+        outcomes = await self.database.apply_entries(
+            [statemachine.Entry(e.index, () if c is None else (c,)) for e, c in zip(run, decoded, strict=True)]
+        )
+        self.applied_index = max(self.applied_index, run[-1].index)
+        for entry, command, outcome in zip(run, decoded, outcomes, strict=True):
+            self._answer_applied(entry, outcome[0] if command is not None and outcome else None)
         self._serve_confirmed()
         return len(run)
 

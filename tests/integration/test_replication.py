@@ -111,15 +111,17 @@ def test_concurrent_writes_through_the_leader_are_staged_and_every_node_ends_ide
     wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
     leader = base(c, highest)
     assert call(f"{leader}/db/execute", [["CREATE TABLE t (v INTEGER UNIQUE, r INTEGER)"]], tok)[0] == 200
-    answers: dict[int, tuple[int, dict]] = {}
+    answers: dict[int, tuple[int, dict, Any]] = {}
 
     def client(k: int) -> None:
         for n in range(25):  # bounded: 8 clients x 25 writes, one duplicate each
             v = k * 100 + n
-            status, _, body = call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?, random())", v]], tok)
-            answers[v] = (status, body)
-        status, _, body = call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?, 0)", k * 100]], tok)
-        answers[-1 - k] = (status, body)
+            status, headers, body = call(
+                f"{leader}/db/execute", [["INSERT INTO t VALUES (?, random())", v]], tok
+            )
+            answers[v] = (status, body, headers)
+        status, headers, body = call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?, 0)", k * 100]], tok)
+        answers[-1 - k] = (status, body, headers)
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(8)]
     for t in threads:
@@ -127,7 +129,7 @@ def test_concurrent_writes_through_the_leader_are_staged_and_every_node_ends_ide
     for t in threads:
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
-    for v, (status, body) in answers.items():
+    for v, (status, body, _) in answers.items():
         assert status == 200, (v, body)
         result = body["results"][0]
         if v >= 0:
@@ -137,6 +139,8 @@ def test_concurrent_writes_through_the_leader_are_staged_and_every_node_ends_ide
                 v,
                 result,
             )  # its own failure, no one else's
+    # Each write names the index of its own log entry: 208 writes, 208 indices.
+    assert len({int(headers["X-TalentNest-Index"]) for _, _, headers in answers.values()}) == len(answers)
     stats = c.nodes[highest].status()["replication_stats"]
     assert stats["staged_committed"] > 0, stats
 

@@ -105,9 +105,8 @@ class RecordingDatabase:
         self.applied: list[tuple[int, tuple[Command, ...]]] = []
 
     async def apply_entries(self, entries):
-        (entry,) = entries
-        self.applied.append((entry.index, entry.commands))
-        return [tuple(Applied((), entry.index) for _ in entry.commands)]
+        self.applied.extend((entry.index, entry.commands) for entry in entries)
+        return [tuple(Applied((), entry.index) for _ in entry.commands) for entry in entries]
 
 
 def _counting_decode(monkeypatch) -> list[bytes]:
@@ -152,10 +151,10 @@ async def test_the_applier_uses_the_command_only_for_the_very_payload_submitted(
         run = [msg.Entry(1, 2, msg.Kind.COMMAND, mine_payload), msg.Entry(2, 3, msg.Kind.COMMAND, copy)]
         assert await r._apply_run(run, sum(len(e.payload) for e in run)) == 2
         assert decodes == [copy]
-        ((index, commands),) = database.applied
-        assert index == 3
-        assert commands[0] is mine
-        assert _same(commands[1], codec.decode_command(copy))
+        ((index2, (applied2,)), (index3, (applied3,))) = database.applied
+        assert (index2, index3) == (2, 3)  # each command at its own entry's index
+        assert applied2 is mine
+        assert _same(applied3, codec.decode_command(copy))
 
 
 async def test_kept_commands_go_with_their_waiters(tmp_path, monkeypatch):
