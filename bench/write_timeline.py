@@ -19,7 +19,8 @@ sent -> acked         until the first follower's ack covering ``i`` arrived (net
                       its log write and fsync; the follower's own share is the ``follower`` row)
 acked -> committed    until the Ready that commits ``i`` was queued (the core's step)
 committed -> applying until the database was asked to apply it (the Ready queue's order, the applier)
-applying              the database call: the hand-off to its thread, SQLite, the hand-off back
+applying              the database call: the hand-off to its thread, SQLite, the hand-off back (for a
+                      write the leader staged before its commit, see Replicator._stage_sent: its COMMIT)
 applied -> resumed    until the waiting request's task ran again
 resumed -> written    until its answer was written to the socket
 written -> next read  from that answer until the same connection's next request was read: the client's
@@ -63,6 +64,8 @@ HOOKS = (
     ("node.actors.replicator", "Replicator", "_send"),
     ("node.actors.replicator", "Replicator", "_queue_unsynced"),
     ("node.storage.sqlite", "Database", "apply_entries"),
+    ("node.storage.sqlite", "Database", "stage_entries"),
+    ("node.storage.sqlite", "Database", "commit_staged"),
     ("node.http.server", "GuardedRequestHandler", "_fast_take"),
     ("node.http.server", "GuardedRequestHandler", "_fast_write"),
 )
@@ -180,6 +183,7 @@ class _Recorder:
         self.applied: dict[int, float] = {}
         self.last_ack = 0
         self.last_applied = 0
+        self.staged: dict[int, list[int]] = {}  # id() of a staged group's token -> its indices
         self.append_seen: dict[int, float] = {}
         self.writes: list[tuple[float, list[float | None]]] = []
         self.turnaround: list[tuple[float, float]] = []
@@ -305,7 +309,7 @@ def install(directory: str | os.PathLike[str]) -> _Recorder:
             start = clock()
             result = await original(self, entries, *args, **kwargs)
             end = clock()
-            if entries:  # one statemachine.Entry per run, named by the run's last index
+            if entries:  # a run of entries
                 last = entries[-1].index
                 for index in range(max(rec.last_applied + 1, last - 4096), last + 1):
                     rec.applying[index] = start
@@ -347,7 +351,44 @@ def install(directory: str | os.PathLike[str]) -> _Recorder:
 
         return wrapped
 
-    shims = (submit, receive, send, queue_unsynced, apply_entries, fast_take, fast_write)  # HOOKS' order
+    def note_staged(staged: Any, entries: Any) -> None:
+        if staged is not None and entries:
+            if len(rec.staged) > 64:
+                rec.staged.clear()  # groups never committed (rolled back): forgotten
+            rec.staged[id(staged[0])] = [e.index for e in entries]
+
+    def stage_entries(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(self: Any, entries: Any, *args: Any, **kwargs: Any) -> Any:
+            staged = await original(self, entries, *args, **kwargs)
+            note_staged(staged, entries)
+            return staged
+
+        return wrapped
+
+    def commit_staged(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(self: Any, token: Any, then: Any = (), *args: Any, **kwargs: Any) -> Any:
+            start = clock()
+            committed, staged = await original(self, token, then, *args, **kwargs)
+            end = clock()
+            indices = rec.staged.pop(id(token), [])
+            if committed:
+                for index in indices:
+                    rec.applying[index] = start
+                    rec.applied[index] = end
+                rec.last_applied = max([rec.last_applied, *indices])
+            if staged is not None:  # the staging of ``then``, queued behind the COMMIT
+                staged.add_done_callback(
+                    lambda f: note_staged(f.result(), then) if not f.cancelled() and not f.exception() else None
+                )
+            rec.bound()
+            return committed, staged
+
+        return wrapped
+
+    shims = (
+        submit, receive, send, queue_unsynced, apply_entries, stage_entries, commit_staged, fast_take,
+        fast_write,
+    )  # HOOKS' order; fmt: skip
     for (_, _, method), (owner, original), make in zip(HOOKS, found, shims, strict=True):
         setattr(owner, method, make(original))
 

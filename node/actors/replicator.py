@@ -268,6 +268,10 @@ class _Staged:
     outcomes: tuple[tuple[Applied, ...], ...]
 
 
+def _staged_entries(picked: list[tuple[int, bytes, statemachine.Command]]) -> list[statemachine.Entry]:
+    return [statemachine.Entry(index, (command,)) for index, _, command in picked]
+
+
 class Replicator:
     def __init__(
         self,
@@ -1511,13 +1515,12 @@ class Replicator:
                 self._apply_queue.extendleft(reversed(run))
                 await asyncio.sleep(APPLY_RETRY_S)
 
-    def _stageable(self) -> list[tuple[int, bytes, statemachine.Command]]:
-        """The entries a leader may stage now: its own plain writes right after the applied index, as far as
-        they are sent in an Append (those commit together; staging one not yet sent would hold the answers
-        of the ones before it until it commits too). Stops at anything else (a load, a configuration entry,
-        another node's entry), which is applied after its commit as usual."""
+    def _stageable(self, first: int) -> list[tuple[int, bytes, statemachine.Command]]:
+        """The entries a leader may stage from ``first`` (the one right after what will be applied by then):
+        its own plain writes, as far as they are sent in an Append (those commit together; staging one not
+        yet sent would hold the answers of the ones before it until it commits too). Stops at anything else
+        (a load, a configuration entry, another node's entry), which is applied after its commit as usual."""
         s = self.state
-        first = self.applied_index + 1
         if (
             not STAGE_OWN_ENTRIES or s is None or s.role != machine.LEADER or not s.writable
             or first > self._sent_through or first == self._stage_refused_at
@@ -1546,20 +1549,26 @@ class Replicator:
         """Leader, nothing committed waiting: run the entries ``_stageable`` picks in a transaction left open
         (see Database.stage_entries), so that their apply overlaps the followers' round trip and only the
         COMMIT waits for the log's commit. True if something was staged."""
-        picked = self._stageable()
+        picked = self._stageable(self.applied_index + 1)
         if not picked:
             return False
-        first = picked[0][0]
         try:
-            staged = await self.database.stage_entries([statemachine.Entry(i, (c,)) for i, _, c in picked])
+            staged = await self.database.stage_entries(_staged_entries(picked))
         except (errors.NodeError, OSError, ApplyFailed):
             staged = None  # applied after the commit instead, where a failure is retried and reported
+        return self._now_staged(picked, staged)
+
+    def _now_staged(
+        self, picked: list[tuple[int, bytes, statemachine.Command]], staged: tuple[object, list] | None
+    ) -> bool:
+        if not picked:
+            return False
         if staged is None:
-            self._stage_refused_at = first
+            self._stage_refused_at = picked[0][0]
             return False
         self.stats["staged"] += 1
         token, outcomes = staged
-        self._staged = _Staged(token, first, tuple(p for _, p, _ in picked), tuple(outcomes))
+        self._staged = _Staged(token, picked[0][0], tuple(p for _, p, _ in picked), tuple(outcomes))
         return True
 
     async def _finish_staged(self) -> bool:
@@ -1599,10 +1608,13 @@ class Replicator:
         run = [queue.popleft() for _ in range(count)]
         self._apply_room.set()
         self.snapshots.record_configs(run)
+        # What was sent since is staged by a job queued right behind the COMMIT (see Database.commit_staged).
+        after = self._stageable(run[-1].index + 1)
+        staging: asyncio.Future | None = None
         try:
-            committed = await self.database.commit_staged(staged.token)
+            committed, staging = await self.database.commit_staged(staged.token, _staged_entries(after))
         except (errors.NodeError, OSError, ApplyFailed):
-            committed = False  # nothing applied: applied as usual, where a failure is retried and reported
+            committed = False  # nothing applied: as usual, where a failure is retried and reported
         if not committed:
             self.stats["staged_dropped"] += 1
             queue.extendleft(reversed(run))
@@ -1612,6 +1624,12 @@ class Replicator:
         for entry, outcome in zip(run, staged.outcomes, strict=True):
             self._answer_applied(entry, outcome[0])
         self._serve_confirmed()
+        if staging is not None:
+            try:
+                then = await staging
+            except (errors.NodeError, OSError, ApplyFailed):
+                then = None
+            self._now_staged(after, then)
         await self._prune_staged_loads()
         return True
 

@@ -513,6 +513,12 @@ class Database:
     async def _write(
         self, fn: Callable[..., T], *args: Any, entry: Entry | None = None, starting: bool = False
     ) -> T:
+        return await self._await_write(self._submit_write(fn, *args, entry=entry, starting=starting))
+
+    def _submit_write(
+        self, fn: Callable[..., Any], *args: Any, entry: Entry | None = None, starting: bool = False
+    ) -> _Job:
+        """Queue ``fn`` on the writer thread, behind every write job queued before (one thread, in order)."""
         if not starting:
             self.require_ready()
         elif self._closing or self._writer is None:
@@ -525,6 +531,9 @@ class Database:
         with self._jobs_lock:
             self._write_jobs.append(job)
         writer.executor.submit(self._run_job, writer, job, fn, *args)
+        return job
+
+    async def _await_write(self, job: _Job) -> Any:
         try:
             # Awaited directly, not through asyncio.shield: the shield's outer future cost one more loop
             # round between the thread's result and this task (on every write and every apply). Cancelling
@@ -634,11 +643,25 @@ class Database:
         rolls it back first. Nothing of it is visible before :meth:`commit_staged`."""
         return await self._write(self._stage_entries, tuple(entries))
 
-    async def commit_staged(self, token: object) -> bool:
+    async def commit_staged(
+        self, token: object, then: Sequence[Entry] = ()
+    ) -> tuple[bool, asyncio.Future[Staged | None] | None]:
         """COMMIT the group staged under ``token``, once the log has committed exactly its entries; False if
         it is no longer open (another write job rolled it back: apply its entries the usual way). Raises
-        :class:`ApplyFailed` if the COMMIT fails (nothing applied)."""
-        return await self._write(self._commit_staged, token)
+        :class:`ApplyFailed` if the COMMIT fails (nothing applied).
+
+        ``then`` (the entries right after the group) is staged by a second job queued right behind the
+        COMMIT, so the writer thread goes on to it at once while the loop answers what was committed: the
+        second value is that job's future (what :meth:`stage_entries` returns; None when not queued). If
+        the COMMIT did not happen, that job finds the applied index elsewhere and stages nothing."""
+        commit = self._submit_write(self._commit_staged, token)
+        staging: asyncio.Future[Staged | None] | None = None
+        if then:
+            with contextlib.suppress(errors.NodeError):  # a full queue: nothing staged, applied as usual
+                job = self._submit_write(self._stage_entries, tuple(then))
+                staging = asyncio.ensure_future(self._await_write(job))
+                staging.add_done_callback(_consume)
+        return await self._await_write(commit), staging
 
     async def drop_staged(self) -> None:
         """Roll back a staged group (the entries it ran will not commit as they are)."""

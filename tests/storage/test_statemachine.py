@@ -193,7 +193,7 @@ async def _staged_then_committed(base, commands) -> tuple[list, list, list]:
             [sm.Entry(2 + i, (command,)) for i, command in enumerate(commands)]
         )
         during = await _state(database)  # a reader: nothing staged is visible
-        assert await database.commit_staged(token)
+        assert (await database.commit_staged(token))[0]
         assert await database.applied_index() == 1 + len(commands)
         return [_timeless(o.results) for (o,) in outcomes] + [await _state(database)], during, before
     finally:
@@ -234,7 +234,7 @@ async def test_any_other_write_rolls_a_staged_group_back(tmp_path):
         # Another leader's entry 2 committed instead (this node lost the lead): applied as usual.
         (other,) = await database.apply(2, [_command(["INSERT INTO t VALUES (8)"])])
         assert other.results[0].ok
-        assert not await database.commit_staged(token)  # rolled back: nothing of it was applied
+        assert not (await database.commit_staged(token))[0]  # rolled back: nothing of it was applied
         assert (await _state(database))[0] == [[8]]
         assert await database.applied_index() == 2
     finally:
@@ -249,10 +249,36 @@ async def test_staging_runs_only_the_entries_right_after_the_applied_index(tmp_p
         assert await database.stage_entries([sm.Entry(1, (insert,))]) is None  # applied already
         token, _ = await database.stage_entries([sm.Entry(2, (insert,))])
         again, _ = await database.stage_entries([sm.Entry(2, (insert,))])  # replaces the first
-        assert await database.commit_staged(again)
-        assert not await database.commit_staged(token)  # replaced, so rolled back: never committed
+        assert (await database.commit_staged(again))[0]
+        assert not (await database.commit_staged(token))[0]  # replaced, so rolled back: never committed
         assert (await _state(database))[0] == [[7]]
         assert await database.applied_index() == 2
+    finally:
+        await database.close()
+
+
+async def test_a_commit_queues_the_staging_of_the_next_group_right_behind_it(tmp_path):
+    database = await _fresh(tmp_path)
+    try:
+        token, _ = await database.stage_entries([sm.Entry(2, (_command(["INSERT INTO t VALUES (7)"]),))])
+        # Not right after the group committed: nothing staged, and the commit stands.
+        committed, staging = await database.commit_staged(token, [sm.Entry(4, (_command(["SELECT 1"]),))])
+        assert committed and await staging is None
+        token, _ = await database.stage_entries([sm.Entry(3, (_command(["INSERT INTO t VALUES (8)"]),))])
+        committed, staging = await database.commit_staged(
+            token, [sm.Entry(4, (_command(["INSERT INTO t VALUES (8)"]),))]
+        )
+        then, (outcome,) = await staging
+        assert committed and "UNIQUE constraint failed" in outcome[0].results[0].error  # ran after entry 3
+        assert (await _state(database))[0] == [[7], [8]]  # entry 4 staged, not visible
+        assert (await database.commit_staged(then))[0]
+        assert await database.applied_index() == 4
+        # A COMMIT that does not happen (the group was rolled back): the next group finds entry 5 missing.
+        token, _ = await database.stage_entries([sm.Entry(5, (_command(["INSERT INTO t VALUES (9)"]),))])
+        await database.apply(5, [_command(["INSERT INTO t VALUES (10)"])])
+        committed, staging = await database.commit_staged(token, [sm.Entry(6, (_command(["SELECT 1"]),))])
+        assert not committed and await staging is not None  # entry 6 is next after the apply of 5
+        assert (await _state(database))[0] == [[7], [8], [10]]
     finally:
         await database.close()
 
