@@ -1042,22 +1042,32 @@ class Database:
             raise SqliteVersionRefused(self.apply_refused)
         self.apply_refused = None
 
-    def _apply_entries(self, job: _Job, entries: tuple[Entry, ...]) -> list[tuple[Applied, ...] | None]:
-        """On the writer thread: the entries in one transaction; raises ApplyFailed unless it committed, and
-        SqliteVersionRefused (nothing run) for commands stamped under another SQLite version."""
+    def _run_group(self, job: _Job, entries: tuple[Entry, ...], run: Callable[[Any, tuple[Entry, ...]], T]) -> T:
+        """On the writer thread: ``run`` (statemachine.apply or stage) on the entries, after the version check;
+        an SQLite error propagates, but an interrupt by a shutdown becomes _ShuttingDown."""
         slot = self._writer
         assert slot is not None
         slot.full = False
         self._refuse_foreign_version(entries)
         try:
-            done = statemachine.apply(self._ops(job), entries)
-        except apsw.Error as exc:
-            if isinstance(exc, apsw.InterruptError) and self._closing:
+            return run(self._ops(job), entries)
+        except apsw.InterruptError:
+            if self._closing:
                 raise _ShuttingDown() from None
-            self.disk_full = self.disk_full or is_disk_full(exc)
-            raise ApplyFailed(f"applying the log failed: {_message(exc)}") from None
+            raise
         finally:
             self._stamp(None, None)
+
+    def _apply_entries(self, job: _Job, entries: tuple[Entry, ...]) -> list[tuple[Applied, ...] | None]:
+        """On the writer thread: the entries in one transaction; raises ApplyFailed unless it committed, and
+        SqliteVersionRefused (nothing run) for commands stamped under another SQLite version."""
+        slot = self._writer
+        assert slot is not None
+        try:
+            done = self._run_group(job, entries, statemachine.apply)
+        except apsw.Error as exc:
+            self.disk_full = self.disk_full or is_disk_full(exc)
+            raise ApplyFailed(f"applying the log failed: {_message(exc)}") from None
         if not done.committed:
             self.disk_full = self.disk_full or slot.full or is_disk_full(done.commit_error)
             raise ApplyFailed(f"applying the log failed: COMMIT failed: {_message(done.commit_error)}")
@@ -1069,18 +1079,10 @@ class Database:
 
     def _stage_entries(self, job: _Job, entries: tuple[Entry, ...]) -> Staged | None:
         """On the writer thread: see :meth:`stage_entries`."""
-        slot = self._writer
-        assert slot is not None
-        slot.full = False
-        self._refuse_foreign_version(entries)
         try:
-            staged = statemachine.stage(self._ops(job), entries)
-        except apsw.Error as exc:
-            if isinstance(exc, apsw.InterruptError) and self._closing:
-                raise _ShuttingDown() from None
+            staged = self._run_group(job, entries, statemachine.stage)
+        except apsw.Error:
             return None  # rolled back; the entries are applied after their commit, where a failure is retried
-        finally:
-            self._stamp(None, None)
         if staged is None:
             return None
         token = self._staged = object()
