@@ -549,8 +549,18 @@ class Database:
             job.future.add_done_callback(_consume)  # nobody awaits it any more: no "never retrieved" noise
             raise
         finally:
-            with self._jobs_lock, contextlib.suppress(ValueError):
-                self._write_jobs.remove(job)
+            self._forget_write(job)
+
+    def _unawaited(self, job: _Job) -> asyncio.Future[Any]:
+        """The future of a write job its caller may never await (no task is made for it): the job leaves the
+        queue's count when it ends, and a failure nobody looked at is not reported as never retrieved."""
+        job.future.add_done_callback(lambda _: self._forget_write(job))
+        job.future.add_done_callback(_consume)
+        return job.future
+
+    def _forget_write(self, job: _Job) -> None:
+        with self._jobs_lock, contextlib.suppress(ValueError):
+            self._write_jobs.remove(job)
 
     async def _read(self, client: str, fn: Callable[..., T], *args: Any, timeout_s: float | None = None) -> T:
         self.require_ready()
@@ -658,14 +668,8 @@ class Database:
         staging: asyncio.Future[Staged | None] | None = None
         if then:
             with contextlib.suppress(errors.NodeError):  # a full queue: nothing staged, applied as usual
-                job = self._submit_write(self._stage_entries, tuple(then))
-                staging = asyncio.ensure_future(self._await_write(job))
-                staging.add_done_callback(_consume)
+                staging = self._unawaited(self._submit_write(self._stage_entries, tuple(then)))
         return await self._await_write(commit), staging
-
-    async def drop_staged(self) -> None:
-        """Roll back a staged group (the entries it ran will not commit as they are)."""
-        await self._write(lambda job: None)  # any writer job other than a commit rolls it back first
 
     async def applied_index(self, *, starting: bool = False) -> int:
         """The index of the last entry applied (0 for none), as stored with the data."""
