@@ -46,6 +46,35 @@ def cpu_seconds(pid: int, which: str = "both") -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def switch_counts(status: str) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches from the text of a /proc/<pid>/task/<tid>/status file."""
+    counts = {"voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in counts and value.strip().isdigit():
+            counts[name] = int(value)
+    return counts["voluntary_ctxt_switches"], counts["nonvoluntary_ctxt_switches"]
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of every live thread of a process so far (Linux /proc).
+
+    Each hand-off that has to wait costs one: a thread blocking on the GIL, a queue or a socket is a
+    voluntary switch; one preempted while it could run (more runnable threads than cores) an involuntary
+    one. Per write, they show what CPU per write alone hides: the kernel work of passing a write between
+    the loop, the log and SQLite threads and the processes. A thread that ended takes its counts with it.
+    """
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            v, n = switch_counts((task / "status").read_text())
+        except OSError:
+            continue  # the thread ended between the listing and the read
+        voluntary += v
+        involuntary += n
+    return voluntary, involuntary
+
+
 def top_functions(raw: Path, limit: int = 25) -> str:
     """py-spy raw (collapsed stacks, one 'frame;frame;... count' a line) -> own and total sample tables."""
     own: collections.Counter[str] = collections.Counter()
@@ -143,6 +172,7 @@ async def amain(args: argparse.Namespace, env: dict[str, str], timeline: Path | 
                 pids = {ip: node.proc.pid for ip, node in c.nodes.items()}
                 cpu_before = {ip: cpu_seconds(pid) for ip, pid in pids.items()}
                 sys_before = {ip: cpu_seconds(pid, "system") for ip, pid in pids.items()}
+                switches_before = {ip: context_switches(pid) for ip, pid in pids.items()}
                 measured_from = time.time() + args.warmup
                 stats = await cb.drive(session, target, clients, args.warmup, args.seconds, 1_000_000)
                 # CPU per write is what a loaded machine cannot hide: scheduling delays inflate latency, not it.
@@ -157,10 +187,19 @@ async def amain(args: argparse.Namespace, env: dict[str, str], timeline: Path | 
                     / writes
                     for ip, pid in pids.items()
                 }
+                switches = {
+                    ("leader" if ip == leader else ip): tuple(
+                        (after - before) / writes
+                        for after, before in zip(context_switches(pid), switches_before[ip], strict=True)
+                    )
+                    for ip, pid in pids.items()
+                }
                 print(
                     f"{clients:>3} clients: {stats.writes_per_s:8.0f} writes/s  p50 {stats.p50_ms:.2f} ms  "
                     f"p99 {stats.p99_ms:.2f} ms  errors {stats.errors}  CPU ms/write (approx., of it system) "
-                    + ", ".join(f"{k} {v:.2f} ({sys_ms[k]:.2f})" for k, v in cpu_ms.items()),
+                    + ", ".join(f"{k} {v:.2f} ({sys_ms[k]:.2f})" for k, v in cpu_ms.items())
+                    + "; context switches/write (voluntary + involuntary) "
+                    + ", ".join(f"{k} {v:.1f} + {n:.1f}" for k, (v, n) in switches.items()),
                     flush=True,
                 )
                 if timeline is not None:
