@@ -24,6 +24,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # The documented example uses JWT_SECRET=secret_key. HS256 keys shorter than the hash output (32 bytes) are
 # weak (RFC 7518 §3.2); the node still starts with one so the documented commands keep working, but warns.
 MIN_STRONG_SECRET_BYTES = 32
+MAX_WRITE_GATHER_S = 0.1  # WRITE_GATHER: longer would add that much to a write's latency under load
 
 
 class ConfigError(Exception):
@@ -145,6 +146,10 @@ class Config:
     # for a node known to be alone (a laptop's `python -m node` then accepts writes at once). Longer than
     # DNS needs to list every replica started together.
     formation_window_s: float = 5.0
+    # Group commit (node/core/replication/gather.py): seconds a leader holds a submitted write, while at
+    # least 4 others are under way, so that the writes arriving meanwhile share its round of replication
+    # (one log append, Append, fsync and ack per node). 0 turns it off; at most 0.1.
+    write_gather_s: float = 0.003
 
     # --- snapshot transfer (node/replication/snapshot_transfer.py) ----------------------------------------
     # Bytes per second all snapshot transfers of this node together (sends to peers and its own download)
@@ -355,6 +360,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     # replication
     "replication": ("REPLICATION", lambda raw: _replication(raw)),
     "formation_window_s": ("FORMATION_WINDOW", lambda raw: _non_negative_seconds(raw)),
+    "write_gather_s": ("WRITE_GATHER", lambda raw: _write_gather(raw)),
     "event_loop": ("EVENT_LOOP", lambda raw: _event_loop(raw)),
     "http_fast_path": ("HTTP_FAST_PATH", lambda raw: _on_off(raw)),
     "snapshot_rate_bytes_s": ("SNAPSHOT_RATE_BYTES_S", lambda raw: _snapshot_rate(raw)),
@@ -397,6 +403,13 @@ def _non_negative_seconds(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"must be a number of seconds >= 0, not {raw!r}")
+    return value
+
+
+def _write_gather(raw: str) -> float:
+    value = _non_negative_seconds(raw)
+    if value > MAX_WRITE_GATHER_S:
+        raise ValueError(f"must be at most {MAX_WRITE_GATHER_S:g} seconds (a write may wait that long), not {raw!r}")
     return value
 
 

@@ -142,3 +142,13 @@ def test_restart_on_crash_is_on_by_default_and_takes_on_or_off():
     with pytest.raises(ConfigError) as info:
         Config.from_env({**SECRET, "RESTART_ON_CRASH": "yes"})
     assert info.value.problems == ["RESTART_ON_CRASH='yes': must be 'on' or 'off', not 'yes'"]
+
+
+def test_write_gather_defaults_to_3_ms_takes_0_to_turn_it_off_and_refuses_long_waits():
+    assert Config.from_env(SECRET).write_gather_s == 0.003
+    assert Config.from_env({**SECRET, "WRITE_GATHER": "0"}).write_gather_s == 0.0
+    assert Config.from_env({**SECRET, "WRITE_GATHER": "0.1"}).write_gather_s == 0.1
+    for bad in ("-0.001", "0.5", "nan", "soon"):
+        with pytest.raises(ConfigError) as info:
+            Config.from_env({**SECRET, "WRITE_GATHER": bad})
+        assert [p for p in info.value.problems if "WRITE_GATHER" in p], bad

@@ -4,7 +4,8 @@ It owns the core's State and is the only code that steps it. Inputs, fed one at 
 ``Tick`` when the core has a timer due (``machine.next_deadline``: a leader's next heartbeat, a lease running
 out...; at least ``TICK_S`` after the previous step, at most ``MAX_TICK_S``) and no other input came meanwhile
 (every step runs the core's timers), ``ViewChanged`` when the membership view (or what we know of identities) changes,
-``Receive`` for every authenticated peer message, ``Submit`` and ``Read`` batched from clients, ``LogRead``
+``Receive`` for every authenticated peer message, ``Submit`` and ``Read`` batched from clients (a leader
+under load holds submits for a moment so that more share one Submit: ``node.core.replication.gather``), ``LogRead``
 answering the core's ``ReadLog``, ``Stop`` at shutdown.
 
 Each loop round steps every input that is waiting and carries out their Readys as a pipelined shell
@@ -81,7 +82,7 @@ from typing import Any
 from node import errors
 from node.core import membership as m
 from node.core.ids import Endpoint
-from node.core.replication import formation, machine
+from node.core.replication import formation, gather, machine
 from node.core.replication import messages as msg
 from node.replication import codec
 from node.replication import snapshot_transfer as transfer
@@ -288,6 +289,7 @@ class Replicator:
         handover_budget_s: float = 0.5,
         snapshot_rate: transfer.RateLimiter | None = None,
         log_segment_bytes: int | None = None,
+        gathering: gather.Gather | None = None,
     ) -> None:
         self.me = me
         self.data_dir = data_dir
@@ -332,6 +334,11 @@ class Replicator:
         # Inputs waiting for the next round.
         self._inbox: collections.deque[msg.Receive] = collections.deque()
         self._submits: list[tuple[str, bytes]] = []
+        # Group commit: submits are held here while others are under way (node.core.replication.gather).
+        self._gathering = gathering or gather.Gather()
+        self._held_since = 0.0  # loop time the first of the held submits arrived
+        self._gather_timer: asyncio.TimerHandle | None = None  # wakes the loop when they are due
+        self._gather_over = False  # that timer ran: the held submits are due
         self._reads: list[str] = []
         self._removals: list[msg.RemoveMember] = []  # operator requests (bounded with the client queue)
         self._log_reads: list[msg.LogRead] = []
@@ -385,6 +392,7 @@ class Replicator:
         self.stats = {
             "dropped_inbox": 0, "apply_failures": 0, "unroutable": 0,
             "staged": 0, "staged_committed": 0, "staged_dropped": 0,
+            "write_groups": 0, "write_groups_gathered": 0,
         }  # fmt: skip
         self._apply_failure_logged: tuple[str, float] | None = None  # (reason, loop time) of the last line
         # Staged SQLite-file loads (applying, fetching a missed file, staging, pruning): see
@@ -519,8 +527,12 @@ class Replicator:
         if command is not None:
             waiter.payload, waiter.command = payload, decoded_form(command)
         self._waiters[rid] = waiter
+        now = loop.time()
+        if not self._submits:
+            self._held_since = now
         self._submits.append((rid, payload))
-        self._wake.set()
+        if self._submits_due(now):  # else held: the gathering timer wakes the loop (_submits_due)
+            self._wake.set()
         # The deadline fails the waiter's future itself: what asyncio.timeout did (this task cancelled, the
         # cancellation turned into TimeoutError, then into this answer) for a timer and a context object on
         # every write.
@@ -629,6 +641,8 @@ class Replicator:
                     task.cancel()
         finally:
             self._completer_busy = True  # the loop is over: nothing more is carried out (see _advance)
+            if self._gather_timer is not None:
+                self._gather_timer.cancel()
             self.done.set()
             self._fail_all(errors.Unavailable("the node is shutting down"))
             if self._asynclog is not None:
@@ -860,9 +874,15 @@ class Replicator:
                 inputs.append(msg.Stop())
             for _ in range(min(len(self._inbox), 1024)):
                 inputs.append(self._inbox.popleft())
-            if self._submits:
+            if self._submits and self._submits_due(now):
                 inputs.append(msg.Submit(tuple(self._submits)))
                 self._submits = []
+                self.stats["write_groups"] += 1
+                if self._gather_timer is not None:
+                    self._gather_timer.cancel()
+                    self._gather_timer = None
+                    self._gather_over = False
+                    self.stats["write_groups_gathered"] += 1
             if self._reads:
                 inputs.append(msg.Read(tuple(self._reads)))
                 self._reads = []
@@ -1001,9 +1021,29 @@ class Replicator:
         s = self.state
         return s is not None and s.role == machine.LEADER and s.handover_to is not None
 
+    def _submits_due(self, now: float) -> bool:
+        """Whether the held submits enter the log now (``gather.release_at``); if not, a timer wakes the loop
+        when they do. Only a leader gathers: anywhere else the core answers them at once (not leading)."""
+        s = self.state
+        if s is None or s.role != machine.LEADER or self._gather_over:
+            return True
+        due = gather.release_at(self._gathering, len(self._submits), len(self._waiters), self._held_since)
+        if due <= now:
+            return True
+        if self._gather_timer is None:
+            self._gather_timer = asyncio.get_running_loop().call_at(due, self._gathered)
+        return False
+
+    def _gathered(self) -> None:
+        # A flag, not a comparison with loop.time(): uvloop may run a timer a little before the loop's clock
+        # reaches its deadline, and the held submits would then wait for the next tick.
+        self._gather_over = True
+        self._wake.set()
+
     def _has_inputs(self) -> bool:
         return bool(
-            self._inbox or self._submits or self._reads or self._log_reads or self._view_dirty
+            self._inbox or (self._submits and self._submits_due(asyncio.get_running_loop().time()))
+            or self._reads or self._log_reads or self._view_dirty
             or self._stop_requested or self._removals or self._persisted or self._snapshot_inputs
         )  # fmt: skip
 

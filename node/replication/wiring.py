@@ -12,7 +12,7 @@ from typing import Any
 
 from node import errors
 from node.actors.replicator import MembershipConflict, Replicator, UnknownMember
-from node.core.replication import machine
+from node.core.replication import gather, machine
 from node.http.replication import ForwardingMiddleware, ReplicationRoutes
 from node.replication import snapshot_transfer
 from node.replication.service import ReplicatedDataService, load_answer_within_s
@@ -72,6 +72,7 @@ class Replication:
                 snapshot_trailing=config.snapshot_trailing,
             ),
             log_segment_bytes=config.log_segment_bytes,
+            gathering=gather.Gather(delay_s=config.write_gather_s),
         )
         self.service = ReplicatedDataService(
             node.database, self.replicator, log_reserve_bytes=config.log_reserve_bytes

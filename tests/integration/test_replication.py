@@ -153,6 +153,45 @@ def test_concurrent_writes_through_the_leader_are_staged_and_every_node_ends_ide
         wait_until(lambda ip=ip: rows(ip) == rows(highest), 10, what=f"the leader's rows on {ip}")
 
 
+def test_concurrent_writes_are_gathered_into_shared_rounds_and_a_lone_client_never_waits(make_cluster):
+    """Group commit (WRITE_GATHER): with many writes under way the leader lets the held ones into the log
+    together, so they share rounds; a lone client's writes each enter at once, never held."""
+    c: Cluster = make_cluster(env={**ENV, "WRITE_GATHER": "0.05"})  # long, so grouping cannot be chance
+    form(c)
+    tok = token(c)
+    highest = c.ips[-1]
+    wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
+    leader = base(c, highest)
+    assert call(f"{leader}/db/execute", [["CREATE TABLE t (v INTEGER PRIMARY KEY)"]], tok)[0] == 200
+
+    def groups() -> tuple[int, int]:
+        stats = c.nodes[highest].status()["replication_stats"]
+        return stats["write_groups"], stats["write_groups_gathered"]
+
+    before = groups()
+    for v in range(20):  # one client, one write at a time: nothing else under way
+        assert call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?)", v]], tok)[0] == 200
+    alone = groups()
+    assert alone == (before[0] + 20, before[1]), (before, alone)  # each its own group, none held
+
+    statuses: list[int] = []
+
+    def client(k: int) -> None:
+        for n in range(10):  # bounded: 32 clients x 10 writes
+            statuses.append(call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?)", 1000 + k * 10 + n]], tok)[0])
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert statuses == [200] * 320
+    together = groups()
+    # 320 writes in far fewer groups (one at a time they would take 320), and some groups were held.
+    assert together[0] - alone[0] <= 80 and together[1] > alone[1], (alone, together)
+
+
 def test_kill_9_of_the_leader_under_writes_loses_no_acknowledged_write(make_cluster):
     c: Cluster = make_cluster(env=ENV)
     form(c)
