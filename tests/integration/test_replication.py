@@ -100,17 +100,24 @@ def test_three_nodes_form_one_cluster_and_a_write_through_a_follower_reaches_eve
     assert status == 301 and headers["Location"].startswith(base(c, highest))
 
 
-def test_concurrent_writes_through_the_leader_are_staged_and_every_node_ends_identical(make_cluster):
-    """The leader runs its own writes while their Append travels (staged) and commits them after the log
-    did; each client gets its own statement's result, and every node holds the same rows, including values
-    only the leader's stamp decides (random())."""
-    c: Cluster = make_cluster(env=ENV)
+def led_by_highest(c: Cluster, create: str) -> tuple[str, str, str]:
+    """Form the cluster, wait for its highest node to lead, create a table through it: (token, highest, its
+    base URL)."""
     form(c)
     tok = token(c)
     highest = c.ips[-1]
     wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
     leader = base(c, highest)
-    assert call(f"{leader}/db/execute", [["CREATE TABLE t (v INTEGER UNIQUE, r INTEGER)"]], tok)[0] == 200
+    assert call(f"{leader}/db/execute", [[create]], tok)[0] == 200
+    return tok, highest, leader
+
+
+def test_concurrent_writes_through_the_leader_are_staged_and_every_node_ends_identical(make_cluster):
+    """The leader runs its own writes while their Append travels (staged) and commits them after the log
+    did; each client gets its own statement's result, and every node holds the same rows, including values
+    only the leader's stamp decides (random())."""
+    c: Cluster = make_cluster(env=ENV)
+    tok, highest, leader = led_by_highest(c, "CREATE TABLE t (v INTEGER UNIQUE, r INTEGER)")
     answers: dict[int, tuple[int, dict, Any]] = {}
 
     def client(k: int) -> None:
@@ -157,12 +164,7 @@ def test_concurrent_writes_are_gathered_into_shared_rounds_and_a_lone_client_nev
     """Group commit (WRITE_GATHER): with many writes under way the leader lets the held ones into the log
     together, so they share rounds; a lone client's writes each enter at once, never held."""
     c: Cluster = make_cluster(env={**ENV, "WRITE_GATHER": "0.05"})  # long, so grouping cannot be chance
-    form(c)
-    tok = token(c)
-    highest = c.ips[-1]
-    wait_until(lambda: writable_node(c, c.ips) == highest, 10, what="the highest to lead")
-    leader = base(c, highest)
-    assert call(f"{leader}/db/execute", [["CREATE TABLE t (v INTEGER PRIMARY KEY)"]], tok)[0] == 200
+    tok, highest, leader = led_by_highest(c, "CREATE TABLE t (v INTEGER PRIMARY KEY)")
 
     def groups() -> tuple[int, int]:
         stats = c.nodes[highest].status()["replication_stats"]
