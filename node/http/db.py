@@ -193,7 +193,7 @@ class DbRoutes:
         principal = auth.authenticate(authorization, self._secret, now=self._wall_clock_ns() / 1e9)
         principal.require(auth.Role.WRITE)
         flags = request_flags(request)
-        request_id = _request_id(request.headers.get(REQUEST_ID_HEADER))
+        request_id = checked_request_id(request.headers.get(REQUEST_ID_HEADER))
         # A small body that came with its head (the common write) is parsed here, without the two coroutines
         # of reading and parsing it in general (the same checks, the same answers: see body_at_hand).
         raw = body_at_hand(request, limit=self._max_body)
@@ -212,7 +212,7 @@ class DbRoutes:
         principal = auth.authenticate(authorization, self._secret, now=self._wall_clock_ns() / 1e9)
         principal.require(auth.Role.WRITE)
         flags = query_flags(request.query_string)
-        request_id = _request_id(request.headers.get("x-request-id"))
+        request_id = checked_request_id(request.headers.get("x-request-id"))
         raw = request.body
         if len(raw) > self._max_body:  # its Content-Length, as the aiohttp path checks it
             raise declared_too_large(len(raw), self._max_body)
@@ -310,7 +310,7 @@ class DbRoutes:
         started = time.perf_counter()
         self._authorize(request, auth.Role.ADMIN)
         flags = request_flags(request)
-        request_id = _request_id(request.headers.get(REQUEST_ID_HEADER))
+        request_id = checked_request_id(request.headers.get(REQUEST_ID_HEADER))
         client = client_key(request.headers.get("Authorization"))
         path = self._db.temp_path("upload")
         try:
@@ -451,7 +451,7 @@ def _is_text(request: web.Request) -> bool:
     return request.content_type == "text/plain"
 
 
-def _request_id(value: str | None) -> str | None:
+def checked_request_id(value: str | None) -> str | None:
     """The X-Request-Id header's value checked, or None when the request has none."""
     if value is None:
         return None

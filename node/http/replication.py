@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from node import auth, errors
 from node.core import peerauth
@@ -55,6 +57,7 @@ from node.http.common import (
     read_body,
     request_flags,
 )
+from node.http.db import checked_request_id
 from node.http.fastpath import FastRequest, FastRoute
 from node.http.forwarder import Forwarder
 from node.replication import codec, snapshot_transfer, staged_loads
@@ -338,7 +341,7 @@ class LeaderFastRoute:
         return (
             self._forwarder.has_room()
             and len(request.body) <= FAST_FORWARD_MAX_BODY
-            and "redirect" not in request.query_string
+            and not _asks_redirect(request.query_string)
         )
 
     async def answer(self, request: FastRequest) -> tuple[int, dict[str, str] | None, bytes]:
@@ -474,8 +477,9 @@ class ForwardingMiddleware:
             return response
         # Authenticate here too: a follower must not relay requests for anyone who can reach it.
         auth.authenticate(request.headers.get("Authorization"), self._secret, now=time.time()).require(role)
+        _check_relayed_headers(request)
         if flags.redirect:
-            location = f"{leader.url}{request.path_qs}"
+            location = f"{leader.url}{request.raw_path}"  # the target as the client sent it (see _exchange)
             return json_response(
                 {"leader": leader.url},
                 status=301,
@@ -554,8 +558,12 @@ class ForwardingMiddleware:
     ) -> web.Response:
         assert self._session is not None
         try:
+            # The request target exactly as the client sent it (``raw_path``: path and query, still
+            # percent-encoded), not one rebuilt from the decoded parts: yarl would resolve "x/.." segments and
+            # re-encode the query, so the leader could act on another resource, or split a value holding an
+            # encoded "&", than the one this node matched and a leader asked directly would refuse.
             async with self._session.request(
-                request.method, f"{leader.url}{request.path_qs}", data=body, headers=headers,
+                request.method, URL(f"{leader.url}{request.raw_path}", encoded=True), data=body, headers=headers,
                 timeout=client_timeout, allow_redirects=False,
             ) as resp:  # fmt: skip
                 content = await resp.read()
@@ -564,3 +572,31 @@ class ForwardingMiddleware:
                 return web.Response(status=resp.status, body=content, headers=out)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _unreachable(leader, exc) from None
+
+
+# A header value a follower may relay: printable ASCII, space and tab (RFC 9110 field-vchar without obs-text).
+_RELAYABLE = re.compile(r"[\t\x20-\x7e]*\Z")
+
+
+def _check_relayed_headers(request: web.Request) -> None:
+    """400 for a header this node would relay altered: aiohttp's client re-encodes a value and drops what is
+    not ASCII, so the leader would act on another value than the client sent (a request ID ``caf\xe9-1``
+    arrived as ``caf-1``: a valid, different ID). A request ID gets the leader's own message. What can be
+    relayed unchanged is, and the leader judges it."""
+    for name in _FORWARDED_REQUEST_HEADERS:
+        value = request.headers.get(name)
+        if value is not None and not _RELAYABLE.match(value):
+            if name == "X-Request-Id":
+                checked_request_id(value)  # not ASCII: raises the leader's 400
+            raise errors.BadRequest(f"the {name} header must be printable ASCII")
+
+
+def _asks_redirect(query_string: str) -> bool:
+    """Whether the query asks for a 301 (``redirect``), decoded as the flags are (``%72edirect`` too). A
+    query whose flags do not parse is not a redirect here: answering it gives the flags' 400."""
+    if "redirect" not in query_string and "%" not in query_string:
+        return False  # the common case: no flag can spell it
+    try:
+        return query_flags(query_string).redirect
+    except errors.NodeError:
+        return False
