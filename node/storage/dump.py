@@ -26,8 +26,17 @@ LOAD_ENVELOPE_BYTES = 4096
 MAX_LOAD_STATEMENT_BYTES = 8 << 20
 
 
+# A statement that rolls back, after any whitespace and comments. A load is one transaction of its own (a
+# dump's BEGIN and COMMIT are skipped), so a ROLLBACK cannot be honoured in place; and sqlite3's .dump ends
+# with "ROLLBACK; -- due to errors" when it met errors, so such a dump is not a consistent copy. Each
+# comment can match in one way only (a line comment runs to its newline, a block comment stops at its first
+# "*/"), so a failed match costs time linear in the text, never a backtracking search.
+_ROLLBACK = re.compile(r"\s*(?:(?:--[^\n]*(?:\n|\Z)|/\*(?:[^*]|\*(?!/))*\*/)\s*)*ROLLBACK\b", re.IGNORECASE)
+
+
 def dump_statements(source: Path, max_statement_chars: int) -> Iterator[str]:
-    """The complete statements of a dump file, read in chunks (never the whole text in memory)."""
+    """The complete statements of a dump file, read in chunks (never the whole text in memory). A dump that
+    rolls back (``ROLLBACK``, ``ROLLBACK TO``) is a 400: see ``_ROLLBACK``."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     splitter = StatementSplitter(max_statement_chars)
     with open(source, "rb") as f:
@@ -39,10 +48,20 @@ def dump_statements(source: Path, max_statement_chars: int) -> Iterator[str]:
                 raise errors.BadRequest("the dump is not UTF-8 text") from None
             if "\x00" in text:
                 raise errors.BadRequest("the dump contains a NUL character")
-            yield from splitter.feed(text)
+            yield from _refusing_rollback(splitter.feed(text))
             if not raw:
                 break
-    yield from splitter.finish()
+    yield from _refusing_rollback(splitter.finish())
+
+
+def _refusing_rollback(statements: Iterable[str]) -> Iterator[str]:
+    for sql in statements:
+        if _ROLLBACK.match(sql):
+            raise errors.BadRequest(
+                "the dump rolls back (ROLLBACK): sqlite3's .dump writes one when it met errors, so it is not a "
+                "consistent copy, and a load is one transaction; nothing was loaded"
+            )
+        yield sql
 
 
 _STOPS = re.compile(r"[;'\"`\[]|--|/\*")

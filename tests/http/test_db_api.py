@@ -379,6 +379,16 @@ COMMIT;
     assert "no such table" in (await select(api, "SELECT * FROM e"))["error"]
 
 
+async def test_a_dump_that_rolls_back_is_refused_and_loads_nothing(api):
+    """sqlite3's .dump ends with ROLLBACK when it met errors; a load is one transaction, so the dump is
+    refused rather than its rolled-back statements stored (found by a hostile probe)."""
+    dump = b"CREATE TABLE ld (a);\nBEGIN TRANSACTION;\nINSERT INTO ld VALUES('rolled-back');\nROLLBACK;\n"
+    resp = await api.post("/db/load", data=dump, headers={**ADMIN, "Content-Type": "text/plain"})
+    assert resp.status == 400, await resp.text()
+    assert "rolls back" in (await resp.json())["error"]
+    assert "no such table" in (await select(api, "SELECT * FROM ld"))["error"]
+
+
 async def test_load_rejects_corrupt_sqlite_file(api):
     await make_foo(api)
     garbage = b"SQLite format 3\x00" + b"\x13" * 5000

@@ -108,6 +108,24 @@ async def test_a_failing_statement_is_a_400_and_leaves_nothing(tmp_path, small_c
         await database.close()
 
 
+async def test_a_dump_that_rolls_back_late_is_a_400_and_its_shipped_chunks_are_dropped(tmp_path, small_chunks):
+    """The ROLLBACK at a dump's end is met after chunks were shipped: the load is refused all the same, and
+    what was staged is dropped everywhere (the abort), so nothing of it is loaded."""
+    database = await fresh(tmp_path)
+    try:
+        stand_in = StandIn(database)
+        service = rs.ReplicatedDataService(database, stand_in)  # type: ignore[arg-type]
+        path = tmp_path / "dump.sql"
+        path.write_text(dump_text(100) + "ROLLBACK; -- due to errors\n")
+        with pytest.raises(errors.BadRequest, match="rolls back"):
+            await service.load_dump_file(path)
+        assert len(stand_in.payloads) > 1, "chunks were shipped before the ROLLBACK was read"
+        assert await scalar(database, "SELECT count(*) FROM sqlite_schema WHERE name = 't'") == 0
+        assert await scalar(database, f"SELECT count(*) FROM {sm.LOADS_TABLE}") == 0
+    finally:
+        await database.close()
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 30), st.booleans(), st.sampled_from([None, "rid-1"]))
 async def test_a_lost_answer_anywhere_gives_all_or_nothing_and_one_application(

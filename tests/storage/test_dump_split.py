@@ -103,3 +103,48 @@ def test_invalid_utf8_is_a_400(tmp_path):
     path.write_bytes(b"SELECT '\xff';")
     with pytest.raises(errors.BadRequest, match="not UTF-8"):
         list(dump.dump_statements(path, 1000))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "ROLLBACK; -- due to errors\n",  # what sqlite3's .dump writes when it met errors
+        "rollback;",
+        "ROLLBACK TRANSACTION;",
+        "ROLLBACK TO sp;",
+        "-- a note\n/* and a block */ ROLLBACK;",
+    ],
+)
+def test_a_dump_that_rolls_back_is_a_400(tmp_path, tail):
+    """A load is one transaction (a dump's BEGIN/COMMIT are skipped), so a ROLLBACK in it cannot be honoured:
+    it was skipped like COMMIT and the statements it rolled back were loaded (found by a hostile probe)."""
+    path = tmp_path / "dump.sql"
+    path.write_text("CREATE TABLE ld (a);\nBEGIN TRANSACTION;\nINSERT INTO ld VALUES('rolled-back');\n" + tail)
+    with pytest.raises(errors.BadRequest, match="rolls back"):
+        list(dump.dump_statements(path, 1 << 20))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "INSERT INTO t VALUES('ROLLBACK');",
+        "CREATE TABLE rollback_log (x);",
+        "SELECT 1; -- ROLLBACK in a comment\n",
+        "/* ROLLBACK; */ SELECT 2;",
+    ],
+)
+def test_the_word_elsewhere_is_not_a_rollback(tmp_path, text):
+    path = tmp_path / "dump.sql"
+    path.write_text(text)
+    assert list(dump.dump_statements(path, 1 << 20))
+
+
+@pytest.mark.parametrize(
+    "lead", ["-- x" * 20_000, "/* a */" * 20_000, " " * 200_000, "/*" + " " * 200_000, "-- a\n" * 20_000]
+)
+def test_long_runs_of_comments_and_spaces_are_read_without_backtracking(tmp_path, lead):
+    """The check skips comments before the statement's first word; each comment can match in one way only.
+    (A pattern whose line comments could end anywhere took exponential time on the first of these.)"""
+    path = tmp_path / "dump.sql"
+    path.write_text(lead + "\nSELECT 1;")
+    assert list(dump.dump_statements(path, 1 << 22))
