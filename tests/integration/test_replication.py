@@ -100,6 +100,17 @@ def test_three_nodes_form_one_cluster_and_a_write_through_a_follower_reaches_eve
     assert status == 301 and headers["Location"].startswith(base(c, highest))
 
 
+def run_clients(client, count: int) -> None:
+    """``client(k)`` for k in range(count), each on its own thread, all at once; every one must end within
+    60 s (the clients' loops are bounded in count)."""
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+
+
 def led_by_highest(c: Cluster, create: str) -> tuple[str, str, str]:
     """Form the cluster, wait for its highest node to lead, create a table through it: (token, highest, its
     base URL)."""
@@ -130,12 +141,7 @@ def test_concurrent_writes_through_the_leader_are_staged_and_every_node_ends_ide
         status, headers, body = call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?, 0)", k * 100]], tok)
         answers[-1 - k] = (status, body, headers)
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
+    run_clients(client, 8)
     for v, (status, body, _) in answers.items():
         assert status == 200, (v, body)
         result = body["results"][0]
@@ -182,12 +188,7 @@ def test_concurrent_writes_are_gathered_into_shared_rounds_and_a_lone_client_nev
         for n in range(10):  # bounded: 32 clients x 10 writes
             statuses.append(call(f"{leader}/db/execute", [["INSERT INTO t VALUES (?)", 1000 + k * 10 + n]], tok)[0])
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
+    run_clients(client, 32)
     assert statuses == [200] * 320
     together = groups()
     # 320 writes in far fewer groups (one at a time they would take 320), and some groups were held.

@@ -48,6 +48,25 @@ class LocalRouteUnused:
         raise AssertionError("a forwarded request was answered locally")
 
 
+def follower_of(replicator: FakeReplicator, fast: bool) -> tuple[HttpApi, ForwardingMiddleware]:
+    """A follower's HttpApi (not started) with the forwarding layer, wired as the node wires it, and that
+    layer (to close): every request it takes goes to ``replicator``'s leader, through aiohttp's client or
+    (``fast``) also the write fast path's forwarder."""
+    forwarding = ForwardingMiddleware(
+        replicator=replicator,
+        me=Endpoint("127.0.0.2", 3000),
+        jwt_secret=SECRET,
+        max_body_bytes=1 << 20,
+        body_read_timeout_s=5,
+        forward_timeout_s=5,
+    )
+    api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
+    api.route_through(forwarding.handle)  # as node.replication.wiring does
+    if fast:
+        api.fast_path(forwarding.fast_route(LocalRouteUnused()))  # as node.supervisor wires it
+    return api, forwarding
+
+
 async def run_case(
     answer_after_s: float | None, lose_after_s: float | None, fast: bool = False
 ) -> tuple[int, dict, float]:
@@ -69,20 +88,8 @@ async def run_case(
     leader_app.router.add_post("/db/execute", leader_execute)
     leader_server = TestServer(leader_app, host="127.0.0.1")
     await leader_server.start_server()
-    leader = Endpoint("127.0.0.1", leader_server.port)
-    replicator = FakeReplicator(leader)
-    forwarding = ForwardingMiddleware(
-        replicator=replicator,
-        me=Endpoint("127.0.0.2", 3000),
-        jwt_secret=SECRET,
-        max_body_bytes=1 << 20,
-        body_read_timeout_s=5,
-        forward_timeout_s=5,
-    )
-    api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
-    api.route_through(forwarding.handle)  # as node.replication.wiring does
-    if fast:
-        api.fast_path(forwarding.fast_route(LocalRouteUnused()))  # as node.supervisor wires it
+    replicator = FakeReplicator(Endpoint("127.0.0.1", leader_server.port))
+    api, forwarding = follower_of(replicator, fast)
 
     async def lose() -> None:
         if lose_after_s is not None:

@@ -29,12 +29,8 @@ from hypothesis import strategies as st
 
 from node import auth
 from node.core.ids import Endpoint
-from node.http.replication import ForwardingMiddleware
 from node.http.server import HttpApi
-from node.runtime import logging as nodelog
-from tests.replication.test_forwarding import FakeReplicator, LocalRouteUnused
-
-SECRET = "f" * 32
+from tests.replication.test_forwarding import SECRET, FakeReplicator, follower_of
 
 
 def token() -> str:
@@ -62,18 +58,7 @@ async def follower_of_an_echo(fast: bool) -> AsyncIterator[tuple[HttpApi, int, l
     leader_app.router.add_route("*", "/{tail:.*}", echo)
     leader_server = TestServer(leader_app, host="127.0.0.1")
     await leader_server.start_server()
-    forwarding = ForwardingMiddleware(
-        replicator=FakeReplicator(Endpoint("127.0.0.1", leader_server.port)),
-        me=Endpoint("127.0.0.2", 3000),
-        jwt_secret=SECRET,
-        max_body_bytes=1 << 20,
-        body_read_timeout_s=5,
-        forward_timeout_s=5,
-    )
-    api = HttpApi(host="127.0.0.1", port=0, log=nodelog.get_logger())
-    api.route_through(forwarding.handle)  # as node.replication.wiring does
-    if fast:
-        api.fast_path(forwarding.fast_route(LocalRouteUnused()))  # as node.supervisor wires it
+    api, forwarding = follower_of(FakeReplicator(Endpoint("127.0.0.1", leader_server.port)), fast)
     await api.start()
     try:
         yield api, leader_server.port, received
