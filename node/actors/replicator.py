@@ -1601,8 +1601,7 @@ class Replicator:
     def _now_staged(
         self, picked: list[tuple[int, bytes, statemachine.Command]], staged: tuple[object, list] | None
     ) -> bool:
-        if not picked:
-            return False
+        """Record what staging ``picked`` (never empty: both callers stage only something) gave."""
         if staged is None:
             self._stage_refused_at = picked[0][0]
             return False
